@@ -1,0 +1,850 @@
+//! Configuration: the one typed tree every component is built from.
+//!
+//! Owns loading (built-in defaults -> TOML file -> `FIELDGATE__SECTION__KEY` environment
+//! overrides) and validation. Invariants:
+//! - every field has a built-in default, so an empty file (or none) is a valid config;
+//! - unknown keys are errors (`deny_unknown_fields` on every struct);
+//! - [`Settings::load`] reports *every* problem it can find in one run: each section is
+//!   deserialized on its own so a type error in `[store]` does not hide one in `[cloud]`, and
+//!   the semantic checks ([`Settings::validate`]) run over all sections and list all failures,
+//!   each as `key.path: problem; fix`.
+//! - `check-config` and `run` go through the same [`Settings::load`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::topic;
+
+/// One configuration problem: where it is and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `cloud.ca_file`.
+    pub key: String,
+    /// What is wrong and what to do about it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found while loading a configuration. The caller prints them all and exits 64.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// All problems, in the order found.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Identity, data directory, shutdown behaviour.
+    pub gateway: GatewayConfig,
+    /// The embedded MQTT broker that local devices connect to.
+    pub broker: BrokerConfig,
+    /// The durable store-and-forward queue.
+    pub store: StoreConfig,
+    /// Which local messages go to the cloud, and under which topic.
+    pub uplink: UplinkConfig,
+    /// Which cloud messages come down to local devices.
+    pub downlink: DownlinkConfig,
+    /// The cloud MQTT broker. Absent (or `enabled = false`): the gateway only buffers.
+    pub cloud: CloudConfig,
+    /// Prometheus `/metrics` and `/health` HTTP endpoint.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Gateway id: cloud client id and `{gateway_id}` in topic templates. No `/`, `+`, `#`.
+    pub id: String,
+    /// Where the queue lives. Default: `$STATE_DIRECTORY` (set by systemd), else `./state`.
+    pub data_dir: PathBuf,
+    /// How long an orderly shutdown may take to finish in-flight cloud deliveries.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        let data_dir = std::env::var_os("STATE_DIRECTORY")
+            // systemd may pass several directories separated by ':'; the first is ours.
+            .and_then(|v| {
+                v.to_str()
+                    .and_then(|s| s.split(':').next())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from("state"));
+        GatewayConfig {
+            id: "fieldgate".into(),
+            data_dir,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// MQTT 3.1.1 listeners (plain TCP), by name.
+    pub listeners: BTreeMap<String, ListenerConfig>,
+    /// Username/password pairs. Empty: no authentication on any listener.
+    pub users: Vec<UserConfig>,
+    /// Most simultaneous client connections (local links included).
+    pub max_connections: usize,
+    /// Largest PUBLISH payload accepted from a device, in bytes.
+    pub max_payload_size: usize,
+    /// Most unacknowledged QoS 1/2 messages per client connection.
+    pub max_inflight: usize,
+    /// How long a new TCP connection may take to send CONNECT (at most 65s).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Size of one in-memory log segment per subscription filter, in bytes.
+    pub segment_bytes: usize,
+    /// Segments kept per subscription filter (memory per filter <= bytes x count).
+    pub segment_count: usize,
+    /// Segments for the uplink tap's own filter: the tap's slack when the disk stalls.
+    pub tap_segment_count: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let mut listeners = BTreeMap::new();
+        listeners.insert(
+            "default".to_string(),
+            ListenerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            },
+        );
+        BrokerConfig {
+            listeners,
+            users: Vec::new(),
+            max_connections: 1024,
+            max_payload_size: 256 * 1024,
+            max_inflight: 100,
+            connect_timeout: Duration::from_secs(10),
+            segment_bytes: 1024 * 1024,
+            segment_count: 4,
+            tap_segment_count: 32,
+        }
+    }
+}
+
+/// `[broker.listeners.NAME]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on, e.g. `0.0.0.0:1883`.
+    pub listen: SocketAddr,
+}
+
+/// `[[broker.users]]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// MQTT username.
+    pub username: String,
+    /// MQTT password.
+    pub password: String,
+}
+
+/// What the queue does when it is full.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Delete the oldest records to make room; each deleted record is counted.
+    DropOldest,
+    /// Refuse the new record; each refused record is counted.
+    RejectNew,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most bytes of queued records (topic + payload + header).
+    pub max_bytes: u64,
+    /// Records older than this are dropped (counted as `expired`). `0s`: no age limit.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// `drop_oldest` or `reject_new`.
+    pub full_policy: FullPolicy,
+    /// Group commit: at most this long between an append and its fsync.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// sled page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_bytes: 1024 * 1024 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            full_policy: FullPolicy::DropOldest,
+            commit_interval: Duration::from_millis(100),
+            cache_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Local topic filters whose messages are queued for the cloud.
+    pub forward: Vec<String>,
+    /// Local topic filters never queued (checked after `forward`).
+    pub exclude: Vec<String>,
+    /// Cloud topic = this prefix + local topic. `{gateway_id}` is replaced.
+    pub cloud_prefix: String,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            forward: vec!["#".into()],
+            exclude: vec!["cmd/#".into(), "$SYS/#".into()],
+            cloud_prefix: "fieldgate/{gateway_id}/".into(),
+        }
+    }
+}
+
+/// `[downlink]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownlinkConfig {
+    /// Cloud topic filters the bridge subscribes to. `{gateway_id}` is replaced.
+    pub subscribe: Vec<String>,
+    /// Removed from the front of a cloud topic before it is published locally.
+    pub strip_prefix: String,
+    /// Put in front of the stripped topic.
+    pub local_prefix: String,
+}
+
+impl Default for DownlinkConfig {
+    fn default() -> Self {
+        DownlinkConfig {
+            subscribe: vec!["fieldgate/{gateway_id}/cmd/#".into()],
+            strip_prefix: "fieldgate/{gateway_id}/".into(),
+            local_prefix: String::new(),
+        }
+    }
+}
+
+/// `[cloud]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// Set to true (with `host` and `ca_file`) to bridge to the cloud.
+    pub enabled: bool,
+    /// Host name or IP address to dial.
+    pub host: String,
+    /// TCP port (MQTT over TLS is usually 8883).
+    pub port: u16,
+    /// Name the server certificate must carry. Default: `host`.
+    pub server_name: String,
+    /// PEM file with the CA certificate(s) that signed the cloud broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate for mutual TLS (with `client_key_file`).
+    pub client_cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `client_cert_file`.
+    pub client_key_file: PathBuf,
+    /// MQTT username, if the cloud wants one.
+    pub username: String,
+    /// MQTT password.
+    pub password: String,
+    /// MQTT client id. Default: the gateway id.
+    pub client_id: String,
+    /// MQTT protocol version: only `3.1.1` today.
+    pub protocol: String,
+    /// MQTT keepalive.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// TCP + TLS + CONNACK must complete within this.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Most QoS 1 messages sent and not yet PUBACKed.
+    pub max_inflight: u16,
+    /// Largest MQTT packet sent or received, in bytes.
+    pub max_packet_size: usize,
+    /// First reconnect delay; doubles per failure, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Replay pacing in messages per second. 0: unlimited.
+    pub replay_msgs_per_sec: u32,
+    /// Replay pacing in payload bytes per second. 0: unlimited.
+    pub replay_bytes_per_sec: u64,
+    /// Retained `online` on connect, last will `offline`. `{gateway_id}` is replaced.
+    pub status_topic: String,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            enabled: false,
+            host: String::new(),
+            port: 8883,
+            server_name: String::new(),
+            ca_file: PathBuf::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            username: String::new(),
+            password: String::new(),
+            client_id: String::new(),
+            protocol: "3.1.1".into(),
+            keepalive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 256,
+            max_packet_size: 1024 * 1024,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(60),
+            replay_msgs_per_sec: 0,
+            replay_bytes_per_sec: 0,
+            status_topic: "fieldgate/{gateway_id}/status".into(),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` and `/health`.
+    pub enabled: bool,
+    /// Address of the HTTP endpoint. Keep it on loopback unless a firewall protects it.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9183)),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `fieldgate=debug,rumqttd=warn`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info,rumqttd=warn".into(),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log",
+];
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then `FIELDGATE__SECTION__KEY` variables from
+    /// `env`, and validates. Returns every problem found.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError {
+                    problems: vec![problem(
+                        "--config",
+                        format!(
+                            "file {} does not exist; pass an existing TOML file or omit -c to run on built-in defaults",
+                            path.display()
+                        ),
+                    )],
+                });
+            }
+            builder = builder.add_source(
+                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("FIELDGATE__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("FIELDGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let raw = builder.build().map_err(|e| ConfigError {
+            problems: vec![problem("--config", format!("{e}; fix the TOML syntax"))],
+        })?;
+        let table = raw
+            .try_deserialize::<BTreeMap<String, config::Value>>()
+            .map_err(|e| ConfigError {
+                problems: vec![problem("(top level)", e.to_string())],
+            })?;
+        Self::from_table(table)
+    }
+
+    /// Loads from a file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    fn from_table(mut table: BTreeMap<String, config::Value>) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                problems.push(problem(
+                    key.clone(),
+                    format!(
+                        "unknown section; remove it or use one of: {}",
+                        SECTIONS.join(", ")
+                    ),
+                ));
+            }
+        }
+        let mut s = Settings::default();
+        fn section<T: serde::de::DeserializeOwned>(
+            table: &mut BTreeMap<String, config::Value>,
+            name: &str,
+            into: &mut T,
+            problems: &mut Vec<Problem>,
+        ) {
+            if let Some(v) = table.remove(name) {
+                match v.try_deserialize::<T>() {
+                    Ok(t) => *into = t,
+                    Err(e) => problems.push(problem(
+                        name,
+                        format!("{e}; see configs/fieldgate.toml for the keys and types"),
+                    )),
+                }
+            }
+        }
+        section(&mut table, "gateway", &mut s.gateway, &mut problems);
+        section(&mut table, "broker", &mut s.broker, &mut problems);
+        section(&mut table, "store", &mut s.store, &mut problems);
+        section(&mut table, "uplink", &mut s.uplink, &mut problems);
+        section(&mut table, "downlink", &mut s.downlink, &mut problems);
+        section(&mut table, "cloud", &mut s.cloud, &mut problems);
+        section(&mut table, "metrics", &mut s.metrics, &mut problems);
+        section(&mut table, "log", &mut s.log, &mut problems);
+        problems.extend(s.validate());
+        if problems.is_empty() {
+            Ok(s)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Semantic checks across all sections. Returns every problem.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let id = &self.gateway.id;
+        if id.is_empty() || id.contains(['/', '+', '#']) || id.len() > 64 {
+            p.push(problem(
+                "gateway.id",
+                format!("{id:?} is not a usable id; use 1-64 characters without '/', '+' or '#'"),
+            ));
+        }
+        if self.gateway.shutdown_grace > Duration::from_secs(300) {
+            p.push(problem(
+                "gateway.shutdown_grace",
+                "longer than 300s; systemd would kill the process first, use e.g. \"5s\"",
+            ));
+        }
+
+        // Broker.
+        let b = &self.broker;
+        if b.listeners.is_empty() {
+            p.push(problem(
+                "broker.listeners",
+                "no listener; add [broker.listeners.default] listen = \"127.0.0.1:1883\"",
+            ));
+        }
+        let mut addrs: Vec<(String, SocketAddr)> = b
+            .listeners
+            .iter()
+            .map(|(n, l)| (format!("broker.listeners.{n}.listen"), l.listen))
+            .collect();
+        if self.metrics.enabled {
+            addrs.push(("metrics.listen".into(), self.metrics.listen));
+        }
+        for (i, (ka, a)) in addrs.iter().enumerate() {
+            for (kb, b2) in &addrs[..i] {
+                let clash = a.port() == b2.port()
+                    && a.port() != 0
+                    && (a.ip() == b2.ip() || a.ip().is_unspecified() || b2.ip().is_unspecified());
+                if clash {
+                    p.push(problem(
+                        ka.clone(),
+                        format!(
+                            "port {} clashes with {kb} ({b2}); give each its own port",
+                            a.port()
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, u) in b.users.iter().enumerate() {
+            if u.username.is_empty() || u.password.is_empty() {
+                p.push(problem(
+                    format!("broker.users[{i}]"),
+                    "username and password must both be non-empty",
+                ));
+            }
+        }
+        if b.max_connections < 4 {
+            p.push(problem(
+                "broker.max_connections",
+                "must be at least 4 (the gateway's own links count); e.g. 1024",
+            ));
+        }
+        if b.max_payload_size < 1024 {
+            p.push(problem(
+                "broker.max_payload_size",
+                "must be at least 1024 bytes",
+            ));
+        }
+        if b.max_inflight == 0 || b.max_inflight > 65535 {
+            p.push(problem(
+                "broker.max_inflight",
+                "must be 1..=65535; e.g. 100",
+            ));
+        }
+        if b.connect_timeout.as_millis() == 0 || b.connect_timeout.as_millis() > 65_535 {
+            p.push(problem(
+                "broker.connect_timeout",
+                "must be between 1ms and 65s (rumqttd keeps it in a u16 of ms)",
+            ));
+        }
+        if b.segment_bytes < 64 * 1024 || b.segment_bytes < b.max_payload_size {
+            p.push(problem(
+                "broker.segment_bytes",
+                "must be at least 65536 and at least broker.max_payload_size; e.g. 1048576",
+            ));
+        }
+        if b.segment_count < 2 || b.tap_segment_count < 2 {
+            p.push(problem(
+                "broker.segment_count",
+                "segment_count and tap_segment_count must be at least 2",
+            ));
+        }
+
+        // Store.
+        let st = &self.store;
+        if st.max_bytes < 1024 * 1024 {
+            p.push(problem(
+                "store.max_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if st.commit_interval < Duration::from_millis(1)
+            || st.commit_interval > Duration::from_secs(10)
+        {
+            p.push(problem(
+                "store.commit_interval",
+                "must be between 1ms and 10s; the default 100ms bounds what a power cut can cost",
+            ));
+        }
+        if st.cache_bytes < 1024 * 1024 {
+            p.push(problem(
+                "store.cache_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+
+        // Topics.
+        for (i, f) in self.uplink.forward.iter().enumerate() {
+            if let Err(e) = topic::validate_filter(f) {
+                p.push(problem(
+                    format!("uplink.forward[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+        if self.uplink.forward.is_empty() {
+            p.push(problem(
+                "uplink.forward",
+                "empty: nothing would reach the cloud; use [\"#\"] for everything",
+            ));
+        }
+        for (i, f) in self.uplink.exclude.iter().enumerate() {
+            if let Err(e) = topic::validate_filter(f) {
+                p.push(problem(
+                    format!("uplink.exclude[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+        let prefix = self.expand(&self.uplink.cloud_prefix);
+        if prefix.contains(['+', '#']) {
+            p.push(problem(
+                "uplink.cloud_prefix",
+                "must not contain '+' or '#'; it is put in front of every topic",
+            ));
+        }
+        for (i, f) in self.downlink.subscribe.iter().enumerate() {
+            let f = self.expand(f);
+            if let Err(e) = topic::validate_filter(&f) {
+                p.push(problem(
+                    format!("downlink.subscribe[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+        if self.downlink.local_prefix.contains(['+', '#']) {
+            p.push(problem(
+                "downlink.local_prefix",
+                "must not contain '+' or '#'",
+            ));
+        }
+
+        // Cloud.
+        let c = &self.cloud;
+        if c.enabled {
+            if c.host.is_empty() {
+                p.push(problem(
+                    "cloud.host",
+                    "empty; set the cloud broker's host name, or cloud.enabled = false",
+                ));
+            }
+            if c.port == 0 {
+                p.push(problem(
+                    "cloud.port",
+                    "must not be 0; MQTT over TLS is usually 8883",
+                ));
+            }
+            if c.protocol != "3.1.1" {
+                p.push(problem(
+                    "cloud.protocol",
+                    format!("{:?} is not supported; use \"3.1.1\"", c.protocol),
+                ));
+            }
+            if c.ca_file.as_os_str().is_empty() {
+                p.push(problem(
+                    "cloud.ca_file",
+                    "empty; the bridge never connects without TLS: point it at the CA's PEM file",
+                ));
+            } else {
+                check_pem(&mut p, "cloud.ca_file", &c.ca_file, "CERTIFICATE");
+            }
+            let cert = !c.client_cert_file.as_os_str().is_empty();
+            let key = !c.client_key_file.as_os_str().is_empty();
+            if cert != key {
+                p.push(problem(
+                    if cert { "cloud.client_key_file" } else { "cloud.client_cert_file" },
+                    "mutual TLS needs both client_cert_file and client_key_file; set both or neither",
+                ));
+            }
+            if cert {
+                check_pem(
+                    &mut p,
+                    "cloud.client_cert_file",
+                    &c.client_cert_file,
+                    "CERTIFICATE",
+                );
+            }
+            if key {
+                check_pem(
+                    &mut p,
+                    "cloud.client_key_file",
+                    &c.client_key_file,
+                    "PRIVATE KEY",
+                );
+            }
+            if c.keepalive < Duration::from_secs(5) || c.keepalive > Duration::from_secs(65535) {
+                p.push(problem(
+                    "cloud.keepalive",
+                    "must be between 5s and 65535s; e.g. \"30s\"",
+                ));
+            }
+            if c.connect_timeout < Duration::from_secs(1) {
+                p.push(problem(
+                    "cloud.connect_timeout",
+                    "must be at least 1s; e.g. \"10s\"",
+                ));
+            }
+            if c.max_inflight == 0 {
+                p.push(problem(
+                    "cloud.max_inflight",
+                    "must be at least 1; e.g. 256",
+                ));
+            }
+            if c.max_packet_size < 1024 {
+                p.push(problem("cloud.max_packet_size", "must be at least 1024"));
+            }
+            if c.reconnect_min.is_zero() || c.reconnect_min > c.reconnect_max {
+                p.push(problem(
+                    "cloud.reconnect_min",
+                    "must be above 0 and not above cloud.reconnect_max",
+                ));
+            }
+            let status = self.expand(&c.status_topic);
+            if let Err(e) = topic::validate_topic(&status) {
+                p.push(problem("cloud.status_topic", format!("{status:?}: {e}")));
+            }
+        }
+        p
+    }
+
+    /// Replaces `{gateway_id}` in a template.
+    pub fn expand(&self, template: &str) -> String {
+        template.replace("{gateway_id}", &self.gateway.id)
+    }
+
+    /// The effective configuration as TOML (defaults filled in).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Cloud client id: `cloud.client_id` or the gateway id.
+    pub fn cloud_client_id(&self) -> String {
+        if self.cloud.client_id.is_empty() {
+            self.gateway.id.clone()
+        } else {
+            self.cloud.client_id.clone()
+        }
+    }
+}
+
+fn check_pem(p: &mut Vec<Problem>, key: &str, path: &Path, what: &str) {
+    match std::fs::read_to_string(path) {
+        Err(e) => p.push(problem(
+            key,
+            format!(
+                "cannot read {}: {e}; check the path and its permissions",
+                path.display()
+            ),
+        )),
+        Ok(text) if !text.contains(&format!("-----BEGIN ")) || !text.contains(what) => p.push(
+            problem(key, format!("{} holds no PEM {what} block", path.display())),
+        ),
+        Ok(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, toml).unwrap();
+        Settings::load_from(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let s = load("", &[]).unwrap();
+        assert_eq!(s, Settings::default());
+        assert!(!s.cloud.enabled);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let s = load(
+            "[store]\nmax_bytes = 2000000\n",
+            &[
+                ("FIELDGATE__STORE__MAX_BYTES", "3000000"),
+                ("FIELDGATE__GATEWAY__ID", "pi7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.store.max_bytes, 3_000_000);
+        assert_eq!(s.gateway.id, "pi7");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let err = load(
+            r#"
+            bogus = 1
+            [gateway]
+            id = "a/b"
+            [store]
+            max_bytes = "lots"
+            [broker.listeners.default]
+            listen = "127.0.0.1:9183"
+            [cloud]
+            enabled = true
+            ca_file = "/nonexistent/ca.pem"
+            client_cert_file = "/nonexistent/c.pem"
+            "#,
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "bogus",
+            "store",
+            "gateway.id",
+            "metrics.listen",
+            "cloud.host",
+            "cloud.ca_file",
+            "cloud.client_key_file",
+            "cloud.client_cert_file",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_section_is_named() {
+        let err = load("[store]\nmax_byte = 5\n", &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert!(err.problems[0].to_string().contains("max_byte"), "{}", err);
+    }
+
+    #[test]
+    fn printed_config_loads_back() {
+        let s = Settings::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, s.to_toml()).unwrap();
+        let back = Settings::load_from(Some(&path), Vec::new()).unwrap();
+        assert_eq!(back, s);
+    }
+}

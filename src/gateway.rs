@@ -1,0 +1,277 @@
+//! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
+//!
+//! Start order: store (open, recover) -> broker (listeners accept) -> uplink tap -> committer
+//! -> bridge -> metrics endpoint. Only then is the gateway "ready".
+//!
+//! Stop order (house rule 6), all under one root cancellation token with a child per stage:
+//! 1. broker listeners close and the tap stops (no new input), appending what it holds;
+//! 2. the queue is committed (flush + fsync);
+//! 3. the bridge finishes what is in flight, within `gateway.shutdown_grace`;
+//! 4. the committer makes a final commit; the metrics endpoint closes.
+//!
+//! Every task and thread started here is joined here.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::Notification;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use crate::bridge::{self, Bridge};
+use crate::broker::{Broker, BrokerError};
+use crate::config::Settings;
+use crate::http::{self, HealthSource};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use crate::tap::{self, Routing};
+use crate::topic::FilterSet;
+
+/// Why the gateway could not start (or failed while running). `main` exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The queue store could not be opened even after moving a damaged one aside.
+    #[error("store at {path}: {source}")]
+    Store {
+        /// Store directory.
+        path: String,
+        /// Why.
+        source: StoreError,
+    },
+    /// The embedded broker could not start.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The cloud TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] bridge::tls::TlsError),
+    /// The metrics endpoint or a thread could not be started.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Handles the gateway exposes to whoever runs it (tests, `main`).
+pub struct Running {
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Installs the ring provider as the process default (idempotent). rumqttc builds configs
+/// through it when not handed one, and two compiled-in providers would make it panic.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs the gateway until `shutdown` resolves, then stops it in order.
+/// `on_ready` is called once everything listens.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), GatewayError> {
+    install_crypto_provider();
+    let metrics = Metrics::new();
+    let root = CancellationToken::new();
+
+    // 1. Store.
+    let qdir = settings.gateway.data_dir.join("queue");
+    let store = {
+        let (qdir2, cfg, m) = (qdir.clone(), settings.store.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || Store::open(&qdir2, &cfg, m))
+            .await
+            .map_err(|e| GatewayError::Io {
+                what: "store open task".into(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| GatewayError::Store {
+                path: qdir.display().to_string(),
+                source,
+            })?
+    };
+    let store = Arc::new(store);
+
+    // 2. Broker.
+    let mut broker = Broker::start(&settings.broker).await?;
+
+    // 3. Uplink tap.
+    let tap_stop = root.child_token();
+    let routing = Routing {
+        forward: FilterSet::new(settings.uplink.forward.clone()),
+        exclude: FilterSet::new(settings.uplink.exclude.clone()),
+        cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
+        downlink: FilterSet::new(
+            settings
+                .downlink
+                .subscribe
+                .iter()
+                .map(|f| settings.expand(f)),
+        ),
+    };
+    let tap_thread = tap::spawn(
+        broker.link("fieldgate-uplink-tap")?,
+        store.clone(),
+        routing,
+        metrics.clone(),
+        tap_stop.clone(),
+    )
+    .map_err(|source| GatewayError::Io {
+        what: "uplink tap thread".into(),
+        source,
+    })?;
+
+    // 4. Committer.
+    let commit_stop = root.child_token();
+    let committer = spawn_committer(
+        store.clone(),
+        settings.store.commit_interval,
+        commit_stop.clone(),
+    )
+    .map_err(|source| GatewayError::Io {
+        what: "committer thread".into(),
+        source,
+    })?;
+
+    // 5. Bridge.
+    let bridge_stop = root.child_token();
+    let mut downlink_drain = None;
+    let bridge_task = if settings.cloud.enabled {
+        let (dl_tx, mut dl_rx) = broker.link("fieldgate-downlink")?;
+        // The downlink link only publishes; drain its notifications so the router never
+        // parks it.
+        let stop = bridge_stop.clone();
+        downlink_drain = Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    n = dl_rx.next() => match n {
+                        Ok(Some(Notification::Unschedule)) => { let _ = dl_rx.wake().await; }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        }));
+        let b = Bridge::build(
+            &settings,
+            store.clone(),
+            metrics.clone(),
+            dl_tx,
+            bridge_stop.clone(),
+        )?;
+        info!(host = %settings.cloud.host, port = settings.cloud.port, "cloud bridge starting");
+        Some(tokio::spawn(
+            b.run().instrument(tracing::info_span!("cloud")),
+        ))
+    } else {
+        warn!(
+            "no cloud configured (cloud.enabled = false): messages are queued on disk and kept \
+             until a cloud is configured; set [cloud] in the config file"
+        );
+        None
+    };
+
+    // 6. Metrics endpoint.
+    let http_stop = root.child_token();
+    let http_task = if settings.metrics.enabled {
+        let listener = http::bind(settings.metrics.listen)
+            .await
+            .map_err(|source| GatewayError::Io {
+                what: format!("metrics.listen {}", settings.metrics.listen),
+                source,
+            })?;
+        let health = HealthSource {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            cloud_enabled: settings.cloud.enabled,
+            gateway_id: settings.gateway.id.clone(),
+        };
+        Some(tokio::spawn(http::serve(
+            listener,
+            health,
+            http_stop.clone(),
+        )))
+    } else {
+        None
+    };
+
+    info!(
+        gateway_id = %settings.gateway.id,
+        data_dir = %settings.gateway.data_dir.display(),
+        queued = store.records(),
+        "fieldgate ready"
+    );
+    on_ready(&Running {
+        metrics: metrics.clone(),
+    });
+
+    shutdown.await;
+    info!("shutting down: closing inputs");
+
+    // Ordered stop.
+    broker.stop_listeners();
+    tap_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || tap_thread.join()).await;
+    {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.commit()).await {
+            Ok(Ok(_)) => info!(queued = store.records(), "queue committed"),
+            Ok(Err(e)) => error!(error = %e, "final queue commit failed"),
+            Err(e) => error!(error = %e, "final queue commit task failed"),
+        }
+    }
+    bridge_stop.cancel();
+    if let Some(t) = bridge_task {
+        let limit = settings.gateway.shutdown_grace + Duration::from_secs(3);
+        if tokio::time::timeout(limit, t).await.is_err() {
+            warn!("bridge did not stop within the grace period");
+        }
+    }
+    if let Some(t) = downlink_drain {
+        let _ = t.await;
+    }
+    commit_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+    http_stop.cancel();
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    root.cancel();
+    info!(queued = store.records(), "fieldgate stopped");
+    Ok(())
+}
+
+/// The group-commit thread: flush + fsync every `interval`, expire old records and refresh
+/// the slow gauges about once a second, and commit one last time when stopped.
+fn spawn_committer(
+    store: Arc<Store>,
+    interval: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("fieldgate-commit".into())
+        .spawn(move || {
+            let mut last_slow = std::time::Instant::now() - Duration::from_secs(1);
+            loop {
+                let stopping = stop.is_cancelled();
+                if let Err(e) = store.commit() {
+                    error!(error = %e, "queue commit failed; records since the last commit are not yet power-cut safe");
+                }
+                if stopping {
+                    return;
+                }
+                if last_slow.elapsed() >= Duration::from_secs(1) {
+                    if let Err(e) = store.expire() {
+                        warn!(error = %e, "expiring old records failed");
+                    }
+                    store.publish_slow_gauges();
+                    last_slow = std::time::Instant::now();
+                }
+                std::thread::sleep(interval);
+            }
+        })
+}

@@ -1,0 +1,129 @@
+//! The `fieldgate` command: parse the command line, load and validate the configuration, set
+//! up logging, run the gateway, map the outcome to an exit code (64 = bad configuration).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fieldgate::config::Settings;
+use tracing_subscriber::EnvFilter;
+
+/// sysexits.h EX_USAGE: the configuration is wrong; restarting will not help.
+const EX_USAGE: u8 = 64;
+/// sysexits.h EX_SOFTWARE: the gateway failed at run time.
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Parser)]
+#[command(
+    name = "fieldgate",
+    version,
+    about = "Edge gateway: embedded MQTT broker, crash-proof store-and-forward queue, TLS bridge to the cloud"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (built-in defaults when no file is given).
+    Run {
+        /// TOML configuration file. Environment variables FIELDGATE__SECTION__KEY override it.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration, list every problem, exit 64 if there is any.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration (defaults + file + environment) as TOML.
+    PrintConfig {
+        /// TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Settings, ExitCode> {
+    Settings::load(path.map(|p| p.as_path())).map_err(|e| {
+        eprint!("fieldgate: {e}");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(config.as_ref()) {
+            Ok(_) => {
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::PrintConfig { config } => match load(config.as_ref()) {
+            Ok(s) => {
+                print!("{}", s.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let settings = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let filter = EnvFilter::try_from_default_env()
+                .or_else(|_| EnvFilter::try_new(&settings.log.level))
+                .unwrap_or_else(|_| EnvFilter::new("info"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("fieldgate: cannot start the async runtime: {e}");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            match rt.block_on(fieldgate::run(settings, shutdown_signal(), |_| {})) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "fieldgate failed");
+                    ExitCode::from(EX_SOFTWARE)
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received; stopping (send it again to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("fieldgate: second signal, exiting now");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,248 @@
+//! Process-wide counters and gauges, exposed in Prometheus text format.
+//!
+//! Owns the registry. Every metric is an atomic: components update them from any thread
+//! without locks, and the HTTP endpoint only reads. Names all start with `fieldgate_`.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Why a record was dropped instead of reaching the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `full_policy = drop_oldest` evicted it.
+    QueueFull,
+    /// `full_policy = reject_new` refused it.
+    Rejected,
+    /// Older than `store.max_age`.
+    Expired,
+    /// Its cloud topic matches a downlink subscription: forwarding it would loop.
+    Loop,
+    /// It could not be decoded from disk.
+    Corrupt,
+    /// The store could not write it (disk full, I/O error).
+    StoreError,
+}
+
+impl DropReason {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Rejected => "rejected",
+            DropReason::Expired => "expired",
+            DropReason::Loop => "loop",
+            DropReason::Corrupt => "corrupt",
+            DropReason::StoreError => "store_error",
+        }
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// All gateway metrics.
+pub struct Metrics {
+    registry: Registry,
+    started: Instant,
+    /// Local messages accepted into the queue.
+    pub messages_in: Counter,
+    /// Records the cloud PUBACKed (and so left the queue).
+    pub messages_out: Counter,
+    /// PUBLISHes sent to the cloud by the live lane.
+    pub sent_live: Counter,
+    /// PUBLISHes sent to the cloud by the replay lane.
+    pub sent_replay: Counter,
+    /// Records sent again after a reconnect (they had been sent, not acknowledged).
+    pub resent: Counter,
+    /// Drops by reason.
+    dropped: Family<Labels, Counter>,
+    /// Records in the queue.
+    pub queue_records: Gauge,
+    /// Bytes in the queue (logical: key + encoded record).
+    pub queue_bytes: Gauge,
+    /// Bytes sled uses on disk.
+    pub store_disk_bytes: Gauge,
+    /// Age of the oldest record, seconds.
+    pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    /// Group commits (flush + fsync) done.
+    pub store_commits: Counter,
+    /// Group commits that failed.
+    pub store_commit_errors: Counter,
+    /// Store opened after moving a damaged one aside.
+    pub store_quarantined: Gauge,
+    /// Connection attempts to the cloud that failed or connections that dropped.
+    pub cloud_reconnects: Counter,
+    /// 1 while the cloud session is up.
+    pub cloud_connected: Gauge,
+    /// Messages from the cloud published into the local broker.
+    pub downlink_messages: Counter,
+    /// Replay lane send rate over the last second, msgs/s.
+    pub replay_rate: Gauge<f64, AtomicU64>,
+    /// Records the cloud had not acknowledged when a session ended.
+    pub unacked_at_disconnect: Counter,
+    /// Messages the broker skipped for the tap because it fell behind (rumqttd cursor jump).
+    pub tap_overruns: Counter,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Arc<Metrics> {
+        let mut r = Registry::with_prefix("fieldgate");
+        let m = Metrics {
+            registry: Registry::default(),
+            started: Instant::now(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            sent_live: Counter::default(),
+            sent_replay: Counter::default(),
+            resent: Counter::default(),
+            dropped: Family::default(),
+            queue_records: Gauge::default(),
+            queue_bytes: Gauge::default(),
+            store_disk_bytes: Gauge::default(),
+            queue_oldest_age_seconds: Gauge::default(),
+            store_commits: Counter::default(),
+            store_commit_errors: Counter::default(),
+            store_quarantined: Gauge::default(),
+            cloud_reconnects: Counter::default(),
+            cloud_connected: Gauge::default(),
+            downlink_messages: Counter::default(),
+            replay_rate: Gauge::default(),
+            unacked_at_disconnect: Counter::default(),
+            tap_overruns: Counter::default(),
+        };
+        r.register(
+            "messages_in",
+            "Local messages accepted into the queue",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Records acknowledged by the cloud",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "sent_live",
+            "PUBLISHes sent by the live lane",
+            m.sent_live.clone(),
+        );
+        r.register(
+            "sent_replay",
+            "PUBLISHes sent by the replay lane",
+            m.sent_replay.clone(),
+        );
+        r.register(
+            "resent",
+            "Records sent again after a reconnect",
+            m.resent.clone(),
+        );
+        r.register("dropped", "Records dropped, by reason", m.dropped.clone());
+        r.register(
+            "queue_records",
+            "Records in the queue",
+            m.queue_records.clone(),
+        );
+        r.register("queue_bytes", "Bytes in the queue", m.queue_bytes.clone());
+        r.register(
+            "store_disk_bytes",
+            "Bytes the store uses on disk",
+            m.store_disk_bytes.clone(),
+        );
+        r.register(
+            "queue_oldest_age_seconds",
+            "Age of the oldest unsent record",
+            m.queue_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "store_commits",
+            "Group commits (flush + fsync)",
+            m.store_commits.clone(),
+        );
+        r.register(
+            "store_commit_errors",
+            "Failed group commits",
+            m.store_commit_errors.clone(),
+        );
+        r.register(
+            "store_quarantined",
+            "1 if a damaged store was moved aside at start",
+            m.store_quarantined.clone(),
+        );
+        r.register(
+            "cloud_reconnects",
+            "Failed or lost cloud connections",
+            m.cloud_reconnects.clone(),
+        );
+        r.register(
+            "cloud_connected",
+            "1 while the cloud session is up",
+            m.cloud_connected.clone(),
+        );
+        r.register(
+            "downlink_messages",
+            "Cloud messages published locally",
+            m.downlink_messages.clone(),
+        );
+        r.register(
+            "replay_rate",
+            "Replay lane msgs/s over the last second",
+            m.replay_rate.clone(),
+        );
+        r.register(
+            "unacked_at_disconnect",
+            "Records in flight when a cloud session ended (will be resent)",
+            m.unacked_at_disconnect.clone(),
+        );
+        r.register(
+            "tap_overruns",
+            "Broker cursor jumps on the uplink tap",
+            m.tap_overruns.clone(),
+        );
+        for reason in [
+            DropReason::QueueFull,
+            DropReason::Rejected,
+            DropReason::Expired,
+            DropReason::Loop,
+            DropReason::Corrupt,
+            DropReason::StoreError,
+        ] {
+            // Materialise every label so a scrape shows zeros, not absence.
+            m.count_drop(reason, 0);
+        }
+        Arc::new(Metrics { registry: r, ..m })
+    }
+
+    /// Counts `n` records dropped for `reason`.
+    pub fn count_drop(&self, reason: DropReason, n: u64) {
+        self.dropped
+            .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+            .inc_by(n);
+    }
+
+    /// Records dropped so far for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped
+            .get_or_create(&vec![("reason".into(), reason.as_str().into())])
+            .get()
+    }
+
+    /// Seconds since start.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

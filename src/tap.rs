@@ -1,0 +1,165 @@
+//! The uplink tap: an in-process broker link on `#` that appends every message meant for the
+//! cloud to the durable queue.
+//!
+//! Runs on its own OS thread because its work is blocking disk I/O (sled) and it must keep up
+//! with the broker: rumqttd silently skips a subscriber that falls more than its filter log
+//! behind, so the tap does nothing but filter, batch and append.
+//!
+//! Invariants:
+//! - messages are appended in the order the broker's `#` log holds them, which is arrival
+//!   order per publisher;
+//! - a message is queued iff its topic matches `uplink.forward`, matches no `uplink.exclude`,
+//!   and its cloud topic matches no downlink subscription (the loop guard: forwarding it would
+//!   come straight back down); loop-guarded messages are counted as `dropped{reason="loop"}`;
+//! - on `Unschedule` the link is woken at once, or the router would park it for good;
+//! - when the token is cancelled the tap appends what it holds and returns.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::Notification;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info_span, warn};
+
+use crate::broker::TAP_FILTER;
+use crate::metrics::{DropReason, Metrics};
+use crate::store::{now_ms, Record, Store};
+use crate::topic::FilterSet;
+
+/// Most records appended in one sled batch.
+const MAX_BATCH: usize = 4096;
+
+/// Which local messages go up, and the loop guard.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// `uplink.forward`.
+    pub forward: FilterSet,
+    /// `uplink.exclude`.
+    pub exclude: FilterSet,
+    /// Expanded `uplink.cloud_prefix`.
+    pub cloud_prefix: String,
+    /// Expanded `downlink.subscribe` (cloud-side filters).
+    pub downlink: FilterSet,
+}
+
+/// What the tap does with one local message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Queue it.
+    Forward,
+    /// Not meant for the cloud.
+    Skip,
+    /// Would loop back through the downlink.
+    Loop,
+}
+
+impl Routing {
+    /// Decides for one topic.
+    pub fn verdict(&self, topic: &str) -> Verdict {
+        if !self.forward.matches(topic) || self.exclude.matches(topic) {
+            return Verdict::Skip;
+        }
+        if self
+            .downlink
+            .matches(&format!("{}{}", self.cloud_prefix, topic))
+        {
+            return Verdict::Loop;
+        }
+        Verdict::Forward
+    }
+}
+
+/// Starts the tap thread.
+pub fn spawn(
+    link: (LinkTx, LinkRx),
+    store: Arc<Store>,
+    routing: Routing,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("fieldgate-tap".into())
+        .spawn(move || {
+            let span = info_span!("uplink_tap");
+            let _g = span.enter();
+            if let Err(e) = run(link, &store, &routing, &metrics, &stop) {
+                error!(error = %e, "uplink tap stopped: local messages are no longer queued");
+            }
+        })
+}
+
+fn run(
+    (mut tx, mut rx): (LinkTx, LinkRx),
+    store: &Store,
+    routing: &Routing,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> Result<(), LinkError> {
+    tx.subscribe(TAP_FILTER)?;
+    let mut batch: Vec<Record> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        // Block for the first notification (bounded, to notice `stop`), then drain whatever
+        // is already there without waiting so appends are batched.
+        let mut wait = Instant::now() + Duration::from_millis(50);
+        loop {
+            match rx.recv_deadline(wait) {
+                Ok(Some(Notification::Forward(f))) => {
+                    let p = f.publish;
+                    let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                        warn!("skipping a message whose topic is not UTF-8");
+                        continue;
+                    };
+                    match routing.verdict(topic) {
+                        Verdict::Forward => batch.push(Record {
+                            topic: topic.to_string(),
+                            payload: p.payload,
+                            retain: p.retain,
+                            ts_ms: now_ms(),
+                        }),
+                        Verdict::Loop => metrics.count_drop(DropReason::Loop, 1),
+                        Verdict::Skip => {}
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => rx.ready()?,
+                Ok(Some(other)) => debug!(?other, "tap notification"),
+                Ok(None) => {}
+                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => break,
+                Err(e) => return Err(e),
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+            wait = Instant::now();
+        }
+        if !batch.is_empty() {
+            if let Err(e) = store.append(&batch) {
+                // The disk refused (full, I/O error): these records are lost; say so loudly.
+                metrics.count_drop(DropReason::StoreError, batch.len() as u64);
+                error!(error = %e, lost = batch.len(), "queue append failed; messages dropped");
+            }
+            batch.clear();
+        }
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let r = Routing {
+            forward: FilterSet::new(["#".to_string()]),
+            exclude: FilterSet::new(["cmd/#".to_string()]),
+            cloud_prefix: "fieldgate/gw/".into(),
+            downlink: FilterSet::new(["fieldgate/gw/cmd/#".to_string(), "fieldgate/gw/x/#".into()]),
+        };
+        assert_eq!(r.verdict("dev/1/temp"), Verdict::Forward);
+        assert_eq!(r.verdict("cmd/dev1/set"), Verdict::Skip);
+        assert_eq!(r.verdict("x/1"), Verdict::Loop);
+    }
+}

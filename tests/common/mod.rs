@@ -1,0 +1,748 @@
+//! Test harness: real parts on loopback.
+//!
+//! - [`Pki`]: a test CA and certificates made with rcgen (server, client, expired, wrong name,
+//!   a second unrelated CA);
+//! - [`Cloud`]: a real cloud MQTT broker with TLS and client certificates required, either an
+//!   in-process rumqttd (default) or Debian's mosquitto when `FIELDGATE_TEST_CLOUD=mosquitto`;
+//! - [`Proxy`]: a TCP proxy between the gateway and the cloud that a test can cut and restore;
+//! - [`Gateway`]: the real `fieldgate` binary as a child process (SIGKILL, SIGTERM, restart);
+//! - [`publish_seq`] and [`Collector`]/[`check`]: a plain MQTT device that publishes sequence
+//!   numbers and a cloud subscriber that counts them.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns true or `within` passes. Returns the last answer.
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PKI
+
+/// PEM files for one certificate and its key.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A test CA and the certificates the tests need, as files in a temp dir.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: PathBuf,
+    pub other_ca: PathBuf,
+    pub server: CertFiles,
+    pub client: CertFiles,
+    pub expired_server: CertFiles,
+    pub wrong_name_server: CertFiles,
+    /// A server certificate signed by `other_ca`.
+    pub foreign_server: CertFiles,
+}
+
+fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = p.self_signed(&key).unwrap();
+    (cert.pem(), Issuer::new(p, key))
+}
+
+fn leaf(
+    dir: &Path,
+    name: &str,
+    sans: &[&str],
+    client: bool,
+    expired: bool,
+    issuer: &Issuer<'static, KeyPair>,
+) -> CertFiles {
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = p.signed_by(&key, issuer).unwrap();
+    let files = CertFiles {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    files
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (ca_pem, issuer) = ca("fieldgate test CA");
+        let (other_pem, other) = ca("some other CA");
+        std::fs::write(d.join("ca.pem"), &ca_pem).unwrap();
+        std::fs::write(d.join("other-ca.pem"), &other_pem).unwrap();
+        let sans = ["localhost", "127.0.0.1"];
+        Pki {
+            ca: d.join("ca.pem"),
+            other_ca: d.join("other-ca.pem"),
+            server: leaf(d, "server", &sans, false, false, &issuer),
+            client: leaf(d, "client", &["gateway"], true, false, &issuer),
+            expired_server: leaf(d, "expired", &sans, false, true, &issuer),
+            wrong_name_server: leaf(
+                d,
+                "wrongname",
+                &["cloud.example.com"],
+                false,
+                false,
+                &issuer,
+            ),
+            foreign_server: leaf(d, "foreign", &sans, false, false, &other),
+            dir,
+        }
+    }
+
+    /// rumqttc TLS settings for a test client of the cloud (with a client certificate).
+    pub fn client_tls(&self) -> TlsConfiguration {
+        TlsConfiguration::Simple {
+            ca: std::fs::read(&self.ca).unwrap(),
+            alpn: None,
+            client_auth: Some((
+                std::fs::read(&self.client.cert).unwrap(),
+                std::fs::read(&self.client.key).unwrap(),
+            )),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cloud broker
+
+/// Which broker plays the cloud.
+pub fn cloud_kind() -> String {
+    std::env::var("FIELDGATE_TEST_CLOUD").unwrap_or_else(|_| "rumqttd".into())
+}
+
+/// A cloud MQTT broker with a TLS listener that requires client certificates.
+pub struct Cloud {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: Option<TempDir>,
+}
+
+impl Cloud {
+    /// Starts a cloud broker presenting `server` and trusting `pki.ca` for client certs.
+    pub fn start(pki: &Pki, server: &CertFiles) -> Cloud {
+        let port = free_port();
+        let cloud = if cloud_kind() == "mosquitto" {
+            Self::mosquitto(pki, server, port)
+        } else {
+            Self::rumqttd(pki, server, port)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "cloud broker did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cloud
+    }
+
+    fn rumqttd(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+        use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+        let mut v4 = std::collections::HashMap::new();
+        v4.insert(
+            "tls".to_string(),
+            ServerSettings {
+                name: "cloud-tls".into(),
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                tls: Some(TlsConfig::Rustls {
+                    capath: Some(pki.ca.display().to_string()),
+                    certpath: server.cert.display().to_string(),
+                    keypath: server.key.display().to_string(),
+                }),
+                next_connection_delay_ms: 0,
+                connections: ConnectionSettings {
+                    connection_timeout_ms: 10_000,
+                    max_payload_size: 1024 * 1024,
+                    max_inflight_count: 1000,
+                    auth: None,
+                    external_auth: None,
+                    dynamic_filters: true,
+                },
+            },
+        );
+        let config = Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: 100,
+                max_outgoing_packet_count: 1000,
+                max_segment_size: 100 * 1024 * 1024,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some(v4),
+            ..Default::default()
+        };
+        std::thread::spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            let _ = broker.start();
+        });
+        Cloud {
+            port,
+            child: None,
+            _dir: None,
+        }
+    }
+
+    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\n\
+                 require_certificate true\nallow_anonymous true\n\
+                 persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\n",
+                pki.ca.display(),
+                server.cert.display(),
+                server.key.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("FIELDGATE_TEST_CLOUD=mosquitto but mosquitto cannot be started (apt-get install mosquitto)");
+        Cloud {
+            port,
+            child: Some(child),
+            _dir: Some(dir),
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Path of Debian's mosquitto (it lives in /usr/sbin, often not on a user's PATH).
+pub fn mosquitto_bin() -> String {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy
+
+/// A TCP proxy on loopback in front of the cloud. `cut()` closes every proxied connection
+/// and refuses new ones until `restore()`.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (up2, conns2, stop2) = (up.clone(), conns.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let token = conns2.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            up,
+            conns,
+            stop,
+        }
+    }
+
+    /// Cuts the link: open connections are closed, new ones refused.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut t = self.conns.lock().unwrap();
+        t.cancel();
+        *t = CancellationToken::new();
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.conns.lock().unwrap().cancel();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway process
+
+/// What a test needs to write a gateway config.
+pub struct GatewayPorts {
+    pub mqtt: u16,
+    pub http: u16,
+}
+
+impl GatewayPorts {
+    pub fn new() -> GatewayPorts {
+        GatewayPorts {
+            mqtt: free_port(),
+            http: free_port(),
+        }
+    }
+}
+
+/// Config for a gateway bridging to `cloud_port` (usually a proxy) with mutual TLS.
+pub fn gateway_config(
+    pki: &Pki,
+    ports: &GatewayPorts,
+    data_dir: &Path,
+    cloud_port: u16,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw1"
+data_dir = "{data}"
+shutdown_grace = "3s"
+
+[broker.listeners.default]
+listen = "127.0.0.1:{mqtt}"
+
+[metrics]
+listen = "127.0.0.1:{http}"
+
+[store]
+commit_interval = "20ms"
+
+[cloud]
+enabled = true
+host = "127.0.0.1"
+port = {cloud_port}
+ca_file = "{ca}"
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+keepalive = "5s"
+connect_timeout = "3s"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+{extra}
+"#,
+        data = data_dir.display(),
+        mqtt = ports.mqtt,
+        http = ports.http,
+        ca = pki.ca.display(),
+        cert = pki.client.cert.display(),
+        key = pki.client.key.display(),
+    )
+}
+
+/// The real gateway binary, as a child process.
+pub struct Gateway {
+    child: Child,
+    pub http: u16,
+    pub mqtt: u16,
+    pub log: PathBuf,
+    _conf_dir: TempDir,
+}
+
+impl Gateway {
+    /// Starts `fieldgate run -c <config>` and waits until `/health` answers.
+    pub async fn start(config: &str, ports: &GatewayPorts) -> Gateway {
+        let conf_dir = tempfile::tempdir().unwrap();
+        let conf = conf_dir.path().join("fieldgate.toml");
+        std::fs::write(&conf, config).unwrap();
+        let log = conf_dir.path().join("gateway.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .args(["run", "-c"])
+            .arg(&conf)
+            .env("RUST_LOG", "info,rumqttd=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut g = Gateway {
+            child,
+            http: ports.http,
+            mqtt: ports.mqtt,
+            log,
+            _conf_dir: conf_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if g.get("/health").is_some() {
+                break;
+            }
+            if let Ok(Some(status)) = g.child.try_wait() {
+                panic!("gateway exited early ({status}):\n{}", g.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not healthy:\n{}",
+                g.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        g
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on the metrics endpoint; the body, or None.
+    pub fn get(&self, path: &str) -> Option<String> {
+        let mut s = StdStream::connect(("127.0.0.1", self.http)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (_, body) = out.split_once("\r\n\r\n")?;
+        Some(body.to_string())
+    }
+
+    /// The value of one Prometheus sample, e.g. `fieldgate_queue_records` or
+    /// `fieldgate_dropped_total{reason="queue_full"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = self.get("/metrics").unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                let (name, v) = l.rsplit_once(' ')?;
+                (name == sample).then(|| v.parse().ok())?
+            })
+            .unwrap_or(f64::NAN)
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("gateway ignored SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices and the cloud-side subscriber
+
+/// Payload for message `seq` of source `src`, padded to `size` bytes.
+pub fn payload(src: &str, seq: u64, size: usize) -> Vec<u8> {
+    let mut p = format!("{src}:{seq}:").into_bytes();
+    p.resize(size.max(p.len()), b'.');
+    p
+}
+
+/// A plain MQTT device: publishes `seqs` on `dev/<src>/data` at QoS 1 to the gateway's
+/// broker and returns once every PUBLISH was PUBACKed.
+pub async fn publish_seq(mqtt_port: u16, src: &str, seqs: std::ops::Range<u64>, size: usize) {
+    let mut o = MqttOptions::new(format!("device-{src}"), "127.0.0.1", mqtt_port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(100);
+    let (client, mut el) = AsyncClient::new(o, 200);
+    let want = seqs.end - seqs.start;
+    let topic = format!("dev/{src}/data");
+    let src2 = src.to_string();
+    let publisher = tokio::spawn(async move {
+        for s in seqs {
+            client
+                .publish(
+                    topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload(&src2, s, size),
+                )
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked < want {
+        assert!(
+            Instant::now() < deadline,
+            "device {src}: only {acked}/{want} acked"
+        );
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {src}: {e}"),
+            Err(_) => panic!("device {src}: no progress for 10s at {acked}/{want}"),
+        }
+    }
+    let client = publisher.await.unwrap();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+}
+
+/// A cloud-side subscriber (TLS + client certificate) that records every message.
+pub struct Collector {
+    pub received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    pub client: AsyncClient,
+    stop: CancellationToken,
+}
+
+impl Collector {
+    pub async fn start(pki: &Pki, cloud_port: u16, filter: &str) -> Collector {
+        let mut o = MqttOptions::new(
+            format!("collector-{}", free_port()),
+            "127.0.0.1",
+            cloud_port,
+        );
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_transport(Transport::tls_with_config(pki.client_tls()));
+        o.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (r2, s2) = (received.clone(), stop.clone());
+        let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
+        let mut sub_tx = Some(sub_tx);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => r2
+                        .lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec())),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = sub_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), sub_rx)
+            .await
+            .expect("collector: no SUBACK from the cloud")
+            .unwrap();
+        Collector {
+            received,
+            client,
+            stop,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Waits until `pred` holds on the sequence report, or the deadline passes.
+    pub async fn wait_for(&self, within: Duration, pred: impl Fn(&Report) -> bool) -> Report {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = check(&self.received.lock().unwrap());
+            if pred(&r) || Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Messages on one exact topic.
+    pub fn on_topic(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// What arrived, per source.
+#[derive(Debug, Default, Clone)]
+pub struct SourceReport {
+    /// Distinct sequence numbers seen.
+    pub unique: std::collections::BTreeSet<u64>,
+    /// Messages that repeated an already seen sequence number.
+    pub duplicates: u64,
+    /// First sightings that were not above every earlier first sighting.
+    pub reordered: u64,
+}
+
+/// Per-source report over everything received on `.../dev/<src>/data`.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub sources: BTreeMap<String, SourceReport>,
+}
+
+impl Report {
+    pub fn unique(&self, src: &str) -> usize {
+        self.sources.get(src).map(|s| s.unique.len()).unwrap_or(0)
+    }
+    pub fn total_unique(&self) -> usize {
+        self.sources.values().map(|s| s.unique.len()).sum()
+    }
+    pub fn duplicates(&self) -> u64 {
+        self.sources.values().map(|s| s.duplicates).sum()
+    }
+    pub fn reordered(&self) -> u64 {
+        self.sources.values().map(|s| s.reordered).sum()
+    }
+    /// Sequence numbers of `range` that never arrived for `src`.
+    pub fn missing(&self, src: &str, range: std::ops::Range<u64>) -> Vec<u64> {
+        let seen = self.sources.get(src).map(|s| &s.unique);
+        range
+            .filter(|s| !seen.is_some_and(|u| u.contains(s)))
+            .collect()
+    }
+}
+
+/// Builds the report from `(topic, payload)` pairs whose payload is `src:seq:...`.
+pub fn check(received: &[(String, Vec<u8>)]) -> Report {
+    let mut r = Report::default();
+    let mut max_first: BTreeMap<String, u64> = BTreeMap::new();
+    for (topic, p) in received {
+        if !topic.ends_with("/data") {
+            continue;
+        }
+        let text = String::from_utf8_lossy(p);
+        let mut it = text.splitn(3, ':');
+        let (Some(src), Some(seq)) = (it.next(), it.next().and_then(|s| s.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        let s = r.sources.entry(src.to_string()).or_default();
+        if !s.unique.insert(seq) {
+            s.duplicates += 1;
+            continue;
+        }
+        let m = max_first.entry(src.to_string()).or_insert(0);
+        if seq < *m {
+            s.reordered += 1;
+        }
+        *m = (*m).max(seq);
+    }
+    r
+}
