@@ -92,7 +92,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_SOFTWARE);
                 }
             };
-            match rt.block_on(fieldgate::run(settings, shutdown_signal(), |_| {})) {
+            let run = async {
+                // Handlers go in before anything starts, so an early SIGTERM is orderly too.
+                let signals = Signals::install()?;
+                fieldgate::run(settings, signals.first(), |_| {})
+                    .await
+                    .map_err(anyhow::Error::from)
+            };
+            match rt.block_on(run) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "fieldgate failed");
@@ -103,27 +110,35 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    tracing::info!("signal received; stopping (send it again to exit at once)");
-    tokio::spawn(async move {
+
+    /// Resolves on the first signal; a second one exits the process at once.
+    async fn first(mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-        eprintln!("fieldgate: second signal, exiting now");
-        std::process::exit(130);
-    });
+        tracing::info!("signal received; stopping (send it again to exit at once)");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+            eprintln!("fieldgate: second signal, exiting now");
+            std::process::exit(130);
+        });
+    }
 }

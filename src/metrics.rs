@@ -74,6 +74,8 @@ pub struct Metrics {
     pub store_commits: Counter,
     /// Group commits that failed.
     pub store_commit_errors: Counter,
+    /// Highest sequence number covered by a completed fsync.
+    pub store_committed_seq: Gauge,
     /// Store opened after moving a damaged one aside.
     pub store_quarantined: Gauge,
     /// Connection attempts to the cloud that failed or connections that dropped.
@@ -109,6 +111,7 @@ impl Metrics {
             queue_oldest_age_seconds: Gauge::default(),
             store_commits: Counter::default(),
             store_commit_errors: Counter::default(),
+            store_committed_seq: Gauge::default(),
             store_quarantined: Gauge::default(),
             cloud_reconnects: Counter::default(),
             cloud_connected: Gauge::default(),
@@ -168,6 +171,11 @@ impl Metrics {
             "store_commit_errors",
             "Failed group commits",
             m.store_commit_errors.clone(),
+        );
+        r.register(
+            "store_committed_seq",
+            "Highest queue sequence number covered by a completed fsync",
+            m.store_committed_seq.clone(),
         );
         r.register(
             "store_quarantined",

@@ -380,6 +380,8 @@ impl Store {
         if !self.dirty.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
+        // Everything appended before this point is covered once the fsync returns.
+        let covered = self.next_seq().saturating_sub(1);
         let res = (|| -> Result<(), StoreError> {
             self.db.flush()?;
             File::open(self.dir.join("db"))?.sync_all()?;
@@ -395,6 +397,7 @@ impl Store {
         match res {
             Ok(()) => {
                 self.metrics.store_commits.inc();
+                self.metrics.store_committed_seq.set(covered as i64);
                 Ok(true)
             }
             Err(e) => {

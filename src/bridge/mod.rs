@@ -98,6 +98,24 @@ struct InFlight {
     seq: u64,
 }
 
+/// Per-session delivery bookkeeping.
+#[derive(Default)]
+struct Flight {
+    /// Publishes handed to rumqttc, in call order, not yet given a pkid (`None`: not a
+    /// queued record, e.g. the status message).
+    handed: VecDeque<Option<InFlight>>,
+    /// pkid -> record, sent and awaiting PUBACK.
+    inflight: HashMap<u16, InFlight>,
+    /// PUBACKed records not yet removed from the store.
+    acked: Vec<u64>,
+}
+
+impl Flight {
+    fn len(&self) -> usize {
+        self.handed.len() + self.inflight.len()
+    }
+}
+
 impl Bridge {
     /// Builds the bridge; fails if the TLS material is unusable.
     pub fn build(
@@ -214,9 +232,29 @@ impl Bridge {
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
     ) -> Result<End, BridgeError> {
+        let mut flight = Flight::default();
+        let result = self.pump(client, events, &mut flight).await;
+        // Whatever ended the session: remove what was acknowledged, count what was not.
+        if let Err(e) = self.remove(&mut flight.acked).await {
+            warn!(error = %e, "removing acknowledged records failed; they will be sent again");
+        }
+        if result.is_err() {
+            let unacked = flight.handed.iter().flatten().count() + flight.inflight.len();
+            self.metrics.unacked_at_disconnect.inc_by(unacked as u64);
+            self.metrics.resent.inc_by(unacked as u64);
+        }
+        result
+    }
+
+    async fn pump(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+        flight: &mut Flight,
+    ) -> Result<End, BridgeError> {
         let c = self.settings.cloud.clone();
         client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "online")?;
-        let mut handed: VecDeque<Option<InFlight>> = VecDeque::from([None]);
+        flight.handed.push_back(None);
         if !self.downlink_filters.is_empty() {
             client.try_subscribe_many(
                 self.downlink_filters
@@ -243,8 +281,6 @@ impl Bridge {
         let mut byte_bucket = TokenBucket::new(c.replay_bytes_per_sec, now);
         let mut live_buf: VecDeque<(u64, Record)> = VecDeque::new();
         let mut replay_buf: VecDeque<(u64, Record)> = VecDeque::new();
-        let mut inflight: HashMap<u16, InFlight> = HashMap::new();
-        let mut acked: Vec<u64> = Vec::new();
         let mut appended = self.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut rate_window = (Instant::now(), 0u64);
@@ -255,7 +291,7 @@ impl Bridge {
             // Hand rumqttc as much as the window and the pacing allow.
             if stopping.is_none() {
                 let window = c.max_inflight as usize;
-                'fill: while handed.len() + inflight.len() < window {
+                'fill: while flight.len() < window {
                     // Live lane first.
                     if live_buf.is_empty() && self.store.next_seq() > lanes.live_next() {
                         live_buf = self.read(lanes.live_next(), u64::MAX).await?;
@@ -263,7 +299,7 @@ impl Bridge {
                     if let Some((seq, rec)) = live_buf.pop_front() {
                         if lanes.live_take(seq, &rec.topic) {
                             self.send(client, seq, &rec)?;
-                            handed.push_back(Some(InFlight { seq }));
+                            flight.handed.push_back(Some(InFlight { seq }));
                             self.metrics.sent_live.inc();
                         }
                         continue 'fill;
@@ -299,12 +335,12 @@ impl Bridge {
                         msg_bucket.take(1);
                         byte_bucket.take(rec.payload.len() as u64);
                         self.send(client, seq, &rec)?;
-                        handed.push_back(Some(InFlight { seq }));
+                        flight.handed.push_back(Some(InFlight { seq }));
                         self.metrics.sent_replay.inc();
                         rate_window.1 += 1;
                     }
                 }
-            } else if handed.is_empty() && inflight.is_empty() {
+            } else if flight.len() == 0 {
                 break End::Shutdown;
             }
 
@@ -312,38 +348,30 @@ impl Bridge {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        if let Some(Some(f)) = handed.pop_front() {
-                            inflight.insert(pkid, f);
+                        if let Some(Some(f)) = flight.handed.pop_front() {
+                            flight.inflight.insert(pkid, f);
                         }
                     }
                     Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(f) = inflight.remove(&ack.pkid) {
-                            acked.push(f.seq);
-                            if acked.len() >= ACK_BATCH {
-                                self.remove(&mut acked).await?;
+                        if let Some(f) = flight.inflight.remove(&ack.pkid) {
+                            flight.acked.push(f.seq);
+                            if flight.acked.len() >= ACK_BATCH {
+                                self.remove(&mut flight.acked).await?;
                             }
                         }
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.downlink(p),
-                    Some(Ok(Event::Incoming(Packet::Disconnect))) => {
-                        self.end_session(&mut acked, &handed, &inflight).await;
+                    Some(Ok(Event::Incoming(Packet::Disconnect))) | None => {
                         return Err(BridgeError::Disconnected);
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        self.end_session(&mut acked, &handed, &inflight).await;
-                        return Err(e.into());
-                    }
-                    None => {
-                        self.end_session(&mut acked, &handed, &inflight).await;
-                        return Err(BridgeError::Disconnected);
-                    }
+                    Some(Err(e)) => return Err(e.into()),
                 },
                 _ = appended.changed(), if stopping.is_none() => {}
                 _ = sleep_until(pace), if pace.is_some() => {}
                 _ = tick.tick() => {
-                    if !acked.is_empty() {
-                        self.remove(&mut acked).await?;
+                    if !flight.acked.is_empty() {
+                        self.remove(&mut flight.acked).await?;
                     }
                     let el = rate_window.0.elapsed();
                     if el >= Duration::from_secs(1) {
@@ -352,19 +380,19 @@ impl Bridge {
                     }
                     if let Some(deadline) = stopping {
                         if Instant::now() >= deadline {
-                            warn!(in_flight = handed.len() + inflight.len(),
+                            warn!(in_flight = flight.len(),
                                 "shutdown grace over with records unacknowledged; they stay queued");
                             break End::Shutdown;
                         }
                     }
                 }
                 _ = self.stop.cancelled(), if stopping.is_none() => {
-                    info!(in_flight = handed.len() + inflight.len(), "bridge draining in-flight records");
+                    info!(in_flight = flight.len(), "bridge draining in-flight records");
                     stopping = Some(Instant::now() + self.settings.gateway.shutdown_grace);
                 }
             }
         };
-        self.remove(&mut acked).await?;
+        self.remove(&mut flight.acked).await?;
         // Orderly goodbye: the retained status says offline (the will only fires on abrupt loss).
         let _ = client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "offline");
         let _ = client.try_disconnect();
@@ -403,20 +431,6 @@ impl Bridge {
         tokio::task::spawn_blocking(move || store.remove(&batch)).await??;
         self.metrics.messages_out.inc_by(n);
         Ok(())
-    }
-
-    async fn end_session(
-        &self,
-        acked: &mut Vec<u64>,
-        handed: &VecDeque<Option<InFlight>>,
-        inflight: &HashMap<u16, InFlight>,
-    ) {
-        if let Err(e) = self.remove(acked).await {
-            warn!(error = %e, "removing acknowledged records failed; they will be sent again");
-        }
-        let unacked = handed.iter().flatten().count() + inflight.len();
-        self.metrics.unacked_at_disconnect.inc_by(unacked as u64);
-        self.metrics.resent.inc_by(unacked as u64);
     }
 
     fn downlink(&mut self, p: rumqttc::Publish) {

@@ -390,6 +390,7 @@ pub fn gateway_config(
     data_dir: &Path,
     cloud_port: u16,
     extra: &str,
+    store_extra: &str,
 ) -> String {
     format!(
         r#"
@@ -406,6 +407,7 @@ listen = "127.0.0.1:{http}"
 
 [store]
 commit_interval = "20ms"
+{store_extra}
 
 [cloud]
 enabled = true
@@ -478,6 +480,11 @@ impl Gateway {
         g
     }
 
+    /// Process id of the gateway.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -511,15 +518,15 @@ impl Gateway {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait (bounded) for the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
+    /// SIGTERM and wait (bounded) for the exit status; also returns the log.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
+                return (s, self.log_text());
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
