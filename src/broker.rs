@@ -61,18 +61,23 @@ pub enum BrokerError {
 }
 
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+type Listeners = Vec<(String, SocketAddr, JoinHandle<()>)>;
+type StartListeners = dyn FnOnce() -> (Listeners, bool) + Send;
 
 /// A running embedded broker.
 pub struct Broker {
     // rumqttd's router sender type cannot be named outside the crate, so links are made by a
     // closure that owns it.
     make_link: Arc<LinkFactory>,
-    listeners: Vec<(String, SocketAddr, JoinHandle<()>)>,
+    start_listeners: Option<Box<StartListeners>>,
+    users: Vec<crate::config::UserConfig>,
+    listeners: Listeners,
 }
 
 impl Broker {
-    /// Starts the router and every listener; returns once each listener accepts connections.
-    pub async fn start(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
+    /// Starts the router. In-process links can be made at once; devices can connect after
+    /// [`Broker::listen`].
+    pub fn new(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
         for (name, l) in &cfg.listeners {
             std::net::TcpListener::bind(l.listen).map_err(|source| BrokerError::Bind {
                 name: name.clone(),
@@ -98,7 +103,17 @@ impl Broker {
             shared_subscriptions_strategy: Default::default(),
         };
         let router_tx = Router::new(0, router_cfg).spawn();
-        let auth: Option<HashMap<String, String>> = if cfg.users.is_empty() {
+        let make_link: Arc<LinkFactory> = {
+            let router_tx = router_tx.clone();
+            Arc::new(move |id: &str| {
+                let (tx, rx, _ack) = LinkBuilder::new(id, router_tx.clone()).build()?;
+                Ok((tx, rx))
+            })
+        };
+        let cfg_users = cfg.users.clone();
+        let cfg = cfg.clone();
+        let start_listeners: Box<StartListeners> = Box::new(move || {
+            let auth: Option<HashMap<String, String>> = if cfg.users.is_empty() {
             None
         } else {
             Some(
@@ -108,8 +123,8 @@ impl Broker {
                     .collect(),
             )
         };
-        let mut listeners = Vec::new();
-        for (name, l) in &cfg.listeners {
+            let mut listeners = Vec::new();
+            for (name, l) in &cfg.listeners {
             let settings = ServerSettings {
                 name: name.clone(),
                 listen: l.listen,
@@ -133,12 +148,33 @@ impl Broker {
                 }
             });
             listeners.push((name.clone(), l.listen, task));
-        }
-        let probe_user = cfg
+            }
+            (listeners, auth.is_some())
+        });
+        Ok(Broker {
+            make_link,
+            start_listeners: Some(start_listeners),
+            users: cfg_users,
+            listeners: Vec::new(),
+        })
+    }
+
+    /// Starts every listener; returns once each answers MQTT.
+    ///
+    /// Make the gateway's own links before this: rumqttd reuses connection ids, and a late
+    /// second disconnect event for a departed client can tear down whichever link got its id.
+    /// Links made before any client connects hold the first ids for good.
+    pub async fn listen(&mut self) -> Result<(), BrokerError> {
+        let Some(start) = self.start_listeners.take() else {
+            return Ok(());
+        };
+        let (listeners, auth) = start();
+        self.listeners = listeners;
+        let probe_user = self
             .users
             .first()
             .map(|u| (u.username.as_str(), u.password.as_str()));
-        for (name, addr, _) in &listeners {
+        for (name, addr, _) in &self.listeners {
             wait_listening(*addr, probe_user)
                 .await
                 .then_some(())
@@ -146,16 +182,9 @@ impl Broker {
                     name: name.clone(),
                     addr: *addr,
                 })?;
-            info!(listener = %name, %addr, auth = auth.is_some(), "broker listening");
+            info!(listener = %name, %addr, auth, "broker listening");
         }
-        let make_link: Arc<LinkFactory> = Arc::new(move |id: &str| {
-            let (tx, rx, _ack) = LinkBuilder::new(id, router_tx.clone()).build()?;
-            Ok((tx, rx))
-        });
-        Ok(Broker {
-            make_link,
-            listeners,
-        })
+        Ok(())
     }
 
     /// An in-process link to the broker, as client `id`.
@@ -197,7 +226,6 @@ async fn wait_listening(addr: SocketAddr, user: Option<(&str, &str)>) -> bool {
             s.write_all(&connect).await?;
             let mut ack = [0u8; 4];
             s.read_exact(&mut ack).await?;
-            s.write_all(&[0xE0, 0x00]).await?; // DISCONNECT
             Ok::<_, std::io::Error>(ack[0] == 0x20 && ack[3] == 0)
         };
         if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), probe).await {

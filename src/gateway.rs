@@ -1,7 +1,7 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
-//! Start order: store (open, recover) -> broker (listeners accept) -> uplink tap -> committer
-//! -> bridge -> metrics endpoint. Only then is the gateway "ready".
+//! Start order: store (open, recover) -> broker router and the gateway's own links -> uplink
+//! tap -> committer -> bridge -> broker listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
 //! 1. broker listeners close and the tap stops (no new input), appending what it holds;
@@ -96,7 +96,13 @@ pub async fn run(
     let store = Arc::new(store);
 
     // 2. Broker.
-    let mut broker = Broker::start(&settings.broker).await?;
+    let mut broker = Broker::new(&settings.broker)?;
+    let tap_link = broker.link("fieldgate-uplink-tap")?;
+    let downlink_link = if settings.cloud.enabled {
+        Some(broker.link("fieldgate-downlink")?)
+    } else {
+        None
+    };
 
     // 3. Uplink tap.
     let tap_stop = root.child_token();
@@ -113,7 +119,7 @@ pub async fn run(
         ),
     };
     let tap_thread = tap::spawn(
-        broker.link("fieldgate-uplink-tap")?,
+        tap_link,
         store.clone(),
         routing,
         metrics.clone(),
@@ -139,8 +145,7 @@ pub async fn run(
     // 5. Bridge.
     let bridge_stop = root.child_token();
     let mut downlink_drain = None;
-    let bridge_task = if settings.cloud.enabled {
-        let (dl_tx, mut dl_rx) = broker.link("fieldgate-downlink")?;
+    let bridge_task = if let Some((dl_tx, mut dl_rx)) = downlink_link {
         // The downlink link only publishes; drain its notifications so the router never
         // parks it.
         let stop = bridge_stop.clone();
@@ -175,7 +180,10 @@ pub async fn run(
         None
     };
 
-    // 6. Metrics endpoint.
+    // 6. Devices may connect now that the pipeline behind the broker runs.
+    broker.listen().await?;
+
+    // 7. Metrics endpoint.
     let http_stop = root.child_token();
     let http_task = if settings.metrics.enabled {
         let listener = http::bind(settings.metrics.listen)
