@@ -40,7 +40,7 @@ pub enum BrokerError {
         /// Address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        source: Box<std::io::Error>,
     },
     /// A listener did not start accepting within the deadline.
     #[error("broker.listeners.{name}: {addr} did not start listening")]
@@ -56,11 +56,11 @@ pub enum BrokerError {
         /// Link client id.
         id: String,
         /// Why.
-        source: LinkError,
+        source: Box<LinkError>,
     },
 }
 
-type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
 type Listeners = Vec<(String, SocketAddr, JoinHandle<()>)>;
 type StartListeners = dyn FnOnce() -> (Listeners, bool) + Send;
 
@@ -79,10 +79,10 @@ impl Broker {
     /// [`Broker::listen`].
     pub fn new(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
         for (name, l) in &cfg.listeners {
-            std::net::TcpListener::bind(l.listen).map_err(|source| BrokerError::Bind {
+            std::net::TcpListener::bind(l.listen).map_err(|e| BrokerError::Bind {
                 name: name.clone(),
                 addr: l.listen,
-                source,
+                source: Box::new(e),
             })?;
         }
         let mut custom = HashMap::new();
@@ -106,7 +106,9 @@ impl Broker {
         let make_link: Arc<LinkFactory> = {
             let router_tx = router_tx.clone();
             Arc::new(move |id: &str| {
-                let (tx, rx, _ack) = LinkBuilder::new(id, router_tx.clone()).build()?;
+                let (tx, rx, _ack) = LinkBuilder::new(id, router_tx.clone())
+                    .build()
+                    .map_err(Box::new)?;
                 Ok((tx, rx))
             })
         };
@@ -114,40 +116,40 @@ impl Broker {
         let cfg = cfg.clone();
         let start_listeners: Box<StartListeners> = Box::new(move || {
             let auth: Option<HashMap<String, String>> = if cfg.users.is_empty() {
-            None
-        } else {
-            Some(
-                cfg.users
-                    .iter()
-                    .map(|u| (u.username.clone(), u.password.clone()))
-                    .collect(),
-            )
-        };
+                None
+            } else {
+                Some(
+                    cfg.users
+                        .iter()
+                        .map(|u| (u.username.clone(), u.password.clone()))
+                        .collect(),
+                )
+            };
             let mut listeners = Vec::new();
             for (name, l) in &cfg.listeners {
-            let settings = ServerSettings {
-                name: name.clone(),
-                listen: l.listen,
-                tls: None,
-                next_connection_delay_ms: 0,
-                connections: ConnectionSettings {
-                    connection_timeout_ms: cfg.connect_timeout.as_millis().min(65_535) as u16,
-                    max_payload_size: cfg.max_payload_size,
-                    max_inflight_count: cfg.max_inflight,
-                    auth: auth.clone(),
-                    external_auth: None,
-                    dynamic_filters: false,
-                },
-            };
-            let mut server =
-                rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
-            let lname = name.clone();
-            let task = tokio::spawn(async move {
-                if let Err(e) = server.start(LinkType::Remote).await {
-                    error!(listener = %lname, error = %e, "broker listener stopped");
-                }
-            });
-            listeners.push((name.clone(), l.listen, task));
+                let settings = ServerSettings {
+                    name: name.clone(),
+                    listen: l.listen,
+                    tls: None,
+                    next_connection_delay_ms: 0,
+                    connections: ConnectionSettings {
+                        connection_timeout_ms: cfg.connect_timeout.as_millis().min(65_535) as u16,
+                        max_payload_size: cfg.max_payload_size,
+                        max_inflight_count: cfg.max_inflight,
+                        auth: auth.clone(),
+                        external_auth: None,
+                        dynamic_filters: false,
+                    },
+                };
+                let mut server =
+                    rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
+                let lname = name.clone();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = server.start(LinkType::Remote).await {
+                        error!(listener = %lname, error = %e, "broker listener stopped");
+                    }
+                });
+                listeners.push((name.clone(), l.listen, task));
             }
             (listeners, auth.is_some())
         });

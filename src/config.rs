@@ -755,9 +755,10 @@ fn check_pem(p: &mut Vec<Problem>, key: &str, path: &Path, what: &str) {
                 path.display()
             ),
         )),
-        Ok(text) if !text.contains(&format!("-----BEGIN ")) || !text.contains(what) => p.push(
-            problem(key, format!("{} holds no PEM {what} block", path.display())),
-        ),
+        Ok(text) if !text.contains("-----BEGIN ") || !text.contains(what) => p.push(problem(
+            key,
+            format!("{} holds no PEM {what} block", path.display()),
+        )),
         Ok(_) => {}
     }
 }

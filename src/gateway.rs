@@ -37,14 +37,14 @@ pub enum GatewayError {
         /// Store directory.
         path: String,
         /// Why.
-        source: StoreError,
+        source: Box<StoreError>,
     },
     /// The embedded broker could not start.
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Broker(#[from] Box<BrokerError>),
     /// The cloud TLS material is unusable.
     #[error(transparent)]
-    Tls(#[from] bridge::tls::TlsError),
+    Tls(#[from] Box<bridge::tls::TlsError>),
     /// The metrics endpoint or a thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -53,6 +53,18 @@ pub enum GatewayError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl From<BrokerError> for GatewayError {
+    fn from(e: BrokerError) -> Self {
+        GatewayError::Broker(Box::new(e))
+    }
+}
+
+impl From<bridge::tls::TlsError> for GatewayError {
+    fn from(e: bridge::tls::TlsError) -> Self {
+        GatewayError::Tls(Box::new(e))
+    }
 }
 
 /// Handles the gateway exposes to whoever runs it (tests, `main`).
@@ -88,9 +100,9 @@ pub async fn run(
                 what: "store open task".into(),
                 source: std::io::Error::other(e),
             })?
-            .map_err(|source| GatewayError::Store {
+            .map_err(|e| GatewayError::Store {
                 path: qdir.display().to_string(),
-                source,
+                source: Box::new(e),
             })?
     };
     let store = Arc::new(store);

@@ -157,7 +157,7 @@ impl Store {
                 );
                 std::fs::rename(dir, &aside)?;
                 metrics.store_quarantined.set(1);
-                open_sled(dir, cfg).map_err(|e| std::io::Error::other(e))?
+                open_sled(dir, cfg).map_err(std::io::Error::other)?
             }
         };
         let store = Store {

@@ -95,7 +95,7 @@ fn run(
     routing: &Routing,
     metrics: &Metrics,
     stop: &CancellationToken,
-) -> Result<(), LinkError> {
+) -> Result<(), Box<LinkError>> {
     tx.subscribe(TAP_FILTER)?;
     let mut batch: Vec<Record> = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -125,7 +125,7 @@ fn run(
                 Ok(Some(other)) => debug!(?other, "tap notification"),
                 Ok(None) => {}
                 Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(Box::new(e)),
             }
             if batch.len() >= MAX_BATCH {
                 break;

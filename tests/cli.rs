@@ -78,17 +78,28 @@ fn semantic_problems_are_all_listed_with_a_fix() {
     let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(64), "{out}");
-    for key in ["gateway.id:", "metrics.listen:", "cloud.host:", "cloud.ca_file:"] {
+    for key in [
+        "gateway.id:",
+        "metrics.listen:",
+        "cloud.host:",
+        "cloud.ca_file:",
+    ] {
         assert!(out.contains(key), "{key} missing:\n{out}");
     }
-    assert!(out.contains("clashes with broker.listeners.default.listen"), "{out}");
+    assert!(
+        out.contains("clashes with broker.listeners.default.listen"),
+        "{out}"
+    );
 }
 
 #[test]
 fn bad_environment_override_is_named() {
     let o = fieldgate(
         &["check-config"],
-        &[("FIELDGATE__STORE__MAX_BYTES", "lots"), ("FIELDGATE__NOPE__X", "1")],
+        &[
+            ("FIELDGATE__STORE__MAX_BYTES", "lots"),
+            ("FIELDGATE__NOPE__X", "1"),
+        ],
     );
     let out = text(&o);
     assert_eq!(o.status.code(), Some(64), "{out}");

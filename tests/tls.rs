@@ -21,11 +21,18 @@ async fn refused(pki: &Pki, cloud_port: u16, edit: impl Fn(String) -> String) ->
     let gw = Gateway::start(&config, &ports).await;
     publish_seq(ports.mqtt, "a", 0..20, 32).await;
     assert!(
-        eventually(WAIT, || gw.metric("fieldgate_cloud_reconnects_total") >= 3.0).await,
+        eventually(WAIT, || gw.metric("fieldgate_cloud_reconnects_total")
+            >= 3.0)
+        .await,
         "expected repeated failed attempts\n{}",
         gw.log_text()
     );
-    assert_eq!(gw.metric("fieldgate_cloud_connected"), 0.0, "{}", gw.log_text());
+    assert_eq!(
+        gw.metric("fieldgate_cloud_connected"),
+        0.0,
+        "{}",
+        gw.log_text()
+    );
     assert_eq!(gw.metric("fieldgate_messages_out_total"), 0.0);
     assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 20.0).await);
     let health = gw.get("/health").unwrap();
@@ -114,7 +121,14 @@ async fn missing_client_certificate_is_refused() {
     .await;
     assert_log_says(
         &log,
-        &["CertificateRequired", "HandshakeFailure", "alert", "reset", "eof", "closed"],
+        &[
+            "CertificateRequired",
+            "HandshakeFailure",
+            "alert",
+            "reset",
+            "eof",
+            "closed",
+        ],
     );
 }
 
@@ -130,7 +144,9 @@ async fn never_falls_back_to_plaintext() {
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             let mut b = [0u8; 1];
             if s.read_exact(&mut b).await.is_ok() {
                 fb.lock().unwrap().push(b[0]);
@@ -141,6 +157,12 @@ async fn never_falls_back_to_plaintext() {
     });
     let log = refused(&pki, port, |c| c).await;
     let seen = first_bytes.lock().unwrap().clone();
-    assert!(seen.len() >= 3, "expected several attempts, saw {seen:?}\n{log}");
-    assert!(seen.iter().all(|b| *b == 0x16), "non-TLS first byte sent: {seen:?}");
+    assert!(
+        seen.len() >= 3,
+        "expected several attempts, saw {seen:?}\n{log}"
+    );
+    assert!(
+        seen.iter().all(|b| *b == 0x16),
+        "non-TLS first byte sent: {seen:?}"
+    );
 }

@@ -58,7 +58,7 @@ const ACK_BATCH: usize = 512;
 pub enum BridgeError {
     /// TCP, TLS or MQTT failure, including a refused CONNECT.
     #[error("cloud connection: {0}")]
-    Connection(#[from] ConnectionError),
+    Connection(Box<ConnectionError>),
     /// The broker sent DISCONNECT.
     #[error("cloud broker sent DISCONNECT")]
     Disconnected,
@@ -71,6 +71,12 @@ pub enum BridgeError {
     /// A blocking store task panicked or was cancelled.
     #[error("queue task: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl From<ConnectionError> for BridgeError {
+    fn from(e: ConnectionError) -> Self {
+        BridgeError::Connection(Box::new(e))
+    }
 }
 
 /// How a session ended without error.
@@ -298,7 +304,7 @@ impl Bridge {
                     }
                     if let Some((seq, rec)) = live_buf.pop_front() {
                         if lanes.live_take(seq, &rec.topic) {
-                            self.send(client, seq, &rec)?;
+                            self.send(client, &rec)?;
                             flight.handed.push_back(Some(InFlight { seq }));
                             self.metrics.sent_live.inc();
                         }
@@ -334,7 +340,7 @@ impl Bridge {
                     if lanes.replay_take(seq, &rec.topic) {
                         msg_bucket.take(1);
                         byte_bucket.take(rec.payload.len() as u64);
-                        self.send(client, seq, &rec)?;
+                        self.send(client, &rec)?;
                         flight.handed.push_back(Some(InFlight { seq }));
                         self.metrics.sent_replay.inc();
                         rate_window.1 += 1;
@@ -408,7 +414,7 @@ impl Bridge {
         Ok(end)
     }
 
-    fn send(&self, client: &AsyncClient, _seq: u64, rec: &Record) -> Result<(), BridgeError> {
+    fn send(&self, client: &AsyncClient, rec: &Record) -> Result<(), BridgeError> {
         let topic = format!("{}{}", self.cloud_prefix, rec.topic);
         client.try_publish(topic, QoS::AtLeastOnce, rec.retain, rec.payload.to_vec())?;
         Ok(())

@@ -611,9 +611,12 @@ pub async fn publish_seq(mqtt_port: u16, src: &str, seqs: std::ops::Range<u64>, 
     let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
 }
 
+/// Everything a collector received: `(topic, payload)` in arrival order.
+pub type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A cloud-side subscriber (TLS + client certificate) that records every message.
 pub struct Collector {
-    pub received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    pub received: Received,
     pub client: AsyncClient,
     stop: CancellationToken,
 }
