@@ -88,8 +88,6 @@ pub struct Metrics {
     pub replay_rate: Gauge<f64, AtomicU64>,
     /// Records the cloud had not acknowledged when a session ended.
     pub unacked_at_disconnect: Counter,
-    /// Messages the broker skipped for the tap because it fell behind (rumqttd cursor jump).
-    pub tap_overruns: Counter,
 }
 
 impl Metrics {
@@ -118,7 +116,6 @@ impl Metrics {
             downlink_messages: Counter::default(),
             replay_rate: Gauge::default(),
             unacked_at_disconnect: Counter::default(),
-            tap_overruns: Counter::default(),
         };
         r.register(
             "messages_in",
@@ -206,11 +203,6 @@ impl Metrics {
             "unacked_at_disconnect",
             "Records in flight when a cloud session ended (will be resent)",
             m.unacked_at_disconnect.clone(),
-        );
-        r.register(
-            "tap_overruns",
-            "Broker cursor jumps on the uplink tap",
-            m.tap_overruns.clone(),
         );
         for reason in [
             DropReason::QueueFull,
