@@ -118,6 +118,7 @@ pub async fn run(
 
     // 3. Uplink tap.
     let tap_stop = root.child_token();
+    let tap_failed = CancellationToken::new();
     let routing = Routing {
         forward: FilterSet::new(settings.uplink.forward.clone()),
         exclude: FilterSet::new(settings.uplink.exclude.clone()),
@@ -136,6 +137,7 @@ pub async fn run(
         routing,
         metrics.clone(),
         tap_stop.clone(),
+        tap_failed.clone(),
     )
     .map_err(|source| GatewayError::Io {
         what: "uplink tap thread".into(),
@@ -229,7 +231,13 @@ pub async fn run(
         metrics: metrics.clone(),
     });
 
-    shutdown.await;
+    let failure = tokio::select! {
+        _ = shutdown => None,
+        _ = tap_failed.cancelled() => Some(GatewayError::Io {
+            what: "uplink tap".into(),
+            source: std::io::Error::other("the broker link of the uplink tap broke"),
+        }),
+    };
     info!("shutting down: closing inputs");
 
     // Ordered stop.
@@ -262,7 +270,10 @@ pub async fn run(
     }
     root.cancel();
     info!(queued = store.records(), "fieldgate stopped");
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 /// The group-commit thread: flush + fsync every `interval`, expire old records and refresh

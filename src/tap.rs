@@ -70,13 +70,15 @@ impl Routing {
     }
 }
 
-/// Starts the tap thread.
+/// Starts the tap thread. If the tap fails (its broker link breaks), it cancels `failed`: a
+/// gateway that no longer queues must stop and be restarted, not run on silently.
 pub fn spawn(
     link: (LinkTx, LinkRx),
     store: Arc<Store>,
     routing: Routing,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    failed: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("fieldgate-tap".into())
@@ -84,7 +86,8 @@ pub fn spawn(
             let span = info_span!("uplink_tap");
             let _g = span.enter();
             if let Err(e) = run(link, &store, &routing, &metrics, &stop) {
-                error!(error = %e, "uplink tap stopped: local messages are no longer queued");
+                error!(error = %e, "uplink tap failed: local messages are no longer queued; stopping");
+                failed.cancel();
             }
         })
 }
