@@ -108,7 +108,8 @@ pub async fn run(
     let store = Arc::new(store);
 
     // 2. Broker.
-    let mut broker = Broker::new(&settings.broker)?;
+    let broker_span = tracing::info_span!("broker");
+    let mut broker = broker_span.in_scope(|| Broker::new(&settings.broker))?;
     let tap_link = broker.link("fieldgate-uplink-tap")?;
     let downlink_link = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)
@@ -195,7 +196,7 @@ pub async fn run(
     };
 
     // 6. Devices may connect now that the pipeline behind the broker runs.
-    broker.listen().await?;
+    broker.listen().instrument(broker_span).await?;
 
     // 7. Metrics endpoint.
     let http_stop = root.child_token();
@@ -286,6 +287,8 @@ fn spawn_committer(
     std::thread::Builder::new()
         .name("fieldgate-commit".into())
         .spawn(move || {
+            let span = tracing::info_span!("store");
+            let _g = span.enter();
             let mut last_slow = std::time::Instant::now() - Duration::from_secs(1);
             loop {
                 let stopping = stop.is_cancelled();

@@ -442,3 +442,36 @@ async fn paced_replay_does_not_starve_live_topics() {
     assert!(r.missing("old", 0..1000).is_empty());
     assert!(gw.metric("fieldgate_sent_live_total") >= 50.0);
 }
+
+/// A queue directory that sled cannot open is moved aside with a loud error; the gateway
+/// starts with an empty queue instead of crash-looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_queue_is_moved_aside_not_crash_looped() {
+    let s = setup().await;
+    s.proxy.cut();
+    let gw = s.gateway("").await;
+    publish_seq(s.ports.mqtt, "a", 0..10, 10).await;
+    assert!(eventually(WAIT, || gw.metric("fieldgate_store_committed_seq") == 10.0).await);
+    gw.kill9();
+    let q = s.data.path().join("queue");
+    std::fs::write(q.join("conf"), b"garbage, not a sled config").unwrap();
+    std::fs::write(q.join("db"), vec![0xA5u8; 64 * 1024]).unwrap();
+
+    let gw = s.gateway("").await;
+    let log = gw.log_text();
+    assert_eq!(gw.metric("fieldgate_store_quarantined"), 1.0, "{log}");
+    assert!(log.contains("moved aside"), "{log}");
+    assert_eq!(gw.metric("fieldgate_queue_records"), 0.0);
+    let moved = std::fs::read_dir(s.data.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("queue.damaged-")
+        });
+    assert!(moved, "damaged queue not kept for inspection");
+    // And it works: new messages are queued.
+    publish_seq(s.ports.mqtt, "b", 0..5, 10).await;
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 5.0).await);
+}
