@@ -28,6 +28,8 @@ pub enum DropReason {
     Corrupt,
     /// The store could not write it (disk full, I/O error).
     StoreError,
+    /// The uplink tap fell more than its broker log behind and the broker skipped ahead.
+    BrokerOverrun,
 }
 
 impl DropReason {
@@ -40,6 +42,7 @@ impl DropReason {
             DropReason::Loop => "loop",
             DropReason::Corrupt => "corrupt",
             DropReason::StoreError => "store_error",
+            DropReason::BrokerOverrun => "broker_overrun",
         }
     }
 }
@@ -211,6 +214,7 @@ impl Metrics {
             DropReason::Loop,
             DropReason::Corrupt,
             DropReason::StoreError,
+            DropReason::BrokerOverrun,
         ] {
             // Materialise every label so a scrape shows zeros, not absence.
             m.count_drop(reason, 0);

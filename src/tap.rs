@@ -27,8 +27,8 @@ use crate::metrics::{DropReason, Metrics};
 use crate::store::{now_ms, Record, Store};
 use crate::topic::FilterSet;
 
-/// Most records appended in one sled batch.
-const MAX_BATCH: usize = 4096;
+/// Most records collected before they are appended.
+const MAX_BATCH: usize = 1024;
 
 /// Which local messages go up, and the loop guard.
 #[derive(Debug, Clone)]
@@ -101,6 +101,9 @@ fn run(
 ) -> Result<(), Box<LinkError>> {
     tx.subscribe(TAP_FILTER)?;
     let mut batch: Vec<Record> = Vec::with_capacity(MAX_BATCH);
+    // The broker's log offset of the last message seen: offsets are consecutive, so a gap
+    // means the broker skipped messages because the tap fell behind.
+    let mut last_offset: Option<u64> = None;
     loop {
         // Block for the first notification (bounded, to notice `stop`), then drain whatever
         // is already there without waiting so appends are batched.
@@ -108,6 +111,18 @@ fn run(
         loop {
             match rx.recv_deadline(wait) {
                 Ok(Some(Notification::Forward(f))) => {
+                    if let Some((_, off)) = f.cursor {
+                        if let Some(last) = last_offset.filter(|l| off > l + 1) {
+                            let lost = off - last - 1;
+                            metrics.count_drop(DropReason::BrokerOverrun, lost);
+                            error!(
+                                lost,
+                                "uplink tap fell behind the broker's log; messages lost \
+                                   (raise broker.tap_segment_count or use faster storage)"
+                            );
+                        }
+                        last_offset = Some(off);
+                    }
                     let p = f.publish;
                     let Ok(topic) = std::str::from_utf8(&p.topic) else {
                         warn!("skipping a message whose topic is not UTF-8");
