@@ -160,6 +160,7 @@ pub async fn run(
     // 5. Bridge.
     let bridge_stop = root.child_token();
     let mut downlink_drain = None;
+    let mut remover_thread = None;
     let bridge_task = if let Some((dl_tx, mut dl_rx)) = downlink_link {
         // The downlink link only publishes; drain its notifications so the router never
         // parks it.
@@ -176,11 +177,18 @@ pub async fn run(
                 }
             }
         }));
+        let (removals, remover) =
+            crate::store::spawn_remover(store.clone()).map_err(|source| GatewayError::Io {
+                what: "queue remover thread".into(),
+                source,
+            })?;
+        remover_thread = Some(remover);
         let b = Bridge::build(
             &settings,
             store.clone(),
             metrics.clone(),
             dl_tx,
+            removals,
             bridge_stop.clone(),
         )?;
         info!(host = %settings.cloud.host, port = settings.cloud.port, "cloud bridge starting");
@@ -262,6 +270,10 @@ pub async fn run(
     }
     if let Some(t) = downlink_drain {
         let _ = t.await;
+    }
+    // The bridge is gone, so is the remover's sender: it finishes the removals it was given.
+    if let Some(t) = remover_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     commit_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;

@@ -101,6 +101,15 @@ impl Record {
         })
     }
 
+    /// The topic of an encoded record, without decoding the rest.
+    pub fn decode_topic(v: &[u8]) -> Option<&str> {
+        if v.len() < HEADER || v[0] != VERSION {
+            return None;
+        }
+        let tlen = u16::from_be_bytes(v[10..12].try_into().ok()?) as usize;
+        std::str::from_utf8(v.get(HEADER..HEADER + tlen)?).ok()
+    }
+
     /// Bytes this record counts against `store.max_bytes`.
     pub fn cost(&self) -> u64 {
         KEY_BYTES + (HEADER + self.topic.len() + self.payload.len()) as u64
@@ -323,17 +332,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Per-topic record counts for sequence numbers in `[from, to)`.
+    /// Per-topic record counts for sequence numbers in `[from, to)`. Reads only the topic of
+    /// each record (no payload copy): it runs over the whole backlog at every reconnect.
     pub fn topic_counts(
         &self,
         from: u64,
         to: u64,
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
-        let mut counts = std::collections::HashMap::new();
+        let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         for kv in self.db.range(from.to_be_bytes()..to.to_be_bytes()) {
             let (_, v) = kv?;
-            if let Some(r) = Record::decode(&v) {
-                *counts.entry(r.topic).or_insert(0) += 1;
+            if let Some(topic) = Record::decode_topic(&v) {
+                match counts.get_mut(topic) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(topic.to_string(), 1);
+                    }
+                }
             }
         }
         Ok(counts)
@@ -449,6 +464,31 @@ impl Store {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }
+}
+
+/// Sends batches of acknowledged sequence numbers to the remover thread.
+pub type RemoveTx = tokio::sync::mpsc::Sender<Vec<u64>>;
+
+/// Starts the thread that deletes acknowledged records, so the bridge never waits on disk
+/// work between PUBACKs. Channel policy: at most 64 pending batches; when full the bridge's
+/// send waits (back-pressure on the sender, nothing is dropped). The thread ends when every
+/// sender is gone, after removing what was sent; join it before the final commit.
+pub fn spawn_remover(
+    store: Arc<Store>,
+) -> std::io::Result<(RemoveTx, std::thread::JoinHandle<()>)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u64>>(64);
+    let handle = std::thread::Builder::new()
+        .name("fieldgate-remove".into())
+        .spawn(move || {
+            while let Some(batch) = rx.blocking_recv() {
+                store.metrics.messages_out.inc_by(batch.len() as u64);
+                if let Err(e) = store.remove(&batch) {
+                    warn!(error = %e, records = batch.len(),
+                        "removing acknowledged records failed; they will be sent again");
+                }
+            }
+        })?;
+    Ok((tx, handle))
 }
 
 fn key_seq(k: &[u8]) -> Option<u64> {

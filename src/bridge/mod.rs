@@ -44,12 +44,12 @@ use tracing::{debug, info, warn};
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::store::{Record, Store};
+use crate::store::{Record, RemoveTx, Store};
 use lanes::Lanes;
 use pacing::{Backoff, TokenBucket};
 
 /// How many records one store read brings in per lane.
-const READ_AHEAD: usize = 512;
+const READ_AHEAD: usize = 1024;
 /// Acknowledged records are removed from the store in batches of this many (or every tick).
 const ACK_BATCH: usize = 512;
 
@@ -68,6 +68,9 @@ pub enum BridgeError {
     /// Reading or removing records failed.
     #[error("queue: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The remover thread is gone (it only ends at shutdown).
+    #[error("queue remover stopped")]
+    RemoverGone,
     /// A blocking store task panicked or was cancelled.
     #[error("queue task: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -91,6 +94,7 @@ pub struct Bridge {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     downlink: LinkTx,
+    removals: RemoveTx,
     stop: CancellationToken,
     cloud_prefix: String,
     status_topic: String,
@@ -129,6 +133,7 @@ impl Bridge {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         downlink: LinkTx,
+        removals: RemoveTx,
         stop: CancellationToken,
     ) -> Result<Bridge, tls::TlsError> {
         let tls = tls::client_config(&settings.cloud)?;
@@ -137,6 +142,7 @@ impl Bridge {
             store,
             metrics,
             downlink,
+            removals,
             stop,
             cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
             status_topic: settings.expand(&settings.cloud.status_topic),
@@ -427,16 +433,17 @@ impl Bridge {
         Ok(recs.into_iter().filter(|(s, _)| *s < to).collect())
     }
 
+    /// Hands acknowledged records to the remover thread (waits only if it is 64 batches
+    /// behind).
     async fn remove(&self, acked: &mut Vec<u64>) -> Result<(), BridgeError> {
         if acked.is_empty() {
             return Ok(());
         }
         let batch = std::mem::take(acked);
-        let n = batch.len() as u64;
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.remove(&batch)).await??;
-        self.metrics.messages_out.inc_by(n);
-        Ok(())
+        self.removals
+            .send(batch)
+            .await
+            .map_err(|_| BridgeError::RemoverGone)
     }
 
     fn downlink(&mut self, p: rumqttc::Publish) {
