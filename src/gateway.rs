@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use crate::tap::{self, Routing};
 use crate::topic::FilterSet;
+use crate::watchdog::{self, Heartbeat};
 
 /// Why the gateway could not start (or failed while running). `main` exits non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +121,9 @@ pub async fn run(
     // 3. Uplink tap.
     let tap_stop = root.child_token();
     let tap_failed = CancellationToken::new();
+    let tap_beat = Heartbeat::new("uplink_tap");
+    let store_beat = Heartbeat::new("store");
+    let mut beats = vec![tap_beat.clone(), store_beat.clone()];
     let routing = Routing {
         forward: FilterSet::new(settings.uplink.forward.clone()),
         exclude: FilterSet::new(settings.uplink.exclude.clone()),
@@ -139,6 +143,7 @@ pub async fn run(
         metrics.clone(),
         tap_stop.clone(),
         tap_failed.clone(),
+        tap_beat,
     )
     .map_err(|source| GatewayError::Io {
         what: "uplink tap thread".into(),
@@ -151,6 +156,7 @@ pub async fn run(
         store.clone(),
         settings.store.commit_interval,
         commit_stop.clone(),
+        store_beat,
     )
     .map_err(|source| GatewayError::Io {
         what: "committer thread".into(),
@@ -183,6 +189,8 @@ pub async fn run(
                 source,
             })?;
         remover_thread = Some(remover);
+        let bridge_beat = Heartbeat::new("cloud");
+        beats.push(bridge_beat.clone());
         let b = Bridge::build(
             &settings,
             store.clone(),
@@ -190,6 +198,7 @@ pub async fn run(
             dl_tx,
             removals,
             bridge_stop.clone(),
+            bridge_beat,
         )?;
         info!(host = %settings.cloud.host, port = settings.cloud.port, "cloud bridge starting");
         Some(tokio::spawn(
@@ -239,6 +248,9 @@ pub async fn run(
     on_ready(&Running {
         metrics: metrics.clone(),
     });
+    watchdog::ready(&format!("queued {} records", store.records()));
+    let watchdog_stop = root.child_token();
+    let watchdog_task = tokio::spawn(watchdog::run(beats, watchdog_stop.clone()));
 
     let failure = tokio::select! {
         _ = shutdown => None,
@@ -248,6 +260,9 @@ pub async fn run(
         }),
     };
     info!("shutting down: closing inputs");
+    watchdog::stopping();
+    watchdog_stop.cancel();
+    let _ = watchdog_task.await;
 
     // Ordered stop.
     broker.stop_listeners();
@@ -295,6 +310,7 @@ fn spawn_committer(
     store: Arc<Store>,
     interval: Duration,
     stop: CancellationToken,
+    heartbeat: Heartbeat,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("fieldgate-commit".into())
@@ -304,6 +320,7 @@ fn spawn_committer(
             let mut last_slow = std::time::Instant::now() - Duration::from_secs(1);
             loop {
                 let stopping = stop.is_cancelled();
+                heartbeat.beat();
                 if let Err(e) = store.commit() {
                     error!(error = %e, "queue commit failed; records since the last commit are not yet power-cut safe");
                 }

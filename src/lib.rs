@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod store;
 pub mod tap;
 pub mod topic;
+pub mod watchdog;
 
 pub use config::Settings;
 pub use gateway::run;

@@ -26,6 +26,7 @@ use crate::broker::TAP_FILTER;
 use crate::metrics::{DropReason, Metrics};
 use crate::store::{now_ms, Record, Store};
 use crate::topic::FilterSet;
+use crate::watchdog::Heartbeat;
 
 /// Most records collected before they are appended.
 const MAX_BATCH: usize = 1024;
@@ -79,13 +80,14 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     failed: CancellationToken,
+    heartbeat: Heartbeat,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("fieldgate-tap".into())
         .spawn(move || {
             let span = info_span!("uplink_tap");
             let _g = span.enter();
-            if let Err(e) = run(link, &store, &routing, &metrics, &stop) {
+            if let Err(e) = run(link, &store, &routing, &metrics, &stop, &heartbeat) {
                 error!(error = %e, "uplink tap failed: local messages are no longer queued; stopping");
                 failed.cancel();
             }
@@ -98,6 +100,7 @@ fn run(
     routing: &Routing,
     metrics: &Metrics,
     stop: &CancellationToken,
+    heartbeat: &Heartbeat,
 ) -> Result<(), Box<LinkError>> {
     tx.subscribe(TAP_FILTER)?;
     let mut batch: Vec<Record> = Vec::with_capacity(MAX_BATCH);
@@ -158,6 +161,7 @@ fn run(
             }
             batch.clear();
         }
+        heartbeat.beat();
         if stop.is_cancelled() {
             return Ok(());
         }

@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::store::{Record, RemoveTx, Store};
+use crate::watchdog::Heartbeat;
 use lanes::Lanes;
 use pacing::{Backoff, TokenBucket};
 
@@ -96,6 +97,7 @@ pub struct Bridge {
     downlink: LinkTx,
     removals: RemoveTx,
     stop: CancellationToken,
+    heartbeat: Heartbeat,
     cloud_prefix: String,
     status_topic: String,
     downlink_filters: Vec<String>,
@@ -135,6 +137,7 @@ impl Bridge {
         downlink: LinkTx,
         removals: RemoveTx,
         stop: CancellationToken,
+        heartbeat: Heartbeat,
     ) -> Result<Bridge, tls::TlsError> {
         let tls = tls::client_config(&settings.cloud)?;
         Ok(Bridge {
@@ -144,6 +147,7 @@ impl Bridge {
             downlink,
             removals,
             stop,
+            heartbeat,
             cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
             status_topic: settings.expand(&settings.cloud.status_topic),
             downlink_filters: settings
@@ -163,6 +167,7 @@ impl Bridge {
         let mut backoff = Backoff::new(c.reconnect_min, c.reconnect_max);
         loop {
             let started = Instant::now();
+            self.heartbeat.beat();
             match self.session(&mut backoff).await {
                 Ok(End::Shutdown) => break,
                 Err(e) => {
@@ -173,9 +178,19 @@ impl Bridge {
             }
             let delay = backoff.next_delay();
             debug!(?delay, "reconnecting after backoff");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.stop.cancelled() => break,
+            // Waiting out a backoff is alive, not stalled: keep the heartbeat going.
+            let until = tokio::time::Instant::now() + delay;
+            let mut beat = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = beat.tick() => self.heartbeat.beat(),
+                    _ = self.stop.cancelled() => {
+                        self.metrics.cloud_connected.set(0);
+                        info!("bridge stopped");
+                        return;
+                    }
+                }
             }
         }
         self.metrics.cloud_connected.set(0);
@@ -382,6 +397,7 @@ impl Bridge {
                 _ = appended.changed(), if stopping.is_none() => {}
                 _ = sleep_until(pace), if pace.is_some() => {}
                 _ = tick.tick() => {
+                    self.heartbeat.beat();
                     if !flight.acked.is_empty() {
                         self.remove(&mut flight.acked).await?;
                     }

@@ -457,6 +457,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `fieldgate run -c <config>` and waits until `/health` answers.
     pub async fn start(config: &str, ports: &GatewayPorts) -> Gateway {
+        Self::start_env(config, ports, &[]).await
+    }
+
+    /// As [`Gateway::start`], with extra environment variables.
+    pub async fn start_env(config: &str, ports: &GatewayPorts, env: &[(&str, &str)]) -> Gateway {
         let conf_dir = tempfile::tempdir().unwrap();
         let conf = conf_dir.path().join("fieldgate.toml");
         std::fs::write(&conf, config).unwrap();
@@ -465,6 +470,7 @@ impl Gateway {
             .args(["run", "-c"])
             .arg(&conf)
             .env("RUST_LOG", "info,rumqttd=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
