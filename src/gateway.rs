@@ -68,12 +68,6 @@ impl From<bridge::tls::TlsError> for GatewayError {
     }
 }
 
-/// Handles the gateway exposes to whoever runs it (tests, `main`).
-pub struct Running {
-    /// Shared metrics.
-    pub metrics: Arc<Metrics>,
-}
-
 /// Installs the ring provider as the process default (idempotent). rumqttc builds configs
 /// through it when not handed one, and two compiled-in providers would make it panic.
 pub fn install_crypto_provider() {
@@ -81,11 +75,9 @@ pub fn install_crypto_provider() {
 }
 
 /// Runs the gateway until `shutdown` resolves, then stops it in order.
-/// `on_ready` is called once everything listens.
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
-    on_ready: impl FnOnce(&Running),
 ) -> Result<(), GatewayError> {
     install_crypto_provider();
     let metrics = Metrics::new();
@@ -218,7 +210,7 @@ pub async fn run(
     // 7. Metrics endpoint.
     let http_stop = root.child_token();
     let http_task = if settings.metrics.enabled {
-        let listener = http::bind(settings.metrics.listen)
+        let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
             .await
             .map_err(|source| GatewayError::Io {
                 what: format!("metrics.listen {}", settings.metrics.listen),
@@ -245,9 +237,6 @@ pub async fn run(
         queued = store.records(),
         "fieldgate ready"
     );
-    on_ready(&Running {
-        metrics: metrics.clone(),
-    });
     watchdog::ready(&format!("queued {} records", store.records()));
     let watchdog_stop = root.child_token();
     let watchdog_task = tokio::spawn(watchdog::run(beats, watchdog_stop.clone()));

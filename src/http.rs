@@ -4,7 +4,6 @@
 //! 8 KiB, 5 s to send it, then the connection is closed. It only reads shared metrics, so a
 //! slow or hostile scraper cannot stall the pipeline.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,11 +55,6 @@ impl HealthSource {
             "store_quarantined": m.store_quarantined.get() == 1,
         })
     }
-}
-
-/// Binds the endpoint (so a clash fails start-up) and returns the serving future.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// Serves until `stop` is cancelled.

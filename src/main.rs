@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             let run = async {
                 // Handlers go in before anything starts, so an early SIGTERM is orderly too.
                 let signals = Signals::install()?;
-                fieldgate::run(settings, signals.first(), |_| {})
+                fieldgate::run(settings, signals.first())
                     .await
                     .map_err(anyhow::Error::from)
             };

@@ -61,7 +61,8 @@ pub struct Metrics {
     pub sent_live: Counter,
     /// PUBLISHes sent to the cloud by the replay lane.
     pub sent_replay: Counter,
-    /// Records sent again after a reconnect (they had been sent, not acknowledged).
+    /// Records in flight when a cloud session ended: they are sent again (the at-least-once
+    /// duplicates).
     pub resent: Counter,
     /// Drops by reason.
     dropped: Family<Labels, Counter>,
@@ -89,8 +90,6 @@ pub struct Metrics {
     pub downlink_messages: Counter,
     /// Replay lane send rate over the last second, msgs/s.
     pub replay_rate: Gauge<f64, AtomicU64>,
-    /// Records the cloud had not acknowledged when a session ended.
-    pub unacked_at_disconnect: Counter,
 }
 
 impl Metrics {
@@ -118,7 +117,6 @@ impl Metrics {
             cloud_connected: Gauge::default(),
             downlink_messages: Counter::default(),
             replay_rate: Gauge::default(),
-            unacked_at_disconnect: Counter::default(),
         };
         r.register(
             "messages_in",
@@ -201,11 +199,6 @@ impl Metrics {
             "replay_rate",
             "Replay lane msgs/s over the last second",
             m.replay_rate.clone(),
-        );
-        r.register(
-            "unacked_at_disconnect",
-            "Records in flight when a cloud session ended (will be resent)",
-            m.unacked_at_disconnect.clone(),
         );
         for reason in [
             DropReason::QueueFull,

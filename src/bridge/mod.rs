@@ -83,11 +83,6 @@ impl From<ConnectionError> for BridgeError {
     }
 }
 
-/// How a session ended without error.
-enum End {
-    Shutdown,
-}
-
 /// Everything the bridge needs, built once.
 pub struct Bridge {
     settings: Settings,
@@ -169,7 +164,7 @@ impl Bridge {
             let started = Instant::now();
             self.heartbeat.beat();
             match self.session(&mut backoff).await {
-                Ok(End::Shutdown) => break,
+                Ok(()) => break,
                 Err(e) => {
                     self.metrics.cloud_reconnects.inc();
                     self.metrics.cloud_connected.set(0);
@@ -219,7 +214,7 @@ impl Bridge {
         o
     }
 
-    async fn session(&mut self, backoff: &mut Backoff) -> Result<End, BridgeError> {
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), BridgeError> {
         let c = self.settings.cloud.clone();
         let cap = c.max_inflight as usize + 16;
         let (client, mut eventloop) = AsyncClient::new(self.options(), cap);
@@ -238,7 +233,7 @@ impl Bridge {
         };
         tokio::select! {
             r = connect => r?,
-            _ = self.stop.cancelled() => return Ok(End::Shutdown),
+            _ = self.stop.cancelled() => return Ok(()),
         }
         backoff.reset();
         self.metrics.cloud_connected.set(1);
@@ -258,7 +253,7 @@ impl Bridge {
         &mut self,
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-    ) -> Result<End, BridgeError> {
+    ) -> Result<(), BridgeError> {
         let mut flight = Flight::default();
         let result = self.pump(client, events, &mut flight).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
@@ -267,7 +262,6 @@ impl Bridge {
         }
         if result.is_err() {
             let unacked = flight.handed.iter().flatten().count() + flight.inflight.len();
-            self.metrics.unacked_at_disconnect.inc_by(unacked as u64);
             self.metrics.resent.inc_by(unacked as u64);
         }
         result
@@ -278,7 +272,7 @@ impl Bridge {
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
         flight: &mut Flight,
-    ) -> Result<End, BridgeError> {
+    ) -> Result<(), BridgeError> {
         let c = self.settings.cloud.clone();
         client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "online")?;
         flight.handed.push_back(None);
@@ -314,7 +308,7 @@ impl Bridge {
         let mut pace_until: Option<Instant> = None;
         let mut stopping: Option<Instant> = None;
 
-        let end = loop {
+        loop {
             // Hand rumqttc as much as the window and the pacing allow.
             if stopping.is_none() {
                 let window = c.max_inflight as usize;
@@ -368,7 +362,7 @@ impl Bridge {
                     }
                 }
             } else if flight.len() == 0 {
-                break End::Shutdown;
+                break;
             }
 
             let pace = pace_until.take();
@@ -410,7 +404,7 @@ impl Bridge {
                         if Instant::now() >= deadline {
                             warn!(in_flight = flight.len(),
                                 "shutdown grace over with records unacknowledged; they stay queued");
-                            break End::Shutdown;
+                            break;
                         }
                     }
                 }
@@ -419,7 +413,7 @@ impl Bridge {
                     stopping = Some(Instant::now() + self.settings.gateway.shutdown_grace);
                 }
             }
-        };
+        }
         self.remove(&mut flight.acked).await?;
         // Orderly goodbye: the retained status says offline (the will only fires on abrupt loss).
         let _ = client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "offline");
@@ -433,7 +427,7 @@ impl Bridge {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
-        Ok(end)
+        Ok(())
     }
 
     fn send(&self, client: &AsyncClient, rec: &Record) -> Result<(), BridgeError> {
