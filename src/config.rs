@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::sources::modbus::config::ModbusDeviceConfig;
 use crate::topic;
 
 /// One configuration problem: where it is and how to fix it.
@@ -72,6 +73,8 @@ pub struct Settings {
     pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// `[[modbus]]`: Modbus TCP and RTU devices polled into the local broker.
+    pub modbus: Vec<ModbusDeviceConfig>,
 }
 
 /// `[gateway]`
@@ -368,7 +371,7 @@ impl Default for LogConfig {
 }
 
 const SECTIONS: &[&str] = &[
-    "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log",
+    "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log", "modbus",
 ];
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
@@ -467,6 +470,7 @@ impl Settings {
         section(&mut table, "cloud", &mut s.cloud, &mut problems);
         section(&mut table, "metrics", &mut s.metrics, &mut problems);
         section(&mut table, "log", &mut s.log, &mut problems);
+        section(&mut table, "modbus", &mut s.modbus, &mut problems);
         problems.extend(s.validate());
         if problems.is_empty() {
             Ok(s)
@@ -722,6 +726,21 @@ impl Settings {
             if let Err(e) = topic::validate_topic(&status) {
                 p.push(problem("cloud.status_topic", format!("{status:?}: {e}")));
             }
+        }
+
+        p.extend(crate::sources::modbus::config::validate(
+            &self.modbus,
+            &self.gateway.id,
+        ));
+        let links = crate::sources::modbus::buses(&self.modbus).len();
+        if links + 4 > self.broker.max_connections {
+            p.push(problem(
+                "broker.max_connections",
+                format!(
+                    "{links} Modbus buses each take a broker link; raise it to at least {}",
+                    links + 4
+                ),
+            ));
         }
         p
     }

@@ -1,9 +1,11 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
-//! Start order: store (open, recover) -> broker router and the gateway's own links -> uplink
-//! tap -> committer -> bridge -> broker listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
+//! Start order: store (open, recover) -> broker router and the gateway's own links (Modbus
+//! buses' included) -> uplink tap -> committer -> bridge -> Modbus bus tasks -> broker
+//! listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
+//! 0. sources stop first (Modbus buses publish their devices offline and end);
 //! 1. broker listeners close and the tap stops (no new input), appending what it holds;
 //! 2. the queue is committed (flush + fsync);
 //! 3. the bridge finishes what is in flight, within `gateway.shutdown_grace`;
@@ -46,6 +48,9 @@ pub enum GatewayError {
     /// The cloud TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] Box<bridge::tls::TlsError>),
+    /// A source could not be set up (e.g. too few broker connections for its links).
+    #[error(transparent)]
+    Modbus(#[from] crate::sources::modbus::ModbusError),
     /// The metrics endpoint or a thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -109,6 +114,13 @@ pub async fn run(
     } else {
         None
     };
+    // Modbus buses: one link each, made before the listeners start.
+    let modbus = crate::sources::modbus::Modbus::build(
+        &settings.modbus,
+        &settings.gateway.id,
+        &broker,
+        metrics.clone(),
+    )?;
 
     // 3. Uplink tap.
     let tap_stop = root.child_token();
@@ -204,6 +216,10 @@ pub async fn run(
         None
     };
 
+    // 5b. Modbus bus tasks, under their own token so they stop before anything else.
+    let modbus_stop = root.child_token();
+    let modbus_running = (!modbus.is_empty()).then(|| modbus.spawn(modbus_stop.clone()));
+
     // 6. Devices may connect now that the pipeline behind the broker runs.
     broker.listen().instrument(broker_span).await?;
 
@@ -253,7 +269,11 @@ pub async fn run(
     watchdog_stop.cancel();
     let _ = watchdog_task.await;
 
-    // Ordered stop.
+    // Ordered stop. Sources first: what they publish on the way out still reaches the tap.
+    modbus_stop.cancel();
+    if let Some(m) = modbus_running {
+        m.join().await;
+    }
     broker.stop_listeners();
     tap_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || tap_thread.join()).await;
