@@ -7,8 +7,11 @@
 //! - [`Proxy`]: a TCP proxy between the gateway and the cloud that a test can cut and restore;
 //! - [`Gateway`]: the real `fieldgate` binary as a child process (SIGKILL, SIGTERM, restart);
 //! - [`publish_seq`] and [`Collector`]/[`check`]: a plain MQTT device that publishes sequence
-//!   numbers and a cloud subscriber that counts them.
+//!   numbers and a cloud subscriber that counts them;
+//! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps, and socat pty pairs.
 #![allow(dead_code)]
+
+pub mod modbus_sim;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
