@@ -286,7 +286,8 @@ async fn tcp_every_type_and_order_decodes_onto_exact_topics() {
         &ports,
         data.path(),
         &format!(
-            "[[modbus]]\nname = \"dev1\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"200ms\"\n{tags}",
+            "[[modbus]]\nname = \"dev1\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"200ms\"\n\
+             max_in_flight = 3\n{tags}",
             server.port
         ),
     );
@@ -448,6 +449,10 @@ address = 0
         "{}",
         g.get("/metrics").unwrap_or_default()
     );
+    // A cycle that waits 300 ms for the ghost cannot fit a 100 ms interval: reported.
+    let overruns = format!("fieldgate_modbus_overruns_total{{bus=\"rtu:{port}\"}}");
+    assert!(g.metric(&overruns) >= 1.0);
+    assert!(g.log_text().contains("did not fit its interval"));
     assert!(g.metric("fieldgate_modbus_errors_total{device=\"ghost\",kind=\"timeout\"}") >= 1.0);
     assert_eq!(
         g.metric("fieldgate_modbus_errors_total{device=\"unit1\",kind=\"timeout\"}"),
@@ -909,4 +914,37 @@ writable = true
     ] {
         assert!(err.contains(key), "{key} missing:\n{err}");
     }
+}
+
+/// The commented example in configs/fieldgate.toml is valid once uncommented.
+#[test]
+fn shipped_modbus_example_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("configs/fieldgate.toml")).unwrap();
+    let (_, rest) = text
+        .split_once("# modbus-example-begin\n")
+        .expect("begin marker");
+    let (block, _) = rest.split_once("# modbus-example-end").expect("end marker");
+    let toml: String = block
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("example.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let out = fieldgate(&["check-config", "-c", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}\n{toml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = fieldgate(&["print-config", "-c", path.to_str().unwrap()]);
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.contains("[[modbus.tags]]"), "{printed}");
+    // The effective configuration loads back as it was printed.
+    let again = dir.path().join("printed.toml");
+    std::fs::write(&again, printed.as_bytes()).unwrap();
+    let out = fieldgate(&["print-config", "-c", again.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), printed);
 }
