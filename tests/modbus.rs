@@ -835,6 +835,7 @@ async fn probe_prints_every_type_and_order() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}"); // shown with --nocapture; docs/modbus.md quotes it
     assert!(
         out.status.success(),
         "{text}{}",
@@ -947,4 +948,120 @@ fn shipped_modbus_example_validates() {
     std::fs::write(&again, printed.as_bytes()).unwrap();
     let out = fieldgate(&["print-config", "-c", again.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), printed);
+}
+
+/// Modbus RTU CRC-16 (poly 0xA001, init 0xFFFF), for the hand-made frames below.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc = 0xffffu16;
+    for b in data {
+        crc ^= u16::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xa001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// How the hand-made RTU device answers.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Wire {
+    Good,
+    BadCrc,
+    WrongUnit,
+}
+
+#[tokio::test]
+async fn rtu_bad_frames_are_counted_and_never_desynchronise_the_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pty = PtyPair::new();
+    let mode = Arc::new(Mutex::new(Wire::Good));
+    let value = Arc::new(Mutex::new(7u16));
+    // A raw device on the other end: answers "read holding registers" of unit 1 by hand.
+    let mut port =
+        tokio_serial::SerialStream::open(&tokio_serial::new(pty.b.to_string_lossy(), 115_200))
+            .unwrap();
+    let (m2, v2) = (mode.clone(), value.clone());
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64];
+        loop {
+            let Ok(n) = port.read(&mut chunk).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 8 {
+                let req: Vec<u8> = buf.drain(..8).collect();
+                if req[1] != 3 || crc16(&req[..6]).to_le_bytes() != [req[6], req[7]] {
+                    buf.clear();
+                    continue;
+                }
+                let mode = *m2.lock().unwrap();
+                let v = *v2.lock().unwrap();
+                let unit = if mode == Wire::WrongUnit { 9 } else { req[0] };
+                let mut resp = vec![unit, 3, 2, (v >> 8) as u8, v as u8];
+                let mut crc = crc16(&resp).to_le_bytes();
+                if mode == Wire::BadCrc {
+                    crc[0] ^= 0xff;
+                }
+                resp.extend_from_slice(&crc);
+                let _ = port.write_all(&resp).await;
+            }
+        }
+    });
+    let modbus = format!(
+        "[[modbus]]\nname = \"raw\"\ntransport = \"rtu\"\nserial_port = \"{}\"\nbaud = 115200\n\
+         timeout = \"200ms\"\nretries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
+         reconnect_max = \"200ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n",
+        pty.a.display()
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/raw/v", |v| v["value"] == 7).await;
+
+    // A corrupt CRC: the frame is dropped, so the request gets no answer.
+    *mode.lock().unwrap() = Wire::BadCrc;
+    sub.wait_last(&g, "field/raw/status", |v| v["state"] == "offline")
+        .await;
+    let st = sub.last("field/raw/status").unwrap();
+    assert!(
+        ["timeout", "bad_frame"].contains(&st["kind"].as_str().unwrap_or("")),
+        "{st}"
+    );
+
+    // An answer from the wrong unit: a bad frame.
+    *mode.lock().unwrap() = Wire::WrongUnit;
+    assert!(
+        eventually(WAIT, || g.metric(
+            "fieldgate_modbus_errors_total{device=\"raw\",kind=\"bad_frame\"}"
+        ) >= 1.0)
+        .await,
+        "{}",
+        g.log_text()
+    );
+
+    // Good answers again: online, and the value is the new one, not a stale frame.
+    *value.lock().unwrap() = 8;
+    *mode.lock().unwrap() = Wire::Good;
+    sub.wait_last(&g, "field/raw/status", |v| v["state"] == "online")
+        .await;
+    let v = sub.wait_last(&g, "field/raw/v", |v| v["value"] == 8).await;
+    assert!(good(&v), "{v}");
+    // From here on every reading is the device's current value.
+    let n = sub.on("field/raw/v").len();
+    assert!(
+        eventually(WAIT, || sub.on("field/raw/v").len() >= n + 5).await,
+        "polling stopped"
+    );
+    assert!(sub.on("field/raw/v")[n..]
+        .iter()
+        .all(|v| v["value"] == 8 && good(v)));
 }

@@ -919,10 +919,15 @@ impl Bus {
         let now = Instant::now();
         match &state {
             State::Online => d.backoff = d.cfg.reconnect_min,
-            State::Offline { .. } => {
+            // Once per failure episode: the reads after the first failure of a cycle do not
+            // push the re-probe further out.
+            State::Offline { .. }
+                if !matches!(d.state, State::Offline { .. }) || now >= d.retry_at =>
+            {
                 d.retry_at = now + d.backoff;
                 d.backoff = (d.backoff * 2).min(d.cfg.reconnect_max);
             }
+            State::Offline { .. } => {}
             State::Unknown => {}
         }
         let changed = !matches!(
