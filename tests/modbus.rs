@@ -287,7 +287,7 @@ async fn tcp_every_type_and_order_decodes_onto_exact_topics() {
         data.path(),
         &format!(
             "[[modbus]]\nname = \"dev1\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"200ms\"\n\
-             max_in_flight = 3\n{tags}",
+             max_in_flight = 3\ntimeout = \"5s\"\n{tags}",
             server.port
         ),
     );
@@ -358,7 +358,7 @@ async fn rtu_two_units_share_one_pty_bus_and_a_dead_unit_stops_neither() {
 
     let port = pty.a.display();
     let line = format!(
-        "transport = \"rtu\"\nserial_port = \"{port}\"\nbaud = 115200\ntimeout = \"300ms\"\n\
+        "transport = \"rtu\"\nserial_port = \"{port}\"\nbaud = 115200\n\
          retries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"200ms\"\nreconnect_max = \"400ms\""
     );
     let modbus = format!(
@@ -366,6 +366,7 @@ async fn rtu_two_units_share_one_pty_bus_and_a_dead_unit_stops_neither() {
 [[modbus]]
 name = "unit1"
 unit_id = 1
+timeout = "5s"
 {line}
 [[modbus.tags]]
 name = "count"
@@ -379,6 +380,7 @@ order = "CDAB"
 [[modbus]]
 name = "unit2"
 unit_id = 2
+timeout = "5s"
 {line}
 [[modbus.tags]]
 name = "level"
@@ -391,6 +393,7 @@ address = 3
 [[modbus]]
 name = "ghost"
 unit_id = 3
+timeout = "300ms"
 {line}
 [[modbus.tags]]
 name = "x"
@@ -473,14 +476,16 @@ async fn tcp_device_stops_answering_then_returns_and_the_other_is_unaffected() {
         serve_tcp(sim_a.clone()).await,
         serve_tcp(sim_b.clone()).await,
     );
-    let dev = |name: &str, port: u16| {
+    // Only the device that is made to die has a short timeout: a loaded machine must not
+    // turn a slow answer of the other into a timeout.
+    let dev = |name: &str, port: u16, timeout: &str| {
         format!(
-            "[[modbus]]\nname = \"{name}\"\nhost = \"127.0.0.1:{port}\"\ntimeout = \"200ms\"\n\
+            "[[modbus]]\nname = \"{name}\"\nhost = \"127.0.0.1:{port}\"\ntimeout = \"{timeout}\"\n\
              retries = 1\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
              reconnect_max = \"300ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n"
         )
     };
-    let modbus = dev("a", srv_a.port) + &dev("b", srv_b.port);
+    let modbus = dev("a", srv_a.port, "200ms") + &dev("b", srv_b.port, "5s");
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
     let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
@@ -537,7 +542,7 @@ async fn exception_answers_are_counted_and_published_with_their_quality() {
     sim.set_holding(1, 0, &[5]);
     let srv = serve_tcp(sim.clone()).await;
     let modbus = format!(
-        "[[modbus]]\nname = \"ex\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\nretain = true\n\
+        "[[modbus]]\nname = \"ex\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\nretain = true\ntimeout = \"5s\"\n\
          [[modbus.tags]]\nname = \"ok\"\naddress = 0\n\
          [[modbus.tags]]\nname = \"missing\"\naddress = 500\n",
         srv.port
