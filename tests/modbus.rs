@@ -1070,3 +1070,72 @@ async fn rtu_bad_frames_are_counted_and_never_desynchronise_the_line() {
         .iter()
         .all(|v| v["value"] == 8 && good(v)));
 }
+
+#[tokio::test]
+async fn per_tag_intervals_and_publish_on_change_with_deadband() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[1, 100, 50, 7]);
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        r#"
+[[modbus]]
+name = "pc"
+host = "127.0.0.1:{}"
+timeout = "5s"
+poll_interval = "100ms"
+retain = true
+max_gap = 2
+[[modbus.tags]]
+name = "fast"
+address = 0
+[[modbus.tags]]
+name = "slow"
+address = 3
+poll_interval = "1h"
+[[modbus.tags]]
+name = "steady"
+address = 1
+on_change = true
+[[modbus.tags]]
+name = "banded"
+address = 2
+on_change = true
+deadband = 5.0
+"#,
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/pc/slow", |v| v["value"] == 7)
+        .await;
+    sub.wait_last(&g, "field/pc/steady", |v| v["value"] == 100)
+        .await;
+    sub.wait_last(&g, "field/pc/banded", |v| v["value"] == 50)
+        .await;
+
+    // Changes below the deadband, and a change of the hour-interval tag, are not published
+    // while the 100 ms tag goes on.
+    sim.set_holding(1, 2, &[53]);
+    sim.set_holding(1, 3, &[8]);
+    let mark = sub.on("field/pc/fast").len();
+    assert!(eventually(WAIT, || sub.on("field/pc/fast").len() >= mark + 5).await);
+    assert_eq!(sub.on("field/pc/slow").len(), 1);
+    assert_eq!(sub.on("field/pc/slow")[0]["value"], 7);
+    assert_eq!(sub.on("field/pc/steady").len(), 1);
+    assert_eq!(sub.on("field/pc/banded").len(), 1);
+
+    // Past the deadband (from the last published 50), and a change: published once each.
+    sim.set_holding(1, 2, &[56]);
+    sim.set_holding(1, 1, &[101]);
+    sub.wait_last(&g, "field/pc/banded", |v| v["value"] == 56)
+        .await;
+    sub.wait_last(&g, "field/pc/steady", |v| v["value"] == 101)
+        .await;
+    let mark = sub.on("field/pc/fast").len();
+    assert!(eventually(WAIT, || sub.on("field/pc/fast").len() >= mark + 3).await);
+    assert_eq!(sub.on("field/pc/banded").len(), 2);
+    assert_eq!(sub.on("field/pc/steady").len(), 2);
+    assert_eq!(sub.on("field/pc/slow").len(), 1);
+}

@@ -925,7 +925,7 @@ impl Bus {
                 if !matches!(d.state, State::Offline { .. }) || now >= d.retry_at =>
             {
                 d.retry_at = now + d.backoff;
-                d.backoff = (d.backoff * 2).min(d.cfg.reconnect_max);
+                d.backoff = d.backoff.saturating_mul(2).min(d.cfg.reconnect_max);
             }
             State::Offline { .. } => {}
             State::Unknown => {}

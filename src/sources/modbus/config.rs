@@ -475,6 +475,12 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
                 "must be at least 10ms; e.g. \"1s\"",
             ));
         }
+        if d.reconnect_max > Duration::from_secs(3600) {
+            p.push(problem(
+                format!("{k}.reconnect_max"),
+                "at most 1h, or a device that comes back would wait too long; e.g. \"30s\"",
+            ));
+        }
         if d.reconnect_min.is_zero() || d.reconnect_min > d.reconnect_max {
             p.push(problem(
                 format!("{k}.reconnect_min"),
