@@ -4,7 +4,9 @@
 //! tap -> committer -> bridge -> broker listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
-//! 1. broker listeners close and the tap stops (no new input), appending what it holds;
+//! 1. broker listeners close and every device connection with them (no new input); the tap
+//!    then drains the broker up to its drain marker, so everything the broker acknowledged
+//!    to a device is appended;
 //! 2. the queue is committed (flush + fsync);
 //! 3. the bridge finishes what is in flight, within `gateway.shutdown_grace`;
 //! 4. the committer makes a final commit; the metrics endpoint closes.
@@ -254,7 +256,7 @@ pub async fn run(
     let _ = watchdog_task.await;
 
     // Ordered stop.
-    broker.stop_listeners();
+    broker.stop_listeners().await;
     tap_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || tap_thread.join()).await;
     {
