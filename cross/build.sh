@@ -14,6 +14,9 @@
 #
 # --setup installs what the build needs (as root): Debian's cross gcc and libc, qemu-user-static,
 # and the Rust std for the targets (rustup). Without it the script only checks and explains.
+# If rustup cannot fetch a target's std, --setup falls back to Debian's own Rust (rustc-web,
+# cargo-web, rust-web-src) and the build compiles std from source (-Zbuild-std): slower, same
+# binary. See ../shared/notes/cross.md in the team repository for how both routes were verified.
 # ARMv6 (Pi Zero/Zero W/Pi 1) has no route: rustup ships no std for it here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +65,28 @@ setup() {
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
   fi
   for t in "$@"; do
-    [ "$t" = amd64 ] || rustup target add "$(triple "$t")"
+    [ "$t" = amd64 ] && continue
+    if ! rustup target add "$(triple "$t")"; then
+      echo "cross/build.sh: rustup has no std for $(triple "$t") here; using Debian's Rust with -Zbuild-std" >&2
+      local v
+      v=$(apt-cache policy rustc-web | awk '/Candidate:/{print $2}')
+      apt-get install -y -qq --no-install-recommends "rustc-web=$v" "cargo-web=$v" "rust-web-src=$v" >/dev/null
+    fi
   done
+}
+
+# How to build TARGET: rustup's std if installed, else Debian's Rust building std from source.
+cargo_for() {
+  local tr
+  tr=$(triple "$1")
+  if [ "$1" = amd64 ] || rustup target list --installed 2>/dev/null | grep -qx "$tr"; then
+    echo cargo
+  elif [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ]; then
+    echo "env RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 /usr/bin/cargo -Zbuild-std=std,panic_abort"
+  else
+    echo "cross/build.sh: no Rust std for $tr; run 'cross/build.sh --setup $1' (as root) first" >&2
+    exit 69
+  fi
 }
 
 if [ "${1:-}" = "--env" ]; then
@@ -92,6 +115,7 @@ for t in "$@"; do
   fi
   var=$(echo "$tr" | tr 'a-z-' 'A-Z_')
   start=$SECONDS
+  build_cargo=$(cargo_for "$t")
   (
     if [ -n "$ld" ]; then
       export "CARGO_TARGET_${var}_LINKER=$ld"
@@ -99,7 +123,7 @@ for t in "$@"; do
       # ring's C and assembly: cc-rs finds the gnu cross gcc itself, not for musl.
       export "CC_$(echo "$tr" | tr '-' '_')=$ld"
     fi
-    cargo build --locked --release --target "$tr" --bin fieldgate
+    $build_cargo build --locked --release --target "$tr" --bin fieldgate
   )
   bin="target/$tr/release/fieldgate"
   printf '%s: %s (%s bytes, %ss)\n' "$t" "$bin" "$(stat -c %s "$bin")" "$((SECONDS - start))"
