@@ -52,9 +52,12 @@ impl LocalClient {
     }
 
     /// Subscribes to `filter` (delivered at most once; a source re-reads devices rather than
-    /// relying on broker redelivery).
-    pub fn subscribe(&mut self, filter: &str) -> Result<(), LinkError> {
-        self.tx.subscribe(filter.to_string()).map(|_| ())
+    /// relying on broker redelivery). The error is boxed: `LinkError` is over 800 bytes.
+    pub fn subscribe(&mut self, filter: &str) -> Result<(), Box<LinkError>> {
+        self.tx
+            .subscribe(filter.to_string())
+            .map(|_| ())
+            .map_err(Box::new)
     }
 
     /// Splits into the publishing and receiving halves.
