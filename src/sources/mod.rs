@@ -15,6 +15,8 @@
 //! - the receiving half answers rumqttd's `Unschedule` with a wake-up, so a source that
 //!   subscribes but rarely receives is never parked by the router.
 
+pub mod serial;
+
 use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
