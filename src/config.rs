@@ -471,7 +471,7 @@ impl Settings {
         section(&mut table, "cloud", &mut s.cloud, &mut problems);
         section(&mut table, "metrics", &mut s.metrics, &mut problems);
         section(&mut table, "log", &mut s.log, &mut problems);
-        section(&mut table, "serial", &mut s.serial, &mut problems);
+        serial_section(&mut table, &mut s.serial, &mut problems);
         problems.extend(s.validate());
         if problems.is_empty() {
             Ok(s)
@@ -755,6 +755,43 @@ impl Settings {
     }
 }
 
+/// `[[serial]]`: each device is deserialized on its own, so every device with a type error is
+/// named (`serial[i]`). The semantic checks of the devices run only once all of them parse,
+/// because their keys carry the device's index.
+fn serial_section(
+    table: &mut BTreeMap<String, config::Value>,
+    into: &mut Vec<SerialDeviceConfig>,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(v) = table.remove("serial") else {
+        return;
+    };
+    let Ok(items) = v.into_array() else {
+        problems.push(problem(
+            "serial",
+            "must be an array of tables: start each device with [[serial]]",
+        ));
+        return;
+    };
+    let mut devices = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.into_iter().enumerate() {
+        match item.try_deserialize::<SerialDeviceConfig>() {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                ok = false;
+                problems.push(problem(
+                    format!("serial[{i}]"),
+                    format!("{e}; see docs/serial.md for the keys and types"),
+                ));
+            }
+        }
+    }
+    if ok {
+        *into = devices;
+    }
+}
+
 fn check_pem(p: &mut Vec<Problem>, key: &str, path: &Path, what: &str) {
     match std::fs::read_to_string(path) {
         Err(e) => p.push(problem(
@@ -899,12 +936,15 @@ mod tests {
         .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["serial[0].framing.delimiter", "serial[1].name"]);
+        // Type errors are listed per device.
         let err = load(
-            "[[serial]]\nname = \"a\"\nport = \"/dev/a\"\nspeed = 9600\n",
+            "[[serial]]\nname = \"a\"\nspeed = 9600\n[[serial]]\nbaud = \"fast\"\n",
             &[],
         )
         .unwrap_err();
-        assert!(err.to_string().contains("speed"), "{err}");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["serial[0]", "serial[1]"], "{err}");
+        assert!(err.problems[0].message.contains("speed"), "{err}");
     }
 
     #[test]
