@@ -331,8 +331,7 @@ impl SerialDevice {
                     path: self.path.display().to_string(),
                     source,
                 };
-                let delay =
-                    last_delay.map_or(self.reconnect_min, |d| (d * 2).min(self.reconnect_max));
+                let delay = next_delay(last_delay, self.reconnect_min, self.reconnect_max);
                 self.failed(e, delay).await
             }
         }
@@ -525,8 +524,32 @@ async fn inbox(mut rx: LocalRx, out: mpsc::Sender<Bytes>, stop: CancellationToke
     }
 }
 
+/// The wait after a failed open: `min` after the first failure, then double the previous
+/// wait, never above `max`.
+fn next_delay(last: Option<Duration>, min: Duration, max: Duration) -> Duration {
+    last.map_or(min, |d| d.saturating_mul(2).clamp(min, max))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_min_up_to_max() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(3));
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let next = next_delay(d, min, max);
+            seen.push(next.as_millis());
+            d = Some(next);
+        }
+        assert_eq!(seen, [500, 1000, 2000, 3000, 3000, 3000]);
+    }
 }
