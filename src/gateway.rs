@@ -1,12 +1,14 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
-//! Start order: store (open, recover) -> broker router and the gateway's own links -> uplink
-//! tap -> committer -> bridge -> broker listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
+//! Start order: store (open, recover) -> broker router and the gateway's own links (sources'
+//! links included) -> uplink tap -> committer -> bridge -> sources (serial devices) -> broker
+//! listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
+//! 0. sources stop (each publishes its `offline` status while the broker still runs);
 //! 1. broker listeners close and every device connection with them (no new input); the tap
 //!    then drains the broker up to its drain marker, so everything the broker acknowledged
-//!    to a device is appended;
+//!    to a device (and every source's last message) is appended;
 //! 2. the queue is committed (flush + fsync);
 //! 3. the bridge finishes what is in flight, within `gateway.shutdown_grace`;
 //! 4. the committer makes a final commit; the metrics endpoint closes.
@@ -26,6 +28,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
 use crate::http::{self, HealthSource};
 use crate::metrics::Metrics;
+use crate::sources::serial;
 use crate::store::{Store, StoreError};
 use crate::tap::{self, Routing};
 use crate::topic::FilterSet;
@@ -48,6 +51,9 @@ pub enum GatewayError {
     /// The cloud TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] Box<bridge::tls::TlsError>),
+    /// A serial device could not be set up.
+    #[error(transparent)]
+    Serial(#[from] Box<serial::SerialError>),
     /// The metrics endpoint or a thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -111,6 +117,7 @@ pub async fn run(
     } else {
         None
     };
+    let serial_links = serial::links(&broker, &settings.serial)?;
 
     // 3. Uplink tap.
     let tap_stop = root.child_token();
@@ -206,6 +213,14 @@ pub async fn run(
         None
     };
 
+    // 5b. Sources: one task per serial port.
+    let sources_stop = root.child_token();
+    let mut sources = Vec::new();
+    sources.extend(
+        serial::spawn_all(&settings, serial_links, &metrics.serial, &sources_stop)
+            .map_err(Box::new)?,
+    );
+
     // 6. Devices may connect now that the pipeline behind the broker runs.
     broker.listen().instrument(broker_span).await?;
 
@@ -255,7 +270,16 @@ pub async fn run(
     watchdog_stop.cancel();
     let _ = watchdog_task.await;
 
-    // Ordered stop.
+    // Ordered stop. Sources first: their last messages still reach the tap.
+    sources_stop.cancel();
+    for t in sources {
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            warn!("a source did not stop within 5s");
+        }
+    }
     broker.stop_listeners().await;
     tap_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || tap_thread.join()).await;

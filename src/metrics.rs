@@ -90,6 +90,8 @@ pub struct Metrics {
     pub downlink_messages: Counter,
     /// Replay lane send rate over the last second, msgs/s.
     pub replay_rate: Gauge<f64, AtomicU64>,
+    /// Serial-line devices, per device.
+    pub serial: crate::sources::serial::metrics::SerialMetrics,
 }
 
 impl Metrics {
@@ -117,7 +119,9 @@ impl Metrics {
             cloud_connected: Gauge::default(),
             downlink_messages: Counter::default(),
             replay_rate: Gauge::default(),
+            serial: Default::default(),
         };
+        m.serial.register(&mut r);
         r.register(
             "messages_in",
             "Local messages accepted into the queue",

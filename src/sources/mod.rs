@@ -15,6 +15,8 @@
 //! - the receiving half answers rumqttd's `Unschedule` with a wake-up, so a source that
 //!   subscribes but rarely receives is never parked by the router.
 
+pub mod serial;
+
 use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -52,7 +54,7 @@ impl LocalClient {
     }
 
     /// Subscribes to `filter` (delivered at most once; a source re-reads devices rather than
-    /// relying on broker redelivery).
+    /// relying on broker redelivery). The error is boxed: `LinkError` is over 800 bytes.
     pub fn subscribe(&mut self, filter: &str) -> Result<(), Box<LinkError>> {
         self.tx
             .subscribe(filter.to_string())
