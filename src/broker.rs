@@ -1,8 +1,9 @@
 //! The embedded MQTT broker (rumqttd 0.20) that local devices connect to.
 //!
 //! Owns the rumqttd router (its own OS thread, which rumqttd never stops: it ends with the
-//! process) and one tokio task per listener on our runtime. Other components get in-process
-//! links to it through [`Broker::link`].
+//! process) and a tokio runtime of its own for the listeners and every device connection
+//! (rumqttd spawns one task per connection and gives no handle to them). Other components get
+//! in-process links to it through [`Broker::link`].
 //!
 //! Invariants and rumqttd traps handled here:
 //! - the router limits are always set explicitly: rumqttd's zero defaults refuse every client
@@ -11,7 +12,10 @@
 //!   subscriber that falls more than that far behind is silently moved to the head;
 //! - `dynamic_filters = false`: a publish nobody subscribes to costs no memory;
 //! - every listener address is bound once before rumqttd takes it, so a port clash is a clear
-//!   start-up error instead of a log line from a background task.
+//!   start-up error instead of a log line from a background task;
+//! - [`Broker::stop_listeners`] shuts the device runtime down, which closes every device
+//!   connection: after it returns no device can publish (and be acknowledged) any more, so
+//!   the uplink tap can drain the router completely.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +54,9 @@ pub enum BrokerError {
         /// Address.
         addr: SocketAddr,
     },
+    /// The runtime for device connections could not be built (out of threads or memory).
+    #[error("broker: cannot start the device runtime: {0}")]
+    Runtime(Box<std::io::Error>),
     /// The router refused an in-process link (too many connections).
     #[error("broker link {id}: {source}")]
     Link {
@@ -62,7 +69,7 @@ pub enum BrokerError {
 
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
 type Listeners = Vec<(String, SocketAddr, JoinHandle<()>)>;
-type StartListeners = dyn FnOnce() -> (Listeners, bool) + Send;
+type StartListeners = dyn FnOnce(&tokio::runtime::Handle) -> (Listeners, bool) + Send;
 
 /// A running embedded broker.
 pub struct Broker {
@@ -72,6 +79,8 @@ pub struct Broker {
     start_listeners: Option<Box<StartListeners>>,
     users: Vec<crate::config::UserConfig>,
     listeners: Listeners,
+    /// Runs the listeners and all device connections; dropped to disconnect every device.
+    devices: Option<tokio::runtime::Runtime>,
 }
 
 impl Broker {
@@ -114,7 +123,7 @@ impl Broker {
         };
         let cfg_users = cfg.users.clone();
         let cfg = cfg.clone();
-        let start_listeners: Box<StartListeners> = Box::new(move || {
+        let start_listeners: Box<StartListeners> = Box::new(move |rt| {
             let auth: Option<HashMap<String, String>> = if cfg.users.is_empty() {
                 None
             } else {
@@ -144,7 +153,7 @@ impl Broker {
                 let mut server =
                     rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
                 let lname = name.clone();
-                let task = tokio::spawn(async move {
+                let task = rt.spawn(async move {
                     if let Err(e) = server.start(LinkType::Remote).await {
                         error!(listener = %lname, error = %e, "broker listener stopped");
                     }
@@ -158,6 +167,7 @@ impl Broker {
             start_listeners: Some(start_listeners),
             users: cfg_users,
             listeners: Vec::new(),
+            devices: None,
         })
     }
 
@@ -170,7 +180,15 @@ impl Broker {
         let Some(start) = self.start_listeners.take() else {
             return Ok(());
         };
-        let (listeners, auth) = start();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("fieldgate-mqtt")
+            .enable_all()
+            .build()
+            .map_err(|e| BrokerError::Runtime(Box::new(e)))?;
+        let (listeners, auth) = start(rt.handle());
+        self.devices = Some(rt);
         self.listeners = listeners;
         let probe_user = self
             .users
@@ -197,12 +215,34 @@ impl Broker {
         })
     }
 
-    /// Stops accepting connections (first step of an orderly shutdown). Connected clients'
-    /// tasks end when their sockets close or the process exits.
-    pub fn stop_listeners(&mut self) {
+    /// Stops accepting connections and closes every device connection (first step of an
+    /// orderly shutdown). When it returns, no device can publish any more.
+    pub async fn stop_listeners(&mut self) {
         for (name, _, task) in self.listeners.drain(..) {
             task.abort();
             info!(listener = %name, "broker listener closed");
+        }
+        if let Some(rt) = self.devices.take() {
+            // Dropping the runtime drops every connection task and so closes its socket;
+            // that blocks, so it runs off the async workers.
+            let closed = tokio::task::spawn_blocking(move || {
+                rt.shutdown_timeout(Duration::from_secs(5));
+            })
+            .await;
+            match closed {
+                Ok(()) => info!("device connections closed"),
+                Err(e) => error!(error = %e, "closing device connections failed"),
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // A runtime may not be dropped (blocking) inside async code; let it go in the
+        // background instead.
+        if let Some(rt) = self.devices.take() {
+            rt.shutdown_background();
         }
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::sources::modbus::config::ModbusDeviceConfig;
+use crate::sources::serial::config::SerialDeviceConfig;
 use crate::topic;
 
 /// One configuration problem: where it is and how to fix it.
@@ -75,6 +76,9 @@ pub struct Settings {
     pub log: LogConfig,
     /// `[[modbus]]`: Modbus TCP and RTU devices polled into the local broker.
     pub modbus: Vec<ModbusDeviceConfig>,
+    /// Serial-line devices, one `[[serial]]` table each (see docs/serial.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub serial: Vec<SerialDeviceConfig>,
 }
 
 /// `[gateway]`
@@ -372,6 +376,7 @@ impl Default for LogConfig {
 
 const SECTIONS: &[&str] = &[
     "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log", "modbus",
+    "serial",
 ];
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
@@ -471,6 +476,7 @@ impl Settings {
         section(&mut table, "metrics", &mut s.metrics, &mut problems);
         section(&mut table, "log", &mut s.log, &mut problems);
         section(&mut table, "modbus", &mut s.modbus, &mut problems);
+        serial_section(&mut table, &mut s.serial, &mut problems);
         problems.extend(s.validate());
         if problems.is_empty() {
             Ok(s)
@@ -742,6 +748,10 @@ impl Settings {
                 ),
             ));
         }
+        p.extend(crate::sources::serial::config::validate(
+            &self.serial,
+            &self.gateway.id,
+        ));
         p
     }
 
@@ -762,6 +772,43 @@ impl Settings {
         } else {
             self.cloud.client_id.clone()
         }
+    }
+}
+
+/// `[[serial]]`: each device is deserialized on its own, so every device with a type error is
+/// named (`serial[i]`). The semantic checks of the devices run only once all of them parse,
+/// because their keys carry the device's index.
+fn serial_section(
+    table: &mut BTreeMap<String, config::Value>,
+    into: &mut Vec<SerialDeviceConfig>,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(v) = table.remove("serial") else {
+        return;
+    };
+    let Ok(items) = v.into_array() else {
+        problems.push(problem(
+            "serial",
+            "must be an array of tables: start each device with [[serial]]",
+        ));
+        return;
+    };
+    let mut devices = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.into_iter().enumerate() {
+        match item.try_deserialize::<SerialDeviceConfig>() {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                ok = false;
+                problems.push(problem(
+                    format!("serial[{i}]"),
+                    format!("{e}; see docs/serial.md for the keys and types"),
+                ));
+            }
+        }
+    }
+    if ok {
+        *into = devices;
     }
 }
 
@@ -856,6 +903,68 @@ mod tests {
         let err = load("[store]\nmax_byte = 5\n", &[]).unwrap_err();
         assert_eq!(err.problems.len(), 1);
         assert!(err.problems[0].to_string().contains("max_byte"), "{}", err);
+    }
+
+    #[test]
+    fn serial_devices_load_and_print_back() {
+        let s = load(
+            r#"
+            [[serial]]
+            name = "scale"
+            port = "/dev/ttyUSB0"
+            baud = 19200
+            parity = "even"
+            write_line_ending = "\r\n"
+            [serial.framing]
+            delimiter = "\r\n"
+            max_length = 64
+            [serial.decode]
+            mode = "regex"
+            pattern = '^(?P<Weight>\S+) kg$'
+            [[serial]]
+            name = "gps"
+            port = "/dev/ttyACM0"
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.serial.len(), 2);
+        let scale = &s.serial[0];
+        assert_eq!(scale.framing.delimiter, "\r\n");
+        assert_eq!(scale.decode.pattern, r"^(?P<Weight>\S+) kg$");
+        assert_eq!(scale.parity, crate::sources::serial::config::Parity::Even);
+        assert_eq!(s.serial[1].framing.max_length, 4096);
+        let back = load(&s.to_toml(), &[]).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn serial_problems_name_the_device_key() {
+        let err = load(
+            r#"
+            [[serial]]
+            name = "a"
+            port = "/dev/a"
+            [serial.framing]
+            delimiter = ""
+            [[serial]]
+            name = "a"
+            port = "/dev/b"
+            "#,
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["serial[0].framing.delimiter", "serial[1].name"]);
+        // Type errors are listed per device.
+        let err = load(
+            "[[serial]]\nname = \"a\"\nspeed = 9600\n[[serial]]\nbaud = \"fast\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["serial[0]", "serial[1]"], "{err}");
+        assert!(err.problems[0].message.contains("speed"), "{err}");
     }
 
     #[test]

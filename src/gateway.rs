@@ -1,12 +1,16 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
-//! Start order: store (open, recover) -> broker router and the gateway's own links (Modbus
-//! buses' included) -> uplink tap -> committer -> bridge -> Modbus bus tasks -> broker
-//! listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
+//! Start order: store (open, recover) -> broker router and the gateway's own links (sources'
+//! links included: Modbus buses, serial ports) -> uplink tap -> committer -> bridge -> source
+//! tasks -> broker listeners (devices may connect) -> metrics endpoint. Only then is the
+//! gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
-//! 0. sources stop first (Modbus buses publish their devices offline and end);
-//! 1. broker listeners close and the tap stops (no new input), appending what it holds;
+//! 0. sources stop first (Modbus buses and serial ports publish their devices `offline`
+//!    while the broker still runs);
+//! 1. broker listeners close and every device connection with them (no new input); the tap
+//!    then drains the broker up to its drain marker, so everything the broker acknowledged
+//!    to a device (and every source's last message) is appended;
 //! 2. the queue is committed (flush + fsync);
 //! 3. the bridge finishes what is in flight, within `gateway.shutdown_grace`;
 //! 4. the committer makes a final commit; the metrics endpoint closes.
@@ -26,6 +30,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
 use crate::http::{self, HealthSource};
 use crate::metrics::Metrics;
+use crate::sources::serial;
 use crate::store::{Store, StoreError};
 use crate::tap::{self, Routing};
 use crate::topic::FilterSet;
@@ -51,6 +56,9 @@ pub enum GatewayError {
     /// A source could not be set up (e.g. too few broker connections for its links).
     #[error(transparent)]
     Modbus(#[from] crate::sources::modbus::ModbusError),
+    /// A serial device could not be set up.
+    #[error(transparent)]
+    Serial(#[from] Box<serial::SerialError>),
     /// The metrics endpoint or a thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -121,6 +129,7 @@ pub async fn run(
         &broker,
         metrics.clone(),
     )?;
+    let serial_links = serial::links(&broker, &settings.serial)?;
 
     // 3. Uplink tap.
     let tap_stop = root.child_token();
@@ -219,6 +228,13 @@ pub async fn run(
     // 5b. Modbus bus tasks, under their own token so they stop before anything else.
     let modbus_stop = root.child_token();
     let modbus_running = (!modbus.is_empty()).then(|| modbus.spawn(modbus_stop.clone()));
+    // 5b. Sources: one task per serial port.
+    let sources_stop = root.child_token();
+    let mut sources = Vec::new();
+    sources.extend(
+        serial::spawn_all(&settings, serial_links, &metrics.serial, &sources_stop)
+            .map_err(Box::new)?,
+    );
 
     // 6. Devices may connect now that the pipeline behind the broker runs.
     broker.listen().instrument(broker_span).await?;
@@ -271,10 +287,19 @@ pub async fn run(
 
     // Ordered stop. Sources first: what they publish on the way out still reaches the tap.
     modbus_stop.cancel();
+    sources_stop.cancel();
     if let Some(m) = modbus_running {
         m.join().await;
     }
-    broker.stop_listeners();
+    for t in sources {
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            warn!("a source did not stop within 5s");
+        }
+    }
+    broker.stop_listeners().await;
     tap_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || tap_thread.join()).await;
     {

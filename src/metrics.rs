@@ -91,6 +91,8 @@ pub struct Metrics {
     pub downlink_messages: Counter,
     /// Replay lane send rate over the last second, msgs/s.
     pub replay_rate: Gauge<f64, AtomicU64>,
+    /// Serial-line devices, per device.
+    pub serial: crate::sources::serial::metrics::SerialMetrics,
     /// Modbus sources, by device and bus.
     pub modbus: ModbusMetrics,
 }
@@ -209,8 +211,10 @@ impl Metrics {
             downlink_messages: Counter::default(),
             replay_rate: Gauge::default(),
             modbus: ModbusMetrics::default(),
+            serial: Default::default(),
         };
         m.modbus.register(&mut r);
+        m.serial.register(&mut r);
         r.register(
             "messages_in",
             "Local messages accepted into the queue",

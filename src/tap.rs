@@ -12,7 +12,13 @@
 //!   and its cloud topic matches no downlink subscription (the loop guard: forwarding it would
 //!   come straight back down); loop-guarded messages are counted as `dropped{reason="loop"}`;
 //! - on `Unschedule` the link is woken at once, or the router would park it for good;
-//! - when the token is cancelled the tap appends what it holds and returns.
+//! - stopping is exact, not timed: when the token is cancelled (after the broker closed every
+//!   device connection) the tap publishes a drain marker on its own link and keeps appending
+//!   until the marker comes back through the `#` log. The router appends in the order it
+//!   receives events, and a device only gets its PUBACK after the router took the message, so
+//!   every message the broker acknowledged is appended before the tap returns. The marker
+//!   itself is never queued. If it does not come back within [`DRAIN_LIMIT`] the tap says so
+//!   at ERROR and returns.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +36,12 @@ use crate::watchdog::Heartbeat;
 
 /// Most records collected before they are appended.
 const MAX_BATCH: usize = 1024;
+
+/// How long the tap waits for its drain marker when stopping.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Topic prefix of the drain marker; a per-process nonce follows.
+const DRAIN_MARKER_PREFIX: &str = "fieldgate-internal/tap-drain/";
 
 /// Which local messages go up, and the loop guard.
 #[derive(Debug, Clone)]
@@ -103,6 +115,14 @@ fn run(
     heartbeat: &Heartbeat,
 ) -> Result<(), Box<LinkError>> {
     tx.subscribe(TAP_FILTER)?;
+    let marker = format!(
+        "{DRAIN_MARKER_PREFIX}{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    );
+    // Set once the marker is published: the tap returns when it sees it, or at this deadline.
+    let mut draining: Option<Instant> = None;
+    let mut drained = false;
     let mut batch: Vec<Record> = Vec::with_capacity(MAX_BATCH);
     // The broker's log offset of the last message seen: offsets are consecutive, so a gap
     // means the broker skipped messages because the tap fell behind.
@@ -131,6 +151,10 @@ fn run(
                         warn!("skipping a message whose topic is not UTF-8");
                         continue;
                     };
+                    if topic == marker {
+                        drained = true;
+                        break;
+                    }
                     match routing.verdict(topic) {
                         Verdict::Forward => batch.push(Record {
                             topic: topic.to_string(),
@@ -162,8 +186,24 @@ fn run(
             batch.clear();
         }
         heartbeat.beat();
-        if stop.is_cancelled() {
+        if drained {
+            debug!("drain marker seen: every message the broker accepted is queued");
             return Ok(());
+        }
+        match draining {
+            None if stop.is_cancelled() => {
+                tx.publish(marker.clone(), "drain")?;
+                draining = Some(Instant::now() + DRAIN_LIMIT);
+            }
+            Some(deadline) if Instant::now() > deadline => {
+                error!(
+                    limit = ?DRAIN_LIMIT,
+                    "the tap's drain marker did not come back from the broker; messages \
+                     the broker accepted last may not be queued"
+                );
+                return Ok(());
+            }
+            _ => {}
         }
     }
 }

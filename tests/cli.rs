@@ -1,13 +1,14 @@
 //! (f) The command line: bad configuration lists every problem and exits 64; the shipped
 //! configs validate; print-config round-trips; --version and --help answer.
+//! CI also runs these against the ARM images under qemu (see `common::fieldgate_command`).
 
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn fieldgate(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fieldgate"));
+    let mut c = common::fieldgate_command();
     c.args(args);
     for (k, v) in envs {
         c.env(k, v);

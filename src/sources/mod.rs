@@ -16,6 +16,7 @@
 //!   subscribes but rarely receives is never parked by the router.
 
 pub mod modbus;
+pub mod serial;
 
 use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
@@ -54,10 +55,12 @@ impl LocalClient {
     }
 
     /// Subscribes to `filter` (delivered at most once; a source re-reads devices rather than
-    /// relying on broker redelivery).
-    #[allow(clippy::result_large_err)] // rumqttd's error type; returned once, at start-up
-    pub fn subscribe(&mut self, filter: &str) -> Result<(), LinkError> {
-        self.tx.subscribe(filter.to_string()).map(|_| ())
+    /// relying on broker redelivery). The error is boxed: `LinkError` is over 800 bytes.
+    pub fn subscribe(&mut self, filter: &str) -> Result<(), Box<LinkError>> {
+        self.tx
+            .subscribe(filter.to_string())
+            .map(|_| ())
+            .map_err(Box::new)
     }
 
     /// Splits into the publishing and receiving halves.
@@ -74,23 +77,21 @@ impl LocalTx {
         topic: &str,
         payload: impl Into<Bytes>,
         retain: bool,
-    ) -> Result<(), LinkError> {
+    ) -> Result<(), Box<LinkError>> {
         let publish = Publish::new(
             Bytes::copy_from_slice(topic.as_bytes()),
             payload.into(),
             retain,
         );
-        self.tx
-            .send(Packet::Publish(publish, None))
-            .await
-            .map(|_| ())
+        self.tx.send(Packet::Publish(publish, None)).await?;
+        Ok(())
     }
 }
 
 impl LocalRx {
     /// The next message on a subscribed filter. `Err` means the broker is gone (shutdown):
     /// the caller stops.
-    pub async fn next(&mut self) -> Result<Inbound, LinkError> {
+    pub async fn next(&mut self) -> Result<Inbound, Box<LinkError>> {
         loop {
             match self.rx.next().await? {
                 Some(Notification::Forward(f)) => {

@@ -469,7 +469,7 @@ impl Gateway {
         let conf = conf_dir.path().join("fieldgate.toml");
         std::fs::write(&conf, config).unwrap();
         let log = conf_dir.path().join("gateway.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        let child = fieldgate_command()
             .args(["run", "-c"])
             .arg(&conf)
             .env("RUST_LOG", "info,rumqttd=warn")
@@ -560,6 +560,27 @@ impl Gateway {
     }
 }
 
+/// The `fieldgate` binary under test, as a command ready for arguments.
+///
+/// By default the binary cargo built for these tests. `FIELDGATE_TEST_BIN` points at another
+/// build (e.g. a cross-compiled release), and `FIELDGATE_TEST_RUNNER` is a whitespace-separated
+/// command prefix that runs it (e.g. `qemu-aarch64-static -L /usr/aarch64-linux-gnu`): CI runs
+/// the smoke tests against the ARM images this way.
+pub fn fieldgate_command() -> Command {
+    let bin = std::env::var("FIELDGATE_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fieldgate").to_string());
+    let runner = std::env::var("FIELDGATE_TEST_RUNNER").unwrap_or_default();
+    let mut prefix = runner.split_whitespace();
+    match prefix.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(prefix).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -618,6 +639,54 @@ pub async fn publish_seq(mqtt_port: u16, src: &str, seqs: std::ops::Range<u64>, 
     let client = publisher.await.unwrap();
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+}
+
+/// A device that publishes `dev/<src>/data` at QoS 1 as fast as the broker takes it, from
+/// seq 0 up to `max`, and stops at the first connection error. Returns the sequence numbers
+/// the broker acknowledged (PUBACK): exactly the messages the gateway accepted.
+pub async fn flood(mqtt_port: u16, src: &str, max: u64, size: usize) -> Vec<u64> {
+    let mut o = MqttOptions::new(format!("flood-{src}"), "127.0.0.1", mqtt_port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(100);
+    let (client, mut el) = AsyncClient::new(o, 200);
+    let topic = format!("dev/{src}/data");
+    let src2 = src.to_string();
+    let publisher = tokio::spawn(async move {
+        for s in 0..max {
+            let p = payload(&src2, s, size);
+            if client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, p)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // One connection, never resumed: the n-th outgoing PUBLISH carries seq n, so its packet
+    // id maps an acknowledgement back to its sequence number.
+    let mut next_out = 0u64;
+    let mut by_pkid = std::collections::HashMap::new();
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && (acked.len() as u64) < max {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                by_pkid.insert(pkid, next_out);
+                next_out += 1;
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
+                if let Some(seq) = by_pkid.remove(&a.pkid) {
+                    acked.push(seq);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    publisher.abort();
+    acked.sort_unstable();
+    acked
 }
 
 /// Everything a collector received: `(topic, payload)` in arrival order.

@@ -1,0 +1,514 @@
+//! Serial-line devices end to end: the real gateway binary opens one end of a socat pty pair,
+//! the test plays the device on the other end, and a plain MQTT client on the gateway's
+//! broker checks the exact topics and payloads. Unplugging is killing socat; plugging back in
+//! is starting it again with the same link names.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{eventually, Gateway, GatewayPorts};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_serial::SerialPortBuilderExt;
+use tokio_util::sync::CancellationToken;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+/// A pty pair made by socat: `dev` is the device's end (the test), `gw` the gateway's.
+struct PtyPair {
+    child: Option<Child>,
+    dev: PathBuf,
+    gw: PathBuf,
+}
+
+impl PtyPair {
+    fn start(dir: &Path, name: &str) -> PtyPair {
+        let mut p = PtyPair {
+            child: None,
+            dev: dir.join(format!("{name}-dev")),
+            gw: dir.join(format!("{name}-gw")),
+        };
+        p.plug_in();
+        p
+    }
+
+    /// Starts socat with the pair's link names and waits until both links exist.
+    fn plug_in(&mut self) {
+        assert!(self.child.is_none(), "already plugged in");
+        let child = Command::new("socat")
+            .arg("-d")
+            .arg("-d")
+            .arg(format!("pty,raw,echo=0,link={}", self.dev.display()))
+            .arg(format!("pty,raw,echo=0,link={}", self.gw.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat is installed (Debian package socat)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(self.dev.exists() && self.gw.exists()) {
+            assert!(Instant::now() < deadline, "socat made no pty links");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM to socat: both ptys vanish and socat removes the links.
+    fn unplug(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.dev);
+        let _ = std::fs::remove_file(&self.gw);
+    }
+
+    /// Opens the device's end. Keep it open: when the last holder of one end closes it,
+    /// socat ends the pair.
+    fn device(&self) -> tokio_serial::SerialStream {
+        tokio_serial::new(self.dev.to_string_lossy(), 9600)
+            .open_native_async()
+            .expect("open the device end of the pty")
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        self.unplug();
+    }
+}
+
+/// A gateway config without a cloud, with the given `[[serial]]` tables.
+fn config(data_dir: &Path, ports: &GatewayPorts, serial: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw1"
+data_dir = "{data}"
+shutdown_grace = "1s"
+
+[broker.listeners.default]
+listen = "127.0.0.1:{mqtt}"
+
+[metrics]
+listen = "127.0.0.1:{http}"
+
+[store]
+commit_interval = "20ms"
+
+{serial}
+"#,
+        data = data_dir.display(),
+        mqtt = ports.mqtt,
+        http = ports.http,
+    )
+}
+
+/// One message a subscriber received.
+#[derive(Debug, Clone)]
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+}
+
+/// A plain MQTT client of the gateway's broker that records everything on `filter`.
+struct Sub {
+    received: Arc<Mutex<Vec<Msg>>>,
+    client: AsyncClient,
+    stop: CancellationToken,
+}
+
+impl Sub {
+    async fn start(port: u16, filter: &str) -> Sub {
+        let mut o = MqttOptions::new(
+            format!("serial-test-{}", common::free_port()),
+            "127.0.0.1",
+            port,
+        );
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (r2, s2) = (received.clone(), stop.clone());
+        let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
+        let mut sub_tx = Some(sub_tx);
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => r2.lock().unwrap().push(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    }),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = sub_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), sub_rx)
+            .await
+            .expect("no SUBACK from the gateway's broker")
+            .unwrap();
+        Sub {
+            received,
+            client,
+            stop,
+        }
+    }
+
+    /// Payloads received on `topic`, in order.
+    fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| m.payload.clone())
+            .collect()
+    }
+
+    /// Waits until `topic` has at least `n` messages; returns them all.
+    async fn wait_n(&self, topic: &str, n: usize) -> Vec<Vec<u8>> {
+        eventually(WITHIN, || self.on(topic).len() >= n).await;
+        let got = self.on(topic);
+        assert!(
+            got.len() >= n,
+            "{topic}: {} of {n} messages arrived: {:?}",
+            got.len(),
+            got.iter()
+                .map(|p| String::from_utf8_lossy(p))
+                .collect::<Vec<_>>()
+        );
+        got
+    }
+
+    /// Waits until the last status on `topic` has `state`; returns that status.
+    async fn wait_status(&self, topic: &str, state: &str) -> Value {
+        let last = || {
+            self.on(topic)
+                .last()
+                .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+        };
+        eventually(WITHIN, || last().is_some_and(|v| v["state"] == state)).await;
+        let v = last().unwrap_or(Value::Null);
+        assert_eq!(v["state"], state, "{topic}: last status {v}");
+        v
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn json_of(p: &[u8]) -> Value {
+    serde_json::from_slice(p).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(p)))
+}
+
+async fn write(dev: &mut tokio_serial::SerialStream, bytes: &[u8]) {
+    tokio::time::timeout(Duration::from_secs(5), dev.write_all(bytes))
+        .await
+        .expect("write to the device end within 5s")
+        .unwrap();
+}
+
+/// Waits until the gateway's metric `sample` equals `want`; asserts it.
+async fn metric_is(g: &Gateway, sample: &str, want: f64) {
+    eventually(WITHIN, || g.metric(sample) == want).await;
+    assert_eq!(g.metric(sample), want, "{sample}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_are_decoded_and_published_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let term = PtyPair::start(dir.path(), "term");
+    let meter = PtyPair::start(dir.path(), "meter");
+    let scale = PtyPair::start(dir.path(), "scale");
+    let tag = PtyPair::start(dir.path(), "tag");
+    let ports = GatewayPorts::new();
+    let serial = format!(
+        r#"
+[[serial]]
+name = "term"
+port = "{term}"
+baud = 115200
+[serial.framing]
+max_length = 16
+
+[[serial]]
+name = "meter"
+port = "{meter}"
+[serial.decode]
+mode = "json"
+
+[[serial]]
+name = "scale"
+port = "{scale}"
+parity = "even"
+data_bits = 7
+topic = "plant/{{gateway_id}}/{{device}}"
+envelope = true
+[serial.framing]
+delimiter = "\r\n"
+[serial.decode]
+mode = "regex"
+pattern = '^(?P<net>-?\d+\.\d+)\s*(?P<unit>kg|lb)\s+(?P<id>\w+)$'
+
+[[serial]]
+name = "tag"
+port = "{tag}"
+[serial.framing]
+mode = "fixed"
+length = 4
+[serial.decode]
+mode = "hex"
+"#,
+        term = term.gw.display(),
+        meter = meter.gw.display(),
+        scale = scale.gw.display(),
+        tag = tag.gw.display(),
+    );
+    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let sub = Sub::start(ports.mqtt, "#").await;
+    for name in ["term", "meter", "scale", "tag"] {
+        let status = sub
+            .wait_status(&format!("field/{name}/status"), "online")
+            .await;
+        assert_eq!(status["last_error"], Value::Null);
+        assert!(status["ts"].as_u64().unwrap() > 0);
+    }
+    let (mut d_term, mut d_meter, mut d_scale, mut d_tag) =
+        (term.device(), meter.device(), scale.device(), tag.device());
+
+    // raw: lossy text; CR stripped before the default "\n"; an over-long line is dropped and
+    // the next one is intact.
+    write(&mut d_term, b"hello world\r\n").await;
+    write(&mut d_term, b"bin \xff!\n").await;
+    write(&mut d_term, b"0123456789abcdefXYZ\n").await;
+    write(&mut d_term, b"after\n").await;
+    // json: passed through byte for byte; invalid JSON counted.
+    write(&mut d_meter, b"{\"t\": 21.5, \"ok\": true}\n").await;
+    write(&mut d_meter, b"{\"t\": 21.\n").await;
+    write(&mut d_meter, b"[1,2]\n").await;
+    // regex with an envelope, on a templated topic, CRLF delimited; one line does not match.
+    write(&mut d_scale, b"12.50 kg A7\r\n").await;
+    write(&mut d_scale, b"garbage\r\n").await;
+    write(&mut d_scale, b"-0.25 lb 007\r\n").await;
+    // fixed length, hex; the last two bytes wait for the rest of their frame.
+    write(&mut d_tag, b"\x02\xa1\x00\x03\x02\xa2").await;
+
+    let got = sub.wait_n("field/term/data", 3).await;
+    assert_eq!(
+        got,
+        vec![
+            b"hello world".to_vec(),
+            "bin \u{fffd}!".as_bytes().to_vec(),
+            b"after".to_vec()
+        ]
+    );
+    let got = sub.wait_n("field/meter/data", 2).await;
+    assert_eq!(
+        got,
+        vec![b"{\"t\": 21.5, \"ok\": true}".to_vec(), b"[1,2]".to_vec()]
+    );
+    let got = sub.wait_n("plant/gw1/scale", 2).await;
+    let (a, b) = (json_of(&got[0]), json_of(&got[1]));
+    assert_eq!(a["value"], json!({"net": 12.5, "unit": "kg", "id": "A7"}));
+    assert_eq!(b["value"], json!({"net": -0.25, "unit": "lb", "id": "007"}));
+    assert!(a["ts"].as_u64().unwrap() > 1_600_000_000_000, "{a}");
+    assert_eq!(a.as_object().unwrap().len(), 2, "{a}");
+    let got = sub.wait_n("field/tag/data", 1).await;
+    assert_eq!(got, vec![b"02a10003".to_vec()]);
+
+    // The counters tell the same story.
+    let m = |s: &str| g.metric(s);
+    assert_eq!(m("fieldgate_serial_frames_in_total{device=\"term\"}"), 4.0);
+    assert_eq!(
+        m("fieldgate_serial_frames_dropped_total{device=\"term\",reason=\"too_long\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("fieldgate_serial_bytes_in_total{device=\"term\"}"),
+        (13 + 7 + 20 + 6) as f64
+    );
+    assert_eq!(
+        m("fieldgate_serial_frames_dropped_total{device=\"meter\",reason=\"decode_error\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("fieldgate_serial_frames_dropped_total{device=\"scale\",reason=\"no_match\"}"),
+        1.0
+    );
+    assert_eq!(m("fieldgate_serial_frames_in_total{device=\"scale\"}"), 3.0);
+    assert_eq!(m("fieldgate_serial_bytes_in_total{device=\"tag\"}"), 6.0);
+    assert_eq!(m("fieldgate_serial_online{device=\"tag\"}"), 1.0);
+    // Nothing is published for dropped frames, and a data topic carries only data.
+    assert_eq!(sub.on("field/term/data").len(), 3);
+    assert_eq!(sub.on("field/meter/data").len(), 2);
+
+    let (status, log) = g.terminate();
+    assert!(status.success(), "{log}");
+    drop((d_term, d_meter, d_scale, d_tag));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_on_the_write_topic_reach_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let pty = PtyPair::start(dir.path(), "reader");
+    let ports = GatewayPorts::new();
+    let serial = format!(
+        r#"
+[[serial]]
+name = "reader"
+port = "{gw}"
+write_line_ending = "\r\n"
+"#,
+        gw = pty.gw.display()
+    );
+    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let sub = Sub::start(ports.mqtt, "field/#").await;
+    sub.wait_status("field/reader/status", "online").await;
+    let mut dev = pty.device();
+
+    for cmd in ["TARE", "BEEP 3"] {
+        sub.client
+            .publish("field/reader/write", QoS::AtLeastOnce, false, cmd)
+            .await
+            .unwrap();
+    }
+    let want = b"TARE\r\nBEEP 3\r\n";
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WITHIN;
+    let mut buf = [0u8; 256];
+    while got.len() < want.len() && Instant::now() < deadline {
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), dev.read(&mut buf)).await
+        {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+    metric_is(&g, "fieldgate_serial_writes_total{device=\"reader\"}", 2.0).await;
+
+    // The device answers; what it says is published, not echoed back to the port.
+    write(&mut dev, b"OK\r\n").await;
+    assert_eq!(
+        sub.wait_n("field/reader/data", 1).await,
+        vec![b"OK".to_vec()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_device_goes_offline_and_comes_back_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    // The device is absent when the gateway starts.
+    let mut pty = PtyPair::start(dir.path(), "gps");
+    pty.unplug();
+    let ports = GatewayPorts::new();
+    let serial = format!(
+        r#"
+[[serial]]
+name = "gps"
+port = "{gw}"
+reconnect_min = "50ms"
+reconnect_max = "200ms"
+"#,
+        gw = pty.gw.display()
+    );
+    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let sub = Sub::start(ports.mqtt, "field/#").await;
+    let status = sub.wait_status("field/gps/status", "offline").await;
+    let err = status["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("cannot open") && err.contains("gps-gw"),
+        "{status}"
+    );
+    assert_eq!(g.metric("fieldgate_serial_online{device=\"gps\"}"), 0.0);
+    assert!(g.metric("fieldgate_serial_port_errors_total{device=\"gps\"}") >= 1.0);
+
+    // Plugged in: online without a restart; a first open is not a reconnect.
+    pty.plug_in();
+    sub.wait_status("field/gps/status", "online").await;
+    let mut dev = pty.device();
+    write(&mut dev, b"$GPGGA,1\n").await;
+    assert_eq!(
+        sub.wait_n("field/gps/data", 1).await,
+        vec![b"$GPGGA,1".to_vec()]
+    );
+    assert_eq!(
+        g.metric("fieldgate_serial_reconnects_total{device=\"gps\"}"),
+        0.0
+    );
+    // A late subscriber gets the retained status.
+    let late = Sub::start(ports.mqtt, "field/gps/status").await;
+    eventually(WITHIN, || !late.on("field/gps/status").is_empty()).await;
+    let retained = late.received.lock().unwrap()[0].clone();
+    assert!(retained.retain, "status not retained");
+    assert_eq!(json_of(&retained.payload)["state"], "online");
+
+    // Unplugged while running.
+    let errors_before = g.metric("fieldgate_serial_port_errors_total{device=\"gps\"}");
+    drop(dev);
+    pty.unplug();
+    let status = sub.wait_status("field/gps/status", "offline").await;
+    assert!(status["last_error"].is_string(), "{status}");
+    metric_is(&g, "fieldgate_serial_online{device=\"gps\"}", 0.0).await;
+    assert!(g.metric("fieldgate_serial_port_errors_total{device=\"gps\"}") > errors_before);
+    // A write while unplugged is dropped and counted, not kept for later.
+    sub.client
+        .publish("field/gps/write", QoS::AtLeastOnce, false, "RESET")
+        .await
+        .unwrap();
+    metric_is(
+        &g,
+        "fieldgate_serial_writes_dropped_total{device=\"gps\",reason=\"offline\"}",
+        1.0,
+    )
+    .await;
+
+    // Plugged back in: the gateway reopens the port by itself and lines flow again.
+    pty.plug_in();
+    sub.wait_status("field/gps/status", "online").await;
+    metric_is(&g, "fieldgate_serial_reconnects_total{device=\"gps\"}", 1.0).await;
+    assert_eq!(g.metric("fieldgate_serial_online{device=\"gps\"}"), 1.0);
+    let mut dev = pty.device();
+    write(&mut dev, b"$GPGGA,2\n").await;
+    assert_eq!(
+        sub.wait_n("field/gps/data", 2).await,
+        vec![b"$GPGGA,1".to_vec(), b"$GPGGA,2".to_vec()]
+    );
+    // The write made while unplugged never reached the new port.
+    let mut buf = [0u8; 64];
+    let stale = tokio::time::timeout(Duration::from_millis(300), dev.read(&mut buf)).await;
+    assert!(stale.is_err(), "unexpected bytes on the port: {stale:?}");
+
+    let (exit, log) = g.terminate();
+    assert!(exit.success(), "{log}");
+}
