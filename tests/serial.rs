@@ -298,7 +298,7 @@ mode = "hex"
         let status = sub
             .wait_status(&format!("field/{name}/status"), "online")
             .await;
-        assert_eq!(status["last_error"], Value::Null);
+        assert_eq!(status["error"], Value::Null);
         assert!(status["ts"].as_u64().unwrap() > 0);
     }
     let (mut d_term, mut d_meter, mut d_scale, mut d_tag) =
@@ -442,10 +442,7 @@ reconnect_max = "200ms"
     let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
     let sub = Sub::start(ports.mqtt, "field/#").await;
     let status = sub.wait_status("field/gps/status", "offline").await;
-    let err = status["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let err = status["error"].as_str().unwrap_or_default().to_string();
     assert!(
         err.contains("cannot open") && err.contains("gps-gw"),
         "{status}"
@@ -478,7 +475,7 @@ reconnect_max = "200ms"
     drop(dev);
     pty.unplug();
     let status = sub.wait_status("field/gps/status", "offline").await;
-    assert!(status["last_error"].is_string(), "{status}");
+    assert!(status["error"].is_string(), "{status}");
     metric_is(&g, "fieldgate_serial_online{device=\"gps\"}", 0.0).await;
     assert!(g.metric("fieldgate_serial_port_errors_total{device=\"gps\"}") > errors_before);
     // A write while unplugged is dropped and counted, not kept for later.

@@ -495,7 +495,7 @@ impl SerialDevice {
         }
         let body = serde_json::json!({
             "state": match status { Status::Online => "online", Status::Offline => "offline" },
-            "last_error": self.last_error,
+            "error": self.last_error,
             "ts": now_ms(),
         });
         self.tx
