@@ -15,8 +15,6 @@
 //! Invariant: a failing tag publishes its bad quality once per change of quality, not every
 //! poll, so a dead device does not flood the broker (the status topic and metrics count on).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde_json::{json, Map, Value as Json};
 
 use super::codec::Value;
@@ -53,13 +51,7 @@ impl Quality {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::store::now_ms;
 
 /// The payload of one reading, or `None` when nothing is to be published (raw format and a
 /// failed reading).

@@ -44,7 +44,9 @@ pub mod framing;
 pub mod metrics;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::store::now_ms;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -528,12 +530,6 @@ async fn inbox(mut rx: LocalRx, out: mpsc::Sender<Bytes>, stop: CancellationToke
 /// wait, never above `max`.
 fn next_delay(last: Option<Duration>, min: Duration, max: Duration) -> Duration {
     last.map_or(min, |d| d.saturating_mul(2).clamp(min, max))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
