@@ -12,70 +12,25 @@ use std::time::{Duration, Instant};
 
 use common::modbus_sim::{layout, serve_rtu, serve_tcp, PtyPair, Sim};
 use common::*;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use serde_json::{json, Value as Json};
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// `(topic, payload, retained)` in arrival order.
-type Msgs = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
-
-/// A plain MQTT client of the gateway's local broker.
-struct Sub {
-    msgs: Msgs,
-    client: AsyncClient,
-    stop: CancellationToken,
-}
+/// A plain MQTT client of the gateway's local broker (QoS 0 subscription).
+struct Sub(LocalSub);
 
 impl Sub {
     async fn start(port: u16, filter: &str) -> Sub {
-        let mut o = MqttOptions::new(format!("sub-{}", free_port()), "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(30));
-        let (client, mut el) = AsyncClient::new(o, 100);
-        client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
-        let msgs: Msgs = Arc::default();
-        let stop = CancellationToken::new();
-        let (m2, s2) = (msgs.clone(), stop.clone());
-        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
-        let mut ack_tx = Some(ack_tx);
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    _ = s2.cancelled() => return,
-                    ev = el.poll() => ev,
-                };
-                match ev {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        m2.lock()
-                            .unwrap()
-                            .push((p.topic.clone(), p.payload.to_vec(), p.retain))
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = ack_tx.take() {
-                            let _ = t.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ack_rx)
-            .await
-            .expect("SUBACK from the gateway")
-            .unwrap();
-        Sub { msgs, client, stop }
+        Sub(LocalSub::start(port, filter, QoS::AtMostOnce).await)
     }
 
     /// JSON payloads seen on `topic`.
     fn on(&self, topic: &str) -> Vec<Json> {
-        self.msgs
-            .lock()
-            .unwrap()
+        self.0
+            .on(topic)
             .iter()
-            .filter(|(t, _, _)| t == topic)
-            .map(|(_, p, _)| serde_json::from_slice(p).unwrap_or(Json::Null))
+            .map(|p| serde_json::from_slice(p).unwrap_or(Json::Null))
             .collect()
     }
 
@@ -84,11 +39,12 @@ impl Sub {
     }
 
     fn topics(&self) -> std::collections::BTreeSet<String> {
-        self.msgs
+        self.0
+            .received
             .lock()
             .unwrap()
             .iter()
-            .map(|(t, _, _)| t.clone())
+            .map(|m| m.topic.clone())
             .collect()
     }
 
@@ -114,16 +70,11 @@ impl Sub {
     }
 
     async fn publish(&self, topic: &str, payload: &str) {
-        self.client
+        self.0
+            .client
             .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
             .await
             .unwrap();
-    }
-}
-
-impl Drop for Sub {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -528,12 +479,7 @@ async fn tcp_device_stops_answering_then_returns_and_the_other_is_unaffected() {
         .wait_last(&g, "field/a/status", |v| v["state"] == "online")
         .await;
     assert_eq!(s["state"], "online");
-    assert!(late
-        .msgs
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|(_, _, retained)| *retained));
+    assert!(late.0.received.lock().unwrap().iter().any(|m| m.retain));
 }
 
 #[tokio::test]

@@ -689,6 +689,84 @@ pub async fn flood(mqtt_port: u16, src: &str, max: u64, size: usize) -> Vec<u64>
     acked
 }
 
+/// One message a [`LocalSub`] received.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// A plain MQTT client of the gateway's local broker that records everything on `filter`
+/// (in arrival order) until dropped. `start` returns once the broker granted the subscription.
+pub struct LocalSub {
+    pub received: Arc<Mutex<Vec<Msg>>>,
+    pub client: AsyncClient,
+    stop: CancellationToken,
+}
+
+impl LocalSub {
+    pub async fn start(port: u16, filter: &str, qos: QoS) -> LocalSub {
+        let mut o = MqttOptions::new(format!("local-sub-{}", free_port()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 100);
+        client.subscribe(filter, qos).await.unwrap();
+        let received: Arc<Mutex<Vec<Msg>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let (r2, s2) = (received.clone(), stop.clone());
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        let mut ack_tx = Some(ack_tx);
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => r2.lock().unwrap().push(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    }),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(t) = ack_tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ack_rx)
+            .await
+            .expect("no SUBACK from the gateway's broker")
+            .unwrap();
+        LocalSub {
+            received,
+            client,
+            stop,
+        }
+    }
+
+    /// Payloads received on `topic`, in order.
+    pub fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| m.payload.clone())
+            .collect()
+    }
+}
+
+impl Drop for LocalSub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Everything a collector received: `(topic, payload)` in arrival order.
 pub type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
