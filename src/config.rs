@@ -79,7 +79,73 @@ pub struct Settings {
     /// Serial-line devices, one `[[serial]]` table each (see docs/serial.md).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub serial: Vec<SerialDeviceConfig>,
+    /// Firmware updates: fetch once from the cloud, serve to local devices (see docs/ota.md).
+    pub ota: OtaConfig,
 }
+
+/// `[ota]`: the firmware cache and the local OTA service (see docs/ota.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaConfig {
+    /// Run the OTA manager. It only acts on `cmd/ota/...` commands and `<prefix>/...` topics.
+    pub enabled: bool,
+    /// First level of every device-facing topic: `<prefix>/<device_id>/request` etc.
+    pub prefix: String,
+    /// Where verified images live (`<sha256>.bin`). Default: `<gateway.data_dir>/ota`.
+    pub cache_dir: PathBuf,
+    /// Most bytes of images kept; least recently used images no rollout needs are evicted.
+    pub cache_max_bytes: u64,
+    /// Bytes per MQTT chunk served to devices (the last chunk may be shorter).
+    pub chunk_size: usize,
+    /// Most devices downloading at once (MQTT and HTTP together); others get `busy`.
+    pub max_concurrent_downloads: usize,
+    /// Serving rate limit over all devices, bytes per second. 0: unlimited.
+    pub max_bytes_per_sec: u64,
+    /// Base of the `url` in metadata, e.g. `http://192.168.1.2:9183`. Default: from
+    /// `metrics.listen`.
+    pub http_base_url: String,
+    /// PEM CA file trusted for HTTPS image downloads. Default: `cloud.ca_file`.
+    pub fetch_ca_file: PathBuf,
+    /// A download with no byte received for this long is cut and resumed.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Attempts per download (with backoff) before the image is reported failed.
+    pub fetch_attempts: u32,
+    /// Devices known in advance, by id, with their tags: `[ota.devices.pump7] tags = [..]`.
+    pub devices: BTreeMap<String, OtaDeviceConfig>,
+}
+
+/// `[ota.devices.<id>]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaDeviceConfig {
+    /// Tags a rollout can address (`"tag": "..."` in `ota_upgrade`).
+    pub tags: Vec<String>,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            enabled: true,
+            prefix: "ota".into(),
+            cache_dir: PathBuf::new(),
+            cache_max_bytes: 512 * 1024 * 1024,
+            chunk_size: 16 * 1024,
+            max_concurrent_downloads: 32,
+            max_bytes_per_sec: 0,
+            http_base_url: String::new(),
+            fetch_ca_file: PathBuf::new(),
+            fetch_timeout: Duration::from_secs(30),
+            fetch_attempts: 6,
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+/// Largest `ota.chunk_size`.
+pub const OTA_MAX_CHUNK: usize = 1024 * 1024;
+/// Room an MQTT packet needs besides the chunk (fixed header, topic, packet id).
+pub const OTA_PACKET_OVERHEAD: usize = 1024;
 
 /// `[gateway]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -376,7 +442,7 @@ impl Default for LogConfig {
 
 const SECTIONS: &[&str] = &[
     "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log", "modbus",
-    "serial",
+    "serial", "ota",
 ];
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
@@ -477,6 +543,7 @@ impl Settings {
         section(&mut table, "log", &mut s.log, &mut problems);
         section(&mut table, "modbus", &mut s.modbus, &mut problems);
         serial_section(&mut table, &mut s.serial, &mut problems);
+        section(&mut table, "ota", &mut s.ota, &mut problems);
         problems.extend(s.validate());
         if problems.is_empty() {
             Ok(s)
@@ -752,7 +819,125 @@ impl Settings {
             &self.serial,
             &self.gateway.id,
         ));
+        self.validate_ota(&mut p);
         p
+    }
+
+    fn validate_ota(&self, p: &mut Vec<Problem>) {
+        let o = &self.ota;
+        if !o.enabled {
+            return;
+        }
+        if o.prefix.is_empty() || o.prefix.contains(['+', '#', '/']) || o.prefix.starts_with('$') {
+            p.push(problem(
+                "ota.prefix",
+                format!("{:?}: use one topic level without '/', '+', '#' or a leading '$'; e.g. \"ota\"", o.prefix),
+            ));
+        }
+        if o.chunk_size < 256 || o.chunk_size > OTA_MAX_CHUNK {
+            p.push(problem(
+                "ota.chunk_size",
+                format!("must be 256..={OTA_MAX_CHUNK} bytes; e.g. 16384 (broker.max_payload_size and cloud.max_packet_size are raised to fit it)"),
+            ));
+        }
+        if o.cache_max_bytes < 1024 * 1024 {
+            p.push(problem(
+                "ota.cache_max_bytes",
+                "must be at least 1048576 (1 MiB); it must hold the largest image",
+            ));
+        }
+        if o.max_concurrent_downloads == 0 {
+            p.push(problem(
+                "ota.max_concurrent_downloads",
+                "must be at least 1; e.g. 32",
+            ));
+        }
+        if o.fetch_timeout < Duration::from_secs(1) {
+            p.push(problem(
+                "ota.fetch_timeout",
+                "must be at least 1s; e.g. \"30s\"",
+            ));
+        }
+        if o.fetch_attempts == 0 {
+            p.push(problem("ota.fetch_attempts", "must be at least 1; e.g. 6"));
+        }
+        let u = &o.http_base_url;
+        if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
+            p.push(problem(
+                "ota.http_base_url",
+                "must start with http:// (the gateway's own endpoint), e.g. \"http://192.168.1.2:9183\"",
+            ));
+        }
+        if !o.fetch_ca_file.as_os_str().is_empty() {
+            check_pem(p, "ota.fetch_ca_file", &o.fetch_ca_file, "CERTIFICATE");
+        }
+        for id in o.devices.keys() {
+            if !crate::ota::protocol::valid_device_id(id) {
+                p.push(problem(
+                    format!("ota.devices.{id}"),
+                    "not a usable device id: 1-128 characters without '/', '+', '#', not starting with '_' or '$'",
+                ));
+            }
+        }
+    }
+
+    /// The effective OTA cache directory.
+    pub fn ota_cache_dir(&self) -> PathBuf {
+        if self.ota.cache_dir.as_os_str().is_empty() {
+            self.gateway.data_dir.join("ota")
+        } else {
+            self.ota.cache_dir.clone()
+        }
+    }
+
+    /// The effective CA file for image downloads.
+    pub fn ota_fetch_ca_file(&self) -> PathBuf {
+        if self.ota.fetch_ca_file.as_os_str().is_empty() {
+            self.cloud.ca_file.clone()
+        } else {
+            self.ota.fetch_ca_file.clone()
+        }
+    }
+
+    /// The effective base of the metadata `url`.
+    pub fn ota_http_base_url(&self) -> String {
+        if !self.ota.http_base_url.is_empty() {
+            return self.ota.http_base_url.trim_end_matches('/').to_string();
+        }
+        let a = self.metrics.listen;
+        let host = if a.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            match a.ip() {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("http://{host}:{}", a.port())
+    }
+
+    /// The broker settings the gateway runs with: `max_payload_size` (and `segment_bytes`)
+    /// raised so an OTA chunk fits.
+    pub fn effective_broker(&self) -> BrokerConfig {
+        let mut b = self.broker.clone();
+        if self.ota.enabled {
+            let need = self.ota.chunk_size + OTA_PACKET_OVERHEAD;
+            b.max_payload_size = b.max_payload_size.max(need);
+            b.segment_bytes = b.segment_bytes.max(b.max_payload_size);
+        }
+        b
+    }
+
+    /// The cloud settings the bridge runs with: `max_packet_size` raised so a chunk the cloud
+    /// pushes (same size as `ota.chunk_size` or smaller) fits.
+    pub fn effective_cloud(&self) -> CloudConfig {
+        let mut c = self.cloud.clone();
+        if self.ota.enabled {
+            c.max_packet_size = c
+                .max_packet_size
+                .max(self.ota.chunk_size + OTA_PACKET_OVERHEAD);
+        }
+        c
     }
 
     /// Replaces `{gateway_id}` in a template.

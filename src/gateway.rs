@@ -1,13 +1,13 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
 //! Start order: store (open, recover) -> broker router and the gateway's own links (sources'
-//! links included: Modbus buses, serial ports) -> uplink tap -> committer -> bridge -> source
-//! tasks -> broker listeners (devices may connect) -> metrics endpoint. Only then is the
+//! links included: Modbus buses, serial ports, OTA) -> uplink tap -> committer -> bridge -> source
+//! tasks and the OTA manager -> broker listeners (devices may connect) -> metrics endpoint. Only then is the
 //! gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
 //! 0. sources stop first (Modbus buses and serial ports publish their devices `offline`
-//!    while the broker still runs);
+//!    while the broker still runs; the OTA manager saves its state);
 //! 1. broker listeners close and every device connection with them (no new input); the tap
 //!    then drains the broker up to its drain marker, so everything the broker acknowledged
 //!    to a device (and every source's last message) is appended;
@@ -59,6 +59,9 @@ pub enum GatewayError {
     /// A serial device could not be set up.
     #[error(transparent)]
     Serial(#[from] Box<serial::SerialError>),
+    /// The OTA manager could not be set up (cache directory, broker link).
+    #[error(transparent)]
+    Ota(#[from] Box<crate::ota::OtaError>),
     /// The metrics endpoint or a thread could not be started.
     #[error("{what}: {source}")]
     Io {
@@ -115,7 +118,9 @@ pub async fn run(
 
     // 2. Broker.
     let broker_span = tracing::info_span!("broker");
-    let mut broker = broker_span.in_scope(|| Broker::new(&settings.broker))?;
+    // OTA raises the broker's max payload (and segment size) so a chunk fits.
+    let broker_cfg = settings.effective_broker();
+    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg))?;
     let tap_link = broker.link("fieldgate-uplink-tap")?;
     let downlink_link = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)
@@ -130,6 +135,11 @@ pub async fn run(
         metrics.clone(),
     )?;
     let serial_links = serial::links(&broker, &settings.serial)?;
+    let ota = if settings.ota.enabled {
+        Some(crate::ota::Ota::build(&settings, &broker, metrics.clone()).map_err(Box::new)?)
+    } else {
+        None
+    };
 
     // 3. Uplink tap.
     let tap_stop = root.child_token();
@@ -139,7 +149,14 @@ pub async fn run(
     let mut beats = vec![tap_beat.clone(), store_beat.clone()];
     let routing = Routing {
         forward: FilterSet::new(settings.uplink.forward.clone()),
-        exclude: FilterSet::new(settings.uplink.exclude.clone()),
+        // Chunk traffic stays on the LAN: the cloud sent the image once already.
+        exclude: FilterSet::new(settings.uplink.exclude.iter().cloned().chain(
+            if settings.ota.enabled {
+                crate::ota::uplink_exclude(&settings.ota.prefix)
+            } else {
+                Vec::new()
+            },
+        )),
         cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
         downlink: FilterSet::new(
             settings
@@ -204,8 +221,11 @@ pub async fn run(
         remover_thread = Some(remover);
         let bridge_beat = Heartbeat::new("cloud");
         beats.push(bridge_beat.clone());
+        // OTA raises the cloud's max packet size so a pushed image chunk fits.
+        let mut bridged = settings.clone();
+        bridged.cloud = settings.effective_cloud();
         let b = Bridge::build(
-            &settings,
+            &bridged,
             store.clone(),
             metrics.clone(),
             dl_tx,
@@ -236,6 +256,18 @@ pub async fn run(
             .map_err(Box::new)?,
     );
 
+    // 5c. The OTA manager, stopped with the sources.
+    let (ota_task, ota_handle) = match ota {
+        Some((o, handle)) => (
+            Some(tokio::spawn(
+                o.run(sources_stop.clone())
+                    .instrument(tracing::info_span!("ota")),
+            )),
+            Some(handle),
+        ),
+        None => (None, None),
+    };
+
     // 6. Devices may connect now that the pipeline behind the broker runs.
     broker.listen().instrument(broker_span).await?;
 
@@ -253,6 +285,7 @@ pub async fn run(
             store: store.clone(),
             cloud_enabled: settings.cloud.enabled,
             gateway_id: settings.gateway.id.clone(),
+            ota: ota_handle,
         };
         Some(tokio::spawn(http::serve(
             listener,
@@ -290,6 +323,14 @@ pub async fn run(
     sources_stop.cancel();
     if let Some(m) = modbus_running {
         m.join().await;
+    }
+    if let Some(t) = ota_task {
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            warn!("the OTA manager did not stop within 5s");
+        }
     }
     for t in sources {
         if tokio::time::timeout(Duration::from_secs(5), t)

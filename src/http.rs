@@ -1,8 +1,17 @@
-//! The operator endpoint: `GET /metrics` (Prometheus text) and `GET /health` (JSON).
+//! The operator endpoint: `GET /metrics` (Prometheus text) and `GET /health` (JSON), plus the
+//! OTA endpoints when OTA is enabled:
+//! - `GET|HEAD /ota/image/<sha256>` and `/ota/image/<name>/<version>`: a verified firmware
+//!   image, with `Range: bytes=a-b | a- | -n` (206 + `Content-Range`; 416 for a range outside
+//!   the image; several ranges are answered with the whole image, 200). Only images the
+//!   gateway verified are listed; each transfer holds an OTA download slot (503 +
+//!   `Retry-After` when none is free) and is paced by `ota.max_bytes_per_sec`;
+//! - `GET /ota/status`, `/ota/status/device/<id>`, `/ota/status/rollout/<id>`: JSON status.
 //!
 //! A deliberately tiny HTTP/1.1 server: one request per connection, request head at most
-//! 8 KiB, 5 s to send it, then the connection is closed. It only reads shared metrics, so a
-//! slow or hostile scraper cannot stall the pipeline.
+//! 8 KiB, 5 s to send it, then the connection is closed. Small answers must be written within
+//! 5 s; an image transfer may take as long as it needs but no single write may stall for more
+//! than 30 s. It only reads shared state, so a slow or hostile client cannot stall the
+//! pipeline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +35,8 @@ pub struct HealthSource {
     pub cloud_enabled: bool,
     /// Gateway id.
     pub gateway_id: String,
+    /// The OTA manager's handle, when OTA is enabled.
+    pub ota: Option<crate::ota::OtaHandle>,
 }
 
 impl HealthSource {
@@ -68,9 +79,9 @@ pub async fn serve(listener: TcpListener, health: HealthSource, stop: Cancellati
             r = listener.accept() => match r {
                 Ok((sock, _)) => {
                     let h = health.clone();
-                    // Bounded by its own timeout; ends by itself.
+                    // Bounded by its own timeouts (see the module header); ends by itself.
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), handle(sock, h)).await;
+                        let _ = handle(sock, h).await;
                     });
                 }
                 Err(e) => {
@@ -82,20 +93,60 @@ pub async fn serve(listener: TcpListener, health: HealthSource, stop: Cancellati
     }
 }
 
-async fn handle(mut sock: TcpStream, h: HealthSource) -> std::io::Result<()> {
+const SMALL: Duration = Duration::from_secs(5);
+
+async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<String>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = sock.read(&mut chunk).await?;
         if n == 0 || buf.len() > 8192 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let line = String::from_utf8_lossy(&buf);
-    let mut parts = line.split_whitespace();
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+async fn handle(mut sock: TcpStream, h: HealthSource) -> std::io::Result<()> {
+    let Ok(head) = tokio::time::timeout(SMALL, read_head(&mut sock)).await else {
+        return Ok(());
+    };
+    let Some(head) = head? else { return Ok(()) };
+    let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if let (Some(ota), Some(what)) = (&h.ota, path.strip_prefix("/ota/image/")) {
+        if method == "GET" || method == "HEAD" {
+            let range = header(&head, "range");
+            return ota_image(&mut sock, ota, &h.metrics, what, range, method == "HEAD").await;
+        }
+    }
+    let ota_status = match (&h.ota, method, path.strip_prefix("/ota/status")) {
+        (Some(ota), "GET", Some(rest)) => {
+            let q = if rest.is_empty() || rest == "/" {
+                Some(crate::ota::Query::All)
+            } else if let Some(d) = rest.strip_prefix("/device/") {
+                Some(crate::ota::Query::Device(d.to_string()))
+            } else {
+                rest.strip_prefix("/rollout/")
+                    .map(|r| crate::ota::Query::Rollout(r.to_string()))
+            };
+            match q {
+                Some(q) => Some(ota.query(q).await),
+                None => Some(None),
+            }
+        }
+        _ => None,
+    };
     let (status, ctype, body) = match (method, path) {
+        _ if ota_status.is_some() => match ota_status.flatten() {
+            Some(v) => ("200 OK", "application/json", v.to_string()),
+            None => (
+                "404 Not Found",
+                "application/json",
+                "{\"error\":\"unknown device or rollout\"}".into(),
+            ),
+        },
         ("GET", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -113,7 +164,112 @@ async fn handle(mut sock: TcpStream, h: HealthSource) -> std::io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
-    sock.shutdown().await
+    let _ = tokio::time::timeout(SMALL, async {
+        sock.write_all(head.as_bytes()).await?;
+        sock.write_all(body.as_bytes()).await?;
+        sock.shutdown().await
+    })
+    .await;
+    Ok(())
+}
+
+/// The value of header `name` (lower case) in a request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Longest a single write of an image transfer may stall.
+const STALL: Duration = Duration::from_secs(30);
+
+async fn small(sock: &mut TcpStream, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(SMALL, sock.write_all(head.as_bytes())).await;
+    Ok(())
+}
+
+/// Streams (a range of) a verified image.
+async fn ota_image(
+    sock: &mut TcpStream,
+    ota: &crate::ota::OtaHandle,
+    metrics: &Metrics,
+    what: &str,
+    range: Option<&str>,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let img = ota.catalog.borrow().find(what);
+    let Some(img) = img else {
+        metrics.ota.error("http_not_found");
+        return small(
+            sock,
+            "404 Not Found",
+            "",
+            "no verified image by that name\n",
+        )
+        .await;
+    };
+    let r = match crate::ota::serve::parse_range(range, img.size) {
+        Ok(r) => r,
+        Err(_) => {
+            metrics.ota.error("http_bad_range");
+            let extra = format!("Content-Range: bytes */{}\r\n", img.size);
+            return small(sock, "416 Range Not Satisfiable", &extra, "bad range\n").await;
+        }
+    };
+    let Some(_slot) = ota.slots.try_take() else {
+        metrics.ota.error("busy");
+        return small(
+            sock,
+            "503 Service Unavailable",
+            "Retry-After: 2\r\n",
+            "busy\n",
+        )
+        .await;
+    };
+    let (start, end, status, extra) = match r {
+        Some(r) => (
+            r.start,
+            r.end,
+            "206 Partial Content",
+            format!(
+                "Content-Range: bytes {}-{}/{}\r\n",
+                r.start, r.end, img.size
+            ),
+        ),
+        None => (0, img.size.saturating_sub(1), "200 OK", String::new()),
+    };
+    let len = if img.size == 0 { 0 } else { end - start + 1 };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\nETag: \"{}\"\r\n{extra}Connection: close\r\n\r\n",
+        img.sha256
+    );
+    let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "client stalled");
+    tokio::time::timeout(STALL, sock.write_all(head.as_bytes()))
+        .await
+        .map_err(|_| stalled())??;
+    if head_only {
+        return Ok(());
+    }
+    let mut off = start;
+    while off <= end && len > 0 {
+        let n = (end - off + 1).min(64 * 1024) as usize;
+        ota.pacer.take(n as u64).await;
+        let img2 = img.clone();
+        let data =
+            tokio::task::spawn_blocking(move || crate::ota::cache::read_at(&img2.file, off, n))
+                .await
+                .map_err(std::io::Error::other)??;
+        tokio::time::timeout(STALL, sock.write_all(&data))
+            .await
+            .map_err(|_| stalled())??;
+        metrics.ota.served("http", n as u64);
+        off += n as u64;
+    }
+    let _ = tokio::time::timeout(SMALL, sock.shutdown()).await;
+    Ok(())
 }

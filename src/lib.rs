@@ -12,6 +12,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod ota;
 pub mod sources;
 pub mod store;
 pub mod tap;

@@ -95,6 +95,121 @@ pub struct Metrics {
     pub serial: crate::sources::serial::metrics::SerialMetrics,
     /// Modbus sources, by device and bus.
     pub modbus: ModbusMetrics,
+    /// Firmware cache and OTA serving.
+    pub ota: OtaMetrics,
+}
+
+/// OTA metrics (`fieldgate_ota_*`).
+pub struct OtaMetrics {
+    /// Download attempts from the cloud, by result (`ok`, `error`, `hash_mismatch`, `failed`).
+    pub fetches: Family<Labels, Counter>,
+    /// Image bytes received from the cloud (HTTPS or MQTT push).
+    pub fetch_bytes: Counter,
+    /// Image bytes served to devices, by path (`mqtt`, `http`).
+    pub served_bytes: Family<Labels, Counter>,
+    /// Chunks devices asked for over MQTT.
+    pub chunk_requests: Counter,
+    /// Refused requests and failures, by kind (the error reply `code`, `cache_corrupt`, ...).
+    pub errors: Family<Labels, Counter>,
+    /// Devices downloading now (slots in use).
+    pub active_downloads: Gauge,
+    /// Bytes of verified images in the cache.
+    pub cache_bytes: Gauge,
+    /// Devices by state.
+    pub devices: Family<Labels, Gauge>,
+    /// From a chunk request to its chunk being published (MQTT), seconds.
+    pub chunk_latency: Histogram,
+}
+
+impl Default for OtaMetrics {
+    fn default() -> Self {
+        OtaMetrics {
+            fetches: Family::default(),
+            fetch_bytes: Counter::default(),
+            served_bytes: Family::default(),
+            chunk_requests: Counter::default(),
+            errors: Family::default(),
+            active_downloads: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            devices: Family::default(),
+            chunk_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+        }
+    }
+}
+
+impl OtaMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("ota");
+        r.register(
+            "fetches",
+            "Image downloads from the cloud, by result",
+            self.fetches.clone(),
+        );
+        r.register(
+            "fetch_bytes",
+            "Image bytes received from the cloud",
+            self.fetch_bytes.clone(),
+        );
+        r.register(
+            "served_bytes",
+            "Image bytes served to devices, by path",
+            self.served_bytes.clone(),
+        );
+        r.register(
+            "chunk_requests",
+            "Chunks devices asked for over MQTT",
+            self.chunk_requests.clone(),
+        );
+        r.register(
+            "errors",
+            "Refused OTA requests and failures, by kind",
+            self.errors.clone(),
+        );
+        r.register(
+            "active_downloads",
+            "Devices downloading now",
+            self.active_downloads.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes of verified images in the cache",
+            self.cache_bytes.clone(),
+        );
+        r.register("devices", "OTA devices by state", self.devices.clone());
+        r.register(
+            "chunk_seconds",
+            "From an MQTT chunk request to the chunk being published",
+            self.chunk_latency.clone(),
+        );
+    }
+
+    /// Counts a fetch result.
+    pub fn fetch(&self, result: &str) {
+        self.fetches
+            .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
+    }
+
+    /// Counts bytes served.
+    pub fn served(&self, via: &str, n: u64) {
+        self.served_bytes
+            .get_or_create(&vec![("via".into(), via.into())])
+            .inc_by(n);
+    }
+
+    /// Counts an error.
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .inc();
+    }
+
+    /// Errors of one kind so far.
+    pub fn errors_of(&self, kind: &str) -> u64 {
+        self.errors
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .get()
+    }
 }
 
 /// Modbus histogram constructor: request round trip, 100 µs .. ~3.3 s.
@@ -212,8 +327,10 @@ impl Metrics {
             replay_rate: Gauge::default(),
             modbus: ModbusMetrics::default(),
             serial: Default::default(),
+            ota: OtaMetrics::default(),
         };
         m.modbus.register(&mut r);
+        m.ota.register(&mut r);
         m.serial.register(&mut r);
         r.register(
             "messages_in",
