@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod modbus_sim;
+pub mod ota_sim;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
