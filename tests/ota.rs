@@ -152,8 +152,9 @@ async fn fifty_devices_update_from_one_download() {
     }
     let mut results = Vec::new();
     for t in tasks {
-        match t.await.unwrap() {
-            Ok(r) => results.push(r),
+        match t.await {
+            Ok(Ok(r)) => results.push(r),
+            Ok(Err(e)) => panic!("{e}\n--- gateway log ---\n{}", g.log_text()),
             Err(e) => panic!("{e}\n--- gateway log ---\n{}", g.log_text()),
         }
     }
@@ -195,7 +196,17 @@ async fn fifty_devices_update_from_one_download() {
         })
         .await;
     }
-    // Status via a cloud command and via the local HTTP API.
+    // Status via the local HTTP API and via a cloud command.
+    let mut local = Json::Null;
+    let all_done = eventually(WAIT, || {
+        local = g
+            .get("/ota/status/rollout/r1")
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or(Json::Null);
+        local["states"]["done"] == 50
+    })
+    .await;
+    assert!(all_done, "{local}");
     command(&c, "cmd/ota/status", &json!({"rollout": "r1", "id": 7})).await;
     let st = wait_cloud(&c, &g, "ota/_gateway/status", |v| v["id"] == 7).await;
     assert_eq!(st["states"]["done"], 50, "{st}");
@@ -212,4 +223,360 @@ async fn fifty_devices_update_from_one_download() {
         img.len() as f64
     );
     assert_no_chunks_in_cloud(&c, img.len());
+}
+
+/// The image the store serves first is corrupted: the gateway reports the mismatch up, serves
+/// nothing, fetches again and then serves the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_download_is_reported_and_fetched_again() {
+    let s = setup().await;
+    let img = image(64 * 1024 + 5, 11);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    fw.corrupt_next(1);
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    // The device asks before the image is there: it gets its metadata only once verified.
+    let mut early = Session::connect(g.mqtt, "d1").await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["d1".into()]),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/rollout", |v| v["state"] == "accepted").await;
+    early.send("d1", "request", json!({"version": "1.0"})).await;
+    let bad = wait_cloud(&c, &g, "ota/_gateway/fetch", |v| {
+        v["result"] == "hash_mismatch"
+    })
+    .await;
+    assert!(
+        bad["error"].as_str().unwrap_or("").contains("sha256"),
+        "{bad}"
+    );
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    let (_, md) = early
+        .expect("d1", &["metadata"], WAIT)
+        .await
+        .expect("metadata once the image is verified");
+    let md: Json = serde_json::from_slice(&md).unwrap();
+    assert_eq!(md["sha256"], sha.as_str());
+    early.close().await;
+
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Mqtt))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+    assert_eq!(fw.requests().len(), 2, "{:?}", fw.requests());
+    assert_eq!(
+        g.metric("fieldgate_ota_fetches_total{result=\"hash_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(g.metric("fieldgate_ota_fetches_total{result=\"ok\"}"), 1.0);
+}
+
+/// The store's connection is cut mid-body: the gateway resumes with `Range: bytes=N-`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_download_resumes_with_range() {
+    let s = setup().await;
+    let img = image(300 * 1024 + 77, 12);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let cut = 100_000u64;
+    fw.cut_next_after(cut);
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["d1".into()]),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    let reqs = fw.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0].range, None);
+    assert_eq!(
+        reqs[1].range.as_deref(),
+        Some(format!("bytes={cut}-").as_str())
+    );
+    assert_eq!(
+        fw.body_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        img.len() as u64,
+        "every byte crossed the uplink once"
+    );
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Http))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+}
+
+/// Bad requests get a clear error reply on the device's topic and are counted; another
+/// device keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_error_replies_and_others_keep_going() {
+    let s = setup().await;
+    let img = image(40 * 1024, 13);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    // A malformed command is refused with a reason for the cloud.
+    c.client
+        .publish(
+            "fieldgate/gw1/cmd/ota/upgrade",
+            QoS::AtLeastOnce,
+            false,
+            b"{not json".to_vec(),
+        )
+        .await
+        .unwrap();
+    let e = wait_cloud(&c, &g, "ota/_gateway/error", |v| v["code"] == "malformed").await;
+    assert_eq!(e["request"], "cmd/ota/upgrade");
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["d1".into(), "d2".into()]),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+
+    let mut stranger = Session::connect(g.mqtt, "stranger").await;
+    stranger
+        .send("stranger", "request", json!({"version": "1.0"}))
+        .await;
+    let (_, p) = stranger
+        .expect("stranger", &["error"], WAIT)
+        .await
+        .expect("error reply");
+    let e: Json = serde_json::from_slice(&p).unwrap();
+    assert_eq!(
+        (e["code"].as_str(), e["request"].as_str()),
+        (Some("not_assigned"), Some("request"))
+    );
+    stranger
+        .send(
+            "stranger",
+            "chunk/get",
+            json!({"version": "2.0", "index": 0}),
+        )
+        .await;
+    let (_, p) = stranger
+        .expect("stranger", &["error", "chunk/0"], WAIT)
+        .await
+        .expect("error reply");
+    let e: Json = serde_json::from_slice(&p).unwrap();
+    assert_eq!(
+        e["code"], "not_assigned",
+        "an unassigned device gets no chunk"
+    );
+
+    let mut d1 = Session::connect(g.mqtt, "d1").await;
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            json!({"version": "2.0", "index": 9999})
+                .to_string()
+                .into_bytes(),
+            "chunk/get",
+            "out_of_range",
+        ),
+        (
+            json!({"version": "9.9", "index": 0})
+                .to_string()
+                .into_bytes(),
+            "chunk/get",
+            "unknown_version",
+        ),
+        (b"{oops".to_vec(), "chunk/get", "malformed"),
+        (
+            json!({"index": 0}).to_string().into_bytes(),
+            "chunk/get",
+            "invalid",
+        ),
+        (
+            json!({"version": "9.9", "sha256": sha})
+                .to_string()
+                .into_bytes(),
+            "verify",
+            "unknown_version",
+        ),
+        (
+            json!({"state": "dancing"}).to_string().into_bytes(),
+            "progress",
+            "invalid",
+        ),
+        (b"[1,2".to_vec(), "request", "malformed"),
+    ];
+    for (payload, kind, code) in &cases {
+        d1.send_raw("d1", kind, payload.clone()).await;
+        let (_, p) = d1
+            .expect("d1", &["error"], WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no error reply to {kind}"));
+        let e: Json = serde_json::from_slice(&p).unwrap();
+        assert_eq!(e["code"], *code, "{kind}: {e}");
+        assert_eq!(e["request"], *kind, "{e}");
+        assert!(!e["reason"].as_str().unwrap_or("").is_empty(), "{e}");
+        if *code == "out_of_range" {
+            assert_eq!(e["index"], 9999);
+        }
+    }
+    d1.close().await;
+    // Both devices are still served.
+    for id in ["d1", "d2"] {
+        let r = run_device(DeviceOpts::new(id, g.mqtt, Via::Mqtt))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+        assert_eq!(r.sha256, sha);
+    }
+    for (kind, n) in [
+        ("not_assigned", 2.0),
+        ("out_of_range", 1.0),
+        ("unknown_version", 2.0),
+        ("malformed", 3.0),
+        ("invalid", 2.0),
+    ] {
+        assert_eq!(
+            g.metric(&format!("fieldgate_ota_errors_total{{kind=\"{kind}\"}}")),
+            n,
+            "{kind}"
+        );
+    }
+    // The error replies went up too (small JSON, through the queue).
+    wait_cloud(&c, &g, "ota/d1/error", |v| v["code"] == "out_of_range").await;
+    assert_no_chunks_in_cloud(&c, img.len());
+}
+
+/// A gateway restart mid-rollout keeps the cache, the assignment and the device's place; the
+/// store is not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_restart_keeps_cache_assignments_and_progress() {
+    let s = setup().await;
+    let img = image(100 * 1024 + 1, 14);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["d1".into()]),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+
+    // The device takes chunks 0..=9 and reports them.
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    d.send("d1", "request", json!({"version": "1.0"})).await;
+    d.expect("d1", &["metadata"], WAIT).await.expect("metadata");
+    d.send(
+        "d1",
+        "chunk/get",
+        json!({"version": "2.0", "from": 0, "to": 9}),
+    )
+    .await;
+    let mut got = 0;
+    while got < 10 {
+        d.expect(
+            "d1",
+            &[
+                "chunk/0", "chunk/1", "chunk/2", "chunk/3", "chunk/4", "chunk/5", "chunk/6",
+                "chunk/7", "chunk/8", "chunk/9",
+            ],
+            WAIT,
+        )
+        .await
+        .expect("chunks 0..=9");
+        got += 1;
+    }
+    let received = 10 * CHUNK;
+    d.send(
+        "d1",
+        "progress",
+        json!({"version": "2.0", "received": received, "total": img.len(), "state": "downloading"}),
+    )
+    .await;
+    assert!(
+        eventually(WAIT, || g
+            .get("/ota/status/device/d1")
+            .and_then(|b| serde_json::from_str::<Json>(&b).ok())
+            .is_some_and(|v| v["received"] == received))
+        .await
+    );
+    d.close().await;
+    let (status, log) = g.terminate();
+    assert!(status.success(), "{log}");
+
+    let g = s.gateway("").await;
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    d.send("d1", "request", json!({"version": "1.0"})).await;
+    let (_, md) = d
+        .expect("d1", &["metadata"], WAIT)
+        .await
+        .expect("metadata after restart");
+    let md: Json = serde_json::from_slice(&md).unwrap();
+    assert_eq!(md["sha256"], sha.as_str());
+    assert_eq!(md["received"], received, "{md}");
+    assert_eq!(md["next_chunk"], 10, "{md}");
+    d.close().await;
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Http))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+    assert_eq!(fw.requests().len(), 1, "the store was not asked again");
+    let mut st = Json::Null;
+    let done = eventually(WAIT, || {
+        st = g
+            .get("/ota/status/rollout/r1")
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or(Json::Null);
+        st["states"]["done"] == 1
+    })
+    .await;
+    assert!(done, "{st}");
+    assert_eq!(st["image_state"], "ready", "{st}");
+}
+
+/// A cached image corrupted on disk while the gateway was down is detected at start,
+/// reported up and fetched again before anything is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_cache_file_is_detected_and_refetched() {
+    let s = setup().await;
+    let img = image(50 * 1024 + 9, 15);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["d1".into()]),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    g.kill9();
+    let bin = s.data.path().join("ota").join(format!("{sha}.bin"));
+    let mut bytes = std::fs::read(&bin).expect("cached image on disk");
+    bytes[1000] ^= 0x55;
+    std::fs::write(&bin, &bytes).unwrap();
+
+    let g = s.gateway("").await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| {
+        v["result"] == "cache_corrupt"
+    })
+    .await;
+    assert!(
+        eventually(WAIT, || fw.requests().len() == 2).await,
+        "refetched: {:?}",
+        fw.requests()
+    );
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Mqtt))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+    assert_eq!(std::fs::read(&bin).unwrap(), img);
+    assert_eq!(
+        g.metric("fieldgate_ota_errors_total{kind=\"cache_corrupt\"}"),
+        1.0
+    );
 }

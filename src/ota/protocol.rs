@@ -74,14 +74,11 @@ pub fn parse_device_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, 
     Some((dev, kind))
 }
 
+/// Not JSON at all: `Malformed`; JSON of the wrong shape: `Invalid`.
 fn parse<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, ProtocolError> {
-    serde_json::from_slice(payload).map_err(|e| {
-        if e.is_data() {
-            ProtocolError::Invalid(e.to_string())
-        } else {
-            ProtocolError::Malformed(e.to_string())
-        }
-    })
+    let v: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    serde_json::from_value(v).map_err(|e| ProtocolError::Invalid(e.to_string()))
 }
 
 /// `<prefix>/<id>/request`: "is there an update for me?"
@@ -451,6 +448,8 @@ mod tests {
             assert!(Progress::parse(p).is_err(), "{p:?}");
         }
         assert_eq!(ChunkGet::parse(b"{").unwrap_err().code(), "malformed");
+        assert_eq!(ChunkGet::parse(b"[1,2").unwrap_err().code(), "malformed");
+        assert_eq!(ChunkGet::parse(b"[1,2]").unwrap_err().code(), "invalid");
         assert_eq!(
             ChunkGet::parse(b"{\"index\":1}").unwrap_err().code(),
             "invalid"

@@ -292,11 +292,37 @@ pub struct Session {
     pub client: AsyncClient,
     pub rx: mpsc::UnboundedReceiver<(String, Vec<u8>, Instant)>,
     stop: CancellationToken,
+    poller: tokio::task::JoinHandle<()>,
 }
 
 impl Session {
+    /// Connects and subscribes to `ota/<id>/#`. A connection the broker drops before the
+    /// SUBACK is abandoned and a new one made with a fresh client id (see [`Self::try_connect`]).
     pub async fn connect(port: u16, id: &str) -> Session {
-        let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", port);
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_connect(port, id).await {
+                Ok(s) => return s,
+                Err(e) => last = e,
+            }
+        }
+        panic!("device {id}: cannot connect: {last}");
+    }
+
+    /// One connection attempt, with a fresh MQTT client id (as a rebooted device with a random
+    /// client id), never reconnected by rumqttc.
+    ///
+    /// Why: rumqttd 0.20's front end has two races this must not trip over. (1) A connection
+    /// id freed by a disconnect is reused, and the old connection's late `Disconnect` event can
+    /// drop the new connection during its CONNECT ("Remote link error ... Disconnected").
+    /// (2) That failed connection leaves its will-channel sender registered; the next CONNECT
+    /// with the same client id then `unwrap`s a send on it and panics while holding the
+    /// will-handler lock, which poisons it: the broker refuses every connection from then on.
+    /// So a dropped session is never reconnected with the same client id.
+    pub async fn try_connect(port: u16, id: &str) -> Result<Session, String> {
+        static SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SESSION.fetch_add(1, Ordering::SeqCst);
+        let mut o = MqttOptions::new(format!("dev-{id}-{n}"), "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(30));
         o.set_max_packet_size(2 << 20, 2 << 20);
         o.set_clean_session(true);
@@ -304,13 +330,10 @@ impl Session {
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let s2 = stop.clone();
-        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let mut ack_tx = Some(ack_tx);
-        client
-            .subscribe(format!("ota/{id}/#"), QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        tokio::spawn(async move {
+        let (sub_client, filter) = (client.clone(), format!("ota/{id}/#"));
+        let poller = tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
                     _ = s2.cancelled() => return,
@@ -320,21 +343,43 @@ impl Session {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ = tx.send((p.topic.clone(), p.payload.to_vec(), Instant::now()));
                     }
+                    // After our DISCONNECT the event loop must not be polled again: rumqttc
+                    // would reconnect with the same client id.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub_client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         if let Some(t) = ack_tx.take() {
-                            let _ = t.send(());
+                            let _ = t.send(Ok(()));
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => {
+                        // The session is over (see above): its receiver closes.
+                        if let Some(t) = ack_tx.take() {
+                            let _ = t.send(Err(e.to_string()));
+                        }
+                        return;
+                    }
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), ack_rx)
-            .await
-            .expect("device: no SUBACK")
-            .unwrap();
-        Session { client, rx, stop }
+        let r = tokio::time::timeout(Duration::from_secs(30), ack_rx).await;
+        match r {
+            Ok(Ok(Ok(()))) => Ok(Session {
+                client,
+                rx,
+                stop,
+                poller,
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err("session task ended".into()),
+            Err(_) => {
+                stop.cancel();
+                Err("no SUBACK within 30 s".into())
+            }
+        }
     }
 
     pub async fn send(&self, id: &str, kind: &str, v: Json) {
@@ -371,8 +416,12 @@ impl Session {
 
     pub async fn close(self) {
         let _ = self.client.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), self.poller)
+            .await
+            .is_err()
+        {
+            self.stop.cancel();
+        }
     }
 }
 
