@@ -1153,6 +1153,41 @@ mod tests {
     }
 
     #[test]
+    fn ota_problems_name_their_keys() {
+        let err = load(
+            r#"
+            [ota]
+            prefix = "a/b"
+            chunk_size = 10
+            max_concurrent_downloads = 0
+            http_base_url = "ftp://x"
+            fetch_ca_file = "/nonexistent/ca.pem"
+            [ota.devices."_bad"]
+            tags = ["x"]
+            "#,
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "ota.prefix",
+            "ota.chunk_size",
+            "ota.max_concurrent_downloads",
+            "ota.http_base_url",
+            "ota.fetch_ca_file",
+            "ota.devices._bad",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+        // A big chunk raises the broker's and the bridge's packet limits.
+        let s = load("[ota]\nchunk_size = 1048576\n", &[]).unwrap();
+        assert!(s.effective_broker().max_payload_size >= 1048576 + OTA_PACKET_OVERHEAD);
+        assert!(s.effective_broker().segment_bytes >= s.effective_broker().max_payload_size);
+        assert!(s.effective_cloud().max_packet_size >= 1048576 + OTA_PACKET_OVERHEAD);
+        assert_eq!(s.ota_http_base_url(), "http://127.0.0.1:9183");
+    }
+
+    #[test]
     fn printed_config_loads_back() {
         let s = Settings::default();
         let dir = tempfile::tempdir().unwrap();

@@ -190,3 +190,23 @@ fn readme_field_device_example_validates() {
     let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}\n{example}", text(&o));
 }
+
+/// The README's `[ota]` example is a valid configuration.
+#[test]
+fn readme_ota_example_validates() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("## Firmware updates (OTA)")
+        .expect("README OTA section");
+    let body = &readme[start..];
+    let toml_start = body.find("```toml\n").expect("toml block") + "```toml\n".len();
+    let toml_len = body[toml_start..].find("```").expect("end of toml block");
+    let example = &body[toml_start..toml_start + toml_len];
+    assert!(example.contains("[ota]"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ota.toml");
+    std::fs::write(&path, example).unwrap();
+    let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}\n{example}", text(&o));
+}
