@@ -580,3 +580,146 @@ async fn corrupted_cache_file_is_detected_and_refetched() {
         1.0
     );
 }
+
+/// A cloud without HTTPS pushes the image as MQTT chunks through the bridge; a rollout
+/// addressed to a tag reaches a device that announces the tag and one configured with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_pushed_image_reaches_tagged_devices() {
+    let s = setup().await;
+    let img = image(70 * 1024 + 3, 16);
+    let sha = sha256_hex(&img);
+    let g = s
+        .gateway("[ota.devices.cfgdev]\ntags = [\"pumps\"]\n")
+        .await;
+    let c = s.collector().await;
+    let push_chunk = 8192usize;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &json!({"name": "pumpfw", "version": "3.0", "size": img.len(), "sha256": sha,
+                "chunk_size": push_chunk, "tag": "pumps", "rollout": "tagged"}),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/rollout", |v| v["rollout"] == "tagged").await;
+    // Out of order, one repeated.
+    let chunks: Vec<&[u8]> = img.chunks(push_chunk).collect();
+    let mut order: Vec<usize> = (0..chunks.len()).rev().collect();
+    order.push(0);
+    for i in order {
+        c.client
+            .publish(
+                format!("fieldgate/gw1/cmd/ota/image/{sha}/{i}"),
+                QoS::AtLeastOnce,
+                false,
+                chunks[i].to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+
+    // "announcer" is unknown until it announces the tag in its request.
+    let mut a = Session::connect(g.mqtt, "announcer").await;
+    a.send(
+        "announcer",
+        "request",
+        json!({"version": "2.0", "tags": ["pumps"]}),
+    )
+    .await;
+    let (_, md) = a
+        .expect("announcer", &["metadata"], WAIT)
+        .await
+        .expect("metadata");
+    let md: Json = serde_json::from_slice(&md).unwrap();
+    assert_eq!(md["sha256"], sha.as_str());
+    assert_eq!(md["rollout"], "tagged");
+    a.close().await;
+    for id in ["announcer", "cfgdev"] {
+        let r = run_device(DeviceOpts::new(id, g.mqtt, Via::Mqtt))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+        assert_eq!(r.sha256, sha);
+    }
+    // Untagged devices are not assigned.
+    let mut other = Session::connect(g.mqtt, "other").await;
+    other.send("other", "request", json!({})).await;
+    let (_, p) = other
+        .expect("other", &["error", "metadata"], WAIT)
+        .await
+        .expect("reply");
+    assert_eq!(
+        serde_json::from_slice::<Json>(&p).unwrap()["code"],
+        "not_assigned"
+    );
+    assert_eq!(
+        g.metric("fieldgate_ota_fetch_bytes_total"),
+        (img.len() + chunks[0].len()) as f64,
+        "pushed bytes counted (one chunk twice)"
+    );
+}
+
+/// The cache quota evicts the least recently used image that no active rollout needs; an
+/// evicted image is no longer served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_quota_evicts_images_no_rollout_needs() {
+    let s = setup().await;
+    let a = image(600 * 1024, 17);
+    let b = image(600 * 1024, 18);
+    let (sha_a, sha_b) = (sha256_hex(&a), sha256_hex(&b));
+    let fw_a = FirmwareServer::start(&s.pki, a.clone()).await;
+    let fw_b = FirmwareServer::start(&s.pki, b.clone()).await;
+    let g = s.gateway("cache_max_bytes = 1048576").await;
+    let c = s.collector().await;
+    let mut up = upgrade(&a, &fw_a.url(), &["d1".into()]);
+    up["rollout"] = json!("ra");
+    command(&c, "cmd/ota/upgrade", &up).await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| {
+        v["result"] == "ok" && v["sha256"] == sha_a.as_str()
+    })
+    .await;
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Http))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha_a);
+    // d1 is done: rollout "ra" no longer needs image A.
+    assert!(
+        eventually(WAIT, || g
+            .get("/ota/status/rollout/ra")
+            .and_then(|b| serde_json::from_str::<Json>(&b).ok())
+            .is_some_and(|v| v["active"] == false))
+        .await
+    );
+    let mut up = upgrade(&b, &fw_b.url(), &["d2".into()]);
+    up["rollout"] = json!("rb");
+    up["version"] = json!("2.1");
+    command(&c, "cmd/ota/upgrade", &up).await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| {
+        v["result"] == "ok" && v["sha256"] == sha_b.as_str()
+    })
+    .await;
+    let base = format!("http://127.0.0.1:{}/ota/image/", g.http);
+    assert_eq!(
+        http_get(&format!("{base}{sha_a}"), None).await.unwrap().0,
+        404
+    );
+    let (st, body) = http_get(&format!("{base}{sha_b}"), None).await.unwrap();
+    assert_eq!((st, sha256_hex(&body)), (200, sha_b.clone()));
+    let (st, body) = http_get(&format!("{base}pumpfw/2.1"), Some("bytes=-10"))
+        .await
+        .unwrap();
+    assert_eq!((st, body.as_slice()), (206, &b[b.len() - 10..]));
+    assert_eq!(
+        http_get(&format!("{base}{sha_b}"), Some("bytes=999999999-"))
+            .await
+            .unwrap()
+            .0,
+        416
+    );
+    assert!(!s
+        .data
+        .path()
+        .join("ota")
+        .join(format!("{sha_a}.bin"))
+        .exists());
+    assert_eq!(g.metric("fieldgate_ota_cache_bytes"), b.len() as f64);
+}
