@@ -19,7 +19,7 @@ const EX_SOFTWARE: u8 = 70;
 #[command(
     name = "fieldgate",
     version,
-    about = "Edge gateway: embedded MQTT broker, crash-proof store-and-forward queue, TLS bridge to the cloud"
+    about = "Edge gateway: embedded MQTT broker, crash-proof store-and-forward queue, TLS bridge to the cloud, firmware cache and OTA serving for local devices"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway (built-in defaults when no file is given).
+    /// Run the gateway (built-in defaults when no file is given). OTA status and images are
+    /// served on the metrics endpoint under /ota/ (see docs/ota.md).
     Run {
         /// TOML configuration file. Environment variables FIELDGATE__SECTION__KEY override it.
         #[arg(short, long, value_name = "FILE")]
