@@ -9,6 +9,7 @@
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod frontend;
 pub mod gateway;
 pub mod http;
 pub mod metrics;

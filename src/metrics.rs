@@ -92,6 +92,87 @@ pub struct Metrics {
     pub replay_rate: Gauge<f64, AtomicU64>,
     /// Serial-line devices, per device.
     pub serial: crate::sources::serial::metrics::SerialMetrics,
+    /// The broker's front end (device connections).
+    pub broker: BrokerMetrics,
+}
+
+/// Metrics of the broker front end.
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    /// Device connections open now.
+    pub connections: Gauge,
+    /// Connections refused, by reason (bad credentials, limits, TLS, ...).
+    refused: Family<Labels, Counter>,
+    /// PUBLISHes dropped and SUBSCRIBE filters refused by the ACL, by action.
+    denied: Family<Labels, Counter>,
+    /// Device sessions ended, by reason.
+    closed_by: Family<Labels, Counter>,
+    /// QoS 2 retries (DUP before PUBREL) not forwarded again.
+    pub qos2_duplicates: Counter,
+    /// Deliveries lowered to the publisher's QoS.
+    pub downgraded: Counter,
+}
+
+impl BrokerMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("broker");
+        r.register(
+            "connections",
+            "Device connections open now",
+            self.connections.clone(),
+        );
+        r.register(
+            "refused",
+            "Device connections refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "denied",
+            "Publishes dropped and subscriptions refused by the ACL",
+            self.denied.clone(),
+        );
+        r.register(
+            "closed",
+            "Device sessions ended, by reason",
+            self.closed_by.clone(),
+        );
+        r.register(
+            "qos2_duplicates",
+            "QoS 2 retries not delivered twice",
+            self.qos2_duplicates.clone(),
+        );
+        r.register(
+            "downgraded",
+            "Deliveries lowered to min(published, granted) QoS",
+            self.downgraded.clone(),
+        );
+        for a in ["publish", "subscribe"] {
+            self.denied
+                .get_or_create(&vec![("action".into(), a.into())])
+                .inc_by(0);
+        }
+    }
+
+    /// Counts a refused connection.
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Counts an ACL denial.
+    pub fn deny(&self, action: crate::frontend::auth::Action) {
+        self.denied
+            .get_or_create(&vec![("action".into(), action.as_str().into())])
+            .inc();
+    }
+
+    /// Counts an ended session.
+    pub fn closed(&self, reason: &str) {
+        self.closed_by
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -120,8 +201,10 @@ impl Metrics {
             downlink_messages: Counter::default(),
             replay_rate: Gauge::default(),
             serial: Default::default(),
+            broker: Default::default(),
         };
         m.serial.register(&mut r);
+        m.broker.register(&mut r);
         r.register(
             "messages_in",
             "Local messages accepted into the queue",

@@ -118,7 +118,8 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_a_subscriber_with_topic_and_payload() {
-        let broker = Broker::new(&BrokerConfig::default()).expect("broker");
+        let broker =
+            Broker::new(&BrokerConfig::default(), crate::metrics::Metrics::new()).expect("broker");
         let mut sub = LocalClient::new(broker.link("t-sub").expect("link"));
         sub.subscribe("field/#").expect("subscribe");
         let (_sub_tx, mut sub_rx) = sub.split();

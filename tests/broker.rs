@@ -1,0 +1,686 @@
+//! The local broker's front end, driven with plain MQTT clients on loopback against the real
+//! gateway binary: authentication, ACLs, safe TLS listeners, limits, and the MQTT 3.1.1 rules
+//! rumqttd 0.20 breaks on its own (each test here fails against a bare rumqttd listener).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::*;
+use rumqttc::mqttbytes::v4::{self, Packet as P4};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway without cloud whose broker section is `broker` (keys of `[broker]`), default
+/// listener keys `listener`, and extra tables `tail`.
+async fn gateway(broker: &str, listener: &str, tail: &str) -> (Gateway, tempfile::TempDir) {
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[gateway]\nid = \"gw1\"\ndata_dir = \"{}\"\nshutdown_grace = \"1s\"\n\
+         [broker]\n{broker}\n[broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\n{listener}\n\
+         [metrics]\nlisten = \"127.0.0.1:{}\"\n{tail}\n",
+        data.path().display(),
+        ports.mqtt,
+        ports.http
+    );
+    (Gateway::start(&config, &ports).await, data)
+}
+
+/// Where the MQTT 3.1.1 rule tests connect: the gateway's front end, or, with
+/// `FIELDGATE_TEST_PLAIN_RUMQTTD=1`, a bare rumqttd 0.20 listener (to see those tests fail
+/// against the behaviour the front end corrects).
+async fn rules_target() -> (Option<(Gateway, tempfile::TempDir)>, u16) {
+    if std::env::var("FIELDGATE_TEST_PLAIN_RUMQTTD").is_err() {
+        let g = gateway("", "allow_anonymous = true", "").await;
+        let port = g.0.mqtt;
+        return (Some(g), port);
+    }
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+    let port = free_port();
+    let mut v4 = std::collections::HashMap::new();
+    v4.insert(
+        "plain".to_string(),
+        ServerSettings {
+            name: "plain".into(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: 10_000,
+                max_payload_size: 1 << 20,
+                max_inflight_count: 100,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: false,
+            },
+        },
+    );
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 1000,
+            max_segment_size: 1 << 20,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        let _ = rumqttd::Broker::new(config).start();
+    });
+    assert!(
+        eventually(WAIT, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok())
+        .await
+    );
+    (None, port)
+}
+
+/// `fieldgate passwd` with `password` on stdin.
+fn passwd(password: &str) -> String {
+    let mut child = fieldgate_command()
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+use std::io::Write as _;
+
+/// A connected rumqttc client and the packets it receives.
+struct Dev {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Packet>,
+    /// Publishes that arrived while waiting for something else.
+    held: Vec<Packet>,
+}
+
+impl Dev {
+    /// Next incoming packet matching `f` within the deadline.
+    async fn wait<T>(&mut self, mut f: impl FnMut(&Packet) -> Option<T>) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let p = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .ok()??;
+            if let Some(t) = f(&p) {
+                return Some(t);
+            }
+            if matches!(p, Packet::Publish(_)) {
+                self.held.push(p);
+            }
+        }
+    }
+
+    async fn suback(&mut self) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.wait(|p| match p {
+            Packet::SubAck(a) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .await
+        .expect("no SUBACK")
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    async fn publish1(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+        self.wait(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+            .expect("no PUBACK");
+    }
+
+    /// Publishes received within `within` (topic, payload, qos).
+    async fn received(&mut self, within: Duration) -> Vec<(String, String, QoS)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        let mut held = std::mem::take(&mut self.held).into_iter();
+        loop {
+            let p = match held.next() {
+                Some(p) => p,
+                None => match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(p)) => p,
+                    _ => break,
+                },
+            };
+            if let Packet::Publish(p) = p {
+                out.push((
+                    p.topic.clone(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                    p.qos,
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Connects with rumqttc; Err(code) when the broker refused with a CONNACK code.
+async fn connect(
+    port: u16,
+    id: &str,
+    login: Option<(&str, &str)>,
+    tls: Option<TlsConfiguration>,
+    keepalive: Duration,
+) -> Result<Dev, ConnectReturnCode> {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(keepalive);
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    if let Some(t) = tls {
+        o.set_transport(Transport::tls_with_config(t));
+    }
+    let (client, mut el) = AsyncClient::new(o, 100);
+    let first = tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a.code),
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
+                Err(e) => panic!("{id}: connection failed without CONNACK: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("no CONNACK");
+    first?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(Dev {
+        client,
+        rx,
+        held: Vec::new(),
+    })
+}
+
+async fn anon(port: u16, id: &str) -> Dev {
+    connect(port, id, None, None, Duration::from_secs(30))
+        .await
+        .unwrap()
+}
+
+/// A raw MQTT 3.1.1 connection for the packets rumqttc refuses to send.
+struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(port: u16, id: &str, keepalive: u16) -> (Raw, Option<P4>) {
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        let mut c = v4::Connect::new(id);
+        c.keep_alive = keepalive;
+        r.send(P4::Connect(c)).await;
+        let ack = r.recv().await;
+        (r, ack)
+    }
+
+    async fn send(&mut self, p: P4) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, usize::MAX).unwrap();
+        let _ = self.s.write_all(&out).await;
+    }
+
+    /// The next packet; None when the connection closed (or nothing came within WAIT).
+    async fn recv(&mut self) -> Option<P4> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match P4::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("bad packet from broker: {e}"),
+            }
+            match tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// True when the broker closed the connection (EOF or reset) within WAIT.
+    async fn closed(&mut self) -> bool {
+        let mut b = [0u8; 256];
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.s.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+fn connack_ok(p: Option<P4>) -> bool {
+    matches!(p, Some(P4::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_unknown_user_and_anonymous_are_refused() {
+    let hash = passwd("s3cret");
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let (gw, _d) = gateway(
+        &format!("[[broker.users]]\nusername = \"plc\"\npassword_hash = \"{hash}\""),
+        "",
+        "",
+    )
+    .await;
+    let port = gw.mqtt;
+    let long = Duration::from_secs(30);
+    let r = connect(port, "a", Some(("plc", "wrong")), None, long).await;
+    assert!(matches!(r, Err(ConnectReturnCode::BadUserNamePassword)));
+    let r = connect(port, "b", Some(("nobody", "s3cret")), None, long).await;
+    assert!(matches!(r, Err(ConnectReturnCode::BadUserNamePassword)));
+    let r = connect(port, "c", None, None, long).await;
+    assert!(matches!(r, Err(ConnectReturnCode::NotAuthorized)));
+    let mut ok = connect(port, "d", Some(("plc", "s3cret")), None, long)
+        .await
+        .expect("right password refused");
+    ok.publish1("field/plc/x", "1").await;
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"bad_password\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"unknown_user\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"anonymous\"}"),
+        1.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authorization
+
+const ACL: &str = r##"
+[broker.acl.default]
+publish = ["field/%u/#"]
+subscribe = ["cmd/%u/#"]
+[broker.acl.users.admin]
+publish = ["#"]
+subscribe = ["#"]
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_is_kept_to_its_acl_while_admin_sees_everything() {
+    let users = "[[broker.users]]\nusername = \"dev1\"\npassword = \"p1\"\n\
+                 [[broker.users]]\nusername = \"admin\"\npassword = \"pa\"";
+    let (gw, _d) = gateway(users, "", ACL).await;
+    let long = Duration::from_secs(30);
+    let mut admin = connect(gw.mqtt, "admin", Some(("admin", "pa")), None, long)
+        .await
+        .unwrap();
+    admin.client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
+    assert_eq!(
+        admin.suback().await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let mut dev = connect(gw.mqtt, "dev1c", Some(("dev1", "p1")), None, long)
+        .await
+        .unwrap();
+    // Subscribe: own command subtree granted, someone else's and everything refused (0x80).
+    dev.client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("cmd/dev1/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("cmd/dev2/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("#".into(), QoS::AtMostOnce),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        dev.suback().await,
+        [
+            rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Failure,
+            rumqttc::SubscribeReasonCode::Failure,
+        ]
+    );
+    // Publish: outside the ACL still PUBACKed (3.1.1 has no negative ack) but dropped.
+    dev.publish1("field/dev2/temp", "forged").await;
+    dev.publish1("field/dev1/temp", "mine").await;
+    // The admin publishes a command for dev1 and one for dev2.
+    admin.publish1("cmd/dev2/reboot", "no").await;
+    admin.publish1("cmd/dev1/reboot", "yes").await;
+    let seen = admin.received(Duration::from_secs(1)).await;
+    let topics: Vec<&str> = seen.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert!(topics.contains(&"field/dev1/temp"), "{seen:?}");
+    assert!(!topics.contains(&"field/dev2/temp"), "{seen:?}");
+    let got = dev.received(Duration::from_secs(1)).await;
+    let got: Vec<&str> = got.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(got, ["cmd/dev1/reboot"]);
+    assert_eq!(
+        gw.metric("fieldgate_broker_denied_total{action=\"publish\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("fieldgate_broker_denied_total{action=\"subscribe\"}"),
+        2.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS listeners
+
+fn tls_listener(pki: &Pki, client_cert: &str) -> String {
+    format!(
+        "[broker.listeners.default.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         client_ca_file = \"{}\"\nclient_cert = \"{client_cert}\"\n",
+        pki.server.cert.display(),
+        pki.server.key.display(),
+        pki.ca.display()
+    )
+}
+
+fn device_tls(pki: &Pki, with_cert: bool) -> TlsConfiguration {
+    TlsConfiguration::Simple {
+        ca: std::fs::read(&pki.ca).unwrap(),
+        alpn: None,
+        client_auth: with_cert.then(|| {
+            (
+                std::fs::read(&pki.client.cert).unwrap(),
+                std::fs::read(&pki.client.key).unwrap(),
+            )
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshake_does_not_block_other_clients() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = Pki::new();
+    let listener = format!("allow_anonymous = true\n{}", tls_listener(&pki, "none"));
+    let (gw, _d) = gateway("tls_handshake_timeout = \"1s\"", &listener, "").await;
+    // An idle TCP client on the TLS port: sends nothing.
+    let mut idle = TcpStream::connect(("127.0.0.1", gw.mqtt)).await.unwrap();
+    let mut idle2 = TcpStream::connect(("127.0.0.1", gw.mqtt)).await.unwrap();
+    let mut dev = connect(
+        gw.mqtt,
+        "tls-dev",
+        None,
+        Some(device_tls(&pki, false)),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("a TLS client was blocked or refused");
+    dev.publish1("field/x", "1").await;
+    // And the idle ones are dropped after the handshake timeout.
+    let mut b = [0u8; 16];
+    for s in [&mut idle, &mut idle2] {
+        let r = tokio::time::timeout(WAIT, s.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "idle client not dropped"
+        );
+    }
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"tls_handshake_timeout\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_cn_is_the_identity_and_a_missing_one_is_refused() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = Pki::new();
+    // The test client certificate's CN is "client".
+    let acl = "[broker.acl.default]\npublish = [\"field/%u/#\"]\nsubscribe = [\"field/%u/#\"]\n";
+    let (gw, _d) = gateway("", &tls_listener(&pki, "required"), acl).await;
+    let long = Duration::from_secs(30);
+    let r = connect(gw.mqtt, "nocert", None, Some(device_tls(&pki, false)), long).await;
+    assert!(
+        matches!(r, Err(ConnectReturnCode::NotAuthorized)),
+        "{:?}",
+        r.err()
+    );
+    let mut dev = connect(
+        gw.mqtt,
+        "withcert",
+        None,
+        Some(device_tls(&pki, true)),
+        long,
+    )
+    .await
+    .expect("a device with a valid certificate was refused");
+    dev.client
+        .subscribe("field/client/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        dev.suback().await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    dev.publish1("field/other/x", "denied").await;
+    dev.publish1("field/client/x", "allowed").await;
+    let got = dev.received(Duration::from_secs(1)).await;
+    let got: Vec<&str> = got.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(got, ["field/client/x"]);
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"no_certificate\"}"),
+        1.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_packet_limits_hold() {
+    let (gw, _d) = gateway(
+        "max_connections_per_ip = 2\nmax_payload_size = 2048",
+        "allow_anonymous = true",
+        "",
+    )
+    .await;
+    let (_a, ack) = Raw::connect(gw.mqtt, "a", 30).await;
+    assert!(connack_ok(ack));
+    let (mut b, ack) = Raw::connect(gw.mqtt, "b", 30).await;
+    assert!(connack_ok(ack));
+    let (mut c, ack) = Raw::connect(gw.mqtt, "c", 30).await;
+    assert!(ack.is_none(), "third connection from one IP was served");
+    assert!(c.closed().await);
+    // Too large a packet closes the connection.
+    b.send(P4::Publish(v4::Publish::new(
+        "field/x",
+        rumqttc::QoS::AtMostOnce,
+        vec![b'x'; 4096],
+    )))
+    .await;
+    assert!(
+        b.closed().await,
+        "oversized packet did not close the connection"
+    );
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"max_connections_per_ip\"}"),
+        1.0
+    );
+    assert!(
+        eventually(WAIT, || gw
+            .metric("fieldgate_broker_closed_total{reason=\"too_large\"}")
+            == 1.0)
+        .await
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT 3.1.1 rules rumqttd breaks
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_zero_is_accepted() {
+    let (_gw, port) = rules_target().await;
+    let (mut r, ack) = Raw::connect(port, "ka0", 0).await;
+    assert!(connack_ok(ack), "keepalive 0 refused");
+    r.send(P4::PingReq).await;
+    assert!(matches!(r.recv().await, Some(P4::PingResp)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_topic_names_close_the_connection() {
+    let (_gw, port) = rules_target().await;
+    for topic in ["a/+", "a/#", ""] {
+        let (mut r, ack) = Raw::connect(port, "badtopic", 30).await;
+        assert!(connack_ok(ack));
+        let mut p = v4::Publish::new(topic, rumqttc::QoS::AtLeastOnce, "x");
+        p.pkid = 1;
+        r.send(P4::Publish(p)).await;
+        assert!(
+            r.closed().await,
+            "PUBLISH to {topic:?} did not close the connection"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_filters_get_a_failure_return_code() {
+    let (_gw, port) = rules_target().await;
+    let (mut r, ack) = Raw::connect(port, "badfilter", 30).await;
+    assert!(connack_ok(ack));
+    let mut s = v4::Subscribe::new("a/#/b", rumqttc::QoS::AtLeastOnce);
+    s.add("a/b+".into(), rumqttc::QoS::AtMostOnce);
+    s.add("a/+/b".into(), rumqttc::QoS::AtLeastOnce);
+    s.pkid = 3;
+    r.send(P4::Subscribe(s)).await;
+    match r.recv().await {
+        Some(P4::SubAck(a)) => assert_eq!(
+            a.return_codes,
+            [
+                v4::SubscribeReasonCode::Failure,
+                v4::SubscribeReasonCode::Failure,
+                v4::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce),
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connect_closes_the_connection() {
+    let (_gw, port) = rules_target().await;
+    let (mut r, ack) = Raw::connect(port, "twice", 30).await;
+    assert!(connack_ok(ack));
+    r.send(P4::Connect(v4::Connect::new("twice"))).await;
+    assert!(
+        r.closed().await,
+        "second CONNECT did not close the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_qos_is_the_minimum_of_published_and_granted() {
+    let (_gw, port) = rules_target().await;
+    let mut sub = anon(port, "sub").await;
+    sub.client.subscribe("q/#", QoS::ExactlyOnce).await.unwrap();
+    sub.suback().await;
+    let publ = anon(port, "pub").await;
+    for (t, q) in [
+        ("q/0", QoS::AtMostOnce),
+        ("q/1", QoS::AtLeastOnce),
+        ("q/2", QoS::ExactlyOnce),
+    ] {
+        publ.client.publish(t, q, false, "x").await.unwrap();
+    }
+    let mut got = sub.received(Duration::from_secs(2)).await;
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let qos: Vec<(&str, QoS)> = got.iter().map(|(t, _, q)| (t.as_str(), *q)).collect();
+    assert_eq!(
+        qos,
+        [
+            ("q/0", QoS::AtMostOnce),
+            ("q/1", QoS::AtLeastOnce),
+            ("q/2", QoS::ExactlyOnce)
+        ]
+    );
+    // A QoS 1 subscriber gets QoS 2 publishes at QoS 1, and acknowledging them completes
+    // the flow (the next one still arrives).
+    let mut sub1 = anon(port, "sub1").await;
+    sub1.client
+        .subscribe("r/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub1.suback().await;
+    for i in 0..3 {
+        publ.client
+            .publish(format!("r/{i}"), QoS::ExactlyOnce, false, "y")
+            .await
+            .unwrap();
+    }
+    let got = sub1.received(Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got.iter().all(|(_, _, q)| *q == QoS::AtLeastOnce),
+        "{got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_retry_before_pubrel_is_delivered_once() {
+    let (_gw, port) = rules_target().await;
+    let mut sub = anon(port, "sub2").await;
+    sub.client
+        .subscribe("once/#", QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let (mut r, ack) = Raw::connect(port, "q2pub", 30).await;
+    assert!(connack_ok(ack));
+    let mut p = v4::Publish::new("once/x", rumqttc::QoS::ExactlyOnce, "payload");
+    p.pkid = 9;
+    r.send(P4::Publish(p.clone())).await;
+    assert!(matches!(r.recv().await, Some(P4::PubRec(a)) if a.pkid == 9));
+    p.dup = true;
+    r.send(P4::Publish(p)).await;
+    assert!(matches!(r.recv().await, Some(P4::PubRec(a)) if a.pkid == 9));
+    r.send(P4::PubRel(v4::PubRel::new(9))).await;
+    assert!(matches!(r.recv().await, Some(P4::PubComp(a)) if a.pkid == 9));
+    // A PUBREL retried (it must be handled idempotently) releases nothing more.
+    r.send(P4::PubRel(v4::PubRel::new(9))).await;
+    assert!(matches!(r.recv().await, Some(P4::PubComp(a)) if a.pkid == 9));
+    let got = sub.received(Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 1, "delivered {} times: {got:?}", got.len());
+}
