@@ -459,9 +459,11 @@ async fn stalled_tls_handshake_does_not_block_other_clients() {
             "idle client not dropped"
         );
     }
-    assert_eq!(
-        gw.metric("fieldgate_broker_refused_total{reason=\"tls_handshake_timeout\"}"),
-        2.0
+    assert!(
+        eventually(WAIT, || gw.metric(
+            "fieldgate_broker_refused_total{reason=\"tls_handshake_timeout\"}"
+        ) == 2.0)
+        .await
     );
 }
 

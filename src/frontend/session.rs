@@ -190,15 +190,15 @@ where
     };
     let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
     if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
+        ctx.metrics.broker.refuse("protocol_version");
         let _ = dev
             .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
             .await;
-        ctx.metrics.broker.refuse("protocol_version");
         return End::Refused;
     }
     if connect.client_id.is_empty() && !connect.clean_session {
-        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         ctx.metrics.broker.refuse("client_id");
+        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         return End::Refused;
     }
     if let Some(w) = &connect.last_will {
@@ -209,8 +209,8 @@ where
     let name = match authenticate(&ctx, &connect, cert_cn).await {
         Ok(name) => name,
         Err((code, reason)) => {
-            let _ = dev.send(refuse(code)).await;
             ctx.metrics.broker.refuse(reason);
+            let _ = dev.send(refuse(code)).await;
             info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, reason, "connection refused");
             return End::Refused;
         }
@@ -233,23 +233,23 @@ where
     let mut up = match open_upstream(&ctx, &connect).await {
         Ok(up) => up,
         Err(code) => {
-            let _ = dev.send(refuse(code)).await;
             ctx.metrics.broker.refuse("broker_unavailable");
+            let _ = dev.send(refuse(code)).await;
             return End::Refused;
         }
     };
     let session_present = match up.next().await {
         Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
         Ok(P5::ConnAck(a)) => {
-            let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
             ctx.metrics.broker.refuse("broker_refused");
+            let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
             return End::Refused;
         }
         _ => {
+            ctx.metrics.broker.refuse("broker_unavailable");
             let _ = dev
                 .send(refuse(v4::ConnectReturnCode::ServiceUnavailable))
                 .await;
-            ctx.metrics.broker.refuse("broker_unavailable");
             return End::Refused;
         }
     };
