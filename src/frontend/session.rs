@@ -47,6 +47,9 @@ use crate::topic;
 /// Keepalive the front end announces to rumqttd (it pings every half of it).
 pub const UPSTREAM_KEEPALIVE: u16 = 60;
 
+/// Most packets handled between two writes (bounds the output one batch can queue).
+const BATCH: usize = 64;
+
 /// Why a session ended; the label of `fieldgate_broker_closed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -84,7 +87,12 @@ impl End {
     }
 }
 
-/// Reads v4 packets from the device.
+/// The device's socket: v4 packets in, v4 packets out.
+///
+/// Writes are batched: [`DeviceIo::queue`] only encodes into `out`, and [`DeviceIo::flush`]
+/// writes everything queued in one call. The relay flushes before it reads again, so a
+/// device that stops reading still stops its own session (TCP back-pressure), and `out`
+/// holds at most what one batch of input produced.
 struct DeviceIo<S> {
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
@@ -94,39 +102,57 @@ struct DeviceIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite> DeviceIo<S> {
+    /// A complete packet already in `buf`, without reading.
+    fn parse(&mut self) -> Result<Option<P4>, End> {
+        match P4::read(&mut self.buf, self.max) {
+            Ok(p) => Ok(Some(p)),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
+                self.buf.reserve(n.min(64 * 1024));
+                Ok(None)
+            }
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => Err(End::TooLarge),
+            Err(_) => Err(End::ProtocolViolation),
+        }
+    }
+
     /// The next packet; cancel-safe (bytes read so far stay in `buf`).
     async fn next(&mut self) -> Result<P4, End> {
         loop {
-            match P4::read(&mut self.buf, self.max) {
-                Ok(p) => return Ok(p),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
-                    self.buf.reserve(n.min(64 * 1024));
-                    match self.rd.read_buf(&mut self.buf).await {
-                        Ok(0) | Err(_) => return Err(End::DeviceGone),
-                        Ok(_) => {}
-                    }
-                }
-                Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
-                    return Err(End::TooLarge)
-                }
-                Err(_) => return Err(End::ProtocolViolation),
+            if let Some(p) = self.parse()? {
+                return Ok(p);
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(End::DeviceGone),
+                Ok(_) => {}
             }
         }
     }
 
-    async fn send(&mut self, p: P4) -> Result<(), End> {
-        self.out.clear();
+    /// Encodes a packet for the next [`DeviceIo::flush`].
+    fn queue(&mut self, p: P4) -> Result<(), End> {
         p.write(&mut self.out, usize::MAX)
-            .map_err(|_| End::ProtocolViolation)?;
-        self.wr
-            .write_all(&self.out)
-            .await
-            .map_err(|_| End::DeviceGone)?;
+            .map(|_| ())
+            .map_err(|_| End::ProtocolViolation)
+    }
+
+    /// Writes everything queued.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.wr.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|_| End::DeviceGone)?;
         self.wr.flush().await.map_err(|_| End::DeviceGone)
+    }
+
+    async fn send(&mut self, p: P4) -> Result<(), End> {
+        self.queue(p)?;
+        self.flush().await
     }
 }
 
-/// Reads v5 packets from rumqttd.
+/// The loopback socket to rumqttd: v5 packets, batched like [`DeviceIo`].
 struct BrokerIo {
     rd: tokio::net::tcp::OwnedReadHalf,
     wr: tokio::net::tcp::OwnedWriteHalf,
@@ -135,29 +161,47 @@ struct BrokerIo {
 }
 
 impl BrokerIo {
+    fn parse(&mut self) -> Result<Option<P5>, End> {
+        match P5::read(&mut self.buf, None) {
+            Ok(p) => Ok(Some(p)),
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => {
+                self.buf.reserve(n.min(64 * 1024));
+                Ok(None)
+            }
+            Err(_) => Err(End::BrokerGone),
+        }
+    }
+
     async fn next(&mut self) -> Result<P5, End> {
         loop {
-            match P5::read(&mut self.buf, None) {
-                Ok(p) => return Ok(p),
-                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => {
-                    self.buf.reserve(n.min(64 * 1024));
-                    match self.rd.read_buf(&mut self.buf).await {
-                        Ok(0) | Err(_) => return Err(End::BrokerGone),
-                        Ok(_) => {}
-                    }
-                }
-                Err(_) => return Err(End::BrokerGone),
+            if let Some(p) = self.parse()? {
+                return Ok(p);
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(End::BrokerGone),
+                Ok(_) => {}
             }
         }
     }
 
-    async fn send(&mut self, p: P5) -> Result<(), End> {
-        self.out.clear();
-        p.write(&mut self.out, None).map_err(|_| End::BrokerGone)?;
-        self.wr
-            .write_all(&self.out)
-            .await
+    fn queue(&mut self, p: P5) -> Result<(), End> {
+        p.write(&mut self.out, None)
+            .map(|_| ())
             .map_err(|_| End::BrokerGone)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.wr.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|_| End::BrokerGone)
+    }
+
+    async fn send(&mut self, p: P5) -> Result<(), End> {
+        self.queue(p)?;
+        self.flush().await
     }
 }
 
@@ -368,6 +412,23 @@ impl Relay {
         up: &mut BrokerIo,
         keep_alive: u16,
     ) -> End {
+        let end = self.relay(dev, up, keep_alive).await;
+        if end == End::Disconnect {
+            // Deliver the queued DISCONNECT so rumqttd drops the will.
+            let _ = up.flush().await;
+            let _ = up.wr.shutdown().await;
+        }
+        end
+    }
+
+    /// The relay loop: wait for a packet from either side, handle it and everything else
+    /// already buffered (at most [`BATCH`] packets), then write both sides' output.
+    async fn relay<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+        keep_alive: u16,
+    ) -> End {
         let silence = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
         let mut last_in = Instant::now();
         let period = Duration::from_secs(UPSTREAM_KEEPALIVE as u64 / 2);
@@ -375,27 +436,55 @@ impl Relay {
         loop {
             let expiry = silence.map(|s| last_in + s);
             let step = tokio::select! {
-                p = dev.next() => match p {
-                    Ok(p) => {
-                        last_in = Instant::now();
-                        self.on_device(p, dev, up).await
-                    }
-                    Err(e) => Err(e),
-                },
-                p = up.next() => match p {
-                    Ok(p) => self.on_broker(p, dev, up).await,
-                    Err(e) => Err(e),
-                },
-                _ = ping.tick() => up.send(P5::PingReq(v5::PingReq)).await,
+                p = dev.next() => p.and_then(|p| {
+                    last_in = Instant::now();
+                    self.on_device(p, dev, up)
+                }),
+                p = up.next() => p.and_then(|p| self.on_broker(p, dev, up)),
+                _ = ping.tick() => up.queue(P5::PingReq(v5::PingReq)),
                 _ = sleep_until_opt(expiry) => Err(End::KeepaliveTimeout),
             };
             if let Err(end) = step {
                 return end;
             }
+            if let Err(end) = self.drain(dev, up, &mut last_in) {
+                return end;
+            }
+            if let Err(end) = up.flush().await {
+                return end;
+            }
+            if let Err(end) = dev.flush().await {
+                return end;
+            }
         }
     }
 
-    async fn on_device<S: AsyncRead + AsyncWrite>(
+    /// Handles packets already read from either side, without reading more.
+    fn drain<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+        last_in: &mut Instant,
+    ) -> Result<(), End> {
+        for _ in 0..BATCH {
+            let mut more = false;
+            if let Some(p) = dev.parse()? {
+                *last_in = Instant::now();
+                self.on_device(p, dev, up)?;
+                more = true;
+            }
+            if let Some(p) = up.parse()? {
+                self.on_broker(p, dev, up)?;
+                more = true;
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_device<S: AsyncRead + AsyncWrite>(
         &mut self,
         p: P4,
         dev: &mut DeviceIo<S>,
@@ -417,59 +506,55 @@ impl Relay {
                     debug!(client_id = %self.id.client_id, topic = %p.topic, "publish denied");
                     return match p.qos {
                         QoS::AtMostOnce => Ok(()),
-                        QoS::AtLeastOnce => dev.send(P4::PubAck(v4::PubAck::new(p.pkid))).await,
+                        QoS::AtLeastOnce => dev.queue(P4::PubAck(v4::PubAck::new(p.pkid))),
                         QoS::ExactlyOnce => {
                             self.qos2_denied.insert(p.pkid);
-                            dev.send(P4::PubRec(v4::PubRec::new(p.pkid))).await
+                            dev.queue(P4::PubRec(v4::PubRec::new(p.pkid)))
                         }
                     };
                 }
                 if p.qos == QoS::ExactlyOnce && !self.qos2_in.insert(p.pkid) {
                     // A retry of a message rumqttd already has: do not deliver it twice.
                     m.qos2_duplicates.inc();
-                    return dev.send(P4::PubRec(v4::PubRec::new(p.pkid))).await;
+                    return dev.queue(P4::PubRec(v4::PubRec::new(p.pkid)));
                 }
-                up.send(upstream::publish(p)).await
+                up.queue(upstream::publish(p))
             }
             P4::PubRel(r) => {
                 if self.qos2_denied.remove(&r.pkid) {
-                    return dev.send(P4::PubComp(v4::PubComp::new(r.pkid))).await;
+                    return dev.queue(P4::PubComp(v4::PubComp::new(r.pkid)));
                 }
                 if !self.qos2_in.remove(&r.pkid) {
                     // Nothing awaits release under this id (a retried PUBREL): answer it,
                     // release nothing (MQTT-4.3.3, PUBREL is handled idempotently).
-                    return dev.send(P4::PubComp(v4::PubComp::new(r.pkid))).await;
+                    return dev.queue(P4::PubComp(v4::PubComp::new(r.pkid)));
                 }
-                up.send(P5::PubRel(v5::PubRel::new(r.pkid, None))).await
+                up.queue(P5::PubRel(v5::PubRel::new(r.pkid, None)))
             }
             P4::PubAck(a) => {
                 if self.down21.remove(&a.pkid) {
                     // Lowered from QoS 2: the device acknowledged, finish rumqttd's flow.
                     self.answer_rel.insert(a.pkid);
-                    return up.send(P5::PubRec(v5::PubRec::new(a.pkid, None))).await;
+                    return up.queue(P5::PubRec(v5::PubRec::new(a.pkid, None)));
                 }
-                up.send(P5::PubAck(v5::PubAck::new(a.pkid, None))).await
+                up.queue(P5::PubAck(v5::PubAck::new(a.pkid, None)))
             }
-            P4::PubRec(a) => up.send(P5::PubRec(v5::PubRec::new(a.pkid, None))).await,
-            P4::PubComp(a) => up.send(P5::PubComp(v5::PubComp::new(a.pkid, None))).await,
-            P4::Subscribe(s) => self.subscribe(s, dev, up).await,
+            P4::PubRec(a) => up.queue(P5::PubRec(v5::PubRec::new(a.pkid, None))),
+            P4::PubComp(a) => up.queue(P5::PubComp(v5::PubComp::new(a.pkid, None))),
+            P4::Subscribe(s) => self.subscribe(s, dev, up),
             P4::Unsubscribe(u) => {
                 self.granted.retain(|(f, _)| !u.topics.contains(f));
-                up.send(P5::Unsubscribe(v5::Unsubscribe {
+                up.queue(P5::Unsubscribe(v5::Unsubscribe {
                     pkid: u.pkid,
                     filters: u.topics,
                     properties: None,
                 }))
-                .await
             }
-            P4::PingReq => dev.send(P4::PingResp).await,
+            P4::PingReq => dev.queue(P4::PingResp),
             P4::Disconnect => {
-                let _ = up
-                    .send(P5::Disconnect(v5::Disconnect::new(
-                        v5::DisconnectReasonCode::NormalDisconnection,
-                    )))
-                    .await;
-                let _ = up.wr.shutdown().await;
+                up.queue(P5::Disconnect(v5::Disconnect::new(
+                    v5::DisconnectReasonCode::NormalDisconnection,
+                )))?;
                 Err(End::Disconnect)
             }
             // A second CONNECT, or packets only a server sends.
@@ -479,7 +564,7 @@ impl Relay {
         }
     }
 
-    async fn subscribe<S: AsyncRead + AsyncWrite>(
+    fn subscribe<S: AsyncRead + AsyncWrite>(
         &mut self,
         s: v4::Subscribe,
         dev: &mut DeviceIo<S>,
@@ -508,29 +593,29 @@ impl Relay {
         }
         if forward.is_empty() {
             let codes = codes.into_iter().flatten().collect();
-            return dev.send(P4::SubAck(v4::SubAck::new(s.pkid, codes))).await;
+            return dev.queue(P4::SubAck(v4::SubAck::new(s.pkid, codes)));
         }
         let packet = upstream::subscribe(s.pkid, &forward);
         self.pending_sub.insert(s.pkid, (codes, forward));
-        up.send(packet).await
+        up.queue(packet)
     }
 
-    async fn on_broker<S: AsyncRead + AsyncWrite>(
+    fn on_broker<S: AsyncRead + AsyncWrite>(
         &mut self,
         p: P5,
         dev: &mut DeviceIo<S>,
         up: &mut BrokerIo,
     ) -> Result<(), End> {
         match p {
-            P5::Publish(p) => self.deliver(p, dev, up).await,
-            P5::PubAck(a) => dev.send(P4::PubAck(v4::PubAck::new(a.pkid))).await,
-            P5::PubRec(a) => dev.send(P4::PubRec(v4::PubRec::new(a.pkid))).await,
-            P5::PubComp(a) => dev.send(P4::PubComp(v4::PubComp::new(a.pkid))).await,
+            P5::Publish(p) => self.deliver(p, dev, up),
+            P5::PubAck(a) => dev.queue(P4::PubAck(v4::PubAck::new(a.pkid))),
+            P5::PubRec(a) => dev.queue(P4::PubRec(v4::PubRec::new(a.pkid))),
+            P5::PubComp(a) => dev.queue(P4::PubComp(v4::PubComp::new(a.pkid))),
             P5::PubRel(r) => {
                 if self.answer_rel.remove(&r.pkid) {
-                    return up.send(P5::PubComp(v5::PubComp::new(r.pkid, None))).await;
+                    return up.queue(P5::PubComp(v5::PubComp::new(r.pkid, None)));
                 }
-                dev.send(P4::PubRel(v4::PubRel::new(r.pkid))).await
+                dev.queue(P4::PubRel(v4::PubRel::new(r.pkid)))
             }
             P5::SubAck(a) => {
                 let Some((mut codes, forwarded)) = self.pending_sub.remove(&a.pkid) else {
@@ -555,9 +640,9 @@ impl Relay {
                     .into_iter()
                     .map(|c| c.unwrap_or(v4::SubscribeReasonCode::Failure))
                     .collect();
-                dev.send(P4::SubAck(v4::SubAck::new(a.pkid, codes))).await
+                dev.queue(P4::SubAck(v4::SubAck::new(a.pkid, codes)))
             }
-            P5::UnsubAck(a) => dev.send(P4::UnsubAck(v4::UnsubAck::new(a.pkid))).await,
+            P5::UnsubAck(a) => dev.queue(P4::UnsubAck(v4::UnsubAck::new(a.pkid))),
             P5::PingResp(_) => Ok(()),
             P5::Disconnect(_) => Err(End::BrokerGone),
             _ => Ok(()),
@@ -565,7 +650,7 @@ impl Relay {
     }
 
     /// Delivers a message from rumqttd at min(publisher's QoS, granted QoS).
-    async fn deliver<S: AsyncRead + AsyncWrite>(
+    fn deliver<S: AsyncRead + AsyncWrite>(
         &mut self,
         p: v5::Publish,
         dev: &mut DeviceIo<S>,
@@ -582,19 +667,19 @@ impl Relay {
             }
         });
         if want == delivered {
-            return dev.send(P4::Publish(p)).await;
+            return dev.queue(P4::Publish(p));
         }
         self.ctx.metrics.broker.downgraded.inc();
         let pkid = p.pkid;
         match (delivered, want) {
             (QoS::AtLeastOnce, _) => {
-                up.send(P5::PubAck(v5::PubAck::new(pkid, None))).await?;
+                up.queue(P5::PubAck(v5::PubAck::new(pkid, None)))?;
                 p.qos = QoS::AtMostOnce;
                 p.pkid = 0;
             }
             (QoS::ExactlyOnce, QoS::AtMostOnce) => {
                 self.answer_rel.insert(pkid);
-                up.send(P5::PubRec(v5::PubRec::new(pkid, None))).await?;
+                up.queue(P5::PubRec(v5::PubRec::new(pkid, None)))?;
                 p.qos = QoS::AtMostOnce;
                 p.pkid = 0;
             }
@@ -605,7 +690,7 @@ impl Relay {
             }
             _ => {}
         }
-        dev.send(P4::Publish(p)).await
+        dev.queue(P4::Publish(p))
     }
 }
 
