@@ -111,6 +111,8 @@ pub async fn run(
     // 2. Broker.
     let broker_span = tracing::info_span!("broker");
     let mut broker = broker_span.in_scope(|| Broker::new(&settings.broker, metrics.clone()))?;
+    // Kept retained messages go back into the router before anyone can subscribe.
+    crate::retained::restore(&broker, &store).await?;
     let tap_link = broker.link("fieldgate-uplink-tap")?;
     let downlink_link = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)

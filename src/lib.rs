@@ -13,6 +13,7 @@ pub mod frontend;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod retained;
 pub mod sources;
 pub mod store;
 pub mod tap;

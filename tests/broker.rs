@@ -23,17 +23,22 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A gateway without cloud whose broker section is `broker` (keys of `[broker]`), default
 /// listener keys `listener`, and extra tables `tail`.
 async fn gateway(broker: &str, listener: &str, tail: &str) -> (Gateway, tempfile::TempDir) {
-    let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
+    (gateway_in(data.path(), broker, listener, tail).await, data)
+}
+
+/// [`gateway`] on an existing data directory (for restarts).
+async fn gateway_in(data: &std::path::Path, broker: &str, listener: &str, tail: &str) -> Gateway {
+    let ports = GatewayPorts::new();
     let config = format!(
         "[gateway]\nid = \"gw1\"\ndata_dir = \"{}\"\nshutdown_grace = \"1s\"\n\
          [broker]\n{broker}\n[broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\n{listener}\n\
          [metrics]\nlisten = \"127.0.0.1:{}\"\n{tail}\n",
-        data.path().display(),
+        data.display(),
         ports.mqtt,
         ports.http
     );
-    (Gateway::start(&config, &ports).await, data)
+    Gateway::start(&config, &ports).await
 }
 
 /// Where the MQTT 3.1.1 rule tests connect: the gateway's front end, or, with
@@ -153,6 +158,27 @@ impl Dev {
         self.wait(|p| matches!(p, Packet::PubAck(_)).then_some(()))
             .await
             .expect("no PUBACK");
+    }
+
+    /// Publishes received within `within` (topic, payload, qos, retain).
+    async fn received_retain(&mut self, within: Duration) -> Vec<(String, String, QoS, bool)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        let mut held = std::mem::take(&mut self.held).into_iter();
+        loop {
+            let p = match held.next() {
+                Some(p) => p,
+                None => match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(p)) => p,
+                    _ => break,
+                },
+            };
+            if let Packet::Publish(p) = p {
+                let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                out.push((p.topic.clone(), payload, p.qos, p.retain));
+            }
+        }
+        out
     }
 
     /// Publishes received within `within` (topic, payload, qos).
@@ -685,4 +711,192 @@ async fn qos2_retry_before_pubrel_is_delivered_once() {
     assert!(matches!(r.recv().await, Some(P4::PubComp(a)) if a.pkid == 9));
     let got = sub.received(Duration::from_secs(2)).await;
     assert_eq!(got.len(), 1, "delivered {} times: {got:?}", got.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// State across restarts.
+
+/// Retained messages as a fresh subscriber to `filter` sees them, sorted by topic.
+async fn retained_view(port: u16, id: &str, filter: &str) -> Vec<(String, String, QoS, bool)> {
+    let mut sub = anon(port, id).await;
+    sub.client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let mut got = sub.received_retain(Duration::from_secs(2)).await;
+    got.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_status_survives_a_gateway_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let mut dev = anon(gw.mqtt, "dev").await;
+    let publish = |topic: &'static str, qos: QoS, retain: bool, payload: &'static str| {
+        let c = dev.client.clone();
+        async move { c.publish(topic, qos, retain, payload).await.unwrap() }
+    };
+    publish("status/dev1", QoS::AtLeastOnce, true, "online").await;
+    publish("status/dev2", QoS::AtMostOnce, true, "idle").await;
+    publish("status/dev3", QoS::AtLeastOnce, true, "x").await;
+    // An empty retained publish deletes the kept message; a plain one is not kept.
+    publish("status/dev3", QoS::AtLeastOnce, true, "").await;
+    publish("status/dev4", QoS::AtLeastOnce, false, "live").await;
+    let mut acks = 0;
+    while acks < 4 {
+        dev.wait(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+            .expect("no PUBACK");
+        acks += 1;
+    }
+    let want = vec![
+        (
+            "status/dev1".to_string(),
+            "online".to_string(),
+            QoS::AtLeastOnce,
+            true,
+        ),
+        (
+            "status/dev2".to_string(),
+            "idle".to_string(),
+            QoS::AtMostOnce,
+            true,
+        ),
+    ];
+    assert_eq!(retained_view(gw.mqtt, "before", "status/#").await, want);
+    // No cloud: every publish stays queued, which shows what the restart adds to the queue.
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 5.0).await);
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+
+    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    assert_eq!(retained_view(gw.mqtt, "after", "status/#").await, want);
+    assert!(gw.log_text().contains("retained messages restored"));
+    // Restored messages were queued for the cloud in the run that took them: not again.
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 5.0).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.metric("fieldgate_queue_records"), 5.0);
+
+    // Changes after the restart are kept too, across a second restart.
+    let dev = anon(gw.mqtt, "dev-again").await;
+    dev.client
+        .publish("status/dev1", QoS::AtLeastOnce, true, "offline")
+        .await
+        .unwrap();
+    dev.client
+        .publish("status/dev2", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    let changed = vec![(
+        "status/dev1".to_string(),
+        "offline".to_string(),
+        QoS::AtLeastOnce,
+        true,
+    )];
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        seen = retained_view(gw.mqtt, &format!("poll{i}"), "status/#").await;
+        if seen == changed {
+            break;
+        }
+    }
+    assert_eq!(seen, changed);
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    assert_eq!(retained_view(gw.mqtt, "third", "status/#").await, changed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_hold_while_the_gateway_runs_and_end_with_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let persistent = |port: u16| {
+        let mut o = MqttOptions::new("sleepy", "127.0.0.1", port);
+        o.set_clean_session(false);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    // Within one gateway run: subscriptions and QoS 1 messages missed while away are kept.
+    let (c, mut el) = AsyncClient::new(persistent(gw.mqtt), 10);
+    let first = next_connack(&mut el).await;
+    assert!(!first.session_present);
+    c.subscribe("cmd/sleepy/#", QoS::AtLeastOnce).await.unwrap();
+    wait_suback(&mut el).await;
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(WAIT, async { while el.poll().await.is_ok() {} }).await;
+    let mut publ = anon(gw.mqtt, "pub").await;
+    publ.publish1("cmd/sleepy/a", "while-away").await;
+    let (_c, mut el) = AsyncClient::new(persistent(gw.mqtt), 10);
+    let again = next_connack(&mut el).await;
+    assert!(again.session_present, "session not kept within one run");
+    let got = next_publishes(&mut el, 1).await;
+    assert_eq!(
+        got,
+        vec![("cmd/sleepy/a".to_string(), "while-away".to_string())]
+    );
+    drop(el);
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+
+    // After a gateway restart the session is gone (documented in the README): the device
+    // sees session_present = false, must subscribe again, and gets what comes after that.
+    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let (c, mut el) = AsyncClient::new(persistent(gw.mqtt), 10);
+    let after = next_connack(&mut el).await;
+    assert!(!after.session_present, "a session survived the restart");
+    let mut publ = anon(gw.mqtt, "pub").await;
+    publ.publish1("cmd/sleepy/b", "before-resubscribe").await;
+    c.subscribe("cmd/sleepy/#", QoS::AtLeastOnce).await.unwrap();
+    wait_suback(&mut el).await;
+    publ.publish1("cmd/sleepy/c", "after-resubscribe").await;
+    let got = next_publishes(&mut el, 1).await;
+    assert_eq!(
+        got,
+        vec![("cmd/sleepy/c".to_string(), "after-resubscribe".to_string())]
+    );
+}
+
+async fn next_connack(el: &mut rumqttc::EventLoop) -> rumqttc::ConnAck {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(a)) = el.poll().await.unwrap() {
+                return a;
+            }
+        }
+    })
+    .await
+    .expect("no CONNACK")
+}
+
+async fn wait_suback(el: &mut rumqttc::EventLoop) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("no SUBACK")
+}
+
+/// The first `n` publishes (topic, payload); panics if they do not come within WAIT.
+async fn next_publishes(el: &mut rumqttc::EventLoop, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while out.len() < n {
+            if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
+                out.push((
+                    p.topic.clone(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                ));
+            }
+        }
+    })
+    .await
+    .expect("publishes did not arrive");
+    out
 }

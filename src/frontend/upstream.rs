@@ -6,7 +6,8 @@
 //! on the way through the router. The front end tags every PUBLISH (and will) it forwards
 //! with [`QOS_PROPERTY`]; rumqttd keeps publish properties in its commit log (retained
 //! messages included) and hands them back on delivery, where the front end reads and strips
-//! the tag. Messages without the tag come from the gateway's in-process links.
+//! the tag. Messages without the tag come from the gateway's in-process links. Retained
+//! publishes carry a second mark (`crate::retained`).
 //!
 //! No v5 feature reaches a device: topic aliases, subscription ids, reason strings and
 //! properties are never asked for and are dropped if they appear.
@@ -17,8 +18,7 @@ use rumqttc::mqttbytes::QoS as Q4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 
-/// User property carrying the publisher's QoS ("0", "1", "2") through rumqttd.
-pub const QOS_PROPERTY: &str = "fieldgate-qos";
+pub use crate::retained::QOS_PROPERTY;
 
 /// v4 QoS to v5 QoS.
 pub fn q5(q: Q4) -> Q5 {
@@ -38,8 +38,10 @@ pub fn q4(q: Q5) -> Q4 {
     }
 }
 
-fn tag(q: Q4) -> Vec<(String, String)> {
-    vec![(QOS_PROPERTY.to_string(), (q as u8).to_string())]
+/// The marks of a forwarded publish or will: its QoS, and whether it was retained (the
+/// uplink tap keeps marked retained messages across restarts, see `crate::retained`).
+fn tag(q: Q4, retain: bool) -> Vec<(String, String)> {
+    crate::retained::marks(q as u8, retain)
 }
 
 /// The upstream CONNECT for a device's CONNECT, logged in with the internal account.
@@ -56,7 +58,7 @@ pub fn connect(c: &v4::Connect, keep_alive: u16, user: &str, pass: &str) -> v5::
             content_type: None,
             response_topic: None,
             correlation_data: None,
-            user_properties: tag(w.qos),
+            user_properties: tag(w.qos, w.retain),
         }),
     });
     v5::Packet::Connect(
@@ -81,7 +83,7 @@ pub fn publish(p: v4::Publish) -> v5::Packet {
         pkid: p.pkid,
         payload: p.payload,
         properties: Some(v5::PublishProperties {
-            user_properties: tag(p.qos),
+            user_properties: tag(p.qos, p.retain),
             ..Default::default()
         }),
     })

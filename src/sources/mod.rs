@@ -77,12 +77,18 @@ impl LocalTx {
         payload: impl Into<Bytes>,
         retain: bool,
     ) -> Result<(), Box<LinkError>> {
-        let publish = Publish::new(
-            Bytes::copy_from_slice(topic.as_bytes()),
-            payload.into(),
-            retain,
-        );
-        self.tx.send(Packet::Publish(publish, None)).await?;
+        let packet = if retain {
+            // Marked, so the uplink tap keeps it across restarts (see `crate::retained`).
+            crate::retained::packet(topic, 2, payload.into())
+        } else {
+            let publish = Publish::new(
+                Bytes::copy_from_slice(topic.as_bytes()),
+                payload.into(),
+                false,
+            );
+            Packet::Publish(publish, None)
+        };
+        self.tx.send(packet).await?;
         Ok(())
     }
 }
