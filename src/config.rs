@@ -128,6 +128,12 @@ pub struct BrokerConfig {
     pub max_payload_size: usize,
     /// Most unacknowledged QoS 1/2 messages per client connection.
     pub max_inflight: usize,
+    /// Most PUBLISHes per second from one device connection. 0: unlimited.
+    pub max_publish_rate: u32,
+    /// PUBLISHes a device may send at once above the rate. 0: one second's worth.
+    pub publish_burst: u32,
+    /// What happens to a device over `max_publish_rate`.
+    pub rate_limit_policy: RateLimitPolicy,
     /// How long a new connection may take to send CONNECT (after the TLS handshake).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -162,6 +168,9 @@ impl Default for BrokerConfig {
             max_connections_per_ip: 64,
             max_payload_size: 256 * 1024,
             max_inflight: 100,
+            max_publish_rate: 0,
+            publish_burst: 0,
+            rate_limit_policy: RateLimitPolicy::SlowDown,
             connect_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(5),
             segment_bytes: 1024 * 1024,
@@ -199,6 +208,21 @@ pub struct ListenerTlsConfig {
     /// `none`, `optional` (a certificate, when sent, identifies the client) or `required`.
     #[serde(default)]
     pub client_cert: ClientCertMode,
+}
+
+/// `broker.rate_limit_policy`: what the front end does with a device that publishes faster
+/// than `broker.max_publish_rate`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitPolicy {
+    /// Stop reading from the device until it is back under the rate (TCP back-pressure).
+    /// Nothing is lost; the device's sends slow down.
+    #[default]
+    SlowDown,
+    /// Drop the excess PUBLISHes (still acknowledged, as for an ACL denial) and count them.
+    Drop,
+    /// Close the connection.
+    Disconnect,
 }
 
 /// Whether a TLS listener asks devices for a client certificate.

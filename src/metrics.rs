@@ -111,6 +111,10 @@ pub struct BrokerMetrics {
     pub qos2_duplicates: Counter,
     /// Deliveries lowered to the publisher's QoS.
     pub downgraded: Counter,
+    /// PUBLISHes over `broker.max_publish_rate`, by the policy applied.
+    rate_limited: Family<Labels, Counter>,
+    /// Retained messages kept in the store.
+    pub retained: Gauge,
 }
 
 impl BrokerMetrics {
@@ -146,6 +150,16 @@ impl BrokerMetrics {
             "Deliveries lowered to min(published, granted) QoS",
             self.downgraded.clone(),
         );
+        r.register(
+            "rate_limited",
+            "Device publishes over broker.max_publish_rate, by the policy applied",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "retained",
+            "Retained messages kept in the store across restarts",
+            self.retained.clone(),
+        );
         for a in ["publish", "subscribe"] {
             self.denied
                 .get_or_create(&vec![("action".into(), a.into())])
@@ -164,6 +178,13 @@ impl BrokerMetrics {
     pub fn deny(&self, action: crate::frontend::auth::Action) {
         self.denied
             .get_or_create(&vec![("action".into(), action.as_str().into())])
+            .inc();
+    }
+
+    /// Counts a publish over the rate limit.
+    pub fn rate_limit(&self, policy: &str) {
+        self.rate_limited
+            .get_or_create(&vec![("policy".into(), policy.into())])
             .inc();
     }
 

@@ -142,6 +142,8 @@ pub struct Appended {
 pub struct Store {
     db: sled::Db,
     retained: sled::Tree,
+    /// Entries in `retained` (sled's `len` walks the tree).
+    retained_n: AtomicU64,
     dir: PathBuf,
     cfg: StoreConfig,
     metrics: Arc<Metrics>,
@@ -176,6 +178,7 @@ impl Store {
         let retained = db.open_tree("retained")?;
         let store = Store {
             db,
+            retained_n: AtomicU64::new(retained.len() as u64),
             retained,
             dir: dir.to_path_buf(),
             cfg: cfg.clone(),
@@ -187,6 +190,11 @@ impl Store {
             appended: watch::channel(0).0,
         };
         store.scan()?;
+        store
+            .metrics
+            .broker
+            .retained
+            .set(store.retained_count() as i64);
         Ok(store)
     }
 
@@ -194,14 +202,22 @@ impl Store {
     /// (MQTT's rule for retained messages). Durable at the next [`Store::commit`].
     pub fn retain(&self, topic: &str, qos: u8, payload: &[u8]) -> Result<(), StoreError> {
         if payload.is_empty() {
-            self.retained.remove(topic.as_bytes())?;
+            if self.retained.remove(topic.as_bytes())?.is_some() {
+                self.retained_n.fetch_sub(1, Ordering::Relaxed);
+            }
         } else {
             let mut v = Vec::with_capacity(1 + payload.len());
             v.push(qos.min(2));
             v.extend_from_slice(payload);
-            self.retained.insert(topic.as_bytes(), v)?;
+            if self.retained.insert(topic.as_bytes(), v)?.is_none() {
+                self.retained_n.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.dirty.store(true, Ordering::SeqCst);
+        self.metrics
+            .broker
+            .retained
+            .set(self.retained_count() as i64);
         Ok(())
     }
 
@@ -230,7 +246,7 @@ impl Store {
 
     /// Number of kept retained messages.
     pub fn retained_count(&self) -> usize {
-        self.retained.len()
+        self.retained_n.load(Ordering::Relaxed) as usize
     }
 
     /// Counts what is on disk and drops undecodable records. Runs once at open.

@@ -576,6 +576,106 @@ async fn connection_and_packet_limits_hold() {
     );
 }
 
+/// Sends `n` QoS 1 PUBLISHes on `topic` (payload = sequence number) in one write.
+async fn burst(r: &mut Raw, topic: &str, n: u16) {
+    let mut out = BytesMut::new();
+    for i in 1..=n {
+        let mut p = v4::Publish::new(topic, rumqttc::QoS::AtLeastOnce, i.to_string());
+        p.pkid = i;
+        P4::Publish(p).write(&mut out, usize::MAX).unwrap();
+    }
+    r.s.write_all(&out).await.unwrap();
+}
+
+/// Counts PUBACKs until `n` arrived or the connection closed.
+async fn pubacks(r: &mut Raw, n: usize) -> usize {
+    let mut got = 0;
+    while got < n {
+        match r.recv().await {
+            Some(P4::PubAck(_)) => got += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_rate_limit_policies() {
+    let limited = |policy: &str| {
+        format!("max_publish_rate = 20\npublish_burst = 5\nrate_limit_policy = \"{policy}\"")
+    };
+    let (c1, c2, c3) = (limited("slow_down"), limited("drop"), limited("disconnect"));
+    let ((slow, _d1), (drop, _d2), (cut, _d3)) = tokio::join!(
+        gateway(&c1, "allow_anonymous = true", ""),
+        gateway(&c2, "allow_anonymous = true", ""),
+        gateway(&c3, "allow_anonymous = true", ""),
+    );
+
+    // slow_down: every message arrives, in order; the device was only read more slowly.
+    let mut sub = anon(slow.mqtt, "sub").await;
+    sub.client
+        .subscribe("rate/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let (mut r, ack) = Raw::connect(slow.mqtt, "fast", 30).await;
+    assert!(connack_ok(ack));
+    burst(&mut r, "rate/slow", 30).await;
+    assert_eq!(pubacks(&mut r, 30).await, 30);
+    let mut seqs = Vec::new();
+    for _ in 0..20 {
+        seqs.extend(
+            sub.received(Duration::from_millis(500))
+                .await
+                .into_iter()
+                .map(|(_, p, _)| p.parse::<u16>().unwrap()),
+        );
+        if seqs.len() >= 30 {
+            break;
+        }
+    }
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+    assert!(slow.metric("fieldgate_broker_rate_limited_total{policy=\"slow_down\"}") >= 1.0);
+
+    // drop: every publish is acknowledged, the excess is dropped and counted.
+    let mut sub = anon(drop.mqtt, "sub").await;
+    sub.client
+        .subscribe("rate/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let (mut r, ack) = Raw::connect(drop.mqtt, "fast", 30).await;
+    assert!(connack_ok(ack));
+    burst(&mut r, "rate/drop", 100).await;
+    assert_eq!(pubacks(&mut r, 100).await, 100);
+    let dropped = || drop.metric("fieldgate_broker_rate_limited_total{policy=\"drop\"}");
+    let mut delivered = 0;
+    for _ in 0..20 {
+        delivered += sub.received(Duration::from_millis(300)).await.len();
+        if delivered as f64 + dropped() == 100.0 {
+            break;
+        }
+    }
+    assert!(delivered >= 5, "the burst was not let through: {delivered}");
+    assert!(delivered < 100, "nothing was dropped");
+    assert_eq!(delivered as f64 + dropped(), 100.0);
+
+    // disconnect: the connection is closed once the device is over the rate.
+    let (mut r, ack) = Raw::connect(cut.mqtt, "fast", 30).await;
+    assert!(connack_ok(ack));
+    burst(&mut r, "rate/cut", 100).await;
+    let acked = pubacks(&mut r, 100).await;
+    assert!(acked < 100, "all {acked} publishes were taken");
+    assert!(r.closed().await);
+    assert!(
+        eventually(WAIT, || cut
+            .metric("fieldgate_broker_closed_total{reason=\"rate_limited\"}")
+            == 1.0)
+        .await
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // MQTT 3.1.1 rules rumqttd breaks
 

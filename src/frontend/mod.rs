@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::config::{BrokerConfig, ClientCertMode, ListenerConfig};
+use crate::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
 use crate::metrics::Metrics;
 use auth::{Acl, Users};
 
@@ -69,6 +69,8 @@ pub struct Context {
     pub connect_timeout: Duration,
     /// Concurrent password verifications.
     pub verify_slots: Arc<Semaphore>,
+    /// Per-connection publish rate (messages/s, burst) and what happens above it.
+    pub rate: Option<(u32, u32, RateLimitPolicy)>,
 }
 
 /// Connection counts, total and per source IP. A plain mutex: the critical sections are a
@@ -179,6 +181,13 @@ pub fn prepare(
             max_packet: cfg.max_payload_size,
             connect_timeout: cfg.connect_timeout,
             verify_slots: verify_slots.clone(),
+            rate: (cfg.max_publish_rate > 0).then(|| {
+                let burst = match cfg.publish_burst {
+                    0 => cfg.max_publish_rate,
+                    b => b,
+                };
+                (cfg.max_publish_rate, burst, cfg.rate_limit_policy)
+            }),
         });
         out.push((
             Prepared {

@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{self, Packet as P4};
@@ -41,7 +41,8 @@ use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
 use super::{upstream, Context};
-use crate::config::ClientCertMode;
+use crate::bridge::pacing::TokenBucket;
+use crate::config::{ClientCertMode, RateLimitPolicy};
 use crate::topic;
 
 /// Keepalive the front end announces to rumqttd (it pings every half of it).
@@ -69,6 +70,8 @@ pub enum End {
     TooLarge,
     /// A malformed packet or a protocol violation.
     ProtocolViolation,
+    /// Over `broker.max_publish_rate` with `rate_limit_policy = "disconnect"`.
+    RateLimited,
 }
 
 impl End {
@@ -83,6 +86,7 @@ impl End {
             End::KeepaliveTimeout => "keepalive_timeout",
             End::TooLarge => "too_large",
             End::ProtocolViolation => "protocol_violation",
+            End::RateLimited => "rate_limited",
         }
     }
 }
@@ -317,6 +321,13 @@ where
         qos2_denied: HashSet::new(),
         down21: HashSet::new(),
         answer_rel: HashSet::new(),
+        rate: ctx.rate.map(|(r, b, p)| {
+            (
+                TokenBucket::with_burst(r as u64, b as u64, StdInstant::now()),
+                p,
+            )
+        }),
+        throttle: Duration::ZERO,
     };
     relay.run(&mut dev, &mut up, connect.keep_alive).await
 }
@@ -403,6 +414,10 @@ struct Relay {
     down21: HashSet<u16>,
     /// Upstream PUBRELs the front end answers itself (deliveries it lowered).
     answer_rel: HashSet<u16>,
+    /// The device's publish rate limit and its policy.
+    rate: Option<(TokenBucket, RateLimitPolicy)>,
+    /// `slow_down`: how long to stop reading from the device after this batch.
+    throttle: Duration,
 }
 
 impl Relay {
@@ -456,6 +471,11 @@ impl Relay {
             if let Err(end) = dev.flush().await {
                 return end;
             }
+            if !self.throttle.is_zero() {
+                // Over the publish rate: read nothing until the device is back under it.
+                tokio::time::sleep(std::mem::take(&mut self.throttle)).await;
+                last_in = Instant::now();
+            }
         }
     }
 
@@ -468,7 +488,9 @@ impl Relay {
     ) -> Result<(), End> {
         for _ in 0..BATCH {
             let mut more = false;
-            if let Some(p) = dev.parse()? {
+            if !self.throttle.is_zero() {
+                // Slowed down: the device's buffered packets wait for the next round.
+            } else if let Some(p) = dev.parse()? {
                 *last_in = Instant::now();
                 self.on_device(p, dev, up)?;
                 more = true;
@@ -490,20 +512,25 @@ impl Relay {
         dev: &mut DeviceIo<S>,
         up: &mut BrokerIo,
     ) -> Result<(), End> {
-        let m = &self.ctx.metrics.broker;
+        let ctx = self.ctx.clone();
+        let m = &ctx.metrics.broker;
         match p {
             P4::Publish(p) => {
                 if topic::validate_topic(&p.topic).is_err() {
                     return Err(End::ProtocolViolation);
                 }
+                let over_rate = self.over_rate()?;
                 let name = self.id.name.as_deref();
-                if !self
-                    .ctx
-                    .acl
-                    .allows(name, &self.id.client_id, Action::Publish, &p.topic)
-                {
+                let denied =
+                    !self
+                        .ctx
+                        .acl
+                        .allows(name, &self.id.client_id, Action::Publish, &p.topic);
+                if denied {
                     m.deny(Action::Publish);
                     debug!(client_id = %self.id.client_id, topic = %p.topic, "publish denied");
+                }
+                if denied || over_rate {
                     return match p.qos {
                         QoS::AtMostOnce => Ok(()),
                         QoS::AtLeastOnce => dev.queue(P4::PubAck(v4::PubAck::new(p.pkid))),
@@ -560,6 +587,38 @@ impl Relay {
             // A second CONNECT, or packets only a server sends.
             P4::Connect(_) | P4::ConnAck(_) | P4::SubAck(_) | P4::UnsubAck(_) | P4::PingResp => {
                 Err(End::ProtocolViolation)
+            }
+        }
+    }
+
+    /// Applies the publish rate limit to one PUBLISH. Ok(true): drop it (policy `drop`);
+    /// Err: close (policy `disconnect`); `slow_down` lets it through and sets `throttle`.
+    fn over_rate(&mut self) -> Result<bool, End> {
+        let Some((bucket, policy)) = &mut self.rate else {
+            return Ok(false);
+        };
+        let wait = bucket.wait_for(1, StdInstant::now());
+        if wait.is_zero() {
+            bucket.take(1);
+            return Ok(false);
+        }
+        let m = &self.ctx.metrics.broker;
+        match policy {
+            RateLimitPolicy::SlowDown => {
+                m.rate_limit("slow_down");
+                // Taken on credit: the bucket goes negative and the wait grows with it.
+                bucket.take(1);
+                self.throttle = self.throttle.max(wait);
+                Ok(false)
+            }
+            RateLimitPolicy::Drop => {
+                m.rate_limit("drop");
+                Ok(true)
+            }
+            RateLimitPolicy::Disconnect => {
+                m.rate_limit("disconnect");
+                info!(client_id = %self.id.client_id, "publish rate exceeded; closing");
+                Err(End::RateLimited)
             }
         }
     }
