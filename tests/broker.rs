@@ -1000,3 +1000,161 @@ async fn next_publishes(el: &mut rumqttc::EventLoop, n: usize) -> Vec<(String, S
     .expect("publishes did not arrive");
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing the listener path.
+
+/// A valid 3.1.1 session as bytes: CONNECT, SUBSCRIBE, PUBLISH at each QoS, PUBREL, PINGREQ,
+/// UNSUBSCRIBE, DISCONNECT. The fuzzer mutates it, so most inputs get past CONNECT.
+fn valid_session() -> Vec<u8> {
+    let mut out = BytesMut::new();
+    let mut c = v4::Connect::new("fuzz");
+    c.keep_alive = 5;
+    let mut sub = v4::Subscribe::new("fuzz/#", rumqttc::QoS::ExactlyOnce);
+    sub.pkid = 1;
+    let mut p1 = v4::Publish::new("fuzz/a", rumqttc::QoS::AtLeastOnce, "one");
+    p1.pkid = 2;
+    let mut p2 = v4::Publish::new("fuzz/b", rumqttc::QoS::ExactlyOnce, "two");
+    p2.pkid = 3;
+    let mut unsub = v4::Unsubscribe::new("fuzz/#");
+    unsub.pkid = 4;
+    for p in [
+        P4::Connect(c),
+        P4::Subscribe(sub),
+        P4::Publish(v4::Publish::new("fuzz/z", rumqttc::QoS::AtMostOnce, "zero")),
+        P4::Publish(p1),
+        P4::Publish(p2),
+        P4::PubRel(v4::PubRel::new(3)),
+        P4::PingReq,
+        P4::Unsubscribe(unsub),
+        P4::Disconnect,
+    ] {
+        p.write(&mut out, usize::MAX).unwrap();
+    }
+    out.to_vec()
+}
+
+/// One fuzz input: raw bytes, or the valid session with bytes flipped, cut and inserted.
+fn fuzz_input() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let random = proptest::collection::vec(any::<u8>(), 0..600);
+    let mutated = (
+        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(flips, inserts, cut)| {
+            let mut v = valid_session();
+            for (i, b) in flips {
+                let at = i.index(v.len());
+                v[at] = b;
+            }
+            for (i, b) in inserts {
+                let at = i.index(v.len());
+                v.insert(at, b);
+            }
+            let keep = cut.index(v.len()) + 1;
+            v.truncate(keep.max(v.len() / 2));
+            v
+        });
+    prop_oneof![1 => random, 3 => mutated]
+}
+
+/// Malformed packets on the device listener: no panic, no hang, a well-behaved client on the
+/// same listener keeps working, and every fuzz connection is let go. Cases:
+/// `FIELDGATE_FUZZ_CASES` (default 300, which CI runs).
+#[test]
+fn listener_path_survives_malformed_packets() {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cases: u32 = std::env::var("FIELDGATE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let (gw, _d) = rt.block_on(gateway(
+        "connect_timeout = \"1s\"\nmax_payload_size = 4096",
+        "allow_anonymous = true",
+        "",
+    ));
+    let port = gw.mqtt;
+    let mut control = rt.block_on(anon(port, "control"));
+    rt.block_on(async {
+        control
+            .client
+            .subscribe("ctl/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        control.suback().await;
+    });
+    // Inputs are drawn from the strategy without shrinking: a failure prints its input.
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = fuzz_input();
+    for round in 1..=cases {
+        let bytes = strategy.new_tree(&mut runner).unwrap().current();
+        rt.block_on(async {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let _ = s.write_all(&bytes).await;
+            if round % 2 == 0 {
+                // Half the inputs end with EOF, half leave the connection open mid-packet.
+                let _ = s.shutdown().await;
+            }
+            // Read whatever comes back until the gateway closes or a short while passed.
+            let mut b = [0u8; 1024];
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut b)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        if round % 25 == 0 {
+            // The well-behaved client is still served.
+            let payload = format!("alive-{round}");
+            let got = rt.block_on(async {
+                control.publish1("ctl/ping", &payload).await;
+                control.received(Duration::from_millis(500)).await
+            });
+            assert!(
+                got.iter().any(|(t, p, _)| t == "ctl/ping" && *p == payload),
+                "control client not served after input {round} ({bytes:02x?}): {got:?}\n\
+                 --- gateway log ---\n{}",
+                gw.log_text()
+            );
+        }
+    }
+    // Every fuzz connection is let go (by EOF, violation, connect or keepalive timeout):
+    // only the control client stays.
+    let settled = rt.block_on(eventually(Duration::from_secs(20), || {
+        gw.metric("fieldgate_broker_connections") == 1.0
+    }));
+    assert!(
+        settled,
+        "fuzz connections still open: {}",
+        gw.metric("fieldgate_broker_connections")
+    );
+    let log = gw.log_text();
+    assert!(!log.contains("panicked"), "the gateway panicked:\n{log}");
+    // And the gateway still takes new clients.
+    rt.block_on(async {
+        let mut fresh = anon(port, "fresh").await;
+        fresh.publish1("ctl/fresh", "ok").await;
+    });
+    // The inputs reached past CONNECT into the relay (not all refused at the door).
+    let closed: Vec<String> = gw
+        .get("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("fieldgate_broker_closed_total"))
+        .map(str::to_string)
+        .collect();
+    eprintln!("fuzz: {cases} inputs; {closed:?}");
+    assert!(gw.metric("fieldgate_broker_closed_total{reason=\"protocol_violation\"}") > 0.0);
+}
