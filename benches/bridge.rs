@@ -44,7 +44,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    check, eventually, free_port, gateway_config, mosquitto_bin, Gateway, GatewayPorts, Pki, Proxy,
+    check, cpu_secs, eventually, free_port, gateway_config, mosquitto_bin, proc_kib, Gateway,
+    GatewayPorts, Pki, Proxy,
 };
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
@@ -166,42 +167,8 @@ fn parse_payload(p: &[u8]) -> Option<(&str, u64, u64)> {
 // ---------------------------------------------------------------------------------------------
 // /proc
 
-fn proc_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| {
-        l.strip_prefix(key)?
-            .strip_prefix(':')?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 fn mib(kib: Option<u64>) -> Option<f64> {
     kib.map(|k| k as f64 / 1024.0)
-}
-
-fn clk_tck() -> f64 {
-    static TCK: OnceLock<f64> = OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// User + system CPU seconds a process has used so far (all its threads).
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.get(s.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clk_tck())
 }
 
 /// CPU used by the system under test and by the cloud broker over one window.

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::sources::modbus::config::ModbusDeviceConfig;
 use crate::sources::serial::config::SerialDeviceConfig;
 use crate::topic;
 
@@ -73,6 +74,8 @@ pub struct Settings {
     pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// `[[modbus]]`: Modbus TCP and RTU devices polled into the local broker.
+    pub modbus: Vec<ModbusDeviceConfig>,
     /// Serial-line devices, one `[[serial]]` table each (see docs/serial.md).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub serial: Vec<SerialDeviceConfig>,
@@ -484,7 +487,8 @@ impl Default for LogConfig {
 }
 
 const SECTIONS: &[&str] = &[
-    "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log", "serial",
+    "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log", "modbus",
+    "serial",
 ];
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
@@ -583,6 +587,7 @@ impl Settings {
         section(&mut table, "cloud", &mut s.cloud, &mut problems);
         section(&mut table, "metrics", &mut s.metrics, &mut problems);
         section(&mut table, "log", &mut s.log, &mut problems);
+        section(&mut table, "modbus", &mut s.modbus, &mut problems);
         serial_section(&mut table, &mut s.serial, &mut problems);
         problems.extend(s.validate());
         if problems.is_empty() {
@@ -846,6 +851,21 @@ impl Settings {
             if let Err(e) = topic::validate_topic(&status) {
                 p.push(problem("cloud.status_topic", format!("{status:?}: {e}")));
             }
+        }
+
+        p.extend(crate::sources::modbus::config::validate(
+            &self.modbus,
+            &self.gateway.id,
+        ));
+        let links = crate::sources::modbus::buses(&self.modbus).len();
+        if links + 4 > self.broker.max_connections {
+            p.push(problem(
+                "broker.max_connections",
+                format!(
+                    "{links} Modbus buses each take a broker link; raise it to at least {}",
+                    links + 4
+                ),
+            ));
         }
         p.extend(crate::sources::serial::config::validate(
             &self.serial,

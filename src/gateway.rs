@@ -1,11 +1,13 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
 //! Start order: store (open, recover) -> broker router and the gateway's own links (sources'
-//! links included) -> uplink tap -> committer -> bridge -> sources (serial devices) -> broker
-//! listeners (devices may connect) -> metrics endpoint. Only then is the gateway "ready".
+//! links included: Modbus buses, serial ports) -> uplink tap -> committer -> bridge -> source
+//! tasks -> broker listeners (devices may connect) -> metrics endpoint. Only then is the
+//! gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
-//! 0. sources stop (each publishes its `offline` status while the broker still runs);
+//! 0. sources stop first (Modbus buses and serial ports publish their devices `offline`
+//!    while the broker still runs);
 //! 1. broker listeners close and every device connection with them (no new input); the tap
 //!    then drains the broker up to its drain marker, so everything the broker acknowledged
 //!    to a device (and every source's last message) is appended;
@@ -51,6 +53,9 @@ pub enum GatewayError {
     /// The cloud TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] Box<bridge::tls::TlsError>),
+    /// A source could not be set up (e.g. too few broker connections for its links).
+    #[error(transparent)]
+    Modbus(#[from] crate::sources::modbus::ModbusError),
     /// A serial device could not be set up.
     #[error(transparent)]
     Serial(#[from] Box<serial::SerialError>),
@@ -119,6 +124,13 @@ pub async fn run(
     } else {
         None
     };
+    // Modbus buses: one link each, made before the listeners start.
+    let modbus = crate::sources::modbus::Modbus::build(
+        &settings.modbus,
+        &settings.gateway.id,
+        &broker,
+        metrics.clone(),
+    )?;
     let serial_links = serial::links(&broker, &settings.serial)?;
 
     // 3. Uplink tap.
@@ -215,6 +227,9 @@ pub async fn run(
         None
     };
 
+    // 5b. Modbus bus tasks, under their own token so they stop before anything else.
+    let modbus_stop = root.child_token();
+    let modbus_running = (!modbus.is_empty()).then(|| modbus.spawn(modbus_stop.clone()));
     // 5b. Sources: one task per serial port.
     let sources_stop = root.child_token();
     let mut sources = Vec::new();
@@ -272,8 +287,12 @@ pub async fn run(
     watchdog_stop.cancel();
     let _ = watchdog_task.await;
 
-    // Ordered stop. Sources first: their last messages still reach the tap.
+    // Ordered stop. Sources first: what they publish on the way out still reaches the tap.
+    modbus_stop.cancel();
     sources_stop.cancel();
+    if let Some(m) = modbus_running {
+        m.join().await;
+    }
     for t in sources {
         if tokio::time::timeout(Duration::from_secs(5), t)
             .await

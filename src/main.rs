@@ -10,6 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 /// sysexits.h EX_USAGE: the configuration is wrong; restarting will not help.
 const EX_USAGE: u8 = 64;
+/// sysexits.h EX_UNAVAILABLE: the probed device did not answer usefully.
+const EX_UNAVAILABLE: u8 = 69;
 /// sysexits.h EX_SOFTWARE: the gateway failed at run time.
 const EX_SOFTWARE: u8 = 70;
 
@@ -47,6 +49,15 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Modbus tools.
+    #[command(subcommand)]
+    Modbus(ModbusCommand),
+}
+
+#[derive(Subcommand)]
+enum ModbusCommand {
+    /// Read a register range once and print it decoded in every type and byte order.
+    Probe(fieldgate::sources::modbus::probe::ProbeArgs),
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Settings, ExitCode> {
@@ -95,6 +106,33 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Modbus(ModbusCommand::Probe(args)) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("fieldgate: cannot start the async runtime: {e}");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            use fieldgate::sources::modbus::probe::{self, ProbeError};
+            match rt.block_on(probe::run(&args)) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e @ ProbeError::Usage(_)) => {
+                    eprintln!("fieldgate modbus probe: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+                Err(e) => {
+                    eprintln!("fieldgate modbus probe: {e}");
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            }
+        }
         Command::Run { config } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,

@@ -171,3 +171,23 @@ fn version_and_help() {
         assert!(h.contains(cmd), "{h}");
     }
 }
+
+/// The README's field-device example is a valid configuration (README and code in step).
+#[test]
+fn readme_field_device_example_validates() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("### Example: a Modbus meter")
+        .expect("README example section");
+    let body = &readme[start..];
+    let toml_start = body.find("```toml\n").expect("toml block") + "```toml\n".len();
+    let toml_len = body[toml_start..].find("```").expect("end of toml block");
+    let example = &body[toml_start..toml_start + toml_len];
+    assert!(example.contains("[[modbus]]") && example.contains("[[serial]]"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("example.toml");
+    std::fs::write(&path, example).unwrap();
+    let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}\n{example}", text(&o));
+}

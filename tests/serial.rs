@@ -7,15 +7,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, Gateway, GatewayPorts};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use common::{eventually, Gateway, GatewayPorts, LocalSub};
+use rumqttc::QoS;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_serial::SerialPortBuilderExt;
-use tokio_util::sync::CancellationToken;
 
 const WITHIN: Duration = Duration::from_secs(15);
 
@@ -117,78 +115,17 @@ commit_interval = "20ms"
     )
 }
 
-/// One message a subscriber received.
-#[derive(Debug, Clone)]
-struct Msg {
-    topic: String,
-    payload: Vec<u8>,
-    retain: bool,
-}
-
 /// A plain MQTT client of the gateway's broker that records everything on `filter`.
-struct Sub {
-    received: Arc<Mutex<Vec<Msg>>>,
-    client: AsyncClient,
-    stop: CancellationToken,
-}
+struct Sub(LocalSub);
 
 impl Sub {
     async fn start(port: u16, filter: &str) -> Sub {
-        let mut o = MqttOptions::new(
-            format!("serial-test-{}", common::free_port()),
-            "127.0.0.1",
-            port,
-        );
-        o.set_keep_alive(Duration::from_secs(30));
-        let (client, mut el) = AsyncClient::new(o, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let (r2, s2) = (received.clone(), stop.clone());
-        let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
-        let mut sub_tx = Some(sub_tx);
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    _ = s2.cancelled() => return,
-                    ev = el.poll() => ev,
-                };
-                match ev {
-                    Ok(Event::Incoming(Packet::Publish(p))) => r2.lock().unwrap().push(Msg {
-                        topic: p.topic.clone(),
-                        payload: p.payload.to_vec(),
-                        retain: p.retain,
-                    }),
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = sub_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), sub_rx)
-            .await
-            .expect("no SUBACK from the gateway's broker")
-            .unwrap();
-        Sub {
-            received,
-            client,
-            stop,
-        }
+        Sub(LocalSub::start(port, filter, QoS::AtLeastOnce).await)
     }
 
     /// Payloads received on `topic`, in order.
     fn on(&self, topic: &str) -> Vec<Vec<u8>> {
-        self.received
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|m| m.topic == topic)
-            .map(|m| m.payload.clone())
-            .collect()
+        self.0.on(topic)
     }
 
     /// Waits until `topic` has at least `n` messages; returns them all.
@@ -217,12 +154,6 @@ impl Sub {
         let v = last().unwrap_or(Value::Null);
         assert_eq!(v["state"], state, "{topic}: last status {v}");
         v
-    }
-}
-
-impl Drop for Sub {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -299,7 +230,7 @@ mode = "hex"
         let status = sub
             .wait_status(&format!("field/{name}/status"), "online")
             .await;
-        assert_eq!(status["last_error"], Value::Null);
+        assert_eq!(status["error"], Value::Null);
         assert!(status["ts"].as_u64().unwrap() > 0);
     }
     let (mut d_term, mut d_meter, mut d_scale, mut d_tag) =
@@ -396,7 +327,8 @@ write_line_ending = "\r\n"
     let mut dev = pty.device();
 
     for cmd in ["TARE", "BEEP 3"] {
-        sub.client
+        sub.0
+            .client
             .publish("field/reader/write", QoS::AtLeastOnce, false, cmd)
             .await
             .unwrap();
@@ -443,10 +375,7 @@ reconnect_max = "200ms"
     let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
     let sub = Sub::start(ports.mqtt, "field/#").await;
     let status = sub.wait_status("field/gps/status", "offline").await;
-    let err = status["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let err = status["error"].as_str().unwrap_or_default().to_string();
     assert!(
         err.contains("cannot open") && err.contains("gps-gw"),
         "{status}"
@@ -470,7 +399,7 @@ reconnect_max = "200ms"
     // A late subscriber gets the retained status.
     let late = Sub::start(ports.mqtt, "field/gps/status").await;
     eventually(WITHIN, || !late.on("field/gps/status").is_empty()).await;
-    let retained = late.received.lock().unwrap()[0].clone();
+    let retained = late.0.received.lock().unwrap()[0].clone();
     assert!(retained.retain, "status not retained");
     assert_eq!(json_of(&retained.payload)["state"], "online");
 
@@ -479,11 +408,12 @@ reconnect_max = "200ms"
     drop(dev);
     pty.unplug();
     let status = sub.wait_status("field/gps/status", "offline").await;
-    assert!(status["last_error"].is_string(), "{status}");
+    assert!(status["error"].is_string(), "{status}");
     metric_is(&g, "fieldgate_serial_online{device=\"gps\"}", 0.0).await;
     assert!(g.metric("fieldgate_serial_port_errors_total{device=\"gps\"}") > errors_before);
     // A write while unplugged is dropped and counted, not kept for later.
-    sub.client
+    sub.0
+        .client
         .publish("field/gps/write", QoS::AtLeastOnce, false, "RESET")
         .await
         .unwrap();

@@ -15,6 +15,7 @@
 //! - the receiving half answers rumqttd's `Unschedule` with a wake-up, so a source that
 //!   subscribes but rarely receives is never parked by the router.
 
+pub mod modbus;
 pub mod serial;
 
 use bytes::Bytes;

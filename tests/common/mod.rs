@@ -7,8 +7,11 @@
 //! - [`Proxy`]: a TCP proxy between the gateway and the cloud that a test can cut and restore;
 //! - [`Gateway`]: the real `fieldgate` binary as a child process (SIGKILL, SIGTERM, restart);
 //! - [`publish_seq`] and [`Collector`]/[`check`]: a plain MQTT device that publishes sequence
-//!   numbers and a cloud subscriber that counts them.
+//!   numbers and a cloud subscriber that counts them;
+//! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps, and socat pty pairs.
 #![allow(dead_code)]
+
+pub mod modbus_sim;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -687,6 +690,84 @@ pub async fn flood(mqtt_port: u16, src: &str, max: u64, size: usize) -> Vec<u64>
     acked
 }
 
+/// One message a [`LocalSub`] received.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// A plain MQTT client of the gateway's local broker that records everything on `filter`
+/// (in arrival order) until dropped. `start` returns once the broker granted the subscription.
+pub struct LocalSub {
+    pub received: Arc<Mutex<Vec<Msg>>>,
+    pub client: AsyncClient,
+    stop: CancellationToken,
+}
+
+impl LocalSub {
+    pub async fn start(port: u16, filter: &str, qos: QoS) -> LocalSub {
+        let mut o = MqttOptions::new(format!("local-sub-{}", free_port()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 100);
+        client.subscribe(filter, qos).await.unwrap();
+        let received: Arc<Mutex<Vec<Msg>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let (r2, s2) = (received.clone(), stop.clone());
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        let mut ack_tx = Some(ack_tx);
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => r2.lock().unwrap().push(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    }),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(t) = ack_tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ack_rx)
+            .await
+            .expect("no SUBACK from the gateway's broker")
+            .unwrap();
+        LocalSub {
+            received,
+            client,
+            stop,
+        }
+    }
+
+    /// Payloads received on `topic`, in order.
+    pub fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| m.payload.clone())
+            .collect()
+    }
+}
+
+impl Drop for LocalSub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Everything a collector received: `(topic, payload)` in arrival order.
 pub type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
@@ -845,4 +926,43 @@ pub fn check(received: &[(String, Vec<u8>)]) -> Report {
         *m = (*m).max(seq);
     }
     r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process measurements for the benchmarks (Linux /proc)
+
+/// A `kB` field of `/proc/<pid>/status`, e.g. `VmRSS` or `VmHWM`.
+pub fn proc_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| {
+        l.strip_prefix(key)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if unknown.
+pub fn clk_tck() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// User + system CPU seconds a process has used so far (all its threads).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clk_tck())
 }

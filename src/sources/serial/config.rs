@@ -54,7 +54,7 @@ pub struct SerialDeviceConfig {
     /// Longest a write may wait for the port to take its bytes; after that it is dropped.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
-    /// Retained `{"state": "online"|"offline", "last_error": ..., "ts": ...}` for this device.
+    /// Retained `{"state": "online"|"offline", "error": ..., "ts": ...}` for this device.
     pub status_topic: String,
     /// First delay before reopening a port that failed; doubles per failure.
     #[serde(with = "humantime_serde")]

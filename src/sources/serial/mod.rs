@@ -44,7 +44,9 @@ pub mod framing;
 pub mod metrics;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::store::now_ms;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,6 +61,7 @@ use self::decode::{DecodeError, Decoder};
 use self::framing::{Frame, Framer};
 use self::metrics::{DeviceMetrics, FrameDrop, SerialMetrics, WriteDrop};
 use super::{LocalClient, LocalRx, LocalTx};
+use crate::bridge::pacing::Backoff;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
 
@@ -165,11 +168,11 @@ pub fn spawn_all(
 
 /// The port task's state.
 enum State {
-    /// Try to open the port; `last_delay` is the wait that preceded this attempt, if any.
-    Opening { last_delay: Option<Duration> },
+    /// Try to open the port.
+    Opening,
     /// The port is open.
     Online(SerialStream),
-    /// Closed; try again after `delay` (randomised to 50-100 %).
+    /// Closed; try again after `delay` (from the backoff, already jittered).
     Waiting { delay: Duration },
     /// The stop token fired or the broker is gone.
     Stopped,
@@ -193,8 +196,9 @@ pub struct SerialDevice {
     status_topic: String,
     line_ending: Vec<u8>,
     write_timeout: Duration,
-    reconnect_min: Duration,
-    reconnect_max: Duration,
+    /// Delay before reopening a failed port: `reconnect_min` doubling to `reconnect_max`,
+    /// jittered; reset once the port is open.
+    backoff: Backoff,
     metrics: DeviceMetrics,
     tx: LocalTx,
     rx: Option<LocalRx>,
@@ -266,8 +270,7 @@ impl SerialDevice {
             status_topic: cfg.expand(&cfg.status_topic, gateway_id),
             line_ending,
             write_timeout: cfg.write_timeout,
-            reconnect_min: cfg.reconnect_min,
-            reconnect_max: cfg.reconnect_max,
+            backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             metrics,
             tx,
             rx: Some(rx),
@@ -286,10 +289,10 @@ impl SerialDevice {
             .take()
             .map(|rx| tokio::spawn(inbox(rx, writes_tx, stop.clone()).in_current_span()));
         info!(port = %self.path.display(), topic = %self.data_topic, "serial device starting");
-        let mut state = State::Opening { last_delay: None };
+        let mut state = State::Opening;
         loop {
             state = match state {
-                State::Opening { last_delay } => self.opening(last_delay).await,
+                State::Opening => self.opening().await,
                 State::Online(port) => self.online(port, &mut writes, &stop).await,
                 State::Waiting { delay } => self.waiting(delay, &mut writes, &stop).await,
                 State::Stopped => break,
@@ -307,7 +310,7 @@ impl SerialDevice {
         info!("serial device stopped");
     }
 
-    async fn opening(&mut self, last_delay: Option<Duration>) -> State {
+    async fn opening(&mut self) -> State {
         // Opening a tty is a non-blocking open(2) plus a few ioctls: cheap enough to do on
         // the runtime thread.
         match SerialStream::open(&self.builder) {
@@ -319,6 +322,7 @@ impl SerialDevice {
                     info!(port = %self.path.display(), "serial port open");
                 }
                 self.was_online = true;
+                self.backoff.reset();
                 self.framer.reset();
                 self.metrics.online.set(1);
                 if self.set_status(Status::Online).await.is_err() {
@@ -331,7 +335,7 @@ impl SerialDevice {
                     path: self.path.display().to_string(),
                     source,
                 };
-                let delay = next_delay(last_delay, self.reconnect_min, self.reconnect_max);
+                let delay = self.backoff.next_delay();
                 self.failed(e, delay).await
             }
         }
@@ -360,13 +364,12 @@ impl SerialDevice {
         writes: &mut mpsc::Receiver<Bytes>,
         stop: &CancellationToken,
     ) -> State {
-        let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
-        let until = tokio::time::sleep(jittered);
+        let until = tokio::time::sleep(delay);
         tokio::pin!(until);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return State::Stopped,
-                _ = &mut until => return State::Opening { last_delay: Some(delay) },
+                _ = &mut until => return State::Opening,
                 w = writes.recv() => match w {
                     Some(p) => {
                         self.metrics.drop_write(WriteDrop::Offline);
@@ -417,7 +420,8 @@ impl SerialDevice {
                 "partial frame discarded with the lost port"
             );
         }
-        self.failed(lost, self.reconnect_min).await
+        let delay = self.backoff.next_delay();
+        self.failed(lost, delay).await
     }
 
     /// Handles one frame. `Err`: the broker is gone.
@@ -495,7 +499,7 @@ impl SerialDevice {
         }
         let body = serde_json::json!({
             "state": match status { Status::Online => "online", Status::Offline => "offline" },
-            "last_error": self.last_error,
+            "error": self.last_error,
             "ts": now_ms(),
         });
         self.tx
@@ -521,35 +525,5 @@ async fn inbox(mut rx: LocalRx, out: mpsc::Sender<Bytes>, stop: CancellationToke
             _ = stop.cancelled() => return,
             r = out.send(msg.payload) => if r.is_err() { return },
         }
-    }
-}
-
-/// The wait after a failed open: `min` after the first failure, then double the previous
-/// wait, never above `max`.
-fn next_delay(last: Option<Duration>, min: Duration, max: Duration) -> Duration {
-    last.map_or(min, |d| d.saturating_mul(2).clamp(min, max))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_min_up_to_max() {
-        let (min, max) = (Duration::from_millis(500), Duration::from_secs(3));
-        let mut d = None;
-        let mut seen = Vec::new();
-        for _ in 0..6 {
-            let next = next_delay(d, min, max);
-            seen.push(next.as_millis());
-            d = Some(next);
-        }
-        assert_eq!(seen, [500, 1000, 2000, 3000, 3000, 3000]);
     }
 }

@@ -1,0 +1,339 @@
+//! What Modbus sources publish, and what they accept as a write: the MQTT contract. Pure.
+//!
+//! - tag value, on the tag topic (`field/{device}/{tag}` by default):
+//!   `{"value":21.5,"ts":1712345678901,"quality":"good","unit":"degC"}`; when a reading
+//!   failed, `{"value":null,"ts":..,"quality":"exception","error":"illegal data address"}`.
+//!   `payload = "raw"`: the value alone as text, nothing when the reading failed.
+//! - device status, retained, on the status topic: `{"state":"online","ts":..}` or
+//!   `{"state":"offline","ts":..,"error":"..","kind":"timeout"}`.
+//! - write request on `<tag topic>/set` (or `<command_prefix><tag topic>/set`): a JSON value
+//!   (`21.5`, `true`, `"text"`) or `{"value":..,"id":..}`; a plain non-JSON payload is taken
+//!   as text for string tags.
+//! - write result on `<tag topic>/set/result`:
+//!   `{"ok":true,"id":..}` or `{"ok":false,"code":"out_of_range","error":"..","id":..}`.
+//!
+//! Invariant: a failing tag publishes its bad quality once per change of quality, not every
+//! poll, so a dead device does not flood the broker (the status topic and metrics count on).
+
+use serde_json::{json, Map, Value as Json};
+
+use super::codec::Value;
+use super::config::PayloadFormat;
+
+/// Quality of one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quality {
+    /// Read and decoded.
+    Good,
+    /// The device answered with a Modbus exception.
+    Exception,
+    /// No answer within the timeout.
+    Timeout,
+    /// A corrupt, short or mismatched answer (CRC, framing).
+    BadFrame,
+    /// The device (or its port or connection) is unreachable.
+    Offline,
+    /// Read, but not a publishable number (NaN or infinity).
+    Invalid,
+}
+
+impl Quality {
+    /// Payload spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quality::Good => "good",
+            Quality::Exception => "exception",
+            Quality::Timeout => "timeout",
+            Quality::BadFrame => "bad_frame",
+            Quality::Offline => "offline",
+            Quality::Invalid => "invalid",
+        }
+    }
+}
+
+pub use crate::store::now_ms;
+
+/// The payload of one reading, or `None` when nothing is to be published (raw format and a
+/// failed reading).
+pub fn reading(
+    format: PayloadFormat,
+    value: Option<&Value>,
+    quality: Quality,
+    error: Option<&str>,
+    unit: &str,
+    ts: u64,
+) -> Option<Vec<u8>> {
+    match format {
+        PayloadFormat::Raw => {
+            let v = value.filter(|_| quality == Quality::Good)?;
+            Some(match v {
+                Value::Str(s) => s.clone().into_bytes(),
+                other => other.to_json().to_string().into_bytes(),
+            })
+        }
+        PayloadFormat::Json => {
+            let mut m = Map::new();
+            m.insert(
+                "value".into(),
+                value.map(Value::to_json).unwrap_or(Json::Null),
+            );
+            m.insert("ts".into(), ts.into());
+            m.insert("quality".into(), quality.as_str().into());
+            if !unit.is_empty() {
+                m.insert("unit".into(), unit.into());
+            }
+            if let Some(e) = error {
+                m.insert("error".into(), e.into());
+            }
+            Some(Json::Object(m).to_string().into_bytes())
+        }
+    }
+}
+
+/// Whether a reading is published, given what was published last for the tag.
+pub fn changed(
+    on_change: bool,
+    deadband: f64,
+    last: Option<&(Option<Value>, Quality)>,
+    value: Option<&Value>,
+    quality: Quality,
+) -> bool {
+    let Some((last_v, last_q)) = last else {
+        return true;
+    };
+    if *last_q != quality {
+        return true;
+    }
+    if quality != Quality::Good {
+        // Same bad quality as last time: already reported.
+        return false;
+    }
+    if !on_change {
+        return true;
+    }
+    match (last_v, value) {
+        (Some(a), Some(b)) => match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) if deadband > 0.0 => (x - y).abs() > deadband,
+            _ => a != b,
+        },
+        (a, b) => a.as_ref() != b,
+    }
+}
+
+/// The retained status payload.
+pub fn status(online: bool, error: Option<(&str, &str)>, ts: u64) -> Vec<u8> {
+    let mut m = Map::new();
+    m.insert(
+        "state".into(),
+        if online { "online" } else { "offline" }.into(),
+    );
+    m.insert("ts".into(), ts.into());
+    if let Some((kind, e)) = error {
+        m.insert("error".into(), e.into());
+        m.insert("kind".into(), kind.into());
+    }
+    Json::Object(m).to_string().into_bytes()
+}
+
+/// A parsed write request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetRequest {
+    /// The value to write.
+    pub value: Json,
+    /// Echoed in the result.
+    pub id: Option<Json>,
+}
+
+/// Parses a write payload. `Err` is the message for the result.
+pub fn parse_set(payload: &[u8], text_tag: bool) -> Result<SetRequest, String> {
+    match serde_json::from_slice::<Json>(payload) {
+        Ok(Json::Object(mut m)) => {
+            let id = m.remove("id");
+            match m.remove("value") {
+                Some(value) => Ok(SetRequest { value, id }),
+                None => Err("an object payload needs a \"value\" key: {\"value\":..,\"id\":..}".into()),
+            }
+        }
+        Ok(value) => Ok(SetRequest { value, id: None }),
+        Err(e) => match std::str::from_utf8(payload) {
+            Ok(s) if text_tag => Ok(SetRequest {
+                value: Json::String(s.to_string()),
+                id: None,
+            }),
+            _ => Err(format!(
+                "payload is not JSON ({e}); send a value like 21.5, true or {{\"value\":21.5,\"id\":\"x\"}}"
+            )),
+        },
+    }
+}
+
+/// The result payload of a write: `error` is `(code, message)`.
+pub fn set_result(error: Option<(&str, &str)>, id: Option<&Json>) -> Vec<u8> {
+    let mut v = match error {
+        None => json!({"ok": true}),
+        Some((code, msg)) => json!({"ok": false, "code": code, "error": msg}),
+    };
+    if let (Some(id), Json::Object(m)) = (id, &mut v) {
+        m.insert("id".into(), id.clone());
+    }
+    v.to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn j(b: Option<Vec<u8>>) -> Json {
+        serde_json::from_slice(&b.expect("payload")).expect("json")
+    }
+
+    #[test]
+    fn json_and_raw_readings() {
+        let v = Value::F64(21.5);
+        assert_eq!(
+            j(reading(
+                PayloadFormat::Json,
+                Some(&v),
+                Quality::Good,
+                None,
+                "degC",
+                7
+            )),
+            json!({"value":21.5,"ts":7,"quality":"good","unit":"degC"})
+        );
+        assert_eq!(
+            j(reading(
+                PayloadFormat::Json,
+                None,
+                Quality::Exception,
+                Some("illegal data address"),
+                "",
+                7
+            )),
+            json!({"value":null,"ts":7,"quality":"exception","error":"illegal data address"})
+        );
+        assert_eq!(
+            reading(PayloadFormat::Raw, Some(&v), Quality::Good, None, "", 7),
+            Some(b"21.5".to_vec())
+        );
+        assert_eq!(
+            reading(
+                PayloadFormat::Raw,
+                Some(&Value::Str("ab".into())),
+                Quality::Good,
+                None,
+                "",
+                7
+            ),
+            Some(b"ab".to_vec())
+        );
+        assert_eq!(
+            reading(PayloadFormat::Raw, None, Quality::Timeout, None, "", 7),
+            None
+        );
+    }
+
+    #[test]
+    fn change_detection() {
+        let last = (Some(Value::F64(10.0)), Quality::Good);
+        let v = |x| Some(Value::F64(x));
+        assert!(changed(
+            false,
+            0.0,
+            Some(&last),
+            v(10.0).as_ref(),
+            Quality::Good
+        ));
+        assert!(!changed(
+            true,
+            0.0,
+            Some(&last),
+            v(10.0).as_ref(),
+            Quality::Good
+        ));
+        assert!(changed(
+            true,
+            0.0,
+            Some(&last),
+            v(10.1).as_ref(),
+            Quality::Good
+        ));
+        assert!(!changed(
+            true,
+            0.5,
+            Some(&last),
+            v(10.4).as_ref(),
+            Quality::Good
+        ));
+        assert!(changed(
+            true,
+            0.5,
+            Some(&last),
+            v(10.6).as_ref(),
+            Quality::Good
+        ));
+        assert!(changed(true, 0.5, None, v(10.0).as_ref(), Quality::Good));
+        // Bad quality: once per change.
+        assert!(changed(false, 0.0, Some(&last), None, Quality::Timeout));
+        let bad = (None, Quality::Timeout);
+        assert!(!changed(false, 0.0, Some(&bad), None, Quality::Timeout));
+        assert!(changed(false, 0.0, Some(&bad), None, Quality::Exception));
+        assert!(changed(
+            true,
+            0.0,
+            Some(&bad),
+            v(10.0).as_ref(),
+            Quality::Good
+        ));
+    }
+
+    #[test]
+    fn set_payloads() {
+        assert_eq!(
+            parse_set(b"21.5", false),
+            Ok(SetRequest {
+                value: json!(21.5),
+                id: None
+            })
+        );
+        assert_eq!(
+            parse_set(br#"{"value":true,"id":"a1"}"#, false),
+            Ok(SetRequest {
+                value: json!(true),
+                id: Some(json!("a1"))
+            })
+        );
+        assert_eq!(
+            parse_set(b"hello", true),
+            Ok(SetRequest {
+                value: json!("hello"),
+                id: None
+            })
+        );
+        assert!(parse_set(b"hello", false).is_err());
+        assert!(parse_set(br#"{"id":1}"#, false).is_err());
+        let r: Json = serde_json::from_slice(&set_result(
+            Some(("read_only", "tag x is read-only")),
+            Some(&json!(7)),
+        ))
+        .expect("json");
+        assert_eq!(
+            r,
+            json!({"ok":false,"code":"read_only","error":"tag x is read-only","id":7})
+        );
+        let r: Json = serde_json::from_slice(&set_result(None, None)).expect("json");
+        assert_eq!(r, json!({"ok":true}));
+    }
+
+    #[test]
+    fn status_payloads() {
+        let s: Json = serde_json::from_slice(&status(false, Some(("timeout", "no answer")), 5))
+            .expect("json");
+        assert_eq!(
+            s,
+            json!({"state":"offline","ts":5,"error":"no answer","kind":"timeout"})
+        );
+        let s: Json = serde_json::from_slice(&status(true, None, 5)).expect("json");
+        assert_eq!(s, json!({"state":"online","ts":5}));
+    }
+}

@@ -1,0 +1,1087 @@
+//! Modbus sources end to end: the real gateway binary polls tokio-modbus servers (TCP on
+//! loopback, RTU across a socat pty pair) and a plain MQTT client on the local broker checks
+//! the exact topics and the decoded values. Register contents are laid out by the test's own
+//! spec-spelled [`layout`], never by the codec under test. Deadlines only bound the waiting;
+//! nothing asserts a timing.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::modbus_sim::{layout, serve_rtu, serve_tcp, PtyPair, Sim};
+use common::*;
+use rumqttc::QoS;
+use serde_json::{json, Value as Json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A plain MQTT client of the gateway's local broker (QoS 0 subscription).
+struct Sub(LocalSub);
+
+impl Sub {
+    async fn start(port: u16, filter: &str) -> Sub {
+        Sub(LocalSub::start(port, filter, QoS::AtMostOnce).await)
+    }
+
+    /// JSON payloads seen on `topic`.
+    fn on(&self, topic: &str) -> Vec<Json> {
+        self.0
+            .on(topic)
+            .iter()
+            .map(|p| serde_json::from_slice(p).unwrap_or(Json::Null))
+            .collect()
+    }
+
+    fn last(&self, topic: &str) -> Option<Json> {
+        self.on(topic).pop()
+    }
+
+    fn topics(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.topic.clone())
+            .collect()
+    }
+
+    /// Waits until the last JSON on `topic` satisfies `pred`; returns it (or panics with
+    /// what was seen and the gateway log).
+    async fn wait_last(&self, g: &Gateway, topic: &str, pred: impl Fn(&Json) -> bool) -> Json {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(v) = self.last(topic) {
+                if pred(&v) {
+                    return v;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{topic}: no matching message; seen {:?}\n--- gateway log ---\n{}",
+                    self.on(topic),
+                    g.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: &str) {
+        self.0
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+fn config(ports: &GatewayPorts, data: &Path, modbus: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw1"
+data_dir = "{data}"
+shutdown_grace = "2s"
+
+[broker.listeners.default]
+listen = "127.0.0.1:{mqtt}"
+
+[metrics]
+listen = "127.0.0.1:{http}"
+
+{modbus}
+"#,
+        data = data.display(),
+        mqtt = ports.mqtt,
+        http = ports.http,
+    )
+}
+
+fn good(v: &Json) -> bool {
+    v["quality"] == "good"
+}
+
+fn be32(x: u32) -> Vec<u8> {
+    x.to_be_bytes().to_vec()
+}
+
+fn be64(x: u64) -> Vec<u8> {
+    x.to_be_bytes().to_vec()
+}
+
+#[tokio::test]
+async fn tcp_every_type_and_order_decodes_onto_exact_topics() {
+    let sim = Sim::new();
+    // Known contents, laid out by spelled order.
+    sim.set_holding(1, 0, &[0x1234]);
+    sim.set_holding(1, 1, &layout(&(-123i16).to_be_bytes(), "AB"));
+    sim.set_holding(1, 2, &layout(&(-123i16).to_be_bytes(), "BA"));
+    let o32 = ["ABCD", "DCBA", "BADC", "CDAB"];
+    let o64 = ["ABCDEFGH", "HGFEDCBA", "BADCFEHG", "GHEFCDAB"];
+    for (i, o) in o32.iter().enumerate() {
+        let a = i as u16 * 2;
+        sim.set_holding(1, 10 + a, &layout(&be32(0x1122_3344), o));
+        sim.set_holding(1, 20 + a, &layout(&(-2_000_000_000i32).to_be_bytes(), o));
+        sim.set_holding(1, 30 + a, &layout(&25.5f32.to_be_bytes(), o));
+    }
+    for (i, o) in o64.iter().enumerate() {
+        let a = i as u16 * 4;
+        sim.set_holding(1, 40 + a, &layout(&be64(0x1122_3344_5566_7788), o));
+        sim.set_holding(
+            1,
+            60 + a,
+            &layout(&(-1_234_567_890_123_456_789i64).to_be_bytes(), o),
+        );
+        sim.set_holding(1, 80 + a, &layout(&(-1234.5678f64).to_be_bytes(), o));
+    }
+    sim.set_holding(1, 100, &[0x4142, 0x2d31, 0x3200]); // "AB-12"
+    sim.set_holding(1, 110, &[0b1000, 615]);
+    sim.with(1, |u| {
+        u.input.insert(0, 777);
+        u.coils.insert(5, true);
+        u.discrete.insert(7, false);
+        u.discrete.insert(8, true);
+    });
+    let server = serve_tcp(sim.clone()).await;
+
+    let mut tags = String::new();
+    let mut expect: Vec<(String, Json)> = Vec::new();
+    let mut tag = |name: &str, body: &str, want: Json| {
+        tags.push_str(&format!("[[modbus.tags]]\nname = \"{name}\"\n{body}\n"));
+        expect.push((name.to_string(), want));
+    };
+    tag("u16", "address = 0\ntype = \"u16\"", json!(0x1234));
+    tag("i16", "address = 1\ntype = \"i16\"", json!(-123));
+    tag(
+        "i16_ba",
+        "address = 2\ntype = \"i16\"\norder = \"BA\"",
+        json!(-123),
+    );
+    for (i, o) in o32.iter().enumerate() {
+        let a = i * 2;
+        let oo = format!("order = \"{o}\"");
+        tag(
+            &format!("u32_{o}"),
+            &format!("address = {}\ntype = \"u32\"\n{oo}", 10 + a),
+            json!(0x1122_3344u32),
+        );
+        tag(
+            &format!("i32_{o}"),
+            &format!("address = {}\ntype = \"i32\"\n{oo}", 20 + a),
+            json!(-2_000_000_000),
+        );
+        tag(
+            &format!("f32_{o}"),
+            &format!("address = {}\ntype = \"f32\"\n{oo}", 30 + a),
+            json!(25.5),
+        );
+    }
+    for (i, o) in o64.iter().enumerate() {
+        let a = i * 4;
+        let oo = format!("order = \"{o}\"");
+        tag(
+            &format!("u64_{o}"),
+            &format!("address = {}\ntype = \"u64\"\n{oo}", 40 + a),
+            json!(0x1122_3344_5566_7788u64),
+        );
+        tag(
+            &format!("i64_{o}"),
+            &format!("address = {}\ntype = \"i64\"\n{oo}", 60 + a),
+            json!(-1_234_567_890_123_456_789i64),
+        );
+        tag(
+            &format!("f64_{o}"),
+            &format!("address = {}\ntype = \"f64\"\n{oo}", 80 + a),
+            json!(-1234.5678),
+        );
+    }
+    tag(
+        "text",
+        "address = 100\ntype = \"string\"\nlength = 6",
+        json!("AB-12"),
+    );
+    tag(
+        "bit3",
+        "address = 110\ntype = \"bit\"\nbit = 3",
+        json!(true),
+    );
+    tag(
+        "bit2",
+        "address = 110\ntype = \"bit\"\nbit = 2",
+        json!(false),
+    );
+    tag(
+        "temp",
+        "address = 111\ntype = \"i16\"\nscale = 0.1\noffset = -40.0\nunit = \"degC\"",
+        json!(21.5),
+    );
+    tag("in", "kind = \"input_register\"\naddress = 0", json!(777));
+    tag("run", "kind = \"coil\"\naddress = 5", json!(true));
+    tag(
+        "door",
+        "kind = \"discrete_input\"\naddress = 7",
+        json!(false),
+    );
+    tag(
+        "door2",
+        "kind = \"discrete_input\"\naddress = 8",
+        json!(true),
+    );
+
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &ports,
+        data.path(),
+        &format!(
+            "[[modbus]]\nname = \"dev1\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"200ms\"\n\
+             max_in_flight = 3\ntimeout = \"5s\"\n{tags}",
+            server.port
+        ),
+    );
+    let g = Gateway::start(&cfg, &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+
+    for (name, want) in &expect {
+        let topic = format!("field/dev1/{name}");
+        let v = sub.wait_last(&g, &topic, good).await;
+        match want {
+            Json::Number(n) if n.is_f64() => {
+                let got = v["value"].as_f64().unwrap_or(f64::NAN);
+                let w = n.as_f64().unwrap();
+                assert!(
+                    (got - w).abs() < 1e-9 * w.abs().max(1.0),
+                    "{topic}: {v} want {want}"
+                );
+            }
+            _ => assert_eq!(&v["value"], want, "{topic}: {v}"),
+        }
+        assert!(
+            v["ts"].as_u64().unwrap_or(0) > 1_600_000_000_000,
+            "{topic}: {v}"
+        );
+    }
+    let temp = sub.last("field/dev1/temp").unwrap();
+    assert_eq!(temp["unit"], "degC");
+
+    let status = sub
+        .wait_last(&g, "field/dev1/status", |v| v["state"] == "online")
+        .await;
+    assert_eq!(status["state"], "online");
+    // Exactly the configured topics, nothing else.
+    let mut want: std::collections::BTreeSet<String> = expect
+        .iter()
+        .map(|(n, _)| format!("field/dev1/{n}"))
+        .collect();
+    want.insert("field/dev1/status".into());
+    assert_eq!(sub.topics(), want);
+
+    // 32 tags coalesce into 12 requests: 9 holding ranges, input, coil, discrete.
+    assert_eq!(
+        g.metric("fieldgate_modbus_cycle_requests{bus=\"dev1\"}"),
+        12.0
+    );
+    assert!(g.metric("fieldgate_modbus_reads_total{device=\"dev1\"}") >= 12.0);
+    assert_eq!(
+        g.metric("fieldgate_modbus_errors_total{device=\"dev1\",kind=\"timeout\"}"),
+        0.0
+    );
+    let (status, log) = g.terminate();
+    assert!(status.success(), "{log}");
+    // Stopping publishes the device offline (retained) before the broker closes.
+    assert!(log.contains("modbus bus stopped"), "{log}");
+}
+
+#[tokio::test]
+async fn rtu_two_units_share_one_pty_bus_and_a_dead_unit_stops_neither() {
+    let pty = PtyPair::new();
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[111]);
+    sim.set_holding(1, 1, &layout(&(-7.25f32).to_be_bytes(), "CDAB"));
+    sim.set_holding(2, 0, &[222]);
+    sim.with(2, |u| {
+        u.coils.insert(3, true);
+    });
+    let _server = serve_rtu(sim.clone(), &pty.b);
+
+    let port = pty.a.display();
+    let line = format!(
+        "transport = \"rtu\"\nserial_port = \"{port}\"\nbaud = 115200\n\
+         retries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"200ms\"\nreconnect_max = \"400ms\""
+    );
+    let modbus = format!(
+        r#"
+[[modbus]]
+name = "unit1"
+unit_id = 1
+timeout = "5s"
+{line}
+[[modbus.tags]]
+name = "count"
+address = 0
+[[modbus.tags]]
+name = "flow"
+address = 1
+type = "f32"
+order = "CDAB"
+
+[[modbus]]
+name = "unit2"
+unit_id = 2
+timeout = "5s"
+{line}
+[[modbus.tags]]
+name = "level"
+address = 0
+[[modbus.tags]]
+name = "pump"
+kind = "coil"
+address = 3
+
+[[modbus]]
+name = "ghost"
+unit_id = 3
+timeout = "300ms"
+{line}
+[[modbus.tags]]
+name = "x"
+address = 0
+"#
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+
+    assert_eq!(
+        sub.wait_last(&g, "field/unit1/count", good).await["value"],
+        111
+    );
+    assert_eq!(
+        sub.wait_last(&g, "field/unit1/flow", good).await["value"],
+        -7.25
+    );
+    assert_eq!(
+        sub.wait_last(&g, "field/unit2/level", good).await["value"],
+        222
+    );
+    assert_eq!(
+        sub.wait_last(&g, "field/unit2/pump", good).await["value"],
+        true
+    );
+
+    // Unit 3 never answers: offline with the reason, retained.
+    let ghost = sub
+        .wait_last(&g, "field/ghost/status", |v| v["state"] == "offline")
+        .await;
+    assert_eq!(ghost["kind"], "timeout", "{ghost}");
+    assert!(
+        ghost["error"].as_str().unwrap_or("").contains("no answer"),
+        "{ghost}"
+    );
+    let x = sub
+        .wait_last(&g, "field/ghost/x", |v| v["quality"] == "timeout")
+        .await;
+    assert_eq!(x["value"], Json::Null);
+
+    // The bus goes on for the others: new values arrive after the ghost went offline.
+    sim.set_holding(2, 0, &[333]);
+    sim.set_holding(1, 0, &[112]);
+    sub.wait_last(&g, "field/unit2/level", |v| v["value"] == 333)
+        .await;
+    sub.wait_last(&g, "field/unit1/count", |v| v["value"] == 112)
+        .await;
+    assert_eq!(sub.last("field/unit1/status").unwrap()["state"], "online");
+
+    // One bus, one task, for the three units.
+    let bus = format!("fieldgate_modbus_cycles_total{{bus=\"rtu:{port}\"}}");
+    assert!(
+        g.metric(&bus) > 0.0,
+        "{}",
+        g.get("/metrics").unwrap_or_default()
+    );
+    // A cycle that waits 300 ms for the ghost cannot fit a 100 ms interval: reported.
+    let overruns = format!("fieldgate_modbus_overruns_total{{bus=\"rtu:{port}\"}}");
+    assert!(g.metric(&overruns) >= 1.0);
+    assert!(g.log_text().contains("did not fit its interval"));
+    assert!(g.metric("fieldgate_modbus_errors_total{device=\"ghost\",kind=\"timeout\"}") >= 1.0);
+    assert_eq!(
+        g.metric("fieldgate_modbus_errors_total{device=\"unit1\",kind=\"timeout\"}"),
+        0.0
+    );
+    assert_eq!(
+        g.metric("fieldgate_modbus_errors_total{device=\"unit2\",kind=\"bad_frame\"}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn tcp_device_stops_answering_then_returns_and_the_other_is_unaffected() {
+    let (sim_a, sim_b) = (Sim::new(), Sim::new());
+    sim_a.set_holding(1, 0, &[10]);
+    sim_b.set_holding(1, 0, &[20]);
+    let (srv_a, srv_b) = (
+        serve_tcp(sim_a.clone()).await,
+        serve_tcp(sim_b.clone()).await,
+    );
+    // Only the device that is made to die has a short timeout: a loaded machine must not
+    // turn a slow answer of the other into a timeout.
+    let dev = |name: &str, port: u16, timeout: &str| {
+        format!(
+            "[[modbus]]\nname = \"{name}\"\nhost = \"127.0.0.1:{port}\"\ntimeout = \"{timeout}\"\n\
+             retries = 1\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
+             reconnect_max = \"300ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n"
+        )
+    };
+    let modbus = dev("a", srv_a.port, "200ms") + &dev("b", srv_b.port, "5s");
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/a/v", |v| v["value"] == 10).await;
+    sub.wait_last(&g, "field/b/v", |v| v["value"] == 20).await;
+    sub.wait_last(&g, "field/a/status", |v| v["state"] == "online")
+        .await;
+
+    sim_a.set_silent(1, true);
+    let st = sub
+        .wait_last(&g, "field/a/status", |v| v["state"] == "offline")
+        .await;
+    assert_eq!(st["kind"], "timeout", "{st}");
+    sub.wait_last(&g, "field/a/v", |v| v["quality"] == "timeout")
+        .await;
+
+    // b keeps being polled while a is dead.
+    sim_b.set_holding(1, 0, &[21]);
+    sub.wait_last(&g, "field/b/v", |v| v["value"] == 21).await;
+    assert_eq!(sub.last("field/b/status").unwrap()["state"], "online");
+
+    // a comes back by itself.
+    sim_a.set_holding(1, 0, &[11]);
+    sim_a.set_silent(1, false);
+    sub.wait_last(&g, "field/a/status", |v| v["state"] == "online")
+        .await;
+    let v = sub.wait_last(&g, "field/a/v", |v| v["value"] == 11).await;
+    assert!(good(&v), "{v}");
+
+    assert!(g.metric("fieldgate_modbus_errors_total{device=\"a\",kind=\"timeout\"}") >= 1.0);
+    assert_eq!(
+        g.metric("fieldgate_modbus_errors_total{device=\"b\",kind=\"timeout\"}"),
+        0.0
+    );
+    assert_eq!(g.metric("fieldgate_modbus_online{device=\"a\"}"), 1.0);
+    // The retained status reaches a subscriber that comes later.
+    let late = Sub::start(g.mqtt, "field/a/status").await;
+    let s = late
+        .wait_last(&g, "field/a/status", |v| v["state"] == "online")
+        .await;
+    assert_eq!(s["state"], "online");
+    assert!(late.0.received.lock().unwrap().iter().any(|m| m.retain));
+}
+
+#[tokio::test]
+async fn exception_answers_are_counted_and_published_with_their_quality() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[5]);
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        "[[modbus]]\nname = \"ex\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\nretain = true\ntimeout = \"5s\"\n\
+         [[modbus.tags]]\nname = \"ok\"\naddress = 0\n\
+         [[modbus.tags]]\nname = \"missing\"\naddress = 500\n",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    let m = sub
+        .wait_last(&g, "field/ex/missing", |v| v["quality"] == "exception")
+        .await;
+    assert_eq!(m["value"], Json::Null);
+    assert_eq!(m["error"], "illegal data address (exception 2)");
+    assert_eq!(sub.wait_last(&g, "field/ex/ok", good).await["value"], 5);
+    // The device answered, so it is online.
+    sub.wait_last(&g, "field/ex/status", |v| v["state"] == "online")
+        .await;
+    let ok = eventually(WAIT, || {
+        g.metric("fieldgate_modbus_errors_total{device=\"ex\",kind=\"exception\"}") >= 2.0
+    })
+    .await;
+    assert!(ok, "{}", g.get("/metrics").unwrap_or_default());
+    assert!(g.metric("fieldgate_modbus_tag_errors_total{device=\"ex\",tag=\"missing\"}") >= 2.0);
+    assert!(g
+        .metric("fieldgate_modbus_tag_errors_total{device=\"ex\",tag=\"ok\"}")
+        .is_nan());
+    // A repeated exception is published once (here: retained, so a subscriber that came
+    // after the first poll still got it), not every poll.
+    assert_eq!(sub.on("field/ex/missing").len(), 1);
+}
+
+fn writes_config(port: u16) -> String {
+    format!(
+        r#"
+[[modbus]]
+name = "w"
+host = "127.0.0.1:{port}"
+poll_interval = "100ms"
+[[modbus.tags]]
+name = "sp"
+address = 0
+writable = true
+[[modbus.tags]]
+name = "temp"
+address = 2
+type = "f32"
+order = "CDAB"
+scale = 0.1
+writable = true
+[[modbus.tags]]
+name = "run"
+kind = "coil"
+address = 0
+writable = true
+[[modbus.tags]]
+name = "flag"
+address = 10
+type = "bit"
+bit = 3
+writable = true
+[[modbus.tags]]
+name = "label"
+address = 20
+type = "string"
+length = 4
+writable = true
+[[modbus.tags]]
+name = "ro"
+address = 30
+[[modbus.tags]]
+name = "total"
+address = 40
+type = "u64"
+order = "DCBA"
+writable = true
+[[modbus.tags]]
+name = "gone"
+address = 60
+writable = true
+[[modbus.tags]]
+name = "level"
+address = 50
+type = "i16"
+scale = 0.1
+writable = true
+"#
+    )
+}
+
+fn write_sim() -> Sim {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[0]);
+    sim.set_holding(1, 2, &[0, 0]);
+    sim.set_holding(1, 10, &[0b0001]);
+    sim.set_holding(1, 20, &[0x2020, 0x2020]);
+    sim.set_holding(1, 30, &[3]);
+    sim.set_holding(1, 40, &[0, 0, 0, 0]);
+    sim.set_holding(1, 50, &[0]);
+    sim.with(1, |u| {
+        u.coils.insert(0, false);
+    });
+    sim
+}
+
+#[tokio::test]
+async fn writes_round_trip_with_echoed_ids_and_precise_errors() {
+    let sim = write_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(
+        &config(&ports, data.path(), &writes_config(srv.port)),
+        &ports,
+    )
+    .await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/w/status", |v| v["state"] == "online")
+        .await;
+
+    async fn set(sub: &Sub, g: &Gateway, tag: &str, payload: &str) -> Json {
+        let topic = format!("field/w/{tag}/set/result");
+        let before = sub.on(&topic).len();
+        sub.publish(&format!("field/w/{tag}/set"), payload).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let all = sub.on(&topic);
+            if all.len() > before {
+                return all[before].clone();
+            }
+            assert!(Instant::now() < deadline, "no {topic}\n{}", g.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    assert_eq!(
+        set(&sub, &g, "sp", r#"{"value":1234,"id":"w1"}"#).await,
+        json!({"ok":true,"id":"w1"})
+    );
+    assert_eq!(sim.holding(1, 0, 1), [Some(1234)]);
+    // The new value is read back and published.
+    sub.wait_last(&g, "field/w/sp", |v| v["value"] == 1234)
+        .await;
+
+    assert_eq!(set(&sub, &g, "temp", "21.5").await, json!({"ok":true}));
+    let want: Vec<Option<u16>> = layout(&215.0f32.to_be_bytes(), "CDAB")
+        .into_iter()
+        .map(Some)
+        .collect();
+    assert_eq!(sim.holding(1, 2, 2), want);
+
+    assert_eq!(set(&sub, &g, "run", "true").await, json!({"ok":true}));
+    assert!(sim.with(1, |u| u.coils[&0]));
+
+    assert_eq!(
+        set(&sub, &g, "flag", r#"{"value":true,"id":7}"#).await,
+        json!({"ok":true,"id":7})
+    );
+    assert_eq!(sim.holding(1, 10, 1), [Some(0b1001)]);
+
+    assert_eq!(set(&sub, &g, "label", r#""OK""#).await, json!({"ok":true}));
+    assert_eq!(sim.holding(1, 20, 2), [Some(0x4f4b), Some(0)]);
+
+    assert_eq!(
+        set(&sub, &g, "total", "1234605616436508552").await,
+        json!({"ok":true})
+    );
+    let want: Vec<Option<u16>> = layout(&be64(0x1122_3344_5566_7788), "HGFEDCBA")
+        .into_iter()
+        .map(Some)
+        .collect();
+    assert_eq!(sim.holding(1, 40, 4), want);
+
+    // Errors: nothing is written, the reason is precise, the id comes back.
+    let r = set(&sub, &g, "ro", r#"{"value":5,"id":"r"}"#).await;
+    assert_eq!(
+        (r["ok"].clone(), r["code"].clone(), r["id"].clone()),
+        (json!(false), json!("read_only"), json!("r"))
+    );
+    assert_eq!(sim.holding(1, 30, 1), [Some(3)]);
+
+    let r = set(&sub, &g, "sp", r#"{"value":70000,"id":"big"}"#).await;
+    assert_eq!(r["code"], "out_of_range", "{r}");
+    assert_eq!(r["error"], "out of range: 70000 is outside u16 [0, 65535]");
+    assert_eq!(r["id"], "big");
+    assert_eq!(sim.holding(1, 0, 1), [Some(1234)]);
+
+    let r = set(&sub, &g, "level", "21.55").await;
+    assert_eq!(r["code"], "out_of_range", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("not representable"),
+        "{r}"
+    );
+
+    let r = set(&sub, &g, "sp", r#""abc""#).await;
+    assert_eq!(r["code"], "bad_request", "{r}");
+
+    let r = set(&sub, &g, "gone", "1").await;
+    assert_eq!(r["code"], "exception", "{r}");
+    assert_eq!(r["error"], "illegal data address (exception 2)");
+
+    let r = set(&sub, &g, "nosuch", r#"{"value":1,"id":"n"}"#).await;
+    assert_eq!(r["code"], "unknown_tag", "{r}");
+    assert_eq!(r["id"], "n");
+
+    assert_eq!(
+        g.metric("fieldgate_modbus_writes_total{device=\"w\",result=\"ok\"}"),
+        6.0
+    );
+    assert_eq!(
+        g.metric("fieldgate_modbus_writes_total{device=\"w\",result=\"error\"}"),
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn a_cloud_command_reaches_a_tag_through_the_downlink() {
+    let sim = write_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg =
+        gateway_config(&pki, &ports, data.path(), cloud.port, "", "") + &writes_config(srv.port);
+    let g = Gateway::start(&cfg, &ports).await;
+    let collector = Collector::start(&pki, cloud.port, "fieldgate/gw1/field/w/#").await;
+    assert!(eventually(WAIT, || g.metric("fieldgate_cloud_connected") == 1.0).await);
+
+    // The bridge subscribes to the downlink after connecting: repeat until answered.
+    let result = "fieldgate/gw1/field/w/sp/set/result";
+    let deadline = Instant::now() + WAIT;
+    while collector.on_topic(result).is_empty() {
+        assert!(Instant::now() < deadline, "no {result}\n{}", g.log_text());
+        collector
+            .client
+            .publish(
+                "fieldgate/gw1/cmd/field/w/sp/set",
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value":42,"id":"cloud-1"}"#.to_vec(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let r: Json = serde_json::from_slice(&collector.on_topic(result)[0]).unwrap();
+    assert_eq!(r, json!({"ok":true,"id":"cloud-1"}));
+    assert_eq!(sim.holding(1, 0, 1), [Some(42)]);
+    // And the reading itself goes up too.
+    assert!(
+        eventually(WAIT, || collector
+            .on_topic("fieldgate/gw1/field/w/sp")
+            .iter()
+            .any(
+                |p| serde_json::from_slice::<Json>(p).is_ok_and(|v| v["value"] == 42)
+            ))
+        .await
+    );
+}
+
+fn fieldgate(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn probe_prints_every_type_and_order() {
+    let sim = Sim::new();
+    sim.set_holding(1, 100, &layout(&25.5f32.to_be_bytes(), "CDAB"));
+    sim.set_holding(1, 102, &[0x4142]);
+    let srv = serve_tcp(sim).await;
+    let host = format!("127.0.0.1:{}", srv.port);
+    let h2 = host.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        fieldgate(&[
+            "modbus",
+            "probe",
+            "--tcp",
+            &h2,
+            "--unit",
+            "1",
+            "--kind",
+            "holding",
+            "--address",
+            "100",
+            "--count",
+            "3",
+        ])
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}"); // shown with --nocapture; docs/modbus.md quotes it
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The f32 row at 100 shows 25.5 in the CDAB column (the second of ABCD CDAB BADC DCBA).
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("32-bit"))
+        .expect("32-bit header");
+    let cols: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(cols[1..], ["ABCD", "CDAB", "BADC", "DCBA"], "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("  100 f32"))
+        .expect("f32 row");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[3], "25.5", "{text}");
+    assert!(text.contains("  102    0x4142"), "{text}");
+
+    // An exception is reported, with a non-zero exit.
+    let out = tokio::task::spawn_blocking(move || {
+        fieldgate(&[
+            "modbus",
+            "probe",
+            "--tcp",
+            &host,
+            "--address",
+            "7000",
+            "--count",
+            "2",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("illegal data address"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn check_config_names_modbus_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[modbus]]
+name = "m1"
+host = "127.0.0.1:502"
+[[modbus.tags]]
+name = "a"
+address = 1
+[[modbus.tags]]
+name = "b"
+address = 65535
+type = "f32"
+[[modbus]]
+name = "r"
+transport = "rtu"
+[[modbus.tags]]
+name = "c"
+kind = "input_register"
+writable = true
+"#,
+    )
+    .unwrap();
+    let out = fieldgate(&["check-config", "-c", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for key in [
+        "modbus[0].tags[1].address",
+        "modbus[1].serial_port",
+        "modbus[1].tags[0].writable",
+    ] {
+        assert!(err.contains(key), "{key} missing:\n{err}");
+    }
+}
+
+/// The commented example in configs/fieldgate.toml is valid once uncommented.
+#[test]
+fn shipped_modbus_example_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("configs/fieldgate.toml")).unwrap();
+    let (_, rest) = text
+        .split_once("# modbus-example-begin\n")
+        .expect("begin marker");
+    let (block, _) = rest.split_once("# modbus-example-end").expect("end marker");
+    let toml: String = block
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("example.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let out = fieldgate(&["check-config", "-c", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}\n{toml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = fieldgate(&["print-config", "-c", path.to_str().unwrap()]);
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.contains("[[modbus.tags]]"), "{printed}");
+    // The effective configuration loads back as it was printed.
+    let again = dir.path().join("printed.toml");
+    std::fs::write(&again, printed.as_bytes()).unwrap();
+    let out = fieldgate(&["print-config", "-c", again.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), printed);
+}
+
+/// Modbus RTU CRC-16 (poly 0xA001, init 0xFFFF), for the hand-made frames below.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc = 0xffffu16;
+    for b in data {
+        crc ^= u16::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xa001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// How the hand-made RTU device answers.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Wire {
+    Good,
+    BadCrc,
+    WrongUnit,
+}
+
+#[tokio::test]
+async fn rtu_bad_frames_are_counted_and_never_desynchronise_the_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pty = PtyPair::new();
+    let mode = Arc::new(Mutex::new(Wire::Good));
+    let value = Arc::new(Mutex::new(7u16));
+    // A raw device on the other end: answers "read holding registers" of unit 1 by hand.
+    let mut port =
+        tokio_serial::SerialStream::open(&tokio_serial::new(pty.b.to_string_lossy(), 115_200))
+            .unwrap();
+    let (m2, v2) = (mode.clone(), value.clone());
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64];
+        loop {
+            let Ok(n) = port.read(&mut chunk).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 8 {
+                let req: Vec<u8> = buf.drain(..8).collect();
+                if req[1] != 3 || crc16(&req[..6]).to_le_bytes() != [req[6], req[7]] {
+                    buf.clear();
+                    continue;
+                }
+                let mode = *m2.lock().unwrap();
+                let v = *v2.lock().unwrap();
+                let unit = if mode == Wire::WrongUnit { 9 } else { req[0] };
+                let mut resp = vec![unit, 3, 2, (v >> 8) as u8, v as u8];
+                let mut crc = crc16(&resp).to_le_bytes();
+                if mode == Wire::BadCrc {
+                    crc[0] ^= 0xff;
+                }
+                resp.extend_from_slice(&crc);
+                let _ = port.write_all(&resp).await;
+            }
+        }
+    });
+    let modbus = format!(
+        "[[modbus]]\nname = \"raw\"\ntransport = \"rtu\"\nserial_port = \"{}\"\nbaud = 115200\n\
+         timeout = \"200ms\"\nretries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
+         reconnect_max = \"200ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n",
+        pty.a.display()
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/raw/v", |v| v["value"] == 7).await;
+
+    // A corrupt CRC: the frame is dropped, so the request gets no answer.
+    *mode.lock().unwrap() = Wire::BadCrc;
+    sub.wait_last(&g, "field/raw/status", |v| v["state"] == "offline")
+        .await;
+    let st = sub.last("field/raw/status").unwrap();
+    assert!(
+        ["timeout", "bad_frame"].contains(&st["kind"].as_str().unwrap_or("")),
+        "{st}"
+    );
+
+    // An answer from the wrong unit: a bad frame.
+    *mode.lock().unwrap() = Wire::WrongUnit;
+    assert!(
+        eventually(WAIT, || g.metric(
+            "fieldgate_modbus_errors_total{device=\"raw\",kind=\"bad_frame\"}"
+        ) >= 1.0)
+        .await,
+        "{}",
+        g.log_text()
+    );
+
+    // Good answers again: online, and the value is the new one, not a stale frame.
+    *value.lock().unwrap() = 8;
+    *mode.lock().unwrap() = Wire::Good;
+    sub.wait_last(&g, "field/raw/status", |v| v["state"] == "online")
+        .await;
+    let v = sub.wait_last(&g, "field/raw/v", |v| v["value"] == 8).await;
+    assert!(good(&v), "{v}");
+    // From here on every reading is the device's current value.
+    let n = sub.on("field/raw/v").len();
+    assert!(
+        eventually(WAIT, || sub.on("field/raw/v").len() >= n + 5).await,
+        "polling stopped"
+    );
+    assert!(sub.on("field/raw/v")[n..]
+        .iter()
+        .all(|v| v["value"] == 8 && good(v)));
+}
+
+#[tokio::test]
+async fn per_tag_intervals_and_publish_on_change_with_deadband() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[1, 100, 50, 7]);
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        r#"
+[[modbus]]
+name = "pc"
+host = "127.0.0.1:{}"
+timeout = "5s"
+poll_interval = "100ms"
+retain = true
+max_gap = 2
+[[modbus.tags]]
+name = "fast"
+address = 0
+[[modbus.tags]]
+name = "slow"
+address = 3
+poll_interval = "1h"
+[[modbus.tags]]
+name = "steady"
+address = 1
+on_change = true
+[[modbus.tags]]
+name = "banded"
+address = 2
+on_change = true
+deadband = 5.0
+"#,
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/pc/slow", |v| v["value"] == 7)
+        .await;
+    sub.wait_last(&g, "field/pc/steady", |v| v["value"] == 100)
+        .await;
+    sub.wait_last(&g, "field/pc/banded", |v| v["value"] == 50)
+        .await;
+
+    // Changes below the deadband, and a change of the hour-interval tag, are not published
+    // while the 100 ms tag goes on.
+    sim.set_holding(1, 2, &[53]);
+    sim.set_holding(1, 3, &[8]);
+    let mark = sub.on("field/pc/fast").len();
+    assert!(eventually(WAIT, || sub.on("field/pc/fast").len() >= mark + 5).await);
+    assert_eq!(sub.on("field/pc/slow").len(), 1);
+    assert_eq!(sub.on("field/pc/slow")[0]["value"], 7);
+    assert_eq!(sub.on("field/pc/steady").len(), 1);
+    assert_eq!(sub.on("field/pc/banded").len(), 1);
+
+    // Past the deadband (from the last published 50), and a change: published once each.
+    sim.set_holding(1, 2, &[56]);
+    sim.set_holding(1, 1, &[101]);
+    sub.wait_last(&g, "field/pc/banded", |v| v["value"] == 56)
+        .await;
+    sub.wait_last(&g, "field/pc/steady", |v| v["value"] == 101)
+        .await;
+    let mark = sub.on("field/pc/fast").len();
+    assert!(eventually(WAIT, || sub.on("field/pc/fast").len() >= mark + 3).await);
+    assert_eq!(sub.on("field/pc/banded").len(), 2);
+    assert_eq!(sub.on("field/pc/steady").len(), 2);
+    assert_eq!(sub.on("field/pc/slow").len(), 1);
+}
