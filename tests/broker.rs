@@ -727,6 +727,27 @@ async fn malformed_filters_get_a_failure_return_code() {
     }
 }
 
+/// Found by the fuzz test below: rumqttd 0.20's router silently drops a connection whose
+/// client id holds `/`, `+`, `#` or `$`, leaving that id's will handler behind; the next
+/// CONNECT with the same id panics the connection task on it and poisons a mutex every
+/// later connection takes, so no new client gets in any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_the_router_cannot_take_are_refused_without_harm() {
+    let (_gw, port) = rules_target().await;
+    for _ in 0..2 {
+        for id in ["a/b", "x+y", "s#", "$sys"] {
+            let (mut r, ack) = Raw::connect(port, id, 30).await;
+            assert!(
+                matches!(&ack, Some(P4::ConnAck(a)) if a.code == v4::ConnectReturnCode::BadClientId),
+                "{id}: {ack:?}"
+            );
+            assert!(r.closed().await);
+        }
+    }
+    let mut ok = anon(port, "still-served").await;
+    ok.publish1("any/topic", "x").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connect_closes_the_connection() {
     let (_gw, port) = rules_target().await;

@@ -5,6 +5,10 @@
 //! packet and writes to the other, so a device that stops reading slows only its own
 //! session (TCP back-pressure up to rumqttd, which buffers per connection).
 //!
+//! CONNECT is refused (with a CONNACK) for another protocol level, an empty client id
+//! without clean session, a client id rumqttd cannot route (`/ + # $`), failed
+//! authentication, or rumqttd refusing it.
+//!
 //! Session state machine: `AwaitConnect -(CONNECT ok)-> Relaying -(DISCONNECT | error |
 //! violation | keepalive expired)-> Closed`. Rules enforced while relaying (MQTT 3.1.1):
 //! - a second CONNECT, a PUBLISH to an invalid topic name (empty, wildcards), a packet only a
@@ -242,6 +246,14 @@ where
         let _ = dev
             .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
             .await;
+        return End::Refused;
+    }
+    // rumqttd's router drops a connection whose client id holds one of these without an
+    // answer, and the second such CONNECT with the same id poisons the broker's listener
+    // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5).
+    if connect.client_id.contains(['/', '+', '#', '$']) {
+        ctx.metrics.broker.refuse("client_id");
+        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         return End::Refused;
     }
     if connect.client_id.is_empty() && !connect.clean_session {
