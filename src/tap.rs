@@ -165,7 +165,9 @@ fn run(
                         continue;
                     }
                     let retained = retained::is_marked(f.properties.as_ref());
-                    if retained {
+                    // rumqttd 0.20 also drops a topic's retained message on an empty
+                    // publish without the retain flag; the kept copy follows it.
+                    if retained || p.payload.is_empty() {
                         let qos = retained::marked_qos(f.properties.as_ref()).unwrap_or(2);
                         if let Err(e) = store.retain(topic, qos, &p.payload) {
                             error!(error = %e, %topic, "cannot keep a retained message on disk");
