@@ -215,7 +215,7 @@ pub struct ListenerTlsConfig {
 
 /// `broker.rate_limit_policy`: what the front end does with a device that publishes faster
 /// than `broker.max_publish_rate`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RateLimitPolicy {
     /// Stop reading from the device until it is back under the rate (TCP back-pressure).
@@ -228,8 +228,40 @@ pub enum RateLimitPolicy {
     Disconnect,
 }
 
+/// Deserializes a unit enum from its snake_case name, naming the allowed values on error
+/// (serde's own message through the config crate does not).
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, { $($name:literal => $v:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                match s.as_str() {
+                    $($name => Ok($ty::$v),)+
+                    other => Err(serde::de::Error::custom(format!(
+                        concat!("`{}` is not ", $what, "; use one of: {}"),
+                        other,
+                        [$($name),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(RateLimitPolicy, "a rate limit policy", {
+    "slow_down" => SlowDown,
+    "drop" => Drop,
+    "disconnect" => Disconnect,
+});
+
+named_enum!(ClientCertMode, "a client certificate mode", {
+    "none" => None,
+    "optional" => Optional,
+    "required" => Required,
+});
+
 /// Whether a TLS listener asks devices for a client certificate.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientCertMode {
     /// Never asked; clients authenticate with a password (or are anonymous).
@@ -1127,6 +1159,32 @@ mod tests {
         let err = load("[store]\nmax_byte = 5\n", &[]).unwrap_err();
         assert_eq!(err.problems.len(), 1);
         assert!(err.problems[0].to_string().contains("max_byte"), "{}", err);
+    }
+
+    #[test]
+    fn broker_rate_limit_keys_load_and_a_bad_policy_names_the_choices() {
+        let s = load(
+            "[broker]\nmax_publish_rate = 50\npublish_burst = 10\nrate_limit_policy = \"disconnect\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.broker.max_publish_rate, 50);
+        assert_eq!(s.broker.publish_burst, 10);
+        assert_eq!(s.broker.rate_limit_policy, RateLimitPolicy::Disconnect);
+        let err = load("[broker]\nrate_limit_policy = \"slow\"\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("rate_limit_policy"), "{text}");
+        assert!(text.contains("slow_down, drop, disconnect"), "{text}");
+        let err = load(
+            "[broker.listeners.x]\nlisten = \"127.0.0.1:1\"\nallow_anonymous = true\n\
+             [broker.listeners.x.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_cert = \"maybe\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("none, optional, required"),
+            "{err}"
+        );
     }
 
     #[test]
