@@ -298,6 +298,36 @@ pub struct AclConfig {
     pub default: AclRules,
     /// Extra rules per identity (username or certificate CN).
     pub users: BTreeMap<String, AclRules>,
+    /// Topics only the gateway itself publishes to, whatever the rules above say.
+    pub internal: InternalTopics,
+}
+
+/// `[broker.acl.internal]`: topics the gateway's own components publish on (OTA answers to
+/// devices, the tap's drain marker). No device may publish there, not even an identity with
+/// `#`: a device could otherwise forge firmware metadata or chunks for another device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternalTopics {
+    /// Filters of gateway-only topics.
+    pub gateway_only: Vec<String>,
+    /// Filters inside `gateway_only` that devices may still publish to.
+    pub device_may_publish: Vec<String>,
+}
+
+impl Default for InternalTopics {
+    fn default() -> Self {
+        InternalTopics {
+            gateway_only: vec![
+                "fieldgate-internal/#".into(),
+                "ota/+/metadata".into(),
+                "ota/+/chunk/+".into(),
+                "ota/+/success".into(),
+                "ota/+/retry".into(),
+                "ota/+/error".into(),
+            ],
+            device_may_publish: vec!["ota/+/chunk/get".into()],
+        }
+    }
 }
 
 impl Default for AclConfig {
@@ -308,6 +338,7 @@ impl Default for AclConfig {
                 subscribe: vec!["#".into()],
             },
             users: BTreeMap::new(),
+            internal: InternalTopics::default(),
         }
     }
 }
@@ -1014,6 +1045,20 @@ fn validate_broker_auth(b: &BrokerConfig) -> Vec<Problem> {
             .iter()
             .map(|(u, r)| (format!("broker.acl.users.{u}"), r)),
     );
+    let internal = &b.acl.internal;
+    for (what, list) in [
+        ("gateway_only", &internal.gateway_only),
+        ("device_may_publish", &internal.device_may_publish),
+    ] {
+        for (i, f) in list.iter().enumerate() {
+            if let Err(e) = topic::validate_filter(f) {
+                p.push(problem(
+                    format!("broker.acl.internal.{what}[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+    }
     for (key, r) in rules {
         for (what, list) in [("publish", &r.publish), ("subscribe", &r.subscribe)] {
             for (i, pat) in list.iter().enumerate() {

@@ -421,9 +421,17 @@ async fn device_is_kept_to_its_acl_while_admin_sees_everything() {
     let got = dev.received(Duration::from_secs(1)).await;
     let got: Vec<&str> = got.iter().map(|(t, _, _)| t.as_str()).collect();
     assert_eq!(got, ["cmd/dev1/reboot"]);
+    // Internal topics are the gateway's: not even the admin (publish "#") may forge firmware
+    // metadata or chunks for a device; device-side OTA topics stay open.
+    admin.publish1("ota/dev1/metadata", "forged").await;
+    admin.publish1("ota/dev1/chunk/0", "forged").await;
+    admin.publish1("ota/dev1/chunk/get", "{}").await;
+    let seen = admin.received(Duration::from_secs(1)).await;
+    let topics: Vec<&str> = seen.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(topics, ["ota/dev1/chunk/get"], "{seen:?}");
     assert_eq!(
         gw.metric("fieldgate_broker_denied_total{action=\"publish\"}"),
-        1.0
+        3.0
     );
     assert_eq!(
         gw.metric("fieldgate_broker_denied_total{action=\"subscribe\"}"),

@@ -139,6 +139,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Acl {
     default: AclRules,
     users: HashMap<String, AclRules>,
+    gateway_only: Vec<String>,
+    device_may_publish: Vec<String>,
 }
 
 /// What a client asks to do.
@@ -170,7 +172,18 @@ impl Acl {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            gateway_only: cfg.internal.gateway_only.clone(),
+            device_may_publish: cfg.internal.device_may_publish.clone(),
         }
+    }
+
+    /// True when `topic` is reserved for the gateway's own components.
+    pub fn gateway_only(&self, topic: &str) -> bool {
+        self.gateway_only.iter().any(|f| topic::matches(f, topic))
+            && !self
+                .device_may_publish
+                .iter()
+                .any(|f| topic::matches(f, topic))
     }
 
     /// True when `identity` (None: anonymous) with `client_id` may do `action` on `target`
@@ -182,6 +195,9 @@ impl Acl {
         action: Action,
         target: &str,
     ) -> bool {
+        if action == Action::Publish && self.gateway_only(target) {
+            return false;
+        }
         let own = identity.and_then(|i| self.users.get(i));
         std::iter::once(&self.default)
             .chain(own)
@@ -253,7 +269,25 @@ mod tests {
                 subscribe: vec!["cmd/%u/#".into()],
             },
             users,
+            internal: Default::default(),
         })
+    }
+
+    #[test]
+    fn internal_topics_are_the_gateways_even_for_admins() {
+        let a = acl();
+        for t in [
+            "ota/dev1/metadata",
+            "ota/dev1/chunk/7",
+            "ota/dev1/success",
+            "fieldgate-internal/x",
+        ] {
+            assert!(!a.allows(Some("admin"), "c", Action::Publish, t), "{t}");
+        }
+        assert!(a.allows(Some("admin"), "c", Action::Publish, "ota/dev1/chunk/get"));
+        assert!(a.allows(Some("admin"), "c", Action::Publish, "ota/dev1/progress"));
+        // Subscribing to them is a matter of the ordinary rules.
+        assert!(a.allows(Some("admin"), "c", Action::Subscribe, "ota/#"));
     }
 
     #[test]
