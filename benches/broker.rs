@@ -25,7 +25,8 @@ struct Run {
     subscriber: Option<(&'static str, &'static str)>,
 }
 
-async fn measure(r: &Run, n: usize, epoch: Instant) {
+/// Runs one system; its throughput in msg/s (None if the run failed).
+async fn measure(r: &Run, n: usize, epoch: Instant) -> Option<f64> {
     let opts = |id: &str, login: Option<(&str, &str)>| {
         let mut o = MqttOptions::new(id, "127.0.0.1", r.port);
         o.set_keep_alive(Duration::from_secs(30));
@@ -43,7 +44,7 @@ async fn measure(r: &Run, n: usize, epoch: Instant) {
             Ok(Ok(_)) => {}
             other => {
                 println!("{:<28} subscriber failed: {other:?}", r.name);
-                return;
+                return None;
             }
         }
     }
@@ -106,6 +107,7 @@ async fn measure(r: &Run, n: usize, epoch: Instant) {
         pct(0.5),
         pct(0.99),
     );
+    (lat.len() == n).then(|| n as f64 / secs)
 }
 
 fn wait_port(port: u16) {
@@ -251,7 +253,8 @@ fn main() {
             publisher: None,
             subscriber: None,
         };
-        measure(&r, n, epoch).await;
+        let direct = measure(&r, n, epoch).await;
+        let mut ours = Vec::new();
 
         for (secure, name) in [(false, "fieldgate front end"), (true, "fieldgate auth+ACL")] {
             let d = dir.path().join(name.replace(' ', "_"));
@@ -264,7 +267,9 @@ fn main() {
                 publisher: secure.then_some(("dev1", "pw1")),
                 subscriber: secure.then_some(("admin", "pwa")),
             };
-            measure(&r, n, epoch).await;
+            ours.push(measure(&r, n, epoch).await);
+            let peak = proc_kib(g.id(), "VmHWM").unwrap_or(0);
+            println!("{:<28} gateway peak RSS {:.1} MiB", "", peak as f64 / 1024.0);
             let _ = g.kill();
             let _ = g.wait();
         }
@@ -279,8 +284,24 @@ fn main() {
             publisher: Some(("dev1", "pw1")),
             subscriber: Some(("admin", "pwa")),
         };
-        measure(&r, n, epoch).await;
+        let mosq = measure(&r, n, epoch).await;
         let _ = m.kill();
         let _ = m.wait();
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
+            _ => "n/a".into(),
+        };
+        println!(
+            "ratio fieldgate auth+ACL / mosquitto auth+ACL: {}",
+            ratio(ours[1], mosq)
+        );
+        println!(
+            "ratio fieldgate front end / rumqttd direct: {} (fieldgate also queues every message on disk)",
+            ratio(ours[0], direct)
+        );
+        println!(
+            "ratio fieldgate auth+ACL / fieldgate open: {}",
+            ratio(ours[1], ours[0])
+        );
     });
 }
