@@ -735,6 +735,39 @@ async fn malformed_filters_get_a_failure_return_code() {
     }
 }
 
+/// A device that drops its connection and reconnects at once with the same client id, over
+/// and over (flaky Wi-Fi, a watchdog reset). With rumqttd 0.20 alone the old connection's
+/// late disconnect can kill the new one during CONNECT, which leaves a stale will handler;
+/// the next reconnect then panics on it and poisons the listener for every later client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reconnects_with_one_client_id_keep_the_broker_healthy() {
+    let (_gw, port) = rules_target().await;
+    let mut refused = Vec::new();
+    for i in 0..150 {
+        let (mut r, ack) = Raw::connect(port, "flappy", 30).await;
+        if !connack_ok(ack.clone()) {
+            refused.push((i, ack));
+            continue;
+        }
+        if i % 3 == 0 {
+            // Sometimes a publish first, so the session is in use when it is cut.
+            let mut p = v4::Publish::new("flappy/x", rumqttc::QoS::AtLeastOnce, "x");
+            p.pkid = 1;
+            r.send(P4::Publish(p)).await;
+        }
+        drop(r); // no DISCONNECT: an abrupt loss
+    }
+    assert!(refused.is_empty(), "reconnects refused: {refused:?}");
+    // Takeover: a second live connection with the same id closes the first (MQTT-3.1.4-2).
+    let (mut first, ack) = Raw::connect(port, "twin", 30).await;
+    assert!(connack_ok(ack));
+    let (_second, ack) = Raw::connect(port, "twin", 30).await;
+    assert!(connack_ok(ack));
+    assert!(first.closed().await, "the older connection was not taken over");
+    let mut ok = anon(port, "still-served-after-flapping").await;
+    ok.publish1("any/topic", "x").await;
+}
+
 /// Found by the fuzz test below: rumqttd 0.20's router silently drops a connection whose
 /// client id holds `/`, `+`, `#` or `$`, leaving that id's will handler behind; the next
 /// CONNECT with the same id panics the connection task on it and poisons a mutex every

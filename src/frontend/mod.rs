@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod session;
+pub mod sessions;
 pub mod tls;
 pub mod upstream;
 
@@ -69,6 +70,8 @@ pub struct Context {
     pub connect_timeout: Duration,
     /// Concurrent password verifications.
     pub verify_slots: Arc<Semaphore>,
+    /// Client ids with a live upstream connection (all listeners).
+    pub sessions: Arc<sessions::Sessions>,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
 }
@@ -161,6 +164,7 @@ pub fn prepare(
         counts: Mutex::new((0, HashMap::new())),
     });
     let verify_slots = Arc::new(Semaphore::new(2));
+    let live_sessions = Arc::new(sessions::Sessions::default());
     let mut out = Vec::new();
     for (name, l) in &cfg.listeners {
         let acceptor = match &l.tls {
@@ -181,6 +185,7 @@ pub fn prepare(
             max_packet: cfg.max_payload_size,
             connect_timeout: cfg.connect_timeout,
             verify_slots: verify_slots.clone(),
+            sessions: live_sessions.clone(),
             rate: (cfg.max_publish_rate > 0).then(|| {
                 let burst = match cfg.publish_burst {
                     0 => cfg.max_publish_rate,

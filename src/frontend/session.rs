@@ -41,6 +41,7 @@ use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
@@ -76,6 +77,8 @@ pub enum End {
     ProtocolViolation,
     /// Over `broker.max_publish_rate` with `rate_limit_policy = "disconnect"`.
     RateLimited,
+    /// A newer connection with the same client id took over.
+    TakenOver,
 }
 
 impl End {
@@ -91,6 +94,7 @@ impl End {
             End::TooLarge => "too_large",
             End::ProtocolViolation => "protocol_violation",
             End::RateLimited => "rate_limited",
+            End::TakenOver => "taken_over",
         }
     }
 }
@@ -290,6 +294,14 @@ where
             connect.last_will = None;
         }
     }
+    // One live upstream connection per client id (see `sessions`); rumqttd names an empty
+    // one itself, uniquely.
+    let claim = if connect.client_id.is_empty() {
+        None
+    } else {
+        Some(ctx.sessions.claim(&connect.client_id).await)
+    };
+    let stop = claim.as_ref().map(|c| c.stop.clone()).unwrap_or_default();
     let mut up = match open_upstream(&ctx, &connect).await {
         Ok(up) => up,
         Err(code) => {
@@ -298,6 +310,23 @@ where
             return End::Refused;
         }
     };
+    let end = relay_session(&ctx, &mut dev, &mut up, &connect, id, peer, stop).await;
+    close_upstream(&mut up).await;
+    drop(claim);
+    end
+}
+
+/// From rumqttd's CONNACK to the end of the session.
+async fn relay_session<S: AsyncRead + AsyncWrite>(
+    ctx: &Arc<Context>,
+    dev: &mut DeviceIo<S>,
+    up: &mut BrokerIo,
+    connect: &v4::Connect,
+    id: Identity,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) -> End {
+    let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
     let session_present = match up.next().await {
         Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
         Ok(P5::ConnAck(a)) => {
@@ -341,7 +370,27 @@ where
         }),
         throttle: Duration::ZERO,
     };
-    relay.run(&mut dev, &mut up, connect.keep_alive).await
+    relay.run(dev, up, connect.keep_alive, stop).await
+}
+
+/// Most time rumqttd gets to close its side after the front end closed its own.
+const UPSTREAM_CLOSE: Duration = Duration::from_secs(3);
+
+/// Sends what is queued (a DISCONNECT, say), closes the front end's side of the upstream
+/// socket and waits until rumqttd closed its side: by then rumqttd's router has taken the
+/// connection's disconnect (see `sessions`).
+async fn close_upstream(up: &mut BrokerIo) {
+    let _ = up.flush().await;
+    let _ = up.wr.shutdown().await;
+    let _ = tokio::time::timeout(UPSTREAM_CLOSE, async {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = up.rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Decides who the device is. Err: the CONNACK code and the metric reason.
@@ -438,14 +487,11 @@ impl Relay {
         dev: &mut DeviceIo<S>,
         up: &mut BrokerIo,
         keep_alive: u16,
+        stop: CancellationToken,
     ) -> End {
-        let end = self.relay(dev, up, keep_alive).await;
-        if end == End::Disconnect {
-            // Deliver the queued DISCONNECT so rumqttd drops the will.
-            let _ = up.flush().await;
-            let _ = up.wr.shutdown().await;
-        }
-        end
+        // On DISCONNECT the queued upstream DISCONNECT (so rumqttd drops the will) is sent
+        // by `close_upstream`.
+        self.relay(dev, up, keep_alive, stop).await
     }
 
     /// The relay loop: wait for a packet from either side, handle it and everything else
@@ -455,6 +501,7 @@ impl Relay {
         dev: &mut DeviceIo<S>,
         up: &mut BrokerIo,
         keep_alive: u16,
+        stop: CancellationToken,
     ) -> End {
         let silence = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
         let mut last_in = Instant::now();
@@ -470,6 +517,7 @@ impl Relay {
                 p = up.next() => p.and_then(|p| self.on_broker(p, dev, up)),
                 _ = ping.tick() => up.queue(P5::PingReq(v5::PingReq)),
                 _ = sleep_until_opt(expiry) => Err(End::KeepaliveTimeout),
+                _ = stop.cancelled() => Err(End::TakenOver),
             };
             if let Err(end) = step {
                 return end;
