@@ -763,7 +763,10 @@ async fn rapid_reconnects_with_one_client_id_keep_the_broker_healthy() {
     assert!(connack_ok(ack));
     let (_second, ack) = Raw::connect(port, "twin", 30).await;
     assert!(connack_ok(ack));
-    assert!(first.closed().await, "the older connection was not taken over");
+    assert!(
+        first.closed().await,
+        "the older connection was not taken over"
+    );
     let mut ok = anon(port, "still-served-after-flapping").await;
     ok.publish1("any/topic", "x").await;
 }
