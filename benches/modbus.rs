@@ -137,7 +137,7 @@ async fn scenario(devices: usize, tags: usize, interval: &str, secs: f64) {
     let data = tempfile::tempdir().unwrap();
     let cfg = format!(
         "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[broker.listeners.default]\n\
-         listen = \"127.0.0.1:{}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{modbus}",
+         listen = \"127.0.0.1:{}\"\nallow_anonymous = true\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{modbus}",
         data.path().display(),
         ports.mqtt,
         ports.http

@@ -29,6 +29,8 @@ use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use crate::config::BrokerConfig;
+use crate::frontend;
+use crate::metrics::Metrics;
 
 /// The filter the uplink tap subscribes to.
 pub const TAP_FILTER: &str = "#";
@@ -57,6 +59,9 @@ pub enum BrokerError {
     /// The runtime for device connections could not be built (out of threads or memory).
     #[error("broker: cannot start the device runtime: {0}")]
     Runtime(Box<std::io::Error>),
+    /// A device listener's TLS files are unusable: fix the named key's file.
+    #[error(transparent)]
+    Frontend(#[from] frontend::FrontendError),
     /// The router refused an in-process link (too many connections).
     #[error("broker link {id}: {source}")]
     Link {
@@ -69,30 +74,64 @@ pub enum BrokerError {
 
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
 type Listeners = Vec<(String, SocketAddr, JoinHandle<()>)>;
-type StartListeners = dyn FnOnce(&tokio::runtime::Handle) -> (Listeners, bool) + Send;
+type StartInternal = dyn FnOnce(&tokio::runtime::Handle) -> JoinHandle<()> + Send;
+
+/// Name of the front end's account on rumqttd's internal listener.
+const INTERNAL_USER: &str = "fieldgate-frontend";
+
+/// Links of the gateway itself plus readiness probes, on top of the device connections.
+const INTERNAL_CONNECTIONS: usize = 64;
 
 /// A running embedded broker.
 pub struct Broker {
     // rumqttd's router sender type cannot be named outside the crate, so links are made by a
     // closure that owns it.
     make_link: Arc<LinkFactory>,
-    start_listeners: Option<Box<StartListeners>>,
-    users: Vec<crate::config::UserConfig>,
+    start_internal: Option<Box<StartInternal>>,
+    upstream: frontend::Upstream,
+    /// Device listeners, bound in [`Broker::new`] and served from [`Broker::listen`].
+    bound: Vec<(frontend::Prepared, std::net::TcpListener)>,
     listeners: Listeners,
     /// Runs the listeners and all device connections; dropped to disconnect every device.
     devices: Option<tokio::runtime::Runtime>,
 }
 
 impl Broker {
-    /// Starts the router. In-process links can be made at once; devices can connect after
-    /// [`Broker::listen`].
-    pub fn new(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
-        for (name, l) in &cfg.listeners {
-            std::net::TcpListener::bind(l.listen).map_err(|e| BrokerError::Bind {
-                name: name.clone(),
-                addr: l.listen,
+    /// Starts the router and binds every device listener. In-process links can be made at
+    /// once; devices can connect after [`Broker::listen`].
+    pub fn new(cfg: &BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
+        // rumqttd's internal listener: loopback, a port the kernel picks now. rumqttd binds it
+        // itself a moment later; the probe in `listen` proves it did.
+        let internal = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| BrokerError::Bind {
+                name: "(internal)".into(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 source: Box::new(e),
             })?;
+        let password: String = {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            (0..32)
+                .map(|_| char::from(rng.sample(rand::distr::Alphanumeric)))
+                .collect()
+        };
+        let upstream = frontend::Upstream {
+            addr: internal,
+            username: INTERNAL_USER.into(),
+            password: password.clone(),
+        };
+        let prepared = frontend::prepare(cfg, upstream.clone(), metrics)?;
+        let mut bound = Vec::new();
+        for (p, l) in prepared {
+            let sock = std::net::TcpListener::bind(l.listen)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .map_err(|e| BrokerError::Bind {
+                    name: p.name.clone(),
+                    addr: l.listen,
+                    source: Box::new(e),
+                })?;
+            bound.push((p, sock));
         }
         let mut custom = HashMap::new();
         custom.insert(
@@ -103,7 +142,7 @@ impl Broker {
             },
         );
         let router_cfg = RouterConfig {
-            max_connections: cfg.max_connections,
+            max_connections: cfg.max_connections + INTERNAL_CONNECTIONS,
             max_outgoing_packet_count: 1024,
             max_segment_size: cfg.segment_bytes,
             max_segment_count: cfg.segment_count,
@@ -121,63 +160,52 @@ impl Broker {
                 Ok((tx, rx))
             })
         };
-        let cfg_users = cfg.users.clone();
-        let cfg = cfg.clone();
-        let start_listeners: Box<StartListeners> = Box::new(move |rt| {
-            let auth: Option<HashMap<String, String>> = if cfg.users.is_empty() {
-                None
-            } else {
-                Some(
-                    cfg.users
-                        .iter()
-                        .map(|u| (u.username.clone(), u.password.clone()))
-                        .collect(),
-                )
+        let (max_payload, max_inflight) = (cfg.max_payload_size, cfg.max_inflight);
+        let start_internal: Box<StartInternal> = Box::new(move |rt| {
+            let mut auth = HashMap::new();
+            auth.insert(INTERNAL_USER.to_string(), password);
+            let settings = ServerSettings {
+                name: "internal".into(),
+                listen: internal,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: ConnectionSettings {
+                    // The front end sends CONNECT at once; this only bounds a stray dialler.
+                    connection_timeout_ms: 5_000,
+                    // Headroom for the front end's QoS tag (a user property).
+                    max_payload_size: max_payload + 4096,
+                    max_inflight_count: max_inflight,
+                    auth: Some(auth),
+                    external_auth: None,
+                    dynamic_filters: false,
+                },
             };
-            let mut listeners = Vec::new();
-            for (name, l) in &cfg.listeners {
-                let settings = ServerSettings {
-                    name: name.clone(),
-                    listen: l.listen,
-                    tls: None,
-                    next_connection_delay_ms: 0,
-                    connections: ConnectionSettings {
-                        connection_timeout_ms: cfg.connect_timeout.as_millis().min(65_535) as u16,
-                        max_payload_size: cfg.max_payload_size,
-                        max_inflight_count: cfg.max_inflight,
-                        auth: auth.clone(),
-                        external_auth: None,
-                        dynamic_filters: false,
-                    },
-                };
-                let mut server =
-                    rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
-                let lname = name.clone();
-                let task = rt.spawn(async move {
-                    if let Err(e) = server.start(LinkType::Remote).await {
-                        error!(listener = %lname, error = %e, "broker listener stopped");
-                    }
-                });
-                listeners.push((name.clone(), l.listen, task));
-            }
-            (listeners, auth.is_some())
+            let mut server =
+                rumqttd::Server::new(settings, router_tx.clone(), rumqttd::protocol::v5::V5);
+            rt.spawn(async move {
+                if let Err(e) = server.start(LinkType::Remote).await {
+                    error!(error = %e, "internal broker listener stopped");
+                }
+            })
         });
         Ok(Broker {
             make_link,
-            start_listeners: Some(start_listeners),
-            users: cfg_users,
+            start_internal: Some(start_internal),
+            upstream,
+            bound,
             listeners: Vec::new(),
             devices: None,
         })
     }
 
-    /// Starts every listener; returns once each answers MQTT.
+    /// Starts rumqttd's internal listener and every device listener; returns once rumqttd
+    /// answers MQTT on the internal one.
     ///
     /// Make the gateway's own links before this: rumqttd reuses connection ids, and a late
     /// second disconnect event for a departed client can tear down whichever link got its id.
     /// Links made before any client connects hold the first ids for good.
     pub async fn listen(&mut self) -> Result<(), BrokerError> {
-        let Some(start) = self.start_listeners.take() else {
+        let Some(start) = self.start_internal.take() else {
             return Ok(());
         };
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
@@ -187,23 +215,36 @@ impl Broker {
             .enable_all()
             .build()
             .map_err(|e| BrokerError::Runtime(Box::new(e)))?;
-        let (listeners, auth) = start(rt.handle());
-        self.devices = Some(rt);
-        self.listeners = listeners;
-        let probe_user = self
-            .users
-            .first()
-            .map(|u| (u.username.as_str(), u.password.as_str()));
-        for (name, addr, _) in &self.listeners {
-            wait_listening(*addr, probe_user)
-                .await
-                .then_some(())
-                .ok_or_else(|| BrokerError::NotListening {
-                    name: name.clone(),
-                    addr: *addr,
-                })?;
-            info!(listener = %name, %addr, auth, "broker listening");
+        let internal = start(rt.handle());
+        self.listeners
+            .push(("(internal)".into(), self.upstream.addr, internal));
+        let up = self.upstream.clone();
+        if !wait_listening(up.addr, (&up.username, &up.password)).await {
+            return Err(BrokerError::NotListening {
+                name: "(internal)".into(),
+                addr: up.addr,
+            });
         }
+        for (p, sock) in self.bound.drain(..) {
+            let name = p.name.clone();
+            let addr = sock.local_addr().map_err(|e| BrokerError::Bind {
+                name: name.clone(),
+                addr: up.addr,
+                source: Box::new(e),
+            })?;
+            let listener = {
+                let _guard = rt.enter();
+                tokio::net::TcpListener::from_std(sock).map_err(|e| BrokerError::Bind {
+                    name: name.clone(),
+                    addr,
+                    source: Box::new(e),
+                })?
+            };
+            let task = p.serve(listener, rt.handle());
+            info!(listener = %name, %addr, "broker listening");
+            self.listeners.push((name, addr, task));
+        }
+        self.devices = Some(rt);
         Ok(())
     }
 
@@ -223,8 +264,9 @@ impl Broker {
             info!(listener = %name, "broker listener closed");
         }
         if let Some(rt) = self.devices.take() {
-            // Dropping the runtime drops every connection task and so closes its socket;
-            // that blocks, so it runs off the async workers.
+            // Dropping the runtime drops every front-end session and every rumqttd
+            // connection task, closing both sockets; that blocks, so it runs off the async
+            // workers.
             let closed = tokio::task::spawn_blocking(move || {
                 rt.shutdown_timeout(Duration::from_secs(5));
             })
@@ -247,66 +289,46 @@ impl Drop for Broker {
     }
 }
 
-/// Waits until the listener answers an MQTT CONNECT with CONNACK (a real readiness check, and
-/// one rumqttd does not log as an error). Uses the first configured user when auth is on.
-async fn wait_listening(addr: SocketAddr, user: Option<(&str, &str)>) -> bool {
-    let target = if addr.ip().is_unspecified() {
-        let ip: std::net::IpAddr = if addr.is_ipv4() {
-            [127, 0, 0, 1].into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        };
-        SocketAddr::new(ip, addr.port())
-    } else {
-        addr
-    };
-    let connect = connect_packet("fieldgate-readiness-probe", user);
+/// Waits until rumqttd's internal listener answers an MQTT 5 CONNECT (internal account) with
+/// a successful CONNACK: a real readiness check.
+async fn wait_listening(addr: SocketAddr, user: (&str, &str)) -> bool {
+    use rumqttc::v5::mqttbytes::v5::{Connect, ConnectReturnCode, Login, Packet};
+    let mut connect = bytes::BytesMut::new();
+    let probe = Packet::Connect(
+        Connect {
+            keep_alive: 10,
+            client_id: "fieldgate-readiness-probe".into(),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        Some(Login::new(user.0, user.1)),
+    );
+    if probe.write(&mut connect, None).is_err() {
+        return false;
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        let probe = async {
-            let mut s = tokio::net::TcpStream::connect(target).await?;
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
             s.write_all(&connect).await?;
-            let mut ack = [0u8; 4];
-            s.read_exact(&mut ack).await?;
-            Ok::<_, std::io::Error>(ack[0] == 0x20 && ack[3] == 0)
+            let mut buf = bytes::BytesMut::with_capacity(64);
+            loop {
+                if s.read_buf(&mut buf).await? == 0 {
+                    return Ok::<_, std::io::Error>(false);
+                }
+                match Packet::read(&mut buf, None) {
+                    Ok(Packet::ConnAck(a)) => return Ok(a.code == ConnectReturnCode::Success),
+                    Ok(_) => return Ok(false),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => continue,
+                    Err(_) => return Ok(false),
+                }
+            }
         };
-        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
-}
-
-/// An MQTT 3.1.1 CONNECT packet (clean session, keepalive 10 s).
-fn connect_packet(client_id: &str, user: Option<(&str, &str)>) -> Vec<u8> {
-    fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-    let mut body = Vec::new();
-    string(&mut body, "MQTT");
-    body.push(4);
-    body.push(if user.is_some() { 0xC2 } else { 0x02 });
-    body.extend_from_slice(&10u16.to_be_bytes());
-    string(&mut body, client_id);
-    if let Some((u, p)) = user {
-        string(&mut body, u);
-        string(&mut body, p);
-    }
-    let mut pkt = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        pkt.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    pkt.extend_from_slice(&body);
-    pkt
 }

@@ -182,19 +182,33 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listeners (plain TCP), by name.
+    /// MQTT 3.1.1 listeners (plain TCP or TLS), by name. Served by the gateway's front end.
     pub listeners: BTreeMap<String, ListenerConfig>,
-    /// Username/password pairs. Empty: no authentication on any listener.
+    /// Accounts. A client that sends a username must match one of them.
     pub users: Vec<UserConfig>,
-    /// Most simultaneous client connections (local links included).
+    /// Who may publish and subscribe where.
+    pub acl: AclConfig,
+    /// Most simultaneous device connections over all listeners.
     pub max_connections: usize,
-    /// Largest PUBLISH payload accepted from a device, in bytes.
+    /// Most simultaneous device connections from one source IP address.
+    pub max_connections_per_ip: usize,
+    /// Largest MQTT packet (its remaining length: topic + payload + headers) accepted from a
+    /// device, in bytes. A bigger one closes the connection.
     pub max_payload_size: usize,
     /// Most unacknowledged QoS 1/2 messages per client connection.
     pub max_inflight: usize,
-    /// How long a new TCP connection may take to send CONNECT (at most 65s).
+    /// Most PUBLISHes per second from one device connection. 0: unlimited.
+    pub max_publish_rate: u32,
+    /// PUBLISHes a device may send at once above the rate. 0: one second's worth.
+    pub publish_burst: u32,
+    /// What happens to a device over `max_publish_rate`.
+    pub rate_limit_policy: RateLimitPolicy,
+    /// How long a new connection may take to send CONNECT (after the TLS handshake).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a TLS handshake may take before the connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
     /// Size of one in-memory log segment per subscription filter, in bytes.
     pub segment_bytes: usize,
     /// Segments kept per subscription filter (memory per filter <= bytes x count).
@@ -210,15 +224,24 @@ impl Default for BrokerConfig {
             "default".to_string(),
             ListenerConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+                // The built-in listener is on loopback only: local apps need no account.
+                allow_anonymous: true,
+                tls: None,
             },
         );
         BrokerConfig {
             listeners,
             users: Vec::new(),
+            acl: AclConfig::default(),
             max_connections: 1024,
+            max_connections_per_ip: 64,
             max_payload_size: 256 * 1024,
             max_inflight: 100,
+            max_publish_rate: 0,
+            publish_burst: 0,
+            rate_limit_policy: RateLimitPolicy::SlowDown,
             connect_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(5),
             segment_bytes: 1024 * 1024,
             segment_count: 4,
             tap_segment_count: 32,
@@ -232,6 +255,89 @@ impl Default for BrokerConfig {
 pub struct ListenerConfig {
     /// Address to listen on, e.g. `0.0.0.0:1883`.
     pub listen: SocketAddr,
+    /// Let clients in without a username (and without a client certificate).
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// TLS on this listener. Absent: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+/// `[broker.listeners.NAME.tls]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// PEM server certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s) that sign device client certificates (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: PathBuf,
+    /// `none`, `optional` (a certificate, when sent, identifies the client) or `required`.
+    #[serde(default)]
+    pub client_cert: ClientCertMode,
+}
+
+/// `broker.rate_limit_policy`: what the front end does with a device that publishes faster
+/// than `broker.max_publish_rate`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitPolicy {
+    /// Stop reading from the device until it is back under the rate (TCP back-pressure).
+    /// Nothing is lost; the device's sends slow down.
+    #[default]
+    SlowDown,
+    /// Drop the excess PUBLISHes (still acknowledged, as for an ACL denial) and count them.
+    Drop,
+    /// Close the connection.
+    Disconnect,
+}
+
+/// Deserializes a unit enum from its snake_case name, naming the allowed values on error
+/// (serde's own message through the config crate does not).
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, { $($name:literal => $v:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                match s.as_str() {
+                    $($name => Ok($ty::$v),)+
+                    other => Err(serde::de::Error::custom(format!(
+                        concat!("`{}` is not ", $what, "; use one of: {}"),
+                        other,
+                        [$($name),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(RateLimitPolicy, "a rate limit policy", {
+    "slow_down" => SlowDown,
+    "drop" => Drop,
+    "disconnect" => Disconnect,
+});
+
+named_enum!(ClientCertMode, "a client certificate mode", {
+    "none" => None,
+    "optional" => Optional,
+    "required" => Required,
+});
+
+/// Whether a TLS listener asks devices for a client certificate.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertMode {
+    /// Never asked; clients authenticate with a password (or are anonymous).
+    #[default]
+    None,
+    /// Asked; a verified certificate's CN is the identity, without one a password is needed.
+    Optional,
+    /// Every client must present a certificate signed by `client_ca_file`; its CN is the
+    /// identity. Without one the CONNECT is refused (CONNACK 5).
+    Required,
 }
 
 /// `[[broker.users]]`
@@ -240,8 +346,77 @@ pub struct ListenerConfig {
 pub struct UserConfig {
     /// MQTT username.
     pub username: String,
-    /// MQTT password.
+    /// argon2id PHC string from `fieldgate passwd` (preferred).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password_hash: String,
+    /// Plain-text password: accepted for compatibility, warned about at start.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password: String,
+}
+
+/// `[broker.acl]`: a client may publish to (subscribe to) a topic when a pattern of the
+/// `default` rules or of its own identity's rules allows it. `%u` is the identity (username
+/// or certificate CN), `%c` the client id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// Rules for every client.
+    pub default: AclRules,
+    /// Extra rules per identity (username or certificate CN).
+    pub users: BTreeMap<String, AclRules>,
+    /// Topics only the gateway itself publishes to, whatever the rules above say.
+    pub internal: InternalTopics,
+}
+
+/// `[broker.acl.internal]`: topics the gateway's own components publish on (OTA answers to
+/// devices, the tap's drain marker). No device may publish there, not even an identity with
+/// `#`: a device could otherwise forge firmware metadata or chunks for another device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternalTopics {
+    /// Filters of gateway-only topics.
+    pub gateway_only: Vec<String>,
+    /// Filters inside `gateway_only` that devices may still publish to.
+    pub device_may_publish: Vec<String>,
+}
+
+impl Default for InternalTopics {
+    fn default() -> Self {
+        InternalTopics {
+            gateway_only: vec![
+                "fieldgate-internal/#".into(),
+                "ota/+/metadata".into(),
+                "ota/+/chunk/+".into(),
+                "ota/+/success".into(),
+                "ota/+/retry".into(),
+                "ota/+/error".into(),
+            ],
+            device_may_publish: vec!["ota/+/chunk/get".into()],
+        }
+    }
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig {
+            default: AclRules {
+                publish: vec!["#".into()],
+                subscribe: vec!["#".into()],
+            },
+            users: BTreeMap::new(),
+            internal: InternalTopics::default(),
+        }
+    }
+}
+
+/// Publish and subscribe patterns (MQTT filters, with `%u` / `%c`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclRules {
+    /// Topics the client may publish to.
+    pub publish: Vec<String>,
+    /// Filters the client may subscribe to (a filter must lie inside a pattern).
+    pub subscribe: Vec<String>,
 }
 
 /// What the queue does when it is full.
@@ -601,18 +776,11 @@ impl Settings {
                 }
             }
         }
-        for (i, u) in b.users.iter().enumerate() {
-            if u.username.is_empty() || u.password.is_empty() {
-                p.push(problem(
-                    format!("broker.users[{i}]"),
-                    "username and password must both be non-empty",
-                ));
-            }
-        }
+        p.extend(validate_broker_auth(b));
         if b.max_connections < 4 {
             p.push(problem(
                 "broker.max_connections",
-                "must be at least 4 (the gateway's own links count); e.g. 1024",
+                "must be at least 4; e.g. 1024",
             ));
         }
         if b.max_payload_size < 1024 {
@@ -627,10 +795,24 @@ impl Settings {
                 "must be 1..=65535; e.g. 100",
             ));
         }
-        if b.connect_timeout.as_millis() == 0 || b.connect_timeout.as_millis() > 65_535 {
+        if b.connect_timeout.as_millis() == 0 || b.connect_timeout > Duration::from_secs(300) {
             p.push(problem(
                 "broker.connect_timeout",
-                "must be between 1ms and 65s (rumqttd keeps it in a u16 of ms)",
+                "must be between 1ms and 300s; e.g. \"10s\"",
+            ));
+        }
+        if b.tls_handshake_timeout.as_millis() == 0
+            || b.tls_handshake_timeout > Duration::from_secs(300)
+        {
+            p.push(problem(
+                "broker.tls_handshake_timeout",
+                "must be between 1ms and 300s; e.g. \"5s\"",
+            ));
+        }
+        if b.max_connections_per_ip == 0 {
+            p.push(problem(
+                "broker.max_connections_per_ip",
+                "must be at least 1; e.g. 64",
             ));
         }
         if b.segment_bytes < 64 * 1024 || b.segment_bytes < b.max_payload_size {
@@ -960,6 +1142,125 @@ impl Settings {
     }
 }
 
+/// Listeners, accounts and ACL patterns of `[broker]`.
+fn validate_broker_auth(b: &BrokerConfig) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, u) in b.users.iter().enumerate() {
+        let key = format!("broker.users[{i}]");
+        if u.username.is_empty() {
+            p.push(problem(
+                format!("{key}.username"),
+                "empty; give the account a name",
+            ));
+        } else if !seen.insert(u.username.as_str()) {
+            p.push(problem(
+                format!("{key}.username"),
+                format!("{:?} is listed twice; keep one entry", u.username),
+            ));
+        }
+        match (u.password_hash.is_empty(), u.password.is_empty()) {
+            (true, true) => p.push(problem(
+                format!("{key}.password_hash"),
+                "missing; set password_hash to the output of `fieldgate passwd`",
+            )),
+            (false, false) => p.push(problem(
+                format!("{key}.password"),
+                "both password and password_hash are set; keep only password_hash",
+            )),
+            (false, true) => {
+                if let Err(e) = crate::frontend::auth::check_hash(&u.password_hash) {
+                    p.push(problem(
+                        format!("{key}.password_hash"),
+                        format!("{e}; paste the whole line `fieldgate passwd` printed"),
+                    ));
+                }
+            }
+            (true, false) => {}
+        }
+    }
+    for (name, l) in &b.listeners {
+        let key = format!("broker.listeners.{name}");
+        let cert_mode = l.tls.as_ref().map(|t| t.client_cert);
+        let nobody = !l.allow_anonymous
+            && b.users.is_empty()
+            && !matches!(
+                cert_mode,
+                Some(ClientCertMode::Optional | ClientCertMode::Required)
+            );
+        if nobody {
+            p.push(problem(
+                format!("{key}.allow_anonymous"),
+                "no client could log in: add [[broker.users]], client certificates (tls.client_cert), or allow_anonymous = true",
+            ));
+        }
+        if let Some(t) = &l.tls {
+            check_pem(
+                &mut p,
+                &format!("{key}.tls.cert_file"),
+                &t.cert_file,
+                "CERTIFICATE",
+            );
+            check_pem(
+                &mut p,
+                &format!("{key}.tls.key_file"),
+                &t.key_file,
+                "PRIVATE KEY",
+            );
+            let ca = !t.client_ca_file.as_os_str().is_empty();
+            if t.client_cert != ClientCertMode::None && !ca {
+                p.push(problem(
+                    format!("{key}.tls.client_ca_file"),
+                    "client certificates are asked for but no CA is given; set client_ca_file to the devices' CA PEM",
+                ));
+            }
+            if ca {
+                check_pem(
+                    &mut p,
+                    &format!("{key}.tls.client_ca_file"),
+                    &t.client_ca_file,
+                    "CERTIFICATE",
+                );
+            }
+        }
+    }
+    let rules = std::iter::once(("broker.acl.default".to_string(), &b.acl.default)).chain(
+        b.acl
+            .users
+            .iter()
+            .map(|(u, r)| (format!("broker.acl.users.{u}"), r)),
+    );
+    let internal = &b.acl.internal;
+    for (what, list) in [
+        ("gateway_only", &internal.gateway_only),
+        ("device_may_publish", &internal.device_may_publish),
+    ] {
+        for (i, f) in list.iter().enumerate() {
+            if let Err(e) = topic::validate_filter(f) {
+                p.push(problem(
+                    format!("broker.acl.internal.{what}[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+    }
+    for (key, r) in rules {
+        for (what, list) in [("publish", &r.publish), ("subscribe", &r.subscribe)] {
+            for (i, pat) in list.iter().enumerate() {
+                // %u / %c stand for one level; check the shape with a placeholder.
+                let probe = pat.replace("%u", "x").replace("%c", "x");
+                if let Err(e) = topic::validate_filter(&probe) {
+                    p.push(problem(
+                        format!("{key}.{what}[{i}]"),
+                        format!("{pat:?}: {e}"),
+                    ));
+                }
+            }
+        }
+    }
+    p
+}
+
 /// `[[serial]]`: each device is deserialized on its own, so every device with a type error is
 /// named (`serial[i]`). The semantic checks of the devices run only once all of them parse,
 /// because their keys carry the device's index.
@@ -1088,6 +1389,32 @@ mod tests {
         let err = load("[store]\nmax_byte = 5\n", &[]).unwrap_err();
         assert_eq!(err.problems.len(), 1);
         assert!(err.problems[0].to_string().contains("max_byte"), "{}", err);
+    }
+
+    #[test]
+    fn broker_rate_limit_keys_load_and_a_bad_policy_names_the_choices() {
+        let s = load(
+            "[broker]\nmax_publish_rate = 50\npublish_burst = 10\nrate_limit_policy = \"disconnect\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.broker.max_publish_rate, 50);
+        assert_eq!(s.broker.publish_burst, 10);
+        assert_eq!(s.broker.rate_limit_policy, RateLimitPolicy::Disconnect);
+        let err = load("[broker]\nrate_limit_policy = \"slow\"\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("rate_limit_policy"), "{text}");
+        assert!(text.contains("slow_down, drop, disconnect"), "{text}");
+        let err = load(
+            "[broker.listeners.x]\nlisten = \"127.0.0.1:1\"\nallow_anonymous = true\n\
+             [broker.listeners.x.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_cert = \"maybe\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("none, optional, required"),
+            "{err}"
+        );
     }
 
     #[test]

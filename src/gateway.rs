@@ -120,7 +120,9 @@ pub async fn run(
     let broker_span = tracing::info_span!("broker");
     // OTA raises the broker's max payload (and segment size) so a chunk fits.
     let broker_cfg = settings.effective_broker();
-    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg))?;
+    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg, metrics.clone()))?;
+    // Kept retained messages go back into the router before anyone can subscribe.
+    crate::retained::restore(&broker, &store).await?;
     let tap_link = broker.link("fieldgate-uplink-tap")?;
     let downlink_link = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)

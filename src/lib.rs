@@ -9,10 +9,12 @@
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod frontend;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod ota;
+pub mod retained;
 pub mod sources;
 pub mod store;
 pub mod tap;

@@ -41,6 +41,9 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Read a password from stdin (one line) and print its argon2id hash for
+    /// `[[broker.users]] password_hash`.
+    Passwd,
     /// Print the effective configuration (defaults + file + environment) as TOML.
     PrintConfig {
         /// TOML configuration file.
@@ -75,6 +78,28 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Passwd => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("fieldgate passwd: cannot read stdin: {e}");
+                return ExitCode::from(EX_SOFTWARE);
+            }
+            let password = line.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                eprintln!("fieldgate passwd: empty password; type one line on stdin");
+                return ExitCode::from(EX_USAGE);
+            }
+            match fieldgate::frontend::auth::hash_password(password) {
+                Ok(phc) => {
+                    println!("{phc}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fieldgate passwd: {e}");
+                    ExitCode::from(EX_SOFTWARE)
+                }
+            }
+        }
         Command::PrintConfig { config } => match load(config.as_ref()) {
             Ok(s) => {
                 print!("{}", s.to_toml());

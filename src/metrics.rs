@@ -93,6 +93,8 @@ pub struct Metrics {
     pub replay_rate: Gauge<f64, AtomicU64>,
     /// Serial-line devices, per device.
     pub serial: crate::sources::serial::metrics::SerialMetrics,
+    /// The broker's front end (device connections).
+    pub broker: BrokerMetrics,
     /// Modbus sources, by device and bus.
     pub modbus: ModbusMetrics,
     /// Firmware cache and OTA serving.
@@ -212,6 +214,106 @@ impl OtaMetrics {
     }
 }
 
+/// Metrics of the broker front end.
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    /// Device connections open now.
+    pub connections: Gauge,
+    /// Connections refused, by reason (bad credentials, limits, TLS, ...).
+    refused: Family<Labels, Counter>,
+    /// PUBLISHes dropped and SUBSCRIBE filters refused by the ACL, by action.
+    denied: Family<Labels, Counter>,
+    /// Device sessions ended, by reason.
+    closed_by: Family<Labels, Counter>,
+    /// QoS 2 retries (DUP before PUBREL) not forwarded again.
+    pub qos2_duplicates: Counter,
+    /// Deliveries lowered to the publisher's QoS.
+    pub downgraded: Counter,
+    /// PUBLISHes over `broker.max_publish_rate`, by the policy applied.
+    rate_limited: Family<Labels, Counter>,
+    /// Retained messages kept in the store.
+    pub retained: Gauge,
+}
+
+impl BrokerMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("broker");
+        r.register(
+            "connections",
+            "Device connections open now",
+            self.connections.clone(),
+        );
+        r.register(
+            "refused",
+            "Device connections refused, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "denied",
+            "Publishes dropped and subscriptions refused by the ACL",
+            self.denied.clone(),
+        );
+        r.register(
+            "closed",
+            "Device sessions ended, by reason",
+            self.closed_by.clone(),
+        );
+        r.register(
+            "qos2_duplicates",
+            "QoS 2 retries not delivered twice",
+            self.qos2_duplicates.clone(),
+        );
+        r.register(
+            "downgraded",
+            "Deliveries lowered to min(published, granted) QoS",
+            self.downgraded.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Device publishes over broker.max_publish_rate, by the policy applied",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "retained",
+            "Retained messages kept in the store across restarts",
+            self.retained.clone(),
+        );
+        for a in ["publish", "subscribe"] {
+            self.denied
+                .get_or_create(&vec![("action".into(), a.into())])
+                .inc_by(0);
+        }
+    }
+
+    /// Counts a refused connection.
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Counts an ACL denial.
+    pub fn deny(&self, action: crate::frontend::auth::Action) {
+        self.denied
+            .get_or_create(&vec![("action".into(), action.as_str().into())])
+            .inc();
+    }
+
+    /// Counts a publish over the rate limit.
+    pub fn rate_limit(&self, policy: &str) {
+        self.rate_limited
+            .get_or_create(&vec![("policy".into(), policy.into())])
+            .inc();
+    }
+
+    /// Counts an ended session.
+    pub fn closed(&self, reason: &str) {
+        self.closed_by
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+}
+
 /// Modbus histogram constructor: request round trip, 100 µs .. ~3.3 s.
 fn rtt_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -328,10 +430,12 @@ impl Metrics {
             modbus: ModbusMetrics::default(),
             serial: Default::default(),
             ota: OtaMetrics::default(),
+            broker: Default::default(),
         };
         m.modbus.register(&mut r);
         m.ota.register(&mut r);
         m.serial.register(&mut r);
+        m.broker.register(&mut r);
         r.register(
             "messages_in",
             "Local messages accepted into the queue",

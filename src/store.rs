@@ -23,6 +23,9 @@
 //!   `sync_file_range`) followed by a real `fsync` of sled's data file and blob files. The
 //!   committer thread calls it every `store.commit_interval`, so a power cut loses at most that
 //!   window. Recovery yields a prefix of the writes.
+//! - Retained messages live in a second tree, `retained` (key: topic; value: `[qos u8]
+//!   [payload]`), written by the uplink tap in broker order and made durable by the same
+//!   commit. They are not part of the queue's counters or byte budget.
 //! - A store that cannot be opened (sled error or panic) is moved aside to
 //!   `<dir>.damaged-<unix seconds>` with an ERROR log and a fresh one is opened: the gateway
 //!   never crash-loops on a bad disk image.
@@ -138,6 +141,9 @@ pub struct Appended {
 /// Handle to the queue. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
+    retained: sled::Tree,
+    /// Entries in `retained` (sled's `len` walks the tree).
+    retained_n: AtomicU64,
     dir: PathBuf,
     cfg: StoreConfig,
     metrics: Arc<Metrics>,
@@ -169,8 +175,11 @@ impl Store {
                 open_sled(dir, cfg).map_err(std::io::Error::other)?
             }
         };
+        let retained = db.open_tree("retained")?;
         let store = Store {
             db,
+            retained_n: AtomicU64::new(retained.len() as u64),
+            retained,
             dir: dir.to_path_buf(),
             cfg: cfg.clone(),
             metrics,
@@ -181,7 +190,63 @@ impl Store {
             appended: watch::channel(0).0,
         };
         store.scan()?;
+        store
+            .metrics
+            .broker
+            .retained
+            .set(store.retained_count() as i64);
         Ok(store)
+    }
+
+    /// Keeps `payload` as the retained message of `topic`; an empty payload deletes it
+    /// (MQTT's rule for retained messages). Durable at the next [`Store::commit`].
+    pub fn retain(&self, topic: &str, qos: u8, payload: &[u8]) -> Result<(), StoreError> {
+        if payload.is_empty() {
+            if self.retained.remove(topic.as_bytes())?.is_some() {
+                self.retained_n.fetch_sub(1, Ordering::Relaxed);
+            }
+        } else {
+            let mut v = Vec::with_capacity(1 + payload.len());
+            v.push(qos.min(2));
+            v.extend_from_slice(payload);
+            if self.retained.insert(topic.as_bytes(), v)?.is_none() {
+                self.retained_n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.dirty.store(true, Ordering::SeqCst);
+        self.metrics
+            .broker
+            .retained
+            .set(self.retained_count() as i64);
+        Ok(())
+    }
+
+    /// Every kept retained message as (topic, qos, payload), in topic order. Entries that
+    /// cannot be decoded (not UTF-8, no payload) are skipped.
+    pub fn retained(&self) -> Result<Vec<(String, u8, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.retained.iter() {
+            let (k, v) = kv?;
+            let (Ok(topic), Some((&qos, payload))) = (std::str::from_utf8(&k), v.split_first())
+            else {
+                warn!("skipping an undecodable retained message");
+                continue;
+            };
+            if payload.is_empty() {
+                continue;
+            }
+            out.push((
+                topic.to_string(),
+                qos.min(2),
+                Bytes::copy_from_slice(payload),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Number of kept retained messages.
+    pub fn retained_count(&self) -> usize {
+        self.retained_n.load(Ordering::Relaxed) as usize
     }
 
     /// Counts what is on disk and drops undecodable records. Runs once at open.
@@ -568,6 +633,34 @@ mod tests {
         assert_eq!(s.next_seq(), 11);
         let got = s.read_from(0, 100).unwrap();
         assert_eq!(got[0].1.payload, Bytes::from("3"));
+    }
+
+    #[test]
+    fn retained_messages_survive_reopen_and_stay_out_of_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q");
+        let m = Metrics::new();
+        {
+            let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
+            s.retain("dev/1/status", 1, b"online").unwrap();
+            s.retain("dev/2/status", 2, b"offline").unwrap();
+            s.retain("dev/1/status", 0, b"online again").unwrap();
+            s.retain("dev/3/status", 1, b"x").unwrap();
+            s.retain("dev/3/status", 1, b"").unwrap();
+            assert!(s.commit().unwrap());
+            assert_eq!(s.records(), 0);
+        }
+        let s = Store::open(&path, &StoreConfig::default(), m).unwrap();
+        assert_eq!(s.records(), 0);
+        assert_eq!(s.retained_count(), 2);
+        let got = s.retained().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("dev/1/status".to_string(), 0, Bytes::from("online again")),
+                ("dev/2/status".to_string(), 2, Bytes::from("offline")),
+            ]
+        );
     }
 
     #[test]

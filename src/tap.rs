@@ -11,6 +11,9 @@
 //! - a message is queued iff its topic matches `uplink.forward`, matches no `uplink.exclude`,
 //!   and its cloud topic matches no downlink subscription (the loop guard: forwarding it would
 //!   come straight back down); loop-guarded messages are counted as `dropped{reason="loop"}`;
+//! - retained publishes (marked, see [`crate::retained`]) are written to the store's
+//!   retained tree in broker order and queued with the retain flag; deliveries that arrive
+//!   with the retain flag set are replays of kept messages and are neither kept nor queued;
 //! - on `Unschedule` the link is woken at once, or the router would park it for good;
 //! - stopping is exact, not timed: when the token is cancelled (after the broker closed every
 //!   device connection) the tap publishes a drain marker on its own link and keeps appending
@@ -30,6 +33,7 @@ use tracing::{debug, error, info_span, warn};
 
 use crate::broker::TAP_FILTER;
 use crate::metrics::{DropReason, Metrics};
+use crate::retained;
 use crate::store::{now_ms, Record, Store};
 use crate::topic::FilterSet;
 use crate::watchdog::Heartbeat;
@@ -155,11 +159,25 @@ fn run(
                         drained = true;
                         break;
                     }
+                    if p.retain {
+                        // rumqttd clears the flag on live deliveries: this is a kept message
+                        // replayed to the tap's subscription, queued in the run that took it.
+                        continue;
+                    }
+                    let retained = retained::is_marked(f.properties.as_ref());
+                    // rumqttd 0.20 also drops a topic's retained message on an empty
+                    // publish without the retain flag; the kept copy follows it.
+                    if retained || p.payload.is_empty() {
+                        let qos = retained::marked_qos(f.properties.as_ref()).unwrap_or(2);
+                        if let Err(e) = store.retain(topic, qos, &p.payload) {
+                            error!(error = %e, %topic, "cannot keep a retained message on disk");
+                        }
+                    }
                     match routing.verdict(topic) {
                         Verdict::Forward => batch.push(Record {
                             topic: topic.to_string(),
                             payload: p.payload,
-                            retain: p.retain,
+                            retain: retained,
                             ts_ms: now_ms(),
                         }),
                         Verdict::Loop => metrics.count_drop(DropReason::Loop, 1),

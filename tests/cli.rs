@@ -30,6 +30,7 @@ surprise = true
 id = "has/slash"
 shutdown_grace = "soon"
 [broker.listeners.default]
+allow_anonymous = true
 listen = "127.0.0.1:9183"
 [store]
 max_bytes = 10

@@ -88,6 +88,7 @@ shutdown_grace = "2s"
 
 [broker.listeners.default]
 listen = "127.0.0.1:{mqtt}"
+allow_anonymous = true
 
 [metrics]
 listen = "127.0.0.1:{http}"

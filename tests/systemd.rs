@@ -28,7 +28,7 @@ async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
         .unwrap();
     let ports = GatewayPorts::new();
     let config = format!(
-        "[gateway]\ndata_dir = \"{}\"\n[broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\n\
+        "[gateway]\ndata_dir = \"{}\"\n[broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\nallow_anonymous = true\n\
          [metrics]\nlisten = \"127.0.0.1:{}\"\n",
         dir.path().join("data").display(),
         ports.mqtt,

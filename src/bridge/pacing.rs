@@ -26,6 +26,17 @@ impl TokenBucket {
         }
     }
 
+    /// `rate` tokens per second, bursting up to `burst` (at least 1).
+    pub fn with_burst(rate: u64, burst: u64, now: Instant) -> TokenBucket {
+        let burst = (burst as f64).max(1.0);
+        TokenBucket {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + dt * self.rate).min(self.burst);

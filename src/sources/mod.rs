@@ -78,12 +78,18 @@ impl LocalTx {
         payload: impl Into<Bytes>,
         retain: bool,
     ) -> Result<(), Box<LinkError>> {
-        let publish = Publish::new(
-            Bytes::copy_from_slice(topic.as_bytes()),
-            payload.into(),
-            retain,
-        );
-        self.tx.send(Packet::Publish(publish, None)).await?;
+        let packet = if retain {
+            // Marked, so the uplink tap keeps it across restarts (see `crate::retained`).
+            crate::retained::packet(topic, 2, payload.into())
+        } else {
+            let publish = Publish::new(
+                Bytes::copy_from_slice(topic.as_bytes()),
+                payload.into(),
+                false,
+            );
+            Packet::Publish(publish, None)
+        };
+        self.tx.send(packet).await?;
         Ok(())
     }
 }
@@ -119,7 +125,8 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_a_subscriber_with_topic_and_payload() {
-        let broker = Broker::new(&BrokerConfig::default()).expect("broker");
+        let broker =
+            Broker::new(&BrokerConfig::default(), crate::metrics::Metrics::new()).expect("broker");
         let mut sub = LocalClient::new(broker.link("t-sub").expect("link"));
         sub.subscribe("field/#").expect("subscribe");
         let (_sub_tx, mut sub_rx) = sub.split();

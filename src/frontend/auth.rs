@@ -1,0 +1,347 @@
+//! Who a device is, and what it may do: password checks and topic ACLs.
+//!
+//! Owns the account table (argon2id PHC hashes, or plain passwords kept for compatibility)
+//! and the ACL rules. Invariants:
+//! - a password is checked with a constant-time comparison (argon2's verifier, or a hash of
+//!   both sides for the plain-text compatibility mode), never by `==` on the secret;
+//! - `%u` / `%c` are substituted only with values that are one whole topic level: an identity
+//!   or client id containing `/`, `+`, `#` or NUL makes every rule that uses it match nothing,
+//!   so a crafted name cannot widen its own rights;
+//! - subscribe rules are checked by *coverage*: a requested filter is allowed only when every
+//!   topic it could ever match is matched by one allowed pattern.
+
+use std::collections::HashMap;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+
+use crate::config::{AclConfig, AclRules, UserConfig};
+use crate::topic;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A `password_hash` is not an argon2 PHC string; the config is refused (exit 64).
+    #[error("not an argon2 PHC string ({0})")]
+    BadHash(String),
+    /// Hashing failed (out of memory); `fieldgate passwd` exits non-zero, try again.
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+}
+
+/// Checks that `phc` is an argon2 PHC string (used by config validation).
+pub fn check_hash(phc: &str) -> Result<(), AuthError> {
+    let h = PasswordHash::new(phc).map_err(|e| AuthError::BadHash(e.to_string()))?;
+    if !h.algorithm.as_str().starts_with("argon2") {
+        return Err(AuthError::BadHash(format!(
+            "algorithm {} instead of argon2id",
+            h.algorithm
+        )));
+    }
+    Ok(())
+}
+
+/// Hashes `password` as an argon2id PHC string with a random salt (`fieldgate passwd`).
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    let mut salt = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut salt[..]);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+#[derive(Debug, Clone)]
+enum Secret {
+    Hash(String),
+    Plain(String),
+}
+
+/// The account table.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    by_name: HashMap<String, Secret>,
+}
+
+/// Outcome of a password check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Known user, right password.
+    Ok,
+    /// No such user.
+    UnknownUser,
+    /// Known user, wrong password.
+    WrongPassword,
+}
+
+impl Users {
+    /// Builds the table from validated config.
+    pub fn new(users: &[UserConfig]) -> Users {
+        let by_name = users
+            .iter()
+            .map(|u| {
+                let s = if u.password_hash.is_empty() {
+                    Secret::Plain(u.password.clone())
+                } else {
+                    Secret::Hash(u.password_hash.clone())
+                };
+                (u.username.clone(), s)
+            })
+            .collect();
+        Users { by_name }
+    }
+
+    /// Usernames whose password is stored in plain text (warned about at start).
+    pub fn plain_text(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .by_name
+            .iter()
+            .filter(|(_, s)| matches!(s, Secret::Plain(_)))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Checks a login. Slow on purpose for hashed passwords (argon2): call it off the async
+    /// workers.
+    pub fn verify(&self, username: &str, password: &[u8]) -> Verdict {
+        match self.by_name.get(username) {
+            None => Verdict::UnknownUser,
+            Some(Secret::Hash(phc)) => match PasswordHash::new(phc) {
+                Ok(h) if Argon2::default().verify_password(password, &h).is_ok() => Verdict::Ok,
+                _ => Verdict::WrongPassword,
+            },
+            Some(Secret::Plain(p)) => {
+                if constant_time_eq(p.as_bytes(), password) {
+                    Verdict::Ok
+                } else {
+                    Verdict::WrongPassword
+                }
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+/// The ACL, shared read-only by every connection.
+#[derive(Debug, Clone)]
+pub struct Acl {
+    default: AclRules,
+    users: HashMap<String, AclRules>,
+    gateway_only: Vec<String>,
+    device_may_publish: Vec<String>,
+}
+
+/// What a client asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// PUBLISH to a topic.
+    Publish,
+    /// SUBSCRIBE to a filter.
+    Subscribe,
+}
+
+impl Action {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Publish => "publish",
+            Action::Subscribe => "subscribe",
+        }
+    }
+}
+
+impl Acl {
+    /// Builds the ACL from validated config.
+    pub fn new(cfg: &AclConfig) -> Acl {
+        Acl {
+            default: cfg.default.clone(),
+            users: cfg
+                .users
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            gateway_only: cfg.internal.gateway_only.clone(),
+            device_may_publish: cfg.internal.device_may_publish.clone(),
+        }
+    }
+
+    /// True when `topic` is reserved for the gateway's own components.
+    pub fn gateway_only(&self, topic: &str) -> bool {
+        self.gateway_only.iter().any(|f| topic::matches(f, topic))
+            && !self
+                .device_may_publish
+                .iter()
+                .any(|f| topic::matches(f, topic))
+    }
+
+    /// True when `identity` (None: anonymous) with `client_id` may do `action` on `target`
+    /// (a topic for publish, a filter for subscribe).
+    pub fn allows(
+        &self,
+        identity: Option<&str>,
+        client_id: &str,
+        action: Action,
+        target: &str,
+    ) -> bool {
+        if action == Action::Publish && self.gateway_only(target) {
+            return false;
+        }
+        let own = identity.and_then(|i| self.users.get(i));
+        std::iter::once(&self.default)
+            .chain(own)
+            .flat_map(|r| match action {
+                Action::Publish => r.publish.iter(),
+                Action::Subscribe => r.subscribe.iter(),
+            })
+            .filter_map(|pat| substitute(pat, identity, client_id))
+            .any(|pat| match action {
+                Action::Publish => topic::matches(&pat, target),
+                Action::Subscribe => covers(&pat, target),
+            })
+    }
+}
+
+/// `pattern` with `%u` and `%c` replaced; None when a needed value is missing or is not a
+/// single safe topic level.
+fn substitute(pattern: &str, identity: Option<&str>, client_id: &str) -> Option<String> {
+    let safe = |v: &str| !v.is_empty() && !v.contains(['/', '+', '#', '\0']);
+    let mut out = pattern.to_string();
+    if out.contains("%u") {
+        let u = identity.filter(|u| safe(u))?;
+        out = out.replace("%u", u);
+    }
+    if out.contains("%c") {
+        if !safe(client_id) {
+            return None;
+        }
+        out = out.replace("%c", client_id);
+    }
+    Some(out)
+}
+
+/// True when every topic `filter` can match is matched by `pattern` (both valid filters).
+pub fn covers(pattern: &str, filter: &str) -> bool {
+    // `$` topics are only reachable through patterns that name them (MQTT 4.7.2).
+    if filter.starts_with('$') && pattern.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut p = pattern.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (p.next(), f.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(fl)) if fl != "#" => {}
+            (Some(pl), Some(fl)) if pl == fl && pl != "+" && pl != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acl() -> Acl {
+        let mut users = std::collections::BTreeMap::new();
+        users.insert(
+            "admin".to_string(),
+            AclRules {
+                publish: vec!["#".into()],
+                subscribe: vec!["#".into()],
+            },
+        );
+        Acl::new(&AclConfig {
+            default: AclRules {
+                publish: vec!["field/%u/#".into(), "clients/%c".into()],
+                subscribe: vec!["cmd/%u/#".into()],
+            },
+            users,
+            internal: Default::default(),
+        })
+    }
+
+    #[test]
+    fn internal_topics_are_the_gateways_even_for_admins() {
+        let a = acl();
+        for t in [
+            "ota/dev1/metadata",
+            "ota/dev1/chunk/7",
+            "ota/dev1/success",
+            "fieldgate-internal/x",
+        ] {
+            assert!(!a.allows(Some("admin"), "c", Action::Publish, t), "{t}");
+        }
+        assert!(a.allows(Some("admin"), "c", Action::Publish, "ota/dev1/chunk/get"));
+        assert!(a.allows(Some("admin"), "c", Action::Publish, "ota/dev1/progress"));
+        // Subscribing to them is a matter of the ordinary rules.
+        assert!(a.allows(Some("admin"), "c", Action::Subscribe, "ota/#"));
+    }
+
+    #[test]
+    fn substitution_limits_a_device_to_its_subtree() {
+        let a = acl();
+        assert!(a.allows(Some("dev1"), "c", Action::Publish, "field/dev1/temp"));
+        assert!(!a.allows(Some("dev1"), "c", Action::Publish, "field/dev2/temp"));
+        assert!(a.allows(Some("dev1"), "c9", Action::Publish, "clients/c9"));
+        assert!(!a.allows(None, "c", Action::Publish, "field//x"));
+        assert!(a.allows(Some("dev1"), "c", Action::Subscribe, "cmd/dev1/#"));
+        assert!(a.allows(Some("dev1"), "c", Action::Subscribe, "cmd/dev1/+/x"));
+        assert!(!a.allows(Some("dev1"), "c", Action::Subscribe, "cmd/+/#"));
+        assert!(!a.allows(Some("dev1"), "c", Action::Subscribe, "#"));
+        // A name with a wildcard or separator cannot widen its rights.
+        assert!(!a.allows(Some("+"), "c", Action::Publish, "field/x/y"));
+        assert!(!a.allows(Some("a/b"), "c", Action::Publish, "field/a/b/c"));
+        assert!(a.allows(Some("admin"), "c", Action::Subscribe, "#"));
+        assert!(a.allows(Some("admin"), "c", Action::Publish, "cmd/dev1/reboot"));
+    }
+
+    #[test]
+    fn coverage() {
+        assert!(covers("a/#", "a/b/+"));
+        assert!(covers("a/+/c", "a/+/c"));
+        assert!(!covers("a/+/c", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(covers("#", "a"));
+        assert!(!covers("#", "$SYS/#"));
+        assert!(covers("$SYS/#", "$SYS/x"));
+        assert!(!covers("a/+", "a/b/c"));
+    }
+
+    #[test]
+    fn passwords() {
+        let phc = hash_password("s3cret").unwrap();
+        check_hash(&phc).unwrap();
+        assert!(check_hash("s3cret").is_err());
+        let users = Users::new(&[
+            UserConfig {
+                username: "h".into(),
+                password_hash: phc,
+                password: String::new(),
+            },
+            UserConfig {
+                username: "p".into(),
+                password_hash: String::new(),
+                password: "plain".into(),
+            },
+        ]);
+        assert_eq!(users.verify("h", b"s3cret"), Verdict::Ok);
+        assert_eq!(users.verify("h", b"s3cret!"), Verdict::WrongPassword);
+        assert_eq!(users.verify("p", b"plain"), Verdict::Ok);
+        assert_eq!(users.verify("p", b"plai"), Verdict::WrongPassword);
+        assert_eq!(users.verify("x", b"plain"), Verdict::UnknownUser);
+        assert_eq!(users.plain_text(), ["p"]);
+    }
+}

@@ -1,0 +1,821 @@
+//! One device connection through the front end: CONNECT, authentication, then the relay.
+//!
+//! Owns both sockets of one device: the device's (plain or TLS) and the loopback connection
+//! to rumqttd opened for it. One task runs the whole session; it reads whichever side has a
+//! packet and writes to the other, so a device that stops reading slows only its own
+//! session (TCP back-pressure up to rumqttd, which buffers per connection).
+//!
+//! CONNECT is refused (with a CONNACK) for another protocol level, an empty client id
+//! without clean session, a client id rumqttd cannot route (`/ + # $`), failed
+//! authentication, or rumqttd refusing it.
+//!
+//! Session state machine: `AwaitConnect -(CONNECT ok)-> Relaying -(DISCONNECT | error |
+//! violation | keepalive expired)-> Closed`. Rules enforced while relaying (MQTT 3.1.1):
+//! - a second CONNECT, a PUBLISH to an invalid topic name (empty, wildcards), a packet only a
+//!   server may send, or a malformed packet closes the connection at once (no DISCONNECT is
+//!   sent upstream, so rumqttd publishes the device's will, as the spec asks);
+//! - keepalive: PINGREQ is answered here; with keepalive k > 0 the connection is closed after
+//!   1.5 k of silence; with k = 0 there is no limit. Upstream, the front end asks rumqttd for
+//!   [`UPSTREAM_KEEPALIVE`] and pings it itself, swallowing the PINGRESPs;
+//! - SUBSCRIBE: a malformed filter or one outside the ACL gets 0x80 in SUBACK; only the
+//!   others go to rumqttd, and the SUBACK is merged back in the device's order. The granted
+//!   QoS of each filter is remembered;
+//! - PUBLISH outside the ACL is dropped and counted; QoS 1 still gets PUBACK and QoS 2 the
+//!   PUBREC/PUBCOMP handshake (3.1.1 has no negative acknowledgement, and an unanswered
+//!   publish would block the device's in-flight window);
+//! - QoS 2 exactly once: a QoS 2 PUBLISH whose packet id already awaits PUBREL is answered
+//!   with PUBREC here and not forwarded again;
+//! - delivered QoS = min(publisher's QoS, granted QoS): rumqttd delivers at the granted QoS,
+//!   the front end lowers it using the tag (see `upstream`) and completes the upstream
+//!   acknowledgement itself for what it lowered.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{self, Packet as P4};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::auth::{Action, Verdict};
+use super::{upstream, Context};
+use crate::bridge::pacing::TokenBucket;
+use crate::config::{ClientCertMode, RateLimitPolicy};
+use crate::topic;
+
+/// Keepalive the front end announces to rumqttd (it pings every half of it).
+pub const UPSTREAM_KEEPALIVE: u16 = 60;
+
+/// Most packets handled between two writes (bounds the output one batch can queue).
+const BATCH: usize = 64;
+
+/// Why a session ended; the label of `fieldgate_broker_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The device sent DISCONNECT.
+    Disconnect,
+    /// The device's socket closed or failed.
+    DeviceGone,
+    /// rumqttd closed its side (e.g. the client id was taken over).
+    BrokerGone,
+    /// No CONNECT within `connect_timeout`.
+    ConnectTimeout,
+    /// CONNECT refused (credentials, certificate, protocol); CONNACK was sent.
+    Refused,
+    /// Keepalive expired.
+    KeepaliveTimeout,
+    /// A packet larger than `max_payload_size`.
+    TooLarge,
+    /// A malformed packet or a protocol violation.
+    ProtocolViolation,
+    /// Over `broker.max_publish_rate` with `rate_limit_policy = "disconnect"`.
+    RateLimited,
+    /// A newer connection with the same client id took over.
+    TakenOver,
+}
+
+impl End {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Disconnect => "disconnect",
+            End::DeviceGone => "device_gone",
+            End::BrokerGone => "broker_gone",
+            End::ConnectTimeout => "connect_timeout",
+            End::Refused => "refused",
+            End::KeepaliveTimeout => "keepalive_timeout",
+            End::TooLarge => "too_large",
+            End::ProtocolViolation => "protocol_violation",
+            End::RateLimited => "rate_limited",
+            End::TakenOver => "taken_over",
+        }
+    }
+}
+
+/// The device's socket: v4 packets in, v4 packets out.
+///
+/// Writes are batched: [`DeviceIo::queue`] only encodes into `out`, and [`DeviceIo::flush`]
+/// writes everything queued in one call. The relay flushes before it reads again, so a
+/// device that stops reading still stops its own session (TCP back-pressure), and `out`
+/// holds at most what one batch of input produced.
+struct DeviceIo<S> {
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    buf: BytesMut,
+    out: BytesMut,
+    max: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite> DeviceIo<S> {
+    /// A complete packet already in `buf`, without reading.
+    fn parse(&mut self) -> Result<Option<P4>, End> {
+        match P4::read(&mut self.buf, self.max) {
+            Ok(p) => Ok(Some(p)),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
+                self.buf.reserve(n.min(64 * 1024));
+                Ok(None)
+            }
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => Err(End::TooLarge),
+            Err(_) => Err(End::ProtocolViolation),
+        }
+    }
+
+    /// The next packet; cancel-safe (bytes read so far stay in `buf`).
+    async fn next(&mut self) -> Result<P4, End> {
+        loop {
+            if let Some(p) = self.parse()? {
+                return Ok(p);
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(End::DeviceGone),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Encodes a packet for the next [`DeviceIo::flush`].
+    fn queue(&mut self, p: P4) -> Result<(), End> {
+        p.write(&mut self.out, usize::MAX)
+            .map(|_| ())
+            .map_err(|_| End::ProtocolViolation)
+    }
+
+    /// Writes everything queued.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.wr.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|_| End::DeviceGone)?;
+        self.wr.flush().await.map_err(|_| End::DeviceGone)
+    }
+
+    async fn send(&mut self, p: P4) -> Result<(), End> {
+        self.queue(p)?;
+        self.flush().await
+    }
+}
+
+/// The loopback socket to rumqttd: v5 packets, batched like [`DeviceIo`].
+struct BrokerIo {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl BrokerIo {
+    fn parse(&mut self) -> Result<Option<P5>, End> {
+        match P5::read(&mut self.buf, None) {
+            Ok(p) => Ok(Some(p)),
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => {
+                self.buf.reserve(n.min(64 * 1024));
+                Ok(None)
+            }
+            Err(_) => Err(End::BrokerGone),
+        }
+    }
+
+    async fn next(&mut self) -> Result<P5, End> {
+        loop {
+            if let Some(p) = self.parse()? {
+                return Ok(p);
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(End::BrokerGone),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn queue(&mut self, p: P5) -> Result<(), End> {
+        p.write(&mut self.out, None)
+            .map(|_| ())
+            .map_err(|_| End::BrokerGone)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.wr.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|_| End::BrokerGone)
+    }
+
+    async fn send(&mut self, p: P5) -> Result<(), End> {
+        self.queue(p)?;
+        self.flush().await
+    }
+}
+
+/// Who the device turned out to be.
+struct Identity {
+    /// Username or certificate CN; None for anonymous.
+    name: Option<String>,
+    client_id: String,
+}
+
+/// Runs one device session to its end. `cert_cn` is the CN of a verified client
+/// certificate, if the device sent one.
+pub async fn run<S>(stream: S, peer: SocketAddr, cert_cn: Option<String>, ctx: Arc<Context>) -> End
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut dev = DeviceIo {
+        rd,
+        wr,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(4096),
+        max: ctx.max_packet,
+    };
+    let connect = match tokio::time::timeout(ctx.connect_timeout, dev.next()).await {
+        Err(_) => return End::ConnectTimeout,
+        Ok(Err(e)) => return e,
+        Ok(Ok(P4::Connect(c))) => c,
+        Ok(Ok(_)) => return End::ProtocolViolation,
+    };
+    let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
+    if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
+        ctx.metrics.broker.refuse("protocol_version");
+        let _ = dev
+            .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
+            .await;
+        return End::Refused;
+    }
+    // rumqttd's router drops a connection whose client id holds one of these without an
+    // answer, and the second such CONNECT with the same id poisons the broker's listener
+    // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5).
+    if connect.client_id.contains(['/', '+', '#', '$']) {
+        ctx.metrics.broker.refuse("client_id");
+        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
+        return End::Refused;
+    }
+    if connect.client_id.is_empty() && !connect.clean_session {
+        ctx.metrics.broker.refuse("client_id");
+        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
+        return End::Refused;
+    }
+    if let Some(w) = &connect.last_will {
+        if topic::validate_topic(&w.topic).is_err() {
+            return End::ProtocolViolation;
+        }
+    }
+    let name = match authenticate(&ctx, &connect, cert_cn).await {
+        Ok(name) => name,
+        Err((code, reason)) => {
+            ctx.metrics.broker.refuse(reason);
+            let _ = dev.send(refuse(code)).await;
+            info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, reason, "connection refused");
+            return End::Refused;
+        }
+    };
+    let id = Identity {
+        name,
+        client_id: connect.client_id.clone(),
+    };
+    let mut connect = connect;
+    if let Some(w) = &connect.last_will {
+        if !ctx
+            .acl
+            .allows(id.name.as_deref(), &id.client_id, Action::Publish, &w.topic)
+        {
+            // A will outside the ACL would be a publish the device may not make: drop it.
+            ctx.metrics.broker.deny(Action::Publish);
+            connect.last_will = None;
+        }
+    }
+    // One live upstream connection per client id (see `sessions`); rumqttd names an empty
+    // one itself, uniquely.
+    let claim = if connect.client_id.is_empty() {
+        None
+    } else {
+        Some(ctx.sessions.claim(&connect.client_id).await)
+    };
+    let stop = claim.as_ref().map(|c| c.stop.clone()).unwrap_or_default();
+    let mut up = match open_upstream(&ctx, &connect).await {
+        Ok(up) => up,
+        Err(code) => {
+            ctx.metrics.broker.refuse("broker_unavailable");
+            let _ = dev.send(refuse(code)).await;
+            return End::Refused;
+        }
+    };
+    let end = relay_session(&ctx, &mut dev, &mut up, &connect, id, peer, stop).await;
+    close_upstream(&mut up).await;
+    drop(claim);
+    end
+}
+
+/// From rumqttd's CONNACK to the end of the session.
+async fn relay_session<S: AsyncRead + AsyncWrite>(
+    ctx: &Arc<Context>,
+    dev: &mut DeviceIo<S>,
+    up: &mut BrokerIo,
+    connect: &v4::Connect,
+    id: Identity,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) -> End {
+    let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
+    let session_present = match up.next().await {
+        Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
+        Ok(P5::ConnAck(a)) => {
+            ctx.metrics.broker.refuse("broker_refused");
+            let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
+            return End::Refused;
+        }
+        _ => {
+            ctx.metrics.broker.refuse("broker_unavailable");
+            let _ = dev
+                .send(refuse(v4::ConnectReturnCode::ServiceUnavailable))
+                .await;
+            return End::Refused;
+        }
+    };
+    if dev
+        .send(P4::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::Success,
+            session_present,
+        )))
+        .await
+        .is_err()
+    {
+        return End::DeviceGone;
+    }
+    debug!(listener = %ctx.listener, %peer, client_id = %id.client_id, identity = ?id.name, "device connected");
+    let mut relay = Relay {
+        ctx: ctx.clone(),
+        id,
+        granted: Vec::new(),
+        pending_sub: HashMap::new(),
+        qos2_in: HashSet::new(),
+        qos2_denied: HashSet::new(),
+        down21: HashSet::new(),
+        answer_rel: HashSet::new(),
+        rate: ctx.rate.map(|(r, b, p)| {
+            (
+                TokenBucket::with_burst(r as u64, b as u64, StdInstant::now()),
+                p,
+            )
+        }),
+        throttle: Duration::ZERO,
+    };
+    relay.run(dev, up, connect.keep_alive, stop).await
+}
+
+/// Most time rumqttd gets to close its side after the front end closed its own.
+const UPSTREAM_CLOSE: Duration = Duration::from_secs(3);
+
+/// Sends what is queued (a DISCONNECT, say), closes the front end's side of the upstream
+/// socket and waits until rumqttd closed its side: by then rumqttd's router has taken the
+/// connection's disconnect (see `sessions`).
+async fn close_upstream(up: &mut BrokerIo) {
+    let _ = up.flush().await;
+    let _ = up.wr.shutdown().await;
+    let _ = tokio::time::timeout(UPSTREAM_CLOSE, async {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = up.rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Decides who the device is. Err: the CONNACK code and the metric reason.
+async fn authenticate(
+    ctx: &Context,
+    c: &v4::Connect,
+    cert_cn: Option<String>,
+) -> Result<Option<String>, (v4::ConnectReturnCode, &'static str)> {
+    use v4::ConnectReturnCode as R;
+    if let Some(cn) = cert_cn {
+        // A verified client certificate is the identity; username/password are not used.
+        return Ok(Some(cn));
+    }
+    if ctx.cert_mode == ClientCertMode::Required {
+        return Err((R::NotAuthorized, "no_certificate"));
+    }
+    let Some(login) = &c.login else {
+        return if ctx.allow_anonymous {
+            Ok(None)
+        } else {
+            Err((R::NotAuthorized, "anonymous"))
+        };
+    };
+    // argon2 is slow on purpose: run it off the async workers, a few at a time, so a burst
+    // of logins cannot starve the relays.
+    let Ok(_permit) = ctx.verify_slots.acquire().await else {
+        return Err((R::ServiceUnavailable, "broker_unavailable"));
+    };
+    let users = ctx.users.clone();
+    let (u, p) = (login.username.clone(), login.password.clone());
+    let verdict = tokio::task::spawn_blocking(move || users.verify(&u, p.as_bytes()))
+        .await
+        .unwrap_or(Verdict::WrongPassword);
+    match verdict {
+        Verdict::Ok => Ok(Some(login.username.clone())),
+        Verdict::UnknownUser => Err((R::BadUserNamePassword, "unknown_user")),
+        Verdict::WrongPassword => Err((R::BadUserNamePassword, "bad_password")),
+    }
+}
+
+async fn open_upstream(ctx: &Context, c: &v4::Connect) -> Result<BrokerIo, v4::ConnectReturnCode> {
+    let unavailable = v4::ConnectReturnCode::ServiceUnavailable;
+    let s = TcpStream::connect(ctx.upstream.addr)
+        .await
+        .map_err(|_| unavailable)?;
+    let _ = s.set_nodelay(true);
+    let (rd, wr) = s.into_split();
+    let mut up = BrokerIo {
+        rd,
+        wr,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(4096),
+    };
+    let p = upstream::connect(
+        c,
+        UPSTREAM_KEEPALIVE,
+        &ctx.upstream.username,
+        &ctx.upstream.password,
+    );
+    up.send(p).await.map_err(|_| unavailable)?;
+    Ok(up)
+}
+
+/// A SUBSCRIBE awaiting rumqttd's SUBACK: the return codes decided here (None: asked
+/// rumqttd) in the device's order, and the filters sent upstream.
+type PendingSub = (Vec<Option<v4::SubscribeReasonCode>>, Vec<(String, QoS)>);
+
+/// Per-connection relay state.
+struct Relay {
+    ctx: Arc<Context>,
+    id: Identity,
+    /// The device's subscriptions and their granted QoS.
+    granted: Vec<(String, QoS)>,
+    /// SUBSCRIBE pkid -> return codes decided here (None: asked rumqttd) and the filters
+    /// sent upstream.
+    pending_sub: HashMap<u16, PendingSub>,
+    /// QoS 2 PUBLISHes of the device forwarded upstream and awaiting the device's PUBREL.
+    qos2_in: HashSet<u16>,
+    /// QoS 2 PUBLISHes of the device that the ACL dropped (handshake answered here).
+    qos2_denied: HashSet<u16>,
+    /// Upstream QoS 2 deliveries sent to the device as QoS 1: its PUBACK becomes PUBREC.
+    down21: HashSet<u16>,
+    /// Upstream PUBRELs the front end answers itself (deliveries it lowered).
+    answer_rel: HashSet<u16>,
+    /// The device's publish rate limit and its policy.
+    rate: Option<(TokenBucket, RateLimitPolicy)>,
+    /// `slow_down`: how long to stop reading from the device after this batch.
+    throttle: Duration,
+}
+
+impl Relay {
+    async fn run<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+        keep_alive: u16,
+        stop: CancellationToken,
+    ) -> End {
+        // On DISCONNECT the queued upstream DISCONNECT (so rumqttd drops the will) is sent
+        // by `close_upstream`.
+        self.relay(dev, up, keep_alive, stop).await
+    }
+
+    /// The relay loop: wait for a packet from either side, handle it and everything else
+    /// already buffered (at most [`BATCH`] packets), then write both sides' output.
+    async fn relay<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+        keep_alive: u16,
+        stop: CancellationToken,
+    ) -> End {
+        let silence = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
+        let mut last_in = Instant::now();
+        let period = Duration::from_secs(UPSTREAM_KEEPALIVE as u64 / 2);
+        let mut ping = tokio::time::interval_at(Instant::now() + period, period);
+        loop {
+            let expiry = silence.map(|s| last_in + s);
+            let step = tokio::select! {
+                p = dev.next() => p.and_then(|p| {
+                    last_in = Instant::now();
+                    self.on_device(p, dev, up)
+                }),
+                p = up.next() => p.and_then(|p| self.on_broker(p, dev, up)),
+                _ = ping.tick() => up.queue(P5::PingReq(v5::PingReq)),
+                _ = sleep_until_opt(expiry) => Err(End::KeepaliveTimeout),
+                _ = stop.cancelled() => Err(End::TakenOver),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if let Err(end) = self.drain(dev, up, &mut last_in) {
+                return end;
+            }
+            if let Err(end) = up.flush().await {
+                return end;
+            }
+            if let Err(end) = dev.flush().await {
+                return end;
+            }
+            if !self.throttle.is_zero() {
+                // Over the publish rate: read nothing until the device is back under it.
+                tokio::time::sleep(std::mem::take(&mut self.throttle)).await;
+                last_in = Instant::now();
+            }
+        }
+    }
+
+    /// Handles packets already read from either side, without reading more.
+    fn drain<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+        last_in: &mut Instant,
+    ) -> Result<(), End> {
+        for _ in 0..BATCH {
+            let mut more = false;
+            if !self.throttle.is_zero() {
+                // Slowed down: the device's buffered packets wait for the next round.
+            } else if let Some(p) = dev.parse()? {
+                *last_in = Instant::now();
+                self.on_device(p, dev, up)?;
+                more = true;
+            }
+            if let Some(p) = up.parse()? {
+                self.on_broker(p, dev, up)?;
+                more = true;
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_device<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        p: P4,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+    ) -> Result<(), End> {
+        let ctx = self.ctx.clone();
+        let m = &ctx.metrics.broker;
+        match p {
+            P4::Publish(p) => {
+                if topic::validate_topic(&p.topic).is_err() {
+                    return Err(End::ProtocolViolation);
+                }
+                let over_rate = self.over_rate()?;
+                let name = self.id.name.as_deref();
+                let denied =
+                    !self
+                        .ctx
+                        .acl
+                        .allows(name, &self.id.client_id, Action::Publish, &p.topic);
+                if denied {
+                    m.deny(Action::Publish);
+                    debug!(client_id = %self.id.client_id, topic = %p.topic, "publish denied");
+                }
+                if denied || over_rate {
+                    return match p.qos {
+                        QoS::AtMostOnce => Ok(()),
+                        QoS::AtLeastOnce => dev.queue(P4::PubAck(v4::PubAck::new(p.pkid))),
+                        QoS::ExactlyOnce => {
+                            self.qos2_denied.insert(p.pkid);
+                            dev.queue(P4::PubRec(v4::PubRec::new(p.pkid)))
+                        }
+                    };
+                }
+                if p.qos == QoS::ExactlyOnce && !self.qos2_in.insert(p.pkid) {
+                    // A retry of a message rumqttd already has: do not deliver it twice.
+                    m.qos2_duplicates.inc();
+                    return dev.queue(P4::PubRec(v4::PubRec::new(p.pkid)));
+                }
+                up.queue(upstream::publish(p))
+            }
+            P4::PubRel(r) => {
+                if self.qos2_denied.remove(&r.pkid) {
+                    return dev.queue(P4::PubComp(v4::PubComp::new(r.pkid)));
+                }
+                if !self.qos2_in.remove(&r.pkid) {
+                    // Nothing awaits release under this id (a retried PUBREL): answer it,
+                    // release nothing (MQTT-4.3.3, PUBREL is handled idempotently).
+                    return dev.queue(P4::PubComp(v4::PubComp::new(r.pkid)));
+                }
+                up.queue(P5::PubRel(v5::PubRel::new(r.pkid, None)))
+            }
+            P4::PubAck(a) => {
+                if self.down21.remove(&a.pkid) {
+                    // Lowered from QoS 2: the device acknowledged, finish rumqttd's flow.
+                    self.answer_rel.insert(a.pkid);
+                    return up.queue(P5::PubRec(v5::PubRec::new(a.pkid, None)));
+                }
+                up.queue(P5::PubAck(v5::PubAck::new(a.pkid, None)))
+            }
+            P4::PubRec(a) => up.queue(P5::PubRec(v5::PubRec::new(a.pkid, None))),
+            P4::PubComp(a) => up.queue(P5::PubComp(v5::PubComp::new(a.pkid, None))),
+            P4::Subscribe(s) => self.subscribe(s, dev, up),
+            P4::Unsubscribe(u) => {
+                self.granted.retain(|(f, _)| !u.topics.contains(f));
+                up.queue(P5::Unsubscribe(v5::Unsubscribe {
+                    pkid: u.pkid,
+                    filters: u.topics,
+                    properties: None,
+                }))
+            }
+            P4::PingReq => dev.queue(P4::PingResp),
+            P4::Disconnect => {
+                up.queue(P5::Disconnect(v5::Disconnect::new(
+                    v5::DisconnectReasonCode::NormalDisconnection,
+                )))?;
+                Err(End::Disconnect)
+            }
+            // A second CONNECT, or packets only a server sends.
+            P4::Connect(_) | P4::ConnAck(_) | P4::SubAck(_) | P4::UnsubAck(_) | P4::PingResp => {
+                Err(End::ProtocolViolation)
+            }
+        }
+    }
+
+    /// Applies the publish rate limit to one PUBLISH. Ok(true): drop it (policy `drop`);
+    /// Err: close (policy `disconnect`); `slow_down` lets it through and sets `throttle`.
+    fn over_rate(&mut self) -> Result<bool, End> {
+        let Some((bucket, policy)) = &mut self.rate else {
+            return Ok(false);
+        };
+        let wait = bucket.wait_for(1, StdInstant::now());
+        if wait.is_zero() {
+            bucket.take(1);
+            return Ok(false);
+        }
+        let m = &self.ctx.metrics.broker;
+        match policy {
+            RateLimitPolicy::SlowDown => {
+                m.rate_limit("slow_down");
+                // Taken on credit: the bucket goes negative and the wait grows with it.
+                bucket.take(1);
+                self.throttle = self.throttle.max(wait);
+                Ok(false)
+            }
+            RateLimitPolicy::Drop => {
+                m.rate_limit("drop");
+                Ok(true)
+            }
+            RateLimitPolicy::Disconnect => {
+                m.rate_limit("disconnect");
+                info!(client_id = %self.id.client_id, "publish rate exceeded; closing");
+                Err(End::RateLimited)
+            }
+        }
+    }
+
+    fn subscribe<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        s: v4::Subscribe,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+    ) -> Result<(), End> {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut forward = Vec::new();
+        for f in s.filters {
+            let ok = topic::validate_filter(&f.path).is_ok();
+            if !ok {
+                codes.push(Some(v4::SubscribeReasonCode::Failure));
+                continue;
+            }
+            let name = self.id.name.as_deref();
+            if !self
+                .ctx
+                .acl
+                .allows(name, &self.id.client_id, Action::Subscribe, &f.path)
+            {
+                self.ctx.metrics.broker.deny(Action::Subscribe);
+                codes.push(Some(v4::SubscribeReasonCode::Failure));
+                continue;
+            }
+            codes.push(None);
+            forward.push((f.path, f.qos));
+        }
+        if forward.is_empty() {
+            let codes = codes.into_iter().flatten().collect();
+            return dev.queue(P4::SubAck(v4::SubAck::new(s.pkid, codes)));
+        }
+        let packet = upstream::subscribe(s.pkid, &forward);
+        self.pending_sub.insert(s.pkid, (codes, forward));
+        up.queue(packet)
+    }
+
+    fn on_broker<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        p: P5,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+    ) -> Result<(), End> {
+        match p {
+            P5::Publish(p) => self.deliver(p, dev, up),
+            P5::PubAck(a) => dev.queue(P4::PubAck(v4::PubAck::new(a.pkid))),
+            P5::PubRec(a) => dev.queue(P4::PubRec(v4::PubRec::new(a.pkid))),
+            P5::PubComp(a) => dev.queue(P4::PubComp(v4::PubComp::new(a.pkid))),
+            P5::PubRel(r) => {
+                if self.answer_rel.remove(&r.pkid) {
+                    return up.queue(P5::PubComp(v5::PubComp::new(r.pkid, None)));
+                }
+                dev.queue(P4::PubRel(v4::PubRel::new(r.pkid)))
+            }
+            P5::SubAck(a) => {
+                let Some((mut codes, forwarded)) = self.pending_sub.remove(&a.pkid) else {
+                    return Ok(());
+                };
+                let mut theirs = a.return_codes.into_iter();
+                for ((filter, _), code) in forwarded.into_iter().zip(theirs.by_ref()) {
+                    let c = match code {
+                        v5::SubscribeReasonCode::Success(q) => {
+                            let q = upstream::q4(q);
+                            self.granted.retain(|(f, _)| *f != filter);
+                            self.granted.push((filter, q));
+                            v4::SubscribeReasonCode::Success(q)
+                        }
+                        _ => v4::SubscribeReasonCode::Failure,
+                    };
+                    if let Some(slot) = codes.iter_mut().find(|c| c.is_none()) {
+                        *slot = Some(c);
+                    }
+                }
+                let codes = codes
+                    .into_iter()
+                    .map(|c| c.unwrap_or(v4::SubscribeReasonCode::Failure))
+                    .collect();
+                dev.queue(P4::SubAck(v4::SubAck::new(a.pkid, codes)))
+            }
+            P5::UnsubAck(a) => dev.queue(P4::UnsubAck(v4::UnsubAck::new(a.pkid))),
+            P5::PingResp(_) => Ok(()),
+            P5::Disconnect(_) => Err(End::BrokerGone),
+            _ => Ok(()),
+        }
+    }
+
+    /// Delivers a message from rumqttd at min(publisher's QoS, granted QoS).
+    fn deliver<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        p: v5::Publish,
+        dev: &mut DeviceIo<S>,
+        up: &mut BrokerIo,
+    ) -> Result<(), End> {
+        let (mut p, origin) = upstream::delivery(p);
+        let delivered = p.qos;
+        // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
+        let want = origin.map_or(delivered, |o| {
+            if (o as u8) < (delivered as u8) {
+                o
+            } else {
+                delivered
+            }
+        });
+        if want == delivered {
+            return dev.queue(P4::Publish(p));
+        }
+        self.ctx.metrics.broker.downgraded.inc();
+        let pkid = p.pkid;
+        match (delivered, want) {
+            (QoS::AtLeastOnce, _) => {
+                up.queue(P5::PubAck(v5::PubAck::new(pkid, None)))?;
+                p.qos = QoS::AtMostOnce;
+                p.pkid = 0;
+            }
+            (QoS::ExactlyOnce, QoS::AtMostOnce) => {
+                self.answer_rel.insert(pkid);
+                up.queue(P5::PubRec(v5::PubRec::new(pkid, None)))?;
+                p.qos = QoS::AtMostOnce;
+                p.pkid = 0;
+            }
+            (QoS::ExactlyOnce, _) => {
+                // Keep rumqttd's packet id busy until the device acknowledged.
+                self.down21.insert(pkid);
+                p.qos = QoS::AtLeastOnce;
+            }
+            _ => {}
+        }
+        dev.queue(P4::Publish(p))
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

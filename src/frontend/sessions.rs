@@ -1,0 +1,135 @@
+//! One live upstream connection per client id: takeover is done here, not by rumqttd.
+//!
+//! rumqttd 0.20 breaks when a client id reconnects quickly. Its router reuses the slot of a
+//! connection it dropped, and the old connection's task sends its `Disconnect` event late,
+//! so that event can kill the new connection during CONNECT. That failed connection leaves
+//! its will handler registered, and the next CONNECT with the same client id `unwrap`s a
+//! send on it, panics while holding the will-handler lock and poisons it: from then on every
+//! new connection panics, and no device can connect until the gateway restarts
+//! (`tests/broker.rs::rapid_reconnects_with_one_client_id_keep_the_broker_healthy`).
+//!
+//! Invariant kept here: rumqttd never sees two connections with the same client id at the
+//! same time, and a new one is opened only after the previous one is fully gone. A session
+//! [`Sessions::claim`]s its client id before it dials rumqttd. If another session holds the
+//! id, the newcomer cancels it (MQTT takeover: the newest connection wins) and waits until
+//! the old session has closed its upstream socket *and seen rumqttd close its side*: rumqttd
+//! queues a connection's `Disconnect` event for its router before it closes the socket, and
+//! the router handles events in order, so the old connection is gone from the router before
+//! the new one's CONNECT reaches it. The wait is bounded by [`TAKEOVER_WAIT`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for the previous session of a client id to close.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+struct Live {
+    generation: u64,
+    stop: CancellationToken,
+    /// Closed when the holding session's [`Claim`] is dropped.
+    gone: watch::Receiver<()>,
+}
+
+/// The client ids with a live upstream connection, shared by every listener.
+#[derive(Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<String, Live>>,
+    next: AtomicU64,
+}
+
+/// A session's hold on its client id; dropping it (after the upstream socket is closed)
+/// lets the next session with that id proceed.
+pub struct Claim {
+    sessions: Arc<Sessions>,
+    client_id: String,
+    generation: u64,
+    /// Cancelled when a newer connection takes the client id over.
+    pub stop: CancellationToken,
+    _gone: watch::Sender<()>,
+}
+
+impl Sessions {
+    /// Takes `client_id`, first stopping and awaiting the session that holds it.
+    pub async fn claim(self: &Arc<Self>, client_id: &str) -> Claim {
+        loop {
+            let previous = {
+                let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                match live.get(client_id) {
+                    Some(l) => (l.generation, l.stop.clone(), l.gone.clone()),
+                    None => {
+                        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+                        let stop = CancellationToken::new();
+                        let (tx, rx) = watch::channel(());
+                        live.insert(
+                            client_id.to_string(),
+                            Live {
+                                generation,
+                                stop: stop.clone(),
+                                gone: rx,
+                            },
+                        );
+                        return Claim {
+                            sessions: self.clone(),
+                            client_id: client_id.to_string(),
+                            generation,
+                            stop,
+                            _gone: tx,
+                        };
+                    }
+                }
+            };
+            let (generation, stop, mut gone) = previous;
+            stop.cancel();
+            // Err from `changed`: the sender was dropped, i.e. the old session is gone.
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, async {
+                while gone.changed().await.is_ok() {}
+            })
+            .await;
+            // Gone, or stuck past the bound: either way it no longer holds the id.
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            if live.get(client_id).map(|l| l.generation) == Some(generation) {
+                live.remove(client_id);
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(&self.client_id).map(|l| l.generation) == Some(self.generation) {
+            live.remove(&self.client_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_newcomer_stops_the_holder_and_waits_for_it() {
+        let s = Arc::new(Sessions::default());
+        let first = s.claim("dev").await;
+        let stop = first.stop.clone();
+        let s2 = s.clone();
+        let second = tokio::spawn(async move { s2.claim("dev").await });
+        stop.cancelled().await;
+        // The holder is still closing: the newcomer waits.
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        drop(first);
+        let second = second.await.unwrap();
+        assert!(!second.stop.is_cancelled());
+        // Another id is independent.
+        let other = s.claim("other").await;
+        assert!(!other.stop.is_cancelled());
+        drop(second);
+        assert!(s.live.lock().unwrap().get("dev").is_none());
+    }
+}
