@@ -1019,7 +1019,7 @@ impl Settings {
         if o.chunk_size < 256 || o.chunk_size > OTA_MAX_CHUNK {
             p.push(problem(
                 "ota.chunk_size",
-                format!("must be 256..={OTA_MAX_CHUNK} bytes; e.g. 16384 (broker.max_payload_size and cloud.max_packet_size are raised to fit it)"),
+                format!("must be 256..={OTA_MAX_CHUNK} bytes; e.g. 16384 (broker.segment_bytes and cloud.max_packet_size are raised to fit it)"),
             ));
         }
         if o.cache_max_bytes < 1024 * 1024 {
@@ -1098,14 +1098,14 @@ impl Settings {
         format!("http://{host}:{}", a.port())
     }
 
-    /// The broker settings the gateway runs with: `max_payload_size` (and `segment_bytes`)
-    /// raised so an OTA chunk fits.
+    /// The broker settings the gateway runs with: `segment_bytes` raised so an OTA chunk
+    /// fits the router's log. `max_payload_size` stays: it limits what *devices* send, and
+    /// chunks only flow from the gateway to devices (the front end writes them unlimited).
     pub fn effective_broker(&self) -> BrokerConfig {
         let mut b = self.broker.clone();
         if self.ota.enabled {
             let need = self.ota.chunk_size + OTA_PACKET_OVERHEAD;
-            b.max_payload_size = b.max_payload_size.max(need);
-            b.segment_bytes = b.segment_bytes.max(b.max_payload_size);
+            b.segment_bytes = b.segment_bytes.max(need);
         }
         b
     }
@@ -1506,10 +1506,14 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "{want} missing from {keys:?}");
         }
-        // A big chunk raises the broker's and the bridge's packet limits.
+        // A big chunk raises the router's segments and the bridge's packet limit, not what
+        // devices may send.
         let s = load("[ota]\nchunk_size = 1048576\n", &[]).unwrap();
-        assert!(s.effective_broker().max_payload_size >= 1048576 + OTA_PACKET_OVERHEAD);
-        assert!(s.effective_broker().segment_bytes >= s.effective_broker().max_payload_size);
+        assert_eq!(
+            s.effective_broker().max_payload_size,
+            s.broker.max_payload_size
+        );
+        assert!(s.effective_broker().segment_bytes >= 1048576 + OTA_PACKET_OVERHEAD);
         assert!(s.effective_cloud().max_packet_size >= 1048576 + OTA_PACKET_OVERHEAD);
         assert_eq!(s.ota_http_base_url(), "http://127.0.0.1:9183");
     }
