@@ -390,6 +390,7 @@ impl Default for InternalTopics {
                 "ota/+/success".into(),
                 "ota/+/retry".into(),
                 "ota/+/error".into(),
+                "ota/_gateway/#".into(),
             ],
             device_may_publish: vec!["ota/+/chunk/get".into()],
         }
@@ -1106,6 +1107,21 @@ impl Settings {
         if self.ota.enabled {
             let need = self.ota.chunk_size + OTA_PACKET_OVERHEAD;
             b.segment_bytes = b.segment_bytes.max(need);
+            // The gateway-only OTA topics follow a custom prefix.
+            let prefix = &self.ota.prefix;
+            if prefix != "ota" {
+                let moved = |list: &[String]| -> Vec<String> {
+                    list.iter()
+                        .filter_map(|f| f.strip_prefix("ota/"))
+                        .map(|rest| format!("{prefix}/{rest}"))
+                        .collect()
+                };
+                let internal = &mut b.acl.internal;
+                let gw = moved(&internal.gateway_only);
+                let dev = moved(&internal.device_may_publish);
+                internal.gateway_only.extend(gw);
+                internal.device_may_publish.extend(dev);
+            }
         }
         b
     }
@@ -1514,6 +1530,14 @@ mod tests {
             s.broker.max_payload_size
         );
         assert!(s.effective_broker().segment_bytes >= 1048576 + OTA_PACKET_OVERHEAD);
+        // A custom OTA prefix moves the gateway-only topics with it.
+        let fw = load("[ota]\nprefix = \"fw\"\n", &[]).unwrap();
+        let internal = fw.effective_broker().acl.internal;
+        assert!(internal.gateway_only.contains(&"fw/+/metadata".to_string()));
+        assert!(internal.gateway_only.contains(&"fw/_gateway/#".to_string()));
+        assert!(internal
+            .device_may_publish
+            .contains(&"fw/+/chunk/get".to_string()));
         assert!(s.effective_cloud().max_packet_size >= 1048576 + OTA_PACKET_OVERHEAD);
         assert_eq!(s.ota_http_base_url(), "http://127.0.0.1:9183");
     }

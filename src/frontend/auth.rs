@@ -280,6 +280,7 @@ mod tests {
             "ota/dev1/metadata",
             "ota/dev1/chunk/7",
             "ota/dev1/success",
+            "ota/_gateway/rollout",
             "fieldgate-internal/x",
         ] {
             assert!(!a.allows(Some("admin"), "c", Action::Publish, t), "{t}");
