@@ -156,42 +156,7 @@ fn hash(p: &str) -> String {
 }
 
 fn plain_rumqttd(port: u16) {
-    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
-    let mut v4 = std::collections::HashMap::new();
-    v4.insert(
-        "plain".to_string(),
-        ServerSettings {
-            name: "plain".into(),
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: ConnectionSettings {
-                connection_timeout_ms: 10_000,
-                max_payload_size: 256 * 1024,
-                max_inflight_count: 100,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: false,
-            },
-        },
-    );
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 1024,
-            max_outgoing_packet_count: 1024,
-            max_segment_size: 1 << 20,
-            max_segment_count: 4,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(v4),
-        ..Default::default()
-    };
-    std::thread::spawn(move || {
-        let _ = rumqttd::Broker::new(config).start();
-    });
+    spawn_plain_rumqttd(port);
     wait_port(port);
 }
 

@@ -50,43 +50,8 @@ async fn rules_target() -> (Option<(Gateway, tempfile::TempDir)>, u16) {
         let port = g.0.mqtt;
         return (Some(g), port);
     }
-    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
     let port = free_port();
-    let mut v4 = std::collections::HashMap::new();
-    v4.insert(
-        "plain".to_string(),
-        ServerSettings {
-            name: "plain".into(),
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: ConnectionSettings {
-                connection_timeout_ms: 10_000,
-                max_payload_size: 1 << 20,
-                max_inflight_count: 100,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: false,
-            },
-        },
-    );
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 1000,
-            max_segment_size: 1 << 20,
-            max_segment_count: 4,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(v4),
-        ..Default::default()
-    };
-    std::thread::spawn(move || {
-        let _ = rumqttd::Broker::new(config).start();
-    });
+    spawn_plain_rumqttd(port);
     assert!(
         eventually(WAIT, || std::net::TcpStream::connect(("127.0.0.1", port))
             .is_ok())
@@ -183,26 +148,8 @@ impl Dev {
 
     /// Publishes received within `within` (topic, payload, qos).
     async fn received(&mut self, within: Duration) -> Vec<(String, String, QoS)> {
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + within;
-        let mut held = std::mem::take(&mut self.held).into_iter();
-        loop {
-            let p = match held.next() {
-                Some(p) => p,
-                None => match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Ok(Some(p)) => p,
-                    _ => break,
-                },
-            };
-            if let Packet::Publish(p) = p {
-                out.push((
-                    p.topic.clone(),
-                    String::from_utf8_lossy(&p.payload).into_owned(),
-                    p.qos,
-                ));
-            }
-        }
-        out
+        let got = self.received_retain(within).await;
+        got.into_iter().map(|(t, p, q, _)| (t, p, q)).collect()
     }
 }
 

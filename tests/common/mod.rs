@@ -967,3 +967,44 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     Some(ticks / clk_tck())
 }
+
+/// Starts a bare rumqttd 0.20 with one plain MQTT 3.1.1 listener on `127.0.0.1:port`, on a
+/// thread of its own (what fieldgate's front end is compared with, in tests and benches).
+pub fn spawn_plain_rumqttd(port: u16) {
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+    let mut v4 = std::collections::HashMap::new();
+    v4.insert(
+        "plain".to_string(),
+        ServerSettings {
+            name: "plain".into(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: 10_000,
+                max_payload_size: 1 << 20,
+                max_inflight_count: 100,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: false,
+            },
+        },
+    );
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 1024,
+            max_outgoing_packet_count: 1024,
+            max_segment_size: 1 << 20,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        let _ = rumqttd::Broker::new(config).start();
+    });
+}
