@@ -50,8 +50,11 @@ async fn scenario(name: &str, devices: usize, img: &[u8], chunk: u64, http_share
     let fw = FirmwareServer::start(&pki, img.to_vec()).await;
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().expect("tempdir");
+    // Every simulated device dials from 127.0.0.1: lift the per-address connection limit
+    // (64 by default) above the device count.
     let extra = format!(
-        "\n[ota]\nchunk_size = {chunk}\nmax_concurrent_downloads = {}\n",
+        "\n[broker]\nmax_connections_per_ip = {}\n[ota]\nchunk_size = {chunk}\nmax_concurrent_downloads = {}\n",
+        devices + 16,
         devices + 8
     );
     let config = gateway_config(&pki, &ports, data.path(), cloud.port, &extra, "");
