@@ -11,6 +11,7 @@
 //! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps, and socat pty pairs.
 #![allow(dead_code)]
 
+pub mod devices;
 pub mod modbus_sim;
 pub mod ota_sim;
 
