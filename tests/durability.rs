@@ -104,6 +104,32 @@ impl Setup {
         .await
     }
 
+    /// As [`Setup::gateway_on`], but a gateway that exits before `/health` answers is an
+    /// `Err` with the harness's message (its log), not a panic.
+    async fn try_gateway_on(
+        &self,
+        ports: &GatewayPorts,
+        data_dir: &Path,
+        broker: &str,
+    ) -> Result<Gateway, String> {
+        let config = self.config(ports, data_dir, broker);
+        let ports = GatewayPorts {
+            mqtt: ports.mqtt,
+            http: ports.http,
+        };
+        let fault = self.fault_file().display().to_string();
+        tokio::spawn(async move {
+            Gateway::start_env(&config, &ports, &[("FIELDGATE_FAULT_FILE", &fault)]).await
+        })
+        .await
+        .map_err(|e| {
+            e.try_into_panic()
+                .ok()
+                .and_then(|p| p.downcast::<String>().ok().map(|s| plain(&s)))
+                .unwrap_or_else(|| "gateway start failed".into())
+        })
+    }
+
     async fn gateway(&self) -> Gateway {
         self.gateway_on(&self.ports, self.data.path(), "").await
     }
@@ -147,7 +173,9 @@ fn missing_total(r: &Report, ds: &[DeviceReport]) -> usize {
 }
 
 /// Waits until the cloud has every acknowledged seq of `ds`, or until nothing more can come
-/// (the gateway's queue is empty and the cloud saw nothing new for 5 s), or `within` passes.
+/// (the cloud saw nothing new for 5 s and the gateway's queue is empty, or for 20 s whatever
+/// the queue says: a connected bridge with a backlog does not pause that long), or `within`
+/// passes.
 async fn wait_delivered(
     col: &Collector,
     gw: &Gateway,
@@ -165,8 +193,9 @@ async fn wait_delivered(
         if n != last {
             (last, since) = (n, Instant::now());
         }
-        let idle =
-            since.elapsed() > Duration::from_secs(5) && gw.metric("fieldgate_queue_records") == 0.0;
+        let quiet = since.elapsed();
+        let idle = quiet > Duration::from_secs(20)
+            || (quiet > Duration::from_secs(5) && gw.metric("fieldgate_queue_records") == 0.0);
         if idle || Instant::now() > deadline {
             return r;
         }
@@ -674,7 +703,7 @@ async fn disk_full_withholds_acks_and_recovers_without_restart() {
 
     // Space comes back; no restart.
     disk.free(&s);
-    let resumed = eventually(WAIT, || {
+    let resumed = eventually(Duration::from_secs(30), || {
         total_acked(&devices) > a2 + slack && store_state(&gw).0 == "ok"
     })
     .await;
@@ -745,11 +774,19 @@ async fn start_on_a_full_disk_is_not_corruption() {
     assert!(status.success(), "exit {status}\n{log}");
 
     disk.fill(&s, 0);
-    let gw = s.gateway_on(&s.ports, &data_dir, "").await;
+    let started = s.try_gateway_on(&s.ports, &data_dir, "").await;
     let damaged = damaged_dirs(&data_dir);
     if !damaged.is_empty() {
         problems.push(format!("ENOSPC at start taken for corruption: {damaged:?}"));
     }
+    let gw = match started {
+        Ok(gw) => gw,
+        Err(why) => panic!(
+            "start on a full disk:\n- {}\n- the gateway did not start:\n{}",
+            problems.join("\n- "),
+            tail(&why, 15)
+        ),
+    };
     if gw.metric("fieldgate_store_quarantined") == 1.0 {
         problems.push("fieldgate_store_quarantined = 1".into());
     }
@@ -812,7 +849,7 @@ async fn flooding_device_next_to_a_quiet_one_loses_nothing_acknowledged() {
     let flood = Device::spawn(
         DeviceConfig::new(s.ports.mqtt, "flood", u64::MAX)
             .inflight(1000)
-            .size(200),
+            .size(env_u64("FIELDGATE_FLOOD_BYTES", 1024) as usize),
     );
     let quiet = Device::spawn(
         DeviceConfig::new(s.ports.mqtt, "quiet", u64::MAX)
@@ -837,10 +874,9 @@ async fn flooding_device_next_to_a_quiet_one_loses_nothing_acknowledged() {
         "flood {secs} s: max RSS {} MiB, {lost} acknowledged lost, broker_overrun {overrun}\n{table}",
         max_rss / 1024
     );
-    assert_eq!(
-        lost,
-        0,
-        "acknowledged messages lost next to a flood (broker_overrun {overrun})\n{table}\n{}",
+    assert!(
+        lost == 0,
+        "{lost} acknowledged messages lost next to a flood (broker_overrun {overrun})\n{table}\n{}",
         notable(&gw.log_text(), 15)
     );
     assert!(
@@ -976,23 +1012,12 @@ async fn damaged_store_files_are_survived() {
         let what = damage(&copy.path().join("queue").join("db"), kind);
         s.proxy.cut();
         let col = s.collector().await;
-        let ports = GatewayPorts::new();
-        let config = s.config(&ports, copy.path(), "");
-        let fault = s.fault_file().display().to_string();
-        // Gateway::start panics when the gateway exits before /health answers: catch it, so
-        // every kind of damage is tried and reported.
-        let started = tokio::spawn(async move {
-            Gateway::start_env(&config, &ports, &[("FIELDGATE_FAULT_FILE", &fault)]).await
-        })
-        .await;
+        let started = s
+            .try_gateway_on(&GatewayPorts::new(), copy.path(), "")
+            .await;
         let gw = match started {
             Ok(gw) => gw,
-            Err(e) => {
-                let why = e
-                    .try_into_panic()
-                    .ok()
-                    .and_then(|p| p.downcast::<String>().ok().map(|s| *s))
-                    .unwrap_or_default();
+            Err(why) => {
                 problems.push(format!(
                     "{kind:?} ({what}): did not start: {}",
                     tail(&why, 15)
