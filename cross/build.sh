@@ -82,7 +82,7 @@ cargo_for() {
   if [ "$1" = amd64 ] || rustup target list --installed 2>/dev/null | grep -qx "$tr"; then
     echo cargo
   elif [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ]; then
-    echo "env RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 /usr/bin/cargo -Zbuild-std=std,panic_abort"
+    echo "env RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 /usr/bin/cargo -Zbuild-std=std,panic_unwind,panic_abort"
   else
     echo "cross/build.sh: no Rust std for $tr; run 'cross/build.sh --setup $1' (as root) first" >&2
     exit 69

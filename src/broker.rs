@@ -8,14 +8,14 @@
 //! Invariants and rumqttd traps handled here:
 //! - the router limits are always set explicitly: rumqttd's zero defaults refuse every client
 //!   and its per-filter in-memory logs grow to `segment_bytes x segment_count`;
-//! - the uplink tap's filter (`#`) gets its own, larger log (`tap_segment_count`), because a
-//!   subscriber that falls more than that far behind is silently moved to the head;
+//! - nothing on the cloud path subscribes here: what goes up was queued by
+//!   [`crate::ingest`] before the router saw it, so the router's in-memory logs (a subscriber
+//!   that falls behind them is silently moved to the head) only serve local subscribers;
 //! - `dynamic_filters = false`: a publish nobody subscribes to costs no memory;
 //! - every listener address is bound once before rumqttd takes it, so a port clash is a clear
 //!   start-up error instead of a log line from a background task;
 //! - [`Broker::stop_listeners`] shuts the device runtime down, which closes every device
-//!   connection: after it returns no device can publish (and be acknowledged) any more, so
-//!   the uplink tap can drain the router completely.
+//!   connection: after it returns no device can publish (and be acknowledged) any more.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, ServerSettings};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
@@ -31,9 +31,6 @@ use tracing::{error, info};
 use crate::config::BrokerConfig;
 use crate::frontend;
 use crate::metrics::Metrics;
-
-/// The filter the uplink tap subscribes to.
-pub const TAP_FILTER: &str = "#";
 
 /// Errors starting the broker. The gateway does not start; the message names the listener.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +91,18 @@ pub struct Broker {
     listeners: Listeners,
     /// Runs the listeners and all device connections; dropped to disconnect every device.
     devices: Option<tokio::runtime::Runtime>,
+    /// Handed to the gateway's own clients ([`Broker::client`]).
+    ingest: crate::ingest::Ingest,
 }
 
 impl Broker {
     /// Starts the router and binds every device listener. In-process links can be made at
     /// once; devices can connect after [`Broker::listen`].
-    pub fn new(cfg: &BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
+    pub fn new(
+        cfg: &BrokerConfig,
+        metrics: Arc<Metrics>,
+        ingest: crate::ingest::Ingest,
+    ) -> Result<Broker, BrokerError> {
         // rumqttd's internal listener: loopback, a port the kernel picks now. rumqttd binds it
         // itself a moment later; the probe in `listen` proves it did.
         let internal = std::net::TcpListener::bind(("127.0.0.1", 0))
@@ -121,7 +124,7 @@ impl Broker {
             username: INTERNAL_USER.into(),
             password: password.clone(),
         };
-        let prepared = frontend::prepare(cfg, upstream.clone(), metrics)?;
+        let prepared = frontend::prepare(cfg, upstream.clone(), metrics, ingest.clone())?;
         let mut bound = Vec::new();
         for (p, l) in prepared {
             let sock = std::net::TcpListener::bind(l.listen)
@@ -133,20 +136,12 @@ impl Broker {
                 })?;
             bound.push((p, sock));
         }
-        let mut custom = HashMap::new();
-        custom.insert(
-            TAP_FILTER.to_string(),
-            SegmentConfig {
-                max_segment_size: cfg.segment_bytes,
-                max_segment_count: cfg.tap_segment_count,
-            },
-        );
         let router_cfg = RouterConfig {
             max_connections: cfg.max_connections + INTERNAL_CONNECTIONS,
             max_outgoing_packet_count: 1024,
             max_segment_size: cfg.segment_bytes,
             max_segment_count: cfg.segment_count,
-            custom_segment: Some(custom),
+            custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         };
@@ -195,6 +190,7 @@ impl Broker {
             bound,
             listeners: Vec::new(),
             devices: None,
+            ingest,
         })
     }
 
@@ -254,6 +250,15 @@ impl Broker {
             id: id.to_string(),
             source,
         })
+    }
+
+    /// An in-process client of the broker whose publishes go through [`crate::ingest`]
+    /// first, as a device's do: the sources and the OTA manager use these.
+    pub fn client(&self, id: &str) -> Result<crate::sources::LocalClient, BrokerError> {
+        Ok(crate::sources::LocalClient::new(
+            self.link(id)?,
+            self.ingest.clone(),
+        ))
     }
 
     /// Stops accepting connections and closes every device connection (first step of an

@@ -213,8 +213,6 @@ pub struct BrokerConfig {
     pub segment_bytes: usize,
     /// Segments kept per subscription filter (memory per filter <= bytes x count).
     pub segment_count: usize,
-    /// Segments for the uplink tap's own filter: the tap's slack when the disk stalls.
-    pub tap_segment_count: usize,
 }
 
 impl Default for BrokerConfig {
@@ -244,7 +242,6 @@ impl Default for BrokerConfig {
             tls_handshake_timeout: Duration::from_secs(5),
             segment_bytes: 1024 * 1024,
             segment_count: 4,
-            tap_segment_count: 32,
         }
     }
 }
@@ -441,7 +438,8 @@ pub struct StoreConfig {
     pub max_age: Duration,
     /// `drop_oldest` or `reject_new`.
     pub full_policy: FullPolicy,
-    /// Group commit: at most this long between an append and its fsync.
+    /// No effect (kept so that old configs load): every cloud-bound message is fsynced before
+    /// its publisher is acknowledged, in group commits that follow each other back to back.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// sled page cache, in bytes.
@@ -822,10 +820,10 @@ impl Settings {
                 "must be at least 65536 and at least broker.max_payload_size; e.g. 1048576",
             ));
         }
-        if b.segment_count < 2 || b.tap_segment_count < 2 {
+        if b.segment_count < 2 {
             p.push(problem(
                 "broker.segment_count",
-                "segment_count and tap_segment_count must be at least 2",
+                "must be at least 2; e.g. 4",
             ));
         }
 

@@ -1,19 +1,19 @@
 //! Assembles the gateway from a validated [`Settings`] and runs it until `shutdown` resolves.
 //!
-//! Start order: store (open, recover) -> broker router and the gateway's own links (sources'
-//! links included: Modbus buses, serial ports, OTA) -> uplink tap -> committer -> bridge -> source
-//! tasks and the OTA manager -> broker listeners (devices may connect) -> metrics endpoint. Only then is the
-//! gateway "ready".
+//! Start order: store (open, recover, salvage) -> journal thread -> ingest (routing) -> broker
+//! router and the gateway's own clients (Modbus buses, serial ports, OTA) -> bridge -> source
+//! tasks and the OTA manager -> broker listeners (devices may connect) -> metrics endpoint.
+//! Only then is the gateway "ready".
 //!
 //! Stop order (house rule 6), all under one root cancellation token with a child per stage:
 //! 0. sources stop first (Modbus buses and serial ports publish their devices `offline`
 //!    while the broker still runs; the OTA manager saves its state);
-//! 1. broker listeners close and every device connection with them (no new input); the tap
-//!    then drains the broker up to its drain marker, so everything the broker acknowledged
-//!    to a device (and every source's last message) is appended;
-//! 2. the queue is committed (flush + fsync);
+//! 1. broker listeners close and every device connection with them (no new input). Every
+//!    PUBLISH a device was acknowledged for is already durable (ack after durable);
+//! 2. the journal writes and commits what is still in its channel and stops;
 //! 3. the bridge finishes what is in flight, within `gateway.shutdown_grace`;
-//! 4. the committer makes a final commit; the metrics endpoint closes.
+//! 4. the cloud's last acknowledgements are persisted (compact + commit); the metrics
+//!    endpoint closes.
 //!
 //! Every task and thread started here is joined here.
 
@@ -29,10 +29,10 @@ use crate::bridge::{self, Bridge};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
 use crate::http::{self, HealthSource};
+use crate::ingest::{Ingest, Routing};
 use crate::metrics::Metrics;
 use crate::sources::serial;
-use crate::store::{Store, StoreError};
-use crate::tap::{self, Routing};
+use crate::store::{journal, Store, StoreError};
 use crate::topic::FilterSet;
 use crate::watchdog::{self, Heartbeat};
 
@@ -101,29 +101,31 @@ pub async fn run(
 
     // 1. Store.
     let qdir = settings.gateway.data_dir.join("queue");
-    let store = {
-        let (qdir2, cfg, m) = (qdir.clone(), settings.store.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || Store::open(&qdir2, &cfg, m))
-            .await
-            .map_err(|e| GatewayError::Io {
-                what: "store open task".into(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|e| GatewayError::Store {
-                path: qdir.display().to_string(),
-                source: Box::new(e),
-            })?
-    };
-    let store = Arc::new(store);
+    let store = Arc::new(open_store(&qdir, &settings, &metrics).await?);
 
-    // 2. Broker.
+    // 2. Journal: where cloud-bound messages become durable.
+    let journal_stop = root.child_token();
+    let store_beat = Heartbeat::new("store");
+    let mut beats = vec![store_beat.clone()];
+    let (journal, journal_thread) = journal::spawn(
+        store.clone(),
+        metrics.clone(),
+        journal_stop.clone(),
+        store_beat,
+    )
+    .map_err(|source| GatewayError::Io {
+        what: "queue journal thread".into(),
+        source,
+    })?;
+    let ingest = Ingest::new(routing(&settings), journal, metrics.clone());
+
+    // 3. Broker.
     let broker_span = tracing::info_span!("broker");
     // OTA raises the broker's max payload (and segment size) so a chunk fits.
     let broker_cfg = settings.effective_broker();
-    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg, metrics.clone()))?;
+    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg, metrics.clone(), ingest))?;
     // Kept retained messages go back into the router before anyone can subscribe.
     crate::retained::restore(&broker, &store).await?;
-    let tap_link = broker.link("fieldgate-uplink-tap")?;
     let downlink_link = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)
     } else {
@@ -143,62 +145,9 @@ pub async fn run(
         None
     };
 
-    // 3. Uplink tap.
-    let tap_stop = root.child_token();
-    let tap_failed = CancellationToken::new();
-    let tap_beat = Heartbeat::new("uplink_tap");
-    let store_beat = Heartbeat::new("store");
-    let mut beats = vec![tap_beat.clone(), store_beat.clone()];
-    let routing = Routing {
-        forward: FilterSet::new(settings.uplink.forward.clone()),
-        // Chunk traffic stays on the LAN: the cloud sent the image once already.
-        exclude: FilterSet::new(settings.uplink.exclude.iter().cloned().chain(
-            if settings.ota.enabled {
-                crate::ota::uplink_exclude(&settings.ota.prefix)
-            } else {
-                Vec::new()
-            },
-        )),
-        cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
-        downlink: FilterSet::new(
-            settings
-                .downlink
-                .subscribe
-                .iter()
-                .map(|f| settings.expand(f)),
-        ),
-    };
-    let tap_thread = tap::spawn(
-        tap_link,
-        store.clone(),
-        routing,
-        metrics.clone(),
-        tap_stop.clone(),
-        tap_failed.clone(),
-        tap_beat,
-    )
-    .map_err(|source| GatewayError::Io {
-        what: "uplink tap thread".into(),
-        source,
-    })?;
-
-    // 4. Committer.
-    let commit_stop = root.child_token();
-    let committer = spawn_committer(
-        store.clone(),
-        settings.store.commit_interval,
-        commit_stop.clone(),
-        store_beat,
-    )
-    .map_err(|source| GatewayError::Io {
-        what: "committer thread".into(),
-        source,
-    })?;
-
     // 5. Bridge.
     let bridge_stop = root.child_token();
     let mut downlink_drain = None;
-    let mut remover_thread = None;
     let bridge_task = if let Some((dl_tx, mut dl_rx)) = downlink_link {
         // The downlink link only publishes; drain its notifications so the router never
         // parks it.
@@ -215,12 +164,6 @@ pub async fn run(
                 }
             }
         }));
-        let (removals, remover) =
-            crate::store::spawn_remover(store.clone()).map_err(|source| GatewayError::Io {
-                what: "queue remover thread".into(),
-                source,
-            })?;
-        remover_thread = Some(remover);
         let bridge_beat = Heartbeat::new("cloud");
         beats.push(bridge_beat.clone());
         // OTA raises the cloud's max packet size so a pushed image chunk fits.
@@ -231,7 +174,6 @@ pub async fn run(
             store.clone(),
             metrics.clone(),
             dl_tx,
-            removals,
             bridge_stop.clone(),
             bridge_beat,
         )?;
@@ -308,19 +250,14 @@ pub async fn run(
     let watchdog_stop = root.child_token();
     let watchdog_task = tokio::spawn(watchdog::run(beats, watchdog_stop.clone()));
 
-    let failure = tokio::select! {
-        _ = shutdown => None,
-        _ = tap_failed.cancelled() => Some(GatewayError::Io {
-            what: "uplink tap".into(),
-            source: std::io::Error::other("the broker link of the uplink tap broke"),
-        }),
-    };
+    shutdown.await;
+    let failure: Option<GatewayError> = None;
     info!("shutting down: closing inputs");
     watchdog::stopping();
     watchdog_stop.cancel();
     let _ = watchdog_task.await;
 
-    // Ordered stop. Sources first: what they publish on the way out still reaches the tap.
+    // Ordered stop. Sources first: what they publish on the way out is still queued.
     modbus_stop.cancel();
     sources_stop.cancel();
     if let Some(m) = modbus_running {
@@ -343,16 +280,10 @@ pub async fn run(
         }
     }
     broker.stop_listeners().await;
-    tap_stop.cancel();
-    let _ = tokio::task::spawn_blocking(move || tap_thread.join()).await;
-    {
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.commit()).await {
-            Ok(Ok(_)) => info!(queued = store.records(), "queue committed"),
-            Ok(Err(e)) => error!(error = %e, "final queue commit failed"),
-            Err(e) => error!(error = %e, "final queue commit task failed"),
-        }
-    }
+    // Drop the broker (and the ingest handles of the gateway's own clients with it).
+    drop(broker);
+    journal_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || journal_thread.join()).await;
     bridge_stop.cancel();
     if let Some(t) = bridge_task {
         let limit = settings.gateway.shutdown_grace + Duration::from_secs(3);
@@ -363,12 +294,25 @@ pub async fn run(
     if let Some(t) = downlink_drain {
         let _ = t.await;
     }
-    // The bridge is gone, so is the remover's sender: it finishes the removals it was given.
-    if let Some(t) = remover_thread {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    // The journal has stopped and the bridge is gone: persist the cloud's last
+    // acknowledgements here (no other writer is left).
+    {
+        let s = store.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            s.compact()?;
+            s.commit()?;
+            s.save_mark();
+            Ok::<_, StoreError>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "persisting the last cloud acknowledgements failed; those records are sent again")
+            }
+            Err(e) => error!(error = %e, "final queue task failed"),
+        }
     }
-    commit_stop.cancel();
-    let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     http_stop.cancel();
     if let Some(t) = http_task {
         let _ = t.await;
@@ -381,37 +325,64 @@ pub async fn run(
     }
 }
 
-/// The group-commit thread: flush + fsync every `interval`, expire old records and refresh
-/// the slow gauges about once a second, and commit one last time when stopped.
-fn spawn_committer(
-    store: Arc<Store>,
-    interval: Duration,
-    stop: CancellationToken,
-    heartbeat: Heartbeat,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("fieldgate-commit".into())
-        .spawn(move || {
-            let span = tracing::info_span!("store");
-            let _g = span.enter();
-            let mut last_slow = std::time::Instant::now() - Duration::from_secs(1);
-            loop {
-                let stopping = stop.is_cancelled();
-                heartbeat.beat();
-                if let Err(e) = store.commit() {
-                    error!(error = %e, "queue commit failed; records since the last commit are not yet power-cut safe");
+/// Builds the uplink routing from the settings (the OTA chunk topics stay on the LAN: the
+/// cloud sent the image once already).
+fn routing(settings: &Settings) -> Routing {
+    Routing {
+        forward: FilterSet::new(settings.uplink.forward.clone()),
+        exclude: FilterSet::new(settings.uplink.exclude.iter().cloned().chain(
+            if settings.ota.enabled {
+                crate::ota::uplink_exclude(&settings.ota.prefix)
+            } else {
+                Vec::new()
+            },
+        )),
+        cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
+        downlink: FilterSet::new(
+            settings
+                .downlink
+                .subscribe
+                .iter()
+                .map(|f| settings.expand(f)),
+        ),
+    }
+}
+
+/// Opens the queue off the runtime threads. A full disk is not damage: the gateway waits
+/// (ERROR every 30 s) and tries again every second until space is freed or it is stopped.
+async fn open_store(
+    qdir: &std::path::Path,
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Store, GatewayError> {
+    let mut last_log: Option<std::time::Instant> = None;
+    loop {
+        let (qdir2, cfg, m) = (qdir.to_path_buf(), settings.store.clone(), metrics.clone());
+        let opened = tokio::task::spawn_blocking(move || Store::open(&qdir2, &cfg, m))
+            .await
+            .map_err(|e| GatewayError::Io {
+                what: "store open task".into(),
+                source: std::io::Error::other(e),
+            })?;
+        match opened {
+            Ok(s) => return Ok(s),
+            Err(StoreError::NoSpace) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    error!(
+                        store = %qdir.display(),
+                        "no space left on the device holding the queue; waiting for space \
+                         (free some and the gateway starts by itself)"
+                    );
+                    last_log = Some(std::time::Instant::now());
                 }
-                if stopping {
-                    return;
-                }
-                if last_slow.elapsed() >= Duration::from_secs(1) {
-                    if let Err(e) = store.expire() {
-                        warn!(error = %e, "expiring old records failed");
-                    }
-                    store.publish_slow_gauges();
-                    last_slow = std::time::Instant::now();
-                }
-                std::thread::sleep(interval);
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        })
+            Err(e) => {
+                return Err(GatewayError::Store {
+                    path: qdir.display().to_string(),
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
 }

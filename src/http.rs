@@ -50,8 +50,10 @@ impl HealthSource {
         } else {
             "disconnected"
         };
+        let refusing = m.store_refusing_cause();
+        let degraded = cloud == "disconnected" || refusing.is_some();
         serde_json::json!({
-            "status": if cloud == "disconnected" { "degraded" } else { "ok" },
+            "status": if degraded { "degraded" } else { "ok" },
             "gateway_id": self.gateway_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": m.uptime_secs(),
@@ -64,6 +66,10 @@ impl HealthSource {
             "messages_in": m.messages_in.get(),
             "messages_out": m.messages_out.get(),
             "store_quarantined": m.store_quarantined.get() == 1,
+            "store": match refusing {
+                None => serde_json::json!({ "state": "ok" }),
+                Some(cause) => serde_json::json!({ "state": "refusing", "cause": cause }),
+            },
         })
     }
 }

@@ -19,18 +19,15 @@ use prometheus_client::registry::Registry;
 pub enum DropReason {
     /// `full_policy = drop_oldest` evicted it.
     QueueFull,
-    /// `full_policy = reject_new` refused it.
-    Rejected,
+    /// A QoS 0 publish or a source's reading the queue could not take at once (its journal
+    /// full, the store refusing writes): never acknowledged to anyone, so nothing promised.
+    Refused,
     /// Older than `store.max_age`.
     Expired,
     /// Its cloud topic matches a downlink subscription: forwarding it would loop.
     Loop,
     /// It could not be decoded from disk.
     Corrupt,
-    /// The store could not write it (disk full, I/O error).
-    StoreError,
-    /// The uplink tap fell more than its broker log behind and the broker skipped ahead.
-    BrokerOverrun,
 }
 
 impl DropReason {
@@ -38,12 +35,10 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
-            DropReason::Rejected => "rejected",
+            DropReason::Refused => "refused",
             DropReason::Expired => "expired",
             DropReason::Loop => "loop",
             DropReason::Corrupt => "corrupt",
-            DropReason::StoreError => "store_error",
-            DropReason::BrokerOverrun => "broker_overrun",
         }
     }
 }
@@ -81,6 +76,10 @@ pub struct Metrics {
     pub store_commit_errors: Counter,
     /// Highest sequence number covered by a completed fsync.
     pub store_committed_seq: Gauge,
+    /// Times the queue could not take a batch, by cause (`disk_full`, `io`, `queue_full`).
+    store_refusals: Family<Labels, Counter>,
+    /// 1 for the cause while the queue refuses writes.
+    store_refusing: Family<Labels, Gauge>,
     /// Store opened after moving a damaged one aside.
     pub store_quarantined: Gauge,
     /// Connection attempts to the cloud that failed or connections that dropped.
@@ -422,6 +421,8 @@ impl Metrics {
             store_commits: Counter::default(),
             store_commit_errors: Counter::default(),
             store_committed_seq: Gauge::default(),
+            store_refusals: Family::default(),
+            store_refusing: Family::default(),
             store_quarantined: Gauge::default(),
             cloud_reconnects: Counter::default(),
             cloud_connected: Gauge::default(),
@@ -489,9 +490,19 @@ impl Metrics {
             m.store_commit_errors.clone(),
         );
         r.register(
-            "store_committed_seq",
+            "store_durable_seq",
             "Highest queue sequence number covered by a completed fsync",
             m.store_committed_seq.clone(),
+        );
+        r.register(
+            "store_refusals",
+            "Times the queue could not take a batch and held it back, by cause",
+            m.store_refusals.clone(),
+        );
+        r.register(
+            "store_refusing",
+            "1 while the queue refuses writes, by cause",
+            m.store_refusing.clone(),
         );
         r.register(
             "store_quarantined",
@@ -520,15 +531,17 @@ impl Metrics {
         );
         for reason in [
             DropReason::QueueFull,
-            DropReason::Rejected,
+            DropReason::Refused,
             DropReason::Expired,
             DropReason::Loop,
             DropReason::Corrupt,
-            DropReason::StoreError,
-            DropReason::BrokerOverrun,
         ] {
             // Materialise every label so a scrape shows zeros, not absence.
             m.count_drop(reason, 0);
+        }
+        for cause in ["disk_full", "io", "queue_full"] {
+            m.store_refusals(cause).inc_by(0);
+            m.set_store_refusing(cause, false);
         }
         Arc::new(Metrics { registry: r, ..m })
     }
@@ -538,6 +551,30 @@ impl Metrics {
         self.dropped
             .get_or_create(&vec![("reason".into(), reason.as_str().into())])
             .inc_by(n);
+    }
+
+    /// The refusal counter of `cause`.
+    pub fn store_refusals(&self, cause: &str) -> Counter {
+        self.store_refusals
+            .get_or_create(&vec![("cause".into(), cause.into())])
+            .clone()
+    }
+
+    /// Sets whether the queue refuses writes for `cause`.
+    pub fn set_store_refusing(&self, cause: &str, on: bool) {
+        self.store_refusing
+            .get_or_create(&vec![("cause".into(), cause.into())])
+            .set(i64::from(on));
+    }
+
+    /// The cause the queue refuses writes for, if it does.
+    pub fn store_refusing_cause(&self) -> Option<&'static str> {
+        ["disk_full", "io", "queue_full"].into_iter().find(|c| {
+            self.store_refusing
+                .get_or_create(&vec![("cause".into(), (*c).into())])
+                .get()
+                == 1
+        })
     }
 
     /// Records dropped so far for `reason`.

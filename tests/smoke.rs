@@ -30,7 +30,7 @@ async fn publish_persist_stop_restart_deliver() {
     publish_seq(ports.mqtt, "smoke", 0..n, 64).await;
     let all = n as f64;
     assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == all).await);
-    assert!(eventually(WAIT, || gw.metric("fieldgate_store_committed_seq") == all).await);
+    assert!(eventually(WAIT, || gw.metric("fieldgate_store_durable_seq") == all).await);
     let (status, log) = gw.terminate();
     assert!(status.success(), "exit {status}\n{log}");
     assert!(log.contains("queue committed"), "{log}");

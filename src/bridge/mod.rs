@@ -10,8 +10,9 @@
 //! ```
 //!
 //! # Invariants
-//! - The queue is the source of truth. A record is removed only when the cloud PUBACKed the
-//!   PUBLISH that carried it. rumqttc has no per-message completion, so the bridge keeps the
+//! - The queue is the source of truth. A record is acknowledged to the store only when the
+//!   cloud PUBACKed the PUBLISH that carried it. Live records come from the store's memory;
+//!   only a backlog is read from disk. rumqttc has no per-message completion, so the bridge keeps the
 //!   order in which it handed publishes to rumqttc, maps each `Outgoing::Publish(pkid)` event
 //!   (emitted in that order) to its record, and each `PubAck(pkid)` back to the record.
 //! - Every session starts from the queue head with a fresh rumqttc client and event loop (clean
@@ -22,8 +23,9 @@
 //! - Replay is paced by token buckets; live records of topics with no backlog are not held
 //!   behind it (see [`lanes`]).
 //! - Downlink: messages on the `downlink.subscribe` filters are republished into the local
-//!   broker; the uplink tap refuses to forward anything whose cloud topic those filters match,
-//!   so nothing bounces between the brokers.
+//!   broker on a link of their own, which does not pass [`crate::ingest`]; ingest also
+//!   refuses to queue anything whose cloud topic those filters match, so nothing bounces
+//!   between the brokers.
 
 pub mod lanes;
 pub mod pacing;
@@ -44,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::store::{Record, RemoveTx, Store};
+use crate::store::{Record, Store};
 use crate::watchdog::Heartbeat;
 use lanes::Lanes;
 use pacing::{Backoff, TokenBucket};
@@ -66,12 +68,9 @@ pub enum BridgeError {
     /// rumqttc's request channel refused a request (event loop gone).
     #[error("cloud client: {0}")]
     Client(#[from] rumqttc::ClientError),
-    /// Reading or removing records failed.
+    /// Reading records failed.
     #[error("queue: {0}")]
     Store(#[from] crate::store::StoreError),
-    /// The remover thread is gone (it only ends at shutdown).
-    #[error("queue remover stopped")]
-    RemoverGone,
     /// A blocking store task panicked or was cancelled.
     #[error("queue task: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -90,7 +89,6 @@ pub struct Bridge {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     downlink: LinkTx,
-    removals: RemoveTx,
     stop: CancellationToken,
     heartbeat: Heartbeat,
     cloud_prefix: String,
@@ -130,7 +128,6 @@ impl Bridge {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         downlink: LinkTx,
-        removals: RemoveTx,
         stop: CancellationToken,
         heartbeat: Heartbeat,
     ) -> Result<Bridge, tls::TlsError> {
@@ -140,7 +137,6 @@ impl Bridge {
             store,
             metrics,
             downlink,
-            removals,
             stop,
             heartbeat,
             cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
@@ -436,24 +432,28 @@ impl Bridge {
         Ok(())
     }
 
-    /// Reads up to `READ_AHEAD` records in `[from, to)` off the runtime threads.
+    /// Reads up to `READ_AHEAD` records in `[from, to)`: recent ones from the store's memory
+    /// at once, a backlog from disk off the runtime threads.
     async fn read(&self, from: u64, to: u64) -> Result<VecDeque<(u64, Record)>, BridgeError> {
-        let store = self.store.clone();
-        let recs = tokio::task::spawn_blocking(move || store.read_from(from, READ_AHEAD)).await??;
+        let recs = match self.store.read_tail(from, READ_AHEAD) {
+            Some(recs) => recs,
+            None => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.read_from(from, READ_AHEAD)).await??
+            }
+        };
         Ok(recs.into_iter().filter(|(s, _)| *s < to).collect())
     }
 
-    /// Hands acknowledged records to the remover thread (waits only if it is 64 batches
-    /// behind).
+    /// Tells the store what the cloud acknowledged (memory only; the journal persists the
+    /// cursor and removes whole batches).
     async fn remove(&self, acked: &mut Vec<u64>) -> Result<(), BridgeError> {
         if acked.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(acked);
-        self.removals
-            .send(batch)
-            .await
-            .map_err(|_| BridgeError::RemoverGone)
+        self.store.ack(acked);
+        acked.clear();
+        Ok(())
     }
 
     fn downlink(&mut self, p: rumqttc::Publish) {

@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
+use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use auth::{Acl, Users};
 
@@ -74,6 +75,8 @@ pub struct Context {
     pub sessions: Arc<sessions::Sessions>,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
+    /// Where cloud-bound publishes enter the queue.
+    pub ingest: Ingest,
 }
 
 /// Connection counts, total and per source IP. A plain mutex: the critical sections are a
@@ -148,6 +151,7 @@ pub fn prepare(
     cfg: &BrokerConfig,
     upstream: Upstream,
     metrics: Arc<Metrics>,
+    ingest: Ingest,
 ) -> Result<Vec<(Prepared, ListenerConfig)>, FrontendError> {
     let users = Arc::new(Users::new(&cfg.users));
     for name in users.plain_text() {
@@ -193,6 +197,7 @@ pub fn prepare(
                 };
                 (cfg.max_publish_rate, burst, cfg.rate_limit_policy)
             }),
+            ingest: ingest.clone(),
         });
         out.push((
             Prepared {

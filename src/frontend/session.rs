@@ -20,6 +20,15 @@
 //! - SUBSCRIBE: a malformed filter or one outside the ACL gets 0x80 in SUBACK; only the
 //!   others go to rumqttd, and the SUBACK is merged back in the device's order. The granted
 //!   QoS of each filter is remembered;
+//! - ack after durable: a PUBLISH meant for the cloud (see [`crate::ingest`]) goes into the
+//!   queue's journal before it goes to rumqttd, and rumqttd's PUBACK (QoS 1) or PUBREC
+//!   (QoS 2) for it is held until the journal's durable ticket covers it. Acknowledgements
+//!   leave in the order of the PUBLISHes (MQTT-4.6.0-2): one held answer holds those after
+//!   it. When the journal is full the session reads nothing more from the device until the
+//!   entry is taken (TCP back-pressure); when the store refuses writes (disk full, I/O
+//!   error) the answers stay held, so the device's in-flight window fills and it stops;
+//! - a device whose connection ends without DISCONNECT has its will queued here (rumqttd
+//!   publishes it locally);
 //! - PUBLISH outside the ACL is dropped and counted; QoS 1 still gets PUBACK and QoS 2 the
 //!   PUBREC/PUBCOMP handshake (3.1.1 has no negative acknowledgement, and an unanswered
 //!   publish would block the device's in-flight window);
@@ -29,7 +38,7 @@
 //!   the front end lowers it using the tag (see `upstream`) and completes the upstream
 //!   acknowledgement itself for what it lowered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -48,6 +57,8 @@ use super::auth::{Action, Verdict};
 use super::{upstream, Context};
 use crate::bridge::pacing::TokenBucket;
 use crate::config::{ClientCertMode, RateLimitPolicy};
+use crate::ingest::Offer;
+use crate::store::journal::Entry;
 use crate::topic;
 
 /// Keepalive the front end announces to rumqttd (it pings every half of it).
@@ -311,6 +322,14 @@ where
         }
     };
     let end = relay_session(&ctx, &mut dev, &mut up, &connect, id, peer, stop).await;
+    if end != End::Disconnect {
+        if let Some(w) = &connect.last_will {
+            // rumqttd publishes it locally once the upstream socket closes; the cloud's copy
+            // is queued here (nobody waits for it).
+            let q = w.qos as u8;
+            ctx.ingest.offer_or_count(&w.topic, &w.message, q, w.retain);
+        }
+    }
     close_upstream(&mut up).await;
     drop(claim);
     end
@@ -369,6 +388,10 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
             )
         }),
         throttle: Duration::ZERO,
+        durable: ctx.ingest.journal().map(|j| j.durable()),
+        awaiting: HashMap::new(),
+        held: VecDeque::new(),
+        blocked: None,
     };
     relay.run(dev, up, connect.keep_alive, stop).await
 }
@@ -479,7 +502,20 @@ struct Relay {
     rate: Option<(TokenBucket, RateLimitPolicy)>,
     /// `slow_down`: how long to stop reading from the device after this batch.
     throttle: Duration,
+    /// The journal's durable ticket (None: nothing is queued, e.g. unit tests).
+    durable: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Device pkid -> journal ticket of its cloud-bound PUBLISH, until rumqttd answered it.
+    awaiting: HashMap<u16, u64>,
+    /// Answers to the device waiting for the durable ticket (0: nothing to wait for, only
+    /// order), in the order they must leave.
+    held: VecDeque<(u64, P4)>,
+    /// A cloud-bound PUBLISH the journal had no room for: (pkid, entry). Nothing more is read
+    /// from the device until it is appended.
+    blocked: Option<(u16, Entry)>,
 }
+
+/// Ticket placeholder of a PUBLISH whose entry waits for room in the journal.
+const UNTICKETED: u64 = u64::MAX;
 
 impl Relay {
     async fn run<S: AsyncRead + AsyncWrite>(
@@ -508,12 +544,44 @@ impl Relay {
         let period = Duration::from_secs(UPSTREAM_KEEPALIVE as u64 / 2);
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         loop {
+            if let Some((pkid, entry)) = self.blocked.take() {
+                // Wait for room in the journal before reading more from the device.
+                let Some(journal) = self.ctx.ingest.journal().cloned() else {
+                    return End::BrokerGone;
+                };
+                let t = tokio::select! {
+                    t = journal.append(entry) => t,
+                    _ = stop.cancelled() => return End::TakenOver,
+                };
+                match t {
+                    Ok(t) => {
+                        if let Some(slot) = self.awaiting.get_mut(&pkid) {
+                            *slot = t;
+                        }
+                        for h in self.held.iter_mut().filter(|h| h.0 == UNTICKETED) {
+                            h.0 = t;
+                        }
+                    }
+                    Err(_) => return End::BrokerGone,
+                }
+                if let Err(end) = self.release(dev) {
+                    return end;
+                }
+                if let Err(end) = up.flush().await {
+                    return end;
+                }
+                if let Err(end) = dev.flush().await {
+                    return end;
+                }
+            }
             let expiry = silence.map(|s| last_in + s);
+            let waiting = !self.held.is_empty();
             let step = tokio::select! {
-                p = dev.next() => p.and_then(|p| {
+                p = dev.next(), if self.blocked.is_none() => p.and_then(|p| {
                     last_in = Instant::now();
                     self.on_device(p, dev, up)
                 }),
+                _ = changed(&mut self.durable), if waiting => self.release(dev),
                 p = up.next() => p.and_then(|p| self.on_broker(p, dev, up)),
                 _ = ping.tick() => up.queue(P5::PingReq(v5::PingReq)),
                 _ = sleep_until_opt(expiry) => Err(End::KeepaliveTimeout),
@@ -523,6 +591,9 @@ impl Relay {
                 return end;
             }
             if let Err(end) = self.drain(dev, up, &mut last_in) {
+                return end;
+            }
+            if let Err(end) = self.release(dev) {
                 return end;
             }
             if let Err(end) = up.flush().await {
@@ -548,8 +619,9 @@ impl Relay {
     ) -> Result<(), End> {
         for _ in 0..BATCH {
             let mut more = false;
-            if !self.throttle.is_zero() {
-                // Slowed down: the device's buffered packets wait for the next round.
+            if !self.throttle.is_zero() || self.blocked.is_some() {
+                // Slowed down, or waiting for the journal: the device's buffered packets
+                // wait for the next round.
             } else if let Some(p) = dev.parse()? {
                 *last_in = Instant::now();
                 self.on_device(p, dev, up)?;
@@ -593,28 +665,53 @@ impl Relay {
                 if denied || over_rate {
                     return match p.qos {
                         QoS::AtMostOnce => Ok(()),
-                        QoS::AtLeastOnce => dev.queue(P4::PubAck(v4::PubAck::new(p.pkid))),
+                        QoS::AtLeastOnce => {
+                            self.answer(dev, 0, P4::PubAck(v4::PubAck::new(p.pkid)))
+                        }
                         QoS::ExactlyOnce => {
                             self.qos2_denied.insert(p.pkid);
-                            dev.queue(P4::PubRec(v4::PubRec::new(p.pkid)))
+                            self.answer(dev, 0, P4::PubRec(v4::PubRec::new(p.pkid)))
                         }
                     };
                 }
                 if p.qos == QoS::ExactlyOnce && !self.qos2_in.insert(p.pkid) {
-                    // A retry of a message rumqttd already has: do not deliver it twice.
+                    // A retry of a message rumqttd already has: do not deliver it twice. Its
+                    // first PUBREC may still be held: this one goes behind it.
                     m.qos2_duplicates.inc();
-                    return dev.queue(P4::PubRec(v4::PubRec::new(p.pkid)));
+                    let t = self.awaiting.get(&p.pkid).copied().unwrap_or(0);
+                    return self.answer(dev, t, P4::PubRec(v4::PubRec::new(p.pkid)));
+                }
+                let q = p.qos as u8;
+                match self.ctx.ingest.offer(&p.topic, &p.payload, q, p.retain) {
+                    Offer::Local => {}
+                    Offer::Queued(t) => {
+                        if p.qos != QoS::AtMostOnce {
+                            self.awaiting.insert(p.pkid, t);
+                        }
+                    }
+                    Offer::Full(e) => {
+                        if p.qos == QoS::AtMostOnce {
+                            if e.queue {
+                                self.ctx
+                                    .metrics
+                                    .count_drop(crate::metrics::DropReason::Refused, 1);
+                            }
+                        } else {
+                            self.awaiting.insert(p.pkid, UNTICKETED);
+                            self.blocked = Some((p.pkid, e));
+                        }
+                    }
                 }
                 up.queue(upstream::publish(p))
             }
             P4::PubRel(r) => {
                 if self.qos2_denied.remove(&r.pkid) {
-                    return dev.queue(P4::PubComp(v4::PubComp::new(r.pkid)));
+                    return self.answer(dev, 0, P4::PubComp(v4::PubComp::new(r.pkid)));
                 }
                 if !self.qos2_in.remove(&r.pkid) {
                     // Nothing awaits release under this id (a retried PUBREL): answer it,
                     // release nothing (MQTT-4.3.3, PUBREL is handled idempotently).
-                    return dev.queue(P4::PubComp(v4::PubComp::new(r.pkid)));
+                    return self.answer(dev, 0, P4::PubComp(v4::PubComp::new(r.pkid)));
                 }
                 up.queue(P5::PubRel(v5::PubRel::new(r.pkid, None)))
             }
@@ -649,6 +746,39 @@ impl Relay {
                 Err(End::ProtocolViolation)
             }
         }
+    }
+
+    /// Sends an acknowledgement to the device once the journal's durable ticket reaches
+    /// `ticket` (0: at once), never ahead of one held before it.
+    fn answer<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        dev: &mut DeviceIo<S>,
+        ticket: u64,
+        p: P4,
+    ) -> Result<(), End> {
+        if self.held.is_empty() && ticket <= self.durable_ticket() {
+            return dev.queue(p);
+        }
+        self.held.push_back((ticket, p));
+        Ok(())
+    }
+
+    fn durable_ticket(&self) -> u64 {
+        self.durable.as_ref().map_or(u64::MAX, |d| *d.borrow())
+    }
+
+    /// Moves the held answers the durable ticket now covers to the device's output.
+    fn release<S: AsyncRead + AsyncWrite>(&mut self, dev: &mut DeviceIo<S>) -> Result<(), End> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let durable = self.durable_ticket();
+        while self.held.front().is_some_and(|(t, _)| *t <= durable) {
+            if let Some((_, p)) = self.held.pop_front() {
+                dev.queue(p)?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies the publish rate limit to one PUBLISH. Ok(true): drop it (policy `drop`);
@@ -727,9 +857,15 @@ impl Relay {
     ) -> Result<(), End> {
         match p {
             P5::Publish(p) => self.deliver(p, dev, up),
-            P5::PubAck(a) => dev.queue(P4::PubAck(v4::PubAck::new(a.pkid))),
-            P5::PubRec(a) => dev.queue(P4::PubRec(v4::PubRec::new(a.pkid))),
-            P5::PubComp(a) => dev.queue(P4::PubComp(v4::PubComp::new(a.pkid))),
+            P5::PubAck(a) => {
+                let t = self.awaiting.remove(&a.pkid).unwrap_or(0);
+                self.answer(dev, t, P4::PubAck(v4::PubAck::new(a.pkid)))
+            }
+            P5::PubRec(a) => {
+                let t = self.awaiting.remove(&a.pkid).unwrap_or(0);
+                self.answer(dev, t, P4::PubRec(v4::PubRec::new(a.pkid)))
+            }
+            P5::PubComp(a) => self.answer(dev, 0, P4::PubComp(v4::PubComp::new(a.pkid))),
             P5::PubRel(r) => {
                 if self.answer_rel.remove(&r.pkid) {
                     return up.queue(P5::PubComp(v5::PubComp::new(r.pkid, None)));
@@ -810,6 +946,18 @@ impl Relay {
             _ => {}
         }
         dev.queue(P4::Publish(p))
+    }
+}
+
+/// Resolves when the durable ticket changes (never without a journal, or once it is gone).
+async fn changed(d: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match d {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -167,8 +167,8 @@ impl Ota {
     ) -> Result<(Ota, OtaHandle), OtaError> {
         let cfg = settings.ota.clone();
         let cache = Cache::open(&settings.ota_cache_dir())?;
-        let mut link = LocalClient::new(broker.link("fieldgate-ota").map_err(Box::new)?);
-        let serve_link = LocalClient::new(broker.link("fieldgate-ota-serve").map_err(Box::new)?);
+        let mut link = broker.client("fieldgate-ota").map_err(Box::new)?;
+        let serve_link = broker.client("fieldgate-ota-serve").map_err(Box::new)?;
         let p = &cfg.prefix;
         for filter in [
             format!("{p}/+/request"),

@@ -1,9 +1,9 @@
 //! Southbound sources: field devices turned into MQTT messages on the embedded broker.
 //!
 //! Every source kind lives in its own folder and talks to the broker only through a
-//! [`LocalClient`], an in-process rumqttd link. What a source publishes is seen by local
-//! subscribers and by the uplink tap like any device's publish, so it reaches the durable queue
-//! and the cloud with the same guarantees. Commands (e.g. Modbus writes, serial writes) arrive
+//! [`LocalClient`], an in-process rumqttd link made by [`crate::broker::Broker::client`]. What
+//! a source publishes passes [`crate::ingest`] first, like a device's publish, so what is
+//! meant for the cloud is in the journal before local subscribers see it. Commands (e.g. Modbus writes, serial writes) arrive
 //! the same way: the source subscribes to its command filters on its own link, which also
 //! carries the cloud's downlink republished locally.
 //!
@@ -18,6 +18,7 @@
 pub mod modbus;
 pub mod serial;
 
+use crate::ingest::Ingest;
 use bytes::Bytes;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -27,11 +28,15 @@ use rumqttd::Notification;
 pub struct LocalClient {
     tx: LinkTx,
     rx: LinkRx,
+    ingest: Ingest,
 }
 
 /// The publishing half of a [`LocalClient`].
 pub struct LocalTx {
     tx: LinkTx,
+    ingest: Ingest,
+    /// When the last "journal full" warning was logged.
+    warned: Option<std::time::Instant>,
 }
 
 /// The receiving half of a [`LocalClient`].
@@ -49,9 +54,9 @@ pub struct Inbound {
 }
 
 impl LocalClient {
-    /// Wraps a link made by [`crate::broker::Broker::link`].
-    pub fn new((tx, rx): (LinkTx, LinkRx)) -> LocalClient {
-        LocalClient { tx, rx }
+    /// Wraps a link made by [`crate::broker::Broker::link`]; publishes pass `ingest`.
+    pub fn new((tx, rx): (LinkTx, LinkRx), ingest: Ingest) -> LocalClient {
+        LocalClient { tx, rx, ingest }
     }
 
     /// Subscribes to `filter` (delivered at most once; a source re-reads devices rather than
@@ -65,28 +70,46 @@ impl LocalClient {
 
     /// Splits into the publishing and receiving halves.
     pub fn split(self) -> (LocalTx, LocalRx) {
-        (LocalTx { tx: self.tx }, LocalRx { rx: self.rx })
+        (
+            LocalTx {
+                tx: self.tx,
+                ingest: self.ingest,
+                warned: None,
+            },
+            LocalRx { rx: self.rx },
+        )
     }
 }
 
 impl LocalTx {
     /// Publishes `payload` on `topic`; `retain` keeps it as the topic's retained message
-    /// (device status, last values). Waits only if the router's queue is full.
+    /// (device status, last values). What is meant for the cloud goes to the journal first,
+    /// without waiting: when the journal is full the reading is counted as
+    /// `dropped{reason="refused"}` (a source re-reads its device; nobody was promised
+    /// anything) and still published locally. Waits only if the router's queue is full.
     pub async fn publish(
         &mut self,
         topic: &str,
         payload: impl Into<Bytes>,
         retain: bool,
     ) -> Result<(), Box<LinkError>> {
-        let packet = if retain {
-            // Marked, so the uplink tap keeps it across restarts (see `crate::retained`).
-            crate::retained::packet(topic, 2, payload.into())
-        } else {
-            let publish = Publish::new(
-                Bytes::copy_from_slice(topic.as_bytes()),
-                payload.into(),
-                false,
+        let payload: Bytes = payload.into();
+        if !self.ingest.offer_or_count(topic, &payload, 1, retain)
+            && self
+                .warned
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10))
+        {
+            self.warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                topic,
+                "the queue's journal is full: source readings are not queued for the cloud"
             );
+        }
+        let packet = if retain {
+            // Marked retained, as the front end marks device publishes (see `crate::retained`).
+            crate::retained::packet(topic, 2, payload)
+        } else {
+            let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, false);
             Packet::Publish(publish, None)
         };
         self.tx.send(packet).await?;
@@ -125,12 +148,13 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_a_subscriber_with_topic_and_payload() {
-        let broker =
-            Broker::new(&BrokerConfig::default(), crate::metrics::Metrics::new()).expect("broker");
-        let mut sub = LocalClient::new(broker.link("t-sub").expect("link"));
+        let m = crate::metrics::Metrics::new();
+        let broker = Broker::new(&BrokerConfig::default(), m.clone(), Ingest::local_only(m))
+            .expect("broker");
+        let mut sub = broker.client("t-sub").expect("link");
         sub.subscribe("field/#").expect("subscribe");
         let (_sub_tx, mut sub_rx) = sub.split();
-        let (mut tx, _rx) = LocalClient::new(broker.link("t-pub").expect("link")).split();
+        let (mut tx, _rx) = broker.client("t-pub").expect("link").split();
         // The subscription is processed by the router asynchronously: publish until it lands.
         let got = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

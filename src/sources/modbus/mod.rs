@@ -98,10 +98,9 @@ impl Modbus {
         let mut out = Vec::new();
         for (i, (name, devs)) in buses(devices).into_iter().enumerate() {
             let bus = Bus::new(name.clone(), &devs, gateway_id, metrics.clone());
-            let link = broker
-                .link(&format!("fieldgate-modbus-{i}"))
+            let mut client = broker
+                .client(&format!("fieldgate-modbus-{i}"))
                 .map_err(|e| ModbusError::from((name.clone(), e)))?;
-            let mut client = LocalClient::new(link);
             for f in bus.filters() {
                 client.subscribe(f).map_err(|e| ModbusError::Link {
                     bus: name.clone(),

@@ -131,11 +131,7 @@ pub fn links(
 ) -> Result<Vec<LocalClient>, BrokerError> {
     devices
         .iter()
-        .map(|d| {
-            broker
-                .link(&format!("fieldgate-serial-{}", d.name))
-                .map(LocalClient::new)
-        })
+        .map(|d| broker.client(&format!("fieldgate-serial-{}", d.name)))
         .collect()
 }
 

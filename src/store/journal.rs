@@ -1,0 +1,411 @@
+//! The journal: where a message becomes durable.
+//!
+//! Publishers (device sessions in [`crate::frontend`], the gateway's own sources through
+//! [`crate::ingest`]) hand entries to [`Journal::append`] and get a ticket; one thread takes
+//! everything that arrived, writes it to the [`Store`] as one batch, fsyncs, and then
+//! announces the highest durable ticket on a watch. A device's PUBACK waits for that watch
+//! to pass its ticket.
+//!
+//! # Group commit
+//! The thread blocks for the first entry, takes whatever else is already waiting (up to
+//! [`MAX_BATCH`] entries or [`MAX_BATCH_BYTES`]), writes and fsyncs it, and starts over at
+//! once: the next fsync starts as soon as the previous one finished and something waits.
+//! There is no timer between an append and its fsync.
+//!
+//! # Invariants
+//! - Tickets are handed out in channel order under one lock, so the thread sees them in
+//!   ticket order and "durable up to ticket t" covers every entry with a smaller ticket.
+//! - The channel is bounded twice: [`CAPACITY`] entries and [`MAX_PENDING_BYTES`] of
+//!   payload. When it is full, [`Journal::append`] waits (a device session stops reading its
+//!   socket: TCP back-pressure) and [`Journal::try_append`] refuses (QoS 0, sources).
+//! - When the store cannot take a batch (disk full, I/O error, `reject_new` at `max_bytes`)
+//!   the thread keeps the batch, marks the store refusing (metrics, `/health`, an ERROR log
+//!   at most every [`LOG_EVERY`]), and tries again with a backoff; after a write error it
+//!   reopens sled first. Nothing it took is dropped and nothing is announced durable until
+//!   a commit covering it completed. It recovers by itself when the cause goes away.
+//! - A test-only fault hook: with `FIELDGATE_FAULT_FILE=<path>` set, the file is read
+//!   before every commit; `fsync_delay_ms=<n>` delays the commit, `fsync_fail` fails it as
+//!   an I/O error, `enospc` as a full disk.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{now_ms, Record, Store, StoreError};
+use crate::metrics::Metrics;
+use crate::watchdog::Heartbeat;
+
+/// Entries the channel holds.
+pub const CAPACITY: usize = 8192;
+/// Payload bytes the channel holds (one larger entry is let in when it is empty).
+pub const MAX_PENDING_BYTES: u64 = 8 * 1024 * 1024;
+/// Most entries in one batch.
+pub const MAX_BATCH: usize = 4096;
+/// Most payload bytes in one batch.
+pub const MAX_BATCH_BYTES: u64 = 1024 * 1024;
+/// Refusal log interval.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One publish to make durable: queued for the cloud, kept as retained, or both.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Local topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// Published retained (the record carries the flag to the cloud).
+    pub retain: bool,
+    /// Keep it in the retained tree with this QoS (an empty payload deletes the kept one).
+    pub keep: Option<u8>,
+    /// Queue it for the cloud.
+    pub queue: bool,
+    /// Accept time; 0: when the journal takes it.
+    pub ts_ms: u64,
+}
+
+impl Entry {
+    fn size(&self) -> u64 {
+        (self.topic.len() + self.payload.len() + 16) as u64
+    }
+}
+
+/// The journal thread is gone (the gateway is stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the queue journal has stopped")]
+pub struct Closed;
+
+/// The last ticket handed out, and the channel's sender (None once closed).
+type Tickets = (u64, Option<flume::Sender<(u64, Entry)>>);
+
+struct Shared {
+    /// One lock for both: ticket order = channel order.
+    tx: Mutex<Tickets>,
+    pending_bytes: AtomicU64,
+    space: Notify,
+    durable: watch::Receiver<u64>,
+}
+
+/// Handle for appending; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    shared: Arc<Shared>,
+}
+
+impl Journal {
+    /// Appends without waiting: the ticket, or the entry back when the channel is full.
+    pub fn try_append(&self, e: Entry) -> Result<u64, Entry> {
+        let size = e.size();
+        let mut g = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = self.shared.pending_bytes.load(Ordering::Acquire);
+        if pending > 0 && pending + size > MAX_PENDING_BYTES {
+            return Err(e);
+        }
+        let ticket = g.0 + 1;
+        let Some(tx) = g.1.as_ref() else {
+            return Err(e);
+        };
+        match tx.try_send((ticket, e)) {
+            Ok(()) => {
+                g.0 = ticket;
+                self.shared.pending_bytes.fetch_add(size, Ordering::AcqRel);
+                Ok(ticket)
+            }
+            Err(flume::TrySendError::Full((_, e)) | flume::TrySendError::Disconnected((_, e))) => {
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends, waiting while the channel is full. `Err` once the journal stopped.
+    pub async fn append(&self, mut e: Entry) -> Result<u64, Closed> {
+        loop {
+            let notified = self.shared.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_append(e) {
+                Ok(t) => return Ok(t),
+                Err(back) => e = back,
+            }
+            if self.is_closed() {
+                return Err(Closed);
+            }
+            // The thread notifies after each take; the timeout covers a missed wake-up.
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        let g = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.as_ref().is_none_or(|t| t.is_disconnected())
+    }
+
+    /// Watch of the highest durable ticket.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.shared.durable.clone()
+    }
+}
+
+/// Test fault injection (see the module header).
+struct Faults {
+    file: Option<PathBuf>,
+}
+
+impl Faults {
+    fn from_env() -> Faults {
+        Faults {
+            file: std::env::var_os("FIELDGATE_FAULT_FILE").map(PathBuf::from),
+        }
+    }
+
+    /// Applies the faults asked for now: sleeps, or returns the error to fail with.
+    fn before_commit(&self) -> Result<(), StoreError> {
+        let Some(f) = &self.file else { return Ok(()) };
+        let Ok(text) = std::fs::read_to_string(f) else {
+            return Ok(());
+        };
+        for line in text.lines().map(str::trim) {
+            if let Some(ms) = line.strip_prefix("fsync_delay_ms=") {
+                if let Ok(ms) = ms.parse::<u64>() {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            } else if line == "fsync_fail" {
+                return Err(StoreError::Io(std::io::Error::from_raw_os_error(5)));
+            } else if line == "enospc" {
+                return Err(StoreError::NoSpace);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the journal thread over `store`. It stops when `stop` is cancelled, after writing
+/// and committing whatever is still in the channel.
+pub fn spawn(
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    heartbeat: Heartbeat,
+) -> std::io::Result<(Journal, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = flume::bounded(CAPACITY);
+    let (durable_tx, durable) = watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        tx: Mutex::new((0, Some(tx))),
+        pending_bytes: AtomicU64::new(0),
+        space: Notify::new(),
+        durable,
+    });
+    let journal = Journal {
+        shared: shared.clone(),
+    };
+    let handle = std::thread::Builder::new()
+        .name("fieldgate-journal".into())
+        .spawn(move || {
+            let span = tracing::info_span!("store");
+            let _g = span.enter();
+            let mut w = Writer {
+                store,
+                metrics,
+                shared,
+                durable: durable_tx,
+                faults: Faults::from_env(),
+                refusing: None,
+                last_slow: Instant::now(),
+                last_log: None,
+                refused_since_log: 0,
+            };
+            w.run(rx, &stop, &heartbeat);
+        })?;
+    Ok((journal, handle))
+}
+
+struct Writer {
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    durable: watch::Sender<u64>,
+    faults: Faults,
+    /// Cause of the current refusal.
+    refusing: Option<&'static str>,
+    last_slow: Instant,
+    last_log: Option<Instant>,
+    refused_since_log: u64,
+}
+
+impl Writer {
+    fn run(
+        &mut self,
+        rx: flume::Receiver<(u64, Entry)>,
+        stop: &CancellationToken,
+        beat: &Heartbeat,
+    ) {
+        let mut batch: Vec<(u64, Entry)> = Vec::with_capacity(MAX_BATCH);
+        loop {
+            beat.beat();
+            let stopping = stop.is_cancelled();
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(e) => batch.push(e),
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => {}
+            }
+            let mut bytes = batch.first().map_or(0, |(_, e)| e.size());
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(e) => {
+                        bytes += e.1.size();
+                        batch.push(e);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.shared.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                self.shared.space.notify_waiters();
+                if !self.write(&batch, stop) {
+                    let held = batch.len();
+                    error!(
+                        held,
+                        "stopping while the queue refuses writes: these messages were never \
+                         acknowledged to their publishers and are not queued"
+                    );
+                }
+                batch.clear();
+            }
+            self.maintain();
+            if stopping && rx.is_empty() {
+                // Close the channel so late appenders get an error, not a silent wait.
+                self.shared
+                    .tx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .1
+                    .take();
+                let _ = self.commit();
+                self.store.save_mark();
+                info!(queued = self.store.records(), "queue committed");
+                return;
+            }
+        }
+    }
+
+    /// Writes and commits one batch, retrying until it is durable. Returns false when the
+    /// gateway stops before that.
+    fn write(&mut self, batch: &[(u64, Entry)], stop: &CancellationToken) -> bool {
+        let last_ticket = batch.last().map_or(0, |(t, _)| *t);
+        let ts = now_ms();
+        let records: Vec<Record> = batch.iter().filter_map(|(_, e)| e.record(ts)).collect();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let res = (|| {
+                for (_, e) in batch {
+                    if let Some(qos) = e.keep {
+                        self.store.retain(&e.topic, qos, &e.payload)?;
+                    }
+                }
+                self.store.append(&records)?;
+                self.commit()
+            })();
+            match res {
+                Ok(()) => {
+                    self.metrics.messages_in.inc_by(records.len() as u64);
+                    self.durable.send_replace(last_ticket);
+                    self.recovered();
+                    return true;
+                }
+                Err(e) => {
+                    self.refuse(&e, batch.len() as u64);
+                    if stop.is_cancelled() {
+                        return false;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    match e {
+                        StoreError::Full => {
+                            // Room comes from the bridge's acknowledgements.
+                            if let Err(e) = self.store.compact().and_then(|_| self.commit()) {
+                                warn!(error = %e, "compacting the queue failed");
+                            }
+                        }
+                        _ => {
+                            if let Err(e) = self.store.reopen() {
+                                self.refuse(&e, 0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&self) -> Result<(), StoreError> {
+        self.faults.before_commit().inspect_err(|_| {
+            self.metrics.store_commit_errors.inc();
+        })?;
+        self.store.commit()
+    }
+
+    /// Removes acknowledged batches, and about once a second expires old ones, refreshes
+    /// the slow gauges and writes the mark.
+    fn maintain(&mut self) {
+        match self.store.compact() {
+            Ok(true) => {
+                if let Err(e) = self.commit() {
+                    warn!(error = %e, "committing the queue cursor failed; retried later");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "compacting the queue failed"),
+        }
+        if self.last_slow.elapsed() >= Duration::from_secs(1) {
+            self.last_slow = Instant::now();
+            match self.store.expire() {
+                Ok(n) if n > 0 => {
+                    let _ = self.commit();
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "expiring old records failed"),
+            }
+            self.store.publish_slow_gauges();
+            if self.refusing.is_none() {
+                self.store.save_mark();
+            }
+        }
+    }
+
+    fn refuse(&mut self, e: &StoreError, entries: u64) {
+        let cause = e.cause();
+        self.metrics.store_refusals(cause).inc();
+        if self.refusing != Some(cause) {
+            if let Some(old) = self.refusing {
+                self.metrics.set_store_refusing(old, false);
+            }
+            self.metrics.set_store_refusing(cause, true);
+            self.refusing = Some(cause);
+            self.last_log = None;
+        }
+        self.refused_since_log += entries;
+        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            error!(
+                cause,
+                error = %e,
+                held = self.refused_since_log,
+                "the queue cannot take messages: publishers get no acknowledgement until it \
+                 can (nothing acknowledged is lost); retrying"
+            );
+            self.last_log = Some(Instant::now());
+            self.refused_since_log = 0;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(cause) = self.refusing.take() {
+            self.metrics.set_store_refusing(cause, false);
+            info!(cause, "the queue takes messages again");
+        }
+    }
+}

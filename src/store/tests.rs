@@ -1,0 +1,278 @@
+//! Unit tests of the store: one seam (sled on a temp dir), no journal thread.
+
+use super::*;
+
+fn cfg(max_bytes: u64, policy: FullPolicy) -> StoreConfig {
+    StoreConfig {
+        max_bytes,
+        full_policy: policy,
+        ..StoreConfig::default()
+    }
+}
+
+fn rec(topic: &str, n: u32) -> Record {
+    Record {
+        topic: topic.into(),
+        payload: Bytes::from(n.to_string()),
+        retain: false,
+        ts_ms: now_ms(),
+    }
+}
+
+fn recs(range: std::ops::Range<u32>) -> Vec<Record> {
+    range.map(|i| rec("t", i)).collect()
+}
+
+fn payloads(v: &[(u64, Record)]) -> Vec<String> {
+    v.iter()
+        .map(|(_, r)| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect()
+}
+
+#[test]
+fn records_are_visible_only_once_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(
+        &dir.path().join("q"),
+        &StoreConfig::default(),
+        Metrics::new(),
+    )
+    .unwrap();
+    let a = s.append(&recs(0..3)).unwrap();
+    assert_eq!((a.first, a.accepted), (1, 3));
+    assert_eq!(s.next_seq(), 1);
+    assert!(s.read_from(0, 10).unwrap().is_empty());
+    s.commit().unwrap();
+    assert_eq!(s.next_seq(), 4);
+    assert_eq!(payloads(&s.read_from(0, 10).unwrap()), ["0", "1", "2"]);
+}
+
+#[test]
+fn ack_compact_and_reopen_keep_exactly_the_unacknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let m = Metrics::new();
+    {
+        let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
+        s.append(&recs(0..5)).unwrap();
+        s.append(&recs(5..10)).unwrap();
+        s.commit().unwrap();
+        assert_eq!(s.records(), 10);
+        // Out of order, as the bridge's lanes may acknowledge.
+        s.ack(&[1, 3, 2, 7]);
+        assert_eq!(s.records(), 6);
+        assert_eq!(s.head(), Some(4));
+        s.ack(&[4, 5]);
+        // The first batch (1..=5) is fully acknowledged: compaction removes it.
+        assert!(s.compact().unwrap());
+        s.commit().unwrap();
+        assert_eq!(s.records(), 4);
+        assert_eq!(
+            payloads(&s.read_from(0, 100).unwrap()),
+            ["5", "7", "8", "9"]
+        );
+    }
+    let s = Store::open(&path, &StoreConfig::default(), m).unwrap();
+    // Record 7 was acknowledged above the cursor: after a restart it is sent again
+    // (at least once), never lost.
+    assert_eq!(s.head(), Some(6));
+    assert_eq!(s.next_seq(), 11);
+    assert_eq!(
+        payloads(&s.read_from(0, 100).unwrap()),
+        ["5", "6", "7", "8", "9"]
+    );
+}
+
+#[test]
+fn disk_reads_and_tail_reads_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let m = Metrics::new();
+    {
+        let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
+        for i in 0..20 {
+            s.append(&recs(i * 10..i * 10 + 10)).unwrap();
+            s.commit().unwrap();
+        }
+    }
+    let s = Store::open(&path, &StoreConfig::default(), m).unwrap();
+    // Freshly opened: nothing in memory, everything from disk, from the middle of a batch.
+    assert!(s.read_tail(57, 10).is_none());
+    let disk = s.read_from(57, 30).unwrap();
+    assert_eq!(disk.first().unwrap().0, 57);
+    assert_eq!(disk.len(), 30);
+    assert_eq!(payloads(&disk)[0], "56");
+    s.append(&recs(200..205)).unwrap();
+    s.commit().unwrap();
+    let tail = s.read_tail(201, 10).unwrap();
+    assert_eq!(payloads(&tail), ["200", "201", "202", "203", "204"]);
+    let counts = s.topic_counts(1, s.next_seq()).unwrap();
+    assert_eq!(counts.get("t"), Some(&205));
+}
+
+#[test]
+fn retained_messages_survive_reopen_and_stay_out_of_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let m = Metrics::new();
+    {
+        let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
+        s.retain("dev/1/status", 1, b"online").unwrap();
+        s.retain("dev/2/status", 2, b"offline").unwrap();
+        s.retain("dev/1/status", 0, b"online again").unwrap();
+        s.retain("dev/3/status", 1, b"x").unwrap();
+        s.retain("dev/3/status", 1, b"").unwrap();
+        s.commit().unwrap();
+        assert_eq!(s.records(), 0);
+    }
+    let s = Store::open(&path, &StoreConfig::default(), m).unwrap();
+    assert_eq!(s.records(), 0);
+    assert_eq!(s.retained_count(), 2);
+    assert_eq!(
+        s.retained().unwrap(),
+        vec![
+            ("dev/1/status".to_string(), 0, Bytes::from("online again")),
+            ("dev/2/status".to_string(), 2, Bytes::from("offline")),
+        ]
+    );
+}
+
+#[test]
+fn drop_oldest_evicts_whole_batches_and_counts_each_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Metrics::new();
+    let one = KEY_BYTES + batch::HEADER as u64 + 2 * rec("t", 0).cost();
+    let s = Store::open(
+        &dir.path().join("q"),
+        &cfg(one * 3, FullPolicy::DropOldest),
+        m.clone(),
+    )
+    .unwrap();
+    for i in 0..5 {
+        s.append(&recs(i * 2..i * 2 + 2)).unwrap();
+    }
+    s.commit().unwrap();
+    assert_eq!(m.dropped(DropReason::QueueFull), 4);
+    assert_eq!(s.records(), 6);
+    assert_eq!(payloads(&s.read_from(0, 100).unwrap())[0], "4");
+}
+
+#[test]
+fn reject_new_holds_back_until_acknowledgements_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Metrics::new();
+    let one = KEY_BYTES + batch::HEADER as u64 + 2 * rec("t", 0).cost();
+    let s = Store::open(
+        &dir.path().join("q"),
+        &cfg(one * 2, FullPolicy::RejectNew),
+        m.clone(),
+    )
+    .unwrap();
+    s.append(&recs(0..2)).unwrap();
+    s.append(&recs(2..4)).unwrap();
+    s.commit().unwrap();
+    assert!(matches!(s.append(&recs(4..6)), Err(StoreError::Full)));
+    assert_eq!(s.records(), 4);
+    s.ack(&[1, 2]);
+    s.compact().unwrap();
+    assert_eq!(s.append(&recs(4..6)).unwrap().accepted, 2);
+    s.commit().unwrap();
+    assert_eq!(
+        payloads(&s.read_from(0, 100).unwrap()),
+        ["2", "3", "4", "5"]
+    );
+    assert_eq!(m.dropped(DropReason::QueueFull), 0);
+}
+
+#[test]
+fn expire_drops_old_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Metrics::new();
+    let c = StoreConfig {
+        max_age: Duration::from_secs(60),
+        ..StoreConfig::default()
+    };
+    let s = Store::open(&dir.path().join("q"), &c, m.clone()).unwrap();
+    let mut old = rec("t", 0);
+    old.ts_ms -= 120_000;
+    s.append(&[old]).unwrap();
+    s.append(&[rec("t", 1)]).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.expire().unwrap(), 1);
+    assert_eq!(s.records(), 1);
+    assert_eq!(m.dropped(DropReason::Expired), 1);
+}
+
+#[test]
+fn reopen_after_a_failed_commit_forgets_only_the_unconfirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(
+        &dir.path().join("q"),
+        &StoreConfig::default(),
+        Metrics::new(),
+    )
+    .unwrap();
+    s.append(&recs(0..3)).unwrap();
+    s.commit().unwrap();
+    s.append(&recs(3..6)).unwrap();
+    // As if the commit had failed: reopen, and the journal appends the batch again.
+    s.reopen().unwrap();
+    assert_eq!(s.end(), 4);
+    assert_eq!(s.append(&recs(3..6)).unwrap().first, 4);
+    s.commit().unwrap();
+    assert_eq!(
+        payloads(&s.read_from(0, 100).unwrap()),
+        ["0", "1", "2", "3", "4", "5"]
+    );
+}
+
+#[test]
+fn unopenable_store_is_salvaged_not_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    let m = Metrics::new();
+    {
+        let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
+        for i in 0..10 {
+            s.append(&recs(i * 10..i * 10 + 10)).unwrap();
+            s.commit().unwrap();
+        }
+        s.ack(&(1..=15).collect::<Vec<_>>());
+        s.compact().unwrap();
+        s.commit().unwrap();
+        s.save_mark();
+    }
+    // Make sled refuse it: a config file it cannot parse.
+    std::fs::write(path.join("conf"), b"this is not a sled config").unwrap();
+    let m2 = Metrics::new();
+    let s = Store::open(&path, &StoreConfig::default(), m2.clone()).unwrap();
+    assert_eq!(m2.store_quarantined.get(), 1);
+    let got = s.read_from(0, 1000).unwrap();
+    assert_eq!(got.first().unwrap().0, 16);
+    assert_eq!(got.len(), 85, "every unacknowledged record salvaged");
+    assert_eq!(s.next_seq(), 101);
+    let moved = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("q.damaged-"));
+    assert!(moved);
+}
+
+#[test]
+fn a_mark_ahead_of_the_store_counts_the_lost_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q");
+    {
+        let s = Store::open(&path, &StoreConfig::default(), Metrics::new()).unwrap();
+        s.append(&recs(0..10)).unwrap();
+        s.commit().unwrap();
+    }
+    // The mark says 30 records were durable; the store holds 10.
+    mark::Mark { end: 31, cursor: 0 }.save(&path);
+    let m = Metrics::new();
+    let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
+    assert_eq!(m.dropped(DropReason::Corrupt), 20);
+    assert_eq!(s.records(), 10);
+    // Sequence numbers are never reused.
+    assert_eq!(s.end(), 31);
+}
