@@ -104,14 +104,14 @@ impl Setup {
         .await
     }
 
-    /// As [`Setup::gateway_on`], but a gateway that exits before `/health` answers is an
-    /// `Err` with the harness's message (its log), not a panic.
-    async fn try_gateway_on(
+    /// Starts a gateway in a task of its own: the harness's start (which waits for `/health`
+    /// and panics if the gateway exits first, or after 30 s) runs meanwhile.
+    fn spawn_gateway(
         &self,
         ports: &GatewayPorts,
         data_dir: &Path,
         broker: &str,
-    ) -> Result<Gateway, String> {
+    ) -> tokio::task::JoinHandle<Gateway> {
         let config = self.config(ports, data_dir, broker);
         let ports = GatewayPorts {
             mqtt: ports.mqtt,
@@ -121,13 +121,17 @@ impl Setup {
         tokio::spawn(async move {
             Gateway::start_env(&config, &ports, &[("FIELDGATE_FAULT_FILE", &fault)]).await
         })
-        .await
-        .map_err(|e| {
-            e.try_into_panic()
-                .ok()
-                .and_then(|p| p.downcast::<String>().ok().map(|s| plain(&s)))
-                .unwrap_or_else(|| "gateway start failed".into())
-        })
+    }
+
+    /// As [`Setup::gateway_on`], but a gateway that exits before `/health` answers is an
+    /// `Err` with the harness's message (its log), not a panic.
+    async fn try_gateway_on(
+        &self,
+        ports: &GatewayPorts,
+        data_dir: &Path,
+        broker: &str,
+    ) -> Result<Gateway, String> {
+        started(self.spawn_gateway(ports, data_dir, broker)).await
     }
 
     async fn gateway(&self) -> Gateway {
@@ -137,6 +141,16 @@ impl Setup {
     async fn collector(&self) -> Collector {
         Collector::start(&self.pki, self.cloud.port, "fieldgate/gw1/#").await
     }
+}
+
+/// The gateway of [`Setup::spawn_gateway`], or the harness's panic message.
+async fn started(start: tokio::task::JoinHandle<Gateway>) -> Result<Gateway, String> {
+    start.await.map_err(|e| {
+        e.try_into_panic()
+            .ok()
+            .and_then(|p| p.downcast::<String>().ok().map(|s| plain(&s)))
+            .unwrap_or_else(|| "gateway start failed".into())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -687,14 +701,20 @@ async fn disk_full_withholds_acks_and_recovers_without_restart() {
     // A sampling window: while the disk is full, at most what was already durable may still
     // be acknowledged (bounded by the devices' windows). Skipped if the store reports itself
     // writable again meanwhile (it reclaimed space: acks for what it then took are fine).
+    // `/health` is sampled all along the window: on a full disk it must say so every time.
     let a1 = total_acked(&devices);
     let window_end = Instant::now() + Duration::from_secs(3);
-    let mut store_ok_meanwhile = false;
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
     while Instant::now() < window_end {
-        store_ok_meanwhile |= store_state(&gw).0 == "ok";
+        let h = health(&gw).unwrap_or_default();
+        let (state, cause) = (&h["store"]["state"], &h["store"]["cause"]);
+        *seen
+            .entry(format!("status={} store={state}/{cause}", h["status"]))
+            .or_default() += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let a2 = total_acked(&devices);
+    let store_ok_meanwhile = seen.keys().any(|k| k.contains("store=\"ok\""));
     let slack = n_dev as usize * window;
     if a2 - a1 > slack && !store_ok_meanwhile {
         problems.push(format!(
@@ -702,9 +722,14 @@ async fn disk_full_withholds_acks_and_recovers_without_restart() {
             a2 - a1
         ));
     }
-    let h = health(&gw).unwrap_or_default();
-    if h["status"] != "degraded" || !refusing(&gw, "disk_full") {
-        problems.push(format!("/health on a full disk: {h}"));
+    let want = "status=\"degraded\" store=\"refusing\"/\"disk_full\"";
+    if seen.keys().any(|k| k != want) {
+        problems.push(format!(
+            "/health on a full disk, sampled {} times: {seen:?} (want always {want}); \
+             last: {}",
+            seen.values().sum::<usize>(),
+            gw.get("/health").unwrap_or_default()
+        ));
     }
     let refusals = gw.metric("fieldgate_store_refusals_total{cause=\"disk_full\"}");
     if refusals.is_nan() || refusals < 1.0 {
@@ -786,36 +811,64 @@ async fn start_on_a_full_disk_is_not_corruption() {
     assert!(status.success(), "exit {status}\n{log}");
 
     disk.fill(&s, 0);
-    let started = s.try_gateway_on(&s.ports, &data_dir, "").await;
+    // The gateway may serve `/health` at once (degraded: refusing, disk_full) or wait for space
+    // before it serves anything; the contract does not say which, so both are accepted and the
+    // run says which it was. Exiting (a crash loop under systemd) or a quarantined queue is not.
+    let start = s.spawn_gateway(&s.ports, &data_dir, "");
+    let served_at_once = eventually(Duration::from_secs(10), || start.is_finished()).await;
     let damaged = damaged_dirs(&data_dir);
     if !damaged.is_empty() {
         problems.push(format!("ENOSPC at start taken for corruption: {damaged:?}"));
     }
-    let gw = match started {
-        Ok(gw) => gw,
-        Err(why) => panic!(
+    let fail_start = |problems: &[String], why: String| -> ! {
+        panic!(
             "start on a full disk:\n- {}\n- the gateway did not start:\n{}",
             problems.join("\n- "),
             tail(&why, 15)
-        ),
+        )
     };
+    let (gw, post) = if served_at_once {
+        let gw = started(start)
+            .await
+            .unwrap_or_else(|why| fail_start(&problems, why));
+        println!(
+            "full at start: /health served on the full disk: {:?}",
+            gw.get("/health")
+        );
+        let post = Device::spawn(DeviceConfig::new(s.ports.mqtt, "post", 200).inflight(50));
+        if !eventually(Duration::from_secs(20), || refusing(&gw, "disk_full")).await {
+            problems.push(format!("/health on a full disk: {:?}", gw.get("/health")));
+        } else if post.acked_count() == 200 {
+            // A few records may fit in the slack of pages the store already has; not all.
+            problems.push("all 200 PUBACKed while the store says it refuses".into());
+        }
+        disk.free(&s);
+        (gw, post)
+    } else {
+        println!(
+            "full at start: NOTE the gateway did not serve /health within 10 s on the full disk \
+             (it waits for space before it starts); freeing space now"
+        );
+        disk.free(&s);
+        let gw = started(start)
+            .await
+            .unwrap_or_else(|why| fail_start(&problems, why));
+        let post = Device::spawn(DeviceConfig::new(s.ports.mqtt, "post", 200).inflight(50));
+        (gw, post)
+    };
+    let damaged = damaged_dirs(&data_dir);
+    if !damaged.is_empty() && !problems.iter().any(|p| p.contains("corruption")) {
+        problems.push(format!("ENOSPC at start taken for corruption: {damaged:?}"));
+    }
     if gw.metric("fieldgate_store_quarantined") == 1.0 {
         problems.push("fieldgate_store_quarantined = 1".into());
     }
     let records = gw.metric("fieldgate_queue_records");
-    if records != 2000.0 {
+    if records < 2000.0 {
         problems.push(format!(
-            "queue has {records} records after the restart, want 2000"
+            "queue has {records} records after the restart, want the 2000 of before"
         ));
     }
-    let post = Device::spawn(DeviceConfig::new(s.ports.mqtt, "post", 200).inflight(50));
-    if !eventually(Duration::from_secs(20), || refusing(&gw, "disk_full")).await {
-        problems.push(format!("/health on a full disk: {:?}", gw.get("/health")));
-    } else if post.acked_count() == 200 {
-        // A few records may fit in the slack of pages the store already has; not all 200.
-        problems.push("all 200 PUBACKed while the store says it refuses".into());
-    }
-    disk.free(&s);
     if !eventually(WAIT, || post.acked_count() == 200).await {
         problems.push(format!(
             "after space came back only {} of 200 acked",
