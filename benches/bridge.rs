@@ -1793,7 +1793,7 @@ async fn run_system(kind: &str, pki: &Pki, p: &Params) -> Result<SysResult, Stri
         // Every accepted record is covered by a completed fsync (fresh store, seqs from 1).
         let on_disk = eventually(Duration::from_secs(10), || {
             let inn = sut.metric("fieldgate_messages_in_total");
-            sut.metric("fieldgate_store_committed_seq") >= inn && inn > 0.0
+            sut.metric("fieldgate_store_durable_seq") >= inn && inn > 0.0
         })
         .await;
         r.all_on_disk = Some(held && on_disk);
@@ -1801,7 +1801,7 @@ async fn run_system(kind: &str, pki: &Pki, p: &Params) -> Result<SysResult, Stri
             "  outage: fieldgate_queue_records = {} (want {acked}) after {:.2}s; committed_seq {} / messages_in {}",
             r.held.unwrap_or(f64::NAN),
             t.elapsed().as_secs_f64(),
-            sut.metric("fieldgate_store_committed_seq"),
+            sut.metric("fieldgate_store_durable_seq"),
             sut.metric("fieldgate_messages_in_total"),
         );
     } else {

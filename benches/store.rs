@@ -54,7 +54,9 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 fn main() {
     if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("cargo bench --bench store  (env: BENCH_RECORDS, BENCH_SIZE, BENCH_WRITERS, BENCH_DIR)");
+        println!(
+            "cargo bench --bench store  (env: BENCH_RECORDS, BENCH_SIZE, BENCH_WRITERS, BENCH_DIR)"
+        );
         return;
     }
     let n = env("BENCH_RECORDS", 1_000_000);
