@@ -920,6 +920,11 @@ impl Store {
         }
     }
 
+    /// Bytes sled uses on disk.
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.with_trees(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0)
+    }
+
     /// Writes the mark file (positions for damage detection at the next open).
     pub fn save_mark(&self) {
         let (end, cursor) = {
