@@ -12,8 +12,9 @@
 //! 2. disk: bytes sled uses for those records, per record;
 //! 3. recover: reopen the store (what a restart after kill -9 does) and time it;
 //! 4. drain: read everything back in order and acknowledge it (the bridge's work), with
-//!    compaction by the journal: records/s;
-//! and the process's peak RSS (VmHWM) at the end.
+//!    compaction by the journal: records/s.
+//!
+//! At the end it prints the process's peak RSS (VmHWM).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -378,7 +378,11 @@ impl Writer {
     }
 
     fn refuse(&mut self, e: &StoreError, entries: u64) {
-        let cause = e.cause();
+        // While sled is being reopened the cause is still the one that made it necessary.
+        let cause = match (e, self.refusing) {
+            (StoreError::Reopening, Some(c)) => c,
+            _ => e.cause(),
+        };
         self.metrics.store_refusals(cause).inc();
         if self.refusing != Some(cause) {
             if let Some(old) = self.refusing {
