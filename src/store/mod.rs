@@ -803,16 +803,7 @@ impl Store {
         let mut out = Vec::with_capacity(max.min(1024));
         let mut damaged = Vec::new();
         self.with_trees(|t| {
-            // The batch holding `from` starts at or before it.
-            let start =
-                t.db.range(..=from.to_be_bytes())
-                    .next_back()
-                    .transpose()?
-                    .map(|(k, _)| k);
-            let iter = match start {
-                Some(k) => t.db.range(k..),
-                None => t.db.range(from.to_be_bytes()..),
-            };
+            let iter = batches(t, from, u64::MAX)?;
             for kv in iter {
                 if out.len() >= max {
                     break;
@@ -872,15 +863,7 @@ impl Store {
         let acked = self.lock().acked.clone();
         let mut counts: HashMap<String, u64> = HashMap::new();
         self.with_trees(|t| {
-            let start =
-                t.db.range(..=from.to_be_bytes())
-                    .next_back()
-                    .transpose()?
-                    .map(|(k, _)| k);
-            let iter = match start {
-                Some(k) => t.db.range(k.to_vec()..to.to_be_bytes().to_vec()),
-                None => t.db.range(from.to_be_bytes()..to.to_be_bytes()),
-            };
+            let iter = batches(t, from, to)?;
             for kv in iter {
                 let (_, v) = kv?;
                 let mut seq_of = batch::Header::read(&v).map_or(0, |h| h.first.max(from));
@@ -967,6 +950,17 @@ impl Store {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
     }
+}
+
+/// The batches that may hold records in `[from, to)`: the one holding `from` starts at or
+/// before it.
+fn batches(t: &Trees, from: u64, to: u64) -> Result<sled::Iter, StoreError> {
+    let start =
+        t.db.range(..=from.to_be_bytes())
+            .next_back()
+            .transpose()?
+            .map_or(from, |(k, _)| key_seq(&k).unwrap_or(from));
+    Ok(t.db.range(start.to_be_bytes()..to.to_be_bytes()))
 }
 
 fn key_seq(k: &[u8]) -> Option<u64> {
