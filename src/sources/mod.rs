@@ -24,6 +24,10 @@ use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::Notification;
 
+/// The QoS a source's publishes are marked with, and its retained messages kept and
+/// restored with (subscribers still get at most their granted QoS).
+const SOURCE_QOS: u8 = 2;
+
 /// An in-process MQTT client of the embedded broker, as one `(LinkTx, LinkRx)` pair.
 pub struct LocalClient {
     tx: LinkTx,
@@ -94,7 +98,9 @@ impl LocalTx {
         retain: bool,
     ) -> Result<(), Box<LinkError>> {
         let payload: Bytes = payload.into();
-        if !self.ingest.offer_or_count(topic, &payload, 1, retain)
+        if !self
+            .ingest
+            .offer_or_count(topic, &payload, SOURCE_QOS, retain)
             && self
                 .warned
                 .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10))
@@ -107,7 +113,7 @@ impl LocalTx {
         }
         let packet = if retain {
             // Marked retained, as the front end marks device publishes (see `crate::retained`).
-            crate::retained::packet(topic, 2, payload)
+            crate::retained::packet(topic, SOURCE_QOS, payload)
         } else {
             let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, false);
             Packet::Publish(publish, None)
