@@ -93,8 +93,15 @@ async fn wait_cloud(c: &Collector, g: &Gateway, topic: &str, pred: impl Fn(&Json
     .await;
     assert!(
         ok,
-        "cloud never saw the expected message on {topic}; saw {:?}\n--- gateway log ---\n{}",
+        "cloud never saw the expected message on {topic}; saw {:?}\nsessions closed: {}\n\
+         --- gateway log ---\n{}",
         cloud_json(c, topic),
+        g.get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("fieldgate_broker_closed_total"))
+            .collect::<Vec<_>>()
+            .join(", "),
         g.log_text()
     );
     found.unwrap_or(Json::Null)
@@ -687,7 +694,17 @@ async fn cache_quota_evicts_images_no_rollout_needs() {
             .get("/ota/status/rollout/ra")
             .and_then(|b| serde_json::from_str::<Json>(&b).ok())
             .is_some_and(|v| v["active"] == false))
-        .await
+        .await,
+        "rollout ra still active: {:?}\ndevice d1: {:?}\nsessions closed: {}\n{}",
+        g.get("/ota/status/rollout/ra"),
+        g.get("/ota/status/device/d1"),
+        g.get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("fieldgate_broker_closed_total"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        g.log_text()
     );
     let mut up = upgrade(&b, &fw_b.url(), &["d2".into()]);
     up["rollout"] = json!("rb");
