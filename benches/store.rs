@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fieldgate::config::StoreConfig;
 use fieldgate::metrics::Metrics;
-use fieldgate::store::journal::{self, Entry};
+use fieldgate::store::journal::{self, Entry, Journal};
 use fieldgate::store::Store;
 use fieldgate::watchdog::Heartbeat;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,22 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The journal thread over `store`, and the token that stops it.
+fn start_journal(
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+) -> (Journal, std::thread::JoinHandle<()>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let (j, thread) = journal::spawn(
+        store.clone(),
+        metrics.clone(),
+        stop.clone(),
+        Heartbeat::new("bench"),
+    )
+    .unwrap();
+    (j, thread, stop)
 }
 
 fn main() {
@@ -88,14 +104,7 @@ fn main() {
     // 1. Fill.
     let metrics = Metrics::new();
     let store = Arc::new(Store::open(&dir, &cfg, metrics.clone()).unwrap());
-    let stop = CancellationToken::new();
-    let (j, thread) = journal::spawn(
-        store.clone(),
-        metrics.clone(),
-        stop.clone(),
-        Heartbeat::new("bench"),
-    )
-    .unwrap();
+    let (j, thread, stop) = start_journal(&store, &metrics);
     let payload = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     let lat = rt.block_on(async {
@@ -173,14 +182,7 @@ fn main() {
     );
 
     // 4. Drain: read in order from disk, acknowledge, let the journal compact.
-    let stop = CancellationToken::new();
-    let (j, thread) = journal::spawn(
-        store.clone(),
-        metrics.clone(),
-        stop.clone(),
-        Heartbeat::new("bench"),
-    )
-    .unwrap();
+    let (j, thread, stop) = start_journal(&store, &metrics);
     let t0 = Instant::now();
     let mut from = 0;
     let mut got = 0u64;

@@ -251,7 +251,6 @@ pub async fn run(
     let watchdog_task = tokio::spawn(watchdog::run(beats, watchdog_stop.clone()));
 
     shutdown.await;
-    let failure: Option<GatewayError> = None;
     info!("shutting down: closing inputs");
     watchdog::stopping();
     watchdog_stop.cancel();
@@ -319,10 +318,7 @@ pub async fn run(
     }
     root.cancel();
     info!(queued = store.records(), "fieldgate stopped");
-    match failure {
-        None => Ok(()),
-        Some(e) => Err(e),
-    }
+    Ok(())
 }
 
 /// Builds the uplink routing from the settings (the OTA chunk topics stay on the LAN: the

@@ -24,7 +24,6 @@ use bytes::Bytes;
 
 use crate::metrics::{DropReason, Metrics};
 use crate::store::journal::{Entry, Journal};
-use crate::store::Record;
 use crate::topic::FilterSet;
 
 /// Which local messages go up, and the loop guard.
@@ -158,18 +157,6 @@ impl Ingest {
             }
             _ => true,
         }
-    }
-}
-
-impl Entry {
-    /// The record this entry queues, if it is queued.
-    pub fn record(&self, ts_ms: u64) -> Option<Record> {
-        self.queue.then(|| Record {
-            topic: self.topic.clone(),
-            payload: self.payload.clone(),
-            retain: self.retain,
-            ts_ms: if self.ts_ms == 0 { ts_ms } else { self.ts_ms },
-        })
     }
 }
 

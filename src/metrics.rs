@@ -45,6 +45,9 @@ impl DropReason {
 
 type Labels = Vec<(String, String)>;
 
+/// The `cause` labels of the store's refusals (see [`crate::store::StoreError::cause`]).
+pub const REFUSAL_CAUSES: [&str; 3] = ["disk_full", "io", "queue_full"];
+
 /// All gateway metrics.
 pub struct Metrics {
     registry: Registry,
@@ -75,7 +78,7 @@ pub struct Metrics {
     /// Group commits that failed.
     pub store_commit_errors: Counter,
     /// Highest sequence number covered by a completed fsync.
-    pub store_committed_seq: Gauge,
+    pub store_durable_seq: Gauge,
     /// Times the queue could not take a batch, by cause (`disk_full`, `io`, `queue_full`).
     store_refusals: Family<Labels, Counter>,
     /// 1 for the cause while the queue refuses writes.
@@ -420,7 +423,7 @@ impl Metrics {
             queue_oldest_age_seconds: Gauge::default(),
             store_commits: Counter::default(),
             store_commit_errors: Counter::default(),
-            store_committed_seq: Gauge::default(),
+            store_durable_seq: Gauge::default(),
             store_refusals: Family::default(),
             store_refusing: Family::default(),
             store_quarantined: Gauge::default(),
@@ -492,7 +495,7 @@ impl Metrics {
         r.register(
             "store_durable_seq",
             "Highest queue sequence number covered by a completed fsync",
-            m.store_committed_seq.clone(),
+            m.store_durable_seq.clone(),
         );
         r.register(
             "store_refusals",
@@ -539,7 +542,7 @@ impl Metrics {
             // Materialise every label so a scrape shows zeros, not absence.
             m.count_drop(reason, 0);
         }
-        for cause in ["disk_full", "io", "queue_full"] {
+        for cause in REFUSAL_CAUSES {
             m.store_refusals(cause).inc_by(0);
             m.set_store_refusing(cause, false);
         }
@@ -569,7 +572,7 @@ impl Metrics {
 
     /// The cause the queue refuses writes for, if it does.
     pub fn store_refusing_cause(&self) -> Option<&'static str> {
-        ["disk_full", "io", "queue_full"].into_iter().find(|c| {
+        REFUSAL_CAUSES.into_iter().find(|c| {
             self.store_refusing
                 .get_or_create(&vec![("cause".into(), (*c).into())])
                 .get()

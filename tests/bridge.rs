@@ -224,22 +224,28 @@ async fn flapping_link_loses_nothing() {
     println!("flapping: cuts={cuts} duplicates={dups} resent={resent}");
 }
 
+/// Queue-full cases: cloud cut, a 1 MiB queue, and [`FULL_N`] messages of [`FULL_SIZE`]
+/// bytes to come (300 more than it holds).
+const FULL_SIZE: usize = 1000;
+const FULL_N: u64 = 1024 * 1024 / FULL_SIZE as u64 + 300;
+
+async fn full_queue(policy: &str) -> (Setup, Collector, Gateway) {
+    let s = setup().await;
+    s.proxy.cut();
+    let col = s.collector().await;
+    let gw = s
+        .gateway_store(&format!("max_bytes = 1048576\nfull_policy = \"{policy}\""))
+        .await;
+    (s, col, gw)
+}
+
 /// (e) Queue full, drop_oldest: whole batches are evicted from the head; every eviction is
 /// counted, and what arrives is exactly the newest records, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_drop_oldest_counts_exactly() {
-    let s = setup().await;
-    s.proxy.cut();
-    let col = s.collector().await;
-    let max_bytes: u64 = 1024 * 1024;
-    let gw = s
-        .gateway_store(&format!(
-            "max_bytes = {max_bytes}\nfull_policy = \"drop_oldest\""
-        ))
-        .await;
-    let size = 1000usize;
-    let n = max_bytes / size as u64 + 300;
-    publish_seq(s.ports.mqtt, "a", 0..n, size).await;
+    let (s, col, gw) = full_queue("drop_oldest").await;
+    let n = FULL_N;
+    publish_seq(s.ports.mqtt, "a", 0..FULL_N, FULL_SIZE).await;
     let dropped = || gw.metric("fieldgate_dropped_total{reason=\"queue_full\"}");
     let queued = || gw.metric("fieldgate_queue_records");
     assert!(
@@ -268,19 +274,10 @@ async fn queue_full_drop_oldest_counts_exactly() {
 /// every acknowledged message arrives, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_full_reject_new_holds_acks_back_and_loses_nothing() {
-    let s = setup().await;
-    s.proxy.cut();
-    let col = s.collector().await;
-    let max_bytes: u64 = 1024 * 1024;
-    let gw = s
-        .gateway_store(&format!(
-            "max_bytes = {max_bytes}\nfull_policy = \"reject_new\""
-        ))
-        .await;
-    let size = 1000usize;
-    let n = max_bytes / size as u64 + 300;
+    let (s, col, gw) = full_queue("reject_new").await;
+    let n = FULL_N;
     let port = s.ports.mqtt;
-    let dev = tokio::spawn(async move { flood(port, "a", n, size).await });
+    let dev = tokio::spawn(async move { flood(port, "a", FULL_N, FULL_SIZE).await });
     let refusals = || gw.metric("fieldgate_store_refusals_total{cause=\"queue_full\"}");
     assert!(
         eventually(WAIT, || refusals() >= 1.0).await,

@@ -545,7 +545,9 @@ impl Relay {
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         loop {
             if let Some((pkid, entry)) = self.blocked.take() {
-                // Wait for room in the journal before reading more from the device.
+                // Wait for room in the journal before reading more from the device. Nothing
+                // is pending on either side (both were flushed), and rumqttd cannot have
+                // answered this PUBLISH yet: it was sent in that flush and not read since.
                 let Some(journal) = self.ctx.ingest.journal().cloned() else {
                     return End::BrokerGone;
                 };
@@ -553,31 +555,16 @@ impl Relay {
                     t = journal.append(entry) => t,
                     _ = stop.cancelled() => return End::TakenOver,
                 };
-                match t {
-                    Ok(t) => {
-                        if let Some(slot) = self.awaiting.get_mut(&pkid) {
-                            *slot = t;
-                        }
-                        for h in self.held.iter_mut().filter(|h| h.0 == UNTICKETED) {
-                            h.0 = t;
-                        }
-                    }
-                    Err(_) => return End::BrokerGone,
-                }
-                if let Err(end) = self.release(dev) {
-                    return end;
-                }
-                if let Err(end) = up.flush().await {
-                    return end;
-                }
-                if let Err(end) = dev.flush().await {
-                    return end;
+                match (t, self.awaiting.get_mut(&pkid)) {
+                    (Ok(t), Some(slot)) => *slot = t,
+                    (Ok(_), None) => {}
+                    (Err(_), _) => return End::BrokerGone,
                 }
             }
             let expiry = silence.map(|s| last_in + s);
             let waiting = !self.held.is_empty();
             let step = tokio::select! {
-                p = dev.next(), if self.blocked.is_none() => p.and_then(|p| {
+                p = dev.next() => p.and_then(|p| {
                     last_in = Instant::now();
                     self.on_device(p, dev, up)
                 }),
@@ -682,21 +669,18 @@ impl Relay {
                     return self.answer(dev, t, P4::PubRec(v4::PubRec::new(p.pkid)));
                 }
                 let q = p.qos as u8;
-                match self.ctx.ingest.offer(&p.topic, &p.payload, q, p.retain) {
-                    Offer::Local => {}
-                    Offer::Queued(t) => {
-                        if p.qos != QoS::AtMostOnce {
+                if p.qos == QoS::AtMostOnce {
+                    // Appended, never waited for.
+                    self.ctx
+                        .ingest
+                        .offer_or_count(&p.topic, &p.payload, q, p.retain);
+                } else {
+                    match self.ctx.ingest.offer(&p.topic, &p.payload, q, p.retain) {
+                        Offer::Local => {}
+                        Offer::Queued(t) => {
                             self.awaiting.insert(p.pkid, t);
                         }
-                    }
-                    Offer::Full(e) => {
-                        if p.qos == QoS::AtMostOnce {
-                            if e.queue {
-                                self.ctx
-                                    .metrics
-                                    .count_drop(crate::metrics::DropReason::Refused, 1);
-                            }
-                        } else {
+                        Offer::Full(e) => {
                             self.awaiting.insert(p.pkid, UNTICKETED);
                             self.blocked = Some((p.pkid, e));
                         }

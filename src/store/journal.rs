@@ -73,6 +73,16 @@ impl Entry {
     fn size(&self) -> u64 {
         (self.topic.len() + self.payload.len() + 16) as u64
     }
+
+    /// The record this entry queues, if it is queued (`ts_ms` when it has no time yet).
+    fn record(&self, ts_ms: u64) -> Option<Record> {
+        self.queue.then(|| Record {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            retain: self.retain,
+            ts_ms: if self.ts_ms == 0 { ts_ms } else { self.ts_ms },
+        })
+    }
 }
 
 /// The journal thread is gone (the gateway is stopping).
@@ -217,7 +227,6 @@ pub fn spawn(
                 refusing: None,
                 last_slow: Instant::now(),
                 last_log: None,
-                refused_since_log: 0,
             };
             w.run(rx, &stop, &heartbeat);
         })?;
@@ -234,7 +243,6 @@ struct Writer {
     refusing: Option<&'static str>,
     last_slow: Instant,
     last_log: Option<Instant>,
-    refused_since_log: u64,
 }
 
 impl Writer {
@@ -248,10 +256,9 @@ impl Writer {
         loop {
             beat.beat();
             let stopping = stop.is_cancelled();
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(e) => batch.push(e),
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => {}
+            // The sender lives in `shared`, so the channel never disconnects: only time out.
+            if let Ok(e) = rx.recv_timeout(Duration::from_millis(50)) {
+                batch.push(e);
             }
             let mut bytes = batch.first().map_or(0, |(_, e)| e.size());
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -349,26 +356,23 @@ impl Writer {
         self.store.commit()
     }
 
-    /// Removes acknowledged batches, and about once a second expires old ones, refreshes
-    /// the slow gauges and writes the mark.
+    /// Removes acknowledged batches; about once a second expires old ones, commits what the
+    /// batches' own commits did not cover (the cursor and removals when no data flows),
+    /// refreshes the slow gauges and writes the mark. Acknowledgements never need their own
+    /// fsync: a cursor lost to a crash only means records sent again.
     fn maintain(&mut self) {
-        match self.store.compact() {
-            Ok(true) => {
-                if let Err(e) = self.commit() {
-                    warn!(error = %e, "committing the queue cursor failed; retried later");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "compacting the queue failed"),
+        if let Err(e) = self.store.compact() {
+            warn!(error = %e, "compacting the queue failed");
         }
         if self.last_slow.elapsed() >= Duration::from_secs(1) {
             self.last_slow = Instant::now();
-            match self.store.expire() {
-                Ok(n) if n > 0 => {
-                    let _ = self.commit();
+            if let Err(e) = self.store.expire() {
+                warn!(error = %e, "expiring old records failed");
+            }
+            if self.store.has_unsaved() {
+                if let Err(e) = self.commit() {
+                    warn!(error = %e, "committing the queue cursor failed; retried later");
                 }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "expiring old records failed"),
             }
             self.store.publish_slow_gauges();
             if self.refusing.is_none() {
@@ -377,6 +381,8 @@ impl Writer {
         }
     }
 
+    /// Counts a refusal of the batch of `entries` (0: a failed reopen) and logs it at most
+    /// every [`LOG_EVERY`].
     fn refuse(&mut self, e: &StoreError, entries: u64) {
         // While sled is being reopened the cause is still the one that made it necessary.
         let cause = match (e, self.refusing) {
@@ -392,17 +398,15 @@ impl Writer {
             self.refusing = Some(cause);
             self.last_log = None;
         }
-        self.refused_since_log += entries;
         if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
             error!(
                 cause,
                 error = %e,
-                held = self.refused_since_log,
+                held = entries,
                 "the queue cannot take messages: publishers get no acknowledgement until it \
                  can (nothing acknowledged is lost); retrying"
             );
             self.last_log = Some(Instant::now());
-            self.refused_since_log = 0;
         }
     }
 

@@ -182,6 +182,8 @@ struct State {
     tail_bytes: usize,
     /// Cursor value last written to `meta`.
     cursor_saved: u64,
+    /// Batches were removed since the last commit.
+    removed: bool,
 }
 
 impl State {
@@ -236,7 +238,7 @@ impl Store {
         let mark = mark::Mark::load(dir);
         let (trees, salvaged) = match open_trees(dir, cfg) {
             Ok(t) => (t, None),
-            Err(why) if why.is_no_space() => return Err(StoreError::NoSpace),
+            Err(OpenError::NoSpace) => return Err(StoreError::NoSpace),
             Err(why) => {
                 let aside = PathBuf::from(format!("{}.damaged-{}", dir.display(), now_ms() / 1000));
                 std::fs::rename(dir, &aside)?;
@@ -250,11 +252,7 @@ impl Store {
                     "queue store cannot be opened; moved aside, salvaging every intact batch \
                      into a fresh store"
                 );
-                let trees = open_trees(dir, cfg).map_err(|e| match e {
-                    OpenError::NoSpace => StoreError::NoSpace,
-                    OpenError::Other(e) => StoreError::Io(std::io::Error::other(e)),
-                })?;
-                (trees, Some(found))
+                (open_trees(dir, cfg)?, Some(found))
             }
         };
         let store = Store {
@@ -351,36 +349,22 @@ impl Store {
 
     /// Establishes the queue positions from what is on disk. Runs once at open.
     fn scan(&self, mark: mark::Mark) -> Result<(), StoreError> {
-        let (mut first, mut first_end, mut last_end, mut stored, mut bytes, mut bad) =
-            (None, 0u64, 0u64, 0u64, 0u64, Vec::new());
-        let mut spans = Vec::new();
-        let cursor = self.with_trees(|t| {
-            for kv in t.db.iter() {
-                let (k, v) = kv?;
-                match (key_seq(&k), batch::Header::read(&v)) {
-                    (Some(seq), Some(h)) if h.first == seq => {
-                        if first.is_none() {
-                            first = Some(h.first);
-                            first_end = h.end();
-                        }
-                        last_end = h.end();
-                        stored += h.count as u64;
-                        bytes += KEY_BYTES + v.len() as u64;
-                        spans.push((h.first, h.end()));
-                    }
-                    _ => bad.push(k),
-                }
-            }
+        let (survey, cursor) = self.with_trees(|t| {
             let cursor = t
                 .meta
                 .get(CURSOR_KEY)?
                 .and_then(|v| key_seq(&v))
                 .unwrap_or(0);
-            for k in &bad {
-                t.db.remove(k)?;
-            }
-            Ok(cursor)
+            Ok((survey(t, u64::MAX, cursor, &BTreeSet::new())?, cursor))
         })?;
+        let Survey {
+            first,
+            last_end,
+            stored,
+            bytes,
+            unacked,
+            dropped: bad,
+        } = survey;
         if !bad.is_empty() {
             warn!(
                 batches = bad.len(),
@@ -388,7 +372,7 @@ impl Store {
             );
         }
         let end = last_end.max(mark.end).max(cursor).max(1);
-        let head = first.unwrap_or(end);
+        let head = first.map_or(end, |h| h.first);
         // Records the mark says were durable but that the store no longer has: a damaged
         // tail that sled's recovery cut off.
         let lost_tail = mark.end.saturating_sub(last_end.max(cursor).max(head));
@@ -404,22 +388,18 @@ impl Store {
         }
         let mut st = self.lock();
         st.head = head;
-        st.first_end = if first.is_some() { first_end } else { end };
+        st.first_end = first.map_or(end, |h| h.end());
         st.cursor = cursor.max(head);
         st.cursor_saved = cursor;
         st.durable_end = end;
         st.end = end;
         st.stored = stored;
         st.bytes = bytes;
-        let c = st.cursor;
-        st.unacked = spans
-            .iter()
-            .map(|(f, e)| e.saturating_sub((*f).max(c)))
-            .sum();
+        st.unacked = unacked;
         let records = st.records();
         drop(st);
         self.appended.send_replace(end);
-        self.metrics.store_committed_seq.set(end as i64 - 1);
+        self.metrics.store_durable_seq.set(end as i64 - 1);
         self.publish_gauges();
         info!(
             records,
@@ -545,12 +525,13 @@ impl Store {
     /// Removes the head batch, counting its unacknowledged records as dropped for `reason`.
     /// `None` when the queue is empty.
     fn evict_head(&self, reason: DropReason) -> Result<Option<u64>, StoreError> {
-        let Some((k, v)) = self.with_trees(|t| Ok(t.db.first()?))? else {
+        let Some((k, v)) = self
+            .with_trees(|t| Ok(t.db.pop_min()?))
+            .map_err(StoreError::classify)?
+        else {
             return Ok(None);
         };
         let h = batch::Header::read(&v);
-        self.with_trees(|t| Ok(t.db.remove(&k)?))
-            .map_err(StoreError::classify)?;
         let (count, end) = match h {
             Some(h) => (h.count as u64, h.end()),
             None => (0, key_seq(&k).unwrap_or(0) + 1),
@@ -559,7 +540,7 @@ impl Store {
         let unacked = (st.cursor.max(end.saturating_sub(count))..end)
             .filter(|s| !st.acked.contains(s))
             .count() as u64;
-        let unacked = if end <= st.cursor { 0 } else { unacked };
+        st.removed = true;
         st.stored = st.stored.saturating_sub(count);
         st.unacked = st.unacked.saturating_sub(unacked);
         st.bytes = st.bytes.saturating_sub(KEY_BYTES + v.len() as u64);
@@ -612,6 +593,7 @@ impl Store {
         self.metrics.store_commits.inc();
         let mut st = self.lock();
         st.cursor_saved = cursor;
+        st.removed = false;
         let pending = std::mem::take(&mut st.pending);
         for (seq, r) in pending {
             st.tail_bytes += r.cost() as usize;
@@ -626,7 +608,7 @@ impl Store {
         st.durable_end = st.end;
         let end = st.end;
         drop(st);
-        self.metrics.store_committed_seq.set(end as i64 - 1);
+        self.metrics.store_durable_seq.set(end as i64 - 1);
         self.appended.send_replace(end);
         self.publish_gauges();
         Ok(())
@@ -651,40 +633,16 @@ impl Store {
     pub fn reopen(&self) -> Result<(), StoreError> {
         let mut g = self.trees.write().unwrap_or_else(|e| e.into_inner());
         drop(g.take());
-        let trees = open_trees(&self.dir, &self.cfg).map_err(|e| match e {
-            OpenError::NoSpace => StoreError::NoSpace,
-            OpenError::Other(e) => StoreError::Io(std::io::Error::other(e)),
-        })?;
-        *g = Some(trees);
+        *g = Some(open_trees(&self.dir, &self.cfg)?);
         drop(g);
         // Positions as the disk has them now. Batches past the durable end were never
         // confirmed: they go, and the journal appends them again under the same numbers.
-        let (durable_end, cursor) = {
+        let (durable_end, cursor, acked) = {
             let st = self.lock();
-            (st.durable_end, st.cursor)
+            (st.durable_end, st.cursor, st.acked.clone())
         };
-        let (mut stored, mut bytes, mut unacked) = (0u64, 0u64, 0u64);
-        let acked = self.lock().acked.clone();
-        self.with_trees(|t| {
-            let mut unconfirmed = Vec::new();
-            for kv in t.db.iter() {
-                let (k, v) = kv?;
-                match batch::Header::read(&v) {
-                    Some(h) if h.first < durable_end => {
-                        stored += h.count as u64;
-                        bytes += KEY_BYTES + v.len() as u64;
-                        unacked += (h.first.max(cursor)..h.end())
-                            .filter(|s| !acked.contains(s))
-                            .count() as u64;
-                    }
-                    _ => unconfirmed.push(k),
-                }
-            }
-            for k in unconfirmed {
-                t.db.remove(k)?;
-            }
-            Ok(())
-        })?;
+        let sv = self.with_trees(|t| survey(t, durable_end, cursor, &acked))?;
+        let (stored, bytes, unacked) = (sv.stored, sv.bytes, sv.unacked);
         let mut st = self.lock();
         st.pending.clear();
         st.end = durable_end;
@@ -701,8 +659,9 @@ impl Store {
         self.lock().end
     }
 
-    /// Removes batches every record of which is acknowledged, and expires old ones.
-    /// Journal thread only. Returns whether anything changed (a commit should follow).
+    /// Removes batches every record of which is acknowledged (nothing unacknowledged is
+    /// counted as dropped). Journal thread only. Returns whether it removed any; the
+    /// removal and the cursor become durable with the next commit.
     pub fn compact(&self) -> Result<bool, StoreError> {
         let mut changed = false;
         loop {
@@ -716,11 +675,13 @@ impl Store {
             self.evict_head(DropReason::Corrupt)?;
             changed = true;
         }
-        let cursor_moved = {
-            let st = self.lock();
-            st.cursor != st.cursor_saved
-        };
-        Ok(changed || cursor_moved)
+        Ok(changed)
+    }
+
+    /// Whether the cursor moved or batches went since the last commit.
+    pub fn has_unsaved(&self) -> bool {
+        let st = self.lock();
+        st.removed || st.cursor != st.cursor_saved
     }
 
     /// Drops head batches whose newest record is older than `store.max_age`. Returns how
@@ -898,9 +859,9 @@ impl Store {
         self.metrics
             .queue_oldest_age_seconds
             .set(self.oldest_age().map(|d| d.as_secs_f64()).unwrap_or(0.0));
-        if let Ok(n) = self.with_trees(|t| Ok(t.db.size_on_disk()?)) {
-            self.metrics.store_disk_bytes.set(n as i64);
-        }
+        self.metrics
+            .store_disk_bytes
+            .set(self.bytes_on_disk() as i64);
     }
 
     /// Bytes sled uses on disk.
@@ -952,6 +913,58 @@ impl Store {
     }
 }
 
+/// What the stored batches add up to.
+struct Survey {
+    /// Header of the first batch.
+    first: Option<batch::Header>,
+    /// End of the last batch.
+    last_end: u64,
+    /// Records in the batches.
+    stored: u64,
+    /// Bytes of values and keys.
+    bytes: u64,
+    /// Records at or above `cursor` not in `acked`.
+    unacked: u64,
+    /// Keys removed: a damaged header, or a batch at or past `keep_below` (never confirmed).
+    dropped: Vec<sled::IVec>,
+}
+
+/// Walks every batch (at open, and after a reopen), removing those that cannot be kept.
+fn survey(
+    t: &Trees,
+    keep_below: u64,
+    cursor: u64,
+    acked: &BTreeSet<u64>,
+) -> Result<Survey, StoreError> {
+    let mut sv = Survey {
+        first: None,
+        last_end: 0,
+        stored: 0,
+        bytes: 0,
+        unacked: 0,
+        dropped: Vec::new(),
+    };
+    for kv in t.db.iter() {
+        let (k, v) = kv?;
+        match (key_seq(&k), batch::Header::read(&v)) {
+            (Some(seq), Some(h)) if h.first == seq && h.first < keep_below => {
+                sv.first.get_or_insert(h);
+                sv.last_end = h.end();
+                sv.stored += h.count as u64;
+                sv.bytes += KEY_BYTES + v.len() as u64;
+                sv.unacked += (h.first.max(cursor)..h.end())
+                    .filter(|s| !acked.contains(s))
+                    .count() as u64;
+            }
+            _ => sv.dropped.push(k),
+        }
+    }
+    for k in &sv.dropped {
+        t.db.remove(k)?;
+    }
+    Ok(sv)
+}
+
 /// The batches that may hold records in `[from, to)`: the one holding `from` starts at or
 /// before it.
 fn batches(t: &Trees, from: u64, to: u64) -> Result<sled::Iter, StoreError> {
@@ -974,9 +987,12 @@ enum OpenError {
     Other(String),
 }
 
-impl OpenError {
-    fn is_no_space(&self) -> bool {
-        matches!(self, OpenError::NoSpace)
+impl From<OpenError> for StoreError {
+    fn from(e: OpenError) -> StoreError {
+        match e {
+            OpenError::NoSpace => StoreError::NoSpace,
+            OpenError::Other(e) => StoreError::Io(std::io::Error::other(e)),
+        }
     }
 }
 

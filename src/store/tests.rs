@@ -137,17 +137,23 @@ fn retained_messages_survive_reopen_and_stay_out_of_the_queue() {
     );
 }
 
-#[test]
-fn drop_oldest_evicts_whole_batches_and_counts_each_record() {
+/// A store whose budget holds `batches` batches of two records.
+fn store_of(batches: u64, policy: FullPolicy) -> (tempfile::TempDir, Store, Arc<Metrics>) {
     let dir = tempfile::tempdir().unwrap();
     let m = Metrics::new();
     let one = KEY_BYTES + batch::HEADER as u64 + 2 * rec("t", 0).cost();
     let s = Store::open(
         &dir.path().join("q"),
-        &cfg(one * 3, FullPolicy::DropOldest),
+        &cfg(one * batches, policy),
         m.clone(),
     )
     .unwrap();
+    (dir, s, m)
+}
+
+#[test]
+fn drop_oldest_evicts_whole_batches_and_counts_each_record() {
+    let (_dir, s, m) = store_of(3, FullPolicy::DropOldest);
     for i in 0..5 {
         s.append(&recs(i * 2..i * 2 + 2)).unwrap();
     }
@@ -159,15 +165,7 @@ fn drop_oldest_evicts_whole_batches_and_counts_each_record() {
 
 #[test]
 fn reject_new_holds_back_until_acknowledgements_make_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = Metrics::new();
-    let one = KEY_BYTES + batch::HEADER as u64 + 2 * rec("t", 0).cost();
-    let s = Store::open(
-        &dir.path().join("q"),
-        &cfg(one * 2, FullPolicy::RejectNew),
-        m.clone(),
-    )
-    .unwrap();
+    let (_dir, s, m) = store_of(2, FullPolicy::RejectNew);
     s.append(&recs(0..2)).unwrap();
     s.append(&recs(2..4)).unwrap();
     s.commit().unwrap();
