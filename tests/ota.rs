@@ -99,7 +99,16 @@ async fn wait_cloud(c: &Collector, g: &Gateway, topic: &str, pred: impl Fn(&Json
         g.get("/metrics")
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.starts_with("fieldgate_broker_closed_total"))
+            .filter(|l| {
+                [
+                    "fieldgate_broker_closed_total",
+                    "fieldgate_messages_",
+                    "fieldgate_queue_records",
+                    "fieldgate_dropped_total",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            })
             .collect::<Vec<_>>()
             .join(", "),
         g.log_text()
@@ -701,7 +710,16 @@ async fn cache_quota_evicts_images_no_rollout_needs() {
         g.get("/metrics")
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.starts_with("fieldgate_broker_closed_total"))
+            .filter(|l| {
+                [
+                    "fieldgate_broker_closed_total",
+                    "fieldgate_messages_",
+                    "fieldgate_queue_records",
+                    "fieldgate_dropped_total",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            })
             .collect::<Vec<_>>()
             .join(", "),
         g.log_text()
