@@ -293,6 +293,8 @@ pub struct Session {
     pub rx: mpsc::UnboundedReceiver<(String, Vec<u8>, Instant)>,
     stop: CancellationToken,
     poller: tokio::task::JoinHandle<()>,
+    /// QoS 1 publishes handed to the client and not yet acknowledged by the gateway.
+    unacked: Arc<AtomicU64>,
 }
 
 impl Session {
@@ -333,6 +335,8 @@ impl Session {
         let (ack_tx, ack_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let mut ack_tx = Some(ack_tx);
         let (sub_client, filter) = (client.clone(), format!("ota/{id}/#"));
+        let unacked = Arc::new(AtomicU64::new(0));
+        let unacked2 = unacked.clone();
         let poller = tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
@@ -354,6 +358,9 @@ impl Session {
                             let _ = t.send(Ok(()));
                         }
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        unacked2.fetch_sub(1, Ordering::SeqCst);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         // The session is over (see above): its receiver closes.
@@ -372,6 +379,7 @@ impl Session {
                 rx,
                 stop,
                 poller,
+                unacked,
             }),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err("session task ended".into()),
@@ -387,6 +395,7 @@ impl Session {
     }
 
     pub async fn send_raw(&self, id: &str, kind: &str, payload: Vec<u8>) {
+        self.unacked.fetch_add(1, Ordering::SeqCst);
         self.client
             .publish(format!("ota/{id}/{kind}"), QoS::AtLeastOnce, false, payload)
             .await
@@ -414,7 +423,15 @@ impl Session {
         }
     }
 
+    /// Disconnects once every publish is acknowledged (bounded), as a QoS 1 device must: the
+    /// gateway acknowledges only what is on disk, a little later than it reads it, and a
+    /// socket closed with acknowledgements still unread is reset, which discards whatever the
+    /// gateway had not read yet (the device's last messages and its DISCONNECT).
     pub async fn close(self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.unacked.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _ = self.client.disconnect().await;
         if tokio::time::timeout(Duration::from_secs(5), self.poller)
             .await
