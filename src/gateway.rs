@@ -299,7 +299,7 @@ pub async fn run(
         let s = store.clone();
         let done = tokio::task::spawn_blocking(move || {
             s.compact()?;
-            s.commit()?;
+            s.checkpoint()?;
             s.save_mark();
             Ok::<_, StoreError>(())
         })

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub queue_oldest_age_seconds: Gauge<f64, AtomicU64>,
     /// Group commits (flush + fsync) done.
     pub store_commits: Counter,
+    /// Checkpoints: sled's files flushed and fsynced, the write-ahead file started over.
+    pub store_checkpoints: Counter,
     /// Group commits that failed.
     pub store_commit_errors: Counter,
     /// Highest sequence number covered by a completed fsync.
@@ -422,6 +424,7 @@ impl Metrics {
             store_disk_bytes: Gauge::default(),
             queue_oldest_age_seconds: Gauge::default(),
             store_commits: Counter::default(),
+            store_checkpoints: Counter::default(),
             store_commit_errors: Counter::default(),
             store_durable_seq: Gauge::default(),
             store_refusals: Family::default(),
@@ -484,12 +487,17 @@ impl Metrics {
         );
         r.register(
             "store_commits",
-            "Group commits (flush + fsync)",
+            "Group commits (one write-ahead frame + fdatasync)",
             m.store_commits.clone(),
         );
         r.register(
+            "store_checkpoints",
+            "Checkpoints (sled flushed and fsynced, write-ahead file started over)",
+            m.store_checkpoints.clone(),
+        );
+        r.register(
             "store_commit_errors",
-            "Failed group commits",
+            "Failed group commits and checkpoints",
             m.store_commit_errors.clone(),
         );
         r.register(

@@ -292,7 +292,7 @@ impl Writer {
                     .unwrap_or_else(|p| p.into_inner())
                     .1
                     .take();
-                let _ = self.commit();
+                let _ = self.commit().and_then(|()| self.store.checkpoint());
                 self.store.save_mark();
                 info!(queued = self.store.records(), "queue committed");
                 return;
@@ -334,7 +334,9 @@ impl Writer {
                     match e {
                         StoreError::Full => {
                             // Room comes from the bridge's acknowledgements.
-                            if let Err(e) = self.store.compact().and_then(|_| self.commit()) {
+                            if let Err(e) =
+                                self.store.compact().and_then(|_| self.store.checkpoint())
+                            {
                                 warn!(error = %e, "compacting the queue failed");
                             }
                         }
@@ -356,24 +358,28 @@ impl Writer {
         self.store.commit()
     }
 
-    /// Removes acknowledged batches; about once a second expires old ones, commits what the
-    /// batches' own commits did not cover (the cursor and removals when no data flows),
-    /// refreshes the slow gauges and writes the mark. Acknowledgements never need their own
-    /// fsync: a cursor lost to a crash only means records sent again.
+    /// Removes acknowledged batches; about once a second expires old ones, checkpoints
+    /// (sled flushed with the cursor and removals, the write-ahead file started over),
+    /// refreshes the slow gauges and writes the mark; checkpoints sooner when half the
+    /// write-ahead file is used. Acknowledgements never need their own fsync: a cursor lost
+    /// to a crash only means records sent again.
     fn maintain(&mut self) {
         if let Err(e) = self.store.compact() {
             warn!(error = %e, "compacting the queue failed");
         }
-        if self.last_slow.elapsed() >= Duration::from_secs(1) {
-            self.last_slow = Instant::now();
+        let slow = self.last_slow.elapsed() >= Duration::from_secs(1);
+        if slow {
             if let Err(e) = self.store.expire() {
                 warn!(error = %e, "expiring old records failed");
             }
-            if self.store.has_unsaved() {
-                if let Err(e) = self.commit() {
-                    warn!(error = %e, "committing the queue cursor failed; retried later");
-                }
+        }
+        if (slow && self.store.has_unsaved()) || self.store.wal_used() >= super::wal::PREALLOC / 2 {
+            if let Err(e) = self.store.checkpoint() {
+                warn!(error = %e, "queue checkpoint failed; retried later");
             }
+        }
+        if slow {
+            self.last_slow = Instant::now();
             self.store.publish_slow_gauges();
             if self.refusing.is_none() {
                 self.store.save_mark();

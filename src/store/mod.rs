@@ -17,6 +17,13 @@
 //! - `retained`: key = topic, value = `[qos u8][payload]`: the broker's retained messages
 //!   (see [`crate::retained`]), outside the queue's counters and byte budget.
 //!
+//! # Durability
+//! A commit makes everything the journal inserted since the previous one durable with one
+//! frame of the write-ahead file ([`wal`]) and its `fdatasync`; sled's own files are flushed
+//! and fsynced only at a [`Store::checkpoint`] (about once a second), which also persists the
+//! cursor and removals and records the last write-ahead lsn it covers in `meta` (`wal_lsn`).
+//! Opening (and reopening after a write error) replays the frames above that lsn into sled.
+//!
 //! # Invariants
 //! - Only the journal thread mutates the trees (append, commit, compact, evict, expire,
 //!   retain), so batches are written in sequence order. Reads and [`Store::ack`] may come from
@@ -39,6 +46,7 @@
 pub mod batch;
 pub mod journal;
 mod mark;
+pub mod wal;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -58,6 +66,8 @@ use crate::metrics::{DropReason, Metrics};
 const KEY_BYTES: u64 = 8;
 /// Key of the acknowledged-up-to cursor in the `meta` tree.
 const CURSOR_KEY: &[u8] = b"cursor";
+/// Key of the last write-ahead lsn a checkpoint covers, in the `meta` tree.
+const WAL_LSN_KEY: &[u8] = b"wal_lsn";
 /// Most bytes of durable records kept in memory for the bridge (the live lane reads there).
 const TAIL_BYTES: usize = 4 * 1024 * 1024;
 
@@ -227,6 +237,8 @@ pub struct Store {
     state: Mutex<State>,
     /// Carries the durable end after each commit so the bridge wakes up.
     appended: watch::Sender<u64>,
+    /// The write-ahead file commits go to (sled itself is flushed at checkpoints).
+    wal: Mutex<wal::Wal>,
 }
 
 impl Store {
@@ -236,9 +248,10 @@ impl Store {
     pub fn open(dir: &Path, cfg: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir.parent().unwrap_or(Path::new(".")))?;
         let mark = mark::Mark::load(dir);
-        let (trees, salvaged) = match open_trees(dir, cfg) {
+        let (trees, salvaged) = match open_trees_waiting(dir, cfg, LOCK_WAIT) {
             Ok(t) => (t, None),
             Err(OpenError::NoSpace) => return Err(StoreError::NoSpace),
+            Err(e @ OpenError::Locked) => return Err(e.into()),
             Err(why) => {
                 let aside = PathBuf::from(format!("{}.damaged-{}", dir.display(), now_ms() / 1000));
                 std::fs::rename(dir, &aside)?;
@@ -255,6 +268,8 @@ impl Store {
                 (open_trees(dir, cfg)?, Some(found))
             }
         };
+        let floor = wal_floor(&trees)?;
+        let (wal, frames) = wal::Wal::open(dir, floor).map_err(|e| StoreError::Io(e).classify())?;
         let store = Store {
             retained_n: AtomicU64::new(trees.retained.len() as u64),
             trees: RwLock::new(Some(trees)),
@@ -263,9 +278,13 @@ impl Store {
             metrics,
             state: Mutex::new(State::default()),
             appended: watch::channel(0).0,
+            wal: Mutex::new(wal),
         };
         if let Some(found) = salvaged {
             store.restore_salvage(found, mark)?;
+        }
+        if store.replay(frames, floor)? > 0 {
+            store.checkpoint()?;
         }
         store.scan(mark)?;
         store
@@ -278,6 +297,54 @@ impl Store {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wal(&self) -> MutexGuard<'_, wal::Wal> {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies the write-ahead frames above `floor` (the last checkpoint's lsn) to sled, in
+    /// lsn order. Returns how many frames it applied; they are durable in sled only after
+    /// the next [`Store::checkpoint`].
+    fn replay(
+        &self,
+        mut frames: Vec<(u64, Vec<wal::Op>)>,
+        floor: u64,
+    ) -> Result<usize, StoreError> {
+        frames.retain(|(lsn, _)| *lsn > floor);
+        frames.sort_by_key(|(lsn, _)| *lsn);
+        frames.dedup_by_key(|(lsn, _)| *lsn);
+        let (mut records, mut retained) = (0u64, 0u64);
+        self.with_trees(|t| {
+            for (_, ops) in &frames {
+                for op in ops {
+                    match op {
+                        wal::Op::Batch(v) => {
+                            if let Some(h) = batch::Header::read(v) {
+                                t.db.insert(h.first.to_be_bytes(), v.as_slice())?;
+                                records += h.count as u64;
+                            }
+                        }
+                        wal::Op::Retain {
+                            topic,
+                            qos,
+                            payload,
+                        } => {
+                            self.apply_retain(t, topic, *qos, payload)?;
+                            retained += 1;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if !frames.is_empty() {
+            info!(
+                frames = frames.len(),
+                records, retained, "queue: replayed the commits made since the last checkpoint"
+            );
+        }
+        Ok(frames.len())
     }
 
     fn with_trees<T>(
@@ -357,6 +424,8 @@ impl Store {
                 .unwrap_or(0);
             Ok((survey(t, u64::MAX, cursor, &BTreeSet::new())?, cursor))
         })?;
+        let missing = survey.missing();
+        let holes = survey.holes.clone();
         let Survey {
             first,
             last_end,
@@ -364,6 +433,7 @@ impl Store {
             bytes,
             unacked,
             dropped: bad,
+            ..
         } = survey;
         if !bad.is_empty() {
             warn!(
@@ -386,6 +456,15 @@ impl Store {
                  files); they are lost"
             );
         }
+        if missing > 0 {
+            self.metrics.count_drop(DropReason::Corrupt, missing);
+            error!(
+                lost = missing,
+                ranges = ?holes,
+                "queue records that were durable are missing in the middle of the queue \
+                 (damaged store files); they are lost, the records around them are delivered"
+            );
+        }
         let mut st = self.lock();
         st.head = head;
         st.first_end = first.map_or(end, |h| h.end());
@@ -405,7 +484,7 @@ impl Store {
             records,
             bytes,
             next_seq = end,
-            lost_corrupt = lost_tail,
+            lost_corrupt = lost_tail + missing,
             "queue opened"
         );
         Ok(())
@@ -414,26 +493,35 @@ impl Store {
     /// Keeps `payload` as the retained message of `topic`; an empty payload deletes it
     /// (MQTT's rule for retained messages). Journal thread only; durable at the next commit.
     pub fn retain(&self, topic: &str, qos: u8, payload: &[u8]) -> Result<(), StoreError> {
-        self.with_trees(|t| {
-            if payload.is_empty() {
-                if t.retained.remove(topic.as_bytes())?.is_some() {
-                    self.retained_n.fetch_sub(1, Ordering::Relaxed);
-                }
-            } else {
-                let mut v = Vec::with_capacity(1 + payload.len());
-                v.push(qos.min(2));
-                v.extend_from_slice(payload);
-                if t.retained.insert(topic.as_bytes(), v)?.is_none() {
-                    self.retained_n.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Ok(())
-        })
-        .map_err(StoreError::classify)?;
+        self.with_trees(|t| self.apply_retain(t, topic, qos, payload))
+            .map_err(StoreError::classify)?;
+        self.wal().stage_retain(topic, qos, payload);
         self.metrics
             .broker
             .retained
             .set(self.retained_count() as i64);
+        Ok(())
+    }
+
+    fn apply_retain(
+        &self,
+        t: &Trees,
+        topic: &str,
+        qos: u8,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        if payload.is_empty() {
+            if t.retained.remove(topic.as_bytes())?.is_some() {
+                self.retained_n.fetch_sub(1, Ordering::Relaxed);
+            }
+        } else {
+            let mut v = Vec::with_capacity(1 + payload.len());
+            v.push(qos.min(2));
+            v.extend_from_slice(payload);
+            if t.retained.insert(topic.as_bytes(), v)?.is_none() {
+                self.retained_n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 
@@ -492,8 +580,9 @@ impl Store {
         }
         let first = self.lock().end;
         let value = batch::encode(first, records);
-        self.with_trees(|t| Ok(t.db.insert(first.to_be_bytes(), value)?))
+        self.with_trees(|t| Ok(t.db.insert(first.to_be_bytes(), value.as_slice())?))
             .map_err(StoreError::classify)?;
+        self.wal().stage_batch(&value);
         let mut st = self.lock();
         let n = records.len() as u64;
         if st.stored == 0 {
@@ -571,29 +660,32 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes and fsyncs everything appended since the last commit, with the cursor; then
+    /// Makes everything appended since the last commit durable: one write-ahead frame and
+    /// its `fdatasync` (a checkpoint instead when the frame does not fit in the file); then
     /// makes the appended records visible to readers. Journal thread only.
     pub fn commit(&self) -> Result<(), StoreError> {
-        let (cursor, save_cursor) = {
-            let st = self.lock();
-            (st.cursor, st.cursor != st.cursor_saved)
-        };
-        let res = self.with_trees(|t| {
-            if save_cursor {
-                t.meta.insert(CURSOR_KEY, &cursor.to_be_bytes())?;
+        let wrote = {
+            let mut w = self.wal();
+            if !w.staged() {
+                Ok(true)
+            } else if w.fits() {
+                let res = w.write();
+                w.clear();
+                res.map(|()| true).map_err(|e| {
+                    self.metrics.store_commit_errors.inc();
+                    StoreError::Io(e).classify()
+                })
+            } else {
+                Ok(false)
             }
-            t.db.flush()?;
-            Ok(())
-        });
-        let res = res.and_then(|()| self.sync_files());
-        if let Err(e) = res {
-            self.metrics.store_commit_errors.inc();
-            return Err(e.classify());
+        };
+        match wrote {
+            Ok(true) => {}
+            Ok(false) => self.checkpoint()?,
+            Err(e) => return Err(e),
         }
         self.metrics.store_commits.inc();
         let mut st = self.lock();
-        st.cursor_saved = cursor;
-        st.removed = false;
         let pending = std::mem::take(&mut st.pending);
         for (seq, r) in pending {
             st.tail_bytes += r.cost() as usize;
@@ -611,6 +703,35 @@ impl Store {
         self.metrics.store_durable_seq.set(end as i64 - 1);
         self.appended.send_replace(end);
         self.publish_gauges();
+        Ok(())
+    }
+
+    /// Flushes and fsyncs sled's files with the cursor and the last write-ahead lsn, then
+    /// starts the write-ahead file over. Covers every insert and removal made so far (what
+    /// is staged for the next frame too). Journal thread only.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let cursor = self.lock().cursor;
+        let mut w = self.wal();
+        let lsn = w.last_lsn();
+        let res = self
+            .with_trees(|t| {
+                t.meta.insert(CURSOR_KEY, &cursor.to_be_bytes())?;
+                t.meta.insert(WAL_LSN_KEY, &lsn.to_be_bytes())?;
+                t.db.flush()?;
+                Ok(())
+            })
+            .and_then(|()| self.sync_files());
+        if let Err(e) = res {
+            w.clear();
+            self.metrics.store_commit_errors.inc();
+            return Err(e.classify());
+        }
+        w.rewind();
+        drop(w);
+        self.metrics.store_checkpoints.inc();
+        let mut st = self.lock();
+        st.cursor_saved = cursor;
+        st.removed = false;
         Ok(())
     }
 
@@ -633,8 +754,16 @@ impl Store {
     pub fn reopen(&self) -> Result<(), StoreError> {
         let mut g = self.trees.write().unwrap_or_else(|e| e.into_inner());
         drop(g.take());
-        *g = Some(open_trees(&self.dir, &self.cfg)?);
+        // The dropped instance's background writes may hold sled's lock a little longer.
+        let trees = open_trees_waiting(&self.dir, &self.cfg, Duration::from_secs(2))?;
+        let floor = wal_floor(&trees)?;
+        *g = Some(trees);
         drop(g);
+        // The commits since the last checkpoint are in the write-ahead file only.
+        let (wal, frames) =
+            wal::Wal::open(&self.dir, floor).map_err(|e| StoreError::Io(e).classify())?;
+        *self.wal() = wal;
+        self.replay(frames, floor)?;
         // Positions as the disk has them now. Batches past the durable end were never
         // confirmed: they go, and the journal appends them again under the same numbers.
         let (durable_end, cursor, acked) = {
@@ -651,7 +780,8 @@ impl Store {
         st.unacked = unacked;
         self.refresh_first(&mut st)?;
         st.advance_cursor();
-        Ok(())
+        drop(st);
+        self.checkpoint()
     }
 
     /// The next sequence number the journal will assign.
@@ -680,8 +810,14 @@ impl Store {
 
     /// Whether the cursor moved or batches went since the last commit.
     pub fn has_unsaved(&self) -> bool {
+        let wal_used = self.wal_used() > 0;
         let st = self.lock();
-        st.removed || st.cursor != st.cursor_saved
+        wal_used || st.removed || st.cursor != st.cursor_saved
+    }
+
+    /// Bytes of write-ahead frames since the last checkpoint.
+    pub fn wal_used(&self) -> u64 {
+        self.wal().used()
     }
 
     /// Drops head batches whose newest record is older than `store.max_age`. Returns how
@@ -927,6 +1063,17 @@ struct Survey {
     unacked: u64,
     /// Keys removed: a damaged header, or a batch at or past `keep_below` (never confirmed).
     dropped: Vec<sled::IVec>,
+    /// Ranges `[from, to)` missing between two stored batches. Batches only ever leave from
+    /// the head (acknowledged, evicted, expired) or past the durable end, so a hole in the
+    /// middle is damage: sled lost a batch that had been durable.
+    holes: Vec<(u64, u64)>,
+}
+
+impl Survey {
+    /// Records missing between stored batches.
+    fn missing(&self) -> u64 {
+        self.holes.iter().map(|(a, b)| b - a).sum()
+    }
 }
 
 /// Walks every batch (at open, and after a reopen), removing those that cannot be kept.
@@ -943,11 +1090,15 @@ fn survey(
         bytes: 0,
         unacked: 0,
         dropped: Vec::new(),
+        holes: Vec::new(),
     };
     for kv in t.db.iter() {
         let (k, v) = kv?;
         match (key_seq(&k), batch::Header::read(&v)) {
             (Some(seq), Some(h)) if h.first == seq && h.first < keep_below => {
+                if sv.first.is_some() && h.first > sv.last_end {
+                    sv.holes.push((sv.last_end, h.first));
+                }
                 sv.first.get_or_insert(h);
                 sv.last_end = h.end();
                 sv.stored += h.count as u64;
@@ -976,6 +1127,14 @@ fn batches(t: &Trees, from: u64, to: u64) -> Result<sled::Iter, StoreError> {
     Ok(t.db.range(start.to_be_bytes()..to.to_be_bytes()))
 }
 
+/// The last write-ahead lsn the store's last checkpoint covered (0: none).
+fn wal_floor(t: &Trees) -> Result<u64, StoreError> {
+    Ok(t.meta
+        .get(WAL_LSN_KEY)?
+        .and_then(|v| key_seq(&v))
+        .unwrap_or(0))
+}
+
 fn key_seq(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(k.try_into().ok()?))
 }
@@ -984,13 +1143,21 @@ fn key_seq(k: &[u8]) -> Option<u64> {
 #[derive(Debug)]
 enum OpenError {
     NoSpace,
+    /// Another process (or a store still shutting down in this one) holds sled's lock:
+    /// the store is in use, not damaged.
+    Locked,
     Other(String),
 }
+
+/// How long [`Store::open`] waits for sled's lock (a gateway restarting while the old
+/// process still exits); shorter in unit tests, which open a store in use on purpose.
+const LOCK_WAIT: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
 
 impl From<OpenError> for StoreError {
     fn from(e: OpenError) -> StoreError {
         match e {
             OpenError::NoSpace => StoreError::NoSpace,
+            e @ OpenError::Locked => StoreError::Io(std::io::Error::other(e.to_string())),
             OpenError::Other(e) => StoreError::Io(std::io::Error::other(e)),
         }
     }
@@ -1000,7 +1167,24 @@ impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OpenError::NoSpace => f.write_str("no space left on device"),
+            OpenError::Locked => f.write_str(
+                "the queue store is in use by another process (is a second fieldgate running \
+                 with the same data_dir?)",
+            ),
             OpenError::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// [`open_trees`], trying again for up to `wait` while the store is locked.
+fn open_trees_waiting(dir: &Path, cfg: &StoreConfig, wait: Duration) -> Result<Trees, OpenError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match open_trees(dir, cfg) {
+            Err(OpenError::Locked) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
         }
     }
 }
@@ -1024,6 +1208,10 @@ fn open_trees(dir: &Path, cfg: &StoreConfig) -> Result<Trees, OpenError> {
     match opened {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(sled::Error::Io(e))) if is_enospc(&e) => Err(OpenError::NoSpace),
+        // sled 0.34 reports a held lock as an `Other` error with this text.
+        Ok(Err(sled::Error::Io(e))) if e.to_string().starts_with("could not acquire lock") => {
+            Err(OpenError::Locked)
+        }
         Ok(Err(e)) => Err(OpenError::Other(e.to_string())),
         Err(_) => Err(OpenError::Other("sled panicked while opening".into())),
     }
@@ -1038,7 +1226,8 @@ mod salvage {
     /// Every intact batch in the files under `dir` (sled's log and blob files).
     pub fn scan(dir: &Path) -> Vec<(batch::Header, batch::Decoded)> {
         let mut out = Vec::new();
-        let mut files = vec![dir.join("db")];
+        // The write-ahead file holds the same batch values as sled's log.
+        let mut files = vec![dir.join("db"), dir.join(super::wal::FILE)];
         if let Ok(entries) = std::fs::read_dir(dir.join("blobs")) {
             files.extend(entries.flatten().map(|e| e.path()));
         }
