@@ -444,6 +444,13 @@ pub struct StoreConfig {
     pub commit_interval: Duration,
     /// sled page cache, in bytes.
     pub cache_bytes: u64,
+    /// While the cloud link is up: device acknowledgements wait (at most [`LIVE_HOLD`]) while
+    /// more than this many durable records wait to be sent live. Keeps the delay to the cloud
+    /// bounded when devices publish faster than the link drains; never applies during an
+    /// outage or to a replayed backlog. 0: off.
+    ///
+    /// [`LIVE_HOLD`]: crate::store::journal::LIVE_HOLD
+    pub live_window: u64,
 }
 
 impl Default for StoreConfig {
@@ -454,6 +461,7 @@ impl Default for StoreConfig {
             full_policy: FullPolicy::DropOldest,
             commit_interval: Duration::from_millis(100),
             cache_bytes: 32 * 1024 * 1024,
+            live_window: 2048,
         }
     }
 }

@@ -290,6 +290,8 @@ impl Bridge {
         })
         .await??;
         let mut lanes = lanes;
+        let live = LiveLane(self.store.clone());
+        live.at(lanes.live_next());
         if !lanes.merged() {
             info!(backlog = self.store.records(), "replaying backlog");
         }
@@ -319,6 +321,7 @@ impl Bridge {
                             flight.handed.push_back(Some(InFlight { seq }));
                             self.metrics.sent_live.inc();
                         }
+                        live.at(lanes.live_next());
                         continue 'fill;
                     }
                     // Then the replay lane, paced.
@@ -491,5 +494,21 @@ async fn poll_events(mut el: EventLoop, tx: mpsc::Sender<Result<Event, Connectio
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Tells the store where the live lane stands for the journal's live window, and that there
+/// is no cloud session any more once the session's pump ends (however it ends).
+struct LiveLane(Arc<Store>);
+
+impl LiveLane {
+    fn at(&self, next: u64) {
+        self.0.set_live(Some(next.max(1)));
+    }
+}
+
+impl Drop for LiveLane {
+    fn drop(&mut self) {
+        self.0.set_live(None);
     }
 }

@@ -23,6 +23,13 @@
 //!   at most every [`LOG_EVERY`]), and tries again with a backoff; after a write error it
 //!   reopens sled first. Nothing it took is dropped and nothing is announced durable until
 //!   a commit covering it completed. It recovers by itself when the cause goes away.
+//! - Live window: while the cloud link is up and more than `store.live_window` durable
+//!   records wait to be sent live, the durable ticket is announced only once the bridge
+//!   caught up below it, or after [`LIVE_HOLD`]: devices that publish faster than the cloud
+//!   link drains are slowed by their own in-flight windows instead of growing the delay of
+//!   everything behind them. The records are durable and visible to the bridge meanwhile;
+//!   only the acknowledgements wait. It never applies without a cloud session (an outage),
+//!   and a replayed backlog does not count (the live lane defers behind it, not waits).
 //! - A test-only fault hook: with `FIELDGATE_FAULT_FILE=<path>` set, the file is read
 //!   before every commit; `fsync_delay_ms=<n>` delays the commit, `fsync_fail` fails it as
 //!   an I/O error, `enospc` as a full disk.
@@ -51,6 +58,8 @@ pub const MAX_BATCH: usize = 4096;
 pub const MAX_BATCH_BYTES: u64 = 1024 * 1024;
 /// Refusal log interval.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Longest time the live window holds a durable ticket back.
+pub const LIVE_HOLD: Duration = Duration::from_secs(1);
 
 /// One publish to make durable: queued for the cloud, kept as retained, or both.
 #[derive(Debug, Clone)]
@@ -218,7 +227,10 @@ pub fn spawn(
         .spawn(move || {
             let span = tracing::info_span!("store");
             let _g = span.enter();
+            let live_window = store.live_window();
             let mut w = Writer {
+                live_window,
+                held: None,
                 store,
                 metrics,
                 shared,
@@ -234,6 +246,10 @@ pub fn spawn(
 }
 
 struct Writer {
+    /// `store.live_window` (0: off).
+    live_window: u64,
+    /// A durable ticket not announced yet (the live window), and since when it is held.
+    held: Option<(u64, Instant)>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
@@ -257,7 +273,9 @@ impl Writer {
             beat.beat();
             let stopping = stop.is_cancelled();
             // The sender lives in `shared`, so the channel never disconnects: only time out.
-            if let Ok(e) = rx.recv_timeout(Duration::from_millis(50)) {
+            // A held ticket is looked at again every millisecond.
+            let wait = if self.held.is_some() { 1 } else { 50 };
+            if let Ok(e) = rx.recv_timeout(Duration::from_millis(wait)) {
                 batch.push(e);
             }
             let mut bytes = batch.first().map_or(0, |(_, e)| e.size());
@@ -283,6 +301,7 @@ impl Writer {
                 }
                 batch.clear();
             }
+            self.announce(None, stopping);
             self.maintain();
             if stopping && rx.is_empty() {
                 // Close the channel so late appenders get an error, not a silent wait.
@@ -320,7 +339,7 @@ impl Writer {
             match res {
                 Ok(()) => {
                     self.metrics.messages_in.inc_by(records.len() as u64);
-                    self.durable.send_replace(last_ticket);
+                    self.announce(Some(last_ticket), false);
                     self.recovered();
                     return true;
                 }
@@ -348,6 +367,25 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// Announces the durable ticket (`ticket`, or the one held), unless the live window
+    /// holds it back (see the module header); `force` announces whatever is held.
+    fn announce(&mut self, ticket: Option<u64>, force: bool) {
+        if let Some(t) = ticket {
+            let since = self.held.map_or_else(Instant::now, |(_, since)| since);
+            self.held = Some((t, since));
+        }
+        let Some((t, since)) = self.held else { return };
+        let over = self.live_window > 0
+            && self
+                .store
+                .live_lag()
+                .is_some_and(|lag| lag > self.live_window);
+        if force || !over || since.elapsed() >= LIVE_HOLD {
+            self.durable.send_replace(t);
+            self.held = None;
         }
     }
 
@@ -421,5 +459,69 @@ impl Writer {
             self.metrics.set_store_refusing(cause, false);
             info!(cause, "the queue takes messages again");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+
+    fn entry(i: u32) -> Entry {
+        Entry {
+            topic: format!("dev/{}/t", i % 3),
+            payload: Bytes::from(format!("{i}")),
+            retain: false,
+            keep: None,
+            queue: true,
+            ts_ms: 0,
+        }
+    }
+
+    async fn until(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..2000 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    /// The live window never loses an acknowledgement: held while the bridge is behind, it
+    /// is announced once the live lane catches up, and without a cloud session at once.
+    #[tokio::test]
+    async fn live_window_announces_once_the_live_lane_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            live_window: 10,
+            ..StoreConfig::default()
+        };
+        let m = Metrics::new();
+        let store = Arc::new(Store::open(&dir.path().join("q"), &cfg, m.clone()).unwrap());
+        // A cloud session whose live lane has sent nothing yet.
+        store.set_live(Some(1));
+        let stop = CancellationToken::new();
+        let (j, thread) = spawn(store.clone(), m, stop.clone(), Heartbeat::new("test")).unwrap();
+        let mut last = 0;
+        for i in 0..50 {
+            last = j.append(entry(i)).await.unwrap();
+        }
+        // Durable, and visible to the bridge, whatever the window does with the tickets.
+        assert!(until(|| store.next_seq() == 51).await);
+        assert_eq!(store.live_lag(), Some(50));
+        // The live lane catches up: every ticket is announced.
+        store.set_live(Some(51));
+        let durable = j.durable();
+        assert!(until(|| *durable.borrow() == last).await);
+        // No cloud session: no window at all.
+        store.set_live(None);
+        assert_eq!(store.live_lag(), None);
+        for i in 50..60 {
+            last = j.append(entry(i)).await.unwrap();
+        }
+        assert!(until(|| *durable.borrow() == last).await);
+        stop.cancel();
+        thread.join().unwrap();
     }
 }

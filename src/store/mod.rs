@@ -239,6 +239,8 @@ pub struct Store {
     appended: watch::Sender<u64>,
     /// The write-ahead file commits go to (sled itself is flushed at checkpoints).
     wal: Mutex<wal::Wal>,
+    /// The next record the bridge's live lane sends; 0 while there is no cloud session.
+    live_next: AtomicU64,
 }
 
 impl Store {
@@ -279,6 +281,7 @@ impl Store {
             state: Mutex::new(State::default()),
             appended: watch::channel(0).0,
             wal: Mutex::new(wal),
+            live_next: AtomicU64::new(0),
         };
         if let Some(found) = salvaged {
             store.restore_salvage(found, mark)?;
@@ -784,6 +787,20 @@ impl Store {
         self.checkpoint()
     }
 
+    /// The bridge's live lane: the next record it sends, or `None` when there is no cloud
+    /// session.
+    pub fn set_live(&self, next: Option<u64>) {
+        self.live_next.store(next.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Durable records the live lane has not sent yet; `None` without a cloud session.
+    pub fn live_lag(&self) -> Option<u64> {
+        match self.live_next.load(Ordering::Relaxed) {
+            0 => None,
+            next => Some(self.lock().durable_end.saturating_sub(next)),
+        }
+    }
+
     /// The next sequence number the journal will assign.
     pub fn end(&self) -> u64 {
         self.lock().end
@@ -1012,6 +1029,11 @@ impl Store {
             (st.durable_end, st.cursor_saved)
         };
         mark::Mark { end, cursor }.save(&self.dir);
+    }
+
+    /// `store.live_window` (see [`journal`]).
+    pub fn live_window(&self) -> u64 {
+        self.cfg.live_window
     }
 
     /// Unacknowledged records in the queue.
