@@ -169,6 +169,10 @@ fn main() {
         disk as f64 / n as f64,
         size
     );
+    println!(
+        "rss:     {:.1} MiB holding {n} records after the fill",
+        vm_kib("VmRSS:") as f64 / 1024.0
+    );
     drop(store);
 
     // 3. Recover.
@@ -179,6 +183,10 @@ fn main() {
         "recover: {:>10.3} s to reopen {} records",
         t0.elapsed().as_secs_f64(),
         store.records()
+    );
+    println!(
+        "rss:     {:.1} MiB after the reopen",
+        vm_kib("VmRSS:") as f64 / 1024.0
     );
 
     // 4. Drain: read in order from disk, acknowledge, let the journal compact.

@@ -2,7 +2,7 @@
 //!
 //! Publishers (device sessions in [`crate::frontend`], the gateway's own sources through
 //! [`crate::ingest`]) hand entries to [`Journal::append`] and get a ticket; one thread takes
-//! everything that arrived, writes it to the [`Store`] as one batch, fsyncs, and then
+//! everything that arrived, writes it to the [`Store`] as one commit, fsyncs, and then
 //! announces the highest durable ticket on a watch. A device's PUBACK waits for that watch
 //! to pass its ticket.
 //!

@@ -9,7 +9,8 @@
 //! once every record in them is acknowledged.
 //!
 //! # Layout (sled trees)
-//! - default tree: one value per commit batch (format in [`batch`]), key = the batch's first
+//! - default tree: batch values (format in [`batch`]; a commit is cut into values of at most
+//!   `VALUE_BYTES` (8 KiB) of records, so that sled's cache can evict them), key = the batch's first
 //!   sequence number, `u64` big-endian, so sled's key order is queue order. Sequence numbers
 //!   start at 1, grow by one per record, and are never reused (at open the next one is the
 //!   larger of the last batch's end and the [`mark`] file's).
@@ -558,14 +559,17 @@ impl Store {
         self.retained_n.load(Ordering::Relaxed) as usize
     }
 
-    /// Appends `records` as one batch (journal thread only), applying the full policy
+    /// Appends `records` as one commit (journal thread only; stored as consecutive batch
+    /// values of at most `VALUE_BYTES` (8 KiB) of records), applying the full policy
     /// first: `drop_oldest` evicts whole batches from the head, `reject_new` returns
     /// [`StoreError::Full`] and nothing is written. Not durable until [`Store::commit`].
     pub fn append(&self, records: &[Record]) -> Result<Appended, StoreError> {
         if records.is_empty() {
             return Ok(Appended::default());
         }
-        let cost = KEY_BYTES + batch::HEADER as u64 + records.iter().map(Record::cost).sum::<u64>();
+        let chunks = value_chunks(records);
+        let cost = chunks.len() as u64 * (KEY_BYTES + batch::HEADER as u64)
+            + records.iter().map(Record::cost).sum::<u64>();
         let mut out = Appended::default();
         loop {
             let bytes = self.lock().bytes;
@@ -582,15 +586,19 @@ impl Store {
             }
         }
         let first = self.lock().end;
-        let value = batch::encode(first, records);
-        self.with_trees(|t| Ok(t.db.insert(first.to_be_bytes(), value.as_slice())?))
-            .map_err(StoreError::classify)?;
-        self.wal().stage_batch(&value);
+        let mut at = first;
+        for chunk in &chunks {
+            let value = batch::encode(at, chunk);
+            self.with_trees(|t| Ok(t.db.insert(at.to_be_bytes(), value.as_slice())?))
+                .map_err(StoreError::classify)?;
+            self.wal().stage_batch(&value);
+            at += chunk.len() as u64;
+        }
         let mut st = self.lock();
         let n = records.len() as u64;
         if st.stored == 0 {
             st.head = first;
-            st.first_end = first + n;
+            st.first_end = first + chunks[0].len() as u64;
         }
         st.end = first + n;
         st.stored += n;
@@ -1147,6 +1155,29 @@ fn batches(t: &Trees, from: u64, to: u64) -> Result<sled::Iter, StoreError> {
             .transpose()?
             .map_or(from, |(k, _)| key_seq(&k).unwrap_or(from));
     Ok(t.db.range(start.to_be_bytes()..to.to_be_bytes()))
+}
+
+/// Most record bytes in one sled value: a commit is stored as consecutive batch values of
+/// about this size. sled 0.34's cache evicts a page only after its LRU shard (one of 256)
+/// saw 64 accesses, so a few thousand large values are never evicted and a backlog stayed
+/// in memory whatever `cache_bytes` said (165 MiB holding 1M records with a 32 MiB cache);
+/// with small values the cache bound takes effect.
+const VALUE_BYTES: u64 = 8 * 1024;
+
+/// `records` cut into runs of at most `VALUE_BYTES` (8 KiB) (at least one record each).
+fn value_chunks(records: &[Record]) -> Vec<&[Record]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        let c = r.cost();
+        if i > start && bytes + c > VALUE_BYTES {
+            out.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += c;
+    }
+    out.push(&records[start..]);
+    out
 }
 
 /// The last write-ahead lsn the store's last checkpoint covered (0: none).

@@ -328,3 +328,57 @@ fn commits_survive_a_crash_before_any_checkpoint() {
     assert_eq!(m.dropped(DropReason::Corrupt), 0);
     drop(s);
 }
+
+#[test]
+fn a_large_commit_is_stored_as_small_values_and_compacts_by_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(
+        &dir.path().join("q"),
+        &StoreConfig::default(),
+        Metrics::new(),
+    )
+    .unwrap();
+    let big: Vec<Record> = (0..300u32)
+        .map(|i| Record {
+            payload: Bytes::from(format!("{i:0>100}")),
+            ..rec("dev/big", i)
+        })
+        .collect();
+    s.append(&big).unwrap();
+    s.commit().unwrap();
+    let values = s.with_trees(|t| Ok(t.db.len())).unwrap();
+    assert!(values >= 4, "300 records of ~130 B in {values} values");
+    let sizes: Vec<usize> = s
+        .with_trees(|t| Ok(t.db.iter().map(|kv| kv.unwrap().1.len()).collect()))
+        .unwrap();
+    assert!(sizes
+        .iter()
+        .all(|n| *n as u64 <= VALUE_BYTES + batch::HEADER as u64));
+    // Acknowledging the first 100 removes the values they fill completely, no more.
+    s.ack(&(1..=100).collect::<Vec<_>>());
+    assert!(s.compact().unwrap());
+    let left = s.with_trees(|t| Ok(t.db.len())).unwrap();
+    assert!(left < values && left >= values - 2);
+    let got = s.read_from(0, 1000).unwrap();
+    assert_eq!(got.len(), 200);
+    assert_eq!(got[0].0, 101);
+    assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+    assert_eq!(s.records(), 200);
+}
+
+#[test]
+fn value_chunks_keep_every_record_in_order() {
+    let mk = |n: usize| Record {
+        payload: Bytes::from(vec![b'x'; n]),
+        ..rec("t", 0)
+    };
+    // One record larger than a value goes alone; small ones are grouped.
+    let rs = vec![mk(10), mk(20_000), mk(10), mk(10), mk(9_000), mk(1)];
+    let chunks = value_chunks(&rs);
+    assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), rs.len());
+    assert_eq!(
+        chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+        [1, 1, 2, 1, 1]
+    );
+    assert_eq!(value_chunks(&rs[..1]).len(), 1);
+}
