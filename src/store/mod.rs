@@ -9,11 +9,11 @@
 //! once every record in them is acknowledged.
 //!
 //! # Layout (sled trees)
-//! - default tree: batch values (format in [`batch`]; a commit is cut into values of at most
-//!   `VALUE_BYTES` (8 KiB) of records, so that sled's cache can evict them), key = the batch's first
-//!   sequence number, `u64` big-endian, so sled's key order is queue order. Sequence numbers
-//!   start at 1, grow by one per record, and are never reused (at open the next one is the
-//!   larger of the last batch's end and the [`mark`] file's).
+//! - default tree: batch values (format in [`batch`]; a commit is cut into values of at
+//!   most `VALUE_BYTES`, 8 KiB, of records, so that sled's cache can evict them), key = the
+//!   batch's first sequence number, `u64` big-endian, so sled's key order is queue order.
+//!   Sequence numbers start at 1, grow by one per record, and are never reused (at open the
+//!   next one is the larger of the last batch's end and the [`mark`] file's).
 //! - `meta`: `cursor` -> `u64` BE: every record below it has been acknowledged (or dropped).
 //! - `retained`: key = topic, value = `[qos u8][payload]`: the broker's retained messages
 //!   (see [`crate::retained`]), outside the queue's counters and byte budget.
