@@ -461,7 +461,7 @@ impl Default for StoreConfig {
             full_policy: FullPolicy::DropOldest,
             commit_interval: Duration::from_millis(100),
             cache_bytes: 32 * 1024 * 1024,
-            live_window: 2048,
+            live_window: 4096,
         }
     }
 }
