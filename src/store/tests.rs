@@ -29,8 +29,8 @@ fn payloads(v: &[(u64, Record)]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn records_are_visible_only_once_committed() {
+/// A new store on the defaults in a temp dir (kept alive by the returned guard).
+fn fresh() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(
         &dir.path().join("q"),
@@ -38,6 +38,12 @@ fn records_are_visible_only_once_committed() {
         Metrics::new(),
     )
     .unwrap();
+    (dir, s)
+}
+
+#[test]
+fn records_are_visible_only_once_committed() {
+    let (_dir, s) = fresh();
     let a = s.append(&recs(0..3)).unwrap();
     assert_eq!((a.first, a.accepted), (1, 3));
     assert_eq!(s.next_seq(), 1);
@@ -204,13 +210,7 @@ fn expire_drops_old_batches() {
 
 #[test]
 fn reopen_after_a_failed_commit_forgets_only_the_unconfirmed() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(
-        &dir.path().join("q"),
-        &StoreConfig::default(),
-        Metrics::new(),
-    )
-    .unwrap();
+    let (_dir, s) = fresh();
     s.append(&recs(0..3)).unwrap();
     s.commit().unwrap();
     s.append(&recs(3..6)).unwrap();
@@ -331,13 +331,7 @@ fn commits_survive_a_crash_before_any_checkpoint() {
 
 #[test]
 fn a_large_commit_is_stored_as_small_values_and_compacts_by_value() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(
-        &dir.path().join("q"),
-        &StoreConfig::default(),
-        Metrics::new(),
-    )
-    .unwrap();
+    let (_dir, s) = fresh();
     let big: Vec<Record> = (0..300u32)
         .map(|i| Record {
             payload: Bytes::from(format!("{i:0>100}")),
