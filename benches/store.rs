@@ -76,6 +76,8 @@ fn main() {
         );
         return;
     }
+    // As the gateway runs (see its `main`).
+    fieldgate::limit_malloc_arenas();
     let n = env("BENCH_RECORDS", 1_000_000);
     let size = env("BENCH_SIZE", 100) as usize;
     let writers = env("BENCH_WRITERS", 1000).max(1);

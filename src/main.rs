@@ -69,6 +69,7 @@ fn load(path: Option<&PathBuf>) -> Result<Settings, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    fieldgate::limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match load(config.as_ref()) {
