@@ -256,6 +256,7 @@ impl Broker {
     /// first, as a device's do: the sources and the OTA manager use these.
     pub fn client(&self, id: &str) -> Result<crate::sources::LocalClient, BrokerError> {
         Ok(crate::sources::LocalClient::new(
+            id,
             self.link(id)?,
             self.ingest.clone(),
         ))

@@ -17,8 +17,14 @@
 //! - [`Ingest::offer`] never waits: a full journal hands the entry back, and the caller
 //!   decides (a device session waits with [`Journal::append`], which withholds the PUBACK;
 //!   QoS 0 and sources count it as `dropped{reason="refused"}`).
+//! - [`Audience`] knows every topic filter a local client may receive on (device sessions,
+//!   persistent ones while they are away, and the gateway's own links). It only ever
+//!   over-approximates: a filter goes when its client unsubscribes or its session is
+//!   cleaned, never sooner. A non-retained publish that matches none of them has no local
+//!   reader, and the front end answers it itself instead of handing it to rumqttd.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
@@ -77,12 +83,78 @@ pub enum Offer {
     Full(Entry),
 }
 
+/// The topic filters local clients are subscribed to, by client (see the module header).
+#[derive(Default)]
+pub struct Audience {
+    inner: RwLock<AudienceInner>,
+}
+
+#[derive(Default)]
+struct AudienceInner {
+    by_client: HashMap<String, HashSet<String>>,
+    /// Filter -> clients subscribed to it.
+    filters: HashMap<String, usize>,
+}
+
+impl Audience {
+    /// `client` subscribed to `filter`.
+    pub fn add(&self, client: &str, filter: &str) {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let new = g
+            .by_client
+            .entry(client.to_string())
+            .or_default()
+            .insert(filter.to_string());
+        if new {
+            *g.filters.entry(filter.to_string()).or_default() += 1;
+        }
+    }
+
+    /// `client` unsubscribed from `filter`.
+    pub fn remove(&self, client: &str, filter: &str) {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let gone = g
+            .by_client
+            .get_mut(client)
+            .is_some_and(|set| set.remove(filter));
+        if gone {
+            forget(&mut g.filters, filter);
+        }
+    }
+
+    /// `client`'s session is gone from the broker (cleaned): all its filters go.
+    pub fn clear(&self, client: &str) {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = g.by_client.remove(client) {
+            for f in set {
+                forget(&mut g.filters, &f);
+            }
+        }
+    }
+
+    /// Whether any local client may receive a publish on `topic`.
+    pub fn reaches(&self, topic: &str) -> bool {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        g.filters.keys().any(|f| crate::topic::matches(f, topic))
+    }
+}
+
+fn forget(filters: &mut HashMap<String, usize>, filter: &str) {
+    if let Some(n) = filters.get_mut(filter) {
+        *n -= 1;
+        if *n == 0 {
+            filters.remove(filter);
+        }
+    }
+}
+
 /// The entry point; cheap to clone (one per session and source).
 #[derive(Clone)]
 pub struct Ingest {
     routing: Arc<Routing>,
     journal: Option<Journal>,
     metrics: Arc<Metrics>,
+    audience: Arc<Audience>,
 }
 
 impl Ingest {
@@ -92,6 +164,7 @@ impl Ingest {
             routing: Arc::new(routing),
             journal: Some(journal),
             metrics,
+            audience: Arc::default(),
         }
     }
 
@@ -106,7 +179,20 @@ impl Ingest {
             }),
             journal: None,
             metrics,
+            audience: Arc::default(),
         }
+    }
+
+    /// Who may receive local publishes.
+    pub fn audience(&self) -> &Audience {
+        &self.audience
+    }
+
+    /// Whether a publish on `topic` must go through the local broker: it is retained (the
+    /// broker keeps it), a local client may receive it, or nothing queues it (no journal:
+    /// the broker is the whole path).
+    pub fn needs_broker(&self, topic: &str, retain: bool) -> bool {
+        retain || self.journal.is_none() || self.audience.reaches(topic)
     }
 
     /// The journal, when there is one.
@@ -175,5 +261,24 @@ mod tests {
         assert_eq!(r.verdict("dev/1/temp"), Verdict::Forward);
         assert_eq!(r.verdict("cmd/dev1/set"), Verdict::Skip);
         assert_eq!(r.verdict("x/1"), Verdict::Loop);
+    }
+
+    #[test]
+    fn audience_keeps_a_filter_while_any_client_holds_it() {
+        let a = Audience::default();
+        assert!(!a.reaches("dev/1/t"));
+        a.add("c1", "dev/+/t");
+        a.add("c2", "dev/+/t");
+        a.add("c2", "dev/+/t");
+        assert!(a.reaches("dev/1/t"));
+        a.remove("c1", "dev/+/t");
+        assert!(a.reaches("dev/1/t"), "c2 still holds it");
+        a.clear("c2");
+        assert!(!a.reaches("dev/1/t"));
+        a.add("c3", "#");
+        assert!(a.reaches("anything/at/all"));
+        assert!(!a.reaches("$SYS/x"), "# does not match $ topics");
+        a.remove("c3", "#");
+        assert!(!a.reaches("anything/at/all"));
     }
 }

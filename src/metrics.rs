@@ -231,6 +231,9 @@ pub struct BrokerMetrics {
     closed_by: Family<Labels, Counter>,
     /// QoS 2 retries (DUP before PUBREL) not forwarded again.
     pub qos2_duplicates: Counter,
+    /// Queued, non-retained PUBLISHes no local client could receive, answered by the front
+    /// end without the local broker (see [`crate::ingest::Audience`]).
+    pub bypassed: Counter,
     /// Deliveries lowered to the publisher's QoS.
     pub downgraded: Counter,
     /// PUBLISHes over `broker.max_publish_rate`, by the policy applied.
@@ -266,6 +269,11 @@ impl BrokerMetrics {
             "qos2_duplicates",
             "QoS 2 retries not delivered twice",
             self.qos2_duplicates.clone(),
+        );
+        r.register(
+            "bypassed",
+            "Queued publishes no local client could receive, answered without the local broker",
+            self.bypassed.clone(),
         );
         r.register(
             "downgraded",

@@ -982,6 +982,64 @@ async fn persistent_sessions_hold_while_the_gateway_runs_and_end_with_a_restart(
     );
 }
 
+/// A queued publish no local client can receive is answered without rumqttd; one that a
+/// local reader may receive (a persistent session while it is away, a live subscriber, the
+/// gateway's own links) still reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_without_local_readers_skip_the_broker_and_readers_still_get_theirs() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let bypassed = || gw.metric("fieldgate_broker_bypassed_total");
+    let mut publ = anon(gw.mqtt, "pub").await;
+    publ.publish1("plant/a/temp", "nobody reads this").await;
+    assert_eq!(bypassed(), 1.0, "{}", gw.log_text());
+
+    // A persistent subscriber that goes away keeps its filter: the publish goes to rumqttd,
+    // which holds it for the session.
+    let persistent = |port: u16| {
+        let mut o = MqttOptions::new("away", "127.0.0.1", port);
+        o.set_clean_session(false);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    let (c, mut el) = AsyncClient::new(persistent(gw.mqtt), 10);
+    next_connack(&mut el).await;
+    c.subscribe("plant/#", QoS::AtLeastOnce).await.unwrap();
+    wait_suback(&mut el).await;
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(WAIT, async { while el.poll().await.is_ok() {} }).await;
+    publ.publish1("plant/a/temp", "while-away").await;
+    let (c, mut el) = AsyncClient::new(persistent(gw.mqtt), 10);
+    assert!(next_connack(&mut el).await.session_present);
+    assert_eq!(
+        next_publishes(&mut el, 1).await,
+        vec![("plant/a/temp".to_string(), "while-away".to_string())]
+    );
+    // Live, it gets the next one too; neither went around rumqttd.
+    publ.publish1("plant/b/temp", "live").await;
+    assert_eq!(
+        next_publishes(&mut el, 1).await,
+        vec![("plant/b/temp".to_string(), "live".to_string())]
+    );
+    assert_eq!(bypassed(), 1.0);
+
+    // Once it unsubscribes (and the session is cleaned) nobody reads `plant/` again.
+    c.unsubscribe("plant/#").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while el.poll().await.is_ok() {}
+    })
+    .await;
+    publ.publish1("plant/c/temp", "nobody again").await;
+    assert_eq!(bypassed(), 2.0);
+    // The gateway's own links count as readers: the OTA manager listens on `ota/+/request`.
+    publ.publish1("ota/dev9/request", "{}").await;
+    assert_eq!(
+        bypassed(),
+        2.0,
+        "a publish the OTA manager reads went around rumqttd"
+    );
+}
+
 async fn next_connack(el: &mut rumqttc::EventLoop) -> rumqttc::ConnAck {
     tokio::time::timeout(WAIT, async {
         loop {

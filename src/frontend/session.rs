@@ -27,6 +27,12 @@
 //!   it. When the journal is full the session reads nothing more from the device until the
 //!   entry is taken (TCP back-pressure); when the store refuses writes (disk full, I/O
 //!   error) the answers stay held, so the device's in-flight window fills and it stops;
+//! - no local reader: a queued, non-retained QoS 0/1 PUBLISH that no local client may
+//!   receive ([`crate::ingest::Audience`]: live and away sessions, the gateway's own links)
+//!   is not handed to rumqttd; the front end answers it itself once durable. Only while no
+//!   answer from rumqttd is awaited, so the order of acknowledgements holds. SUBSCRIBE
+//!   registers its filters before rumqttd sees it, UNSUBSCRIBE removes them, and a clean
+//!   session's filters go when it ends (or when the next clean CONNECT of its id arrives);
 //! - a device whose connection ends without DISCONNECT has its will queued here (rumqttd
 //!   publishes it locally);
 //! - PUBLISH outside the ACL is dropped and counted; QoS 1 still gets PUBACK and QoS 2 the
@@ -40,6 +46,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
@@ -313,6 +320,18 @@ where
         Some(ctx.sessions.claim(&connect.client_id).await)
     };
     let stop = claim.as_ref().map(|c| c.stop.clone()).unwrap_or_default();
+    // Whose subscriptions these are in the ingest's audience (rumqttd names an empty client
+    // id itself; `$` cannot start a device's client id).
+    let audience_key = if connect.client_id.is_empty() {
+        static ANON: AtomicU64 = AtomicU64::new(0);
+        format!("$anon/{}", ANON.fetch_add(1, Ordering::Relaxed))
+    } else {
+        connect.client_id.clone()
+    };
+    if connect.clean_session {
+        // rumqttd discards the previous session of this client id at this CONNECT.
+        ctx.ingest.audience().clear(&audience_key);
+    }
     let mut up = match open_upstream(&ctx, &connect).await {
         Ok(up) => up,
         Err(code) => {
@@ -321,7 +340,16 @@ where
             return End::Refused;
         }
     };
-    let end = relay_session(&ctx, &mut dev, &mut up, &connect, id, peer, stop).await;
+    let end = relay_session(
+        &ctx,
+        &mut dev,
+        &mut up,
+        &connect,
+        (id, audience_key.clone()),
+        peer,
+        stop,
+    )
+    .await;
     if end != End::Disconnect {
         if let Some(w) = &connect.last_will {
             // rumqttd publishes it locally once the upstream socket closes; the cloud's copy
@@ -331,6 +359,10 @@ where
         }
     }
     close_upstream(&mut up).await;
+    if connect.clean_session {
+        // Before the claim goes: the next session of this client id registers after this.
+        ctx.ingest.audience().clear(&audience_key);
+    }
     drop(claim);
     end
 }
@@ -341,7 +373,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     dev: &mut DeviceIo<S>,
     up: &mut BrokerIo,
     connect: &v4::Connect,
-    id: Identity,
+    (id, audience_key): (Identity, String),
     peer: SocketAddr,
     stop: CancellationToken,
 ) -> End {
@@ -375,6 +407,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     let mut relay = Relay {
         ctx: ctx.clone(),
         id,
+        audience_key,
         granted: Vec::new(),
         pending_sub: HashMap::new(),
         qos2_in: HashSet::new(),
@@ -512,6 +545,8 @@ struct Relay {
     /// A cloud-bound PUBLISH the journal had no room for: (pkid, entry). Nothing more is read
     /// from the device until it is appended.
     blocked: Option<(u16, Entry)>,
+    /// This session's key in the ingest's [`crate::ingest::Audience`].
+    audience_key: String,
 }
 
 /// Ticket placeholder of a PUBLISH whose entry waits for room in the journal.
@@ -669,14 +704,29 @@ impl Relay {
                     return self.answer(dev, t, P4::PubRec(v4::PubRec::new(p.pkid)));
                 }
                 let q = p.qos as u8;
+                // No local reader and nothing for rumqttd to keep: the queue is the whole
+                // path, and the front end answers itself. Only while nothing waits for
+                // rumqttd's answer, so that acknowledgements keep the order of the PUBLISHes.
+                let bypass = self.awaiting.is_empty()
+                    && p.qos != QoS::ExactlyOnce
+                    && !self.ctx.ingest.needs_broker(&p.topic, p.retain);
                 if p.qos == QoS::AtMostOnce {
                     // Appended, never waited for.
-                    self.ctx
+                    let taken = self
+                        .ctx
                         .ingest
                         .offer_or_count(&p.topic, &p.payload, q, p.retain);
+                    if bypass && taken {
+                        m.bypassed.inc();
+                        return Ok(());
+                    }
                 } else {
                     match self.ctx.ingest.offer(&p.topic, &p.payload, q, p.retain) {
                         Offer::Local => {}
+                        Offer::Queued(t) if bypass => {
+                            m.bypassed.inc();
+                            return self.answer(dev, t, P4::PubAck(v4::PubAck::new(p.pkid)));
+                        }
                         Offer::Queued(t) => {
                             self.awaiting.insert(p.pkid, t);
                         }
@@ -712,6 +762,9 @@ impl Relay {
             P4::Subscribe(s) => self.subscribe(s, dev, up),
             P4::Unsubscribe(u) => {
                 self.granted.retain(|(f, _)| !u.topics.contains(f));
+                for f in &u.topics {
+                    self.ctx.ingest.audience().remove(&self.audience_key, f);
+                }
                 up.queue(P5::Unsubscribe(v5::Unsubscribe {
                     pkid: u.pkid,
                     filters: u.topics,
@@ -827,6 +880,10 @@ impl Relay {
         if forward.is_empty() {
             let codes = codes.into_iter().flatten().collect();
             return dev.queue(P4::SubAck(v4::SubAck::new(s.pkid, codes)));
+        }
+        for (f, _) in &forward {
+            // Known before rumqttd has it: a publish racing the SUBSCRIBE goes to rumqttd.
+            self.ctx.ingest.audience().add(&self.audience_key, f);
         }
         let packet = upstream::subscribe(s.pkid, &forward);
         self.pending_sub.insert(s.pkid, (codes, forward));

@@ -30,6 +30,7 @@ const SOURCE_QOS: u8 = 2;
 
 /// An in-process MQTT client of the embedded broker, as one `(LinkTx, LinkRx)` pair.
 pub struct LocalClient {
+    id: String,
     tx: LinkTx,
     rx: LinkRx,
     ingest: Ingest,
@@ -58,14 +59,21 @@ pub struct Inbound {
 }
 
 impl LocalClient {
-    /// Wraps a link made by [`crate::broker::Broker::link`]; publishes pass `ingest`.
-    pub fn new((tx, rx): (LinkTx, LinkRx), ingest: Ingest) -> LocalClient {
-        LocalClient { tx, rx, ingest }
+    /// Wraps the link `id` made by [`crate::broker::Broker::link`]; publishes pass `ingest`.
+    pub fn new(id: &str, (tx, rx): (LinkTx, LinkRx), ingest: Ingest) -> LocalClient {
+        LocalClient {
+            id: id.to_string(),
+            tx,
+            rx,
+            ingest,
+        }
     }
 
     /// Subscribes to `filter` (delivered at most once; a source re-reads devices rather than
     /// relying on broker redelivery). The error is boxed: `LinkError` is over 800 bytes.
     pub fn subscribe(&mut self, filter: &str) -> Result<(), Box<LinkError>> {
+        // Known before the broker has it: a publish racing the subscription goes to the broker.
+        self.ingest.audience().add(&self.id, filter);
         self.tx
             .subscribe(filter.to_string())
             .map(|_| ())
