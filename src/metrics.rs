@@ -77,6 +77,8 @@ pub struct Metrics {
     pub store_commits: Counter,
     /// Checkpoints: sled's files flushed and fsynced, the write-ahead file started over.
     pub store_checkpoints: Counter,
+    /// Commits and checkpoints that took 250 ms or more.
+    pub store_slow_writes: Counter,
     /// Group commits that failed.
     pub store_commit_errors: Counter,
     /// Highest sequence number covered by a completed fsync.
@@ -433,6 +435,7 @@ impl Metrics {
             queue_oldest_age_seconds: Gauge::default(),
             store_commits: Counter::default(),
             store_checkpoints: Counter::default(),
+            store_slow_writes: Counter::default(),
             store_commit_errors: Counter::default(),
             store_durable_seq: Gauge::default(),
             store_refusals: Family::default(),
@@ -502,6 +505,11 @@ impl Metrics {
             "store_checkpoints",
             "Checkpoints (sled flushed and fsynced, write-ahead file started over)",
             m.store_checkpoints.clone(),
+        );
+        r.register(
+            "store_slow_writes",
+            "Commits and checkpoints that took 250 ms or more (acknowledgements waited for the disk)",
+            m.store_slow_writes.clone(),
         );
         r.register(
             "store_commit_errors",

@@ -534,6 +534,13 @@ async fn ack_waits_for_the_fsync() {
         early.is_empty(),
         "PUBACKs before the durable seq covered them (durable seq at start {durable0}): {early:?}"
     );
+    // A 300 ms commit is a slow disk: counted, and said in the log.
+    assert!(gw.metric("fieldgate_store_slow_writes_total") >= 1.0);
+    assert!(
+        gw.log_text().contains("the queue's disk is slow"),
+        "{}",
+        tail(&gw.log_text(), 20)
+    );
     assert!(
         eventually(Duration::from_secs(10), || store_state(&gw).0 == "ok").await,
         "store state once commits succeed again: {:?}",

@@ -60,6 +60,9 @@ pub const MAX_BATCH_BYTES: u64 = 1024 * 1024;
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Longest time the live window holds a durable ticket back.
 pub const LIVE_HOLD: Duration = Duration::from_secs(1);
+/// A commit or checkpoint that takes this long is counted and logged (at most every
+/// [`LOG_EVERY`]): acknowledgements waited for the disk.
+pub const SLOW_WRITE: Duration = Duration::from_millis(250);
 
 /// One publish to make durable: queued for the cloud, kept as retained, or both.
 #[derive(Debug, Clone)]
@@ -239,6 +242,7 @@ pub fn spawn(
                 refusing: None,
                 last_slow: Instant::now(),
                 last_log: None,
+                last_slow_log: std::cell::Cell::new(None),
             };
             w.run(rx, &stop, &heartbeat);
         })?;
@@ -259,6 +263,8 @@ struct Writer {
     refusing: Option<&'static str>,
     last_slow: Instant,
     last_log: Option<Instant>,
+    /// When a slow write was last logged.
+    last_slow_log: std::cell::Cell<Option<Instant>>,
 }
 
 impl Writer {
@@ -390,10 +396,36 @@ impl Writer {
     }
 
     fn commit(&self) -> Result<(), StoreError> {
-        self.faults.before_commit().inspect_err(|_| {
-            self.metrics.store_commit_errors.inc();
-        })?;
-        self.store.commit()
+        self.timed("commit", || {
+            self.faults.before_commit().inspect_err(|_| {
+                self.metrics.store_commit_errors.inc();
+            })?;
+            self.store.commit()
+        })
+    }
+
+    /// Runs one disk write of the journal, counting and logging it when it is slow.
+    fn timed(
+        &self,
+        what: &'static str,
+        f: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let t0 = Instant::now();
+        let res = f();
+        let took = t0.elapsed();
+        if took >= SLOW_WRITE {
+            self.metrics.store_slow_writes.inc();
+            let last = self.last_slow_log.get();
+            if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                self.last_slow_log.set(Some(Instant::now()));
+                warn!(
+                    what,
+                    took_ms = took.as_millis() as u64,
+                    "the queue's disk is slow: acknowledgements waited for this write"
+                );
+            }
+        }
+        res
     }
 
     /// Removes acknowledged batches; about once a second expires old ones, checkpoints
@@ -412,7 +444,7 @@ impl Writer {
             }
         }
         if (slow && self.store.has_unsaved()) || self.store.wal_used() >= super::wal::PREALLOC / 2 {
-            if let Err(e) = self.store.checkpoint() {
+            if let Err(e) = self.timed("checkpoint", || self.store.checkpoint()) {
                 warn!(error = %e, "queue checkpoint failed; retried later");
             }
         }
