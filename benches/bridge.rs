@@ -59,6 +59,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::devices::{frame, put_len, put_str};
 use common::{
     cpu_secs, eventually, free_port, gateway_config, mosquitto_bin, proc_kib, Gateway,
     GatewayPorts, Pki, Proxy,
@@ -461,46 +462,6 @@ fn tls_client_config(pki: &Pki) -> Result<Arc<rustls::ClientConfig>, String> {
         .with_client_auth_cert(chain, key)
         .map_err(|x| e("client cert", &x))?;
     Ok(Arc::new(cfg))
-}
-
-fn put_len(buf: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        buf.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
-    buf.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    buf.extend_from_slice(s);
-}
-
-/// One complete packet at the front of `buf`: `(first byte, body start, packet end)`.
-/// `Ok(None)`: not all of it is there yet.
-fn frame(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
-    let (mut len, mut mult, mut i) = (0usize, 1usize, 1usize);
-    loop {
-        let Some(&b) = buf.get(i) else {
-            return Ok(None);
-        };
-        len += (b & 0x7f) as usize * mult;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        mult *= 128;
-        if i > 4 {
-            return Err("malformed remaining length".into());
-        }
-    }
-    Ok((buf.len() >= i + len).then_some((buf[0], i, i + len)))
 }
 
 /// One MQTT connection: the stream and what was read but not parsed yet.
@@ -1580,56 +1541,41 @@ async fn run_stages(pki: &Pki, p: &Params) {
         sink_qos: QoS::AtMostOnce,
         ..h
     };
+    // (name, harness, via the proxy, messages, window, with the subscriber)
+    let stage = |name: String, h: Harness, via: bool, sink: bool| (name, h, via, n, w, sink);
     let stages: Vec<(String, Harness, bool, u64, usize, bool)> = vec![
-        (
+        stage(
             format!("{n}x{w} -> cloud, no subscriber (PUBACK rate)"),
             h,
             false,
-            n,
-            w,
             false,
         ),
-        (
+        stage(
             format!("{n}x{w} -> cloud -> {}", q(&tls1)),
             tls1,
             false,
-            n,
-            w,
             true,
         ),
-        (
-            format!("{n}x{w} -> cloud -> {}", q(&h)),
-            h,
-            false,
-            n,
-            w,
-            true,
-        ),
-        (
+        stage(format!("{n}x{w} -> cloud -> {}", q(&h)), h, false, true),
+        stage(
             format!("{n}x{w} -> cloud -> {}", q(&qos0)),
             qos0,
             false,
-            n,
-            w,
             true,
         ),
-        (
+        stage(
             format!("{n}x{w} -> proxy -> cloud -> {}", q(&h)),
             h,
             true,
-            n,
-            w,
             true,
         ),
-        (
+        stage(
             format!(
                 "  same, cloud {} TCP_NODELAY",
                 if h.cloud_nodelay { "without" } else { "with" }
             ),
             nagle,
             true,
-            n,
-            w,
             true,
         ),
         (

@@ -96,24 +96,27 @@ async fn wait_cloud(c: &Collector, g: &Gateway, topic: &str, pred: impl Fn(&Json
         "cloud never saw the expected message on {topic}; saw {:?}\nsessions closed: {}\n\
          --- gateway log ---\n{}",
         cloud_json(c, topic),
-        g.get("/metrics")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                [
-                    "fieldgate_broker_closed_total",
-                    "fieldgate_messages_",
-                    "fieldgate_queue_records",
-                    "fieldgate_dropped_total",
-                ]
-                .iter()
-                .any(|p| l.starts_with(p))
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+        session_counters(g),
         g.log_text()
     );
     found.unwrap_or(Json::Null)
+}
+
+/// The gateway's session and queue counters, for a failure message: tells a loss in the
+/// gateway from one at the test's cloud.
+fn session_counters(g: &Gateway) -> String {
+    const SHOWN: [&str; 4] = [
+        "fieldgate_broker_closed_total",
+        "fieldgate_messages_",
+        "fieldgate_queue_records",
+        "fieldgate_dropped_total",
+    ];
+    g.get("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| SHOWN.iter().any(|p| l.starts_with(p)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn metric_or_zero(g: &Gateway, sample: &str) -> f64 {
@@ -707,21 +710,7 @@ async fn cache_quota_evicts_images_no_rollout_needs() {
         "rollout ra still active: {:?}\ndevice d1: {:?}\nsessions closed: {}\n{}",
         g.get("/ota/status/rollout/ra"),
         g.get("/ota/status/device/d1"),
-        g.get("/metrics")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                [
-                    "fieldgate_broker_closed_total",
-                    "fieldgate_messages_",
-                    "fieldgate_queue_records",
-                    "fieldgate_dropped_total",
-                ]
-                .iter()
-                .any(|p| l.starts_with(p))
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+        session_counters(&g),
         g.log_text()
     );
     let mut up = upgrade(&b, &fw_b.url(), &["d2".into()]);

@@ -680,9 +680,7 @@ impl Store {
             if !w.staged() {
                 Ok(true)
             } else if w.fits() {
-                let res = w.write();
-                w.clear();
-                res.map(|()| true).map_err(|e| {
+                w.write().map(|()| true).map_err(|e| {
                     self.metrics.store_commit_errors.inc();
                     StoreError::Io(e).classify()
                 })

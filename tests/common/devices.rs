@@ -500,7 +500,8 @@ async fn session(
             Ok(_) => {}
         }
         // Handle every complete packet.
-        while let Some((kind, body_at, total)) = frame(&inbuf) {
+        while let Ok(Some((first, body_at, total))) = frame(&inbuf) {
+            let kind = first & 0xF0;
             if kind == 0x40 && total - body_at >= 2 {
                 let pkid = u16::from_be_bytes([inbuf[body_at], inbuf[body_at + 1]]);
                 if let Some(seq) = inflight.remove(&pkid) {
@@ -524,33 +525,29 @@ async fn session(
     }
 }
 
-/// `(packet type byte & 0xF0, offset of the body, total length)` of the first complete packet.
-fn frame(buf: &[u8]) -> Option<(u8, usize, usize)> {
-    if buf.is_empty() {
-        return None;
-    }
-    let mut len = 0usize;
-    let mut mult = 1usize;
-    let mut i = 1;
+/// One complete packet at the front of `buf`: `(first byte, body start, packet end)`.
+/// `Ok(None)`: not all of it is there yet. Shared with `benches/bridge.rs`.
+pub fn frame(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
+    let (mut len, mut mult, mut i) = (0usize, 1usize, 1usize);
     loop {
-        let b = *buf.get(i)?;
-        len += (b & 0x7F) as usize * mult;
-        mult *= 128;
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
+        len += (b & 0x7f) as usize * mult;
         i += 1;
         if b & 0x80 == 0 {
             break;
         }
+        mult *= 128;
         if i > 4 {
-            return None;
+            return Err("malformed remaining length".into());
         }
     }
-    if buf.len() < i + len {
-        return None;
-    }
-    Some((buf[0] & 0xF0, i, i + len))
+    Ok((buf.len() >= i + len).then_some((buf[0], i, i + len)))
 }
 
-fn put_len(out: &mut Vec<u8>, mut len: usize) {
+/// Appends an MQTT remaining length.
+pub fn put_len(out: &mut Vec<u8>, mut len: usize) {
     loop {
         let mut b = (len % 128) as u8;
         len /= 128;
@@ -564,7 +561,8 @@ fn put_len(out: &mut Vec<u8>, mut len: usize) {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+/// Appends a length-prefixed MQTT string.
+pub fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
