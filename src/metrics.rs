@@ -28,6 +28,8 @@ pub enum DropReason {
     Loop,
     /// It could not be decoded from disk.
     Corrupt,
+    /// Its PUBLISH would exceed `cloud.max_packet_size`: resending it could never succeed.
+    TooLarge,
 }
 
 impl DropReason {
@@ -39,6 +41,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::Loop => "loop",
             DropReason::Corrupt => "corrupt",
+            DropReason::TooLarge => "too_large",
         }
     }
 }
@@ -562,6 +565,7 @@ impl Metrics {
             DropReason::Expired,
             DropReason::Loop,
             DropReason::Corrupt,
+            DropReason::TooLarge,
         ] {
             // Materialise every label so a scrape shows zeros, not absence.
             m.count_drop(reason, 0);

@@ -12,13 +12,14 @@
 //! # Invariants
 //! - The queue is the source of truth. A record is acknowledged to the store only when the
 //!   cloud PUBACKed the PUBLISH that carried it. Live records come from the store's memory;
-//!   only a backlog is read from disk. rumqttc has no per-message completion, so the bridge keeps the
-//!   order in which it handed publishes to rumqttc, maps each `Outgoing::Publish(pkid)` event
-//!   (emitted in that order) to its record, and each `PubAck(pkid)` back to the record.
-//! - Every session starts from the queue head with a fresh rumqttc client and event loop (clean
-//!   session): nothing stale from the previous session is sent ahead of the replay, so the
-//!   first delivery of each record is in per-topic order. Records in flight when a link drops
-//!   are sent again: delivery is at least once.
+//!   only a backlog is read from disk. The pump owns the connection ([`link`]): it assigns
+//!   each PUBLISH its packet id and maps the PUBACK back to the record.
+//! - One pass of the pump encodes everything the window and the pacing allow, then writes it
+//!   in one flush.
+//! - Every session starts from the queue head on a fresh connection (clean session): nothing
+//!   stale from the previous session is sent ahead of the replay, so the first delivery of
+//!   each record is in per-topic order. Records in flight when a link drops are sent again:
+//!   delivery is at least once.
 //! - At most `cloud.max_inflight` publishes are unacknowledged at a time.
 //! - Replay is paced by token buckets; live records of topics with no backlog are not held
 //!   behind it (see [`lanes`]).
@@ -28,6 +29,7 @@
 //!   between the brokers.
 
 pub mod lanes;
+pub mod link;
 pub mod pacing;
 pub mod tls;
 
@@ -35,20 +37,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
-};
 use rumqttd::local::LinkTx;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 use crate::store::{Record, Store};
 use crate::watchdog::Heartbeat;
 use lanes::Lanes;
+use link::{Incoming, Link, LinkError, LinkOptions};
 use pacing::{Backoff, TokenBucket};
 
 /// How many records one store read brings in per lane.
@@ -59,27 +57,15 @@ const ACK_BATCH: usize = 512;
 /// Why a session ended abnormally. The bridge counts it, backs off and reconnects.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
-    /// TCP, TLS or MQTT failure, including a refused CONNECT.
+    /// TCP, TLS or MQTT failure, a refused CONNECT, or the broker closing the connection.
     #[error("cloud connection: {0}")]
-    Connection(Box<ConnectionError>),
-    /// The broker sent DISCONNECT.
-    #[error("cloud broker sent DISCONNECT")]
-    Disconnected,
-    /// rumqttc's request channel refused a request (event loop gone).
-    #[error("cloud client: {0}")]
-    Client(#[from] rumqttc::ClientError),
+    Link(#[from] LinkError),
     /// Reading records failed.
     #[error("queue: {0}")]
     Store(#[from] crate::store::StoreError),
     /// A blocking store task panicked or was cancelled.
     #[error("queue task: {0}")]
     Join(#[from] tokio::task::JoinError),
-}
-
-impl From<ConnectionError> for BridgeError {
-    fn from(e: ConnectionError) -> Self {
-        BridgeError::Connection(Box::new(e))
-    }
 }
 
 /// Everything the bridge needs, built once.
@@ -97,27 +83,19 @@ pub struct Bridge {
     strip_prefix: String,
 }
 
-/// A record handed to the cloud, waiting for its PUBACK.
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
-    seq: u64,
-}
-
 /// Per-session delivery bookkeeping.
 #[derive(Default)]
 struct Flight {
-    /// Publishes handed to rumqttc, in call order, not yet given a pkid (`None`: not a
-    /// queued record, e.g. the status message).
-    handed: VecDeque<Option<InFlight>>,
-    /// pkid -> record, sent and awaiting PUBACK.
-    inflight: HashMap<u16, InFlight>,
+    /// pkid -> record sequence number, sent and awaiting PUBACK (`None`: not a queued
+    /// record, e.g. the status message).
+    inflight: HashMap<u16, Option<u64>>,
     /// PUBACKed records not yet removed from the store.
     acked: Vec<u64>,
 }
 
 impl Flight {
     fn len(&self) -> usize {
-        self.handed.len() + self.inflight.len()
+        self.inflight.len()
     }
 }
 
@@ -188,97 +166,65 @@ impl Bridge {
         info!("bridge stopped");
     }
 
-    fn options(&self) -> MqttOptions {
+    fn options(&self) -> LinkOptions {
         let c = &self.settings.cloud;
-        let mut o = MqttOptions::new(self.settings.cloud_client_id(), c.host.clone(), c.port);
-        o.set_keep_alive(c.keepalive)
-            .set_clean_session(true)
-            .set_max_packet_size(c.max_packet_size, c.max_packet_size)
-            .set_inflight(c.max_inflight)
-            .set_last_will(LastWill::new(
-                self.status_topic.clone(),
-                "offline",
-                QoS::AtLeastOnce,
-                true,
-            ))
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                self.tls.clone(),
-            )));
-        if !c.username.is_empty() {
-            o.set_credentials(c.username.clone(), c.password.clone());
+        LinkOptions {
+            host: c.host.clone(),
+            port: c.port,
+            client_id: self.settings.cloud_client_id(),
+            keepalive: c.keepalive,
+            login: (!c.username.is_empty()).then(|| (c.username.clone(), c.password.clone())),
+            will: Some((self.status_topic.clone(), "offline".into())),
+            max_packet_size: c.max_packet_size,
+            timeout: c.connect_timeout.max(Duration::from_secs(1)),
         }
-        o
     }
 
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), BridgeError> {
         let c = self.settings.cloud.clone();
-        let cap = c.max_inflight as usize + 16;
-        let (client, mut eventloop) = AsyncClient::new(self.options(), cap);
-        let mut net = eventloop.network_options();
-        net.set_connection_timeout(c.connect_timeout.as_secs().max(1));
-        eventloop.set_network_options(net);
-
-        // Connect: the first poll dials, handshakes TLS and waits for CONNACK.
-        let connect = async {
-            loop {
-                match eventloop.poll().await? {
-                    Event::Incoming(Packet::ConnAck(_)) => return Ok::<_, BridgeError>(()),
-                    other => debug!(?other, "before CONNACK"),
-                }
-            }
-        };
-        tokio::select! {
-            r = connect => r?,
+        // Dial, handshake TLS, CONNECT and wait for CONNACK.
+        let opts = self.options();
+        let mut link = tokio::select! {
+            r = link::connect(&opts, self.tls.clone()) => r?,
             _ = self.stop.cancelled() => return Ok(()),
-        }
+        };
         backoff.reset();
         self.metrics.cloud_connected.set(1);
         info!(host = %c.host, port = c.port, "cloud connected");
-
-        // The event loop gets its own task; events reach us through a bounded channel (the
-        // poller waits when it is full, which back-pressures the socket, not memory).
-        let (ev_tx, mut events) = mpsc::channel::<Result<Event, ConnectionError>>(1024);
-        let poller = tokio::spawn(poll_events(eventloop, ev_tx));
-        let result = self.online(&client, &mut events).await;
-        poller.abort();
+        let result = self.online(&mut link).await;
         self.metrics.cloud_connected.set(0);
         result
     }
 
-    async fn online(
-        &mut self,
-        client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-    ) -> Result<(), BridgeError> {
+    async fn online<S>(&mut self, link: &mut Link<S>) -> Result<(), BridgeError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let mut flight = Flight::default();
-        let result = self.pump(client, events, &mut flight).await;
+        let result = self.pump(link, &mut flight).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
         if let Err(e) = self.remove(&mut flight.acked).await {
             warn!(error = %e, "removing acknowledged records failed; they will be sent again");
         }
         if result.is_err() {
-            let unacked = flight.handed.iter().flatten().count() + flight.inflight.len();
+            let unacked = flight.inflight.values().flatten().count();
             self.metrics.resent.inc_by(unacked as u64);
         }
         result
     }
 
-    async fn pump(
-        &mut self,
-        client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-        flight: &mut Flight,
-    ) -> Result<(), BridgeError> {
+    async fn pump<S>(&mut self, link: &mut Link<S>, flight: &mut Flight) -> Result<(), BridgeError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let c = self.settings.cloud.clone();
-        client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "online")?;
-        flight.handed.push_back(None);
-        if !self.downlink_filters.is_empty() {
-            client.try_subscribe_many(
-                self.downlink_filters
-                    .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-            )?;
+        if let Some(pkid) = link.publish("", &self.status_topic, b"online", true) {
+            flight.inflight.insert(pkid, None);
         }
+        if !self.downlink_filters.is_empty() {
+            link.subscribe(&self.downlink_filters)?;
+        }
+        link.flush().await?;
 
         // Split the queue into backlog and live at this instant.
         let store = self.store.clone();
@@ -302,6 +248,8 @@ impl Bridge {
         let mut replay_buf: VecDeque<(u64, Record)> = VecDeque::new();
         let mut appended = self.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let period = c.keepalive.max(Duration::from_secs(1));
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut rate_window = (Instant::now(), 0u64);
         let mut pace_until: Option<Instant> = None;
         let mut stopping: Option<Instant> = None;
@@ -316,9 +264,7 @@ impl Bridge {
                         live_buf = self.read(lanes.live_next(), u64::MAX).await?;
                     }
                     if let Some((seq, rec)) = live_buf.pop_front() {
-                        if lanes.live_take(seq, &rec.topic) {
-                            self.send(client, &rec)?;
-                            flight.handed.push_back(Some(InFlight { seq }));
+                        if lanes.live_take(seq, &rec.topic) && self.send(link, flight, seq, &rec) {
                             self.metrics.sent_live.inc();
                         }
                         live.at(lanes.live_next());
@@ -354,39 +300,30 @@ impl Bridge {
                     if lanes.replay_take(seq, &rec.topic) {
                         msg_bucket.take(1);
                         byte_bucket.take(rec.payload.len() as u64);
-                        self.send(client, &rec)?;
-                        flight.handed.push_back(Some(InFlight { seq }));
-                        self.metrics.sent_replay.inc();
-                        rate_window.1 += 1;
+                        if self.send(link, flight, seq, &rec) {
+                            self.metrics.sent_replay.inc();
+                            rate_window.1 += 1;
+                        }
                     }
                 }
             } else if flight.len() == 0 {
                 break;
             }
 
+            // Everything encoded above (and any acks owed to the broker) goes out in one write.
+            link.flush().await?;
+
             let pace = pace_until.take();
             tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        if let Some(Some(f)) = flight.handed.pop_front() {
-                            flight.inflight.insert(pkid, f);
-                        }
+                inc = link.next() => {
+                    let mut inc = Some(inc?);
+                    // Take every packet already read before filling the window again.
+                    while let Some(i) = inc {
+                        self.incoming(i, flight).await?;
+                        inc = link.try_next()?;
                     }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(f) = flight.inflight.remove(&ack.pkid) {
-                            flight.acked.push(f.seq);
-                            if flight.acked.len() >= ACK_BATCH {
-                                self.remove(&mut flight.acked).await?;
-                            }
-                        }
-                    }
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.downlink(p),
-                    Some(Ok(Event::Incoming(Packet::Disconnect))) | None => {
-                        return Err(BridgeError::Disconnected);
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e.into()),
-                },
+                }
+                _ = keepalive.tick() => link.ping()?,
                 _ = appended.changed(), if stopping.is_none() => {}
                 _ = sleep_until(pace), if pace.is_some() => {}
                 _ = tick.tick() => {
@@ -415,24 +352,56 @@ impl Bridge {
         }
         self.remove(&mut flight.acked).await?;
         // Orderly goodbye: the retained status says offline (the will only fires on abrupt loss).
-        let _ = client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "offline");
-        let _ = client.try_disconnect();
-        let bye = async {
-            while let Some(ev) = events.recv().await {
-                match ev {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    _ => {}
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+        link.publish("", &self.status_topic, b"offline", true);
+        link.disconnect();
+        if link.flush().await.is_ok() {
+            link.close().await;
+        }
         Ok(())
     }
 
-    fn send(&self, client: &AsyncClient, rec: &Record) -> Result<(), BridgeError> {
-        let topic = format!("{}{}", self.cloud_prefix, rec.topic);
-        client.try_publish(topic, QoS::AtLeastOnce, rec.retain, rec.payload.to_vec())?;
+    /// Acts on one packet from the broker.
+    async fn incoming(&mut self, i: Incoming, flight: &mut Flight) -> Result<(), BridgeError> {
+        match i {
+            Incoming::PubAck(pkid) => {
+                if let Some(Some(seq)) = flight.inflight.remove(&pkid) {
+                    flight.acked.push(seq);
+                    if flight.acked.len() >= ACK_BATCH {
+                        self.remove(&mut flight.acked).await?;
+                    }
+                }
+            }
+            Incoming::Publish(p) => self.downlink(p),
+            Incoming::SubAck(ok) => {
+                for (f, _) in self.downlink_filters.iter().zip(ok).filter(|(_, ok)| !ok) {
+                    warn!(filter = %f, "cloud broker refused the downlink subscription");
+                }
+            }
+            Incoming::Other => {}
+        }
         Ok(())
+    }
+
+    /// Queues one record on the link; false (and the record dropped, counted and logged) when
+    /// it is larger than `cloud.max_packet_size`, which the cloud would refuse on every resend.
+    fn send<S>(&self, link: &mut Link<S>, flight: &mut Flight, seq: u64, rec: &Record) -> bool
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match link.publish(&self.cloud_prefix, &rec.topic, &rec.payload, rec.retain) {
+            Some(pkid) => {
+                flight.inflight.insert(pkid, Some(seq));
+                true
+            }
+            None => {
+                self.metrics.count_drop(DropReason::TooLarge, 1);
+                self.store.ack(&[seq]);
+                error!(seq, topic = %rec.topic, bytes = rec.payload.len(),
+                    max = self.settings.cloud.max_packet_size,
+                    "record larger than cloud.max_packet_size dropped");
+                false
+            }
+        }
     }
 
     /// Reads up to `READ_AHEAD` records in `[from, to)`: recent ones from the store's memory
@@ -477,16 +446,6 @@ impl Bridge {
                 debug!(cloud = topic, local, "downlink");
             }
             Err(e) => warn!(error = %e, local, "downlink message could not be published locally"),
-        }
-    }
-}
-
-async fn poll_events(mut el: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
-    loop {
-        let ev = el.poll().await;
-        let fatal = ev.is_err();
-        if tx.send(ev).await.is_err() || fatal {
-            return;
         }
     }
 }
