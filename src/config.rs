@@ -978,6 +978,16 @@ impl Settings {
             if c.max_packet_size < 1024 {
                 p.push(problem("cloud.max_packet_size", "must be at least 1024"));
             }
+            // Every publish a device may send must fit the cloud packet it becomes, or it
+            // could never be delivered after it was acknowledged.
+            let fits =
+                self.broker.max_payload_size + self.expand(&self.uplink.cloud_prefix).len() + 5;
+            if c.max_packet_size < fits {
+                p.push(problem(
+                    "cloud.max_packet_size",
+                    format!("must be at least broker.max_payload_size + the cloud prefix + 5 ({fits}) so every accepted publish fits its cloud packet; raise it or lower broker.max_payload_size"),
+                ));
+            }
             if c.reconnect_min.is_zero() || c.reconnect_min > c.reconnect_max {
                 p.push(problem(
                     "cloud.reconnect_min",
@@ -1404,6 +1414,22 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "{want} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_device_publish_must_fit_the_cloud_packet() {
+        let cloud = "[cloud]\nenabled = true\nhost = \"c\"\nca_file = \"/nonexistent/ca.pem\"\n";
+        let keys = |extra: &str| -> Vec<String> {
+            let err = load(&format!("{cloud}{extra}"), &[]).unwrap_err();
+            err.problems.into_iter().map(|p| p.key).collect()
+        };
+        let ok = keys("max_packet_size = 1048576\n[broker]\nmax_payload_size = 1048000\n");
+        assert!(!ok.contains(&"cloud.max_packet_size".to_string()), "{ok:?}");
+        let tight = keys("max_packet_size = 1048576\n[broker]\nmax_payload_size = 1048576\n");
+        assert!(
+            tight.contains(&"cloud.max_packet_size".to_string()),
+            "{tight:?}"
+        );
     }
 
     #[test]

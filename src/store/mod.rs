@@ -23,7 +23,10 @@
 //! frame of the write-ahead file ([`wal`]) and its `fdatasync`; sled's own files are flushed
 //! and fsynced only at a [`Store::checkpoint`] (about once a second), which also persists the
 //! cursor and removals and records the last write-ahead lsn it covers in `meta` (`wal_lsn`).
-//! Opening (and reopening after a write error) replays the frames above that lsn into sled.
+//! A commit's frame also carries the cursor when it moved since the checkpoint, so after a
+//! crash only what the cloud acknowledged since the last commit is sent again. Opening (and
+//! reopening after a write error) replays the frames above that lsn into sled, cursor
+//! included, and checkpoints what it recovered.
 //!
 //! # Invariants
 //! - Only the journal thread mutates the trees (append, commit, compact, evict, expire,
@@ -287,10 +290,12 @@ impl Store {
         if let Some(found) = salvaged {
             store.restore_salvage(found, mark)?;
         }
-        if store.replay(frames, floor)? > 0 {
+        let replayed = store.replay(frames, floor)?;
+        store.scan(mark)?;
+        // After the scan, so the checkpoint saves the recovered cursor, not a blank one.
+        if replayed > 0 {
             store.checkpoint()?;
         }
-        store.scan(mark)?;
         store
             .metrics
             .broker
@@ -319,6 +324,7 @@ impl Store {
         frames.sort_by_key(|(lsn, _)| *lsn);
         frames.dedup_by_key(|(lsn, _)| *lsn);
         let (mut records, mut retained) = (0u64, 0u64);
+        let mut cursor = None;
         self.with_trees(|t| {
             for (_, ops) in &frames {
                 for op in ops {
@@ -337,7 +343,14 @@ impl Store {
                             self.apply_retain(t, topic, *qos, payload)?;
                             retained += 1;
                         }
+                        wal::Op::Cursor(c) => cursor = Some(*c),
                     }
+                }
+            }
+            if let Some(c) = cursor {
+                let saved = t.meta.get(CURSOR_KEY)?.and_then(|v| key_seq(&v)).unwrap_or(0);
+                if c > saved {
+                    t.meta.insert(CURSOR_KEY, &c.to_be_bytes())?;
                 }
             }
             Ok(())
@@ -675,8 +688,15 @@ impl Store {
     /// its `fdatasync` (a checkpoint instead when the frame does not fit in the file); then
     /// makes the appended records visible to readers. Journal thread only.
     pub fn commit(&self) -> Result<(), StoreError> {
+        let (cursor, saved) = {
+            let st = self.lock();
+            (st.cursor, st.cursor_saved)
+        };
         let wrote = {
             let mut w = self.wal();
+            if w.staged() && cursor > saved {
+                w.stage_cursor(cursor);
+            }
             if !w.staged() {
                 Ok(true)
             } else if w.fits() {

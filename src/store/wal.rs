@@ -14,6 +14,7 @@
 //! body: ops, each [kind u8] then
 //!   1 (batch):    [len u32 BE][a batch value, see `batch`]
 //!   2 (retained): [qos u8][topic_len u16 BE][topic][payload_len u32 BE][payload]
+//!   3 (cursor):   [cursor u64 BE] (the acknowledged-up-to cursor at this commit)
 //! ```
 //!
 //! # Invariants
@@ -40,6 +41,7 @@ const MAGIC: &[u8; 4] = b"FGW1";
 const HEADER: usize = 4 + 4 + 8 + 4;
 const OP_BATCH: u8 = 1;
 const OP_RETAIN: u8 = 2;
+const OP_CURSOR: u8 = 3;
 
 /// One change recovered from the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +57,8 @@ pub enum Op {
         /// Payload.
         payload: Vec<u8>,
     },
+    /// Every record below this was acknowledged by the cloud (or dropped).
+    Cursor(u64),
 }
 
 /// An intact frame: its lsn and its ops.
@@ -124,6 +128,14 @@ impl Wal {
         self.body
             .extend_from_slice(&(payload.len() as u32).to_be_bytes());
         self.body.extend_from_slice(payload);
+    }
+
+    /// Stages the acknowledged-up-to cursor for the next [`Wal::write`], so what the cloud
+    /// took is not sent again after a crash (only with other ops: on its own it is not worth
+    /// an `fdatasync`; the next checkpoint saves it).
+    pub fn stage_cursor(&mut self, cursor: u64) {
+        self.body.push(OP_CURSOR);
+        self.body.extend_from_slice(&cursor.to_be_bytes());
     }
 
     /// Whether anything is staged.
@@ -268,6 +280,10 @@ fn ops(mut b: &[u8]) -> Option<Vec<Op>> {
                     qos,
                     payload,
                 });
+            }
+            OP_CURSOR => {
+                let c = u64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
+                out.push(Op::Cursor(c));
             }
             _ => return None,
         }
