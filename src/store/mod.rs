@@ -348,7 +348,11 @@ impl Store {
                 }
             }
             if let Some(c) = cursor {
-                let saved = t.meta.get(CURSOR_KEY)?.and_then(|v| key_seq(&v)).unwrap_or(0);
+                let saved = t
+                    .meta
+                    .get(CURSOR_KEY)?
+                    .and_then(|v| key_seq(&v))
+                    .unwrap_or(0);
                 if c > saved {
                     t.meta.insert(CURSOR_KEY, &c.to_be_bytes())?;
                 }

@@ -312,6 +312,7 @@ mod tests {
         w.stage_retain("a/b", 1, b"kept");
         w.write().unwrap();
         w.stage_batch(b"second");
+        w.stage_cursor(7);
         w.write().unwrap();
         assert!(!w.staged());
         drop(w);
@@ -330,14 +331,14 @@ mod tests {
                         }
                     ]
                 ),
-                (2, vec![Op::Batch(b"second".to_vec())]),
+                (2, vec![Op::Batch(b"second".to_vec()), Op::Cursor(7)]),
             ]
         );
         assert_eq!(w.last_lsn(), 2);
         // Frames above the floor are not checkpointed: new ones go after them.
         assert_eq!(
             w.used(),
-            2 * HEADER as u64 + (1 + 4 + 11) + (1 + 1 + 2 + 3 + 4 + 4) + (1 + 4 + 6)
+            2 * HEADER as u64 + (1 + 4 + 11) + (1 + 1 + 2 + 3 + 4 + 4) + (1 + 4 + 6) + (1 + 8)
         );
         // A floor above what the file holds moves the next lsn past it.
         let (w, _) = Wal::open(dir.path(), 9).unwrap();
