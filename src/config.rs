@@ -544,7 +544,8 @@ pub struct CloudConfig {
     pub connect_timeout: Duration,
     /// Most QoS 1 messages sent and not yet PUBACKed.
     pub max_inflight: u16,
-    /// Largest MQTT packet sent or received, in bytes.
+    /// Largest MQTT packet sent or received, in bytes; at least `broker.max_payload_size` + the
+    /// cloud prefix + 5.
     pub max_packet_size: usize,
     /// First reconnect delay; doubles per failure, with jitter.
     #[serde(with = "humantime_serde")]

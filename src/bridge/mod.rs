@@ -228,6 +228,7 @@ impl Bridge {
 
         // Split the queue into backlog and live at this instant.
         let store = self.store.clone();
+        let split = Instant::now();
         let lanes = tokio::task::spawn_blocking(move || {
             let live_start = store.next_seq();
             let head = store.head().unwrap_or(live_start);
@@ -239,7 +240,7 @@ impl Bridge {
         let live = LiveLane(self.store.clone());
         live.at(lanes.live_next());
         if !lanes.merged() {
-            info!(backlog = self.store.records(), "replaying backlog");
+            info!(backlog = self.store.records(), counted_in = ?split.elapsed(), "replaying backlog");
         }
         let now = Instant::now();
         let mut msg_bucket = TokenBucket::new(c.replay_msgs_per_sec as u64, now);
