@@ -113,6 +113,11 @@ pub struct OtaConfig {
     pub fetch_attempts: u32,
     /// Devices known in advance, by id, with their tags: `[ota.devices.pump7] tags = [..]`.
     pub devices: BTreeMap<String, OtaDeviceConfig>,
+    /// Broker identities (usernames or certificate names) whose *local* publishes on the OTA
+    /// command topics (`cmd/ota/#`) are obeyed. Empty (the default): only commands that
+    /// arrive from the cloud through the bridge are; a local publish there is dropped and
+    /// counted, whatever the ACL grants (`cmd/#` included).
+    pub local_commands: Vec<String>,
 }
 
 /// `[ota.devices.<id>]`
@@ -138,6 +143,7 @@ impl Default for OtaConfig {
             fetch_timeout: Duration::from_secs(30),
             fetch_attempts: 6,
             devices: BTreeMap::new(),
+            local_commands: Vec::new(),
         }
     }
 }
@@ -375,6 +381,12 @@ pub struct InternalTopics {
     pub gateway_only: Vec<String>,
     /// Filters inside `gateway_only` that devices may still publish to.
     pub device_may_publish: Vec<String>,
+    /// Command topics the gateway obeys: only the cloud (through the bridge's downlink) may
+    /// publish there, and the identities in `ota.local_commands`; no ACL grant opens them.
+    pub commands: Vec<String>,
+    /// `ota.local_commands`, filled in at start (not a key of this section).
+    #[serde(skip)]
+    pub command_identities: Vec<String>,
 }
 
 impl Default for InternalTopics {
@@ -390,6 +402,8 @@ impl Default for InternalTopics {
                 "ota/_gateway/#".into(),
             ],
             device_may_publish: vec!["ota/+/chunk/get".into()],
+            commands: vec!["cmd/ota/#".into()],
+            command_identities: Vec::new(),
         }
     }
 }
@@ -1071,6 +1085,14 @@ impl Settings {
         if !o.fetch_ca_file.as_os_str().is_empty() {
             check_pem(p, "ota.fetch_ca_file", &o.fetch_ca_file, "CERTIFICATE");
         }
+        for (i, who) in o.local_commands.iter().enumerate() {
+            if who.is_empty() || who.contains(['+', '#', '/', '\0']) {
+                p.push(problem(
+                    format!("ota.local_commands[{i}]"),
+                    format!("{who:?} is not an identity: a broker username or certificate name, e.g. \"scada\""),
+                ));
+            }
+        }
         for id in o.devices.keys() {
             if !crate::ota::protocol::valid_device_id(id) {
                 p.push(problem(
@@ -1121,6 +1143,7 @@ impl Settings {
     /// chunks only flow from the gateway to devices (the front end writes them unlimited).
     pub fn effective_broker(&self) -> BrokerConfig {
         let mut b = self.broker.clone();
+        b.acl.internal.command_identities = self.ota.local_commands.clone();
         if self.ota.enabled {
             let need = self.ota.chunk_size + OTA_PACKET_OVERHEAD;
             b.segment_bytes = b.segment_bytes.max(need);
@@ -1267,6 +1290,7 @@ fn validate_broker_auth(b: &BrokerConfig) -> Vec<Problem> {
     for (what, list) in [
         ("gateway_only", &internal.gateway_only),
         ("device_may_publish", &internal.device_may_publish),
+        ("commands", &internal.commands),
     ] {
         for (i, f) in list.iter().enumerate() {
             if let Err(e) = topic::validate_filter(f) {

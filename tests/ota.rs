@@ -52,8 +52,17 @@ impl Setup {
         Gateway::start(&self.config(ota), &self.ports).await
     }
 
+    /// The cloud side, once the gateway says `online` (it subscribes to its commands first).
     async fn collector(&self) -> Collector {
-        Collector::start(&self.pki, self.cloud.port, "fieldgate/gw1/#").await
+        let c = Collector::start(&self.pki, self.cloud.port, "fieldgate/gw1/#").await;
+        let online = eventually(WAIT, || {
+            c.on_topic("fieldgate/gw1/status")
+                .last()
+                .is_some_and(|p| p == b"online")
+        })
+        .await;
+        assert!(online, "the gateway never said online to the cloud");
+        c
     }
 }
 
@@ -746,4 +755,103 @@ async fn cache_quota_evicts_images_no_rollout_needs() {
         .join(format!("{sha_a}.bin"))
         .exists());
     assert_eq!(g.metric("fieldgate_ota_cache_bytes"), b.len() as f64);
+}
+
+/// Publishes `v` once at QoS 1 as `login` (None: anonymous) and waits for the PUBACK (a
+/// denied publish is acknowledged too: MQTT 3.1.1 has no negative ack).
+async fn local_publish(port: u16, login: Option<(&str, &str)>, topic: &str, v: &Json) {
+    let id = format!("local-{}", free_port());
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 8);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, v.to_string().into_bytes())
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(acked, Ok(Ok(()))),
+        "{login:?} on {topic}: {acked:?}"
+    );
+    let _ = client.disconnect().await;
+}
+
+/// Rolling out firmware is the cloud's: a local publish on the OTA command topics is not
+/// obeyed, whatever the ACL grants (`cmd/#` for `scada`, `#` for anonymous clients under the
+/// default ACL), unless `ota.local_commands` names the identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_ota_commands_are_obeyed_only_from_named_identities() {
+    let s = setup().await;
+    let img = image(8 * 1024 + 1, 5);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let accounts = "local_commands = [\"ops\"]\n\
+                    [[broker.users]]\nusername = \"scada\"\npassword = \"ps\"\n\
+                    [[broker.users]]\nusername = \"ops\"\npassword = \"po\"\n\
+                    [broker.acl.users.scada]\npublish = [\"cmd/#\"]\n";
+    let g = s.gateway(accounts).await;
+    let c = s.collector().await;
+    let rollout = |id: &str| {
+        let mut v = upgrade(&img, &fw.url(), &["d1".into()]);
+        v["rollout"] = json!(id);
+        v
+    };
+    local_publish(g.mqtt, None, "cmd/ota/upgrade", &rollout("anon")).await;
+    local_publish(
+        g.mqtt,
+        Some(("scada", "ps")),
+        "cmd/ota/upgrade",
+        &rollout("scada"),
+    )
+    .await;
+    // A forged pushed chunk is refused the same way.
+    local_publish(
+        g.mqtt,
+        Some(("scada", "ps")),
+        "cmd/ota/image/abc/0",
+        &json!("x"),
+    )
+    .await;
+    assert_eq!(
+        g.metric("fieldgate_broker_denied_total{action=\"publish\"}"),
+        3.0
+    );
+    // The named identity is obeyed, and so is the cloud.
+    local_publish(
+        g.mqtt,
+        Some(("ops", "po")),
+        "cmd/ota/upgrade",
+        &rollout("ops"),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/rollout", |v| {
+        v["rollout"] == "ops" && v["state"] == "accepted"
+    })
+    .await;
+    command(&c, "cmd/ota/upgrade", &rollout("cloud")).await;
+    wait_cloud(&c, &g, "ota/_gateway/rollout", |v| {
+        v["rollout"] == "cloud" && v["state"] == "accepted"
+    })
+    .await;
+    let seen: Vec<Json> = cloud_json(&c, "ota/_gateway/rollout");
+    assert!(
+        seen.iter()
+            .all(|v| v["rollout"] != "anon" && v["rollout"] != "scada"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        g.metric("fieldgate_broker_denied_total{action=\"publish\"}"),
+        3.0
+    );
 }

@@ -218,11 +218,14 @@ impl Bridge {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let c = self.settings.cloud.clone();
-        if let Some(pkid) = link.publish("", &self.status_topic, b"online", true) {
-            flight.inflight.insert(pkid, None);
-        }
+        // SUBSCRIBE before the retained `online`: a cloud application that waits for `online`
+        // knows the gateway takes its commands (a broker handles one connection's packets in
+        // order).
         if !self.downlink_filters.is_empty() {
             link.subscribe(&self.downlink_filters)?;
+        }
+        if let Some(pkid) = link.publish("", &self.status_topic, b"online", true) {
+            flight.inflight.insert(pkid, None);
         }
         link.flush().await?;
 

@@ -141,6 +141,8 @@ pub struct Acl {
     users: HashMap<String, AclRules>,
     gateway_only: Vec<String>,
     device_may_publish: Vec<String>,
+    commands: Vec<String>,
+    command_identities: Vec<String>,
 }
 
 /// What a client asks to do.
@@ -174,6 +176,8 @@ impl Acl {
                 .collect(),
             gateway_only: cfg.internal.gateway_only.clone(),
             device_may_publish: cfg.internal.device_may_publish.clone(),
+            commands: cfg.internal.commands.clone(),
+            command_identities: cfg.internal.command_identities.clone(),
         }
     }
 
@@ -186,6 +190,13 @@ impl Acl {
                 .any(|f| topic::matches(f, topic))
     }
 
+    /// False when `topic` is a command topic the gateway obeys (`cmd/ota/#`) and `identity`
+    /// is not one named in `ota.local_commands`: those commands come from the cloud.
+    pub fn may_command(&self, identity: Option<&str>, topic: &str) -> bool {
+        !self.commands.iter().any(|f| topic::matches(f, topic))
+            || identity.is_some_and(|i| self.command_identities.iter().any(|c| c == i))
+    }
+
     /// True when `identity` (None: anonymous) with `client_id` may do `action` on `target`
     /// (a topic for publish, a filter for subscribe).
     pub fn allows(
@@ -195,7 +206,9 @@ impl Acl {
         action: Action,
         target: &str,
     ) -> bool {
-        if action == Action::Publish && self.gateway_only(target) {
+        if action == Action::Publish
+            && (self.gateway_only(target) || !self.may_command(identity, target))
+        {
             return false;
         }
         let own = identity.and_then(|i| self.users.get(i));
@@ -271,6 +284,28 @@ mod tests {
             users,
             internal: Default::default(),
         })
+    }
+
+    #[test]
+    fn ota_commands_are_the_clouds_unless_an_identity_is_named() {
+        let a = acl();
+        for t in ["cmd/ota/upgrade", "cmd/ota/status", "cmd/ota/image/abc/0"] {
+            assert!(!a.allows(Some("admin"), "c", Action::Publish, t), "{t}");
+            assert!(!a.allows(None, "c", Action::Publish, t), "{t}");
+        }
+        // Other commands stay under the ACL.
+        assert!(a.allows(Some("admin"), "c", Action::Publish, "cmd/dev1/reboot"));
+        let named = Acl::new(&AclConfig {
+            internal: crate::config::InternalTopics {
+                command_identities: vec!["admin".into()],
+                ..Default::default()
+            },
+            ..AclConfig::default()
+        });
+        assert!(named.allows(Some("admin"), "c", Action::Publish, "cmd/ota/upgrade"));
+        // Named, but its ACL must still grant the topic; others stay refused.
+        assert!(!named.allows(Some("scada"), "c", Action::Publish, "cmd/ota/upgrade"));
+        assert!(!named.allows(None, "c", Action::Publish, "cmd/ota/upgrade"));
     }
 
     #[test]
