@@ -217,6 +217,12 @@ pub struct BrokerConfig {
     pub tls_handshake_timeout: Duration,
     /// Size of one in-memory log segment per subscription filter, in bytes.
     pub segment_bytes: usize,
+    /// Client ids each identity may use, e.g. `"%u"` (the username or certificate name) or
+    /// `"%u-*"` (`*`: any characters). A CONNECT with another client id is refused with
+    /// CONNACK 2; with `%u` in it, anonymous clients are refused. Empty: any client id. A
+    /// session belongs to the identity that made it either way: another identity may not
+    /// take over its client id while it exists.
+    pub client_id_pattern: String,
     /// Segments kept per subscription filter (memory per filter <= bytes x count).
     pub segment_count: usize,
 }
@@ -248,6 +254,7 @@ impl Default for BrokerConfig {
             tls_handshake_timeout: Duration::from_secs(5),
             segment_bytes: 1024 * 1024,
             segment_count: 4,
+            client_id_pattern: String::new(),
         }
     }
 }
@@ -829,6 +836,14 @@ impl Settings {
             p.push(problem(
                 "broker.tls_handshake_timeout",
                 "must be between 1ms and 300s; e.g. \"5s\"",
+            ));
+        }
+        if b.client_id_pattern.contains(['/', '+', '#', '$', '\0'])
+            || b.client_id_pattern.contains("%c")
+        {
+            p.push(problem(
+                "broker.client_id_pattern",
+                "may hold %u, * and the characters of a client id (no / + # $, no %c); e.g. \"%u\" or \"%u-*\"",
             ));
         }
         if b.max_connections_per_ip == 0 {

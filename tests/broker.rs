@@ -169,11 +169,17 @@ async fn connect(
     if let Some(t) = tls {
         o.set_transport(Transport::tls_with_config(t));
     }
+    connect_with(o).await.map(|(d, _)| d)
+}
+
+/// Connects with `o`; the device and CONNACK's session-present flag, or the refusal code.
+async fn connect_with(o: MqttOptions) -> Result<(Dev, bool), ConnectReturnCode> {
+    let id = o.client_id();
     let (client, mut el) = AsyncClient::new(o, 100);
     let first = tokio::time::timeout(WAIT, async {
         loop {
             match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a.code),
+                Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a.session_present),
                 Ok(_) => {}
                 Err(ConnectionError::ConnectionRefused(code)) => return Err(code),
                 Err(e) => panic!("{id}: connection failed without CONNACK: {e}"),
@@ -182,7 +188,7 @@ async fn connect(
     })
     .await
     .expect("no CONNACK");
-    first?;
+    let session_present = first?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -197,11 +203,30 @@ async fn connect(
             }
         }
     });
-    Ok(Dev {
-        client,
-        rx,
-        held: Vec::new(),
-    })
+    Ok((
+        Dev {
+            client,
+            rx,
+            held: Vec::new(),
+        },
+        session_present,
+    ))
+}
+
+/// A persistent (`clean_session = false`) or clean session as `login`.
+async fn connect_session(
+    port: u16,
+    id: &str,
+    login: Option<(&str, &str)>,
+    clean: bool,
+) -> Result<(Dev, bool), ConnectReturnCode> {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(clean);
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    connect_with(o).await
 }
 
 async fn anon(port: u16, id: &str) -> Dev {
@@ -389,6 +414,93 @@ async fn device_is_kept_to_its_acl_while_admin_sees_everything() {
     assert_eq!(
         gw.metric("fieldgate_broker_denied_total{action=\"subscribe\"}"),
         2.0
+    );
+}
+
+/// A session belongs to the identity that made it: another account using its client id is
+/// refused (CONNACK 2) and gets none of its queued messages; the owner resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_identity_cannot_take_over_a_session() {
+    let users = "[[broker.users]]\nusername = \"dev1\"\npassword = \"p1\"\n\
+                 [[broker.users]]\nusername = \"dev2\"\npassword = \"p2\"\n\
+                 [[broker.users]]\nusername = \"admin\"\npassword = \"pa\"";
+    let (gw, _d) = gateway(users, "", ACL).await;
+    let (mut dev2, present) = connect_session(gw.mqtt, "dev2", Some(("dev2", "p2")), false)
+        .await
+        .unwrap();
+    assert!(!present);
+    dev2.client
+        .subscribe("cmd/dev2/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    dev2.suback().await;
+    dev2.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admin = connect(gw.mqtt, "admin", Some(("admin", "pa")), None, WAIT)
+        .await
+        .unwrap();
+    for i in 0..4 {
+        admin.publish1(&format!("cmd/dev2/{i}"), "for dev2").await;
+    }
+    // dev1 claims dev2's client id, persistent or clean: refused, nothing delivered.
+    for clean in [false, true] {
+        let r = connect_session(gw.mqtt, "dev2", Some(("dev1", "p1")), clean).await;
+        assert!(
+            matches!(r, Err(ConnectReturnCode::BadClientId)),
+            "clean {clean}: {:?}",
+            r.as_ref().map(|(_, p)| *p)
+        );
+    }
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"client_id_owned\"}"),
+        2.0
+    );
+    // The owner resumes its session and gets all four.
+    let (mut dev2, present) = connect_session(gw.mqtt, "dev2", Some(("dev2", "p2")), false)
+        .await
+        .unwrap();
+    assert!(present);
+    let got = dev2.received(Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 4, "{got:?}");
+    // Once the owner ends its session cleanly, the client id is free again.
+    dev2.client.disconnect().await.unwrap();
+    drop(dev2);
+    let (dev2, _) = connect_session(gw.mqtt, "dev2", Some(("dev2", "p2")), true)
+        .await
+        .unwrap();
+    dev2.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connect_session(gw.mqtt, "dev2", Some(("dev1", "p1")), true)
+        .await
+        .is_ok());
+}
+
+/// `client_id_pattern` ties client ids to identities: `%u-*` lets dev1 use `dev1-...` only,
+/// and an anonymous client (no `%u`) none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_pattern_ties_client_ids_to_identities() {
+    let broker = "client_id_pattern = \"%u-*\"\n\
+                  [[broker.users]]\nusername = \"dev1\"\npassword = \"p1\"";
+    let (gw, _d) = gateway(broker, "allow_anonymous = true", "").await;
+    assert!(
+        connect_session(gw.mqtt, "dev1-a", Some(("dev1", "p1")), true)
+            .await
+            .is_ok()
+    );
+    for (id, login) in [
+        ("dev2-a", Some(("dev1", "p1"))),
+        ("dev1", Some(("dev1", "p1"))),
+        ("dev1-a", None),
+    ] {
+        let r = connect_session(gw.mqtt, id, login, true).await;
+        assert!(
+            matches!(r, Err(ConnectReturnCode::BadClientId)),
+            "{id} as {login:?}: accepted"
+        );
+    }
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"client_id_pattern\"}"),
+        3.0
     );
 }
 
@@ -732,7 +844,7 @@ async fn rapid_reconnects_with_one_client_id_keep_the_broker_healthy() {
 async fn client_ids_the_router_cannot_take_are_refused_without_harm() {
     let (_gw, port) = rules_target().await;
     for _ in 0..2 {
-        for id in ["a/b", "x+y", "s#", "$sys"] {
+        for id in ["a/b", "x+y", "s#", "$sys", "nul\0id"] {
             let (mut r, ack) = Raw::connect(port, id, 30).await;
             assert!(
                 matches!(&ack, Some(P4::ConnAck(a)) if a.code == v4::ConnectReturnCode::BadClientId),

@@ -226,6 +226,42 @@ impl Acl {
     }
 }
 
+/// Whether `client_id` fits `broker.client_id_pattern` for `identity`: `%u` stands for the
+/// identity (no match for an anonymous client), `*` for any run of characters.
+pub fn client_id_fits(pattern: &str, identity: Option<&str>, client_id: &str) -> bool {
+    let pattern = if pattern.contains("%u") {
+        match identity {
+            Some(u) if !u.is_empty() => pattern.replace("%u", u),
+            _ => return false,
+        }
+    } else {
+        pattern.to_string()
+    };
+    glob(pattern.as_bytes(), client_id.as_bytes())
+}
+
+/// `*`-only glob match (iterative, with backtracking to the last star).
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
 /// `pattern` with `%u` and `%c` replaced; None when a needed value is missing or is not a
 /// single safe topic level.
 fn substitute(pattern: &str, identity: Option<&str>, client_id: &str) -> Option<String> {
@@ -284,6 +320,19 @@ mod tests {
             users,
             internal: Default::default(),
         })
+    }
+
+    #[test]
+    fn client_id_patterns_bind_ids_to_identities() {
+        assert!(client_id_fits("%u", Some("dev1"), "dev1"));
+        assert!(!client_id_fits("%u", Some("dev1"), "dev1x"));
+        assert!(client_id_fits("%u-*", Some("dev1"), "dev1-"));
+        assert!(client_id_fits("%u-*", Some("dev1"), "dev1-a-b"));
+        assert!(!client_id_fits("%u-*", Some("dev1"), "dev2-a"));
+        assert!(!client_id_fits("%u-*", None, "-a"));
+        assert!(client_id_fits("plc-*-line*", None, "plc-7-line3"));
+        assert!(!client_id_fits("plc-*-line*", None, "plc-7-lin"));
+        assert!(client_id_fits("*", None, ""));
     }
 
     #[test]

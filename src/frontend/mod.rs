@@ -71,8 +71,10 @@ pub struct Context {
     pub connect_timeout: Duration,
     /// Concurrent password verifications.
     pub verify_slots: Arc<Semaphore>,
-    /// Client ids with a live upstream connection (all listeners).
+    /// Client ids with a live upstream connection (all listeners), and whose sessions they are.
     pub sessions: Arc<sessions::Sessions>,
+    /// `broker.client_id_pattern`; None: any client id.
+    pub client_id_pattern: Option<String>,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
     /// Where cloud-bound publishes enter the queue.
@@ -190,6 +192,8 @@ pub fn prepare(
             connect_timeout: cfg.connect_timeout,
             verify_slots: verify_slots.clone(),
             sessions: live_sessions.clone(),
+            client_id_pattern: (!cfg.client_id_pattern.is_empty())
+                .then(|| cfg.client_id_pattern.clone()),
             rate: (cfg.max_publish_rate > 0).then(|| {
                 let burst = match cfg.publish_burst {
                     0 => cfg.max_publish_rate,

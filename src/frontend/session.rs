@@ -6,8 +6,9 @@
 //! session (TCP back-pressure up to rumqttd, which buffers per connection).
 //!
 //! CONNECT is refused (with a CONNACK) for another protocol level, an empty client id
-//! without clean session, a client id rumqttd cannot route (`/ + # $`), failed
-//! authentication, or rumqttd refusing it.
+//! without clean session, a client id rumqttd cannot route (`/ + # $`) or holding a NUL,
+//! a client id outside `broker.client_id_pattern` or whose session belongs to another
+//! identity (see `sessions`), failed authentication, or rumqttd refusing it.
 //!
 //! Session state machine: `AwaitConnect -(CONNECT ok)-> Relaying -(DISCONNECT | error |
 //! violation | keepalive expired)-> Closed`. Rules enforced while relaying (MQTT 3.1.1):
@@ -272,8 +273,9 @@ where
     }
     // rumqttd's router drops a connection whose client id holds one of these without an
     // answer, and the second such CONNECT with the same id poisons the broker's listener
-    // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5).
-    if connect.client_id.contains(['/', '+', '#', '$']) {
+    // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5);
+    // a NUL is not allowed in any MQTT string (MQTT-1.5.3-2).
+    if connect.client_id.contains(['/', '+', '#', '$', '\0']) {
         ctx.metrics.broker.refuse("client_id");
         let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         return End::Refused;
@@ -297,6 +299,21 @@ where
             return End::Refused;
         }
     };
+    // The client id must fit the identity, and must not be another identity's session.
+    if let Some(pattern) = &ctx.client_id_pattern {
+        if !super::auth::client_id_fits(pattern, name.as_deref(), &connect.client_id) {
+            ctx.metrics.broker.refuse("client_id_pattern");
+            let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
+            info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: client id does not fit broker.client_id_pattern");
+            return End::Refused;
+        }
+    }
+    if !connect.client_id.is_empty() && !ctx.sessions.bind(&connect.client_id, name.as_deref()) {
+        ctx.metrics.broker.refuse("client_id_owned");
+        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
+        info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: the client id's session belongs to another identity");
+        return End::Refused;
+    }
     let id = Identity {
         name,
         client_id: connect.client_id.clone(),
@@ -335,6 +352,10 @@ where
     let mut up = match open_upstream(&ctx, &connect).await {
         Ok(up) => up,
         Err(code) => {
+            if !connect.client_id.is_empty() {
+                ctx.sessions
+                    .release(&connect.client_id, connect.clean_session);
+            }
             ctx.metrics.broker.refuse("broker_unavailable");
             let _ = dev.send(refuse(code)).await;
             return End::Refused;
@@ -362,6 +383,10 @@ where
     if connect.clean_session {
         // Before the claim goes: the next session of this client id registers after this.
         ctx.ingest.audience().clear(&audience_key);
+    }
+    if !connect.client_id.is_empty() {
+        ctx.sessions
+            .release(&connect.client_id, connect.clean_session);
     }
     drop(claim);
     end

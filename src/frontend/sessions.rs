@@ -16,6 +16,12 @@
 //! queues a connection's `Disconnect` event for its router before it closes the socket, and
 //! the router handles events in order, so the old connection is gone from the router before
 //! the new one's CONNECT reaches it. The wait is bounded by [`TAKEOVER_WAIT`].
+//!
+//! A session also belongs to the identity that made it ([`Sessions::bind`]): from its
+//! CONNECT until a clean session of that client id ends, only that identity (the same
+//! username or certificate name, or anonymous for anonymous) may connect with the client id.
+//! Otherwise any account could take another device's client id, kick it off, resume its
+//! persistent session and receive its queued messages.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +46,18 @@ struct Live {
 pub struct Sessions {
     live: Mutex<HashMap<String, Live>>,
     next: AtomicU64,
+    /// Client id -> whose session it is.
+    owners: Mutex<HashMap<String, Owner>>,
+}
+
+/// The identity a client id's session belongs to, while the session exists.
+struct Owner {
+    /// Username or certificate name; None: anonymous.
+    identity: Option<String>,
+    /// Connections of this client id between CONNECT and their end (a takeover overlaps two).
+    active: usize,
+    /// A persistent session is kept by rumqttd after its connection ended.
+    kept: bool,
 }
 
 /// A session's hold on its client id; dropping it (after the upstream socket is closed)
@@ -54,6 +72,43 @@ pub struct Claim {
 }
 
 impl Sessions {
+    /// A CONNECT of `client_id` by `identity`: false (refuse it) when the client id's session
+    /// belongs to another identity. Each true is paired with one [`Sessions::release`].
+    pub fn bind(&self, client_id: &str, identity: Option<&str>) -> bool {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        match owners.get_mut(client_id) {
+            Some(o) if o.identity.as_deref() != identity => false,
+            Some(o) => {
+                o.active += 1;
+                true
+            }
+            None => {
+                owners.insert(
+                    client_id.to_string(),
+                    Owner {
+                        identity: identity.map(str::to_string),
+                        active: 1,
+                        kept: false,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// A bound connection of `client_id` ended; `clean`: its session ended with it (a
+    /// persistent one stays, and so does the binding).
+    pub fn release(&self, client_id: &str, clean: bool) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = owners.get_mut(client_id) {
+            o.active = o.active.saturating_sub(1);
+            o.kept = !clean;
+            if o.active == 0 && !o.kept {
+                owners.remove(client_id);
+            }
+        }
+    }
+
     /// Takes `client_id`, first stopping and awaiting the session that holds it.
     pub async fn claim(self: &Arc<Self>, client_id: &str) -> Claim {
         loop {
@@ -131,5 +186,27 @@ mod tests {
         assert!(!other.stop.is_cancelled());
         drop(second);
         assert!(s.live.lock().unwrap().get("dev").is_none());
+    }
+
+    #[test]
+    fn a_client_id_belongs_to_one_identity_while_its_session_exists() {
+        let s = Sessions::default();
+        // A persistent session: bound after its connection ended.
+        assert!(s.bind("dev2", Some("dev2")));
+        s.release("dev2", false);
+        assert!(!s.bind("dev2", Some("dev1")));
+        assert!(!s.bind("dev2", None));
+        // A takeover by the owner overlaps two connections; the old one ending (clean)
+        // does not free the id while the new one lives.
+        assert!(s.bind("dev2", Some("dev2")));
+        assert!(s.bind("dev2", Some("dev2")));
+        s.release("dev2", true);
+        assert!(!s.bind("dev2", Some("dev1")));
+        s.release("dev2", true);
+        assert!(s.bind("dev2", Some("dev1")));
+        // Anonymous is an identity of its own.
+        assert!(s.bind("anon", None));
+        assert!(s.bind("anon", None));
+        assert!(!s.bind("anon", Some("x")));
     }
 }
