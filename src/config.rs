@@ -971,6 +971,7 @@ impl Settings {
                     "mutual TLS needs both client_cert_file and client_key_file; set both or neither",
                 ));
             }
+            let before = p.len();
             if cert {
                 check_pem(
                     &mut p,
@@ -986,6 +987,21 @@ impl Settings {
                     &c.client_key_file,
                     "PRIVATE KEY",
                 );
+            }
+            if cert && key && p.len() == before {
+                // Both files read: the key must be the certificate's (run would fail on it).
+                if let Err(crate::bridge::tls::TlsError::Rustls {
+                    key: "cloud.client_key_file",
+                    source,
+                }) = crate::bridge::tls::client_config(c)
+                {
+                    p.push(problem(
+                        "cloud.client_key_file",
+                        format!(
+                            "{source}; the key must be the one client_cert_file was issued for"
+                        ),
+                    ));
+                }
             }
             if c.keepalive < Duration::from_secs(5) || c.keepalive > Duration::from_secs(65535) {
                 p.push(problem(
@@ -1266,6 +1282,7 @@ fn validate_broker_auth(b: &BrokerConfig) -> Vec<Problem> {
             ));
         }
         if let Some(t) = &l.tls {
+            let before = p.len();
             check_pem(
                 &mut p,
                 &format!("{key}.tls.cert_file"),
@@ -1278,6 +1295,21 @@ fn validate_broker_auth(b: &BrokerConfig) -> Vec<Problem> {
                 &t.key_file,
                 "PRIVATE KEY",
             );
+            if p.len() == before {
+                // Both files read: the key must be the certificate's (run would fail on it).
+                let only_pair = ListenerTlsConfig {
+                    client_cert: ClientCertMode::None,
+                    ..t.clone()
+                };
+                if let Err(crate::frontend::tls::ListenerTlsError::Rustls { why, .. }) =
+                    crate::frontend::tls::server_config(name, &only_pair)
+                {
+                    p.push(problem(
+                        format!("{key}.tls.key_file"),
+                        format!("is not the key of cert_file (rustls: {why}); use the key the certificate was issued for"),
+                    ));
+                }
+            }
             let ca = !t.client_ca_file.as_os_str().is_empty();
             if t.client_cert != ClientCertMode::None && !ca {
                 p.push(problem(

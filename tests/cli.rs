@@ -211,3 +211,35 @@ fn readme_ota_example_validates() {
     let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}\n{example}", text(&o));
 }
+
+/// A certificate with another certificate's key is a configuration problem: `check-config`
+/// says so (exit 64) instead of `run` failing later with exit 70.
+#[test]
+fn a_certificate_and_a_key_that_do_not_match_are_refused_by_check_config() {
+    let pki = common::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mismatch.toml");
+    let config = format!(
+        "[broker.listeners.tls]\nlisten = \"127.0.0.1:8884\"\nallow_anonymous = true\n\
+         [broker.listeners.tls.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         [cloud]\nenabled = true\nhost = \"localhost\"\nca_file = \"{}\"\n\
+         client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+        pki.server.cert.display(),
+        pki.client.key.display(),
+        pki.ca.display(),
+        pki.client.cert.display(),
+        pki.server.key.display(),
+    );
+    std::fs::write(&path, config).unwrap();
+    for cmd in ["check-config", "run"] {
+        let o = fieldgate(&[cmd, "-c", path.to_str().unwrap()], &[]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(64), "{cmd}: {out}");
+        for key in [
+            "broker.listeners.tls.tls.key_file:",
+            "cloud.client_key_file:",
+        ] {
+            assert!(out.contains(key), "{cmd}: {key} not reported in:\n{out}");
+        }
+    }
+}
