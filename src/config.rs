@@ -212,6 +212,11 @@ pub struct BrokerConfig {
     /// How long a new connection may take to send CONNECT (after the TLS handshake).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// After a failed password login, the next login attempt from the same address waits
+    /// this long, doubled per further failure up to 32 times it; a successful login (or ten
+    /// minutes without a failure) forgets the failures. `"0s"`: no delay.
+    #[serde(with = "humantime_serde")]
+    pub failed_login_delay: Duration,
     /// How long a TLS handshake may take before the connection is dropped.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
@@ -252,6 +257,7 @@ impl Default for BrokerConfig {
             rate_limit_policy: RateLimitPolicy::SlowDown,
             connect_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(5),
+            failed_login_delay: Duration::from_secs(1),
             segment_bytes: 1024 * 1024,
             segment_count: 4,
             client_id_pattern: String::new(),
@@ -836,6 +842,12 @@ impl Settings {
             p.push(problem(
                 "broker.tls_handshake_timeout",
                 "must be between 1ms and 300s; e.g. \"5s\"",
+            ));
+        }
+        if b.failed_login_delay > Duration::from_secs(60) {
+            p.push(problem(
+                "broker.failed_login_delay",
+                "must be at most 60s (it doubles per failure up to 32 times); e.g. \"1s\"",
             ));
         }
         if b.client_id_pattern.contains(['/', '+', '#', '$', '\0'])

@@ -245,6 +245,8 @@ pub struct BrokerMetrics {
     rate_limited: Family<Labels, Counter>,
     /// Retained messages kept in the store.
     pub retained: Gauge,
+    /// Login attempts held back after failed logins from the same address.
+    pub login_delayed: Counter,
 }
 
 impl BrokerMetrics {
@@ -294,6 +296,11 @@ impl BrokerMetrics {
             "retained",
             "Retained messages kept in the store across restarts",
             self.retained.clone(),
+        );
+        r.register(
+            "login_delayed",
+            "Login attempts held back after failed logins from the same address",
+            self.login_delayed.clone(),
         );
         for a in ["publish", "subscribe"] {
             self.denied

@@ -334,6 +334,45 @@ async fn wrong_password_unknown_user_and_anonymous_are_refused() {
     );
 }
 
+/// Password guessing from one address is slowed down: after a failed login, the next login
+/// attempt from that address waits (`broker.failed_login_delay`, doubling per failure), and
+/// each wait is counted. A successful login forgets the failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_slow_down_their_address() {
+    let (gw, _d) = gateway(
+        "failed_login_delay = \"20ms\"\n[[broker.users]]\nusername = \"plc\"\npassword = \"s3cret\"",
+        "",
+        "",
+    )
+    .await;
+    let long = Duration::from_secs(30);
+    let delayed = || gw.metric("fieldgate_broker_login_delayed_total");
+    for i in 0..5 {
+        let r = connect(
+            gw.mqtt,
+            &format!("g{i}"),
+            Some(("plc", "guess")),
+            None,
+            long,
+        )
+        .await;
+        assert!(matches!(r, Err(ConnectReturnCode::BadUserNamePassword)));
+    }
+    // The first attempt was not delayed, the four after it were.
+    assert_eq!(delayed(), 4.0);
+    let ok = connect(gw.mqtt, "ok", Some(("plc", "s3cret")), None, long).await;
+    assert!(ok.is_ok(), "the right password was refused");
+    assert_eq!(delayed(), 5.0);
+    // Success forgets: the next failure is not delayed, nor are anonymous attempts.
+    let r = connect(gw.mqtt, "g5", Some(("plc", "guess")), None, long).await;
+    assert!(matches!(r, Err(ConnectReturnCode::BadUserNamePassword)));
+    assert_eq!(delayed(), 5.0);
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"bad_password\"}"),
+        6.0
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Authorization
 

@@ -11,6 +11,9 @@
 //!   topic it could ever match is matched by one allowed pattern.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -262,6 +265,68 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// Most addresses [`LoginGuard`] remembers; past it, forgotten failures go first, then any.
+const GUARD_ADDRESSES: usize = 4096;
+/// Failures older than this are forgotten.
+const GUARD_FORGET: Duration = Duration::from_secs(600);
+
+/// Slows password guessing down per source address: after a failed login, the next attempt
+/// from that address waits `base`, doubled per further failure up to 32 x `base`. Memory is
+/// bounded by [`GUARD_ADDRESSES`]; connection limits per address bound the parallel tries.
+#[derive(Debug)]
+pub struct LoginGuard {
+    base: Duration,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl LoginGuard {
+    /// `base`: `broker.failed_login_delay` (zero: never delay).
+    pub fn new(base: Duration) -> LoginGuard {
+        LoginGuard {
+            base,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long a login attempt from `ip` waits before its password is checked.
+    pub fn delay(&self, ip: IpAddr) -> Duration {
+        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match f.get(&ip) {
+            Some((n, at)) if *n > 0 && at.elapsed() < GUARD_FORGET => {
+                self.base * (1u32 << (n - 1).min(5))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// A login from `ip` failed.
+    pub fn failed(&self, ip: IpAddr) {
+        if self.base.is_zero() {
+            return;
+        }
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() >= GUARD_ADDRESSES && !f.contains_key(&ip) {
+            f.retain(|_, (_, at)| at.elapsed() < GUARD_FORGET);
+            if f.len() >= GUARD_ADDRESSES {
+                if let Some(k) = f.keys().next().copied() {
+                    f.remove(&k);
+                }
+            }
+        }
+        let e = f.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= GUARD_FORGET {
+            e.0 = 0;
+        }
+        *e = (e.0.saturating_add(1), Instant::now());
+    }
+
+    /// A login from `ip` succeeded: its failures are forgotten.
+    pub fn succeeded(&self, ip: IpAddr) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.remove(&ip);
+    }
+}
+
 /// `pattern` with `%u` and `%c` replaced; None when a needed value is missing or is not a
 /// single safe topic level.
 fn substitute(pattern: &str, identity: Option<&str>, client_id: &str) -> Option<String> {
@@ -320,6 +385,26 @@ mod tests {
             users,
             internal: Default::default(),
         })
+    }
+
+    #[test]
+    fn failed_logins_delay_their_address_only_and_success_forgets() {
+        let g = LoginGuard::new(Duration::from_millis(100));
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert_eq!(g.delay(a), Duration::ZERO);
+        let waits: Vec<u128> = (0..8)
+            .map(|_| {
+                g.failed(a);
+                g.delay(a).as_millis()
+            })
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 3200, 3200]);
+        assert_eq!(g.delay(b), Duration::ZERO);
+        g.succeeded(a);
+        assert_eq!(g.delay(a), Duration::ZERO);
+        let off = LoginGuard::new(Duration::ZERO);
+        off.failed(a);
+        assert_eq!(off.delay(a), Duration::ZERO);
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Context {
     pub sessions: Arc<sessions::Sessions>,
     /// `broker.client_id_pattern`; None: any client id.
     pub client_id_pattern: Option<String>,
+    /// Failed logins per source address (all listeners).
+    pub logins: Arc<auth::LoginGuard>,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
     /// Where cloud-bound publishes enter the queue.
@@ -171,6 +173,7 @@ pub fn prepare(
     });
     let verify_slots = Arc::new(Semaphore::new(2));
     let live_sessions = Arc::new(sessions::Sessions::default());
+    let logins = Arc::new(auth::LoginGuard::new(cfg.failed_login_delay));
     let mut out = Vec::new();
     for (name, l) in &cfg.listeners {
         let acceptor = match &l.tls {
@@ -194,6 +197,7 @@ pub fn prepare(
             sessions: live_sessions.clone(),
             client_id_pattern: (!cfg.client_id_pattern.is_empty())
                 .then(|| cfg.client_id_pattern.clone()),
+            logins: logins.clone(),
             rate: (cfg.max_publish_rate > 0).then(|| {
                 let burst = match cfg.publish_burst {
                     0 => cfg.max_publish_rate,

@@ -290,7 +290,7 @@ where
             return End::ProtocolViolation;
         }
     }
-    let name = match authenticate(&ctx, &connect, cert_cn).await {
+    let name = match authenticate(&ctx, &connect, cert_cn, peer).await {
         Ok(name) => name,
         Err((code, reason)) => {
             ctx.metrics.broker.refuse(reason);
@@ -479,6 +479,7 @@ async fn authenticate(
     ctx: &Context,
     c: &v4::Connect,
     cert_cn: Option<String>,
+    peer: SocketAddr,
 ) -> Result<Option<String>, (v4::ConnectReturnCode, &'static str)> {
     use v4::ConnectReturnCode as R;
     if let Some(cn) = cert_cn {
@@ -495,6 +496,13 @@ async fn authenticate(
             Err((R::NotAuthorized, "anonymous"))
         };
     };
+    // Guessing from one address is slowed down (the connection waits; the slot it holds
+    // counts against broker.max_connections_per_ip).
+    let wait = ctx.logins.delay(peer.ip());
+    if !wait.is_zero() {
+        ctx.metrics.broker.login_delayed.inc();
+        tokio::time::sleep(wait).await;
+    }
     // argon2 is slow on purpose: run it off the async workers, a few at a time, so a burst
     // of logins cannot starve the relays.
     let Ok(_permit) = ctx.verify_slots.acquire().await else {
@@ -505,6 +513,11 @@ async fn authenticate(
     let verdict = tokio::task::spawn_blocking(move || users.verify(&u, p.as_bytes()))
         .await
         .unwrap_or(Verdict::WrongPassword);
+    if verdict == Verdict::Ok {
+        ctx.logins.succeeded(peer.ip());
+    } else {
+        ctx.logins.failed(peer.ip());
+    }
     match verdict {
         Verdict::Ok => Ok(Some(login.username.clone())),
         Verdict::UnknownUser => Err((R::BadUserNamePassword, "unknown_user")),
