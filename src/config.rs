@@ -220,6 +220,15 @@ pub struct BrokerConfig {
     /// How long a TLS handshake may take before the connection is dropped.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// Most subscription filters one client session holds (rumqttd keeps about 7 KB per
+    /// filter); a SUBSCRIBE filter past it gets 0x80 in SUBACK.
+    pub max_subscriptions_per_client: usize,
+    /// Most retained messages kept (rumqttd keeps several KB each, and all survive a
+    /// restart); past it a new retained topic is delivered but not kept.
+    pub max_retained_messages: usize,
+    /// Most bytes (topic + payload) of retained messages kept; past it a retained publish
+    /// is delivered but not kept.
+    pub max_retained_bytes: u64,
     /// Size of one in-memory log segment per subscription filter, in bytes.
     pub segment_bytes: usize,
     /// Client ids each identity may use, e.g. `"%u"` (the username or certificate name) or
@@ -258,6 +267,9 @@ impl Default for BrokerConfig {
             connect_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(5),
             failed_login_delay: Duration::from_secs(1),
+            max_subscriptions_per_client: 256,
+            max_retained_messages: 10_000,
+            max_retained_bytes: 16 * 1024 * 1024,
             segment_bytes: 1024 * 1024,
             segment_count: 4,
             client_id_pattern: String::new(),
@@ -842,6 +854,12 @@ impl Settings {
             p.push(problem(
                 "broker.tls_handshake_timeout",
                 "must be between 1ms and 300s; e.g. \"5s\"",
+            ));
+        }
+        if b.max_subscriptions_per_client == 0 {
+            p.push(problem(
+                "broker.max_subscriptions_per_client",
+                "must be at least 1; e.g. 256",
             ));
         }
         if b.failed_login_delay > Duration::from_secs(60) {

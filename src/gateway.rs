@@ -118,6 +118,16 @@ pub async fn run(
         source,
     })?;
     let ingest = Ingest::new(routing(&settings), journal, metrics.clone());
+    // The retained budget starts from what is kept (restored into the router below).
+    let kept: Vec<(String, usize)> = store
+        .retained()
+        .map(|v| v.into_iter().map(|(t, _, p)| (t, p.len())).collect())
+        .unwrap_or_default();
+    ingest.set_retained(
+        settings.broker.max_retained_messages,
+        settings.broker.max_retained_bytes,
+        &kept,
+    );
 
     // 3. Broker.
     let broker_span = tracing::info_span!("broker");

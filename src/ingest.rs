@@ -13,6 +13,10 @@
 //!   `dropped{reason="loop"}`;
 //! - a retained publish is also kept (the store's retained tree, for restarts); an empty
 //!   publish without the retain flag deletes the kept copy too, as rumqttd 0.20 drops its own;
+//! - kept retained messages stay within `broker.max_retained_messages` and
+//!   `max_retained_bytes` (topic + payload): [`Ingest::admit_retain`] decides before the
+//!   publish goes anywhere, and one over the budget is delivered as a plain publish (not kept
+//!   by rumqttd, the store or the cloud) and counted as `limited{what="retained"}`;
 //! - one publish is one journal entry, so its ticket covers both;
 //! - [`Ingest::offer`] never waits: a full journal hands the entry back, and the caller
 //!   decides (a device session waits with [`Journal::append`], which withholds the PUBACK;
@@ -24,7 +28,8 @@
 //!   reader, and the front end answers it itself instead of handing it to rumqttd.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -110,6 +115,18 @@ impl Audience {
         }
     }
 
+    /// Whether `client` holds `filter`.
+    pub fn has(&self, client: &str, filter: &str) -> bool {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        g.by_client.get(client).is_some_and(|s| s.contains(filter))
+    }
+
+    /// How many filters `client` holds.
+    pub fn count(&self, client: &str) -> usize {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        g.by_client.get(client).map_or(0, |s| s.len())
+    }
+
     /// `client` unsubscribed from `filter`.
     pub fn remove(&self, client: &str, filter: &str) {
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
@@ -148,6 +165,47 @@ fn forget(filters: &mut HashMap<String, usize>, filter: &str) {
     }
 }
 
+/// The kept retained messages by topic (their topic + payload bytes), against the limits.
+#[derive(Debug)]
+struct RetainedBudget {
+    sizes: HashMap<String, u64>,
+    bytes: u64,
+    max_messages: usize,
+    max_bytes: u64,
+    /// When a refusal was last logged (at most one WARN per 10 s).
+    warned: Option<Instant>,
+}
+
+impl RetainedBudget {
+    fn unlimited() -> RetainedBudget {
+        RetainedBudget {
+            sizes: HashMap::new(),
+            bytes: 0,
+            max_messages: usize::MAX,
+            max_bytes: u64::MAX,
+            warned: None,
+        }
+    }
+
+    fn remove(&mut self, topic: &str) {
+        if let Some(n) = self.sizes.remove(topic) {
+            self.bytes -= n;
+        }
+    }
+
+    /// Keeps `topic` at `size` bytes if it fits; false: it does not.
+    fn keep(&mut self, topic: &str, size: u64) -> bool {
+        let old = self.sizes.get(topic).copied();
+        let bytes = self.bytes - old.unwrap_or(0) + size;
+        if bytes > self.max_bytes || (old.is_none() && self.sizes.len() >= self.max_messages) {
+            return false;
+        }
+        self.sizes.insert(topic.to_string(), size);
+        self.bytes = bytes;
+        true
+    }
+}
+
 /// The entry point; cheap to clone (one per session and source).
 #[derive(Clone)]
 pub struct Ingest {
@@ -155,6 +213,7 @@ pub struct Ingest {
     journal: Option<Journal>,
     metrics: Arc<Metrics>,
     audience: Arc<Audience>,
+    retained: Arc<Mutex<RetainedBudget>>,
 }
 
 impl Ingest {
@@ -165,7 +224,51 @@ impl Ingest {
             journal: Some(journal),
             metrics,
             audience: Arc::default(),
+            retained: Arc::new(Mutex::new(RetainedBudget::unlimited())),
         }
+    }
+
+    /// Sets the retained budget (`broker.max_retained_messages`, `max_retained_bytes`) and
+    /// what is kept already (topic, payload length): at start, before any publish.
+    pub fn set_retained(&self, max_messages: usize, max_bytes: u64, kept: &[(String, usize)]) {
+        let mut b = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        b.max_messages = max_messages;
+        b.max_bytes = max_bytes;
+        b.sizes.clear();
+        b.bytes = 0;
+        for (topic, len) in kept {
+            let size = (topic.len() + len) as u64;
+            b.bytes += size;
+            b.sizes.insert(topic.clone(), size);
+        }
+    }
+
+    /// Decides whether a publish keeps its retain flag: false when it is not retained, or
+    /// when keeping it would pass the retained budget (then it is counted and goes on as a
+    /// plain publish). An empty payload always passes: it deletes the kept message.
+    pub fn admit_retain(&self, topic: &str, payload_len: usize, retain: bool) -> bool {
+        let mut b = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        if payload_len == 0 {
+            b.remove(topic);
+            return retain;
+        }
+        if !retain || b.keep(topic, (topic.len() + payload_len) as u64) {
+            return retain;
+        }
+        self.metrics.broker.limit("retained");
+        if b.warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+            b.warned = Some(Instant::now());
+            tracing::warn!(
+                topic,
+                kept = b.sizes.len(),
+                bytes = b.bytes,
+                max_messages = b.max_messages,
+                max_bytes = b.max_bytes,
+                "retained message not kept: broker.max_retained_messages or max_retained_bytes \
+                 reached (delivered as a plain publish)"
+            );
+        }
+        false
     }
 
     /// An ingest that queues nothing (unit tests of the broker and sources).
@@ -180,6 +283,7 @@ impl Ingest {
             journal: None,
             metrics,
             audience: Arc::default(),
+            retained: Arc::new(Mutex::new(RetainedBudget::unlimited())),
         }
     }
 

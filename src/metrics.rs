@@ -247,6 +247,8 @@ pub struct BrokerMetrics {
     pub retained: Gauge,
     /// Login attempts held back after failed logins from the same address.
     pub login_delayed: Counter,
+    /// Subscriptions refused and retained messages not kept over their limits, by what.
+    limited: Family<Labels, Counter>,
 }
 
 impl BrokerMetrics {
@@ -302,6 +304,16 @@ impl BrokerMetrics {
             "Login attempts held back after failed logins from the same address",
             self.login_delayed.clone(),
         );
+        r.register(
+            "limited",
+            "Subscriptions refused and retained messages not kept over the broker's limits",
+            self.limited.clone(),
+        );
+        for w in ["subscriptions", "retained"] {
+            self.limited
+                .get_or_create(&vec![("what".into(), w.into())])
+                .inc_by(0);
+        }
         for a in ["publish", "subscribe"] {
             self.denied
                 .get_or_create(&vec![("action".into(), a.into())])
@@ -313,6 +325,13 @@ impl BrokerMetrics {
     pub fn refuse(&self, reason: &str) {
         self.refused
             .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Counts a subscription refused or a retained message not kept over a limit.
+    pub fn limit(&self, what: &str) {
+        self.limited
+            .get_or_create(&vec![("what".into(), what.into())])
             .inc();
     }
 

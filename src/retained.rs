@@ -1,19 +1,18 @@
 //! Retained messages that survive a gateway restart.
 //!
 //! rumqttd 0.20 keeps retained messages only in memory, and it clears the retain flag on
-//! every live delivery (MQTT asks for that), so nothing downstream of the router can tell a
-//! retained publish from a plain one. fieldgate therefore marks retained publishes itself
-//! on the way in, with the user property [`RETAIN_PROPERTY`]: the device front end does it
-//! for device publishes (and wills), [`crate::sources::LocalTx`] for the gateway's own
-//! sources. rumqttd keeps publish properties in its log, so the uplink tap sees the mark and
-//! (a) writes the message to the store's `retained` tree, in broker order, made durable by
-//! the queue's commit, and (b) queues it for the cloud with the retain flag set.
+//! every live delivery (MQTT asks for that). fieldgate therefore keeps them itself: every
+//! retained publish passes [`crate::ingest`] before the router sees it (device publishes and
+//! wills in the front end, the gateway's own sources in [`crate::sources::LocalTx`]), within
+//! the retained budget (`broker.max_retained_messages`, `max_retained_bytes`), and the
+//! journal writes it to the store's `retained` tree in the same commit that queues it for the
+//! cloud. Retained publishes are also marked with the user property [`RETAIN_PROPERTY`] (and
+//! the publisher's QoS with [`QOS_PROPERTY`]) on their way into rumqttd, so the front end
+//! can deliver them at the right QoS.
 //!
-//! On start, before the tap, the listeners or any source exist, [`restore`] publishes every
-//! kept message into the router through an in-process link, retained and marked. The tap,
-//! subscribing afterwards, receives them as retained deliveries (retain flag set, which a
-//! live delivery never has) and skips them: they were queued for the cloud in the run that
-//! accepted them.
+//! On start, before the listeners or any source exist, [`restore`] publishes every kept
+//! message into the router through an in-process link, retained and marked; they were
+//! queued for the cloud in the run that accepted them, and are not queued again.
 //!
 //! Invariants: a retained publish with an empty payload deletes the kept message (MQTT
 //! 3.3.1.3); the kept QoS is the publisher's QoS ([`crate::frontend`] delivers at most that).
@@ -71,8 +70,8 @@ pub fn packet(topic: &str, qos: u8, payload: Bytes) -> Packet {
     Packet::Publish(publish, Some(props))
 }
 
-/// Publishes every kept retained message into the broker. Call before the uplink tap and
-/// the listeners start. Returns how many were restored.
+/// Publishes every kept retained message into the broker. Call before the listeners and
+/// the sources start. Returns how many were restored.
 pub async fn restore(broker: &Broker, store: &Store) -> Result<usize, BrokerError> {
     let kept = match store.retained() {
         Ok(kept) => kept,

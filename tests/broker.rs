@@ -125,6 +125,17 @@ impl Dev {
             .expect("no PUBACK");
     }
 
+    /// Publishes retained at QoS 1 and waits for the PUBACK.
+    async fn publish_retained(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+        self.wait(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+            .expect("no PUBACK");
+    }
+
     /// Publishes received within `within` (topic, payload, qos, retain).
     async fn received_retain(&mut self, within: Duration) -> Vec<(String, String, QoS, bool)> {
         let mut out = Vec::new();
@@ -1389,4 +1400,88 @@ fn listener_path_survives_malformed_packets() {
         .collect();
     eprintln!("fuzz: {cases} inputs; {closed:?}");
     assert!(gw.metric("fieldgate_broker_closed_total{reason=\"protocol_violation\"}") > 0.0);
+}
+
+/// State a client can create is bounded: `max_subscriptions_per_client` filters per session
+/// (SUBACK 0x80 past it), `max_retained_messages` and `max_retained_bytes` kept retained
+/// messages (past them a retained publish is delivered but not kept, locally or across a
+/// restart). Each refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_and_retained_messages_are_bounded() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = "max_subscriptions_per_client = 2\nmax_retained_messages = 3\n\
+                  max_retained_bytes = 1000";
+    let gw = gateway_in(data.path(), broker, "allow_anonymous = true", "").await;
+    let limited = |what: &str| {
+        gw.metric(&format!(
+            "fieldgate_broker_limited_total{{what=\"{what}\"}}"
+        ))
+    };
+    let mut sub = anon(gw.mqtt, "sub").await;
+    sub.client
+        .subscribe_many(
+            ["a/#", "b/#", "c/#"]
+                .map(|f| rumqttc::SubscribeFilter::new(f.into(), QoS::AtLeastOnce)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.suback().await,
+        [
+            rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Failure,
+        ]
+    );
+    // Subscribing again to a filter the session has is not a new one.
+    sub.client.subscribe("a/#", QoS::AtMostOnce).await.unwrap();
+    assert_eq!(
+        sub.suback().await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(limited("subscriptions"), 1.0);
+
+    let mut dev = anon(gw.mqtt, "dev").await;
+    for i in 0..5 {
+        dev.client
+            .publish(format!("a/{i}"), QoS::AtLeastOnce, true, "kept?")
+            .await
+            .unwrap();
+        dev.wait(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+            .await
+            .expect("no PUBACK");
+    }
+    // Replacing a kept message is fine; a big one over the byte budget is not kept.
+    dev.publish_retained("a/0", "replaced").await;
+    dev.publish_retained("a/9", &"x".repeat(1200)).await;
+    // Every one was delivered live.
+    let live = sub.received(Duration::from_secs(2)).await;
+    assert_eq!(live.len(), 7, "{live:?}");
+    assert_eq!(limited("retained"), 3.0);
+    let kept: Vec<String> = retained_view(gw.mqtt, "view", "a/#")
+        .await
+        .into_iter()
+        .map(|(t, p, _, _)| format!("{t}={p}"))
+        .collect();
+    assert_eq!(kept, ["a/0=replaced", "a/1=kept?", "a/2=kept?"]);
+    // Deleting one makes room again.
+    dev.publish_retained("a/1", "").await;
+    dev.publish_retained("a/7", "new").await;
+    let kept: Vec<String> = retained_view(gw.mqtt, "view2", "a/#")
+        .await
+        .into_iter()
+        .map(|(t, _, _, _)| t)
+        .collect();
+    assert_eq!(kept, ["a/0", "a/2", "a/7"]);
+    // And a restart brings back exactly those.
+    drop((sub, dev));
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+    let gw = gateway_in(data.path(), broker, "allow_anonymous = true", "").await;
+    let kept: Vec<String> = retained_view(gw.mqtt, "view3", "a/#")
+        .await
+        .into_iter()
+        .map(|(t, _, _, _)| t)
+        .collect();
+    assert_eq!(kept, ["a/0", "a/2", "a/7"]);
 }

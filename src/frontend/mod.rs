@@ -77,6 +77,8 @@ pub struct Context {
     pub client_id_pattern: Option<String>,
     /// Failed logins per source address (all listeners).
     pub logins: Arc<auth::LoginGuard>,
+    /// `broker.max_subscriptions_per_client`.
+    pub max_subscriptions: usize,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
     /// Where cloud-bound publishes enter the queue.
@@ -198,6 +200,7 @@ pub fn prepare(
             client_id_pattern: (!cfg.client_id_pattern.is_empty())
                 .then(|| cfg.client_id_pattern.clone()),
             logins: logins.clone(),
+            max_subscriptions: cfg.max_subscriptions_per_client,
             rate: (cfg.max_publish_rate > 0).then(|| {
                 let burst = match cfg.publish_burst {
                     0 => cfg.max_publish_rate,

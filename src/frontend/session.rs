@@ -376,7 +376,8 @@ where
             // rumqttd publishes it locally once the upstream socket closes; the cloud's copy
             // is queued here (nobody waits for it).
             let q = w.qos as u8;
-            ctx.ingest.offer_or_count(&w.topic, &w.message, q, w.retain);
+            let retain = ctx.ingest.admit_retain(&w.topic, w.message.len(), w.retain);
+            ctx.ingest.offer_or_count(&w.topic, &w.message, q, retain);
         }
     }
     close_upstream(&mut up).await;
@@ -742,6 +743,11 @@ impl Relay {
                     return self.answer(dev, t, P4::PubRec(v4::PubRec::new(p.pkid)));
                 }
                 let q = p.qos as u8;
+                let mut p = p;
+                p.retain = self
+                    .ctx
+                    .ingest
+                    .admit_retain(&p.topic, p.payload.len(), p.retain);
                 // No local reader and nothing for rumqttd to keep: the queue is the whole
                 // path, and the front end answers itself. Only while nothing waits for
                 // rumqttd's answer, so that acknowledgements keep the order of the PUBLISHes.
@@ -912,16 +918,23 @@ impl Relay {
                 codes.push(Some(v4::SubscribeReasonCode::Failure));
                 continue;
             }
+            let audience = self.ctx.ingest.audience();
+            if !audience.has(&self.audience_key, &f.path)
+                && audience.count(&self.audience_key) >= self.ctx.max_subscriptions
+            {
+                self.ctx.metrics.broker.limit("subscriptions");
+                debug!(client_id = %self.id.client_id, filter = %f.path, "subscription over broker.max_subscriptions_per_client refused");
+                codes.push(Some(v4::SubscribeReasonCode::Failure));
+                continue;
+            }
+            // Known before rumqttd has it: a publish racing the SUBSCRIBE goes to rumqttd.
+            audience.add(&self.audience_key, &f.path);
             codes.push(None);
             forward.push((f.path, f.qos));
         }
         if forward.is_empty() {
             let codes = codes.into_iter().flatten().collect();
             return dev.queue(P4::SubAck(v4::SubAck::new(s.pkid, codes)));
-        }
-        for (f, _) in &forward {
-            // Known before rumqttd has it: a publish racing the SUBSCRIBE goes to rumqttd.
-            self.ctx.ingest.audience().add(&self.audience_key, f);
         }
         let packet = upstream::subscribe(s.pkid, &forward);
         self.pending_sub.insert(s.pkid, (codes, forward));

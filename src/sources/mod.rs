@@ -106,6 +106,7 @@ impl LocalTx {
         retain: bool,
     ) -> Result<(), Box<LinkError>> {
         let payload: Bytes = payload.into();
+        let retain = self.ingest.admit_retain(topic, payload.len(), retain);
         if !self
             .ingest
             .offer_or_count(topic, &payload, SOURCE_QOS, retain)
