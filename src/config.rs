@@ -439,6 +439,7 @@ impl Default for AclConfig {
             default: AclRules {
                 publish: vec!["#".into()],
                 subscribe: vec!["#".into()],
+                ..AclRules::default()
             },
             users: BTreeMap::new(),
             internal: InternalTopics::default(),
@@ -454,6 +455,11 @@ pub struct AclRules {
     pub publish: Vec<String>,
     /// Filters the client may subscribe to (a filter must lie inside a pattern).
     pub subscribe: Vec<String>,
+    /// Topics the client may not publish to, whatever `publish` allows (checked first).
+    pub deny_publish: Vec<String>,
+    /// Topics the client may not receive, whatever `subscribe` allows (checked first): a
+    /// filter that could match one of them is refused, so `#` is refused while any is set.
+    pub deny_subscribe: Vec<String>,
 }
 
 /// What the queue does when it is full.
@@ -1379,7 +1385,12 @@ fn validate_broker_auth(b: &BrokerConfig) -> Vec<Problem> {
         }
     }
     for (key, r) in rules {
-        for (what, list) in [("publish", &r.publish), ("subscribe", &r.subscribe)] {
+        for (what, list) in [
+            ("publish", &r.publish),
+            ("subscribe", &r.subscribe),
+            ("deny_publish", &r.deny_publish),
+            ("deny_subscribe", &r.deny_subscribe),
+        ] {
             for (i, pat) in list.iter().enumerate() {
                 // %u / %c stand for one level; check the shape with a placeholder.
                 let probe = pat.replace("%u", "x").replace("%c", "x");

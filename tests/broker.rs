@@ -1485,3 +1485,45 @@ async fn subscriptions_and_retained_messages_are_bounded() {
         .collect();
     assert_eq!(kept, ["a/0", "a/2", "a/7"]);
 }
+
+/// `deny_publish` / `deny_subscribe` are checked before the allow rules: a denied publish is
+/// dropped (and counted), and a filter that could receive a denied topic is refused (0x80),
+/// even for an identity whose rules allow `#`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rules_win_over_allow_rules() {
+    let acl = "[broker.acl.default]\npublish = [\"#\"]\nsubscribe = [\"#\"]\n\
+               deny_publish = [\"plant/secret/#\"]\ndeny_subscribe = [\"plant/secret/#\"]\n";
+    let (gw, _d) = gateway("", "allow_anonymous = true", acl).await;
+    let mut sub = anon(gw.mqtt, "sub").await;
+    sub.client
+        .subscribe_many(
+            ["plant/secret/x", "plant/+/x", "#", "plant/public/#"]
+                .map(|f| rumqttc::SubscribeFilter::new(f.into(), QoS::AtLeastOnce)),
+        )
+        .await
+        .unwrap();
+    let failure = rumqttc::SubscribeReasonCode::Failure;
+    assert_eq!(
+        sub.suback().await,
+        [
+            failure,
+            failure,
+            failure,
+            rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        ]
+    );
+    let mut publ = anon(gw.mqtt, "pub").await;
+    publ.publish1("plant/secret/a", "no").await;
+    publ.publish1("plant/public/a", "yes").await;
+    let got = sub.received(Duration::from_secs(1)).await;
+    let topics: Vec<&str> = got.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(topics, ["plant/public/a"]);
+    assert_eq!(
+        gw.metric("fieldgate_broker_denied_total{action=\"publish\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("fieldgate_broker_denied_total{action=\"subscribe\"}"),
+        3.0
+    );
+}

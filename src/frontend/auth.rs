@@ -215,8 +215,22 @@ impl Acl {
             return false;
         }
         let own = identity.and_then(|i| self.users.get(i));
-        std::iter::once(&self.default)
-            .chain(own)
+        let rules = || std::iter::once(&self.default).chain(own);
+        // Deny rules first: a publish on a denied topic, or a filter that could receive one.
+        let denied = rules()
+            .flat_map(|r| match action {
+                Action::Publish => r.deny_publish.iter(),
+                Action::Subscribe => r.deny_subscribe.iter(),
+            })
+            .filter_map(|pat| substitute(pat, identity, client_id))
+            .any(|pat| match action {
+                Action::Publish => topic::matches(&pat, target),
+                Action::Subscribe => overlaps(&pat, target),
+            });
+        if denied {
+            return false;
+        }
+        rules()
             .flat_map(|r| match action {
                 Action::Publish => r.publish.iter(),
                 Action::Subscribe => r.subscribe.iter(),
@@ -226,6 +240,26 @@ impl Acl {
                 Action::Publish => topic::matches(&pat, target),
                 Action::Subscribe => covers(&pat, target),
             })
+    }
+}
+
+/// Whether two filters share a topic: one that both match (so a subscription to `b` could
+/// receive a message on a topic `a` names). A filter starting with a wildcard shares no `$`
+/// topic (MQTT 4.7.2).
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let dollar = |f: &str| f.starts_with('$');
+    let wild = |f: &str| f.starts_with(['+', '#']);
+    if (dollar(a) && wild(b)) || (dollar(b) && wild(a)) {
+        return false;
+    }
+    let (mut x, mut y) = (a.split('/'), b.split('/'));
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
     }
 }
 
@@ -375,12 +409,14 @@ mod tests {
             AclRules {
                 publish: vec!["#".into()],
                 subscribe: vec!["#".into()],
+                ..AclRules::default()
             },
         );
         Acl::new(&AclConfig {
             default: AclRules {
                 publish: vec!["field/%u/#".into(), "clients/%c".into()],
                 subscribe: vec!["cmd/%u/#".into()],
+                ..AclRules::default()
             },
             users,
             internal: Default::default(),
@@ -405,6 +441,31 @@ mod tests {
         let off = LoginGuard::new(Duration::ZERO);
         off.failed(a);
         assert_eq!(off.delay(a), Duration::ZERO);
+    }
+
+    #[test]
+    fn filters_overlap_when_some_topic_matches_both() {
+        for (a, b) in [
+            ("plant/secret/#", "#"),
+            ("plant/secret/#", "plant/+/x"),
+            ("plant/secret/#", "plant/secret"),
+            ("a/+/c", "a/b/+"),
+            ("a/b", "a/b"),
+            ("+/+", "x/y"),
+        ] {
+            assert!(overlaps(a, b), "{a} {b}");
+            assert!(overlaps(b, a), "{b} {a}");
+        }
+        for (a, b) in [
+            ("plant/secret/#", "plant/public/#"),
+            ("a/b", "a/c"),
+            ("a/+", "a/b/c"),
+            ("$SYS/#", "#"),
+            ("$SYS/#", "+/x"),
+        ] {
+            assert!(!overlaps(a, b), "{a} {b}");
+            assert!(!overlaps(b, a), "{b} {a}");
+        }
     }
 
     #[test]
