@@ -5,6 +5,7 @@
 //! packet and writes to the other, so a device that stops reading slows only its own
 //! session (TCP back-pressure up to rumqttd, which buffers per connection).
 //!
+//! MQTT 3.1 clients (`MQIsdp`, level 3: the same packets) are served as 3.1.1.
 //! CONNECT is refused (with a CONNACK) for another protocol level, an empty client id
 //! without clean session, a client id rumqttd cannot route (`/ + # $`) or holding a NUL,
 //! a client id outside `broker.client_id_pattern` or whose session belongs to another
@@ -146,6 +147,78 @@ impl<S: AsyncRead + AsyncWrite> DeviceIo<S> {
         }
     }
 
+    /// The first packet, which must be a CONNECT: of MQTT 3.1.1, or of MQTT 3.1 (`MQIsdp`,
+    /// level 3), whose packet is the same and is read as 3.1.1 (then true). `Err(None)`: a
+    /// CONNECT of another protocol level (MQTT 5 included), to be answered with CONNACK 1.
+    async fn connect(&mut self) -> Result<(v4::Connect, bool), Option<End>> {
+        let frame = loop {
+            match rumqttc::mqttbytes::check(self.buf.iter(), self.max) {
+                Ok(h) => break h.frame_length(),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
+                    self.buf.reserve(n.min(64 * 1024));
+                    match self.rd.read_buf(&mut self.buf).await {
+                        Ok(0) | Err(_) => return Err(Some(End::DeviceGone)),
+                        Ok(_) => {}
+                    }
+                }
+                Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
+                    return Err(Some(End::TooLarge))
+                }
+                Err(_) => return Err(Some(End::ProtocolViolation)),
+            }
+        };
+        if self.buf[0] != 0x10 {
+            return Err(Some(End::ProtocolViolation));
+        }
+        // Fixed header: the type byte, then the remaining length (1-4 bytes).
+        let head = 1
+            + self.buf[1..]
+                .iter()
+                .take(4)
+                .take_while(|b| *b & 0x80 != 0)
+                .count()
+            + 1;
+        let vh = &self.buf[head..frame];
+        let name_len = match vh {
+            [a, b, ..] => u16::from_be_bytes([*a, *b]) as usize,
+            _ => return Err(Some(End::ProtocolViolation)),
+        };
+        let (Some(name), Some(&level)) = (vh.get(2..2 + name_len), vh.get(2 + name_len)) else {
+            return Err(Some(End::ProtocolViolation));
+        };
+        let v31 = match (name, level) {
+            (b"MQTT", 4) => false,
+            (b"MQIsdp", 3) => true,
+            (b"MQTT" | b"MQIsdp", _) => return Err(None),
+            _ => return Err(Some(End::ProtocolViolation)),
+        };
+        if v31 {
+            // The same CONNECT as 3.1.1 with the 3.1 name and level: rewrite those.
+            let rest = self.buf[head + 2 + name_len + 1..frame].to_vec();
+            let mut out = BytesMut::with_capacity(frame);
+            out.extend_from_slice(&[0x10]);
+            let mut n = 7 + rest.len();
+            loop {
+                let byte = (n % 128) as u8;
+                n /= 128;
+                out.extend_from_slice(&[if n > 0 { byte | 0x80 } else { byte }]);
+                if n == 0 {
+                    break;
+                }
+            }
+            out.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
+            out.extend_from_slice(&rest);
+            let _ = self.buf.split_to(frame);
+            out.extend_from_slice(&self.buf);
+            self.buf = out;
+        }
+        match self.parse() {
+            Ok(Some(P4::Connect(c))) => Ok((c, v31)),
+            Ok(_) => Err(Some(End::ProtocolViolation)),
+            Err(e) => Err(Some(e)),
+        }
+    }
+
     /// The next packet; cancel-safe (bytes read so far stay in `buf`).
     async fn next(&mut self) -> Result<P4, End> {
         loop {
@@ -257,20 +330,20 @@ where
         out: BytesMut::with_capacity(4096),
         max: ctx.max_packet,
     };
-    let connect = match tokio::time::timeout(ctx.connect_timeout, dev.next()).await {
-        Err(_) => return End::ConnectTimeout,
-        Ok(Err(e)) => return e,
-        Ok(Ok(P4::Connect(c))) => c,
-        Ok(Ok(_)) => return End::ProtocolViolation,
-    };
     let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
-    if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
-        ctx.metrics.broker.refuse("protocol_version");
-        let _ = dev
-            .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
-            .await;
-        return End::Refused;
-    }
+    let (connect, v31) = match tokio::time::timeout(ctx.connect_timeout, dev.connect()).await {
+        Err(_) => return End::ConnectTimeout,
+        Ok(Ok(c)) => c,
+        Ok(Err(Some(e))) => return e,
+        Ok(Err(None)) => {
+            // Another protocol level: CONNACK 1, then close (MQTT-3.1.2-2).
+            ctx.metrics.broker.refuse("protocol_version");
+            let _ = dev
+                .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            return End::Refused;
+        }
+    };
     // rumqttd's router drops a connection whose client id holds one of these without an
     // answer, and the second such CONNECT with the same id poisons the broker's listener
     // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5);
@@ -366,7 +439,7 @@ where
         &mut dev,
         &mut up,
         &connect,
-        (id, audience_key.clone()),
+        (id, audience_key.clone(), v31),
         peer,
         stop,
     )
@@ -399,13 +472,14 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     dev: &mut DeviceIo<S>,
     up: &mut BrokerIo,
     connect: &v4::Connect,
-    (id, audience_key): (Identity, String),
+    (id, audience_key, v31): (Identity, String, bool),
     peer: SocketAddr,
     stop: CancellationToken,
 ) -> End {
     let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
     let session_present = match up.next().await {
-        Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
+        // MQTT 3.1 has no session-present flag (the byte is reserved).
+        Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present && !v31,
         Ok(P5::ConnAck(a)) => {
             ctx.metrics.broker.refuse("broker_refused");
             let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
