@@ -99,6 +99,12 @@ pub struct OtaConfig {
     pub chunk_size: usize,
     /// Most devices downloading at once (MQTT and HTTP together); others get `busy`.
     pub max_concurrent_downloads: usize,
+    /// Most HTTP image downloads from one IP address at once; past it: 503 `busy`.
+    pub max_downloads_per_ip: usize,
+    /// An HTTP image transfer whose client reads nothing for this long is cut, and its
+    /// download slot freed.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
     /// Serving rate limit over all devices, bytes per second. 0: unlimited.
     pub max_bytes_per_sec: u64,
     /// Base of the `url` in metadata, e.g. `http://192.168.1.2:9183`. Default: from
@@ -137,6 +143,8 @@ impl Default for OtaConfig {
             cache_max_bytes: 512 * 1024 * 1024,
             chunk_size: 16 * 1024,
             max_concurrent_downloads: 32,
+            max_downloads_per_ip: 2,
+            stall_timeout: Duration::from_secs(10),
             max_bytes_per_sec: 0,
             http_base_url: String::new(),
             fetch_ca_file: PathBuf::new(),
@@ -1137,6 +1145,18 @@ impl Settings {
             p.push(problem(
                 "ota.fetch_timeout",
                 "must be at least 1s; e.g. \"30s\"",
+            ));
+        }
+        if o.max_downloads_per_ip == 0 {
+            p.push(problem(
+                "ota.max_downloads_per_ip",
+                "must be at least 1; e.g. 2",
+            ));
+        }
+        if o.stall_timeout < Duration::from_secs(1) {
+            p.push(problem(
+                "ota.stall_timeout",
+                "must be at least 1s; e.g. \"10s\"",
             ));
         }
         if o.fetch_attempts == 0 {

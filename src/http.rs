@@ -4,15 +4,17 @@
 //!   image, with `Range: bytes=a-b | a- | -n` (206 + `Content-Range`; 416 for a range outside
 //!   the image; several ranges are answered with the whole image, 200). Only images the
 //!   gateway verified are listed; each transfer holds an OTA download slot (503 +
-//!   `Retry-After` when none is free) and is paced by `ota.max_bytes_per_sec`;
+//!   `Retry-After` when none is free, or when its address holds `ota.max_downloads_per_ip`
+//!   already) and is paced by `ota.max_bytes_per_sec`;
 //! - `GET /ota/status`, `/ota/status/device/<id>`, `/ota/status/rollout/<id>`: JSON status.
 //!
 //! A deliberately tiny HTTP/1.1 server: one request per connection, request head at most
 //! 8 KiB, 5 s to send it, then the connection is closed. Small answers must be written within
 //! 5 s; an image transfer may take as long as it needs but no single write may stall for more
-//! than 30 s. It only reads shared state, so a slow or hostile client cannot stall the
-//! pipeline.
+//! than `ota.stall_timeout` (then it is cut, counted as `http_stalled`, and its slot is free).
+//! It only reads shared state, so a slow or hostile client cannot stall the pipeline.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,11 +85,11 @@ pub async fn serve(listener: TcpListener, health: HealthSource, stop: Cancellati
         tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((sock, _)) => {
+                Ok((sock, peer)) => {
                     let h = health.clone();
                     // Bounded by its own timeouts (see the module header); ends by itself.
                     tokio::spawn(async move {
-                        let _ = handle(sock, h).await;
+                        let _ = handle(sock, peer.ip(), h).await;
                     });
                 }
                 Err(e) => {
@@ -114,7 +116,7 @@ async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
-async fn handle(mut sock: TcpStream, h: HealthSource) -> std::io::Result<()> {
+async fn handle(mut sock: TcpStream, peer: IpAddr, h: HealthSource) -> std::io::Result<()> {
     let Ok(head) = tokio::time::timeout(SMALL, read_head(&mut sock)).await else {
         return Ok(());
     };
@@ -124,7 +126,13 @@ async fn handle(mut sock: TcpStream, h: HealthSource) -> std::io::Result<()> {
     if let (Some(ota), Some(what)) = (&h.ota, path.strip_prefix("/ota/image/")) {
         if method == "GET" || method == "HEAD" {
             let range = header(&head, "range");
-            return ota_image(&mut sock, ota, &h.metrics, what, range, method == "HEAD").await;
+            let req = ImageRequest {
+                what,
+                range,
+                head_only: method == "HEAD",
+                peer,
+            };
+            return ota_image(&mut sock, ota, &h.metrics, req).await;
         }
     }
     let ota_status = match (&h.ota, method, path.strip_prefix("/ota/status")) {
@@ -187,9 +195,6 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// Longest a single write of an image transfer may stall.
-const STALL: Duration = Duration::from_secs(30);
-
 async fn small(sock: &mut TcpStream, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
@@ -199,15 +204,27 @@ async fn small(sock: &mut TcpStream, status: &str, extra: &str, body: &str) -> s
     Ok(())
 }
 
+/// One image request: what, which bytes, and from whom.
+struct ImageRequest<'a> {
+    what: &'a str,
+    range: Option<&'a str>,
+    head_only: bool,
+    peer: IpAddr,
+}
+
 /// Streams (a range of) a verified image.
 async fn ota_image(
     sock: &mut TcpStream,
     ota: &crate::ota::OtaHandle,
     metrics: &Metrics,
-    what: &str,
-    range: Option<&str>,
-    head_only: bool,
+    req: ImageRequest<'_>,
 ) -> std::io::Result<()> {
+    let ImageRequest {
+        what,
+        range,
+        head_only,
+        peer,
+    } = req;
     let img = ota.catalog.borrow().find(what);
     let Some(img) = img else {
         metrics.ota.error("http_not_found");
@@ -227,15 +244,21 @@ async fn ota_image(
             return small(sock, "416 Range Not Satisfiable", &extra, "bad range\n").await;
         }
     };
-    let Some(_slot) = ota.slots.try_take() else {
-        metrics.ota.error("busy");
-        return small(
-            sock,
-            "503 Service Unavailable",
-            "Retry-After: 2\r\n",
-            "busy\n",
-        )
-        .await;
+    let _slot = match ota.slots.try_take_for(peer) {
+        Ok(slot) => slot,
+        Err(why) => {
+            metrics.ota.error(match why {
+                crate::ota::serve::Busy::All => "busy",
+                crate::ota::serve::Busy::Address => "busy_per_ip",
+            });
+            return small(
+                sock,
+                "503 Service Unavailable",
+                "Retry-After: 2\r\n",
+                "busy\n",
+            )
+            .await;
+        }
     };
     let (start, end, status, extra) = match r {
         Some(r) => (
@@ -254,8 +277,13 @@ async fn ota_image(
         "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\nETag: \"{}\"\r\n{extra}Connection: close\r\n\r\n",
         img.sha256
     );
-    let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "client stalled");
-    tokio::time::timeout(STALL, sock.write_all(head.as_bytes()))
+    let stall = ota.stall_timeout;
+    let stalled = || {
+        metrics.ota.error("http_stalled");
+        debug!(%peer, ?stall, "image transfer cut: the client read nothing");
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "client stalled")
+    };
+    tokio::time::timeout(stall, sock.write_all(head.as_bytes()))
         .await
         .map_err(|_| stalled())??;
     if head_only {
@@ -270,7 +298,7 @@ async fn ota_image(
             tokio::task::spawn_blocking(move || crate::ota::cache::read_at(&img2.file, off, n))
                 .await
                 .map_err(std::io::Error::other)??;
-        tokio::time::timeout(STALL, sock.write_all(&data))
+        tokio::time::timeout(stall, sock.write_all(&data))
             .await
             .map_err(|_| stalled())??;
         metrics.ota.served("http", n as u64);

@@ -855,3 +855,74 @@ async fn local_ota_commands_are_obeyed_only_from_named_identities() {
         3.0
     );
 }
+
+/// Opens `GET path` from source address `from` and reads only the status line, then stops
+/// reading (a hostile or broken client); returns the status and the still-open socket.
+async fn stalled_get(from: &str, port: u16, path: &str) -> (u16, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    let status = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+    (status, s)
+}
+
+/// One address opening image downloads and never reading cannot starve the others: it gets
+/// at most `ota.max_downloads_per_ip` slots (503 past them), a transfer that stalls for
+/// `ota.stall_timeout` is cut, and its slot is free again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_cannot_starve_the_downloads() {
+    let s = setup().await;
+    // Larger than what the sockets' buffers absorb, so a client that does not read stalls.
+    let img = image(24 * 1024 * 1024, 21);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let g = s
+        .gateway("max_downloads_per_ip = 2\nstall_timeout = \"1s\"")
+        .await;
+    let c = s.collector().await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["d1".into()]),
+    )
+    .await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    let path = format!("/ota/image/{sha}");
+    let (a, _ha) = stalled_get("127.0.0.2", g.http, &path).await;
+    let (b, _hb) = stalled_get("127.0.0.2", g.http, &path).await;
+    let (c3, _hc) = stalled_get("127.0.0.2", g.http, &path).await;
+    assert_eq!((a, b, c3), (200, 200, 503));
+    // Another address still downloads the whole image.
+    let (st, body) = http_get(&format!("http://127.0.0.1:{}{path}", g.http), None)
+        .await
+        .unwrap();
+    assert_eq!((st, sha256_hex(&body)), (200, sha.clone()));
+    // The stalled transfers are cut and counted, their slots free again.
+    let cut = eventually(WAIT, || {
+        metric_or_zero(&g, "fieldgate_ota_errors_total{kind=\"http_stalled\"}") == 2.0
+    })
+    .await;
+    assert!(cut, "stalled transfers not cut:\n{}", g.log_text());
+    for _ in 0..3 {
+        let (st, _) = http_get(
+            &format!("http://127.0.0.1:{}{path}", g.http),
+            Some("bytes=0-9"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st, 206);
+    }
+    assert_eq!(
+        metric_or_zero(&g, "fieldgate_ota_errors_total{kind=\"busy_per_ip\"}"),
+        1.0
+    );
+}

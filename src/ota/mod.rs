@@ -114,6 +114,8 @@ pub struct OtaHandle {
     pub slots: Slots,
     /// Bytes/s limit shared with MQTT serving.
     pub pacer: Pacer,
+    /// `ota.stall_timeout`: an HTTP transfer whose client reads nothing this long is cut.
+    pub stall_timeout: Duration,
 }
 
 impl OtaHandle {
@@ -184,13 +186,14 @@ impl Ota {
         }
         let (catalog_tx, catalog) = watch::channel(Arc::new(Catalog::default()));
         let (queries, queries_rx) = mpsc::channel(64);
-        let slots = Slots::new(cfg.max_concurrent_downloads);
+        let slots = Slots::new(cfg.max_concurrent_downloads, cfg.max_downloads_per_ip);
         let pacer = Pacer::new(cfg.max_bytes_per_sec);
         let handle = OtaHandle {
             catalog,
             queries,
             slots: slots.clone(),
             pacer: pacer.clone(),
+            stall_timeout: cfg.stall_timeout,
         };
         Ok((
             Ota {

@@ -3,8 +3,12 @@
 //! Owns the serving limits shared by both paths:
 //! - [`Slots`]: at most `ota.max_concurrent_downloads` devices download at once. An MQTT
 //!   device holds a slot from its first `chunk/get` until it verifies, reports `done`/`failed`,
-//!   or stays silent for [`DOWNLOAD_IDLE`]; an HTTP request holds one while it streams. A device
-//!   that finds no free slot is answered `busy` (MQTT error reply, or HTTP 503) and retries.
+//!   or stays silent for [`DOWNLOAD_IDLE`]; an HTTP request holds one while it streams, and
+//!   one source address holds at most `ota.max_downloads_per_ip` of them ([`HttpSlot`]), so a
+//!   client that opens downloads and never reads cannot take them all (its transfers are cut
+//!   after `ota.stall_timeout` without progress, and the slot is free when the transfer
+//!   ends). A device that finds no free slot is answered `busy` (MQTT error reply, or HTTP
+//!   503) and retries.
 //! - [`Pacer`]: one token bucket of `ota.max_bytes_per_sec` over everything served.
 //!
 //! The MQTT path is one task owning its own broker link: the manager queues [`ChunkJob`]s on
@@ -17,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,15 +118,64 @@ impl Pacer {
 pub struct Slots {
     sem: Arc<Semaphore>,
     max: usize,
+    /// HTTP slots held per source address (entries only while held: at most `max`).
+    per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    max_per_ip: usize,
+}
+
+/// Why no HTTP slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Every slot is taken.
+    All,
+    /// This address holds `ota.max_downloads_per_ip` already.
+    Address,
+}
+
+/// An HTTP transfer's slot; dropping it frees the slot and the address's share.
+pub struct HttpSlot {
+    _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Slots {
-    /// `max` concurrent downloads.
-    pub fn new(max: usize) -> Slots {
+    /// `max` concurrent downloads, of which `max_per_ip` over HTTP from one address.
+    pub fn new(max: usize, max_per_ip: usize) -> Slots {
         Slots {
             sem: Arc::new(Semaphore::new(max)),
             max,
+            per_ip: Arc::default(),
+            max_per_ip,
         }
+    }
+
+    /// A slot for an HTTP transfer to `ip`, if one is free and `ip` holds fewer than its
+    /// share.
+    pub fn try_take_for(&self, ip: IpAddr) -> Result<HttpSlot, Busy> {
+        let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+            return Err(Busy::Address);
+        }
+        let permit = self.try_take().ok_or(Busy::All)?;
+        *m.entry(ip).or_default() += 1;
+        Ok(HttpSlot {
+            _permit: permit,
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
     }
 
     /// A slot if one is free.
@@ -272,8 +326,23 @@ mod tests {
     }
 
     #[test]
+    fn http_slots_are_shared_out_per_address() {
+        let s = Slots::new(3, 2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let a1 = s.try_take_for(a).unwrap();
+        let _a2 = s.try_take_for(a).unwrap();
+        assert_eq!(s.try_take_for(a).err(), Some(Busy::Address));
+        let _b1 = s.try_take_for(b).unwrap();
+        assert_eq!(s.try_take_for(b).err(), Some(Busy::All));
+        drop(a1);
+        assert_eq!(s.in_use(), 2);
+        let _a3 = s.try_take_for(a).unwrap();
+        assert_eq!(s.try_take_for(a).err(), Some(Busy::Address));
+    }
+
+    #[test]
     fn slots_are_bounded() {
-        let s = Slots::new(2);
+        let s = Slots::new(2, 2);
         let a = s.try_take().unwrap();
         let _b = s.try_take().unwrap();
         assert!(s.try_take().is_none());
