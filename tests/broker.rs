@@ -1593,3 +1593,34 @@ async fn other_protocol_levels_get_connack_1_and_mqtt_3_1_is_served() {
         5.0
     );
 }
+
+/// rumqttd takes the acknowledgements of its deliveries only in the order it sent them. The
+/// front end answers lowered deliveries itself and forwards the device's answers for the
+/// others, in rumqttd's order: a subscriber at QoS 2 receiving a mix of QoS 0, 1 and 2 keeps
+/// its connection and gets every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_qos_deliveries_are_acknowledged_upstream_in_order() {
+    let (_gw, port) = rules_target().await;
+    let mut sub = anon(port, "mix-sub").await;
+    sub.client
+        .subscribe("mix/#", QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    sub.suback().await;
+    let publ = anon(port, "mix-pub").await;
+    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    for i in 0..300usize {
+        publ.client
+            .publish(format!("mix/{i}"), qos[i % 3], false, i.to_string())
+            .await
+            .unwrap();
+    }
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < 300 && tokio::time::Instant::now() < deadline {
+        for (t, _, _) in sub.received(Duration::from_millis(500)).await {
+            got.insert(t);
+        }
+    }
+    assert_eq!(got.len(), 300, "the subscriber got {} of 300", got.len());
+}

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod session;
 pub mod sessions;
 pub mod tls;
+pub mod upacks;
 pub mod upstream;
 
 use std::collections::HashMap;

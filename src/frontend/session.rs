@@ -44,7 +44,9 @@
 //!   with PUBREC here and not forwarded again;
 //! - delivered QoS = min(publisher's QoS, granted QoS): rumqttd delivers at the granted QoS,
 //!   the front end lowers it using the tag (see `upstream`) and completes the upstream
-//!   acknowledgement itself for what it lowered.
+//!   acknowledgement itself for what it lowered. Every answer to rumqttd's deliveries, its
+//!   own or the device's, leaves in rumqttd's order (see `upacks`): rumqttd drops a link
+//!   that answers out of order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -63,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
+use super::upacks::{Ack, UpAcks};
 use super::{upstream, Context};
 use crate::bridge::pacing::TokenBucket;
 use crate::config::{ClientCertMode, RateLimitPolicy};
@@ -514,6 +517,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         qos2_denied: HashSet::new(),
         down21: HashSet::new(),
         answer_rel: HashSet::new(),
+        up_acks: UpAcks::default(),
         rate: ctx.rate.map(|(r, b, p)| {
             (
                 TokenBucket::with_burst(r as u64, b as u64, StdInstant::now()),
@@ -644,6 +648,8 @@ struct Relay {
     down21: HashSet<u16>,
     /// Upstream PUBRELs the front end answers itself (deliveries it lowered).
     answer_rel: HashSet<u16>,
+    /// Answers to rumqttd's deliveries, released in the order rumqttd takes them.
+    up_acks: UpAcks,
     /// The device's publish rate limit and its policy.
     rate: Option<(TokenBucket, RateLimitPolicy)>,
     /// `slow_down`: how long to stop reading from the device after this batch.
@@ -871,12 +877,12 @@ impl Relay {
                 if self.down21.remove(&a.pkid) {
                     // Lowered from QoS 2: the device acknowledged, finish rumqttd's flow.
                     self.answer_rel.insert(a.pkid);
-                    return up.queue(P5::PubRec(v5::PubRec::new(a.pkid, None)));
+                    return self.ack_up(up, a.pkid, Ack::PubRec);
                 }
-                up.queue(P5::PubAck(v5::PubAck::new(a.pkid, None)))
+                self.ack_up(up, a.pkid, Ack::PubAck)
             }
-            P4::PubRec(a) => up.queue(P5::PubRec(v5::PubRec::new(a.pkid, None))),
-            P4::PubComp(a) => up.queue(P5::PubComp(v5::PubComp::new(a.pkid, None))),
+            P4::PubRec(a) => self.ack_up(up, a.pkid, Ack::PubRec),
+            P4::PubComp(a) => self.comp_up(up, a.pkid),
             P4::Subscribe(s) => self.subscribe(s, dev, up),
             P4::Unsubscribe(u) => {
                 self.granted.retain(|(f, _)| !u.topics.contains(f));
@@ -1034,7 +1040,7 @@ impl Relay {
             P5::PubComp(a) => self.answer(dev, 0, P4::PubComp(v4::PubComp::new(a.pkid))),
             P5::PubRel(r) => {
                 if self.answer_rel.remove(&r.pkid) {
-                    return up.queue(P5::PubComp(v5::PubComp::new(r.pkid, None)));
+                    return self.comp_up(up, r.pkid);
                 }
                 dev.queue(P4::PubRel(v4::PubRel::new(r.pkid)))
             }
@@ -1071,6 +1077,25 @@ impl Relay {
     }
 
     /// Delivers a message from rumqttd at min(publisher's QoS, granted QoS).
+    /// The answer to rumqttd's delivery `pkid` is known: send what may leave now.
+    fn ack_up(&mut self, up: &mut BrokerIo, pkid: u16, ack: Ack) -> Result<(), End> {
+        for (p, a) in self.up_acks.ready(pkid, ack) {
+            up.queue(match a {
+                Ack::PubAck => P5::PubAck(v5::PubAck::new(p, None)),
+                Ack::PubRec => P5::PubRec(v5::PubRec::new(p, None)),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The PUBCOMP for rumqttd's PUBREL `pkid` is known: send what may leave now.
+    fn comp_up(&mut self, up: &mut BrokerIo, pkid: u16) -> Result<(), End> {
+        for p in self.up_acks.completed(pkid) {
+            up.queue(P5::PubComp(v5::PubComp::new(p, None)))?;
+        }
+        Ok(())
+    }
+
     fn deliver<S: AsyncRead + AsyncWrite>(
         &mut self,
         p: v5::Publish,
@@ -1079,6 +1104,9 @@ impl Relay {
     ) -> Result<(), End> {
         let (mut p, origin) = upstream::delivery(p);
         let delivered = p.qos;
+        if delivered != QoS::AtMostOnce {
+            self.up_acks.delivered(p.pkid);
+        }
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
         let want = origin.map_or(delivered, |o| {
             if (o as u8) < (delivered as u8) {
@@ -1094,13 +1122,13 @@ impl Relay {
         let pkid = p.pkid;
         match (delivered, want) {
             (QoS::AtLeastOnce, _) => {
-                up.queue(P5::PubAck(v5::PubAck::new(pkid, None)))?;
+                self.ack_up(up, pkid, Ack::PubAck)?;
                 p.qos = QoS::AtMostOnce;
                 p.pkid = 0;
             }
             (QoS::ExactlyOnce, QoS::AtMostOnce) => {
                 self.answer_rel.insert(pkid);
-                up.queue(P5::PubRec(v5::PubRec::new(pkid, None)))?;
+                self.ack_up(up, pkid, Ack::PubRec)?;
                 p.qos = QoS::AtMostOnce;
                 p.pkid = 0;
             }
