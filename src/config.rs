@@ -466,7 +466,7 @@ pub struct AclRules {
     /// Topics the client may not publish to, whatever `publish` allows (checked first).
     pub deny_publish: Vec<String>,
     /// Topics the client may not receive, whatever `subscribe` allows (checked first): a
-    /// filter that could match one of them is refused, so `#` is refused while any is set.
+    /// filter inside one of them is refused, and a wider filter (`#`) never delivers them.
     pub deny_subscribe: Vec<String>,
 }
 

@@ -314,7 +314,7 @@ impl BrokerMetrics {
                 .get_or_create(&vec![("what".into(), w.into())])
                 .inc_by(0);
         }
-        for a in ["publish", "subscribe"] {
+        for a in ["publish", "subscribe", "deliver"] {
             self.denied
                 .get_or_create(&vec![("action".into(), a.into())])
                 .inc_by(0);

@@ -1107,6 +1107,26 @@ impl Relay {
         if delivered != QoS::AtMostOnce {
             self.up_acks.delivered(p.pkid);
         }
+        if self.ctx.acl.filters_deliveries()
+            && !self.ctx.acl.allows(
+                self.id.name.as_deref(),
+                &self.id.client_id,
+                Action::Deliver,
+                &p.topic,
+            )
+        {
+            // A topic this device may not receive (`deny_subscribe`) that a wider filter
+            // matched: answered upstream here, never sent to the device.
+            self.ctx.metrics.broker.deny(Action::Deliver);
+            return match delivered {
+                QoS::AtMostOnce => Ok(()),
+                QoS::AtLeastOnce => self.ack_up(up, p.pkid, Ack::PubAck),
+                QoS::ExactlyOnce => {
+                    self.answer_rel.insert(p.pkid);
+                    self.ack_up(up, p.pkid, Ack::PubRec)
+                }
+            };
+        }
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
         let want = origin.map_or(delivered, |o| {
             if (o as u8) < (delivered as u8) {
