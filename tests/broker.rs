@@ -1601,3 +1601,40 @@ async fn mixed_qos_deliveries_are_acknowledged_upstream_in_order() {
     }
     assert_eq!(got.len(), 300, "the subscriber got {} of 300", got.len());
 }
+
+/// CONNECT with another protocol: MQTT 3.1 (`MQIsdp`, level 3) is accepted as mosquitto
+/// does (older PLCs speak it); any other level, and MQTT 5, gets CONNACK 0x01 and the
+/// connection closed (MQTT-3.1.2-2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_protocol_levels_get_connack_1_and_mqtt_3_1_is_served() {
+    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let refused = |p: &Option<P4>| matches!(p, Some(P4::ConnAck(a)) if a.code == v4::ConnectReturnCode::RefusedProtocolVersion);
+    for (name, level, extra) in [
+        ("MQTT", 6u8, &[][..]),
+        ("MQTT", 3, &[][..]),
+        ("MQIsdp", 4, &[][..]),
+        // MQTT 5 with a properties block (session expiry interval 0).
+        ("MQTT", 5, &[5u8, 0x11, 0, 0, 0, 0][..]),
+        ("MQTT", 5, &[0u8][..]),
+    ] {
+        let (mut r, ack) = Raw::connect_as(gw.mqtt, name, level, extra, "old").await;
+        assert!(refused(&ack), "{name} level {level}: {ack:?}");
+        assert!(r.closed().await, "{name} level {level} left open");
+    }
+    // MQTT 3.1: served like 3.1.1.
+    let (mut r, ack) = Raw::connect_as(gw.mqtt, "MQIsdp", 3, &[], "plc31").await;
+    assert!(connack_ok(ack.clone()), "MQTT 3.1: {ack:?}");
+    r.send(P4::Subscribe(v4::Subscribe::new("plc/#", QoS::AtLeastOnce)))
+        .await;
+    assert!(matches!(r.recv().await, Some(P4::SubAck(_))));
+    let mut other = anon(gw.mqtt, "modern").await;
+    other.publish1("plc/x", "hello").await;
+    match r.recv().await {
+        Some(P4::Publish(p)) => assert_eq!(&p.payload[..], b"hello"),
+        other => panic!("3.1 client got {other:?}"),
+    }
+    assert_eq!(
+        gw.metric("fieldgate_broker_refused_total{reason=\"protocol_version\"}"),
+        5.0
+    );
+}
