@@ -149,6 +149,14 @@ impl Audience {
         }
     }
 
+    /// Whether `client` holds a filter that matches `topic`.
+    pub fn client_reaches(&self, client: &str, topic: &str) -> bool {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        g.by_client
+            .get(client)
+            .is_some_and(|s| s.iter().any(|f| crate::topic::matches(f, topic)))
+    }
+
     /// Whether any local client may receive a publish on `topic`.
     pub fn reaches(&self, topic: &str) -> bool {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());

@@ -1638,3 +1638,33 @@ async fn other_protocol_levels_get_connack_1_and_mqtt_3_1_is_served() {
         5.0
     );
 }
+
+/// UNSUBSCRIBE works on a resumed persistent session too: UNSUBACK, and no more deliveries
+/// on the filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_on_a_resumed_session_takes_effect() {
+    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let (mut d, _) = connect_session(gw.mqtt, "keeper", None, false)
+        .await
+        .unwrap();
+    d.client
+        .subscribe("keep/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    d.suback().await;
+    d.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut d, present) = connect_session(gw.mqtt, "keeper", None, false)
+        .await
+        .unwrap();
+    assert!(present);
+    d.client.unsubscribe("keep/#").await.unwrap();
+    let unsuback = d
+        .wait(|p| matches!(p, Packet::UnsubAck(_)).then_some(()))
+        .await;
+    assert!(unsuback.is_some(), "no UNSUBACK on the resumed session");
+    let mut publ = anon(gw.mqtt, "keep-pub").await;
+    publ.publish1("keep/x", "after").await;
+    let got = d.received(Duration::from_secs(1)).await;
+    assert!(got.is_empty(), "delivered after UNSUBSCRIBE: {got:?}");
+}

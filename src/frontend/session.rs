@@ -518,6 +518,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         down21: HashSet::new(),
         answer_rel: HashSet::new(),
         up_acks: UpAcks::default(),
+        unsubacked: HashSet::new(),
         rate: ctx.rate.map(|(r, b, p)| {
             (
                 TokenBucket::with_burst(r as u64, b as u64, StdInstant::now()),
@@ -650,6 +651,8 @@ struct Relay {
     answer_rel: HashSet<u16>,
     /// Answers to rumqttd's deliveries, released in the order rumqttd takes them.
     up_acks: UpAcks,
+    /// UNSUBSCRIBEs the front end answered itself; rumqttd's own UNSUBACK, if any, is dropped.
+    unsubacked: HashSet<u16>,
     /// The device's publish rate limit and its policy.
     rate: Option<(TokenBucket, RateLimitPolicy)>,
     /// `slow_down`: how long to stop reading from the device after this batch.
@@ -889,6 +892,12 @@ impl Relay {
                 for f in &u.topics {
                     self.ctx.ingest.audience().remove(&self.audience_key, f);
                 }
+                // rumqttd 0.20 answers no UNSUBACK for a filter it does not find under this
+                // connection, which is every filter of a resumed persistent session, and goes
+                // on delivering on it. The front end answers (MQTT-3.10.4-4) and withholds
+                // deliveries the session no longer subscribes to (see `deliver`).
+                self.unsubacked.insert(u.pkid);
+                dev.queue(P4::UnsubAck(v4::UnsubAck::new(u.pkid)))?;
                 up.queue(P5::Unsubscribe(v5::Unsubscribe {
                     pkid: u.pkid,
                     filters: u.topics,
@@ -1069,7 +1078,12 @@ impl Relay {
                     .collect();
                 dev.queue(P4::SubAck(v4::SubAck::new(a.pkid, codes)))
             }
-            P5::UnsubAck(a) => dev.queue(P4::UnsubAck(v4::UnsubAck::new(a.pkid))),
+            P5::UnsubAck(a) => {
+                if self.unsubacked.remove(&a.pkid) {
+                    return Ok(());
+                }
+                dev.queue(P4::UnsubAck(v4::UnsubAck::new(a.pkid)))
+            }
             P5::PingResp(_) => Ok(()),
             P5::Disconnect(_) => Err(End::BrokerGone),
             _ => Ok(()),
@@ -1107,17 +1121,28 @@ impl Relay {
         if delivered != QoS::AtMostOnce {
             self.up_acks.delivered(p.pkid);
         }
-        if self.ctx.acl.filters_deliveries()
+        let denied = self.ctx.acl.filters_deliveries()
             && !self.ctx.acl.allows(
                 self.id.name.as_deref(),
                 &self.id.client_id,
                 Action::Deliver,
                 &p.topic,
-            )
-        {
-            // A topic this device may not receive (`deny_subscribe`) that a wider filter
-            // matched: answered upstream here, never sent to the device.
+            );
+        if denied {
             self.ctx.metrics.broker.deny(Action::Deliver);
+        }
+        // Not a topic of the session's filters: rumqttd kept delivering on a filter the
+        // session unsubscribed from (see the UNSUBSCRIBE handling).
+        let unsubscribed = !denied
+            && !self
+                .ctx
+                .ingest
+                .audience()
+                .client_reaches(&self.audience_key, &p.topic);
+        if denied || unsubscribed {
+            // A topic this device may not receive (`deny_subscribe`) that a wider filter
+            // matched, or one it no longer subscribes to: answered upstream here, never sent
+            // to the device.
             return match delivered {
                 QoS::AtMostOnce => Ok(()),
                 QoS::AtLeastOnce => self.ack_up(up, p.pkid, Ack::PubAck),
