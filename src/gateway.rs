@@ -118,15 +118,14 @@ pub async fn run(
         source,
     })?;
     let ingest = Ingest::new(routing(&settings), journal, metrics.clone());
-    // The retained budget starts from what is kept (restored into the router below).
-    let kept: Vec<(String, usize)> = store
-        .retained()
-        .map(|v| v.into_iter().map(|(t, _, p)| (t, p.len())).collect())
-        .unwrap_or_default();
+    // The kept retained messages, read once: they seed the retained budget and go back
+    // into the router below.
+    let kept = crate::retained::kept(&store);
+    let sizes: Vec<(String, usize)> = kept.iter().map(|(t, _, p)| (t.clone(), p.len())).collect();
     ingest.set_retained(
         settings.broker.max_retained_messages,
         settings.broker.max_retained_bytes,
-        &kept,
+        &sizes,
     );
 
     // 3. Broker.
@@ -135,7 +134,7 @@ pub async fn run(
     let broker_cfg = settings.effective_broker();
     let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg, metrics.clone(), ingest))?;
     // Kept retained messages go back into the router before anyone can subscribe.
-    crate::retained::restore(&broker, &store).await?;
+    crate::retained::restore(&broker, kept).await?;
     let downlink_link = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)
     } else {

@@ -255,13 +255,17 @@ impl Ingest {
     /// when keeping it would pass the retained budget (then it is counted and goes on as a
     /// plain publish). An empty payload always passes: it deletes the kept message.
     pub fn admit_retain(&self, topic: &str, payload_len: usize, retain: bool) -> bool {
+        if !retain && payload_len > 0 {
+            // The ordinary publish: nothing to keep or delete, no lock.
+            return false;
+        }
         let mut b = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         if payload_len == 0 {
             b.remove(topic);
             return retain;
         }
-        if !retain || b.keep(topic, (topic.len() + payload_len) as u64) {
-            return retain;
+        if b.keep(topic, (topic.len() + payload_len) as u64) {
+            return true;
         }
         self.metrics.broker.limit("retained");
         if b.warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {

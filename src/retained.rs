@@ -70,16 +70,21 @@ pub fn packet(topic: &str, qos: u8, payload: Bytes) -> Packet {
     Packet::Publish(publish, Some(props))
 }
 
-/// Publishes every kept retained message into the broker. Call before the listeners and
-/// the sources start. Returns how many were restored.
-pub async fn restore(broker: &Broker, store: &Store) -> Result<usize, BrokerError> {
-    let kept = match store.retained() {
-        Ok(kept) => kept,
-        Err(e) => {
-            warn!(error = %e, "cannot read the kept retained messages; starting without them");
-            return Ok(0);
-        }
-    };
+/// The kept retained messages (topic, QoS, payload); none, with a WARN, when the store
+/// cannot read them.
+pub fn kept(store: &Store) -> Vec<(String, u8, Bytes)> {
+    store.retained().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the kept retained messages; starting without them");
+        Vec::new()
+    })
+}
+
+/// Publishes `kept` (see [`kept`]) into the broker. Call before the listeners and the
+/// sources start. Returns how many were restored.
+pub async fn restore(
+    broker: &Broker,
+    kept: Vec<(String, u8, Bytes)>,
+) -> Result<usize, BrokerError> {
     if kept.is_empty() {
         return Ok(0);
     }

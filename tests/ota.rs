@@ -80,6 +80,13 @@ async fn command(c: &Collector, topic: &str, v: &Json) {
         .unwrap();
 }
 
+/// Sends the cloud's `ota_upgrade` command `up` and waits until the gateway fetched and
+/// verified the image.
+async fn roll_out(c: &Collector, g: &Gateway, up: &Json) {
+    command(c, "cmd/ota/upgrade", up).await;
+    wait_cloud(c, g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+}
+
 fn upgrade(img: &[u8], url: &str, devices: &[String]) -> Json {
     json!({"command": "ota_upgrade", "name": "pumpfw", "version": "2.0", "size": img.len(),
            "sha256": sha256_hex(img), "url": url, "devices": devices, "rollout": "r1"})
@@ -165,8 +172,7 @@ async fn fifty_devices_update_from_one_download() {
     let g = s.gateway("").await;
     let c = s.collector().await;
     let ids: Vec<String> = (0..50).map(|i| format!("dev{i:02}")).collect();
-    command(&c, "cmd/ota/upgrade", &upgrade(&img, &fw.url(), &ids)).await;
-    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &ids)).await;
 
     let mut tasks = Vec::new();
     for (i, id) in ids.iter().enumerate() {
@@ -314,13 +320,7 @@ async fn cut_download_resumes_with_range() {
     fw.cut_next_after(cut);
     let g = s.gateway("").await;
     let c = s.collector().await;
-    command(
-        &c,
-        "cmd/ota/upgrade",
-        &upgrade(&img, &fw.url(), &["d1".into()]),
-    )
-    .await;
-    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
     let reqs = fw.requests();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert_eq!(reqs[0].range, None);
@@ -361,13 +361,12 @@ async fn bad_requests_get_error_replies_and_others_keep_going() {
         .unwrap();
     let e = wait_cloud(&c, &g, "ota/_gateway/error", |v| v["code"] == "malformed").await;
     assert_eq!(e["request"], "cmd/ota/upgrade");
-    command(
+    roll_out(
         &c,
-        "cmd/ota/upgrade",
+        &g,
         &upgrade(&img, &fw.url(), &["d1".into(), "d2".into()]),
     )
     .await;
-    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
 
     let mut stranger = Session::connect(g.mqtt, "stranger").await;
     stranger
@@ -485,13 +484,7 @@ async fn gateway_restart_keeps_cache_assignments_and_progress() {
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     let g = s.gateway("").await;
     let c = s.collector().await;
-    command(
-        &c,
-        "cmd/ota/upgrade",
-        &upgrade(&img, &fw.url(), &["d1".into()]),
-    )
-    .await;
-    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
 
     // The device takes chunks 0..=9 and reports them.
     let mut d = Session::connect(g.mqtt, "d1").await;
@@ -575,13 +568,7 @@ async fn corrupted_cache_file_is_detected_and_refetched() {
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     let g = s.gateway("").await;
     let c = s.collector().await;
-    command(
-        &c,
-        "cmd/ota/upgrade",
-        &upgrade(&img, &fw.url(), &["d1".into()]),
-    )
-    .await;
-    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
     g.kill9();
     let bin = s.data.path().join("ota").join(format!("{sha}.bin"));
     let mut bytes = std::fs::read(&bin).expect("cached image on disk");
@@ -889,13 +876,7 @@ async fn a_client_that_stops_reading_cannot_starve_the_downloads() {
         .gateway("max_downloads_per_ip = 2\nstall_timeout = \"1s\"")
         .await;
     let c = s.collector().await;
-    command(
-        &c,
-        "cmd/ota/upgrade",
-        &upgrade(&img, &fw.url(), &["d1".into()]),
-    )
-    .await;
-    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
     let path = format!("/ota/image/{sha}");
     let (a, _ha) = stalled_get("127.0.0.2", g.http, &path).await;
     let (b, _hb) = stalled_get("127.0.0.2", g.http, &path).await;

@@ -230,16 +230,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         self.wbuf.put_slice(&[0xE0, 0x00]);
     }
 
-    /// Whether anything waits to be written.
-    pub fn has_output(&self) -> bool {
-        !self.wbuf.is_empty()
-    }
-
-    /// Packet ids currently in use.
-    pub fn in_flight(&self) -> usize {
-        self.in_use_count
-    }
-
     /// Writes everything queued, within the timeout.
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if self.wbuf.is_empty() {
@@ -539,10 +529,10 @@ mod tests {
         // Wraps past 0 and past 1 (still in use) to 2 (released).
         assert_eq!(link.take_pkid(), 2);
         assert_eq!(link.take_pkid(), 4);
-        assert_eq!(link.in_flight(), 5);
+        assert_eq!(link.in_use_count, 5);
         link.release(4);
         link.release(4);
-        assert_eq!(link.in_flight(), 4);
+        assert_eq!(link.in_use_count, 4);
     }
 
     #[tokio::test]
@@ -550,9 +540,9 @@ mod tests {
         let (mut link, mut peer) = pair();
         let a = link.publish("", "t/1", b"one", false).unwrap();
         let b = link.publish("", "t/2", b"two", true).unwrap();
-        assert!(link.has_output());
+        assert!(!link.wbuf.is_empty());
         link.flush().await.unwrap();
-        assert!(!link.has_output());
+        assert!(link.wbuf.is_empty());
         for (pkid, topic) in [(a, "t/1"), (b, "t/2")] {
             let Packet::Publish(p) = peer.read().await else {
                 panic!("not a PUBLISH")
@@ -564,7 +554,7 @@ mod tests {
         }
         peer.send(Packet::PubAck(PubAck::new(b))).await;
         assert!(matches!(link.next().await.unwrap(), Incoming::PubAck(p) if p == b));
-        assert_eq!(link.in_flight(), 1);
+        assert_eq!(link.in_use_count, 1);
     }
 
     #[tokio::test]
@@ -612,7 +602,7 @@ mod tests {
             panic!("not a SUBACK")
         };
         assert_eq!(ok, [true, false]);
-        assert_eq!(link.in_flight(), 0);
+        assert_eq!(link.in_use_count, 0);
     }
 
     #[tokio::test]

@@ -146,6 +146,8 @@ pub struct Acl {
     device_may_publish: Vec<String>,
     commands: Vec<String>,
     command_identities: Vec<String>,
+    /// Some `deny_subscribe` rule exists: deliveries need checking.
+    filters_deliveries: bool,
 }
 
 /// What a client asks to do.
@@ -184,6 +186,9 @@ impl Acl {
             device_may_publish: cfg.internal.device_may_publish.clone(),
             commands: cfg.internal.commands.clone(),
             command_identities: cfg.internal.command_identities.clone(),
+            filters_deliveries: std::iter::once(&cfg.default)
+                .chain(cfg.users.values())
+                .any(|r| !r.deny_subscribe.is_empty()),
         }
     }
 
@@ -251,9 +256,7 @@ impl Acl {
 
     /// Whether any `deny_subscribe` rule exists (deliveries need checking only then).
     pub fn filters_deliveries(&self) -> bool {
-        std::iter::once(&self.default)
-            .chain(self.users.values())
-            .any(|r| !r.deny_subscribe.is_empty())
+        self.filters_deliveries
     }
 }
 

@@ -196,24 +196,16 @@ impl<S: AsyncRead + AsyncWrite> DeviceIo<S> {
             _ => return Err(Some(End::ProtocolViolation)),
         };
         if v31 {
-            // The same CONNECT as 3.1.1 with the 3.1 name and level: rewrite those.
-            let rest = self.buf[head + 2 + name_len + 1..frame].to_vec();
-            let mut out = BytesMut::with_capacity(frame);
-            out.extend_from_slice(&[0x10]);
-            let mut n = 7 + rest.len();
-            loop {
-                let byte = (n % 128) as u8;
-                n /= 128;
-                out.extend_from_slice(&[if n > 0 { byte | 0x80 } else { byte }]);
-                if n == 0 {
-                    break;
-                }
-            }
-            out.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
-            out.extend_from_slice(&rest);
-            let _ = self.buf.split_to(frame);
-            out.extend_from_slice(&self.buf);
-            self.buf = out;
+            // The same CONNECT as 3.1.1 with the 3.1 name and level: read it as 3.1.1 (the
+            // type byte, then the 3.1.1 variable header and the rest of the packet).
+            let frame = self.buf.split_to(frame);
+            let mut body = BytesMut::with_capacity(frame.len());
+            body.extend_from_slice(&[0x10, 0, 4, b'M', b'Q', b'T', b'T', 4]);
+            body.extend_from_slice(&frame[head + 2 + name_len + 1..]);
+            let h = rumqttc::mqttbytes::FixedHeader::new(0x10, 0, body.len() - 1);
+            return v4::Connect::read(h, body.freeze())
+                .map(|c| (c, true))
+                .map_err(|_| Some(End::ProtocolViolation));
         }
         match self.parse() {
             Ok(Some(P4::Connect(c))) => Ok((c, v31)),
@@ -480,9 +472,8 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     stop: CancellationToken,
 ) -> End {
     let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
-    let session_present = match up.next().await {
-        // MQTT 3.1 has no session-present flag (the byte is reserved).
-        Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present && !v31,
+    let resumed = match up.next().await {
+        Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
         Ok(P5::ConnAck(a)) => {
             ctx.metrics.broker.refuse("broker_refused");
             let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
@@ -499,7 +490,8 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     if dev
         .send(P4::ConnAck(v4::ConnAck::new(
             v4::ConnectReturnCode::Success,
-            session_present,
+            // MQTT 3.1 has no session-present flag (the byte is reserved).
+            resumed && !v31,
         )))
         .await
         .is_err()
@@ -519,6 +511,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         answer_rel: HashSet::new(),
         up_acks: UpAcks::default(),
         unsubacked: HashSet::new(),
+        check_filters: resumed,
         rate: ctx.rate.map(|(r, b, p)| {
             (
                 TokenBucket::with_burst(r as u64, b as u64, StdInstant::now()),
@@ -653,6 +646,9 @@ struct Relay {
     up_acks: UpAcks,
     /// UNSUBSCRIBEs the front end answered itself; rumqttd's own UNSUBACK, if any, is dropped.
     unsubacked: HashSet<u16>,
+    /// rumqttd may deliver on filters the session no longer holds (a resumed session, or
+    /// one that unsubscribed): deliveries are checked against the session's filters.
+    check_filters: bool,
     /// The device's publish rate limit and its policy.
     rate: Option<(TokenBucket, RateLimitPolicy)>,
     /// `slow_down`: how long to stop reading from the device after this batch.
@@ -897,6 +893,7 @@ impl Relay {
                 // on delivering on it. The front end answers (MQTT-3.10.4-4) and withholds
                 // deliveries the session no longer subscribes to (see `deliver`).
                 self.unsubacked.insert(u.pkid);
+                self.check_filters = true;
                 dev.queue(P4::UnsubAck(v4::UnsubAck::new(u.pkid)))?;
                 up.queue(P5::Unsubscribe(v5::Unsubscribe {
                     pkid: u.pkid,
@@ -1134,6 +1131,7 @@ impl Relay {
         // Not a topic of the session's filters: rumqttd kept delivering on a filter the
         // session unsubscribed from (see the UNSUBSCRIBE handling).
         let unsubscribed = !denied
+            && self.check_filters
             && !self
                 .ctx
                 .ingest
