@@ -118,14 +118,13 @@ pub async fn run(
         source,
     })?;
     let ingest = Ingest::new(routing(&settings), journal, metrics.clone());
-    // The kept retained messages, read once: they seed the retained budget and go back
-    // into the router below.
+    // The kept retained messages, read once: they seed the ingest's retained set (budget,
+    // and what the front end sends new subscriptions) and go back into the router below.
     let kept = crate::retained::kept(&store);
-    let sizes: Vec<(String, usize)> = kept.iter().map(|(t, _, p)| (t.clone(), p.len())).collect();
     ingest.set_retained(
         settings.broker.max_retained_messages,
         settings.broker.max_retained_bytes,
-        &sizes,
+        &kept,
     );
 
     // 3. Broker.

@@ -16,7 +16,9 @@
 //! - kept retained messages stay within `broker.max_retained_messages` and
 //!   `max_retained_bytes` (topic + payload): [`Ingest::admit_retain`] decides before the
 //!   publish goes anywhere, and one over the budget is delivered as a plain publish (not kept
-//!   by rumqttd, the store or the cloud) and counted as `limited{what="retained"}`;
+//!   by rumqttd, the store or the cloud) and counted as `limited{what="retained"}`. The kept
+//!   messages are also held here (within that budget), for the front end to send new
+//!   subscriptions ([`Ingest::retained_matching`]);
 //! - one publish is one journal entry, so its ticket covers both;
 //! - [`Ingest::offer`] never waits: a full journal hands the entry back, and the caller
 //!   decides (a device session waits with [`Journal::append`], which withholds the PUBACK;
@@ -173,10 +175,11 @@ fn forget(filters: &mut HashMap<String, usize>, filter: &str) {
     }
 }
 
-/// The kept retained messages by topic (their topic + payload bytes), against the limits.
+/// The kept retained messages by topic (QoS, payload), against the limits; their size is
+/// topic + payload bytes.
 #[derive(Debug)]
-struct RetainedBudget {
-    sizes: HashMap<String, u64>,
+struct RetainedSet {
+    kept: HashMap<String, (u8, Bytes)>,
     bytes: u64,
     max_messages: usize,
     max_bytes: u64,
@@ -184,10 +187,10 @@ struct RetainedBudget {
     warned: Option<Instant>,
 }
 
-impl RetainedBudget {
-    fn unlimited() -> RetainedBudget {
-        RetainedBudget {
-            sizes: HashMap::new(),
+impl RetainedSet {
+    fn unlimited() -> RetainedSet {
+        RetainedSet {
+            kept: HashMap::new(),
             bytes: 0,
             max_messages: usize::MAX,
             max_bytes: u64::MAX,
@@ -195,20 +198,26 @@ impl RetainedBudget {
         }
     }
 
+    fn size(topic: &str, payload: &Bytes) -> u64 {
+        (topic.len() + payload.len()) as u64
+    }
+
     fn remove(&mut self, topic: &str) {
-        if let Some(n) = self.sizes.remove(topic) {
-            self.bytes -= n;
+        if let Some((_, p)) = self.kept.remove(topic) {
+            self.bytes -= Self::size(topic, &p);
         }
     }
 
-    /// Keeps `topic` at `size` bytes if it fits; false: it does not.
-    fn keep(&mut self, topic: &str, size: u64) -> bool {
-        let old = self.sizes.get(topic).copied();
-        let bytes = self.bytes - old.unwrap_or(0) + size;
-        if bytes > self.max_bytes || (old.is_none() && self.sizes.len() >= self.max_messages) {
+    /// Keeps `payload` as `topic`'s retained message if it fits; false: it does not.
+    fn keep(&mut self, topic: &str, qos: u8, payload: &Bytes) -> bool {
+        let old = self.kept.get(topic).map(|(_, p)| Self::size(topic, p));
+        let bytes = self.bytes - old.unwrap_or(0) + Self::size(topic, payload);
+        if bytes > self.max_bytes || (old.is_none() && self.kept.len() >= self.max_messages) {
             return false;
         }
-        self.sizes.insert(topic.to_string(), size);
+        // A copy: the payload may be a slice of a connection's read buffer.
+        let payload = Bytes::copy_from_slice(payload);
+        self.kept.insert(topic.to_string(), (qos.min(2), payload));
         self.bytes = bytes;
         true
     }
@@ -221,7 +230,7 @@ pub struct Ingest {
     journal: Option<Journal>,
     metrics: Arc<Metrics>,
     audience: Arc<Audience>,
-    retained: Arc<Mutex<RetainedBudget>>,
+    retained: Arc<Mutex<RetainedSet>>,
 }
 
 impl Ingest {
@@ -232,39 +241,43 @@ impl Ingest {
             journal: Some(journal),
             metrics,
             audience: Arc::default(),
-            retained: Arc::new(Mutex::new(RetainedBudget::unlimited())),
+            retained: Arc::new(Mutex::new(RetainedSet::unlimited())),
         }
     }
 
     /// Sets the retained budget (`broker.max_retained_messages`, `max_retained_bytes`) and
-    /// what is kept already (topic, payload length): at start, before any publish.
-    pub fn set_retained(&self, max_messages: usize, max_bytes: u64, kept: &[(String, usize)]) {
-        let mut b = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+    /// what is kept already (topic, QoS, payload): at start, before any publish.
+    pub fn set_retained(&self, max_messages: usize, max_bytes: u64, kept: &[(String, u8, Bytes)]) {
+        let mut b = self.retained_set();
         b.max_messages = max_messages;
         b.max_bytes = max_bytes;
-        b.sizes.clear();
+        b.kept.clear();
         b.bytes = 0;
-        for (topic, len) in kept {
-            let size = (topic.len() + len) as u64;
-            b.bytes += size;
-            b.sizes.insert(topic.clone(), size);
+        for (topic, qos, payload) in kept {
+            b.bytes += RetainedSet::size(topic, payload);
+            b.kept.insert(topic.clone(), (*qos, payload.clone()));
         }
+    }
+
+    fn retained_set(&self) -> std::sync::MutexGuard<'_, RetainedSet> {
+        self.retained.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Decides whether a publish keeps its retain flag: false when it is not retained, or
     /// when keeping it would pass the retained budget (then it is counted and goes on as a
-    /// plain publish). An empty payload always passes: it deletes the kept message.
-    pub fn admit_retain(&self, topic: &str, payload_len: usize, retain: bool) -> bool {
-        if !retain && payload_len > 0 {
+    /// plain publish). An empty payload always passes: it deletes the kept message. A kept
+    /// message is remembered here too, for [`Ingest::retained_matching`].
+    pub fn admit_retain(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
+        if !retain && !payload.is_empty() {
             // The ordinary publish: nothing to keep or delete, no lock.
             return false;
         }
-        let mut b = self.retained.lock().unwrap_or_else(|e| e.into_inner());
-        if payload_len == 0 {
+        let mut b = self.retained_set();
+        if payload.is_empty() {
             b.remove(topic);
             return retain;
         }
-        if b.keep(topic, (topic.len() + payload_len) as u64) {
+        if b.keep(topic, qos, payload) {
             return true;
         }
         self.metrics.broker.limit("retained");
@@ -272,7 +285,7 @@ impl Ingest {
             b.warned = Some(Instant::now());
             tracing::warn!(
                 topic,
-                kept = b.sizes.len(),
+                kept = b.kept.len(),
                 bytes = b.bytes,
                 max_messages = b.max_messages,
                 max_bytes = b.max_bytes,
@@ -281,6 +294,22 @@ impl Ingest {
             );
         }
         false
+    }
+
+    /// The kept retained messages whose topic `filter` matches: (topic, QoS, payload), in
+    /// topic order. What the front end sends a subscription (rumqttd 0.20 sends at most its
+    /// in-flight limit of them, and none on a repeated SUBSCRIBE).
+    pub fn retained_matching(&self, filter: &str) -> Vec<(String, u8, Bytes)> {
+        let b = self.retained_set();
+        let mut v: Vec<(String, u8, Bytes)> = b
+            .kept
+            .iter()
+            .filter(|(t, _)| crate::topic::matches(filter, t))
+            .map(|(t, (q, p))| (t.clone(), *q, p.clone()))
+            .collect();
+        drop(b);
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// An ingest that queues nothing (unit tests of the broker and sources).
@@ -295,7 +324,7 @@ impl Ingest {
             journal: None,
             metrics,
             audience: Arc::default(),
-            retained: Arc::new(Mutex::new(RetainedBudget::unlimited())),
+            retained: Arc::new(Mutex::new(RetainedSet::unlimited())),
         }
     }
 

@@ -1668,3 +1668,117 @@ async fn unsubscribe_on_a_resumed_session_takes_effect() {
     let got = d.received(Duration::from_secs(1)).await;
     assert!(got.is_empty(), "delivered after UNSUBSCRIBE: {got:?}");
 }
+
+/// A new subscription gets every matching retained message, however many (rumqttd 0.20
+/// sends at most 100 to a QoS 1/2 subscription, its in-flight limit), each at
+/// min(publisher's QoS, granted QoS) with the retain flag; subscribing to the same filter
+/// again sends them again (MQTT-3.3.1-6, MQTT-3.8.4-3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_matching_retained_message_reaches_a_new_subscription() {
+    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let mut dev = anon(gw.mqtt, "field-dev").await;
+    const N: usize = 230;
+    for i in 0..N {
+        dev.publish_retained(&format!("field/d{i}/status"), &format!("up{i}"))
+            .await;
+    }
+    dev.client
+        .publish("field/q0", QoS::AtMostOnce, true, "zero")
+        .await
+        .unwrap();
+    dev.client
+        .publish("field/q2", QoS::ExactlyOnce, true, "two")
+        .await
+        .unwrap();
+    dev.wait(|p| matches!(p, Packet::PubComp(_)).then_some(()))
+        .await
+        .expect("no PUBCOMP");
+    // Something outside the filter, and a QoS 0 retained message seen by a probe first.
+    dev.publish_retained("other/x", "no").await;
+    let mut probe = anon(gw.mqtt, "field-probe").await;
+    probe
+        .client
+        .subscribe("field/q0", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    probe.suback().await;
+    assert_eq!(probe.received(Duration::from_secs(2)).await.len(), 1);
+
+    let mut scada = anon(gw.mqtt, "scada").await;
+    let want: std::collections::BTreeMap<String, (String, QoS)> = (0..N)
+        .map(|i| {
+            (
+                format!("field/d{i}/status"),
+                (format!("up{i}"), QoS::AtLeastOnce),
+            )
+        })
+        .chain([
+            (
+                "field/q0".to_string(),
+                ("zero".to_string(), QoS::AtMostOnce),
+            ),
+            (
+                "field/q2".to_string(),
+                ("two".to_string(), QoS::AtLeastOnce),
+            ),
+        ])
+        .collect();
+    for round in 0..2 {
+        scada
+            .client
+            .subscribe("field/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        assert_eq!(
+            scada.suback().await,
+            [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+        );
+        let mut got = std::collections::BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < want.len() && tokio::time::Instant::now() < deadline {
+            for (t, p, q, retain) in scada.received_retain(Duration::from_millis(500)).await {
+                assert!(retain, "round {round}: {t} arrived without the retain flag");
+                assert!(
+                    got.insert(t.clone(), (p, q)).is_none(),
+                    "round {round}: {t} arrived twice"
+                );
+            }
+        }
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "round {round}: {} of {} retained messages arrived",
+            got.len(),
+            want.len()
+        );
+        assert_eq!(got, want, "round {round}");
+    }
+    // At QoS 2, through the whole handshake.
+    probe
+        .client
+        .subscribe("field/q2", QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    probe.suback().await;
+    assert_eq!(
+        probe.received_retain(Duration::from_secs(2)).await,
+        [(
+            "field/q2".to_string(),
+            "two".to_string(),
+            QoS::ExactlyOnce,
+            true
+        )]
+    );
+    // Live traffic after them is plain (no retain flag), and nothing else is pending.
+    dev.publish1("field/d0/status", "live").await;
+    let live = scada.received_retain(Duration::from_secs(2)).await;
+    assert_eq!(
+        live,
+        [(
+            "field/d0/status".to_string(),
+            "live".to_string(),
+            QoS::AtLeastOnce,
+            false
+        )]
+    );
+}

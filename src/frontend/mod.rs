@@ -16,6 +16,7 @@
 //!   device connection and its upstream connection.
 
 pub mod auth;
+pub mod retained_out;
 pub mod session;
 pub mod sessions;
 pub mod tls;
@@ -80,6 +81,8 @@ pub struct Context {
     pub logins: Arc<auth::LoginGuard>,
     /// `broker.max_subscriptions_per_client`.
     pub max_subscriptions: usize,
+    /// `broker.max_inflight`: also the window of the retained messages the front end sends.
+    pub max_inflight: usize,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
     /// Where cloud-bound publishes enter the queue.
@@ -202,6 +205,7 @@ pub fn prepare(
                 .then(|| cfg.client_id_pattern.clone()),
             logins: logins.clone(),
             max_subscriptions: cfg.max_subscriptions_per_client,
+            max_inflight: cfg.max_inflight,
             rate: (cfg.max_publish_rate > 0).then(|| {
                 let burst = match cfg.publish_burst {
                     0 => cfg.max_publish_rate,

@@ -65,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
+use super::retained_out::{self, Answer, RetainedOut};
 use super::upacks::{Ack, UpAcks};
 use super::{upstream, Context};
 use crate::bridge::pacing::TokenBucket;
@@ -444,7 +445,7 @@ where
             // rumqttd publishes it locally once the upstream socket closes; the cloud's copy
             // is queued here (nobody waits for it).
             let q = w.qos as u8;
-            let retain = ctx.ingest.admit_retain(&w.topic, w.message.len(), w.retain);
+            let retain = ctx.ingest.admit_retain(&w.topic, &w.message, q, w.retain);
             ctx.ingest.offer_or_count(&w.topic, &w.message, q, retain);
         }
     }
@@ -510,6 +511,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         down21: HashSet::new(),
         answer_rel: HashSet::new(),
         up_acks: UpAcks::default(),
+        retained_out: RetainedOut::new(ctx.max_inflight),
         unsubacked: HashSet::new(),
         check_filters: resumed,
         rate: ctx.rate.map(|(r, b, p)| {
@@ -644,6 +646,8 @@ struct Relay {
     answer_rel: HashSet<u16>,
     /// Answers to rumqttd's deliveries, released in the order rumqttd takes them.
     up_acks: UpAcks,
+    /// The retained messages the front end sends this session's subscriptions itself.
+    retained_out: RetainedOut,
     /// UNSUBSCRIBEs the front end answered itself; rumqttd's own UNSUBACK, if any, is dropped.
     unsubacked: HashSet<u16>,
     /// rumqttd may deliver on filters the session no longer holds (a resumed session, or
@@ -716,7 +720,9 @@ impl Relay {
             }
             let expiry = silence.map(|s| last_in + s);
             let waiting = !self.held.is_empty();
+            let retained = self.retained_out.ready();
             let step = tokio::select! {
+                _ = std::future::ready(()), if retained => Ok(()),
                 p = dev.next() => p.and_then(|p| {
                     last_in = Instant::now();
                     self.on_device(p, dev, up)
@@ -735,6 +741,11 @@ impl Relay {
             }
             if let Err(end) = self.release(dev) {
                 return end;
+            }
+            for p in self.retained_out.take(BATCH) {
+                if let Err(end) = dev.queue(P4::Publish(p)) {
+                    return end;
+                }
             }
             if let Err(end) = up.flush().await {
                 return end;
@@ -784,6 +795,19 @@ impl Relay {
         dev: &mut DeviceIo<S>,
         up: &mut BrokerIo,
     ) -> Result<(), End> {
+        // Answers to the front end's own retained deliveries end here.
+        let own = match &p {
+            P4::PubAck(a) => Some((a.pkid, Answer::PubAck)),
+            P4::PubRec(a) => Some((a.pkid, Answer::PubRec)),
+            P4::PubComp(a) => Some((a.pkid, Answer::PubComp)),
+            _ => None,
+        };
+        if let Some(release) = own.and_then(|(pkid, a)| self.retained_out.answered(pkid, a)) {
+            if let (true, Some((pkid, _))) = (release, own) {
+                dev.queue(P4::PubRel(v4::PubRel::new(pkid)))?;
+            }
+            return Ok(());
+        }
         let ctx = self.ctx.clone();
         let m = &ctx.metrics.broker;
         match p {
@@ -826,7 +850,7 @@ impl Relay {
                 p.retain = self
                     .ctx
                     .ingest
-                    .admit_retain(&p.topic, p.payload.len(), p.retain);
+                    .admit_retain(&p.topic, &p.payload, q, p.retain);
                 // No local reader and nothing for rumqttd to keep: the queue is the whole
                 // path, and the front end answers itself. Only while nothing waits for
                 // rumqttd's answer, so that acknowledgements keep the order of the PUBLISHes.
@@ -1055,10 +1079,12 @@ impl Relay {
                     return Ok(());
                 };
                 let mut theirs = a.return_codes.into_iter();
+                let mut retained = Vec::new();
                 for ((filter, _), code) in forwarded.into_iter().zip(theirs.by_ref()) {
                     let c = match code {
                         v5::SubscribeReasonCode::Success(q) => {
                             let q = upstream::q4(q);
+                            retained.push((q, self.ctx.ingest.retained_matching(&filter)));
                             self.granted.retain(|(f, _)| *f != filter);
                             self.granted.push((filter, q));
                             v4::SubscribeReasonCode::Success(q)
@@ -1073,7 +1099,15 @@ impl Relay {
                     .into_iter()
                     .map(|c| c.unwrap_or(v4::SubscribeReasonCode::Failure))
                     .collect();
-                dev.queue(P4::SubAck(v4::SubAck::new(a.pkid, codes)))
+                dev.queue(P4::SubAck(v4::SubAck::new(a.pkid, codes)))?;
+                // After the SUBACK: every retained message the granted filters match, sent
+                // by the front end (rumqttd's own retained deliveries are not passed on).
+                let mut msgs = retained_out::merge(retained);
+                if self.ctx.acl.filters_deliveries() {
+                    msgs.retain(|(t, _, _)| self.may_receive(t));
+                }
+                self.retained_out.queue(msgs);
+                Ok(())
             }
             P5::UnsubAck(a) => {
                 if self.unsubacked.remove(&a.pkid) {
@@ -1087,7 +1121,16 @@ impl Relay {
         }
     }
 
-    /// Delivers a message from rumqttd at min(publisher's QoS, granted QoS).
+    /// Whether the ACL lets this device receive on `topic` (`deny_subscribe`).
+    fn may_receive(&self, topic: &str) -> bool {
+        self.ctx.acl.allows(
+            self.id.name.as_deref(),
+            &self.id.client_id,
+            Action::Deliver,
+            topic,
+        )
+    }
+
     /// The answer to rumqttd's delivery `pkid` is known: send what may leave now.
     fn ack_up(&mut self, up: &mut BrokerIo, pkid: u16, ack: Ack) -> Result<(), End> {
         for (p, a) in self.up_acks.ready(pkid, ack) {
@@ -1107,6 +1150,7 @@ impl Relay {
         Ok(())
     }
 
+    /// Delivers a message from rumqttd at min(publisher's QoS, granted QoS).
     fn deliver<S: AsyncRead + AsyncWrite>(
         &mut self,
         p: v5::Publish,
@@ -1118,13 +1162,11 @@ impl Relay {
         if delivered != QoS::AtMostOnce {
             self.up_acks.delivered(p.pkid);
         }
-        let denied = self.ctx.acl.filters_deliveries()
-            && !self.ctx.acl.allows(
-                self.id.name.as_deref(),
-                &self.id.client_id,
-                Action::Deliver,
-                &p.topic,
-            );
+        // rumqttd sets the retain flag only on the retained messages it sends a new
+        // subscription (live deliveries have it cleared): the front end sends those itself,
+        // all of them (see `retained_out`).
+        let retained = p.retain;
+        let denied = !retained && self.ctx.acl.filters_deliveries() && !self.may_receive(&p.topic);
         if denied {
             self.ctx.metrics.broker.deny(Action::Deliver);
         }
@@ -1137,10 +1179,10 @@ impl Relay {
                 .ingest
                 .audience()
                 .client_reaches(&self.audience_key, &p.topic);
-        if denied || unsubscribed {
-            // A topic this device may not receive (`deny_subscribe`) that a wider filter
-            // matched, or one it no longer subscribes to: answered upstream here, never sent
-            // to the device.
+        if retained || denied || unsubscribed {
+            // One of rumqttd's retained deliveries, a topic this device may not receive
+            // (`deny_subscribe`) that a wider filter matched, or one it no longer subscribes
+            // to: answered upstream here, never sent to the device.
             return match delivered {
                 QoS::AtMostOnce => Ok(()),
                 QoS::AtLeastOnce => self.ack_up(up, p.pkid, Ack::PubAck),
@@ -1150,6 +1192,8 @@ impl Relay {
                 }
             };
         }
+        // A live message is newer than a retained one of its topic still waiting to go.
+        self.retained_out.superseded(&p.topic);
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
         let want = origin.map_or(delivered, |o| {
             if (o as u8) < (delivered as u8) {

@@ -106,7 +106,9 @@ impl LocalTx {
         retain: bool,
     ) -> Result<(), Box<LinkError>> {
         let payload: Bytes = payload.into();
-        let retain = self.ingest.admit_retain(topic, payload.len(), retain);
+        let retain = self
+            .ingest
+            .admit_retain(topic, &payload, SOURCE_QOS, retain);
         if !self
             .ingest
             .offer_or_count(topic, &payload, SOURCE_QOS, retain)
