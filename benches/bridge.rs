@@ -28,7 +28,10 @@
 //! - Scenario "steady": publishers send as fast as the broker acknowledges; payloads carry
 //!   `src:seq:send_ns:` so the subscriber measures end-to-end latency on one clock.
 //! - Scenario "outage-then-drain": the proxy is cut, N messages are published and held, the
-//!   proxy is restored, and the drain rate is N / (restore .. last arrival).
+//!   proxy is restored, and the drain rate is N / (restore .. last arrival). The time from
+//!   the restore to the first message is mostly the wait for the next connection attempt:
+//!   fieldgate tries at most `BENCH_RECONNECT_MAX_MS` (200) apart, jittered to 50-100% of
+//!   it, mosquitto every `restart_timeout` (1 s, its least).
 //! - RSS: VmRSS after start (idle), while holding the outage, after the drain, and VmHWM;
 //!   CPU (utime + stime) of the system, of the cloud broker and of this process per scenario.
 //!
@@ -105,6 +108,8 @@ struct Params {
     ceiling: bool,
     /// Print each system's log tail at the end.
     verbose: bool,
+    /// fieldgate's `cloud.reconnect_max` in this run, ms.
+    reconnect_max_ms: u64,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -145,6 +150,7 @@ impl Params {
             paced_secs: env_or("BENCH_PACED_SECS", paced_secs).max(0.0),
             ceiling: env_or("BENCH_CEILING", 1u8) != 0,
             verbose: env_or("BENCH_VERBOSE", 0u8) != 0,
+            reconnect_max_ms: env_or("BENCH_RECONNECT_MAX_MS", 200u64).max(50),
             h: Harness {
                 sink_qos: if env_or("BENCH_SINK_QOS", 1u8) == 0 {
                     QoS::AtMostOnce
@@ -179,7 +185,10 @@ Environment knobs (defaults in brackets; they win over --quick):
   BENCH_SINK_QOS      QoS of the cloud subscriber, 0 or 1 [1]
   BENCH_SINK_TLS      1: the subscriber uses the cloud's TLS listener, 0: a plain one [0]
   BENCH_CLOUD_NODELAY 1: set_tcp_nodelay true on the cloud broker [0]
-  BENCH_VERBOSE       1: print each system's log tail (unix time of the restore shown) [0]";
+  BENCH_VERBOSE       1: print each system's log tail (unix time of the restore shown) [0]
+  BENCH_RECONNECT_MAX_MS fieldgate's cloud.reconnect_max: the longest wait between connection
+                      attempts while the cloud is away, so the most the restore can wait for
+                      one (mosquitto: restart_timeout 1, its least) [200]";
 
 // ---------------------------------------------------------------------------------------------
 // Clock: one monotonic base for send stamps and receive stamps (same process, same clock).
@@ -1248,6 +1257,8 @@ struct SysResult {
     paced_cpu: CpuWindow,
     /// Publish-to-PUBACK p50 and p99 at the devices, ms.
     paced_ack: (Option<f64>, Option<f64>),
+    /// fieldgate: store commits (one `fdatasync` each) per delivered paced message.
+    paced_fsyncs: Option<f64>,
     steady: Delivery,
     steady_ingest: Option<f64>,
     steady_cpu: CpuWindow,
@@ -1314,6 +1325,14 @@ async fn start_sut(kind: &str, pki: &Pki, proxy_port: u16, p: &Params) -> Result
             let data = tempfile::tempdir().map_err(|e| e.to_string())?;
             let ports = GatewayPorts::new();
             let conf = gateway_config(pki, &ports, data.path(), proxy_port, "", "");
+            // How soon the first message can follow the restore is bounded by how often the
+            // gateway tries the link during the outage: that is this setting.
+            let cadence = format!("reconnect_max = \"{}ms\"", p.reconnect_max_ms);
+            assert!(
+                conf.contains("reconnect_max = \"500ms\""),
+                "gateway_config changed"
+            );
+            let conf = conf.replace("reconnect_max = \"500ms\"", &cadence);
             let gw = Gateway::start(&conf, &ports).await;
             let ok = eventually(Duration::from_secs(30), || {
                 gw.metric("fieldgate_cloud_connected") == 1.0
@@ -1630,9 +1649,13 @@ async fn run_system(kind: &str, pki: &Pki, p: &Params) -> Result<SysResult, Stri
     if p.paced_rate > 0.0 && p.paced_secs > 0.0 {
         let n = (p.paced_rate * p.paced_secs) as u64;
         let mark = CpuMark::now(pid, cpid);
+        let commits = || sut.metric("fieldgate_store_commits_total");
+        let commits_before = commits();
         let (d, pubs) = scenario(&local, &sink, "p", n, Some(p.paced_rate), p, &mut r.notes).await;
         r.paced_cpu = mark.window(pid, cpid);
         r.paced_ack = (ack_pct_ms(&pubs, 0.5), ack_pct_ms(&pubs, 0.99));
+        let fsyncs = (commits() - commits_before) / d.unique as f64;
+        r.paced_fsyncs = (kind == "fieldgate" && fsyncs.is_finite()).then_some(fsyncs);
         println!(
             "  paced {:.0} msg/s: {}; p50 {:.1} ms, p99 {:.1} ms; PUBACK p99 {:.2} ms; CPU {} s/100k",
             p.paced_rate,
@@ -1976,6 +1999,12 @@ fn print_table(fg: &SysResult, mq: &SysResult, ceiling: Option<&Stage>, p: &Para
             ),
         ),
         row(
+            "  fsyncs per msg (mosquitto: none, RAM only)",
+            a(fg.paced_fsyncs),
+            b(mq.ran.then_some(0.0)),
+            2,
+        ),
+        row(
             "  CPU of cloud broker, s per 100k",
             a(cloud(&fg.paced_cpu, &fg.paced)),
             b(cloud(&mq.paced_cpu, &mq.paced)),
@@ -2296,10 +2325,11 @@ fn main() {
     );
     println!(
         "fieldgate: release binary, gateway_config() (cloud.max_inflight 256, commit_interval \
-         20ms); mosquitto: persistence true (autosave_interval default), max_queued_messages 0, \
+         20ms, reconnect_max {}ms); mosquitto: persistence true (autosave_interval default), max_queued_messages 0, \
          max_inflight_messages {}, bridge cleansession false (true implies \
          local_cleansession true: mosquitto would discard messages while the bridge is down), \
          restart_timeout 1",
+        p.reconnect_max_ms,
         p.mosq_inflight
     );
 
