@@ -1782,3 +1782,77 @@ async fn every_matching_retained_message_reaches_a_new_subscription() {
         )]
     );
 }
+
+/// SUBSCRIBE to a filter the session already holds replaces that subscription
+/// (MQTT-3.8.4-3): deliveries come at the new QoS, once each, on a fresh session and on a
+/// resumed persistent one (clients commonly subscribe again after every CONNECT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_subscribe_replaces_the_subscription() {
+    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let mut publ = anon(gw.mqtt, "re-pub").await;
+    let mut seq = 0;
+    let mut check = |label: &'static str, want: QoS| {
+        seq += 1;
+        (label, want, format!("m{seq}"))
+    };
+    // A fresh session: QoS 0, then 1, then 0 again.
+    let (mut d, _) = connect_session(gw.mqtt, "re-sub", None, false)
+        .await
+        .unwrap();
+    for (label, q) in [
+        ("first", QoS::AtMostOnce),
+        ("raised", QoS::AtLeastOnce),
+        ("lowered", QoS::AtMostOnce),
+        ("raised again", QoS::AtLeastOnce),
+    ] {
+        d.client.subscribe("re/#", q).await.unwrap();
+        assert_eq!(
+            d.suback().await,
+            [rumqttc::SubscribeReasonCode::Success(q)],
+            "{label}"
+        );
+        let (label, want, payload) = check(label, q);
+        publ.publish1("re/x", &payload).await;
+        let got = d.received(Duration::from_secs(1)).await;
+        assert_eq!(got, [("re/x".to_string(), payload, want)], "{label}");
+    }
+    // Resumed, with a message queued while away: subscribing again at the same QoS (as
+    // clients do after every CONNECT) loses nothing and duplicates nothing.
+    d.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publ.publish1("re/x", "while-away").await;
+    let (mut d, present) = connect_session(gw.mqtt, "re-sub", None, false)
+        .await
+        .unwrap();
+    assert!(present);
+    d.client.subscribe("re/#", QoS::AtLeastOnce).await.unwrap();
+    d.suback().await;
+    let (label, want, payload) = check("resumed, same QoS", QoS::AtLeastOnce);
+    publ.publish1("re/x", &payload).await;
+    let got = d.received(Duration::from_secs(1)).await;
+    let away = (
+        "re/x".to_string(),
+        "while-away".to_string(),
+        QoS::AtLeastOnce,
+    );
+    assert_eq!(got, [away, ("re/x".to_string(), payload, want)], "{label}");
+    d.client.subscribe("re/#", QoS::AtMostOnce).await.unwrap();
+    d.suback().await;
+    let (label, want, payload) = check("resumed, lowered", QoS::AtMostOnce);
+    publ.publish1("re/x", &payload).await;
+    let got = d.received(Duration::from_secs(1)).await;
+    assert_eq!(got, [("re/x".to_string(), payload, want)], "{label}");
+    // Raised to QoS 2 on the resumed session: a QoS 2 publish arrives at QoS 2.
+    d.client.subscribe("re/#", QoS::ExactlyOnce).await.unwrap();
+    d.suback().await;
+    let (label, want, payload) = check("resumed, raised", QoS::ExactlyOnce);
+    publ.client
+        .publish("re/x", QoS::ExactlyOnce, false, payload.clone())
+        .await
+        .unwrap();
+    publ.wait(|p| matches!(p, Packet::PubComp(_)).then_some(()))
+        .await
+        .expect("no PUBCOMP");
+    let got = d.received(Duration::from_secs(1)).await;
+    assert_eq!(got, [("re/x".to_string(), payload, want)], "{label}");
+}

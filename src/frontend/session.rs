@@ -21,7 +21,11 @@
 //!   [`UPSTREAM_KEEPALIVE`] and pings it itself, swallowing the PINGRESPs;
 //! - SUBSCRIBE: a malformed filter or one outside the ACL gets 0x80 in SUBACK; only the
 //!   others go to rumqttd, and the SUBACK is merged back in the device's order. The granted
-//!   QoS of each filter is remembered;
+//!   QoS of each filter is remembered (across the connections of a persistent session, in
+//!   `sessions`). A filter subscribed again replaces its subscription: at a lower QoS the
+//!   front end lowers the deliveries, at a higher one it replaces rumqttd's subscription
+//!   (rumqttd 0.20 keeps the first). After the SUBACK the front end sends every matching
+//!   retained message itself (`retained_out`);
 //! - ack after durable: a PUBLISH meant for the cloud (see [`crate::ingest`]) goes into the
 //!   queue's journal before it goes to rumqttd, and rumqttd's PUBACK (QoS 1) or PUBREC
 //!   (QoS 2) for it is held until the journal's durable ticket covers it. Acknowledgements
@@ -66,6 +70,7 @@ use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
 use super::retained_out::{self, Answer, RetainedOut};
+use super::sessions::{Filters, Granted};
 use super::upacks::{Ack, UpAcks};
 use super::{upstream, Context};
 use crate::bridge::pacing::TokenBucket;
@@ -430,7 +435,7 @@ where
             return End::Refused;
         }
     };
-    let end = relay_session(
+    let (end, filters) = relay_session(
         &ctx,
         &mut dev,
         &mut up,
@@ -440,6 +445,10 @@ where
         stop,
     )
     .await;
+    if !connect.clean_session && !connect.client_id.is_empty() {
+        // For the session's next connection (before the binding may go).
+        ctx.sessions.keep_filters(&connect.client_id, filters);
+    }
     if end != End::Disconnect {
         if let Some(w) = &connect.last_will {
             // rumqttd publishes it locally once the upstream socket closes; the cloud's copy
@@ -471,22 +480,28 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     (id, audience_key, v31): (Identity, String, bool),
     peer: SocketAddr,
     stop: CancellationToken,
-) -> End {
+) -> (End, Filters) {
     let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
     let resumed = match up.next().await {
         Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
         Ok(P5::ConnAck(a)) => {
             ctx.metrics.broker.refuse("broker_refused");
             let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
-            return End::Refused;
+            return (End::Refused, Filters::new());
         }
         _ => {
             ctx.metrics.broker.refuse("broker_unavailable");
             let _ = dev
                 .send(refuse(v4::ConnectReturnCode::ServiceUnavailable))
                 .await;
-            return End::Refused;
+            return (End::Refused, Filters::new());
         }
+    };
+    // What rumqttd holds for a resumed session, as its last connection left it.
+    let filters = if resumed {
+        ctx.sessions.take_filters(&id.client_id)
+    } else {
+        Filters::new()
     };
     if dev
         .send(P4::ConnAck(v4::ConnAck::new(
@@ -497,14 +512,17 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         .await
         .is_err()
     {
-        return End::DeviceGone;
+        return (End::DeviceGone, filters);
     }
     debug!(listener = %ctx.listener, %peer, client_id = %id.client_id, identity = ?id.name, "device connected");
     let mut relay = Relay {
         ctx: ctx.clone(),
         id,
         audience_key,
-        granted: Vec::new(),
+        lowered: filters.values().any(|g| g.device < g.upstream),
+        filters,
+        internal: HashSet::new(),
+        next_internal: 1,
         pending_sub: HashMap::new(),
         qos2_in: HashSet::new(),
         qos2_denied: HashSet::new(),
@@ -526,7 +544,8 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         held: VecDeque::new(),
         blocked: None,
     };
-    relay.run(dev, up, connect.keep_alive, stop).await
+    let end = relay.run(dev, up, connect.keep_alive, stop).await;
+    (end, relay.filters)
 }
 
 /// Most time rumqttd gets to close its side after the front end closed its own.
@@ -624,15 +643,27 @@ async fn open_upstream(ctx: &Context, c: &v4::Connect) -> Result<BrokerIo, v4::C
 }
 
 /// A SUBSCRIBE awaiting rumqttd's SUBACK: the return codes decided here (None: asked
-/// rumqttd) in the device's order, and the filters sent upstream.
-type PendingSub = (Vec<Option<v4::SubscribeReasonCode>>, Vec<(String, QoS)>);
+/// rumqttd) in the device's order, and the filters sent upstream with the QoS rumqttd
+/// keeps delivering at when it already holds the filter at that QoS or higher (its SUBACK
+/// then grants the new QoS, but its subscription stays as it was).
+type PendingSub = (
+    Vec<Option<v4::SubscribeReasonCode>>,
+    Vec<(String, QoS, Option<QoS>)>,
+);
 
 /// Per-connection relay state.
 struct Relay {
     ctx: Arc<Context>,
     id: Identity,
-    /// The device's subscriptions and their granted QoS.
-    granted: Vec<(String, QoS)>,
+    /// The session's filters: the QoS rumqttd delivers each at and the QoS the device was
+    /// granted.
+    filters: Filters,
+    /// Some filter's device QoS is below rumqttd's: deliveries are lowered to it.
+    lowered: bool,
+    /// Packet ids of the front end's own SUBSCRIBE/UNSUBSCRIBE upstream (replacing a
+    /// subscription): their SUBACK/UNSUBACK is not passed on.
+    internal: HashSet<u16>,
+    next_internal: u16,
     /// SUBSCRIBE pkid -> return codes decided here (None: asked rumqttd) and the filters
     /// sent upstream.
     pending_sub: HashMap<u16, PendingSub>,
@@ -908,7 +939,10 @@ impl Relay {
             P4::PubComp(a) => self.comp_up(up, a.pkid),
             P4::Subscribe(s) => self.subscribe(s, dev, up),
             P4::Unsubscribe(u) => {
-                self.granted.retain(|(f, _)| !u.topics.contains(f));
+                for f in &u.topics {
+                    self.filters.remove(f);
+                }
+                self.lowered = self.filters.values().any(|g| g.device < g.upstream);
                 for f in &u.topics {
                     self.ctx.ingest.audience().remove(&self.audience_key, f);
                 }
@@ -1040,15 +1074,52 @@ impl Relay {
             // Known before rumqttd has it: a publish racing the SUBSCRIBE goes to rumqttd.
             audience.add(&self.audience_key, &f.path);
             codes.push(None);
-            forward.push((f.path, f.qos));
+            let held = self.filters.get(&f.path).map(|g| g.upstream);
+            let kept = match held {
+                Some(q) if (q as u8) < (f.qos as u8) => {
+                    // A higher QoS than rumqttd's subscription: rumqttd 0.20 would keep the
+                    // old one, so the front end drops it first. The SUBSCRIBE at the old QoS
+                    // only re-registers the filter under this connection (a resumed
+                    // session's filters are not, and UNSUBSCRIBE would find nothing).
+                    let (a, b) = (self.internal_pkid(s.pkid), self.internal_pkid(s.pkid));
+                    up.queue(upstream::subscribe(a, &[(f.path.clone(), q)]))?;
+                    up.queue(P5::Unsubscribe(v5::Unsubscribe {
+                        pkid: b,
+                        filters: vec![f.path.clone()],
+                        properties: None,
+                    }))?;
+                    None
+                }
+                held => held,
+            };
+            forward.push((f.path, f.qos, kept));
         }
         if forward.is_empty() {
             let codes = codes.into_iter().flatten().collect();
             return dev.queue(P4::SubAck(v4::SubAck::new(s.pkid, codes)));
         }
-        let packet = upstream::subscribe(s.pkid, &forward);
+        let asked: Vec<(String, QoS)> = forward.iter().map(|(f, q, _)| (f.clone(), *q)).collect();
+        let packet = upstream::subscribe(s.pkid, &asked);
         self.pending_sub.insert(s.pkid, (codes, forward));
         up.queue(packet)
+    }
+
+    /// A packet id for the front end's own SUBSCRIBE/UNSUBSCRIBE upstream: none that a
+    /// device's SUBSCRIBE or UNSUBSCRIBE still awaits an answer under, nor `device_pkid`
+    /// (rumqttd answers in order, so an own id answered first is told apart).
+    fn internal_pkid(&mut self, device_pkid: u16) -> u16 {
+        loop {
+            let p = self.next_internal;
+            self.next_internal = self.next_internal.checked_add(1).unwrap_or(1);
+            if p != device_pkid
+                && !self.internal.contains(&p)
+                && !self.pending_sub.contains_key(&p)
+                && !self.unsubacked.contains(&p)
+            {
+                self.internal.insert(p);
+                return p;
+            }
+        }
     }
 
     fn on_broker<S: AsyncRead + AsyncWrite>(
@@ -1074,19 +1145,24 @@ impl Relay {
                 }
                 dev.queue(P4::PubRel(v4::PubRel::new(r.pkid)))
             }
+            P5::SubAck(a) if self.internal.remove(&a.pkid) => Ok(()),
+            P5::UnsubAck(a) if self.internal.remove(&a.pkid) => Ok(()),
             P5::SubAck(a) => {
                 let Some((mut codes, forwarded)) = self.pending_sub.remove(&a.pkid) else {
                     return Ok(());
                 };
                 let mut theirs = a.return_codes.into_iter();
                 let mut retained = Vec::new();
-                for ((filter, _), code) in forwarded.into_iter().zip(theirs.by_ref()) {
+                for ((filter, _, kept), code) in forwarded.into_iter().zip(theirs.by_ref()) {
                     let c = match code {
                         v5::SubscribeReasonCode::Success(q) => {
                             let q = upstream::q4(q);
                             retained.push((q, self.ctx.ingest.retained_matching(&filter)));
-                            self.granted.retain(|(f, _)| *f != filter);
-                            self.granted.push((filter, q));
+                            let g = Granted {
+                                upstream: kept.unwrap_or(q),
+                                device: q,
+                            };
+                            self.filters.insert(filter, g);
                             v4::SubscribeReasonCode::Success(q)
                         }
                         _ => v4::SubscribeReasonCode::Failure,
@@ -1095,6 +1171,7 @@ impl Relay {
                         *slot = Some(c);
                     }
                 }
+                self.lowered = self.filters.values().any(|g| g.device < g.upstream);
                 let codes = codes
                     .into_iter()
                     .map(|c| c.unwrap_or(v4::SubscribeReasonCode::Failure))
@@ -1195,13 +1272,30 @@ impl Relay {
         // A live message is newer than a retained one of its topic still waiting to go.
         self.retained_out.superseded(&p.topic);
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
-        let want = origin.map_or(delivered, |o| {
+        let mut want = origin.map_or(delivered, |o| {
             if (o as u8) < (delivered as u8) {
                 o
             } else {
                 delivered
             }
         });
+        if self.lowered {
+            // Subscribed again at a lower QoS than rumqttd's subscription: the best QoS any
+            // of the session's filters matching the topic grants now.
+            let granted = self
+                .filters
+                .iter()
+                .filter(|(f, _)| topic::matches(f, &p.topic))
+                .map(|(_, g)| g.device as u8)
+                .max();
+            if let Some(g) = granted.filter(|g| *g < want as u8) {
+                want = if g == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+            }
+        }
         if want == delivered {
             return dev.queue(P4::Publish(p));
         }

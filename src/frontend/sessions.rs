@@ -22,12 +22,18 @@
 //! username or certificate name, or anonymous for anonymous) may connect with the client id.
 //! Otherwise any account could take another device's client id, kick it off, resume its
 //! persistent session and receive its queued messages.
+//!
+//! A persistent session's filters, with the QoS rumqttd delivers each at and the QoS the
+//! device was granted, are kept here between its connections ([`Sessions::keep_filters`],
+//! [`Sessions::take_filters`]): a resumed session's front end must know what rumqttd holds
+//! to replace a subscription (see `session`). They go with the binding.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +56,19 @@ pub struct Sessions {
     owners: Mutex<HashMap<String, Owner>>,
 }
 
+/// One filter of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// The QoS rumqttd delivers at (its subscription's).
+    pub upstream: QoS,
+    /// The QoS the device was last granted: lower than `upstream` after it subscribed
+    /// again at a lower QoS (the front end lowers the deliveries).
+    pub device: QoS,
+}
+
+/// A session's filters.
+pub type Filters = HashMap<String, Granted>;
+
 /// The identity a client id's session belongs to, while the session exists.
 struct Owner {
     /// Username or certificate name; None: anonymous.
@@ -58,6 +77,8 @@ struct Owner {
     active: usize,
     /// A persistent session is kept by rumqttd after its connection ended.
     kept: bool,
+    /// The session's filters, while no connection of it holds them.
+    filters: Filters,
 }
 
 /// A session's hold on its client id; dropping it (after the upstream socket is closed)
@@ -89,6 +110,7 @@ impl Sessions {
                         identity: identity.map(str::to_string),
                         active: 1,
                         kept: false,
+                        filters: Filters::new(),
                     },
                 );
                 true
@@ -107,6 +129,25 @@ impl Sessions {
                 owners.remove(client_id);
             }
         }
+    }
+
+    /// Keeps the filters of a bound persistent session of `client_id` for its next
+    /// connection (call before [`Sessions::release`]).
+    pub fn keep_filters(&self, client_id: &str, filters: Filters) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = owners.get_mut(client_id) {
+            o.filters = filters;
+        }
+    }
+
+    /// The filters kept for `client_id`'s session (empty when none were): for a connection
+    /// that resumed it.
+    pub fn take_filters(&self, client_id: &str) -> Filters {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners
+            .get_mut(client_id)
+            .map(|o| std::mem::take(&mut o.filters))
+            .unwrap_or_default()
     }
 
     /// Takes `client_id`, first stopping and awaiting the session that holds it.
@@ -204,6 +245,22 @@ mod tests {
         assert!(!s.bind("dev2", Some("dev1")));
         s.release("dev2", true);
         assert!(s.bind("dev2", Some("dev1")));
+        // Filters kept between the connections of a persistent session go with it.
+        let f = Filters::from([(
+            "a/#".to_string(),
+            Granted {
+                upstream: QoS::AtLeastOnce,
+                device: QoS::AtMostOnce,
+            },
+        )]);
+        s.keep_filters("dev2", f.clone());
+        s.release("dev2", false);
+        assert!(s.bind("dev2", Some("dev1")));
+        assert_eq!(s.take_filters("dev2"), f);
+        assert!(s.take_filters("dev2").is_empty());
+        s.release("dev2", true);
+        s.keep_filters("gone", f);
+        assert!(s.take_filters("gone").is_empty());
         // Anonymous is an identity of its own.
         assert!(s.bind("anon", None));
         assert!(s.bind("anon", None));
