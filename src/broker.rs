@@ -297,24 +297,33 @@ impl Drop for Broker {
 
 /// Waits until rumqttd's internal listener answers an MQTT 5 CONNECT (internal account) with
 /// a successful CONNACK: a real readiness check.
+///
+/// Each probe closes its socket without DISCONNECT: rumqttd then ends the connection exactly
+/// once, when it sees the socket close (a DISCONNECT first would have its router end it too,
+/// and the second end could drop a later connection given the freed id; see
+/// `frontend::session`). Each attempt has a client id of its own: an attempt abandoned at its
+/// timeout may leave rumqttd a will handler for its id, and a later CONNECT with that same id
+/// would panic rumqttd's connection task on it and poison the lock every connection takes.
 async fn wait_listening(addr: SocketAddr, user: (&str, &str)) -> bool {
     use rumqttc::v5::mqttbytes::v5::{Connect, ConnectReturnCode, Login, Packet};
-    let mut connect = bytes::BytesMut::new();
-    let probe = Packet::Connect(
-        Connect {
-            keep_alive: 10,
-            client_id: "fieldgate-readiness-probe".into(),
-            clean_start: true,
-            properties: None,
-        },
-        None,
-        Some(Login::new(user.0, user.1)),
-    );
-    if probe.write(&mut connect, None).is_err() {
-        return false;
-    }
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0u32;
     while Instant::now() < deadline {
+        n += 1;
+        let mut connect = bytes::BytesMut::new();
+        let probe = Packet::Connect(
+            Connect {
+                keep_alive: 10,
+                client_id: format!("fieldgate-readiness-probe-{n}"),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            Some(Login::new(user.0, user.1)),
+        );
+        if probe.write(&mut connect, None).is_err() {
+            return false;
+        }
         let attempt = async {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
             s.write_all(&connect).await?;

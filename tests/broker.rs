@@ -915,6 +915,51 @@ async fn rapid_reconnects_with_one_client_id_keep_the_broker_healthy() {
     ok.publish1("any/topic", "x").await;
 }
 
+/// rumqttd 0.20's router reuses a freed connection id at once (a slab), and a connection
+/// that ends with DISCONNECT can be freed twice: once by the router when it reads the
+/// DISCONNECT, once more by the connection's task when it sees the socket close. A second
+/// free that lands after another client's CONNECT took the id drops that client, whatever
+/// its client id ("router-drop" in rumqttd's log). Clients with distinct ids come and go
+/// with DISCONNECT side by side here; every one must get its CONNACK and SUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_disconnects_never_drop_another_clients_connection() {
+    let (gw, port) = rules_target().await;
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..60 {
+                    let id = format!("churn-{w}-{i}");
+                    let (mut r, ack) = Raw::connect(port, &id, 30).await;
+                    if !connack_ok(ack.clone()) {
+                        failed.push(format!("{id}: CONNACK {ack:?}"));
+                        continue;
+                    }
+                    let mut s = v4::Subscribe::new("churn/x", rumqttc::QoS::AtLeastOnce);
+                    s.pkid = 1;
+                    r.send(P4::Subscribe(s)).await;
+                    match r.recv().await {
+                        Some(P4::SubAck(_)) => {}
+                        other => failed.push(format!("{id}: no SUBACK, got {other:?}")),
+                    }
+                    r.send(P4::Disconnect).await;
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for w in workers {
+        failed.extend(w.await.unwrap());
+    }
+    let log = gw.map(|(g, _)| g.log_text()).unwrap_or_default();
+    assert!(
+        failed.is_empty(),
+        "{} of 240 sessions failed: {failed:?}\n--- gateway log ---\n{log}",
+        failed.len()
+    );
+}
+
 /// Found by the fuzz test below: rumqttd 0.20's router silently drops a connection whose
 /// client id holds `/`, `+`, `#` or `$`, leaving that id's will handler behind; the next
 /// CONNECT with the same id panics the connection task on it and poisons a mutex every

@@ -458,7 +458,7 @@ where
             ctx.ingest.offer_or_count(&w.topic, &w.message, q, retain);
         }
     }
-    close_upstream(&mut up).await;
+    close_upstream(&mut up, end == End::Disconnect).await;
     if connect.clean_session {
         // Before the claim goes: the next session of this client id registers after this.
         ctx.ingest.audience().clear(&audience_key);
@@ -551,21 +551,35 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
 /// Most time rumqttd gets to close its side after the front end closed its own.
 const UPSTREAM_CLOSE: Duration = Duration::from_secs(3);
 
-/// Sends what is queued (a DISCONNECT, say), closes the front end's side of the upstream
-/// socket and waits until rumqttd closed its side: by then rumqttd's router has taken the
-/// connection's disconnect (see `sessions`).
-async fn close_upstream(up: &mut BrokerIo) {
+/// Sends what is queued, closes the upstream socket and waits until rumqttd closed its side:
+/// by then rumqttd's router has taken the connection's disconnect (see `sessions`).
+///
+/// `disconnected`: a DISCONNECT is queued. Then rumqttd's router ends the connection itself
+/// when it reads the DISCONNECT, and the front end closes its side only after rumqttd closed
+/// its own. Closing first would end the connection twice: rumqttd 0.20's connection task, on
+/// seeing the socket close before it learnt that the router dropped the connection, sends the
+/// router a second `Disconnect` for the same connection id; the router reuses a freed id for
+/// the very next CONNECT (whatever its client id), so that late event drops another device's
+/// new connection ("router-drop", or a CONNECT that gets no answer and leaves its will
+/// handler behind). With nothing more to read, the task learns of the router's drop first
+/// and sends nothing.
+async fn close_upstream(up: &mut BrokerIo, disconnected: bool) {
     let _ = up.flush().await;
-    let _ = up.wr.shutdown().await;
-    let _ = tokio::time::timeout(UPSTREAM_CLOSE, async {
-        let mut sink = [0u8; 4096];
+    let mut sink = [0u8; 4096];
+    let rumqttd_closed = async {
         while let Ok(n) = up.rd.read(&mut sink).await {
             if n == 0 {
                 break;
             }
         }
-    })
-    .await;
+    };
+    if disconnected {
+        let _ = tokio::time::timeout(UPSTREAM_CLOSE, rumqttd_closed).await;
+        let _ = up.wr.shutdown().await;
+        return;
+    }
+    let _ = up.wr.shutdown().await;
+    let _ = tokio::time::timeout(UPSTREAM_CLOSE, rumqttd_closed).await;
 }
 
 /// Decides who the device is. Err: the CONNACK code and the metric reason.

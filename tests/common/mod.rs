@@ -318,6 +318,16 @@ pub fn mosquitto_bin() -> String {
 
 /// A TCP proxy on loopback in front of the cloud. `cut()` closes every proxied connection
 /// and refuses new ones until `restore()`.
+///
+/// A cut drops the gateway's side at once, as a broken link would. The cloud's side is
+/// closed gracefully instead: FIN, then whatever the cloud still sends is read and discarded
+/// until it closes too (bounded). Dropping it outright sends the cloud a reset whenever its
+/// data sits unread in the proxy, and rumqttd 0.20 (the default cloud) cannot take a reset
+/// between a CONNECT and its CONNACK: the failed CONNACK write ("Remote link error ...
+/// Broken pipe") leaves that client id's will handler behind, the client's next CONNECT
+/// panics on it (rumqttd src/server/broker.rs:544) and poisons the lock every later
+/// connection takes, so the cloud refuses everyone for the rest of the test. The gateway
+/// sees the same cut either way; only the cloud is spared a failure of its own.
 pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
@@ -339,11 +349,14 @@ impl Proxy {
                     _ = stop2.cancelled() => return,
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                 };
+                // The token first: a cut between the two checks then still reaches this
+                // connection (checked the other way round it could take the new token and
+                // outlive the cut).
+                let token = conns2.lock().unwrap().clone();
                 if !up2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let token = conns2.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
                         return;
@@ -352,9 +365,13 @@ impl Proxy {
                     // peer's (delayed) ACK, which capped the bridge bench at ~15-25k msg/s.
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    let cut = tokio::select! {
+                        _ = token.cancelled() => true,
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    };
+                    drop(inbound);
+                    if cut {
+                        close_gracefully(outbound).await;
                     }
                 });
             }
@@ -379,6 +396,24 @@ impl Proxy {
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
+}
+
+/// Most time a cut waits for the cloud to close its side.
+const CLOUD_CLOSE: Duration = Duration::from_secs(5);
+
+/// Sends FIN on `s` and reads (discarding) until the peer closes, within [`CLOUD_CLOSE`].
+async fn close_gracefully(mut s: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(CLOUD_CLOSE, async {
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 impl Drop for Proxy {
