@@ -714,6 +714,11 @@ async fn disk_full_withholds_acks_and_recovers_without_restart() {
     if !eventually(Duration::from_secs(60), failing).await {
         problems.push("writes never failed on the full disk (no refusal, no commit error)".into());
     }
+    // The window starts once the store reports the refusal: a failed checkpoint is counted
+    // as a commit error a moment before the next commit fails and the store says so (until
+    // then writes still go to the write-ahead file, and `/health` rightly says "ok"). If it
+    // never says so, the sampling below reports it.
+    let _ = eventually(Duration::from_secs(10), || refusing(&gw, "disk_full")).await;
     // A sampling window: while the disk is full, at most what was already durable may still
     // be acknowledged (bounded by the devices' windows). Skipped if the store reports itself
     // writable again meanwhile (it reclaimed space: acks for what it then took are fine).
