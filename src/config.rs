@@ -523,7 +523,8 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UplinkConfig {
-    /// Local topic filters whose messages are queued for the cloud.
+    /// Local topic filters whose messages are queued for the cloud. Empty: nothing is
+    /// queued (a local-only gateway).
     pub forward: Vec<String>,
     /// Local topic filters never queued (checked after `forward`).
     pub exclude: Vec<String>,
@@ -940,12 +941,6 @@ impl Settings {
                     format!("{f:?}: {e}"),
                 ));
             }
-        }
-        if self.uplink.forward.is_empty() {
-            p.push(problem(
-                "uplink.forward",
-                "empty: nothing would reach the cloud; use [\"#\"] for everything",
-            ));
         }
         for (i, f) in self.uplink.exclude.iter().enumerate() {
             if let Err(e) = topic::validate_filter(f) {

@@ -189,10 +189,16 @@ pub async fn run(
         Some(tokio::spawn(
             b.run().instrument(tracing::info_span!("cloud")),
         ))
+    } else if settings.uplink.forward.is_empty() {
+        info!("local only: no cloud configured and uplink.forward = [], nothing is queued");
+        None
     } else {
         warn!(
-            "no cloud configured (cloud.enabled = false): messages are queued on disk and kept \
-             until a cloud is configured; set [cloud] in the config file"
+            forward = ?settings.uplink.forward,
+            max_bytes = settings.store.max_bytes,
+            "no cloud configured (cloud.enabled = false): messages matching uplink.forward are \
+             queued on disk for a cloud, up to store.max_bytes; set [cloud], or \
+             uplink.forward = [] for a local-only gateway"
         );
         None
     };

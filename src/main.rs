@@ -143,9 +143,13 @@ fn main() -> ExitCode {
             let filter = EnvFilter::try_from_default_env()
                 .or_else(|_| EnvFilter::try_new(&settings.log.level))
                 .unwrap_or_else(|_| EnvFilter::new("info"));
+            // Colours only for a person at a terminal: journald and log files get plain text.
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
+                .with_ansi(ansi)
                 .init();
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -160,9 +164,15 @@ fn main() -> ExitCode {
             let run = async {
                 // Handlers go in before anything starts, so an early SIGTERM is orderly too.
                 let signals = Signals::install()?;
-                fieldgate::run(settings, signals.first())
-                    .await
-                    .map_err(anyhow::Error::from)
+                tokio::select! {
+                    // A stop that completed wins over a signal that arrived meanwhile.
+                    biased;
+                    r = fieldgate::run(settings, signals.nth(1)) => r.map_err(anyhow::Error::from),
+                    () = signals.nth(2) => {
+                        eprintln!("fieldgate: second signal, exiting now");
+                        std::process::exit(130);
+                    }
+                }
             };
             match rt.block_on(run) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -175,35 +185,40 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGTERM and SIGINT, installed once.
+/// SIGTERM and SIGINT, installed once, counted: the first stops the gateway in order, a
+/// second one before that stop is complete exits at once (130); one after it changes nothing.
 struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+    count: tokio::sync::watch::Receiver<u32>,
 }
 
 impl Signals {
     fn install() -> anyhow::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let (tx, count) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tx.send_modify(|n| *n += 1);
+                if *tx.borrow() == 1 {
+                    tracing::info!("signal received; stopping (send it again to exit at once)");
+                }
+            }
+        });
+        Ok(Signals { count })
     }
 
-    /// Resolves on the first signal; a second one exits the process at once.
-    async fn first(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-        tracing::info!("signal received; stopping (send it again to exit at once)");
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = self.term.recv() => {}
-                _ = self.int.recv() => {}
+    /// Resolves once `n` signals have arrived.
+    fn nth(&self, n: u32) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.count.clone();
+        async move {
+            if rx.wait_for(|c| *c >= n).await.is_err() {
+                std::future::pending::<()>().await;
             }
-            eprintln!("fieldgate: second signal, exiting now");
-            std::process::exit(130);
-        });
+        }
     }
 }

@@ -243,3 +243,83 @@ fn a_certificate_and_a_key_that_do_not_match_are_refused_by_check_config() {
         }
     }
 }
+
+/// A gateway without a cloud, on its own data dir; `uplink` is the `[uplink]` section body.
+fn local_only_config(ports: &common::GatewayPorts, data: &Path, uplink: &str) -> String {
+    format!(
+        "[gateway]\nid = \"loc\"\ndata_dir = \"{}\"\nshutdown_grace = \"3s\"\n\
+         [broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\nallow_anonymous = true\n\
+         [metrics]\nlisten = \"127.0.0.1:{}\"\n[uplink]\n{uplink}\n",
+        data.display(),
+        ports.mqtt,
+        ports.http
+    )
+}
+
+/// A gateway with no cloud keeps nothing for one when `uplink.forward = []` (a Modbus-only
+/// gateway must not fill its disk), and says once at start when it does queue for a cloud
+/// that is not configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_only_gateway_queues_nothing_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = common::GatewayPorts::new();
+    let conf = local_only_config(&ports, dir.path(), "forward = []");
+    let path = dir.path().join("local.toml");
+    std::fs::write(&path, &conf).unwrap();
+    let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "forward = [] refused:\n{}", text(&o));
+
+    let gw = common::Gateway::start(&conf, &ports).await;
+    common::publish_seq(ports.mqtt, "loc", 0..50, 32).await;
+    assert_eq!(gw.metric("fieldgate_queue_records"), 0.0);
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("local only"),
+        "no word at start that nothing is queued:\n{log}"
+    );
+
+    // The default forward list with no cloud: queued, and said once.
+    let data2 = tempfile::tempdir().unwrap();
+    let ports = common::GatewayPorts::new();
+    let conf = local_only_config(&ports, data2.path(), "");
+    let gw = common::Gateway::start(&conf, &ports).await;
+    common::publish_seq(ports.mqtt, "loc", 0..50, 32).await;
+    assert_eq!(gw.metric("fieldgate_queue_records"), 50.0);
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+    let said = log.matches("no cloud configured").count();
+    assert_eq!(said, 1, "want one warning about queueing for no cloud:\n{log}");
+    assert!(log.contains("uplink.forward = []"), "no hint at the fix:\n{log}");
+}
+
+/// What the gateway writes to a pipe or a file (journald, a log file) has no ANSI colour
+/// codes; and a second SIGTERM once the stop is complete does not turn exit 0 into 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_are_plain_and_a_late_second_signal_keeps_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = common::GatewayPorts::new();
+    let conf = local_only_config(&ports, dir.path(), "forward = []");
+    for round in 0..3 {
+        let gw = common::Gateway::start(&conf, &ports).await;
+        let pid = gw.pid().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        // Once the stop is logged as complete, signal again while the process exits.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !gw.log_text().contains("fieldgate stopped") && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let (status, log) = gw.terminate();
+        assert!(
+            !log.contains('\u{1b}'),
+            "ANSI escape codes in a log written to a file:\n{log}"
+        );
+        assert_eq!(status.code(), Some(0), "round {round}: {status}\n{log}");
+    }
+}
