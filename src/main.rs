@@ -59,6 +59,14 @@ enum Command {
 enum ModbusCommand {
     /// Read a register range once and print it decoded in every type and byte order.
     Probe(fieldgate::sources::modbus::probe::ProbeArgs),
+    /// Turn a vendor's tag list (CSV: name, address, type, order, scale, unit, ...) into
+    /// `[[modbus.tags]]` tables on stdout, to paste under a `[[modbus]]` device (see
+    /// docs/modbus.md for the columns).
+    Import {
+        /// The CSV file (`,`, `;` or tab separated, header line first).
+        #[arg(value_name = "CSV")]
+        csv: PathBuf,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Settings, ExitCode> {
@@ -108,6 +116,30 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Modbus(ModbusCommand::Import { csv }) => {
+            let text = match std::fs::read_to_string(&csv) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!(
+                        "fieldgate modbus import: cannot read {}: {e}",
+                        csv.display()
+                    );
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            use fieldgate::sources::modbus::import;
+            match import::tags(&text) {
+                Ok(tags) => {
+                    print!("{}", import::to_toml(&tags));
+                    eprintln!("fieldgate modbus import: {} tag(s)", tags.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprint!("fieldgate modbus import: {}: {e}", csv.display());
+                    ExitCode::from(EX_USAGE)
+                }
+            }
+        }
         Command::Modbus(ModbusCommand::Probe(args)) => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

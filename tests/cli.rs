@@ -289,8 +289,14 @@ async fn a_local_only_gateway_queues_nothing_and_says_so() {
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
     let said = log.matches("no cloud configured").count();
-    assert_eq!(said, 1, "want one warning about queueing for no cloud:\n{log}");
-    assert!(log.contains("uplink.forward = []"), "no hint at the fix:\n{log}");
+    assert_eq!(
+        said, 1,
+        "want one warning about queueing for no cloud:\n{log}"
+    );
+    assert!(
+        log.contains("uplink.forward = []"),
+        "no hint at the fix:\n{log}"
+    );
 }
 
 /// What the gateway writes to a pipe or a file (journald, a log file) has no ANSI colour
@@ -308,8 +314,7 @@ async fn logs_to_a_pipe_are_plain_and_a_late_second_signal_keeps_exit_0() {
             .status();
         // Once the stop is logged as complete, signal again while the process exits.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !gw.log_text().contains("fieldgate stopped") && std::time::Instant::now() < deadline
-        {
+        while !gw.log_text().contains("fieldgate stopped") && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = std::process::Command::new("kill")
@@ -322,4 +327,59 @@ async fn logs_to_a_pipe_are_plain_and_a_late_second_signal_keeps_exit_0() {
         );
         assert_eq!(status.code(), Some(0), "round {round}: {status}\n{log}");
     }
+}
+
+/// `fieldgate modbus import` turns a vendor's CSV into tags that the configuration takes
+/// as they are; a bad list exits 64 naming each line and column.
+#[test]
+fn modbus_import_turns_a_vendor_csv_into_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("tags.csv");
+    std::fs::write(
+        &csv,
+        "Tag Name;Register;Data Type;Byte Order;Scale Factor;Units;Description\r\n\
+         power;40001;FLOAT32;CDAB;0,1;kW;\"total; all phases\"\r\n\
+         pump_on;00001;;;;;\r\n\
+         temp;30011;int16;big;0,01;degC;\r\n\
+         serial;40100;string;;;;\"length set below\"\r\n",
+    )
+    .unwrap();
+    let o = fieldgate(&["modbus", "import", csv.to_str().unwrap()], &[]);
+    // The string tag needs a length: the import says so, with its line.
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("line 5"), "{}", text(&o));
+    let fixed = std::fs::read_to_string(&csv)
+        .unwrap()
+        .replace("Description\r\n", "Description;Length\r\n")
+        .replace("\"length set below\"", "\"length set below\";8");
+    std::fs::write(&csv, fixed).unwrap();
+    let o = fieldgate(&["modbus", "import", csv.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let tags = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(tags.matches("[[modbus.tags]]").count(), 4, "{tags}");
+    for want in [
+        // holding_register is the default kind: left out.
+        "name = \"power\"",
+        "type = \"f32\"",
+        "order = \"CDAB\"",
+        "scale = 0.1",
+        "unit = \"kW\"",
+        "kind = \"coil\"",
+        "kind = \"input_register\"",
+        "address = 10",
+        "length = 8",
+    ] {
+        assert!(tags.contains(want), "{want} missing:\n{tags}");
+    }
+    // Pasted under a device, the configuration validates.
+    let conf = dir.path().join("gw.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[gateway]\nid = \"imp\"\n[[modbus]]\nname = \"meter\"\nhost = \"127.0.0.1:5020\"\n{tags}"
+        ),
+    )
+    .unwrap();
+    let o = fieldgate(&["check-config", "-c", conf.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}\n{tags}", text(&o));
 }

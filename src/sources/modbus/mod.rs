@@ -20,6 +20,7 @@
 pub mod bus;
 pub mod codec;
 pub mod config;
+pub mod import;
 pub mod plan;
 pub mod probe;
 pub mod publish;
