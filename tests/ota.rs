@@ -558,6 +558,76 @@ async fn gateway_restart_keeps_cache_assignments_and_progress() {
     assert_eq!(st["image_state"], "ready", "{st}");
 }
 
+/// The saved device state as the next start reads it (`<data>/ota/state.json`).
+fn saved_device(s: &Setup, id: &str) -> Json {
+    std::fs::read(s.data.path().join("ota").join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
+        .map(|v| v["devices"][id].clone())
+        .unwrap_or(Json::Null)
+}
+
+/// Issue 13, item 4: after kill -9 the resume hint in the metadata is never ahead of what the
+/// device confirmed. The device was served chunks 0..=13 but confirmed only 0..=10; a device
+/// trusting `next_chunk` must not skip chunks 11..=13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_hint_after_kill9_never_runs_ahead_of_confirmed_progress() {
+    let s = setup().await;
+    let img = image(100 * 1024 + 1, 19);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
+
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    d.send("d1", "request", json!({"version": "1.0"})).await;
+    d.expect("d1", &["metadata"], WAIT).await.expect("metadata");
+    d.send(
+        "d1",
+        "chunk/get",
+        json!({"version": "2.0", "from": 0, "to": 13}),
+    )
+    .await;
+    let kinds: Vec<String> = (0..14).map(|i| format!("chunk/{i}")).collect();
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    for _ in 0..14 {
+        d.expect("d1", &kinds, WAIT).await.expect("chunks 0..=13");
+    }
+    // The device stored only chunks 0..=10 when the gateway died.
+    let confirmed = 11 * CHUNK;
+    d.send(
+        "d1",
+        "progress",
+        json!({"version": "2.0", "received": confirmed, "total": img.len(), "state": "downloading"}),
+    )
+    .await;
+    let saved = eventually(WAIT, || saved_device(&s, "d1")["received"] == confirmed).await;
+    assert!(saved, "progress never saved: {}", saved_device(&s, "d1"));
+    d.close().await;
+    g.kill9();
+
+    let g = s.gateway("").await;
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    d.send("d1", "request", json!({"version": "1.0"})).await;
+    let (_, md) = d
+        .expect("d1", &["metadata"], WAIT)
+        .await
+        .expect("metadata after kill -9");
+    let md: Json = serde_json::from_slice(&md).unwrap();
+    assert_eq!(md["sha256"], sha.as_str());
+    assert_eq!(md["received"], confirmed, "{md}");
+    assert_eq!(
+        md["next_chunk"], 11,
+        "the hint must be the first chunk the device did not confirm: {md}"
+    );
+    d.close().await;
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Mqtt))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+}
+
 /// A cached image corrupted on disk while the gateway was down is detected at start,
 /// reported up and fetched again before anything is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,10 @@
 //! - nothing is served before this process verified the file ([`serve::ReadyImage`]);
 //! - one download per image at a time; devices never cause a download of their own;
 //! - the manager never waits on a device: replies are small publishes, chunk jobs go to a
-//!   bounded queue and overflow is answered `busy`.
+//!   bounded queue and overflow is answered `busy`;
+//! - the resume hint in the metadata (`received`, `next_chunk`) comes only from what the
+//!   device confirmed in its `progress` (never from what was served to it), so the saved hint
+//!   a restart reads, even after kill -9, is never ahead of the device.
 
 pub mod cache;
 pub mod fetch;
@@ -665,7 +668,6 @@ impl Manager {
                 d.rollout = Some(rid.clone());
                 d.state = "assigned".into();
                 d.received = 0;
-                d.next_chunk = 0;
                 d.total = u.size;
                 d.error = None;
             }
@@ -749,7 +751,6 @@ impl Manager {
             d.rollout = Some(rollout.id.clone());
             d.state = "assigned".into();
             d.received = 0;
-            d.next_chunk = 0;
         }
         match img_state {
             Some((ImageState::Ready, _)) => self.send_metadata(dev).await,
@@ -797,10 +798,13 @@ impl Manager {
         }
         d.total = size;
         let mut v = serde_json::to_value(&md).unwrap_or_default();
-        // Where the gateway last saw the device: a device that lost its place resumes here.
+        // Where the device last confirmed it was: a device that lost its place resumes here.
+        // Only confirmed bytes count (not chunks served, which may never have been stored),
+        // so the hint cannot run ahead of the device, whatever a restart lost.
+        let received = d.received.min(size);
         if let Some(o) = v.as_object_mut() {
-            o.insert("received".into(), json!(d.received));
-            o.insert("next_chunk".into(), json!(d.next_chunk));
+            o.insert("received".into(), json!(received));
+            o.insert("next_chunk".into(), json!(received / chunk.max(1)));
         }
         let t = self.topic(dev, "metadata");
         self.publish_json(t, v).await;
@@ -879,7 +883,7 @@ impl Manager {
         }
         let chunk = self.cfg.chunk_size as u64;
         let total = chunks_of(img.size, chunk);
-        let mut next = None;
+        let mut queued = false;
         for i in idx {
             self.metrics.ota.chunk_requests.inc();
             if i >= total {
@@ -906,9 +910,9 @@ impl Manager {
                     .await;
                 break;
             }
-            next = Some(next.unwrap_or(0).max(i + 1));
+            queued = true;
         }
-        if let Some(n) = next {
+        if queued {
             if let Some(i) = self.state.images.get_mut(
                 &self
                     .assignment(dev)
@@ -918,7 +922,6 @@ impl Manager {
                 i.last_used_ms = now_ms();
             }
             let d = self.device_mut(dev);
-            d.next_chunk = d.next_chunk.max(n);
             if matches!(d.state.as_str(), "assigned" | "waiting" | "retry" | "") {
                 d.state = "downloading".into();
             }
@@ -989,7 +992,6 @@ impl Manager {
         } else {
             d.state = "retry".into();
             d.error = Some("sha256 mismatch".into());
-            d.next_chunk = 0;
             d.received = 0;
             self.metrics.ota.error("verify_mismatch");
             let t = self.topic(dev, "retry");

@@ -4,6 +4,8 @@
 //! `<cache_dir>/state.json` (atomic replace, see [`super::cache::Cache::write_atomic`]) when
 //! a rollout or an image changes at once, and device progress at most every half second, so a
 //! kill -9 costs at most that much progress (a device resumes from its own last chunk anyway).
+//! Device progress is only what the device confirmed (`progress.received`): the resume hint
+//! derived from it can lag after a kill -9, never lead.
 //!
 //! Invariants:
 //! - `images[key].ready_sha256` is `Some` only while `<sha256>.bin` exists and was verified;
@@ -82,7 +84,8 @@ pub struct Device {
     /// `assigned`, `waiting` (asked, image not ready), `downloading`, `verifying`,
     /// `installing`, `done`, `failed`, `retry`.
     pub state: String,
-    /// Bytes received, as last reported by the device.
+    /// Bytes received, as last reported by the device: the resume hint (`received`,
+    /// `next_chunk = received / chunk_size` in the metadata) is derived from this alone.
     pub received: u64,
     /// Image size.
     pub total: u64,
@@ -92,8 +95,6 @@ pub struct Device {
     pub error: Option<String>,
     /// Tags the device announced.
     pub tags: Vec<String>,
-    /// Highest chunk index served to it + 1.
-    pub next_chunk: u64,
     /// Last change, ms since the epoch.
     pub updated_ms: u64,
 }
