@@ -628,6 +628,75 @@ async fn resume_hint_after_kill9_never_runs_ahead_of_confirmed_progress() {
     assert_eq!(r.sha256, sha);
 }
 
+/// Issue 13, item 5: once `ota.fetch_attempts` attempts failed, the rollout stays failed
+/// until the cloud issues it again: devices asking get `fetch_failed` at once, and the store
+/// sees no new download; the cloud's new command starts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_image_is_not_fetched_again_until_the_cloud_reissues_it() {
+    let s = setup().await;
+    let img = image(64 * 1024 + 3, 20);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    fw.corrupt_next(3);
+    let g = s.gateway("fetch_attempts = 3").await;
+    let c = s.collector().await;
+    let up = upgrade(&img, &fw.url(), &["d1".into()]);
+    command(&c, "cmd/ota/upgrade", &up).await;
+    let failed = wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "failed").await;
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("3 attempts"),
+        "{failed}"
+    );
+    assert_eq!(fw.requests().len(), 3, "{:?}", fw.requests());
+
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    for _ in 0..2 {
+        d.send("d1", "request", json!({"version": "1.0"})).await;
+        let (_, p) = d
+            .expect("d1", &["error", "metadata"], WAIT)
+            .await
+            .expect("an answer to the request");
+        let e: Json = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            (e["code"].as_str(), e["request"].as_str()),
+            (Some("fetch_failed"), Some("request")),
+            "{e}"
+        );
+        assert!(
+            e["reason"].as_str().unwrap_or("").contains("attempts"),
+            "{e}"
+        );
+        assert_eq!(
+            fw.requests().len(),
+            3,
+            "a device request started a download: {:?}",
+            fw.requests()
+        );
+    }
+    let st: Json = serde_json::from_str(&g.get("/ota/status/rollout/r1").unwrap()).unwrap();
+    assert_eq!(st["image_state"], "failed", "{st}");
+    assert_eq!(
+        cloud_json(&c, "ota/_gateway/fetch")
+            .iter()
+            .filter(|v| v["result"] == "failed")
+            .count(),
+        1
+    );
+
+    d.close().await;
+    // The cloud issues it again: one new download, and the device is served.
+    command(&c, "cmd/ota/upgrade", &up).await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    assert_eq!(fw.requests().len(), 4, "{:?}", fw.requests());
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Mqtt))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+}
+
 /// A cached image corrupted on disk while the gateway was down is detected at start,
 /// reported up and fetched again before anything is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

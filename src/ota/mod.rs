@@ -18,9 +18,11 @@
 //!
 //! Image lifecycle (per image key, see [`state::ImageState`]):
 //! `Fetching -> Ready` (size + hash verified, installed as `<sha256>.bin`), `Fetching ->
-//! Failed` (every attempt failed; a new command or device request starts again), `Ready ->
-//! Evicted` (LRU, only when no active rollout needs it), `Ready -> Fetching` (the file was
-//! found corrupted at start: reported up, fetched again).
+//! Failed` (all `ota.fetch_attempts` failed), `Failed -> Fetching` (only when the cloud sends
+//! the `ota_upgrade` command again; a device asking meanwhile is answered `fetch_failed` and
+//! causes no download), `Ready -> Evicted` (LRU, only when no active rollout needs it),
+//! `Evicted -> Fetching` (a command or a device request needs it again), `Ready -> Fetching`
+//! (the file was found corrupted at start: reported up, fetched again).
 //!
 //! Invariants:
 //! - nothing is served before this process verified the file ([`serve::ReadyImage`]);
@@ -754,6 +756,26 @@ impl Manager {
         }
         match img_state {
             Some((ImageState::Ready, _)) => self.send_metadata(dev).await,
+            // Given up after ota.fetch_attempts: only the cloud's new command fetches again.
+            Some((ImageState::Failed, _)) => {
+                let why = self
+                    .state
+                    .images
+                    .get(&rollout.image)
+                    .and_then(|i| i.last_error.clone())
+                    .unwrap_or_default();
+                self.reply_error(
+                    dev,
+                    "request",
+                    "fetch_failed",
+                    format!(
+                        "the gateway could not fetch the image and will not try again until the cloud issues rollout {} again: {why}",
+                        rollout.id
+                    ),
+                    None,
+                )
+                .await;
+            }
             Some((st, size)) => {
                 let d = self.device_mut(dev);
                 d.state = "waiting".into();

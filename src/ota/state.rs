@@ -28,7 +28,8 @@ pub enum ImageState {
     Fetching,
     /// Verified and on disk.
     Ready,
-    /// Every attempt failed; a new command or device request starts again.
+    /// Every attempt failed; only a new `ota_upgrade` command starts again (devices asking
+    /// are answered `fetch_failed`).
     Failed,
     /// Evicted from the cache (no active rollout needs it).
     Evicted,
