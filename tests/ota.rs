@@ -697,6 +697,75 @@ async fn failed_image_is_not_fetched_again_until_the_cloud_reissues_it() {
     assert_eq!(r.sha256, sha);
 }
 
+/// Issue 13, item 7: the cloud sees the gateway's own download while it runs (bytes and
+/// rate, rate-limited), not only at the end of each attempt, and the bytes served to each
+/// device, over MQTT and over HTTP alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_reports_fetch_progress_and_bytes_served_per_device() {
+    let s = setup().await;
+    let img = image(256 * 1024, 22);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let held = 100_000u64;
+    fw.hold_next_after(held);
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["dm".into(), "dh".into()]),
+    )
+    .await;
+    // The store holds the body: whatever the cloud sees now was reported mid-download.
+    let p = wait_cloud(&c, &g, "ota/_gateway/fetch_progress", |v| {
+        v["received"].as_u64().is_some_and(|r| r >= held)
+    })
+    .await;
+    assert!(
+        cloud_json(&c, "ota/_gateway/fetch")
+            .iter()
+            .all(|v| v["result"] != "ok"),
+        "the download cannot have ended while the store holds it"
+    );
+    assert_eq!(p["image"], sha.as_str(), "{p}");
+    assert_eq!(p["total"], img.len(), "{p}");
+    assert!(p["received"].as_u64().unwrap() < img.len() as u64, "{p}");
+    let reports = cloud_json(&c, "ota/_gateway/fetch_progress");
+    let first = reports
+        .iter()
+        .find(|v| v["received"].as_u64().unwrap_or(0) > 0)
+        .expect("a report with bytes");
+    assert!(
+        first["bytes_per_sec"].as_f64().is_some_and(|r| r > 0.0),
+        "the first report with bytes has a rate: {first}"
+    );
+    fw.release();
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+
+    for (id, via) in [("dm", Via::Mqtt), ("dh", Via::Http)] {
+        let r = run_device(DeviceOpts::new(id, g.mqtt, via))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+        assert_eq!(r.sha256, sha);
+    }
+    let size = img.len() as u64;
+    for (id, via) in [("dm", "mqtt"), ("dh", "http")] {
+        let v = wait_cloud(&c, &g, "ota/_gateway/served", |v| {
+            v["device"] == id && v[via].as_u64().is_some_and(|n| n >= size)
+        })
+        .await;
+        assert_eq!(v["rollout"], "r1", "{v}");
+        assert_eq!(v["total"], size, "{v}");
+        assert_eq!(v["served"], v[via], "{id} was served by {via} only: {v}");
+    }
+    let dh: Json = serde_json::from_str(&g.get("/ota/status/device/dh").unwrap()).unwrap();
+    assert!(
+        dh["served"].as_u64().is_some_and(|n| n >= size),
+        "device status shows what was served: {dh}"
+    );
+    assert_no_chunks_in_cloud(&c, img.len());
+}
+
 /// A cached image corrupted on disk while the gateway was down is detected at start,
 /// reported up and fetched again before anything is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

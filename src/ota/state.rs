@@ -98,6 +98,12 @@ pub struct Device {
     pub tags: Vec<String>,
     /// Last change, ms since the epoch.
     pub updated_ms: u64,
+    /// Image bytes served to it over MQTT for its current rollout (retries included).
+    #[serde(default)]
+    pub served_mqtt: u64,
+    /// Image bytes served to it over HTTP (requests naming it with `?device=`).
+    #[serde(default)]
+    pub served_http: u64,
 }
 
 /// Everything persisted.
@@ -206,6 +212,9 @@ impl State {
                 "version": d.version,
                 "error": d.error,
                 "updated_ms": d.updated_ms,
+                "served": d.served_mqtt + d.served_http,
+                "served_mqtt": d.served_mqtt,
+                "served_http": d.served_http,
             })
         })
     }
