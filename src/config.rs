@@ -117,6 +117,11 @@ pub struct OtaConfig {
     pub fetch_timeout: Duration,
     /// Attempts per download (with backoff) before the image is reported failed.
     pub fetch_attempts: u32,
+    /// How often, at most, the gateway reports a running image download
+    /// (`<prefix>/_gateway/fetch_progress`) and the bytes served to each device
+    /// (`<prefix>/_gateway/served`).
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
     /// Devices known in advance, by id, with their tags: `[ota.devices.pump7] tags = [..]`.
     pub devices: BTreeMap<String, OtaDeviceConfig>,
     /// Broker identities (usernames or certificate names) whose *local* publishes on the OTA
@@ -150,6 +155,7 @@ impl Default for OtaConfig {
             fetch_ca_file: PathBuf::new(),
             fetch_timeout: Duration::from_secs(30),
             fetch_attempts: 6,
+            progress_interval: Duration::from_secs(1),
             devices: BTreeMap::new(),
             local_commands: Vec::new(),
         }
@@ -1156,6 +1162,12 @@ impl Settings {
         }
         if o.fetch_attempts == 0 {
             p.push(problem("ota.fetch_attempts", "must be at least 1; e.g. 6"));
+        }
+        if o.progress_interval < Duration::from_millis(100) {
+            p.push(problem(
+                "ota.progress_interval",
+                "must be at least 100ms; e.g. \"1s\"",
+            ));
         }
         let u = &o.http_base_url;
         if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {

@@ -5,7 +5,8 @@
 //!   the image; several ranges are answered with the whole image, 200). Only images the
 //!   gateway verified are listed; each transfer holds an OTA download slot (503 +
 //!   `Retry-After` when none is free, or when its address holds `ota.max_downloads_per_ip`
-//!   already) and is paced by `ota.max_bytes_per_sec`;
+//!   already) and is paced by `ota.max_bytes_per_sec`; with `?device=<id>` (as in the
+//!   metadata `url`) the bytes are reported to the OTA manager as served to that device;
 //! - `GET /ota/status`, `/ota/status/device/<id>`, `/ota/status/rollout/<id>`: JSON status.
 //!
 //! A deliberately tiny HTTP/1.1 server: one request per connection, request head at most
@@ -225,6 +226,8 @@ async fn ota_image(
         head_only,
         peer,
     } = req;
+    let (what, query) = what.split_once('?').unwrap_or((what, ""));
+    let device = crate::ota::protocol::query_value(query, "device");
     let img = ota.catalog.borrow().find(what);
     let Some(img) = img else {
         metrics.ota.error("http_not_found");
@@ -289,21 +292,32 @@ async fn ota_image(
     if head_only {
         return Ok(());
     }
-    let mut off = start;
-    while off <= end && len > 0 {
-        let n = (end - off + 1).min(64 * 1024) as usize;
-        ota.pacer.take(n as u64).await;
-        let img2 = img.clone();
-        let data =
-            tokio::task::spawn_blocking(move || crate::ota::cache::read_at(&img2.file, off, n))
+    let mut tally = device.as_ref().map(|_| ota.served_tally());
+    let sent = async {
+        let mut off = start;
+        while off <= end && len > 0 {
+            let n = (end - off + 1).min(64 * 1024) as usize;
+            ota.pacer.take(n as u64).await;
+            let img2 = img.clone();
+            let data =
+                tokio::task::spawn_blocking(move || crate::ota::cache::read_at(&img2.file, off, n))
+                    .await
+                    .map_err(std::io::Error::other)??;
+            tokio::time::timeout(stall, sock.write_all(&data))
                 .await
-                .map_err(std::io::Error::other)??;
-        tokio::time::timeout(stall, sock.write_all(&data))
-            .await
-            .map_err(|_| stalled())??;
-        metrics.ota.served("http", n as u64);
-        off += n as u64;
+                .map_err(|_| stalled())??;
+            metrics.ota.served("http", n as u64);
+            if let (Some(t), Some(d)) = (tally.as_mut(), device.as_deref()) {
+                t.add(d, &img.sha256, crate::ota::serve::Via::Http, n as u64);
+            }
+            off += n as u64;
+        }
+        let _ = tokio::time::timeout(SMALL, sock.shutdown()).await;
+        Ok(())
     }
-    let _ = tokio::time::timeout(SMALL, sock.shutdown()).await;
-    Ok(())
+    .await;
+    if let Some(t) = tally {
+        t.finish().await;
+    }
+    sent
 }

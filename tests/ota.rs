@@ -558,6 +558,214 @@ async fn gateway_restart_keeps_cache_assignments_and_progress() {
     assert_eq!(st["image_state"], "ready", "{st}");
 }
 
+/// The saved device state as the next start reads it (`<data>/ota/state.json`).
+fn saved_device(s: &Setup, id: &str) -> Json {
+    std::fs::read(s.data.path().join("ota").join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
+        .map(|v| v["devices"][id].clone())
+        .unwrap_or(Json::Null)
+}
+
+/// Issue 13, item 4: after kill -9 the resume hint in the metadata is never ahead of what the
+/// device confirmed. The device was served chunks 0..=13 but confirmed only 0..=10; a device
+/// trusting `next_chunk` must not skip chunks 11..=13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_hint_after_kill9_never_runs_ahead_of_confirmed_progress() {
+    let s = setup().await;
+    let img = image(100 * 1024 + 1, 19);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
+
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    d.send("d1", "request", json!({"version": "1.0"})).await;
+    d.expect("d1", &["metadata"], WAIT).await.expect("metadata");
+    d.send(
+        "d1",
+        "chunk/get",
+        json!({"version": "2.0", "from": 0, "to": 13}),
+    )
+    .await;
+    let kinds: Vec<String> = (0..14).map(|i| format!("chunk/{i}")).collect();
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    for _ in 0..14 {
+        d.expect("d1", &kinds, WAIT).await.expect("chunks 0..=13");
+    }
+    // The device stored only chunks 0..=10 when the gateway died.
+    let confirmed = 11 * CHUNK;
+    d.send(
+        "d1",
+        "progress",
+        json!({"version": "2.0", "received": confirmed, "total": img.len(), "state": "downloading"}),
+    )
+    .await;
+    let saved = eventually(WAIT, || saved_device(&s, "d1")["received"] == confirmed).await;
+    assert!(saved, "progress never saved: {}", saved_device(&s, "d1"));
+    d.close().await;
+    g.kill9();
+
+    let g = s.gateway("").await;
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    d.send("d1", "request", json!({"version": "1.0"})).await;
+    let (_, md) = d
+        .expect("d1", &["metadata"], WAIT)
+        .await
+        .expect("metadata after kill -9");
+    let md: Json = serde_json::from_slice(&md).unwrap();
+    assert_eq!(md["sha256"], sha.as_str());
+    assert_eq!(md["received"], confirmed, "{md}");
+    assert_eq!(
+        md["next_chunk"], 11,
+        "the hint must be the first chunk the device did not confirm: {md}"
+    );
+    d.close().await;
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Mqtt))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+}
+
+/// Issue 13, item 5: once `ota.fetch_attempts` attempts failed, the rollout stays failed
+/// until the cloud issues it again: devices asking get `fetch_failed` at once, and the store
+/// sees no new download; the cloud's new command starts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_image_is_not_fetched_again_until_the_cloud_reissues_it() {
+    let s = setup().await;
+    let img = image(64 * 1024 + 3, 20);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    fw.corrupt_next(3);
+    let g = s.gateway("fetch_attempts = 3").await;
+    let c = s.collector().await;
+    let up = upgrade(&img, &fw.url(), &["d1".into()]);
+    command(&c, "cmd/ota/upgrade", &up).await;
+    let failed = wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "failed").await;
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("3 attempts"),
+        "{failed}"
+    );
+    assert_eq!(fw.requests().len(), 3, "{:?}", fw.requests());
+
+    let mut d = Session::connect(g.mqtt, "d1").await;
+    for _ in 0..2 {
+        d.send("d1", "request", json!({"version": "1.0"})).await;
+        let (_, p) = d
+            .expect("d1", &["error", "metadata"], WAIT)
+            .await
+            .expect("an answer to the request");
+        let e: Json = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            (e["code"].as_str(), e["request"].as_str()),
+            (Some("fetch_failed"), Some("request")),
+            "{e}"
+        );
+        assert!(
+            e["reason"].as_str().unwrap_or("").contains("attempts"),
+            "{e}"
+        );
+        assert_eq!(
+            fw.requests().len(),
+            3,
+            "a device request started a download: {:?}",
+            fw.requests()
+        );
+    }
+    let st: Json = serde_json::from_str(&g.get("/ota/status/rollout/r1").unwrap()).unwrap();
+    assert_eq!(st["image_state"], "failed", "{st}");
+    assert_eq!(
+        cloud_json(&c, "ota/_gateway/fetch")
+            .iter()
+            .filter(|v| v["result"] == "failed")
+            .count(),
+        1
+    );
+
+    d.close().await;
+    // The cloud issues it again: one new download, and the device is served.
+    command(&c, "cmd/ota/upgrade", &up).await;
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+    assert_eq!(fw.requests().len(), 4, "{:?}", fw.requests());
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Mqtt))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha);
+}
+
+/// Issue 13, item 7: the cloud sees the gateway's own download while it runs (bytes and
+/// rate, rate-limited), not only at the end of each attempt, and the bytes served to each
+/// device, over MQTT and over HTTP alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_reports_fetch_progress_and_bytes_served_per_device() {
+    let s = setup().await;
+    let img = image(256 * 1024, 22);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    let held = 100_000u64;
+    fw.hold_next_after(held);
+    let g = s.gateway("").await;
+    let c = s.collector().await;
+    command(
+        &c,
+        "cmd/ota/upgrade",
+        &upgrade(&img, &fw.url(), &["dm".into(), "dh".into()]),
+    )
+    .await;
+    // The store holds the body: whatever the cloud sees now was reported mid-download.
+    let p = wait_cloud(&c, &g, "ota/_gateway/fetch_progress", |v| {
+        v["received"].as_u64().is_some_and(|r| r >= held)
+    })
+    .await;
+    assert!(
+        cloud_json(&c, "ota/_gateway/fetch")
+            .iter()
+            .all(|v| v["result"] != "ok"),
+        "the download cannot have ended while the store holds it"
+    );
+    assert_eq!(p["image"], sha.as_str(), "{p}");
+    assert_eq!(p["total"], img.len(), "{p}");
+    assert!(p["received"].as_u64().unwrap() < img.len() as u64, "{p}");
+    let reports = cloud_json(&c, "ota/_gateway/fetch_progress");
+    let first = reports
+        .iter()
+        .find(|v| v["received"].as_u64().unwrap_or(0) > 0)
+        .expect("a report with bytes");
+    assert!(
+        first["bytes_per_sec"].as_f64().is_some_and(|r| r > 0.0),
+        "the first report with bytes has a rate: {first}"
+    );
+    fw.release();
+    wait_cloud(&c, &g, "ota/_gateway/fetch", |v| v["result"] == "ok").await;
+
+    for (id, via) in [("dm", Via::Mqtt), ("dh", Via::Http)] {
+        let r = run_device(DeviceOpts::new(id, g.mqtt, via))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+        assert_eq!(r.sha256, sha);
+    }
+    let size = img.len() as u64;
+    for (id, via) in [("dm", "mqtt"), ("dh", "http")] {
+        let v = wait_cloud(&c, &g, "ota/_gateway/served", |v| {
+            v["device"] == id && v[via].as_u64().is_some_and(|n| n >= size)
+        })
+        .await;
+        assert_eq!(v["rollout"], "r1", "{v}");
+        assert_eq!(v["total"], size, "{v}");
+        assert_eq!(v["served"], v[via], "{id} was served by {via} only: {v}");
+    }
+    let dh: Json = serde_json::from_str(&g.get("/ota/status/device/dh").unwrap()).unwrap();
+    assert!(
+        dh["served"].as_u64().is_some_and(|n| n >= size),
+        "device status shows what was served: {dh}"
+    );
+    assert_no_chunks_in_cloud(&c, img.len());
+}
+
 /// A cached image corrupted on disk while the gateway was down is detected at start,
 /// reported up and fetched again before anything is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,22 +11,31 @@
 //! - gateway -> `<prefix>/<id>/metadata | chunk/<index> | success | retry | error`;
 //! - cloud -> `cmd/ota/upgrade` (`ota_upgrade`), `cmd/ota/status`, `cmd/ota/image/<key>/<i>`
 //!   (MQTT-pushed image chunks);
-//! - gateway -> `<prefix>/_gateway/fetch | rollout | status | error` (reports for the cloud).
+//! - gateway -> `<prefix>/_gateway/fetch | fetch_progress | served | rollout | status | error`
+//!   (reports for the cloud). `fetch_progress` (bytes and rate of a running HTTPS download)
+//!   and `served` (bytes served to one device, MQTT and HTTP) are sent at most once per
+//!   `ota.progress_interval`: `fetch_progress` every interval while a download runs (rate 0
+//!   when the store sends nothing), `served` per device only when its count moved.
 //!
 //! `<prefix>/+/chunk/#` is excluded from the uplink by the gateway (see [`uplink_exclude`]):
 //! chunk bytes and chunk requests never reach the cloud.
 //!
 //! Image lifecycle (per image key, see [`state::ImageState`]):
 //! `Fetching -> Ready` (size + hash verified, installed as `<sha256>.bin`), `Fetching ->
-//! Failed` (every attempt failed; a new command or device request starts again), `Ready ->
-//! Evicted` (LRU, only when no active rollout needs it), `Ready -> Fetching` (the file was
-//! found corrupted at start: reported up, fetched again).
+//! Failed` (all `ota.fetch_attempts` failed), `Failed -> Fetching` (only when the cloud sends
+//! the `ota_upgrade` command again; a device asking meanwhile is answered `fetch_failed` and
+//! causes no download), `Ready -> Evicted` (LRU, only when no active rollout needs it),
+//! `Evicted -> Fetching` (a command or a device request needs it again), `Ready -> Fetching`
+//! (the file was found corrupted at start: reported up, fetched again).
 //!
 //! Invariants:
 //! - nothing is served before this process verified the file ([`serve::ReadyImage`]);
 //! - one download per image at a time; devices never cause a download of their own;
 //! - the manager never waits on a device: replies are small publishes, chunk jobs go to a
-//!   bounded queue and overflow is answered `busy`.
+//!   bounded queue and overflow is answered `busy`;
+//! - the resume hint in the metadata (`received`, `next_chunk`) comes only from what the
+//!   device confirmed in its `progress` (never from what was served to it), so the saved hint
+//!   a restart reads, even after kill -9, is never ahead of the device.
 
 pub mod cache;
 pub mod fetch;
@@ -55,7 +64,7 @@ use protocol::{
     parse_device_topic, ChunkGet, DeviceTopic, ErrorReply, Metadata, Progress, Request,
     StatusQuery, Target, Upgrade, Verify,
 };
-use serve::{Catalog, ChunkJob, Pacer, ReadyImage, Slots};
+use serve::{Catalog, ChunkJob, Pacer, ReadyImage, Served, ServedTally, Slots, Via};
 use state::{Device, Image, ImageState, Rollout, State};
 
 /// Local topic of the `ota_upgrade` command (cloud: `fieldgate/<gw>/cmd/ota/upgrade`).
@@ -116,6 +125,7 @@ pub struct OtaHandle {
     pub pacer: Pacer,
     /// `ota.stall_timeout`: an HTTP transfer whose client reads nothing this long is cut.
     pub stall_timeout: Duration,
+    served: mpsc::Sender<Served>,
 }
 
 impl OtaHandle {
@@ -128,6 +138,11 @@ impl OtaHandle {
             .ok()?
             .ok()?
     }
+
+    /// A tally for one transfer's served bytes (see [`serve`]).
+    pub fn served_tally(&self) -> ServedTally {
+        ServedTally::new(self.served.clone())
+    }
 }
 
 enum FetchMsg {
@@ -136,6 +151,15 @@ enum FetchMsg {
         key: String,
         result: &'static str,
         error: String,
+    },
+    /// A download is running: bytes in the partial file, and the rate over the last
+    /// interval. Sent with `try_send`: dropped when the manager is behind (the next one
+    /// follows an interval later).
+    Progress {
+        key: String,
+        attempt: u32,
+        received: u64,
+        bytes_per_sec: u64,
     },
     /// The download ended.
     Done {
@@ -157,6 +181,8 @@ pub struct Ota {
     queries_rx: mpsc::Receiver<(Query, oneshot::Sender<Option<serde_json::Value>>)>,
     slots: Slots,
     pacer: Pacer,
+    served_tx: mpsc::Sender<Served>,
+    served_rx: mpsc::Receiver<Served>,
 }
 
 impl Ota {
@@ -188,12 +214,14 @@ impl Ota {
         let (queries, queries_rx) = mpsc::channel(64);
         let slots = Slots::new(cfg.max_concurrent_downloads, cfg.max_downloads_per_ip);
         let pacer = Pacer::new(cfg.max_bytes_per_sec);
+        let (served_tx, served_rx) = mpsc::channel(serve::SERVED_QUEUE);
         let handle = OtaHandle {
             catalog,
             queries,
             slots: slots.clone(),
             pacer: pacer.clone(),
             stall_timeout: cfg.stall_timeout,
+            served: served_tx.clone(),
         };
         Ok((
             Ota {
@@ -208,6 +236,8 @@ impl Ota {
                 queries_rx,
                 slots,
                 pacer,
+                served_tx,
+                served_rx,
             },
             handle,
         ))
@@ -227,6 +257,8 @@ impl Ota {
             mut queries_rx,
             slots,
             pacer,
+            served_tx,
+            mut served_rx,
         } = self;
         let (tx, mut rx) = link.split();
         // The serving link only publishes (QoS 0, nothing comes back); its receiving half is
@@ -239,6 +271,7 @@ impl Ota {
             jobs_rx,
             pacer,
             metrics.clone(),
+            ServedTally::new(served_tx),
             serve_stop.clone(),
         ));
         let (fetch_tx, mut fetch_rx) = mpsc::channel(64);
@@ -260,9 +293,12 @@ impl Ota {
             active: HashMap::new(),
             state: State::default(),
             dirty: false,
+            served_moved: BTreeSet::new(),
         };
         m.load().await;
         let mut tick = tokio::time::interval(PERSIST_EVERY);
+        let mut progress = tokio::time::interval(m.cfg.progress_interval);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -271,11 +307,13 @@ impl Ota {
                     Err(_) => { debug!("broker gone; OTA manager stops"); break; }
                 },
                 Some(f) = fetch_rx.recv() => m.fetch_msg(f).await,
+                Some(s) = served_rx.recv() => m.served(s),
                 Some(_) = m.fetches.join_next(), if !m.fetches.is_empty() => {}
                 Some((q, reply)) = queries_rx.recv() => {
                     let _ = reply.send(m.answer(&q));
                 }
                 _ = tick.tick() => m.tick().await,
+                _ = progress.tick() => m.report_served().await,
             }
         }
         serve_stop.cancel();
@@ -308,6 +346,8 @@ struct Manager {
     active: HashMap<String, (OwnedSemaphorePermit, Instant)>,
     state: State,
     dirty: bool,
+    /// Devices whose served bytes changed since the last `served` report.
+    served_moved: BTreeSet<String>,
 }
 
 fn chunks_of(size: u64, chunk: u64) -> u64 {
@@ -665,9 +705,10 @@ impl Manager {
                 d.rollout = Some(rid.clone());
                 d.state = "assigned".into();
                 d.received = 0;
-                d.next_chunk = 0;
                 d.total = u.size;
                 d.error = None;
+                d.served_mqtt = 0;
+                d.served_http = 0;
             }
         }
         info!(rollout = %rid, image = %key, name = %u.name, version = %u.version, devices = devices.len(), "rollout accepted");
@@ -749,10 +790,31 @@ impl Manager {
             d.rollout = Some(rollout.id.clone());
             d.state = "assigned".into();
             d.received = 0;
-            d.next_chunk = 0;
+            d.served_mqtt = 0;
+            d.served_http = 0;
         }
         match img_state {
             Some((ImageState::Ready, _)) => self.send_metadata(dev).await,
+            // Given up after ota.fetch_attempts: only the cloud's new command fetches again.
+            Some((ImageState::Failed, _)) => {
+                let why = self
+                    .state
+                    .images
+                    .get(&rollout.image)
+                    .and_then(|i| i.last_error.clone())
+                    .unwrap_or_default();
+                self.reply_error(
+                    dev,
+                    "request",
+                    "fetch_failed",
+                    format!(
+                        "the gateway could not fetch the image and will not try again until the cloud issues rollout {} again: {why}",
+                        rollout.id
+                    ),
+                    None,
+                )
+                .await;
+            }
             Some((st, size)) => {
                 let d = self.device_mut(dev);
                 d.state = "waiting".into();
@@ -787,7 +849,12 @@ impl Manager {
             sha256: sha.clone(),
             chunk_size: chunk,
             chunks: chunks_of(img.size, chunk),
-            url: format!("{}/ota/image/{sha}", self.base_url),
+            // The device id lets the gateway count what it downloads over HTTP.
+            url: format!(
+                "{}/ota/image/{sha}?device={}",
+                self.base_url,
+                protocol::encode_query_value(dev)
+            ),
             rollout: r.id.clone(),
         };
         let size = img.size;
@@ -797,10 +864,13 @@ impl Manager {
         }
         d.total = size;
         let mut v = serde_json::to_value(&md).unwrap_or_default();
-        // Where the gateway last saw the device: a device that lost its place resumes here.
+        // Where the device last confirmed it was: a device that lost its place resumes here.
+        // Only confirmed bytes count (not chunks served, which may never have been stored),
+        // so the hint cannot run ahead of the device, whatever a restart lost.
+        let received = d.received.min(size);
         if let Some(o) = v.as_object_mut() {
-            o.insert("received".into(), json!(d.received));
-            o.insert("next_chunk".into(), json!(d.next_chunk));
+            o.insert("received".into(), json!(received));
+            o.insert("next_chunk".into(), json!(received / chunk.max(1)));
         }
         let t = self.topic(dev, "metadata");
         self.publish_json(t, v).await;
@@ -879,7 +949,7 @@ impl Manager {
         }
         let chunk = self.cfg.chunk_size as u64;
         let total = chunks_of(img.size, chunk);
-        let mut next = None;
+        let mut queued = false;
         for i in idx {
             self.metrics.ota.chunk_requests.inc();
             if i >= total {
@@ -894,6 +964,7 @@ impl Manager {
             let offset = i * chunk;
             let len = chunk.min(img.size - offset) as usize;
             let job = ChunkJob {
+                device: dev.to_string(),
                 topic: self.topic(dev, &format!("chunk/{i}")),
                 image: img.clone(),
                 offset,
@@ -906,9 +977,9 @@ impl Manager {
                     .await;
                 break;
             }
-            next = Some(next.unwrap_or(0).max(i + 1));
+            queued = true;
         }
-        if let Some(n) = next {
+        if queued {
             if let Some(i) = self.state.images.get_mut(
                 &self
                     .assignment(dev)
@@ -918,7 +989,6 @@ impl Manager {
                 i.last_used_ms = now_ms();
             }
             let d = self.device_mut(dev);
-            d.next_chunk = d.next_chunk.max(n);
             if matches!(d.state.as_str(), "assigned" | "waiting" | "retry" | "") {
                 d.state = "downloading".into();
             }
@@ -989,7 +1059,6 @@ impl Manager {
         } else {
             d.state = "retry".into();
             d.error = Some("sha256 mismatch".into());
-            d.next_chunk = 0;
             d.received = 0;
             self.metrics.ota.error("verify_mismatch");
             let t = self.topic(dev, "retry");
@@ -1084,6 +1153,7 @@ impl Manager {
             cache: self.cache.clone(),
             timeout: self.cfg.fetch_timeout,
             attempts: self.cfg.fetch_attempts,
+            progress_every: self.cfg.progress_interval,
             metrics: self.metrics.clone(),
             tx: self.fetch_tx.clone(),
         };
@@ -1129,8 +1199,60 @@ impl Manager {
         }
     }
 
+    /// Counts bytes served to a device, if that device is assigned that image (the HTTP
+    /// path's device id comes from the client).
+    fn served(&mut self, s: Served) {
+        let assigned = self
+            .assignment(&s.device)
+            .and_then(|r| self.state.images.get(&r.image))
+            .and_then(|i| i.ready_sha256.as_deref())
+            == Some(s.sha256.as_str());
+        if !assigned || !self.state.devices.contains_key(&s.device) {
+            debug!(device = %s.device, "served bytes for a device not assigned that image; not counted per device");
+            return;
+        }
+        let d = self.device_mut(&s.device);
+        match s.via {
+            Via::Mqtt => d.served_mqtt += s.bytes,
+            Via::Http => d.served_http += s.bytes,
+        }
+        self.served_moved.insert(s.device);
+    }
+
+    /// One `served` report per device whose served bytes moved since the last one.
+    async fn report_served(&mut self) {
+        for dev in std::mem::take(&mut self.served_moved) {
+            let Some(d) = self.state.devices.get(&dev) else {
+                continue;
+            };
+            let image = d
+                .rollout
+                .as_ref()
+                .and_then(|r| self.state.rollouts.get(r))
+                .map(|r| r.image.clone());
+            let v = json!({"device": dev, "rollout": d.rollout, "image": image,
+                           "served": d.served_mqtt + d.served_http, "mqtt": d.served_mqtt,
+                           "http": d.served_http, "total": d.total});
+            self.report("served", v).await;
+        }
+    }
+
     async fn fetch_msg(&mut self, f: FetchMsg) {
         match f {
+            FetchMsg::Progress {
+                key,
+                attempt,
+                received,
+                bytes_per_sec,
+            } => {
+                let Some(i) = self.state.images.get(&key) else {
+                    return;
+                };
+                let v = json!({"image": key, "name": i.name, "version": i.version,
+                               "attempt": attempt, "received": received, "total": i.size,
+                               "bytes_per_sec": bytes_per_sec});
+                self.report("fetch_progress", v).await;
+            }
             FetchMsg::Attempt { key, result, error } => {
                 let (name, version) = self
                     .state
@@ -1254,11 +1376,49 @@ struct FetchJob {
     cache: Cache,
     timeout: Duration,
     attempts: u32,
+    progress_every: Duration,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<FetchMsg>,
 }
 
 impl FetchJob {
+    /// Runs one attempt's download `dl`, reporting progress every `progress_every` while it
+    /// runs; `moved` counts the bytes it received.
+    async fn with_progress<T>(
+        &self,
+        attempt: u32,
+        moved: &std::sync::atomic::AtomicU64,
+        dl: impl std::future::Future<Output = T>,
+    ) -> T {
+        use std::sync::atomic::Ordering::Relaxed;
+        tokio::pin!(dl);
+        let every = self.progress_every;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut at, mut before) = (Instant::now(), 0u64);
+        let part = self.cache.part(&self.key);
+        loop {
+            tokio::select! {
+                r = &mut dl => return r,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let m = moved.load(Relaxed);
+                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                    let bytes_per_sec = ((m - before) as f64 / secs) as u64;
+                    (at, before) = (now, m);
+                    // What is in the partial file: resumed bytes included.
+                    let received = tokio::fs::metadata(&part).await.map(|x| x.len()).unwrap_or(0);
+                    let _ = self.tx.try_send(FetchMsg::Progress {
+                        key: self.key.clone(),
+                        attempt,
+                        received,
+                        bytes_per_sec,
+                    });
+                }
+            }
+        }
+    }
+
     async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut last = String::new();
@@ -1269,7 +1429,8 @@ impl FetchJob {
                 Ok(())
             } else {
                 let m = self.metrics.clone();
-                fetch::download(
+                let moved = std::sync::atomic::AtomicU64::new(0);
+                let dl = fetch::download(
                     &self.url,
                     self.tls.clone(),
                     &part,
@@ -1277,10 +1438,10 @@ impl FetchJob {
                     self.timeout,
                     |n| {
                         m.ota.fetch_bytes.inc_by(n);
+                        moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     },
-                )
-                .await
-                .map(|_| ())
+                );
+                self.with_progress(attempt, &moved, dl).await.map(|_| ())
             };
             let (result, why) = match downloaded {
                 Ok(()) => {

@@ -16,6 +16,14 @@
 //! waiting), the task paces, reads the chunk from the verified file (`pread` off the runtime)
 //! and publishes it raw on `<prefix>/<device>/chunk/<index>`.
 //!
+//! Both paths tell the manager the bytes they served to a device ([`Served`], through a
+//! [`ServedTally`]) so it can report them per device; the HTTP path knows the device from the
+//! `?device=<id>` of the metadata `url`. The channel is bounded ([`SERVED_QUEUE`]); when it is
+//! full the tally keeps the bytes and sends them with the next ones, and a transfer's last
+//! bytes wait at most [`SERVED_FINAL_WAIT`] before they are left out of the per-device report
+//! (the `fieldgate_ota_served_bytes_total` metric counts them regardless). Serving never waits
+//! on the manager otherwise.
+//!
 //! Invariant: both paths only ever read a [`ReadyImage`], which exists only for a file this
 //! process verified (see [`super::cache`]).
 
@@ -38,6 +46,88 @@ use crate::sources::LocalTx;
 pub const JOB_QUEUE: usize = 4096;
 /// An MQTT download with no request for this long gives its slot back.
 pub const DOWNLOAD_IDLE: Duration = Duration::from_secs(60);
+/// [`Served`] messages queued for the manager.
+pub const SERVED_QUEUE: usize = 1024;
+/// How long the end of a transfer waits to hand its last served bytes to the manager.
+pub const SERVED_FINAL_WAIT: Duration = Duration::from_secs(1);
+
+/// How image bytes reached a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// MQTT chunks.
+    Mqtt,
+    /// HTTP (`Range`) transfers.
+    Http,
+}
+
+/// Bytes of image `sha256` served to `device`; the manager checks the device is assigned that
+/// image before it counts them (the HTTP device id comes from the client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// Device id.
+    pub device: String,
+    /// Image served.
+    pub sha256: String,
+    /// Path.
+    pub via: Via,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Collects served bytes and hands them to the manager without waiting on it (see the module
+/// header for the policy when the channel is full).
+pub struct ServedTally {
+    tx: mpsc::Sender<Served>,
+    pending: HashMap<(String, String, Via), u64>,
+}
+
+impl ServedTally {
+    /// A tally sending on `tx`.
+    pub fn new(tx: mpsc::Sender<Served>) -> ServedTally {
+        ServedTally {
+            tx,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Counts `bytes` of `sha256` served to `device` and sends what it can.
+    pub fn add(&mut self, device: &str, sha256: &str, via: Via, bytes: u64) {
+        *self
+            .pending
+            .entry((device.to_string(), sha256.to_string(), via))
+            .or_default() += bytes;
+        let tx = &self.tx;
+        self.pending.retain(|(device, sha256, via), bytes| {
+            let s = Served {
+                device: device.clone(),
+                sha256: sha256.clone(),
+                via: *via,
+                bytes: *bytes,
+            };
+            matches!(tx.try_send(s), Err(mpsc::error::TrySendError::Full(_)))
+        });
+    }
+
+    /// Sends what is left, waiting at most [`SERVED_FINAL_WAIT`] in all.
+    pub async fn finish(self) {
+        let deadline = tokio::time::Instant::now() + SERVED_FINAL_WAIT;
+        for ((device, sha256, via), bytes) in self.pending {
+            let s = Served {
+                device,
+                sha256,
+                via,
+                bytes,
+            };
+            if tokio::time::timeout_at(deadline, self.tx.send(s))
+                .await
+                .is_err()
+            {
+                debug!("served bytes left out of the per-device report: the manager is busy");
+                return;
+            }
+        }
+    }
+}
 
 /// A verified image on disk, open for reading.
 #[derive(Debug)]
@@ -192,6 +282,8 @@ impl Slots {
 /// One chunk to publish.
 #[derive(Debug)]
 pub struct ChunkJob {
+    /// The device asking.
+    pub device: String,
     /// `<prefix>/<device>/chunk/<index>`.
     pub topic: String,
     /// The image.
@@ -210,6 +302,7 @@ pub async fn run_mqtt(
     mut jobs: mpsc::Receiver<ChunkJob>,
     pacer: Pacer,
     metrics: Arc<Metrics>,
+    mut served: ServedTally,
     stop: CancellationToken,
 ) {
     loop {
@@ -238,6 +331,7 @@ pub async fn run_mqtt(
             return;
         }
         metrics.ota.served("mqtt", len as u64);
+        served.add(&job.device, &job.image.sha256, Via::Mqtt, len as u64);
         metrics
             .ota
             .chunk_latency
@@ -338,6 +432,19 @@ mod tests {
         assert_eq!(s.in_use(), 2);
         let _a3 = s.try_take_for(a).unwrap();
         assert_eq!(s.try_take_for(a).err(), Some(Busy::Address));
+    }
+
+    #[test]
+    fn served_bytes_wait_in_the_tally_while_the_manager_is_behind() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut t = ServedTally::new(tx);
+        t.add("d1", "aa", Via::Http, 10);
+        t.add("d1", "aa", Via::Http, 5);
+        t.add("d1", "aa", Via::Http, 7);
+        assert_eq!(rx.try_recv().map(|s| s.bytes), Ok(10));
+        t.add("d1", "aa", Via::Http, 1);
+        assert_eq!(rx.try_recv().map(|s| s.bytes), Ok(13));
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

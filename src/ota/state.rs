@@ -4,6 +4,8 @@
 //! `<cache_dir>/state.json` (atomic replace, see [`super::cache::Cache::write_atomic`]) when
 //! a rollout or an image changes at once, and device progress at most every half second, so a
 //! kill -9 costs at most that much progress (a device resumes from its own last chunk anyway).
+//! Device progress is only what the device confirmed (`progress.received`): the resume hint
+//! derived from it can lag after a kill -9, never lead.
 //!
 //! Invariants:
 //! - `images[key].ready_sha256` is `Some` only while `<sha256>.bin` exists and was verified;
@@ -26,7 +28,8 @@ pub enum ImageState {
     Fetching,
     /// Verified and on disk.
     Ready,
-    /// Every attempt failed; a new command or device request starts again.
+    /// Every attempt failed; only a new `ota_upgrade` command starts again (devices asking
+    /// are answered `fetch_failed`).
     Failed,
     /// Evicted from the cache (no active rollout needs it).
     Evicted,
@@ -82,7 +85,8 @@ pub struct Device {
     /// `assigned`, `waiting` (asked, image not ready), `downloading`, `verifying`,
     /// `installing`, `done`, `failed`, `retry`.
     pub state: String,
-    /// Bytes received, as last reported by the device.
+    /// Bytes received, as last reported by the device: the resume hint (`received`,
+    /// `next_chunk = received / chunk_size` in the metadata) is derived from this alone.
     pub received: u64,
     /// Image size.
     pub total: u64,
@@ -92,10 +96,14 @@ pub struct Device {
     pub error: Option<String>,
     /// Tags the device announced.
     pub tags: Vec<String>,
-    /// Highest chunk index served to it + 1.
-    pub next_chunk: u64,
     /// Last change, ms since the epoch.
     pub updated_ms: u64,
+    /// Image bytes served to it over MQTT for its current rollout (retries included).
+    #[serde(default)]
+    pub served_mqtt: u64,
+    /// Image bytes served to it over HTTP (requests naming it with `?device=`).
+    #[serde(default)]
+    pub served_http: u64,
 }
 
 /// Everything persisted.
@@ -204,6 +212,9 @@ impl State {
                 "version": d.version,
                 "error": d.error,
                 "updated_ms": d.updated_ms,
+                "served": d.served_mqtt + d.served_http,
+                "served_mqtt": d.served_mqtt,
+                "served_http": d.served_http,
             })
         })
     }

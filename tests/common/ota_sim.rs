@@ -3,7 +3,8 @@
 //!
 //! - [`FirmwareServer`]: tokio-rustls with the test PKI's server certificate; counts every
 //!   request (path and `Range` header), supports `Range: bytes=N-`, and can be told to cut the
-//!   next body after some bytes or to serve corrupted bytes;
+//!   next body after some bytes, to hold the next body after some bytes until the test
+//!   releases it (a slow store, without timing), or to serve corrupted bytes;
 //! - [`run_device`]: one device, a plain rumqttc client of the gateway's broker, through the
 //!   whole protocol (request -> metadata -> chunks or HTTP ranges -> progress -> verify ->
 //!   done), optionally restarting mid-way. It only trusts what it reassembled: its own sha256.
@@ -62,8 +63,18 @@ pub struct FirmwareServer {
     /// Body bytes written in total.
     pub body_bytes: Arc<AtomicU64>,
     cuts: Arc<Mutex<VecDeque<u64>>>,
+    holds: Arc<Mutex<VecDeque<u64>>>,
+    released: Arc<tokio::sync::Semaphore>,
     corrupt: Arc<AtomicU32>,
     stop: CancellationToken,
+}
+
+/// What one response may be told to do.
+struct Faults {
+    cuts: Arc<Mutex<VecDeque<u64>>>,
+    holds: Arc<Mutex<VecDeque<u64>>>,
+    released: Arc<tokio::sync::Semaphore>,
+    corrupt: Arc<AtomicU32>,
 }
 
 impl FirmwareServer {
@@ -89,36 +100,37 @@ impl FirmwareServer {
             requests: Arc::default(),
             body_bytes: Arc::default(),
             cuts: Arc::default(),
+            holds: Arc::default(),
+            released: Arc::new(tokio::sync::Semaphore::new(0)),
             corrupt: Arc::default(),
             stop: CancellationToken::new(),
         };
         let image = Arc::new(image);
-        let (reqs, bytes, cuts, corrupt, stop) = (
-            s.requests.clone(),
-            s.body_bytes.clone(),
-            s.cuts.clone(),
-            s.corrupt.clone(),
-            s.stop.clone(),
-        );
+        let (reqs, bytes, stop) = (s.requests.clone(), s.body_bytes.clone(), s.stop.clone());
+        let faults = Arc::new(Faults {
+            cuts: s.cuts.clone(),
+            holds: s.holds.clone(),
+            released: s.released.clone(),
+            corrupt: s.corrupt.clone(),
+        });
         tokio::spawn(async move {
             loop {
                 let (sock, _) = tokio::select! {
                     _ = stop.cancelled() => return,
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                 };
-                let (acceptor, image, reqs, bytes, cuts, corrupt) = (
+                let (acceptor, image, reqs, bytes, faults) = (
                     acceptor.clone(),
                     image.clone(),
                     reqs.clone(),
                     bytes.clone(),
-                    cuts.clone(),
-                    corrupt.clone(),
+                    faults.clone(),
                 );
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(sock).await else {
                         return;
                     };
-                    let _ = serve_one(tls, &image, &reqs, &bytes, &cuts, &corrupt).await;
+                    let _ = serve_one(tls, &image, &reqs, &bytes, &faults).await;
                 });
             }
         });
@@ -132,6 +144,16 @@ impl FirmwareServer {
     /// The next response's body is cut after `n` bytes.
     pub fn cut_next_after(&self, n: u64) {
         self.cuts.lock().unwrap().push_back(n);
+    }
+
+    /// The next response's body stops after `n` bytes until [`FirmwareServer::release`].
+    pub fn hold_next_after(&self, n: u64) {
+        self.holds.lock().unwrap().push_back(n);
+    }
+
+    /// Lets a held body go on.
+    pub fn release(&self) {
+        self.released.add_permits(1);
     }
 
     /// The next `k` responses serve corrupted bytes.
@@ -155,9 +177,14 @@ async fn serve_one(
     image: &[u8],
     reqs: &Mutex<Vec<FwRequest>>,
     bytes: &AtomicU64,
-    cuts: &Mutex<VecDeque<u64>>,
-    corrupt: &AtomicU32,
+    faults: &Faults,
 ) -> std::io::Result<()> {
+    let Faults {
+        cuts,
+        holds,
+        released,
+        corrupt,
+    } = faults;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -220,7 +247,21 @@ async fn serve_one(
     let send = cut
         .map(|c| (c as usize).min(body.len()))
         .unwrap_or(body.len());
-    for piece in body[..send].chunks(16 * 1024) {
+    let hold = holds.lock().unwrap().pop_front();
+    let held = hold.map(|h| (h as usize).min(send)).unwrap_or(0);
+    for piece in body[..held].chunks(16 * 1024) {
+        s.write_all(piece).await?;
+        bytes.fetch_add(piece.len() as u64, Ordering::SeqCst);
+    }
+    if hold.is_some() {
+        s.flush().await?;
+        // Bounded: a test that never releases does not leave the store hanging.
+        if let Ok(Ok(p)) = tokio::time::timeout(Duration::from_secs(120), released.acquire()).await
+        {
+            p.forget();
+        }
+    }
+    for piece in body[held..send].chunks(16 * 1024) {
         s.write_all(piece).await?;
         bytes.fetch_add(piece.len() as u64, Ordering::SeqCst);
     }
