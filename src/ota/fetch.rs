@@ -43,9 +43,28 @@ pub enum FetchError {
     /// No byte for `ota.fetch_timeout`.
     #[error("stalled for {0:?}")]
     Timeout(Duration),
+    /// The connection ended (closed, reset, or without TLS close_notify) before the body was
+    /// complete; the partial file is kept for the resume. Bytes of the whole image.
+    #[error("connection closed after {got} of {total} bytes")]
+    Cut {
+        /// Bytes of the image held after this attempt.
+        got: u64,
+        /// The image's size.
+        total: u64,
+    },
     /// The server answered something unusable.
     #[error("server: {0}")]
     Http(String),
+}
+
+/// Whether a read error means the server's side went away (closed without TLS close_notify,
+/// reset, aborted), which is said as such rather than in the TLS library's words.
+fn is_cut(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+    )
 }
 
 /// A parsed `https://` URL.
@@ -281,15 +300,18 @@ async fn fetch_over<S: AsyncRead + AsyncWrite + Unpin>(
         if got >= want {
             break Ok(());
         }
+        let cut = |got: u64| FetchError::Cut {
+            got: start + got,
+            total: start + want,
+        };
         let n = match timed(timeout, s.read(&mut tmp)).await {
             Ok(n) => n,
+            Err(FetchError::Io(e)) if is_cut(&e) => break Err(cut(got)),
             Err(e) => break Err(e),
         };
         if n == 0 {
             break if content_length.is_some() {
-                Err(FetchError::Http(format!(
-                    "body cut after {got} of {want} bytes"
-                )))
+                Err(cut(got))
             } else {
                 Ok(())
             };
