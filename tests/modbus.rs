@@ -504,9 +504,12 @@ async fn exception_answers_are_counted_and_published_with_their_quality() {
     assert_eq!(m["value"], Json::Null);
     assert_eq!(m["error"], "illegal data address (exception 2)");
     assert_eq!(sub.wait_last(&g, "field/ex/ok", good).await["value"], 5);
-    // The device answered, so it is online.
-    sub.wait_last(&g, "field/ex/status", |v| v["state"] == "online")
+    // The device answered, so it is not offline; a tag fails, so it is degraded.
+    let st = sub
+        .wait_last(&g, "field/ex/status", |v| v["state"] == "degraded")
         .await;
+    assert_eq!(st["failing"][0]["tag"], "missing", "{st}");
+    assert_eq!(g.metric("fieldgate_modbus_online{device=\"ex\"}"), 1.0);
     let ok = eventually(WAIT, || {
         g.metric("fieldgate_modbus_errors_total{device=\"ex\",kind=\"exception\"}") >= 2.0
     })
@@ -606,7 +609,8 @@ async fn writes_round_trip_with_echoed_ids_and_precise_errors() {
     )
     .await;
     let sub = Sub::start(g.mqtt, "field/#").await;
-    sub.wait_last(&g, "field/w/status", |v| v["state"] == "online")
+    // "gone" has no register in the device: degraded, not offline.
+    sub.wait_last(&g, "field/w/status", |v| v["state"] == "degraded")
         .await;
 
     async fn set(sub: &Sub, g: &Gateway, tag: &str, payload: &str) -> Json {
@@ -1085,4 +1089,59 @@ deadband = 5.0
     assert_eq!(sub.on("field/pc/banded").len(), 2);
     assert_eq!(sub.on("field/pc/steady").len(), 2);
     assert_eq!(sub.on("field/pc/slow").len(), 1);
+}
+
+/// Issue 13, item 1: a tag that fails from the start (exception 2) is not invisible with the
+/// default `retain = false`: the retained status says `degraded` with the failing tag and its
+/// error, and the bad reading is published again while it stays bad, so a subscriber that
+/// came after the first poll sees it.
+#[tokio::test]
+async fn a_tag_broken_from_the_start_degrades_the_device_and_is_seen_by_a_late_subscriber() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[5]);
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        "[[modbus]]\nname = \"dg\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\ntimeout = \"5s\"\n\
+         bad_repeat = \"200ms\"\n\
+         [[modbus.tags]]\nname = \"ok\"\naddress = 0\n\
+         [[modbus.tags]]\nname = \"broken\"\naddress = 500\n",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    // Subscribes after the first poll (the gateway is ready, the readings went out).
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    let st = sub
+        .wait_last(&g, "field/dg/status", |v| v["state"] == "degraded")
+        .await;
+    assert_eq!(
+        st["failing"],
+        json!([{"tag":"broken","quality":"exception","error":"illegal data address (exception 2)"}]),
+        "{st}"
+    );
+    assert!(
+        sub.0
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.topic == "field/dg/status" && m.retain),
+        "the status is retained"
+    );
+    let m = sub
+        .wait_last(&g, "field/dg/broken", |v| v["quality"] == "exception")
+        .await;
+    assert_eq!(m["error"], "illegal data address (exception 2)");
+    assert_eq!(sub.wait_last(&g, "field/dg/ok", good).await["value"], 5);
+
+    // The tag is mapped: good again, and the device is online with nothing failing.
+    sim.set_holding(1, 500, &[9]);
+    sub.wait_last(&g, "field/dg/broken", |v| v["value"] == 9 && good(v))
+        .await;
+    let st = sub
+        .wait_last(&g, "field/dg/status", |v| v["state"] == "online")
+        .await;
+    assert!(st.get("failing").is_none(), "{st}");
+    assert_eq!(g.metric("fieldgate_modbus_online{device=\"dg\"}"), 1.0);
 }

@@ -18,8 +18,13 @@
 //! - a poll cycle that ends after its next one was due is an overrun: counted, logged (at most
 //!   once a minute per bus), and the missed slots are skipped, not queued up.
 //!
-//! Device state: `Unknown -> Online | Offline`, `Online <-> Offline`; each change publishes
-//! the retained status. An exception answer keeps a device online (it answered).
+//! Device state: `Unknown -> Online | Offline`, `Online <-> Offline`. An exception answer
+//! keeps a device online (it answered). The retained status is derived from the state and
+//! the device's failing tags (exception, undecodable or non-finite readings while it
+//! answers): `online`, `degraded` (with each failing tag and its last error) or `offline`.
+//! It is published at the end of a poll of the device whenever it differs from what was
+//! published last, so a tag that fails from the first poll is visible to any later
+//! subscriber.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +42,7 @@ use tracing::{debug, info, warn};
 use super::codec::{self, Encoded, Format, Value};
 use super::config::{ModbusDeviceConfig, Parity, RegisterKind, TagConfig, Transport};
 use super::plan::{self, Limits, Read, Span};
-use super::publish::{self, Quality};
+use super::publish::{self, Failing, Quality, Status};
 use crate::metrics::Metrics;
 use crate::sources::{Inbound, LocalRx, LocalTx};
 
@@ -378,6 +383,8 @@ struct Tag {
     topic: String,
     /// What was published last: (value, quality).
     last: Option<(Option<Value>, Quality)>,
+    /// When a reading was published last (to repeat a bad one, see `bad_repeat`).
+    last_at: Option<Instant>,
 }
 
 struct Group {
@@ -404,6 +411,11 @@ struct Device {
     retry_at: Instant,
     backoff: Duration,
     status_topic: String,
+    /// Tags whose last reading failed while the device answered: tag index -> (quality,
+    /// error). A good reading removes the tag.
+    failing: BTreeMap<usize, (Quality, String)>,
+    /// The status last published (without its `ts`), to publish only changes.
+    published: Option<Vec<u8>>,
 }
 
 /// A bus ready to run: its devices, its line, and the topics it answers writes on.
@@ -477,6 +489,7 @@ impl Bus {
                     cfg: t.clone(),
                     topic,
                     last: None,
+                    last_at: None,
                 });
             }
             // One wildcard filter when `{tag}` is a whole topic level, else one per tag.
@@ -533,6 +546,8 @@ impl Bus {
                 retry_at: now,
                 backoff: d.reconnect_min,
                 status_topic: d.status_topic(gateway_id),
+                failing: BTreeMap::new(),
+                published: None,
                 cfg: d.clone(),
             });
         }
@@ -610,8 +625,7 @@ impl Bus {
         }
         for d in &self.devices {
             let p = publish::status(
-                false,
-                Some(("stopped", "gateway stopping")),
+                &Status::Offline("stopped", "gateway stopping"),
                 publish::now_ms(),
             );
             let _ =
@@ -781,6 +795,7 @@ impl Bus {
         for (read, r) in results {
             self.apply(tx, di, &read, r).await?;
         }
+        self.publish_status(tx, di).await?;
         Ok(sent)
     }
 
@@ -801,7 +816,7 @@ impl Bus {
                     .reads
                     .get_or_create(&labels(&[("device", &name)]))
                     .inc();
-                self.set_state(tx, di, State::Online).await?;
+                self.set_state(di, State::Online);
                 let (words, bits): (&[u16], &[bool]) = match &resp {
                     Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => (w, &[]),
                     Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => (&[], b),
@@ -834,7 +849,7 @@ impl Bus {
                 }
             }
             Ok(Answer::Exception(code)) => {
-                self.set_state(tx, di, State::Online).await?;
+                self.set_state(di, State::Online);
                 let text = exception_text(code);
                 debug!(device = %name, kind = ?read.kind, start = read.start, count = read.count, error = %text, "exception answer");
                 for &(ti, _) in &read.tags {
@@ -852,7 +867,7 @@ impl Bus {
                         u32::from(read.start) + u32::from(read.count)
                     ),
                 };
-                self.set_state(tx, di, state).await?;
+                self.set_state(di, state);
                 for &(ti, _) in &read.tags {
                     self.publish_tag(tx, di, ti, None, e.quality(), Some(e.to_string()), ts)
                         .await?;
@@ -874,7 +889,18 @@ impl Bus {
         ts: u64,
     ) -> Result<(), BusError> {
         let d = &mut self.devices[di];
-        let (format, retain) = (d.cfg.payload, d.cfg.retain);
+        let (format, retain, repeat) = (d.cfg.payload, d.cfg.retain, d.cfg.bad_repeat);
+        // Only answers count: when the request failed the device is offline, and its status
+        // says so.
+        if d.state == State::Online {
+            if quality == Quality::Good {
+                d.failing.remove(&ti);
+            } else {
+                // The device answered, this tag did not read: the device is degraded.
+                d.failing
+                    .insert(ti, (quality, error.clone().unwrap_or_default()));
+            }
+        }
         let tag = &mut d.tags[ti];
         if quality != Quality::Good {
             self.metrics
@@ -883,15 +909,22 @@ impl Bus {
                 .get_or_create(&labels(&[("device", &d.cfg.name), ("tag", &tag.cfg.name)]))
                 .inc();
         }
-        if !publish::changed(
+        let now = Instant::now();
+        let changed = publish::changed(
             tag.cfg.on_change,
             tag.cfg.deadband,
             tag.last.as_ref(),
             value.as_ref(),
             quality,
-        ) {
+        );
+        let repeated = quality != Quality::Good
+            && tag
+                .last_at
+                .is_some_and(|t| publish::repeat_bad(retain, repeat, now - t));
+        if !changed && !repeated {
             return Ok(());
         }
+        tag.last_at = Some(now);
         let payload = publish::reading(
             format,
             value.as_ref(),
@@ -909,12 +942,9 @@ impl Bus {
         Ok(())
     }
 
-    async fn set_state(
-        &mut self,
-        tx: &mut LocalTx,
-        di: usize,
-        state: State,
-    ) -> Result<(), BusError> {
+    /// Updates the device's reachability (backoff, metric, log); the status topic follows
+    /// at the end of the poll ([`Bus::publish_status`]).
+    fn set_state(&mut self, di: usize, state: State) {
         let d = &mut self.devices[di];
         let now = Instant::now();
         match &state {
@@ -935,7 +965,7 @@ impl Bus {
             (State::Online, State::Online) | (State::Offline { .. }, State::Offline { .. })
         );
         if !changed {
-            return Ok(());
+            return;
         }
         let online = matches!(state, State::Online);
         self.metrics
@@ -943,17 +973,44 @@ impl Bus {
             .online
             .get_or_create(&labels(&[("device", &d.cfg.name)]))
             .set(i64::from(online));
-        let payload = match &state {
+        match &state {
             State::Offline { kind, error } => {
                 warn!(device = %d.cfg.name, kind, error = %error, retry_in_ms = (d.retry_at - now).as_millis() as u64, "modbus device offline");
-                publish::status(false, Some((kind, error)), publish::now_ms())
             }
-            _ => {
-                info!(device = %d.cfg.name, "modbus device online");
-                publish::status(true, None, publish::now_ms())
-            }
-        };
+            _ => info!(device = %d.cfg.name, "modbus device online"),
+        }
         d.state = state;
+    }
+
+    /// Publishes the device's retained status if it differs from the last one published.
+    async fn publish_status(&mut self, tx: &mut LocalTx, di: usize) -> Result<(), BusError> {
+        let d = &mut self.devices[di];
+        let failing: Vec<Failing> = d
+            .failing
+            .iter()
+            .map(|(&ti, (quality, error))| Failing {
+                tag: d.tags[ti].cfg.name.clone(),
+                quality: *quality,
+                error: error.clone(),
+            })
+            .collect();
+        let status = match &d.state {
+            State::Unknown => return Ok(()),
+            State::Offline { kind, error } => Status::Offline(kind, error),
+            State::Online if failing.is_empty() => Status::Online,
+            State::Online => Status::Degraded(&failing),
+        };
+        // Compared without the timestamp.
+        let key = publish::status(&status, 0);
+        if d.published.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        if let Status::Degraded(f) = &status {
+            let tags: Vec<&str> = f.iter().map(|f| f.tag.as_str()).collect();
+            warn!(device = %d.cfg.name, failing = ?tags, "modbus device degraded: it answers, but some tags fail");
+        }
+        let payload = publish::status(&status, publish::now_ms());
+        d.published = Some(key);
         tx.publish(&d.status_topic, payload, true)
             .await
             .map_err(|e| BusError::Broker(e.to_string()))

@@ -165,6 +165,11 @@ pub struct ModbusDeviceConfig {
     pub payload: PayloadFormat,
     /// Publish tag values retained (a new subscriber gets the last value at once).
     pub retain: bool,
+    /// Without `retain`: a tag that stays bad publishes its bad reading again at most this
+    /// often (a subscriber that came after the first failure sees it). `"0s"`: only when
+    /// the quality changes.
+    #[serde(with = "humantime_serde")]
+    pub bad_repeat: Duration,
     /// First reconnect (and dead-device re-probe) delay; doubles per failure.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -202,6 +207,7 @@ impl Default for ModbusDeviceConfig {
             command_prefix: "cmd/".into(),
             payload: PayloadFormat::Json,
             retain: false,
+            bad_repeat: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             tags: Vec::new(),
@@ -473,6 +479,12 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
             p.push(problem(
                 format!("{k}.poll_interval"),
                 "must be at least 10ms; e.g. \"1s\"",
+            ));
+        }
+        if !d.bad_repeat.is_zero() && d.bad_repeat < Duration::from_millis(100) {
+            p.push(problem(
+                format!("{k}.bad_repeat"),
+                "must be \"0s\" (only on a change of quality) or at least 100ms; e.g. \"10s\"",
             ));
         }
         if d.reconnect_max > Duration::from_secs(3600) {
