@@ -1145,3 +1145,46 @@ async fn a_tag_broken_from_the_start_degrades_the_device_and_is_seen_by_a_late_s
     assert!(st.get("failing").is_none(), "{st}");
     assert_eq!(g.metric("fieldgate_modbus_online{device=\"dg\"}"), 1.0);
 }
+
+/// Issue 13, item 2: every answer on `/set/result` carries the request's id when it had one,
+/// refusals of malformed requests included.
+#[tokio::test]
+async fn a_refused_write_keeps_its_id() {
+    let sim = write_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(
+        &config(&ports, data.path(), &writes_config(srv.port)),
+        &ports,
+    )
+    .await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/w/status", |v| v["state"] != Json::Null)
+        .await;
+    for (tag, payload) in [
+        ("sp", r#"{"id":"e8"}"#),
+        ("sp", r#"{"id":"e9","valeu":3}"#),
+        ("nosuch", r#"{"id":"e10"}"#),
+    ] {
+        let id = serde_json::from_str::<Json>(payload).unwrap()["id"].clone();
+        let topic = format!("field/w/{tag}/set/result");
+        let before = sub.on(&topic).len();
+        sub.publish(&format!("field/w/{tag}/set"), payload).await;
+        let deadline = Instant::now() + WAIT;
+        while sub.on(&topic).len() == before {
+            assert!(Instant::now() < deadline, "no {topic}\n{}", g.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = sub.on(&topic)[before].clone();
+        assert_eq!(r["id"], id, "{payload}: {r}");
+        assert_eq!(r["ok"], false, "{r}");
+        let code = if tag == "nosuch" {
+            "unknown_tag"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(r["code"], code, "{r}");
+    }
+    assert_eq!(sim.holding(1, 0, 1), [Some(0)], "nothing was written");
+}

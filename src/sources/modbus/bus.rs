@@ -1026,7 +1026,7 @@ impl Bus {
                 .iter()
                 .find_map(|p| base.strip_prefix(p.as_str()))
                 .unwrap_or(base);
-            let id = publish::parse_set(&m.payload, true).ok().and_then(|s| s.id);
+            let id = publish::request_id(&m.payload);
             let p = publish::set_result(
                 Some(("unknown_tag", &format!("no tag publishes on {base}"))),
                 id.as_ref(),
@@ -1082,7 +1082,7 @@ impl Bus {
         let text = tag.fmt.ty == codec::DataType::String;
         let req = match publish::parse_set(payload, text) {
             Ok(r) => r,
-            Err(e) => return (Err(("bad_request", e)), None),
+            Err(e) => return (Err(("bad_request", e)), publish::request_id(payload)),
         };
         let id = req.id.clone();
         if !tag.cfg.writable {

@@ -12,7 +12,9 @@
 //!   (`21.5`, `true`, `"text"`) or `{"value":..,"id":..}`; a plain non-JSON payload is taken
 //!   as text for string tags.
 //! - write result on `<tag topic>/set/result`:
-//!   `{"ok":true,"id":..}` or `{"ok":false,"code":"out_of_range","error":"..","id":..}`.
+//!   `{"ok":true,"id":..}` or `{"ok":false,"code":"out_of_range","error":"..","id":..}`;
+//!   every result carries the request's `id` when the request was an object with one, even
+//!   when the request itself was refused.
 //!
 //! Invariant: a failing tag publishes its bad quality when the quality changes and then at
 //! most once per `bad_repeat` while it stays bad ([`repeat_bad`]; never with `retain = true`,
@@ -216,6 +218,16 @@ pub fn parse_set(payload: &[u8], text_tag: bool) -> Result<SetRequest, String> {
     }
 }
 
+/// The `id` of a write request, read on its own so that a refused request (an object
+/// without `value`, an unknown tag) is still answered with it. `None` unless the payload is
+/// a JSON object with an `id`.
+pub fn request_id(payload: &[u8]) -> Option<Json> {
+    match serde_json::from_slice::<Json>(payload) {
+        Ok(Json::Object(mut m)) => m.remove("id"),
+        _ => None,
+    }
+}
+
 /// The result payload of a write: `error` is `(code, message)`.
 pub fn set_result(error: Option<(&str, &str)>, id: Option<&Json>) -> Vec<u8> {
     let mut v = match error {
@@ -361,6 +373,10 @@ mod tests {
         );
         assert!(parse_set(b"hello", false).is_err());
         assert!(parse_set(br#"{"id":1}"#, false).is_err());
+        assert_eq!(request_id(br#"{"id":1}"#), Some(json!(1)));
+        assert_eq!(request_id(br#"{"id":"e8","valeu":2}"#), Some(json!("e8")));
+        assert_eq!(request_id(b"21.5"), None);
+        assert_eq!(request_id(b"not json"), None);
         let r: Json = serde_json::from_slice(&set_result(
             Some(("read_only", "tag x is read-only")),
             Some(&json!(7)),
