@@ -1188,3 +1188,110 @@ async fn a_refused_write_keeps_its_id() {
     }
     assert_eq!(sim.holding(1, 0, 1), [Some(0)], "nothing was written");
 }
+
+/// Issue 13, item 3: f32 values are published as the shortest decimal that round-trips the
+/// f32, scaled values at the precision the scale implies (or `decimals`), and the probe
+/// prints the same numbers as MQTT.
+#[tokio::test]
+async fn floats_are_published_without_binary_noise_and_the_probe_agrees() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &layout(&std::f32::consts::PI.to_be_bytes(), "ABCD"));
+    sim.set_holding(1, 2, &[0, 0]);
+    sim.set_holding(1, 10, &[3]);
+    sim.set_holding(1, 11, &[2155]);
+    sim.set_holding(1, 20, &layout(&(-1234.5678f32).to_be_bytes(), "ABCD"));
+    sim.set_holding(1, 30, &layout(&21.456f32.to_be_bytes(), "ABCD"));
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        r#"
+[[modbus]]
+name = "fl"
+host = "127.0.0.1:{}"
+timeout = "5s"
+poll_interval = "100ms"
+[[modbus.tags]]
+name = "pi"
+address = 0
+type = "f32"
+[[modbus.tags]]
+name = "sp"
+address = 2
+type = "f32"
+writable = true
+[[modbus.tags]]
+name = "tenths"
+address = 10
+type = "i16"
+scale = 0.1
+[[modbus.tags]]
+name = "hundredths"
+address = 11
+scale = 0.01
+[[modbus.tags]]
+name = "neg"
+address = 20
+type = "f32"
+[[modbus.tags]]
+name = "rounded"
+address = 30
+type = "f32"
+decimals = 1
+"#,
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    // The exact text of the value in the last payload on `topic`.
+    let text = |topic: &str| -> String {
+        let p = sub.0.on(topic).pop().unwrap_or_default();
+        let s = String::from_utf8_lossy(&p).into_owned();
+        s.split_once("\"value\":")
+            .and_then(|(_, r)| r.split([',', '}']).next())
+            .unwrap_or("")
+            .to_string()
+    };
+    for (tag, want) in [
+        ("pi", "3.1415927"),
+        ("tenths", "0.3"),
+        ("hundredths", "21.55"),
+        ("neg", "-1234.5677"),
+        ("rounded", "21.5"),
+    ] {
+        let topic = format!("field/fl/{tag}");
+        sub.wait_last(&g, &topic, good).await;
+        assert_eq!(text(&topic), want, "{topic}: {:?}", sub.on(&topic));
+    }
+
+    // A written 0.1 reads back as 0.1.
+    sub.publish("field/fl/sp/set", "0.1").await;
+    sub.wait_last(&g, "field/fl/sp/set/result", |r| r["ok"] == true)
+        .await;
+    sub.wait_last(&g, "field/fl/sp", |v| v["value"] != 0).await;
+    assert_eq!(text("field/fl/sp"), "0.1", "{:?}", sub.on("field/fl/sp"));
+
+    // The probe shows the f32 at 20 as MQTT does.
+    let host = format!("127.0.0.1:{}", srv.port);
+    let out = tokio::task::spawn_blocking(move || {
+        fieldgate(&[
+            "modbus",
+            "probe",
+            "--tcp",
+            &host,
+            "--address",
+            "20",
+            "--count",
+            "2",
+        ])
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("   20 f32"))
+        .unwrap_or_else(|| panic!("f32 row:\n{table}"));
+    assert_eq!(row.split_whitespace().nth(2), Some("-1234.5677"), "{table}");
+}

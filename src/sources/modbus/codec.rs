@@ -15,7 +15,13 @@
 //! - [`encode`] never wraps or truncates: a value that does not fit the register type is a
 //!   precise [`CodecError`], never a silently different number;
 //! - engineering value = raw x scale + offset; integer types with scale 1 and offset 0 stay
-//!   exact integers (u64 and i64 included), everything else is an `f64`.
+//!   exact integers (u64 and i64 included), everything else is an `f64`;
+//! - no binary noise: an f32 becomes the `f64` of the shortest decimal that reads back as
+//!   the same f32 (`3.1415927`, never `3.1415927410125732`), and a scaled value is rounded
+//!   to the decimals the computation implies (the raw value's decimals plus the scale's,
+//!   at least the offset's: raw 3 x 0.1 is `0.3`), or to the tag's `decimals` when set.
+//!   An `f64` prints (Display, JSON) as its shortest decimal, so the probe and MQTT show the
+//!   same digits.
 
 use std::fmt;
 
@@ -234,6 +240,8 @@ pub struct Format {
     pub scale: f64,
     /// See `scale`.
     pub offset: f64,
+    /// Decimals of a published float or scaled value; `None`: implied (module header).
+    pub decimals: Option<u8>,
 }
 
 impl Format {
@@ -246,6 +254,7 @@ impl Format {
             length: 0,
             scale: 1.0,
             offset: 0.0,
+            decimals: None,
         }
     }
 
@@ -443,18 +452,53 @@ pub fn decode(fmt: &Format, regs: &[u16]) -> Result<Value, CodecError> {
                 DataType::I16 => Value::I64(i64::from(u as u16 as i16)),
                 DataType::I32 => Value::I64(i64::from(u as u32 as i32)),
                 DataType::I64 => Value::I64(u as i64),
-                DataType::F32 => Value::F64(f64::from(f32::from_bits(u as u32))),
+                DataType::F32 => Value::F64(shortest_f32(f32::from_bits(u as u32))),
                 _ => Value::F64(f64::from_bits(u)),
             };
-            if fmt.scaled() {
-                let x = raw.as_f64().unwrap_or(f64::NAN);
-                Value::F64(x * fmt.scale + fmt.offset)
-            } else {
-                raw
+            match raw {
+                Value::F64(x) if !fmt.scaled() => Value::F64(match fmt.decimals {
+                    Some(d) => round_to(x, usize::from(d)),
+                    None => x,
+                }),
+                raw if fmt.scaled() => {
+                    let x = raw.as_f64().unwrap_or(f64::NAN);
+                    let implied =
+                        (decimals_of(x) + decimals_of(fmt.scale)).max(decimals_of(fmt.offset));
+                    let d = fmt.decimals.map(usize::from).unwrap_or(implied);
+                    Value::F64(round_to(x * fmt.scale + fmt.offset, d))
+                }
+                raw => raw,
             }
         }
     };
     Ok(v)
+}
+
+/// The `f64` of the shortest decimal that reads back as `f` (`f` itself if not finite).
+pub fn shortest_f32(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f64::from(f);
+    }
+    // Display of an f32 is its shortest round-tripping decimal, never in exponent form.
+    format!("{f}").parse().unwrap_or(f64::from(f))
+}
+
+/// Digits after the point of `x`'s shortest decimal (0 for integers and non-finite values).
+fn decimals_of(x: f64) -> usize {
+    if !x.is_finite() {
+        return 0;
+    }
+    let s = format!("{x}");
+    s.split_once('.').map_or(0, |(_, frac)| frac.len())
+}
+
+/// `x` rounded to `d` decimals: the `f64` nearest to that decimal, whose shortest form has
+/// at most `d` decimals. Non-finite values pass through.
+fn round_to(x: f64, d: usize) -> f64 {
+    if !x.is_finite() {
+        return x;
+    }
+    format!("{x:.d$}").parse().unwrap_or(x)
 }
 
 /// Encodes a JSON write value for a tag of format `fmt`.
@@ -593,9 +637,10 @@ fn integer_raw(fmt: &Format, n: &serde_json::Number) -> Result<i128, CodecError>
 fn int_out_of_range(fmt: &Format, n: &serde_json::Number) -> CodecError {
     let (min, max) = fmt.ty.int_range();
     if fmt.scaled() {
+        let d = decimals_of(fmt.scale).max(decimals_of(fmt.offset));
         let (a, b) = (
-            min as f64 * fmt.scale + fmt.offset,
-            max as f64 * fmt.scale + fmt.offset,
+            round_to(min as f64 * fmt.scale + fmt.offset, d),
+            round_to(max as f64 * fmt.scale + fmt.offset, d),
         );
         out_of_range(fmt, n, a.min(b), a.max(b))
     } else {
@@ -738,8 +783,50 @@ mod tests {
         let e = encode(&f, &json!(4000)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "out of range: 4000 is outside i16 [-3316.8, 3236.7000000000003]"
+            "out of range: 4000 is outside i16 [-3316.8, 3236.7]"
         );
+    }
+
+    #[test]
+    fn floats_and_scaled_values_carry_no_binary_noise() {
+        let f = Format::new(DataType::F32, Order::Abcd);
+        let regs = |x: f32| {
+            let b = x.to_bits();
+            [(b >> 16) as u16, b as u16]
+        };
+        let txt = |v: Value| v.to_json().to_string();
+        assert_eq!(
+            txt(decode(&f, &regs(std::f32::consts::PI)).unwrap()),
+            "3.1415927"
+        );
+        assert_eq!(txt(decode(&f, &regs(0.1)).unwrap()), "0.1");
+        assert_eq!(txt(decode(&f, &regs(-1234.5678)).unwrap()), "-1234.5677");
+        assert_eq!(txt(decode(&f, &regs(1e-30)).unwrap()), "1e-30");
+        assert!(matches!(decode(&f, &regs(f32::NAN)), Ok(Value::F64(x)) if x.is_nan()));
+        let mut s = Format::new(DataType::U16, Order::Abcd);
+        s.scale = 0.1;
+        assert_eq!(txt(decode(&s, &[3]).unwrap()), "0.3");
+        s.offset = 273.15;
+        assert_eq!(txt(decode(&s, &[3]).unwrap()), "273.45");
+        s.offset = 0.0;
+        s.scale = 0.01;
+        assert_eq!(txt(decode(&s, &[2155]).unwrap()), "21.55");
+        // A scaled float keeps its own decimals plus the scale's.
+        let mut sf = Format::new(DataType::F32, Order::Abcd);
+        sf.scale = 0.1;
+        assert_eq!(txt(decode(&sf, &regs(215.3)).unwrap()), "21.53");
+        // `decimals` overrides, scaled or not; integers unscaled stay exact.
+        sf.decimals = Some(0);
+        assert_eq!(txt(decode(&sf, &regs(215.3)).unwrap()), "22.0");
+        let mut r = Format::new(DataType::F32, Order::Abcd);
+        r.decimals = Some(2);
+        assert_eq!(
+            txt(decode(&r, &regs(std::f32::consts::PI)).unwrap()),
+            "3.14"
+        );
+        let mut i = Format::new(DataType::U16, Order::Abcd);
+        i.decimals = Some(2);
+        assert_eq!(decode(&i, &[7]), Ok(Value::U64(7)));
     }
 
     #[test]
@@ -831,7 +918,7 @@ mod tests {
             DataType::I64 => any::<i64>().prop_map(|v| json!(v)).boxed(),
             DataType::F32 => any::<f32>()
                 .prop_filter("finite", |f| f.is_finite())
-                .prop_map(|v| json!(f64::from(v)))
+                .prop_map(|v| json!(shortest_f32(v)))
                 .boxed(),
             DataType::F64 => any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())

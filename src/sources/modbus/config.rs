@@ -242,6 +242,11 @@ pub struct TagConfig {
     pub scale: f64,
     /// See `scale`.
     pub offset: f64,
+    /// Decimals of the published value of a float or scaled tag (0..=15). Default: f32 as
+    /// the shortest decimal that reads back as the same f32, scaled values at the decimals
+    /// the scale implies (raw 3 x scale 0.1 = 0.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decimals: Option<u8>,
     /// Engineering unit, copied into the JSON payload (`"unit":"degC"`). Empty: left out.
     pub unit: String,
     /// Poll interval of this tag. Default: the device's `poll_interval`.
@@ -271,6 +276,7 @@ impl Default for TagConfig {
             order: Order::Abcd,
             scale: 1.0,
             offset: 0.0,
+            decimals: None,
             unit: String::new(),
             poll_interval: None,
             on_change: false,
@@ -299,6 +305,7 @@ impl TagConfig {
             length: self.length.unwrap_or(0),
             scale: self.scale,
             offset: self.offset,
+            decimals: self.decimals,
         }
     }
 
@@ -672,6 +679,20 @@ fn validate_tag(
             format!("scale and offset do not apply to type \"{ty}\"; remove them"),
         ));
     }
+    if let Some(n) = t.decimals {
+        if n > 15 {
+            p.push(problem(
+                format!("{k}.decimals"),
+                format!("{n} is more than an f64 holds; use 0..=15"),
+            ));
+        }
+        if matches!(ty, DataType::Bool | DataType::Bit | DataType::String) {
+            p.push(problem(
+                format!("{k}.decimals"),
+                format!("decimals do not apply to type \"{ty}\"; remove it"),
+            ));
+        }
+    }
     if !t.deadband.is_finite() || t.deadband < 0.0 {
         p.push(problem(format!("{k}.deadband"), "must be 0 or more"));
     }
@@ -771,6 +792,7 @@ mod tests {
             [[modbus.tags]]
             name = "s"
             type = "string"
+            decimals = 2
             [[modbus.tags]]
             name = "b"
             type = "bit"
@@ -807,6 +829,7 @@ mod tests {
             "modbus[0].tags[1].name",
             "modbus[0].tags[1].type",
             "modbus[0].tags[2].length",
+            "modbus[0].tags[2].decimals",
             "modbus[0].tags[3].bit",
             "modbus[0].tags[4].scale",
             "modbus[1].tags[0].address",

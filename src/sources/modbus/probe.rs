@@ -159,14 +159,12 @@ pub async fn run(args: &ProbeArgs) -> Result<String, ProbeError> {
 
 fn num(v: codec::Value) -> String {
     match v {
+        // The same shortest decimal as the MQTT payload (the codec removed f32 noise); very
+        // small or large numbers in exponent form so the table stays readable.
         codec::Value::F64(x) if x != 0.0 && (x.abs() < 1e-4 || x.abs() >= 1e10) => {
-            format!("{x:.6e}")
+            format!("{x:e}")
         }
-        codec::Value::F64(x) => {
-            let s = format!("{x:.6}");
-            let s = s.trim_end_matches('0').trim_end_matches('.');
-            s.to_string()
-        }
+        codec::Value::F64(x) => format!("{x}"),
         other => other.to_string(),
     }
 }
