@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::modbus_sim::{layout, serve_rtu, serve_tcp, PtyPair, Sim};
+use common::modbus_sim::{layout, serve_converter, serve_rtu, serve_tcp, PtyPair, Sim};
 use common::*;
 use rumqttc::QoS;
 use serde_json::{json, Value as Json};
@@ -1294,4 +1294,158 @@ decimals = 1
         .find(|l| l.starts_with("   20 f32"))
         .unwrap_or_else(|| panic!("f32 row:\n{table}"));
     assert_eq!(row.split_whitespace().nth(2), Some("-1234.5677"), "{table}");
+}
+
+/// Issue 13, item 10: RTU frames over TCP. A serial-to-Ethernet converter (a TCP listener
+/// piping bytes to a pty) in front of tokio-modbus's RTU server with two units: both units
+/// are polled and written over the one connection, as one bus.
+#[tokio::test]
+async fn rtu_over_tcp_reaches_two_units_behind_one_converter() {
+    let pty = PtyPair::new();
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[101]);
+    sim.set_holding(2, 0, &[202, 0]);
+    let _rtu = serve_rtu(sim.clone(), &pty.b);
+    let conv = serve_converter(&pty.a).await;
+    let dev = |name: &str, unit: u8| {
+        format!(
+            "[[modbus]]\nname = \"{name}\"\ntransport = \"rtu_over_tcp\"\nhost = \"127.0.0.1:{}\"\n\
+             unit_id = {unit}\ntimeout = \"5s\"\npoll_interval = \"100ms\"\n\
+             [[modbus.tags]]\nname = \"v\"\naddress = 0\nwritable = true\n",
+            conv.port
+        )
+    };
+    // The probe reads through the converter too (before the gateway takes its one
+    // connection): 202 = 0x00ca at 0 of unit 2.
+    let host = format!("127.0.0.1:{}", conv.port);
+    let out = tokio::task::spawn_blocking(move || {
+        fieldgate(&[
+            "modbus",
+            "probe",
+            "--rtu-over-tcp",
+            &host,
+            "--unit",
+            "2",
+            "--address",
+            "0",
+            "--count",
+            "1",
+        ])
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("    0    0x00ca"), "{table}");
+
+    let modbus = dev("u1", 1) + &dev("u2", 2);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/u1/v", |v| v["value"] == 101 && good(v))
+        .await;
+    sub.wait_last(&g, "field/u2/v", |v| v["value"] == 202 && good(v))
+        .await;
+    sub.wait_last(&g, "field/u2/status", |v| v["state"] == "online")
+        .await;
+
+    sub.publish("field/u2/v/set", r#"{"value":7,"id":"rt"}"#)
+        .await;
+    let r = sub
+        .wait_last(&g, "field/u2/v/set/result", |r| r["id"] == "rt")
+        .await;
+    assert_eq!(r, json!({"ok":true,"id":"rt"}));
+    assert_eq!(sim.holding(2, 0, 1), [Some(7)]);
+    assert_eq!(sim.holding(1, 0, 1), [Some(101)], "unit 1 untouched");
+    sub.wait_last(&g, "field/u2/v", |v| v["value"] == 7).await;
+    // One bus for the converter, named after it.
+    let bus = format!(
+        "fieldgate_modbus_cycles_total{{bus=\"rtu_over_tcp:127.0.0.1:{}\"}}",
+        conv.port
+    );
+    assert!(
+        g.metric(&bus) >= 1.0,
+        "{}",
+        g.get("/metrics").unwrap_or_default()
+    );
+}
+
+/// Issue 13, item 10: a coil tag of `count` coils reads as an array and is written whole
+/// with function 15 (write multiple coils); a wrong number of values writes nothing.
+#[tokio::test]
+async fn a_multi_coil_tag_reads_as_an_array_and_writes_with_function_15() {
+    let sim = Sim::new();
+    sim.with(1, |u| {
+        for (a, b) in [false, true, false, false].into_iter().enumerate() {
+            u.coils.insert(a as u16, b);
+        }
+        u.discrete.insert(0, true);
+        u.discrete.insert(1, false);
+    });
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        "[[modbus]]\nname = \"mc\"\nhost = \"127.0.0.1:{}\"\ntimeout = \"5s\"\npoll_interval = \"100ms\"\n\
+         [[modbus.tags]]\nname = \"relays\"\nkind = \"coil\"\naddress = 0\ncount = 4\nwritable = true\n\
+         [[modbus.tags]]\nname = \"inputs\"\nkind = \"discrete_input\"\naddress = 0\ncount = 2\n",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/mc/relays", |v| {
+        v["value"] == json!([false, true, false, false])
+    })
+    .await;
+    sub.wait_last(&g, "field/mc/inputs", |v| {
+        v["value"] == json!([true, false])
+    })
+    .await;
+
+    sub.publish(
+        "field/mc/relays/set",
+        r#"{"value":[true,true,false,1],"id":"c15"}"#,
+    )
+    .await;
+    let r = sub
+        .wait_last(&g, "field/mc/relays/set/result", |r| r["id"] == "c15")
+        .await;
+    assert_eq!(r, json!({"ok":true,"id":"c15"}));
+    assert_eq!(
+        sim.with(1, |u| (0..4).map(|a| u.coils[&a]).collect::<Vec<_>>()),
+        [true, true, false, true]
+    );
+    let writes = sim.writes.lock().unwrap().clone();
+    assert_eq!(
+        writes,
+        [tokio_modbus::Request::WriteMultipleCoils(
+            0,
+            vec![true, true, false, true].into()
+        )]
+    );
+    sub.wait_last(&g, "field/mc/relays", |v| {
+        v["value"] == json!([true, true, false, true])
+    })
+    .await;
+
+    sub.publish("field/mc/relays/set", r#"{"value":[false],"id":"short"}"#)
+        .await;
+    let r = sub
+        .wait_last(&g, "field/mc/relays/set/result", |r| r["id"] == "short")
+        .await;
+    assert_eq!(r["code"], "bad_request", "{r}");
+    assert_eq!(
+        r["error"],
+        "wrong number of values: 1 for a tag of count 4; send an array of 4 booleans"
+    );
+    assert_eq!(
+        sim.writes.lock().unwrap().len(),
+        1,
+        "nothing more was written"
+    );
 }

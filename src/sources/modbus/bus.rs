@@ -1,4 +1,5 @@
-//! One bus task: owns a Modbus line (a serial port with its RTU units, or one TCP device),
+//! One bus task: owns a Modbus line (a serial port with its RTU units, the RTU units behind
+//! one serial-to-Ethernet converter reached over TCP, or one TCP device),
 //! polls its tags on schedule, executes writes, and publishes readings and device status.
 //!
 //! Invariants:
@@ -8,9 +9,12 @@
 //! - every request is bounded by the device's `timeout`; after a timeout or a bad frame the
 //!   client context is dropped and rebuilt, so a late answer can never be taken for the next
 //!   request's. On RTU the port itself stays open (a blocking handle keeps it) and the new
-//!   context starts on an emptied input buffer after one inter-frame gap of silence;
+//!   context starts on an emptied input buffer after one inter-frame gap of silence; on RTU
+//!   over TCP the connection to the converter is closed and opened again, which discards
+//!   whatever was still in flight;
 //! - RTU: at least the inter-frame gap passes between an answer and the next request, plus
-//!   the device's `request_delay`;
+//!   the device's `request_delay` (RTU over TCP: only an `inter_frame_gap` that is set, the
+//!   converter keeps the line's timing);
 //! - a device that fails (timeout, I/O, connect, bad frame after retries) goes offline and is
 //!   re-probed with one request after a backoff (`reconnect_min` doubling to
 //!   `reconnect_max`); meanwhile its polls are skipped, so a dead unit costs its bus one
@@ -99,6 +103,8 @@ pub enum Answer {
 pub enum Endpoint {
     /// `host:port`.
     Tcp(String),
+    /// `host:port` of a serial-to-Ethernet converter that passes RTU frames through.
+    RtuOverTcp(String),
     /// A serial port and its line settings.
     Rtu {
         /// Port path.
@@ -119,6 +125,7 @@ impl Endpoint {
     pub fn of(d: &ModbusDeviceConfig) -> Endpoint {
         match d.transport {
             Transport::Tcp => Endpoint::Tcp(d.host.clone()),
+            Transport::RtuOverTcp => Endpoint::RtuOverTcp(d.host.clone()),
             Transport::Rtu => Endpoint::Rtu {
                 path: d.serial_port.clone(),
                 baud: d.baud,
@@ -129,8 +136,9 @@ impl Endpoint {
         }
     }
 
+    /// RTU framing: one transaction at a time, paced by the inter-frame gap.
     fn is_rtu(&self) -> bool {
-        matches!(self, Endpoint::Rtu { .. })
+        matches!(self, Endpoint::Rtu { .. } | Endpoint::RtuOverTcp(_))
     }
 }
 
@@ -164,7 +172,7 @@ pub struct Lane {
 impl Lane {
     async fn connect(&mut self, ep: &Endpoint, unit: &Unit) -> Result<(), RequestError> {
         let ctx = match ep {
-            Endpoint::Tcp(host) => {
+            Endpoint::Tcp(host) | Endpoint::RtuOverTcp(host) => {
                 let s = tokio::time::timeout(
                     unit.timeout,
                     tokio::net::TcpStream::connect(host.as_str()),
@@ -178,7 +186,12 @@ impl Lane {
                 })?
                 .map_err(|e| RequestError::Connect(format!("{host}: {e}")))?;
                 let _ = s.set_nodelay(true);
-                tokio_modbus::client::tcp::attach_slave(s, Slave(unit.id))
+                if matches!(ep, Endpoint::RtuOverTcp(_)) {
+                    // RTU frames (unit, PDU, CRC) on the TCP stream, no MBAP header.
+                    tokio_modbus::client::rtu::attach_slave(s, Slave(unit.id))
+                } else {
+                    tokio_modbus::client::tcp::attach_slave(s, Slave(unit.id))
+                }
             }
             Endpoint::Rtu {
                 path,
@@ -458,12 +471,16 @@ impl Bus {
             .unwrap_or(Endpoint::Tcp(String::new()));
         let gap = devices
             .iter()
-            .map(ModbusDeviceConfig::frame_gap)
+            .map(|d| match d.transport {
+                // The converter paces the serial line; only a configured gap is kept here.
+                Transport::RtuOverTcp => d.inter_frame_gap.unwrap_or_default(),
+                _ => d.frame_gap(),
+            })
             .max()
             .unwrap_or_default();
         let lanes = match endpoint {
             Endpoint::Tcp(_) => devices.first().map(|d| d.max_in_flight).unwrap_or(1),
-            Endpoint::Rtu { .. } => 1,
+            Endpoint::Rtu { .. } | Endpoint::RtuOverTcp(_) => 1,
         };
         let now = Instant::now();
         let mut set_topics = HashMap::new();
@@ -826,7 +843,7 @@ impl Bus {
                     let tag = &self.devices[di].tags[ti];
                     let off = usize::from(off);
                     let decoded = if tag.cfg.kind.is_bit() {
-                        codec::decode_bool(bits.get(off..).unwrap_or(&[]))
+                        codec::decode_bits(&tag.fmt, bits.get(off..).unwrap_or(&[]))
                     } else {
                         codec::decode(&tag.fmt, words.get(off..).unwrap_or(&[]))
                     };
@@ -1099,7 +1116,7 @@ impl Bus {
         }
         let enc = match codec::encode(&tag.fmt, &req.value) {
             Ok(e) => e,
-            Err(e @ codec::CodecError::WrongType { .. }) => {
+            Err(e @ (codec::CodecError::WrongType { .. } | codec::CodecError::Count { .. })) => {
                 return (Err(("bad_request", e.to_string())), id)
             }
             Err(e) => return (Err(("out_of_range", e.to_string())), id),
@@ -1109,6 +1126,7 @@ impl Bus {
         let lane = &mut self.lanes[0];
         let req = match enc {
             Encoded::Coil(b) => Request::WriteSingleCoil(addr, b),
+            Encoded::Coils(b) => Request::WriteMultipleCoils(addr, Cow::Owned(b)),
             Encoded::Registers(r) if r.len() == 1 => Request::WriteSingleRegister(addr, r[0]),
             Encoded::Registers(r) => Request::WriteMultipleRegisters(addr, Cow::Owned(r)),
             Encoded::Bit { bit, value } => {

@@ -1,6 +1,8 @@
 //! Modbus value codec: registers and bits to typed values and back. Pure, no I/O.
 //!
-//! Owns the meaning of a tag's `type`, `order`, `bit`, `length`, `scale` and `offset`.
+//! Owns the meaning of a tag's `type`, `order`, `bit`, `length`, `count`, `scale`, `offset`
+//! and `decimals`. A coil or discrete-input tag of `count` > 1 is that many consecutive bits,
+//! a [`Value::Bools`] (JSON `[true,false,..]`), written whole as [`Encoded::Coils`].
 //!
 //! Byte order: a value of `W` bytes (2, 4 or 8) is written `A B C D ...` from its most
 //! significant byte down. The [`Order`] says which value byte travels in each wire byte
@@ -242,6 +244,8 @@ pub struct Format {
     pub offset: f64,
     /// Decimals of a published float or scaled value; `None`: implied (module header).
     pub decimals: Option<u8>,
+    /// Coils or discrete inputs of a [`DataType::Bool`] tag (1: a single `bool`).
+    pub count: u16,
 }
 
 impl Format {
@@ -255,13 +259,15 @@ impl Format {
             scale: 1.0,
             offset: 0.0,
             decimals: None,
+            count: 1,
         }
     }
 
     /// Registers (or coils, for bool) the value occupies.
     pub fn registers(&self) -> u16 {
         match self.ty {
-            DataType::Bool | DataType::Bit => 1,
+            DataType::Bool => self.count.max(1),
+            DataType::Bit => 1,
             DataType::String => self.length.div_ceil(2),
             t => (t.width() / 2) as u16,
         }
@@ -285,6 +291,8 @@ pub enum Value {
     F64(f64),
     /// Text.
     Str(String),
+    /// Several coils or discrete inputs, lowest address first.
+    Bools(Vec<bool>),
 }
 
 impl Value {
@@ -298,6 +306,7 @@ impl Value {
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),
             Value::Str(s) => s.clone().into(),
+            Value::Bools(v) => v.clone().into(),
         }
     }
 
@@ -308,7 +317,7 @@ impl Value {
             Value::U64(v) => Some(*v as f64),
             Value::I64(v) => Some(*v as f64),
             Value::F64(v) => Some(*v),
-            Value::Str(_) => None,
+            Value::Str(_) | Value::Bools(_) => None,
         }
     }
 
@@ -326,6 +335,7 @@ impl fmt::Display for Value {
             Value::I64(v) => write!(f, "{v}"),
             Value::F64(v) => write!(f, "{v}"),
             Value::Str(s) => write!(f, "{s:?}"),
+            Value::Bools(_) => write!(f, "{}", self.to_json()),
         }
     }
 }
@@ -344,6 +354,8 @@ pub enum Encoded {
     },
     /// Whole registers, in wire order.
     Registers(Vec<u16>),
+    /// Several coils from the tag's address on (function 15).
+    Coils(Vec<bool>),
 }
 
 /// Why a value could not be decoded or encoded.
@@ -394,6 +406,15 @@ pub enum CodecError {
         /// What was sent.
         got: String,
     },
+    /// A multi-coil write does not have one value per coil. The caller answers the writer;
+    /// nothing is written.
+    #[error("wrong number of values: {got} for a tag of count {count}; send an array of {count} booleans")]
+    Count {
+        /// Values sent.
+        got: usize,
+        /// The tag's count.
+        count: u16,
+    },
     /// A string write is longer than the tag's `length`. The caller answers the writer.
     #[error("too long: {len} bytes for a string tag of length {length}")]
     TooLong {
@@ -412,6 +433,22 @@ pub fn decode_bool(bits: &[bool]) -> Result<Value, CodecError> {
             ty: DataType::Bool,
             need: 1,
             got: 0,
+        })
+}
+
+/// Decodes a coil or discrete-input tag of format `fmt` from `bits` (starting at the tag's
+/// address): a `bool`, or `count` of them when `count` > 1.
+pub fn decode_bits(fmt: &Format, bits: &[bool]) -> Result<Value, CodecError> {
+    if fmt.count <= 1 {
+        return decode_bool(bits);
+    }
+    let n = usize::from(fmt.count);
+    bits.get(..n)
+        .map(|b| Value::Bools(b.to_vec()))
+        .ok_or(CodecError::Short {
+            ty: DataType::Bool,
+            need: n,
+            got: bits.len(),
         })
 }
 
@@ -504,6 +541,35 @@ fn round_to(x: f64, d: usize) -> f64 {
 /// Encodes a JSON write value for a tag of format `fmt`.
 pub fn encode(fmt: &Format, v: &serde_json::Value) -> Result<Encoded, CodecError> {
     match fmt.ty {
+        DataType::Bool if fmt.count > 1 => {
+            let serde_json::Value::Array(items) = v else {
+                return Err(CodecError::WrongType {
+                    ty: fmt.ty,
+                    want: "an array of true, false, 0 or 1 (one per coil)",
+                    got: v.to_string(),
+                });
+            };
+            if items.len() != usize::from(fmt.count) {
+                return Err(CodecError::Count {
+                    got: items.len(),
+                    count: fmt.count,
+                });
+            }
+            let mut one = fmt.clone();
+            one.count = 1;
+            items
+                .iter()
+                .map(|item| match encode(&one, item) {
+                    Ok(Encoded::Coil(b)) => Ok(b),
+                    Ok(_) | Err(_) => Err(CodecError::WrongType {
+                        ty: fmt.ty,
+                        want: "an array of true, false, 0 or 1 (one per coil)",
+                        got: v.to_string(),
+                    }),
+                })
+                .collect::<Result<Vec<bool>, CodecError>>()
+                .map(Encoded::Coils)
+        }
         DataType::Bool | DataType::Bit => {
             let b = match v {
                 serde_json::Value::Bool(b) => *b,
@@ -871,6 +937,37 @@ mod tests {
         assert_eq!(encode(&b, &json!(0)), Ok(Encoded::Coil(false)));
         assert!(encode(&b, &json!(2)).is_err());
         assert_eq!(decode_bool(&[true, false]), Ok(Value::Bool(true)));
+        let mut c = Format::new(DataType::Bool, Order::Abcd);
+        c.count = 3;
+        assert_eq!(c.registers(), 3);
+        assert_eq!(
+            decode_bits(&c, &[true, false, true, true]),
+            Ok(Value::Bools(vec![true, false, true]))
+        );
+        assert_eq!(
+            Value::Bools(vec![true, false]).to_json(),
+            json!([true, false])
+        );
+        assert!(matches!(
+            decode_bits(&c, &[true]),
+            Err(CodecError::Short { .. })
+        ));
+        assert_eq!(
+            encode(&c, &json!([true, 0, 1])),
+            Ok(Encoded::Coils(vec![true, false, true]))
+        );
+        assert_eq!(
+            encode(&c, &json!([true])).unwrap_err().to_string(),
+            "wrong number of values: 1 for a tag of count 3; send an array of 3 booleans"
+        );
+        assert!(matches!(
+            encode(&c, &json!(true)),
+            Err(CodecError::WrongType { .. })
+        ));
+        assert!(matches!(
+            encode(&c, &json!([true, 2, 0])),
+            Err(CodecError::WrongType { .. })
+        ));
 
         let mut s = Format::new(DataType::String, Order::Abcd);
         s.length = 5;
@@ -951,6 +1048,7 @@ mod tests {
             let enc = encode(&fmt, &v).expect("representable value encodes");
             let back = match enc {
                 Encoded::Coil(b) => decode_bool(&[b]).expect("decode"),
+                Encoded::Coils(b) => decode_bits(&fmt, &b).expect("decode"),
                 Encoded::Bit { bit, value } => {
                     let reg = if value { 1u16 << bit } else { 0 };
                     decode(&fmt, &[reg]).expect("decode")
