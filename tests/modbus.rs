@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::modbus_sim::{layout, serve_rtu, serve_tcp, PtyPair, Sim};
+use common::modbus_sim::{layout, serve_converter, serve_rtu, serve_tcp, PtyPair, Sim};
 use common::*;
 use rumqttc::QoS;
 use serde_json::{json, Value as Json};
@@ -504,9 +504,12 @@ async fn exception_answers_are_counted_and_published_with_their_quality() {
     assert_eq!(m["value"], Json::Null);
     assert_eq!(m["error"], "illegal data address (exception 2)");
     assert_eq!(sub.wait_last(&g, "field/ex/ok", good).await["value"], 5);
-    // The device answered, so it is online.
-    sub.wait_last(&g, "field/ex/status", |v| v["state"] == "online")
+    // The device answered, so it is not offline; a tag fails, so it is degraded.
+    let st = sub
+        .wait_last(&g, "field/ex/status", |v| v["state"] == "degraded")
         .await;
+    assert_eq!(st["failing"][0]["tag"], "missing", "{st}");
+    assert_eq!(g.metric("fieldgate_modbus_online{device=\"ex\"}"), 1.0);
     let ok = eventually(WAIT, || {
         g.metric("fieldgate_modbus_errors_total{device=\"ex\",kind=\"exception\"}") >= 2.0
     })
@@ -606,7 +609,8 @@ async fn writes_round_trip_with_echoed_ids_and_precise_errors() {
     )
     .await;
     let sub = Sub::start(g.mqtt, "field/#").await;
-    sub.wait_last(&g, "field/w/status", |v| v["state"] == "online")
+    // "gone" has no register in the device: degraded, not offline.
+    sub.wait_last(&g, "field/w/status", |v| v["state"] == "degraded")
         .await;
 
     async fn set(sub: &Sub, g: &Gateway, tag: &str, payload: &str) -> Json {
@@ -1085,4 +1089,363 @@ deadband = 5.0
     assert_eq!(sub.on("field/pc/banded").len(), 2);
     assert_eq!(sub.on("field/pc/steady").len(), 2);
     assert_eq!(sub.on("field/pc/slow").len(), 1);
+}
+
+/// Issue 13, item 1: a tag that fails from the start (exception 2) is not invisible with the
+/// default `retain = false`: the retained status says `degraded` with the failing tag and its
+/// error, and the bad reading is published again while it stays bad, so a subscriber that
+/// came after the first poll sees it.
+#[tokio::test]
+async fn a_tag_broken_from_the_start_degrades_the_device_and_is_seen_by_a_late_subscriber() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[5]);
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        "[[modbus]]\nname = \"dg\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\ntimeout = \"5s\"\n\
+         bad_repeat = \"200ms\"\n\
+         [[modbus.tags]]\nname = \"ok\"\naddress = 0\n\
+         [[modbus.tags]]\nname = \"broken\"\naddress = 500\n",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    // Subscribes after the first poll (the gateway is ready, the readings went out).
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    let st = sub
+        .wait_last(&g, "field/dg/status", |v| v["state"] == "degraded")
+        .await;
+    assert_eq!(
+        st["failing"],
+        json!([{"tag":"broken","quality":"exception","error":"illegal data address (exception 2)"}]),
+        "{st}"
+    );
+    assert!(
+        sub.0
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.topic == "field/dg/status" && m.retain),
+        "the status is retained"
+    );
+    let m = sub
+        .wait_last(&g, "field/dg/broken", |v| v["quality"] == "exception")
+        .await;
+    assert_eq!(m["error"], "illegal data address (exception 2)");
+    assert_eq!(sub.wait_last(&g, "field/dg/ok", good).await["value"], 5);
+
+    // The tag is mapped: good again, and the device is online with nothing failing.
+    sim.set_holding(1, 500, &[9]);
+    sub.wait_last(&g, "field/dg/broken", |v| v["value"] == 9 && good(v))
+        .await;
+    let st = sub
+        .wait_last(&g, "field/dg/status", |v| v["state"] == "online")
+        .await;
+    assert!(st.get("failing").is_none(), "{st}");
+    assert_eq!(g.metric("fieldgate_modbus_online{device=\"dg\"}"), 1.0);
+}
+
+/// Issue 13, item 2: every answer on `/set/result` carries the request's id when it had one,
+/// refusals of malformed requests included.
+#[tokio::test]
+async fn a_refused_write_keeps_its_id() {
+    let sim = write_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(
+        &config(&ports, data.path(), &writes_config(srv.port)),
+        &ports,
+    )
+    .await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/w/status", |v| v["state"] != Json::Null)
+        .await;
+    for (tag, payload) in [
+        ("sp", r#"{"id":"e8"}"#),
+        ("sp", r#"{"id":"e9","valeu":3}"#),
+        ("nosuch", r#"{"id":"e10"}"#),
+    ] {
+        let id = serde_json::from_str::<Json>(payload).unwrap()["id"].clone();
+        let topic = format!("field/w/{tag}/set/result");
+        let before = sub.on(&topic).len();
+        sub.publish(&format!("field/w/{tag}/set"), payload).await;
+        let deadline = Instant::now() + WAIT;
+        while sub.on(&topic).len() == before {
+            assert!(Instant::now() < deadline, "no {topic}\n{}", g.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = sub.on(&topic)[before].clone();
+        assert_eq!(r["id"], id, "{payload}: {r}");
+        assert_eq!(r["ok"], false, "{r}");
+        let code = if tag == "nosuch" {
+            "unknown_tag"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(r["code"], code, "{r}");
+    }
+    assert_eq!(sim.holding(1, 0, 1), [Some(0)], "nothing was written");
+}
+
+/// Issue 13, item 3: f32 values are published as the shortest decimal that round-trips the
+/// f32, scaled values at the precision the scale implies (or `decimals`), and the probe
+/// prints the same numbers as MQTT.
+#[tokio::test]
+async fn floats_are_published_without_binary_noise_and_the_probe_agrees() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &layout(&std::f32::consts::PI.to_be_bytes(), "ABCD"));
+    sim.set_holding(1, 2, &[0, 0]);
+    sim.set_holding(1, 10, &[3]);
+    sim.set_holding(1, 11, &[2155]);
+    sim.set_holding(1, 20, &layout(&(-1234.5678f32).to_be_bytes(), "ABCD"));
+    sim.set_holding(1, 30, &layout(&21.456f32.to_be_bytes(), "ABCD"));
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        r#"
+[[modbus]]
+name = "fl"
+host = "127.0.0.1:{}"
+timeout = "5s"
+poll_interval = "100ms"
+[[modbus.tags]]
+name = "pi"
+address = 0
+type = "f32"
+[[modbus.tags]]
+name = "sp"
+address = 2
+type = "f32"
+writable = true
+[[modbus.tags]]
+name = "tenths"
+address = 10
+type = "i16"
+scale = 0.1
+[[modbus.tags]]
+name = "hundredths"
+address = 11
+scale = 0.01
+[[modbus.tags]]
+name = "neg"
+address = 20
+type = "f32"
+[[modbus.tags]]
+name = "rounded"
+address = 30
+type = "f32"
+decimals = 1
+"#,
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    // The exact text of the value in the last payload on `topic`.
+    let text = |topic: &str| -> String {
+        let p = sub.0.on(topic).pop().unwrap_or_default();
+        let s = String::from_utf8_lossy(&p).into_owned();
+        s.split_once("\"value\":")
+            .and_then(|(_, r)| r.split([',', '}']).next())
+            .unwrap_or("")
+            .to_string()
+    };
+    for (tag, want) in [
+        ("pi", "3.1415927"),
+        ("tenths", "0.3"),
+        ("hundredths", "21.55"),
+        ("neg", "-1234.5677"),
+        ("rounded", "21.5"),
+    ] {
+        let topic = format!("field/fl/{tag}");
+        sub.wait_last(&g, &topic, good).await;
+        assert_eq!(text(&topic), want, "{topic}: {:?}", sub.on(&topic));
+    }
+
+    // A written 0.1 reads back as 0.1.
+    sub.publish("field/fl/sp/set", "0.1").await;
+    sub.wait_last(&g, "field/fl/sp/set/result", |r| r["ok"] == true)
+        .await;
+    sub.wait_last(&g, "field/fl/sp", |v| v["value"] != 0).await;
+    assert_eq!(text("field/fl/sp"), "0.1", "{:?}", sub.on("field/fl/sp"));
+
+    // The probe shows the f32 at 20 as MQTT does.
+    let host = format!("127.0.0.1:{}", srv.port);
+    let out = tokio::task::spawn_blocking(move || {
+        fieldgate(&[
+            "modbus",
+            "probe",
+            "--tcp",
+            &host,
+            "--address",
+            "20",
+            "--count",
+            "2",
+        ])
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("   20 f32"))
+        .unwrap_or_else(|| panic!("f32 row:\n{table}"));
+    assert_eq!(row.split_whitespace().nth(2), Some("-1234.5677"), "{table}");
+}
+
+/// Issue 13, item 10: RTU frames over TCP. A serial-to-Ethernet converter (a TCP listener
+/// piping bytes to a pty) in front of tokio-modbus's RTU server with two units: both units
+/// are polled and written over the one connection, as one bus.
+#[tokio::test]
+async fn rtu_over_tcp_reaches_two_units_behind_one_converter() {
+    let pty = PtyPair::new();
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[101]);
+    sim.set_holding(2, 0, &[202, 0]);
+    let _rtu = serve_rtu(sim.clone(), &pty.b);
+    let conv = serve_converter(&pty.a).await;
+    let dev = |name: &str, unit: u8| {
+        format!(
+            "[[modbus]]\nname = \"{name}\"\ntransport = \"rtu_over_tcp\"\nhost = \"127.0.0.1:{}\"\n\
+             unit_id = {unit}\ntimeout = \"5s\"\npoll_interval = \"100ms\"\n\
+             [[modbus.tags]]\nname = \"v\"\naddress = 0\nwritable = true\n",
+            conv.port
+        )
+    };
+    // The probe reads through the converter too (before the gateway takes its one
+    // connection): 202 = 0x00ca at 0 of unit 2.
+    let host = format!("127.0.0.1:{}", conv.port);
+    let out = tokio::task::spawn_blocking(move || {
+        fieldgate(&[
+            "modbus",
+            "probe",
+            "--rtu-over-tcp",
+            &host,
+            "--unit",
+            "2",
+            "--address",
+            "0",
+            "--count",
+            "1",
+        ])
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("    0    0x00ca"), "{table}");
+
+    let modbus = dev("u1", 1) + &dev("u2", 2);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/u1/v", |v| v["value"] == 101 && good(v))
+        .await;
+    sub.wait_last(&g, "field/u2/v", |v| v["value"] == 202 && good(v))
+        .await;
+    sub.wait_last(&g, "field/u2/status", |v| v["state"] == "online")
+        .await;
+
+    sub.publish("field/u2/v/set", r#"{"value":7,"id":"rt"}"#)
+        .await;
+    let r = sub
+        .wait_last(&g, "field/u2/v/set/result", |r| r["id"] == "rt")
+        .await;
+    assert_eq!(r, json!({"ok":true,"id":"rt"}));
+    assert_eq!(sim.holding(2, 0, 1), [Some(7)]);
+    assert_eq!(sim.holding(1, 0, 1), [Some(101)], "unit 1 untouched");
+    sub.wait_last(&g, "field/u2/v", |v| v["value"] == 7).await;
+    // One bus for the converter, named after it.
+    let bus = format!(
+        "fieldgate_modbus_cycles_total{{bus=\"rtu_over_tcp:127.0.0.1:{}\"}}",
+        conv.port
+    );
+    assert!(
+        g.metric(&bus) >= 1.0,
+        "{}",
+        g.get("/metrics").unwrap_or_default()
+    );
+}
+
+/// Issue 13, item 10: a coil tag of `count` coils reads as an array and is written whole
+/// with function 15 (write multiple coils); a wrong number of values writes nothing.
+#[tokio::test]
+async fn a_multi_coil_tag_reads_as_an_array_and_writes_with_function_15() {
+    let sim = Sim::new();
+    sim.with(1, |u| {
+        for (a, b) in [false, true, false, false].into_iter().enumerate() {
+            u.coils.insert(a as u16, b);
+        }
+        u.discrete.insert(0, true);
+        u.discrete.insert(1, false);
+    });
+    let srv = serve_tcp(sim.clone()).await;
+    let modbus = format!(
+        "[[modbus]]\nname = \"mc\"\nhost = \"127.0.0.1:{}\"\ntimeout = \"5s\"\npoll_interval = \"100ms\"\n\
+         [[modbus.tags]]\nname = \"relays\"\nkind = \"coil\"\naddress = 0\ncount = 4\nwritable = true\n\
+         [[modbus.tags]]\nname = \"inputs\"\nkind = \"discrete_input\"\naddress = 0\ncount = 2\n",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    sub.wait_last(&g, "field/mc/relays", |v| {
+        v["value"] == json!([false, true, false, false])
+    })
+    .await;
+    sub.wait_last(&g, "field/mc/inputs", |v| {
+        v["value"] == json!([true, false])
+    })
+    .await;
+
+    sub.publish(
+        "field/mc/relays/set",
+        r#"{"value":[true,true,false,1],"id":"c15"}"#,
+    )
+    .await;
+    let r = sub
+        .wait_last(&g, "field/mc/relays/set/result", |r| r["id"] == "c15")
+        .await;
+    assert_eq!(r, json!({"ok":true,"id":"c15"}));
+    assert_eq!(
+        sim.with(1, |u| (0..4).map(|a| u.coils[&a]).collect::<Vec<_>>()),
+        [true, true, false, true]
+    );
+    let writes = sim.writes.lock().unwrap().clone();
+    assert_eq!(
+        writes,
+        [tokio_modbus::Request::WriteMultipleCoils(
+            0,
+            vec![true, true, false, true].into()
+        )]
+    );
+    sub.wait_last(&g, "field/mc/relays", |v| {
+        v["value"] == json!([true, true, false, true])
+    })
+    .await;
+
+    sub.publish("field/mc/relays/set", r#"{"value":[false],"id":"short"}"#)
+        .await;
+    let r = sub
+        .wait_last(&g, "field/mc/relays/set/result", |r| r["id"] == "short")
+        .await;
+    assert_eq!(r["code"], "bad_request", "{r}");
+    assert_eq!(
+        r["error"],
+        "wrong number of values: 1 for a tag of count 4; send an array of 4 booleans"
+    );
+    assert_eq!(
+        sim.writes.lock().unwrap().len(),
+        1,
+        "nothing more was written"
+    );
 }

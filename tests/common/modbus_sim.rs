@@ -6,6 +6,9 @@
 //!   device or another unit's address on a shared bus.
 //! - [`serve_tcp`] / [`serve_rtu`]: serve a [`Sim`] until dropped.
 //! - [`PtyPair`]: `socat -d -d pty,raw,echo=0,link=A pty,raw,echo=0,link=B`.
+//! - [`serve_converter`]: a serial-to-Ethernet converter in transparent mode: a TCP listener
+//!   whose connection is piped byte for byte to a serial port, so an RTU server behind a pty
+//!   pair is "a TCP server that speaks RTU framing" (RTU over TCP).
 //! - [`layout`]: an independent, spec-spelled byte layout ("CDAB" = the letters) for test
 //!   data, so tests never check the codec against itself.
 
@@ -35,6 +38,8 @@ pub struct Sim {
     pub units: Arc<Mutex<HashMap<u8, UnitData>>>,
     /// Requests answered, all units.
     pub requests: Arc<std::sync::atomic::AtomicU64>,
+    /// Every write request received, in order, all units.
+    pub writes: Arc<Mutex<Vec<Request<'static>>>>,
 }
 
 impl Sim {
@@ -78,6 +83,15 @@ impl Sim {
         }
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if matches!(
+            req.request,
+            Request::WriteSingleCoil(..)
+                | Request::WriteMultipleCoils(..)
+                | Request::WriteSingleRegister(..)
+                | Request::WriteMultipleRegisters(..)
+        ) {
+            self.writes.lock().unwrap().push(req.request.clone());
+        }
         fn regs(m: &BTreeMap<u16, u16>, a: u16, n: u16) -> Result<Vec<u16>, ExceptionCode> {
             (a..a.saturating_add(n))
                 .map(|x| m.get(&x).copied().ok_or(ExceptionCode::IllegalDataAddress))
@@ -122,6 +136,16 @@ impl Sim {
                 }
                 u.coils.insert(a, b);
                 Response::WriteSingleCoil(a, b)
+            }
+            Request::WriteMultipleCoils(a, bs) => {
+                let n = bs.len() as u16;
+                if (a..a.saturating_add(n)).any(|x| !u.coils.contains_key(&x)) {
+                    return Err(ExceptionCode::IllegalDataAddress);
+                }
+                for (i, b) in bs.iter().enumerate() {
+                    u.coils.insert(a + i as u16, *b);
+                }
+                Response::WriteMultipleCoils(a, n)
             }
             _ => return Err(ExceptionCode::IllegalFunction),
         };
@@ -185,6 +209,52 @@ pub fn serve_rtu(sim: Sim, path: &std::path::Path) -> Served {
             .await;
     });
     Served { port: 0, stop }
+}
+
+/// A serial-to-Ethernet converter on 127.0.0.1 for the serial port `path`: one TCP
+/// connection at a time is piped byte for byte to the port and back, until it closes; then
+/// the next connection is accepted.
+pub async fn serve_converter(path: &std::path::Path) -> Served {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut serial =
+        tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), 115_200))
+            .expect("open the converter's end of the pty");
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        let (mut net, mut line) = ([0u8; 512], [0u8; 512]);
+        loop {
+            let mut tcp = tokio::select! {
+                _ = s2.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => continue,
+                },
+            };
+            loop {
+                tokio::select! {
+                    _ = s2.cancelled() => return,
+                    r = tcp.read(&mut net) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if serial.write_all(&net[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    r = serial.read(&mut line) => match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let _ = tcp.write_all(&line[..n]).await;
+                        }
+                    },
+                }
+            }
+        }
+    });
+    Served { port, stop }
 }
 
 /// A pseudo-terminal pair made by socat: `a` for the gateway, `b` for the simulator.

@@ -1,4 +1,5 @@
-//! One bus task: owns a Modbus line (a serial port with its RTU units, or one TCP device),
+//! One bus task: owns a Modbus line (a serial port with its RTU units, the RTU units behind
+//! one serial-to-Ethernet converter reached over TCP, or one TCP device),
 //! polls its tags on schedule, executes writes, and publishes readings and device status.
 //!
 //! Invariants:
@@ -8,9 +9,12 @@
 //! - every request is bounded by the device's `timeout`; after a timeout or a bad frame the
 //!   client context is dropped and rebuilt, so a late answer can never be taken for the next
 //!   request's. On RTU the port itself stays open (a blocking handle keeps it) and the new
-//!   context starts on an emptied input buffer after one inter-frame gap of silence;
+//!   context starts on an emptied input buffer after one inter-frame gap of silence; on RTU
+//!   over TCP the connection to the converter is closed and opened again, which discards
+//!   whatever was still in flight;
 //! - RTU: at least the inter-frame gap passes between an answer and the next request, plus
-//!   the device's `request_delay`;
+//!   the device's `request_delay` (RTU over TCP: only an `inter_frame_gap` that is set, the
+//!   converter keeps the line's timing);
 //! - a device that fails (timeout, I/O, connect, bad frame after retries) goes offline and is
 //!   re-probed with one request after a backoff (`reconnect_min` doubling to
 //!   `reconnect_max`); meanwhile its polls are skipped, so a dead unit costs its bus one
@@ -18,8 +22,13 @@
 //! - a poll cycle that ends after its next one was due is an overrun: counted, logged (at most
 //!   once a minute per bus), and the missed slots are skipped, not queued up.
 //!
-//! Device state: `Unknown -> Online | Offline`, `Online <-> Offline`; each change publishes
-//! the retained status. An exception answer keeps a device online (it answered).
+//! Device state: `Unknown -> Online | Offline`, `Online <-> Offline`. An exception answer
+//! keeps a device online (it answered). The retained status is derived from the state and
+//! the device's failing tags (exception, undecodable or non-finite readings while it
+//! answers): `online`, `degraded` (with each failing tag and its last error) or `offline`.
+//! It is published at the end of a poll of the device whenever it differs from what was
+//! published last, so a tag that fails from the first poll is visible to any later
+//! subscriber.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +46,7 @@ use tracing::{debug, info, warn};
 use super::codec::{self, Encoded, Format, Value};
 use super::config::{ModbusDeviceConfig, Parity, RegisterKind, TagConfig, Transport};
 use super::plan::{self, Limits, Read, Span};
-use super::publish::{self, Quality};
+use super::publish::{self, Failing, Quality, Status};
 use crate::metrics::Metrics;
 use crate::sources::{Inbound, LocalRx, LocalTx};
 
@@ -94,6 +103,8 @@ pub enum Answer {
 pub enum Endpoint {
     /// `host:port`.
     Tcp(String),
+    /// `host:port` of a serial-to-Ethernet converter that passes RTU frames through.
+    RtuOverTcp(String),
     /// A serial port and its line settings.
     Rtu {
         /// Port path.
@@ -114,6 +125,7 @@ impl Endpoint {
     pub fn of(d: &ModbusDeviceConfig) -> Endpoint {
         match d.transport {
             Transport::Tcp => Endpoint::Tcp(d.host.clone()),
+            Transport::RtuOverTcp => Endpoint::RtuOverTcp(d.host.clone()),
             Transport::Rtu => Endpoint::Rtu {
                 path: d.serial_port.clone(),
                 baud: d.baud,
@@ -124,8 +136,9 @@ impl Endpoint {
         }
     }
 
+    /// RTU framing: one transaction at a time, paced by the inter-frame gap.
     fn is_rtu(&self) -> bool {
-        matches!(self, Endpoint::Rtu { .. })
+        matches!(self, Endpoint::Rtu { .. } | Endpoint::RtuOverTcp(_))
     }
 }
 
@@ -159,7 +172,7 @@ pub struct Lane {
 impl Lane {
     async fn connect(&mut self, ep: &Endpoint, unit: &Unit) -> Result<(), RequestError> {
         let ctx = match ep {
-            Endpoint::Tcp(host) => {
+            Endpoint::Tcp(host) | Endpoint::RtuOverTcp(host) => {
                 let s = tokio::time::timeout(
                     unit.timeout,
                     tokio::net::TcpStream::connect(host.as_str()),
@@ -173,7 +186,12 @@ impl Lane {
                 })?
                 .map_err(|e| RequestError::Connect(format!("{host}: {e}")))?;
                 let _ = s.set_nodelay(true);
-                tokio_modbus::client::tcp::attach_slave(s, Slave(unit.id))
+                if matches!(ep, Endpoint::RtuOverTcp(_)) {
+                    // RTU frames (unit, PDU, CRC) on the TCP stream, no MBAP header.
+                    tokio_modbus::client::rtu::attach_slave(s, Slave(unit.id))
+                } else {
+                    tokio_modbus::client::tcp::attach_slave(s, Slave(unit.id))
+                }
             }
             Endpoint::Rtu {
                 path,
@@ -378,6 +396,8 @@ struct Tag {
     topic: String,
     /// What was published last: (value, quality).
     last: Option<(Option<Value>, Quality)>,
+    /// When a reading was published last (to repeat a bad one, see `bad_repeat`).
+    last_at: Option<Instant>,
 }
 
 struct Group {
@@ -404,6 +424,11 @@ struct Device {
     retry_at: Instant,
     backoff: Duration,
     status_topic: String,
+    /// Tags whose last reading failed while the device answered: tag index -> (quality,
+    /// error). A good reading removes the tag.
+    failing: BTreeMap<usize, (Quality, String)>,
+    /// The status last published (without its `ts`), to publish only changes.
+    published: Option<Vec<u8>>,
 }
 
 /// A bus ready to run: its devices, its line, and the topics it answers writes on.
@@ -446,12 +471,16 @@ impl Bus {
             .unwrap_or(Endpoint::Tcp(String::new()));
         let gap = devices
             .iter()
-            .map(ModbusDeviceConfig::frame_gap)
+            .map(|d| match d.transport {
+                // The converter paces the serial line; only a configured gap is kept here.
+                Transport::RtuOverTcp => d.inter_frame_gap.unwrap_or_default(),
+                _ => d.frame_gap(),
+            })
             .max()
             .unwrap_or_default();
         let lanes = match endpoint {
             Endpoint::Tcp(_) => devices.first().map(|d| d.max_in_flight).unwrap_or(1),
-            Endpoint::Rtu { .. } => 1,
+            Endpoint::Rtu { .. } | Endpoint::RtuOverTcp(_) => 1,
         };
         let now = Instant::now();
         let mut set_topics = HashMap::new();
@@ -477,6 +506,7 @@ impl Bus {
                     cfg: t.clone(),
                     topic,
                     last: None,
+                    last_at: None,
                 });
             }
             // One wildcard filter when `{tag}` is a whole topic level, else one per tag.
@@ -533,6 +563,8 @@ impl Bus {
                 retry_at: now,
                 backoff: d.reconnect_min,
                 status_topic: d.status_topic(gateway_id),
+                failing: BTreeMap::new(),
+                published: None,
                 cfg: d.clone(),
             });
         }
@@ -610,8 +642,7 @@ impl Bus {
         }
         for d in &self.devices {
             let p = publish::status(
-                false,
-                Some(("stopped", "gateway stopping")),
+                &Status::Offline("stopped", "gateway stopping"),
                 publish::now_ms(),
             );
             let _ =
@@ -781,6 +812,7 @@ impl Bus {
         for (read, r) in results {
             self.apply(tx, di, &read, r).await?;
         }
+        self.publish_status(tx, di).await?;
         Ok(sent)
     }
 
@@ -801,7 +833,7 @@ impl Bus {
                     .reads
                     .get_or_create(&labels(&[("device", &name)]))
                     .inc();
-                self.set_state(tx, di, State::Online).await?;
+                self.set_state(di, State::Online);
                 let (words, bits): (&[u16], &[bool]) = match &resp {
                     Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => (w, &[]),
                     Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => (&[], b),
@@ -811,7 +843,7 @@ impl Bus {
                     let tag = &self.devices[di].tags[ti];
                     let off = usize::from(off);
                     let decoded = if tag.cfg.kind.is_bit() {
-                        codec::decode_bool(bits.get(off..).unwrap_or(&[]))
+                        codec::decode_bits(&tag.fmt, bits.get(off..).unwrap_or(&[]))
                     } else {
                         codec::decode(&tag.fmt, words.get(off..).unwrap_or(&[]))
                     };
@@ -834,7 +866,7 @@ impl Bus {
                 }
             }
             Ok(Answer::Exception(code)) => {
-                self.set_state(tx, di, State::Online).await?;
+                self.set_state(di, State::Online);
                 let text = exception_text(code);
                 debug!(device = %name, kind = ?read.kind, start = read.start, count = read.count, error = %text, "exception answer");
                 for &(ti, _) in &read.tags {
@@ -852,7 +884,7 @@ impl Bus {
                         u32::from(read.start) + u32::from(read.count)
                     ),
                 };
-                self.set_state(tx, di, state).await?;
+                self.set_state(di, state);
                 for &(ti, _) in &read.tags {
                     self.publish_tag(tx, di, ti, None, e.quality(), Some(e.to_string()), ts)
                         .await?;
@@ -874,7 +906,18 @@ impl Bus {
         ts: u64,
     ) -> Result<(), BusError> {
         let d = &mut self.devices[di];
-        let (format, retain) = (d.cfg.payload, d.cfg.retain);
+        let (format, retain, repeat) = (d.cfg.payload, d.cfg.retain, d.cfg.bad_repeat);
+        // Only answers count: when the request failed the device is offline, and its status
+        // says so.
+        if d.state == State::Online {
+            if quality == Quality::Good {
+                d.failing.remove(&ti);
+            } else {
+                // The device answered, this tag did not read: the device is degraded.
+                d.failing
+                    .insert(ti, (quality, error.clone().unwrap_or_default()));
+            }
+        }
         let tag = &mut d.tags[ti];
         if quality != Quality::Good {
             self.metrics
@@ -883,15 +926,22 @@ impl Bus {
                 .get_or_create(&labels(&[("device", &d.cfg.name), ("tag", &tag.cfg.name)]))
                 .inc();
         }
-        if !publish::changed(
+        let now = Instant::now();
+        let changed = publish::changed(
             tag.cfg.on_change,
             tag.cfg.deadband,
             tag.last.as_ref(),
             value.as_ref(),
             quality,
-        ) {
+        );
+        let repeated = quality != Quality::Good
+            && tag
+                .last_at
+                .is_some_and(|t| publish::repeat_bad(retain, repeat, now - t));
+        if !changed && !repeated {
             return Ok(());
         }
+        tag.last_at = Some(now);
         let payload = publish::reading(
             format,
             value.as_ref(),
@@ -909,12 +959,9 @@ impl Bus {
         Ok(())
     }
 
-    async fn set_state(
-        &mut self,
-        tx: &mut LocalTx,
-        di: usize,
-        state: State,
-    ) -> Result<(), BusError> {
+    /// Updates the device's reachability (backoff, metric, log); the status topic follows
+    /// at the end of the poll ([`Bus::publish_status`]).
+    fn set_state(&mut self, di: usize, state: State) {
         let d = &mut self.devices[di];
         let now = Instant::now();
         match &state {
@@ -935,7 +982,7 @@ impl Bus {
             (State::Online, State::Online) | (State::Offline { .. }, State::Offline { .. })
         );
         if !changed {
-            return Ok(());
+            return;
         }
         let online = matches!(state, State::Online);
         self.metrics
@@ -943,17 +990,44 @@ impl Bus {
             .online
             .get_or_create(&labels(&[("device", &d.cfg.name)]))
             .set(i64::from(online));
-        let payload = match &state {
+        match &state {
             State::Offline { kind, error } => {
                 warn!(device = %d.cfg.name, kind, error = %error, retry_in_ms = (d.retry_at - now).as_millis() as u64, "modbus device offline");
-                publish::status(false, Some((kind, error)), publish::now_ms())
             }
-            _ => {
-                info!(device = %d.cfg.name, "modbus device online");
-                publish::status(true, None, publish::now_ms())
-            }
-        };
+            _ => info!(device = %d.cfg.name, "modbus device online"),
+        }
         d.state = state;
+    }
+
+    /// Publishes the device's retained status if it differs from the last one published.
+    async fn publish_status(&mut self, tx: &mut LocalTx, di: usize) -> Result<(), BusError> {
+        let d = &mut self.devices[di];
+        let failing: Vec<Failing> = d
+            .failing
+            .iter()
+            .map(|(&ti, (quality, error))| Failing {
+                tag: d.tags[ti].cfg.name.clone(),
+                quality: *quality,
+                error: error.clone(),
+            })
+            .collect();
+        let status = match &d.state {
+            State::Unknown => return Ok(()),
+            State::Offline { kind, error } => Status::Offline(kind, error),
+            State::Online if failing.is_empty() => Status::Online,
+            State::Online => Status::Degraded(&failing),
+        };
+        // Compared without the timestamp.
+        let key = publish::status(&status, 0);
+        if d.published.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        if let Status::Degraded(f) = &status {
+            let tags: Vec<&str> = f.iter().map(|f| f.tag.as_str()).collect();
+            warn!(device = %d.cfg.name, failing = ?tags, "modbus device degraded: it answers, but some tags fail");
+        }
+        let payload = publish::status(&status, publish::now_ms());
+        d.published = Some(key);
         tx.publish(&d.status_topic, payload, true)
             .await
             .map_err(|e| BusError::Broker(e.to_string()))
@@ -969,7 +1043,7 @@ impl Bus {
                 .iter()
                 .find_map(|p| base.strip_prefix(p.as_str()))
                 .unwrap_or(base);
-            let id = publish::parse_set(&m.payload, true).ok().and_then(|s| s.id);
+            let id = publish::request_id(&m.payload);
             let p = publish::set_result(
                 Some(("unknown_tag", &format!("no tag publishes on {base}"))),
                 id.as_ref(),
@@ -1025,7 +1099,7 @@ impl Bus {
         let text = tag.fmt.ty == codec::DataType::String;
         let req = match publish::parse_set(payload, text) {
             Ok(r) => r,
-            Err(e) => return (Err(("bad_request", e)), None),
+            Err(e) => return (Err(("bad_request", e)), publish::request_id(payload)),
         };
         let id = req.id.clone();
         if !tag.cfg.writable {
@@ -1042,7 +1116,7 @@ impl Bus {
         }
         let enc = match codec::encode(&tag.fmt, &req.value) {
             Ok(e) => e,
-            Err(e @ codec::CodecError::WrongType { .. }) => {
+            Err(e @ (codec::CodecError::WrongType { .. } | codec::CodecError::Count { .. })) => {
                 return (Err(("bad_request", e.to_string())), id)
             }
             Err(e) => return (Err(("out_of_range", e.to_string())), id),
@@ -1052,6 +1126,7 @@ impl Bus {
         let lane = &mut self.lanes[0];
         let req = match enc {
             Encoded::Coil(b) => Request::WriteSingleCoil(addr, b),
+            Encoded::Coils(b) => Request::WriteMultipleCoils(addr, Cow::Owned(b)),
             Encoded::Registers(r) if r.len() == 1 => Request::WriteSingleRegister(addr, r[0]),
             Encoded::Registers(r) => Request::WriteMultipleRegisters(addr, Cow::Owned(r)),
             Encoded::Bit { bit, value } => {

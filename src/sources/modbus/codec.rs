@@ -1,6 +1,8 @@
 //! Modbus value codec: registers and bits to typed values and back. Pure, no I/O.
 //!
-//! Owns the meaning of a tag's `type`, `order`, `bit`, `length`, `scale` and `offset`.
+//! Owns the meaning of a tag's `type`, `order`, `bit`, `length`, `count`, `scale`, `offset`
+//! and `decimals`. A coil or discrete-input tag of `count` > 1 is that many consecutive bits,
+//! a [`Value::Bools`] (JSON `[true,false,..]`), written whole as [`Encoded::Coils`].
 //!
 //! Byte order: a value of `W` bytes (2, 4 or 8) is written `A B C D ...` from its most
 //! significant byte down. The [`Order`] says which value byte travels in each wire byte
@@ -15,7 +17,13 @@
 //! - [`encode`] never wraps or truncates: a value that does not fit the register type is a
 //!   precise [`CodecError`], never a silently different number;
 //! - engineering value = raw x scale + offset; integer types with scale 1 and offset 0 stay
-//!   exact integers (u64 and i64 included), everything else is an `f64`.
+//!   exact integers (u64 and i64 included), everything else is an `f64`;
+//! - no binary noise: an f32 becomes the `f64` of the shortest decimal that reads back as
+//!   the same f32 (`3.1415927`, never `3.1415927410125732`), and a scaled value is rounded
+//!   to the decimals the computation implies (the raw value's decimals plus the scale's,
+//!   at least the offset's: raw 3 x 0.1 is `0.3`), or to the tag's `decimals` when set.
+//!   An `f64` prints (Display, JSON) as its shortest decimal, so the probe and MQTT show the
+//!   same digits.
 
 use std::fmt;
 
@@ -234,6 +242,10 @@ pub struct Format {
     pub scale: f64,
     /// See `scale`.
     pub offset: f64,
+    /// Decimals of a published float or scaled value; `None`: implied (module header).
+    pub decimals: Option<u8>,
+    /// Coils or discrete inputs of a [`DataType::Bool`] tag (1: a single `bool`).
+    pub count: u16,
 }
 
 impl Format {
@@ -246,13 +258,16 @@ impl Format {
             length: 0,
             scale: 1.0,
             offset: 0.0,
+            decimals: None,
+            count: 1,
         }
     }
 
     /// Registers (or coils, for bool) the value occupies.
     pub fn registers(&self) -> u16 {
         match self.ty {
-            DataType::Bool | DataType::Bit => 1,
+            DataType::Bool => self.count.max(1),
+            DataType::Bit => 1,
             DataType::String => self.length.div_ceil(2),
             t => (t.width() / 2) as u16,
         }
@@ -276,6 +291,8 @@ pub enum Value {
     F64(f64),
     /// Text.
     Str(String),
+    /// Several coils or discrete inputs, lowest address first.
+    Bools(Vec<bool>),
 }
 
 impl Value {
@@ -289,6 +306,7 @@ impl Value {
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),
             Value::Str(s) => s.clone().into(),
+            Value::Bools(v) => v.clone().into(),
         }
     }
 
@@ -299,7 +317,7 @@ impl Value {
             Value::U64(v) => Some(*v as f64),
             Value::I64(v) => Some(*v as f64),
             Value::F64(v) => Some(*v),
-            Value::Str(_) => None,
+            Value::Str(_) | Value::Bools(_) => None,
         }
     }
 
@@ -317,6 +335,7 @@ impl fmt::Display for Value {
             Value::I64(v) => write!(f, "{v}"),
             Value::F64(v) => write!(f, "{v}"),
             Value::Str(s) => write!(f, "{s:?}"),
+            Value::Bools(_) => write!(f, "{}", self.to_json()),
         }
     }
 }
@@ -335,6 +354,8 @@ pub enum Encoded {
     },
     /// Whole registers, in wire order.
     Registers(Vec<u16>),
+    /// Several coils from the tag's address on (function 15).
+    Coils(Vec<bool>),
 }
 
 /// Why a value could not be decoded or encoded.
@@ -385,6 +406,15 @@ pub enum CodecError {
         /// What was sent.
         got: String,
     },
+    /// A multi-coil write does not have one value per coil. The caller answers the writer;
+    /// nothing is written.
+    #[error("wrong number of values: {got} for a tag of count {count}; send an array of {count} booleans")]
+    Count {
+        /// Values sent.
+        got: usize,
+        /// The tag's count.
+        count: u16,
+    },
     /// A string write is longer than the tag's `length`. The caller answers the writer.
     #[error("too long: {len} bytes for a string tag of length {length}")]
     TooLong {
@@ -403,6 +433,22 @@ pub fn decode_bool(bits: &[bool]) -> Result<Value, CodecError> {
             ty: DataType::Bool,
             need: 1,
             got: 0,
+        })
+}
+
+/// Decodes a coil or discrete-input tag of format `fmt` from `bits` (starting at the tag's
+/// address): a `bool`, or `count` of them when `count` > 1.
+pub fn decode_bits(fmt: &Format, bits: &[bool]) -> Result<Value, CodecError> {
+    if fmt.count <= 1 {
+        return decode_bool(bits);
+    }
+    let n = usize::from(fmt.count);
+    bits.get(..n)
+        .map(|b| Value::Bools(b.to_vec()))
+        .ok_or(CodecError::Short {
+            ty: DataType::Bool,
+            need: n,
+            got: bits.len(),
         })
 }
 
@@ -443,23 +489,87 @@ pub fn decode(fmt: &Format, regs: &[u16]) -> Result<Value, CodecError> {
                 DataType::I16 => Value::I64(i64::from(u as u16 as i16)),
                 DataType::I32 => Value::I64(i64::from(u as u32 as i32)),
                 DataType::I64 => Value::I64(u as i64),
-                DataType::F32 => Value::F64(f64::from(f32::from_bits(u as u32))),
+                DataType::F32 => Value::F64(shortest_f32(f32::from_bits(u as u32))),
                 _ => Value::F64(f64::from_bits(u)),
             };
-            if fmt.scaled() {
-                let x = raw.as_f64().unwrap_or(f64::NAN);
-                Value::F64(x * fmt.scale + fmt.offset)
-            } else {
-                raw
+            match raw {
+                Value::F64(x) if !fmt.scaled() => Value::F64(match fmt.decimals {
+                    Some(d) => round_to(x, usize::from(d)),
+                    None => x,
+                }),
+                raw if fmt.scaled() => {
+                    let x = raw.as_f64().unwrap_or(f64::NAN);
+                    let implied =
+                        (decimals_of(x) + decimals_of(fmt.scale)).max(decimals_of(fmt.offset));
+                    let d = fmt.decimals.map(usize::from).unwrap_or(implied);
+                    Value::F64(round_to(x * fmt.scale + fmt.offset, d))
+                }
+                raw => raw,
             }
         }
     };
     Ok(v)
 }
 
+/// The `f64` of the shortest decimal that reads back as `f` (`f` itself if not finite).
+pub fn shortest_f32(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f64::from(f);
+    }
+    // Display of an f32 is its shortest round-tripping decimal, never in exponent form.
+    format!("{f}").parse().unwrap_or(f64::from(f))
+}
+
+/// Digits after the point of `x`'s shortest decimal (0 for integers and non-finite values).
+fn decimals_of(x: f64) -> usize {
+    if !x.is_finite() {
+        return 0;
+    }
+    let s = format!("{x}");
+    s.split_once('.').map_or(0, |(_, frac)| frac.len())
+}
+
+/// `x` rounded to `d` decimals: the `f64` nearest to that decimal, whose shortest form has
+/// at most `d` decimals. Non-finite values pass through.
+fn round_to(x: f64, d: usize) -> f64 {
+    if !x.is_finite() {
+        return x;
+    }
+    format!("{x:.d$}").parse().unwrap_or(x)
+}
+
 /// Encodes a JSON write value for a tag of format `fmt`.
 pub fn encode(fmt: &Format, v: &serde_json::Value) -> Result<Encoded, CodecError> {
     match fmt.ty {
+        DataType::Bool if fmt.count > 1 => {
+            let serde_json::Value::Array(items) = v else {
+                return Err(CodecError::WrongType {
+                    ty: fmt.ty,
+                    want: "an array of true, false, 0 or 1 (one per coil)",
+                    got: v.to_string(),
+                });
+            };
+            if items.len() != usize::from(fmt.count) {
+                return Err(CodecError::Count {
+                    got: items.len(),
+                    count: fmt.count,
+                });
+            }
+            let mut one = fmt.clone();
+            one.count = 1;
+            items
+                .iter()
+                .map(|item| match encode(&one, item) {
+                    Ok(Encoded::Coil(b)) => Ok(b),
+                    Ok(_) | Err(_) => Err(CodecError::WrongType {
+                        ty: fmt.ty,
+                        want: "an array of true, false, 0 or 1 (one per coil)",
+                        got: v.to_string(),
+                    }),
+                })
+                .collect::<Result<Vec<bool>, CodecError>>()
+                .map(Encoded::Coils)
+        }
         DataType::Bool | DataType::Bit => {
             let b = match v {
                 serde_json::Value::Bool(b) => *b,
@@ -593,9 +703,10 @@ fn integer_raw(fmt: &Format, n: &serde_json::Number) -> Result<i128, CodecError>
 fn int_out_of_range(fmt: &Format, n: &serde_json::Number) -> CodecError {
     let (min, max) = fmt.ty.int_range();
     if fmt.scaled() {
+        let d = decimals_of(fmt.scale).max(decimals_of(fmt.offset));
         let (a, b) = (
-            min as f64 * fmt.scale + fmt.offset,
-            max as f64 * fmt.scale + fmt.offset,
+            round_to(min as f64 * fmt.scale + fmt.offset, d),
+            round_to(max as f64 * fmt.scale + fmt.offset, d),
         );
         out_of_range(fmt, n, a.min(b), a.max(b))
     } else {
@@ -738,8 +849,50 @@ mod tests {
         let e = encode(&f, &json!(4000)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "out of range: 4000 is outside i16 [-3316.8, 3236.7000000000003]"
+            "out of range: 4000 is outside i16 [-3316.8, 3236.7]"
         );
+    }
+
+    #[test]
+    fn floats_and_scaled_values_carry_no_binary_noise() {
+        let f = Format::new(DataType::F32, Order::Abcd);
+        let regs = |x: f32| {
+            let b = x.to_bits();
+            [(b >> 16) as u16, b as u16]
+        };
+        let txt = |v: Value| v.to_json().to_string();
+        assert_eq!(
+            txt(decode(&f, &regs(std::f32::consts::PI)).unwrap()),
+            "3.1415927"
+        );
+        assert_eq!(txt(decode(&f, &regs(0.1)).unwrap()), "0.1");
+        assert_eq!(txt(decode(&f, &regs(-1234.5678)).unwrap()), "-1234.5677");
+        assert_eq!(txt(decode(&f, &regs(1e-30)).unwrap()), "1e-30");
+        assert!(matches!(decode(&f, &regs(f32::NAN)), Ok(Value::F64(x)) if x.is_nan()));
+        let mut s = Format::new(DataType::U16, Order::Abcd);
+        s.scale = 0.1;
+        assert_eq!(txt(decode(&s, &[3]).unwrap()), "0.3");
+        s.offset = 273.15;
+        assert_eq!(txt(decode(&s, &[3]).unwrap()), "273.45");
+        s.offset = 0.0;
+        s.scale = 0.01;
+        assert_eq!(txt(decode(&s, &[2155]).unwrap()), "21.55");
+        // A scaled float keeps its own decimals plus the scale's.
+        let mut sf = Format::new(DataType::F32, Order::Abcd);
+        sf.scale = 0.1;
+        assert_eq!(txt(decode(&sf, &regs(215.3)).unwrap()), "21.53");
+        // `decimals` overrides, scaled or not; integers unscaled stay exact.
+        sf.decimals = Some(0);
+        assert_eq!(txt(decode(&sf, &regs(215.3)).unwrap()), "22.0");
+        let mut r = Format::new(DataType::F32, Order::Abcd);
+        r.decimals = Some(2);
+        assert_eq!(
+            txt(decode(&r, &regs(std::f32::consts::PI)).unwrap()),
+            "3.14"
+        );
+        let mut i = Format::new(DataType::U16, Order::Abcd);
+        i.decimals = Some(2);
+        assert_eq!(decode(&i, &[7]), Ok(Value::U64(7)));
     }
 
     #[test]
@@ -784,6 +937,37 @@ mod tests {
         assert_eq!(encode(&b, &json!(0)), Ok(Encoded::Coil(false)));
         assert!(encode(&b, &json!(2)).is_err());
         assert_eq!(decode_bool(&[true, false]), Ok(Value::Bool(true)));
+        let mut c = Format::new(DataType::Bool, Order::Abcd);
+        c.count = 3;
+        assert_eq!(c.registers(), 3);
+        assert_eq!(
+            decode_bits(&c, &[true, false, true, true]),
+            Ok(Value::Bools(vec![true, false, true]))
+        );
+        assert_eq!(
+            Value::Bools(vec![true, false]).to_json(),
+            json!([true, false])
+        );
+        assert!(matches!(
+            decode_bits(&c, &[true]),
+            Err(CodecError::Short { .. })
+        ));
+        assert_eq!(
+            encode(&c, &json!([true, 0, 1])),
+            Ok(Encoded::Coils(vec![true, false, true]))
+        );
+        assert_eq!(
+            encode(&c, &json!([true])).unwrap_err().to_string(),
+            "wrong number of values: 1 for a tag of count 3; send an array of 3 booleans"
+        );
+        assert!(matches!(
+            encode(&c, &json!(true)),
+            Err(CodecError::WrongType { .. })
+        ));
+        assert!(matches!(
+            encode(&c, &json!([true, 2, 0])),
+            Err(CodecError::WrongType { .. })
+        ));
 
         let mut s = Format::new(DataType::String, Order::Abcd);
         s.length = 5;
@@ -831,7 +1015,7 @@ mod tests {
             DataType::I64 => any::<i64>().prop_map(|v| json!(v)).boxed(),
             DataType::F32 => any::<f32>()
                 .prop_filter("finite", |f| f.is_finite())
-                .prop_map(|v| json!(f64::from(v)))
+                .prop_map(|v| json!(shortest_f32(v)))
                 .boxed(),
             DataType::F64 => any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())
@@ -864,6 +1048,7 @@ mod tests {
             let enc = encode(&fmt, &v).expect("representable value encodes");
             let back = match enc {
                 Encoded::Coil(b) => decode_bool(&[b]).expect("decode"),
+                Encoded::Coils(b) => decode_bits(&fmt, &b).expect("decode"),
                 Encoded::Bit { bit, value } => {
                     let reg = if value { 1u16 << bit } else { 0 };
                     decode(&fmt, &[reg]).expect("decode")

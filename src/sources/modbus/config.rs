@@ -7,7 +7,8 @@
 //!   address space after `address_base` is applied;
 //! - every tag's kind and type agree (bool on coils/discrete inputs, the rest on registers);
 //! - RTU devices naming the same `serial_port` agree on its line settings and use distinct
-//!   unit ids, so they can share one bus task;
+//!   unit ids, so they can share one bus task; RTU-over-TCP devices naming the same `host`
+//!   (one converter, one serial line) use distinct unit ids and one request at a time;
 //! - topics expand to valid, distinct MQTT topic names.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -28,6 +29,9 @@ pub enum Transport {
     Tcp,
     /// Modbus RTU on a serial line (`serial_port = "/dev/ttyUSB0"`).
     Rtu,
+    /// Modbus RTU frames over TCP, through a serial-to-Ethernet converter in transparent
+    /// mode (`host = "10.0.0.7:4001"`). Devices with the same `host` share one bus.
+    RtuOverTcp,
 }
 
 /// Serial parity.
@@ -102,9 +106,10 @@ pub struct ModbusDeviceConfig {
     /// Device name: `{device}` in topics and the `device` label of metrics. Unique; letters,
     /// digits, `-`, `_`, `.`.
     pub name: String,
-    /// `tcp` or `rtu`.
+    /// `tcp`, `rtu` or `rtu_over_tcp`.
     pub transport: Transport,
-    /// TCP: `host:port` of the device or Modbus gateway, e.g. `"10.0.0.5:502"`.
+    /// TCP: `host:port` of the device or Modbus gateway, e.g. `"10.0.0.5:502"`. RTU over
+    /// TCP: `host:port` of the serial-to-Ethernet converter.
     pub host: String,
     /// RTU: serial port path, e.g. `"/dev/ttyUSB0"`. Devices with the same path share one
     /// bus (one task owns the port and serialises every request on it).
@@ -117,7 +122,8 @@ pub struct ModbusDeviceConfig {
     pub data_bits: u8,
     /// RTU: stop bits, 1 or 2.
     pub stop_bits: u8,
-    /// Modbus unit (slave) id: 1..=247 on RTU, 0..=255 on TCP (often 1 or 255).
+    /// Modbus unit (slave) id: 1..=247 on RTU and RTU over TCP, 0..=255 on TCP (often 1 or
+    /// 255).
     pub unit_id: u8,
     /// Longest wait for one answer (and for a TCP connect). A request never waits longer.
     #[serde(with = "humantime_serde")]
@@ -130,6 +136,7 @@ pub struct ModbusDeviceConfig {
     pub request_delay: Duration,
     /// RTU: silence kept on the line between a response and the next request. Default
     /// (absent): 3.5 character times at `baud`, at least 1.75 ms as the specification says.
+    /// RTU over TCP: none unless set (the converter keeps the serial line's timing).
     #[serde(
         with = "humantime_serde",
         default,
@@ -165,6 +172,11 @@ pub struct ModbusDeviceConfig {
     pub payload: PayloadFormat,
     /// Publish tag values retained (a new subscriber gets the last value at once).
     pub retain: bool,
+    /// Without `retain`: a tag that stays bad publishes its bad reading again at most this
+    /// often (a subscriber that came after the first failure sees it). `"0s"`: only when
+    /// the quality changes.
+    #[serde(with = "humantime_serde")]
+    pub bad_repeat: Duration,
     /// First reconnect (and dead-device re-probe) delay; doubles per failure.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -202,6 +214,7 @@ impl Default for ModbusDeviceConfig {
             command_prefix: "cmd/".into(),
             payload: PayloadFormat::Json,
             retain: false,
+            bad_repeat: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             tags: Vec::new(),
@@ -229,6 +242,11 @@ pub struct TagConfig {
     /// `type = "string"`: length in bytes (two per register).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u16>,
+    /// Coils and discrete inputs: consecutive bits from `address` on, published as an array
+    /// `[true,false,..]` (lowest address first); a writable coil tag is written whole with
+    /// function 15 from an array of as many values. Default 1: a single `bool` (function 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u16>,
     /// Byte/word order: `ABCD` (big endian), `DCBA`, `BADC`, `CDAB`; 64-bit spellings
     /// `ABCDEFGH`, `HGFEDCBA`, `BADCFEHG`, `GHEFCDAB` name the same four rules.
     pub order: Order,
@@ -236,6 +254,11 @@ pub struct TagConfig {
     pub scale: f64,
     /// See `scale`.
     pub offset: f64,
+    /// Decimals of the published value of a float or scaled tag (0..=15). Default: f32 as
+    /// the shortest decimal that reads back as the same f32, scaled values at the decimals
+    /// the scale implies (raw 3 x scale 0.1 = 0.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decimals: Option<u8>,
     /// Engineering unit, copied into the JSON payload (`"unit":"degC"`). Empty: left out.
     pub unit: String,
     /// Poll interval of this tag. Default: the device's `poll_interval`.
@@ -262,9 +285,11 @@ impl Default for TagConfig {
             data_type: None,
             bit: None,
             length: None,
+            count: None,
             order: Order::Abcd,
             scale: 1.0,
             offset: 0.0,
+            decimals: None,
             unit: String::new(),
             poll_interval: None,
             on_change: false,
@@ -293,6 +318,8 @@ impl TagConfig {
             length: self.length.unwrap_or(0),
             scale: self.scale,
             offset: self.offset,
+            decimals: self.decimals,
+            count: self.count.unwrap_or(1),
         }
     }
 
@@ -357,6 +384,8 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
     // serial_port -> (first device key, line settings, unit ids seen)
     type Line = (String, (u32, Parity, u8, u8), HashSet<u8>);
     let mut ports: BTreeMap<&str, Line> = BTreeMap::new();
+    // RTU-over-TCP converter host -> unit ids seen
+    let mut converters: BTreeMap<&str, HashSet<u8>> = BTreeMap::new();
     for (i, d) in devices.iter().enumerate() {
         let k = format!("modbus[{i}]");
         if !usable_name(&d.name) {
@@ -376,17 +405,48 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
                 ),
             ));
         }
+        if matches!(d.transport, Transport::Tcp | Transport::RtuOverTcp) {
+            let ok = d
+                .host
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                p.push(problem(
+                    format!("{k}.host"),
+                    format!("{:?} is not host:port; e.g. \"10.0.0.5:502\"", d.host),
+                ));
+            }
+        }
         match d.transport {
-            Transport::Tcp => {
-                let ok = d.host.rsplit_once(':').is_some_and(|(h, port)| {
-                    !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                });
-                if !ok {
+            Transport::RtuOverTcp => {
+                if d.unit_id == 0 || d.unit_id > 247 {
                     p.push(problem(
-                        format!("{k}.host"),
-                        format!("{:?} is not host:port; e.g. \"10.0.0.5:502\"", d.host),
+                        format!("{k}.unit_id"),
+                        "must be 1..=247 on RTU over TCP (0 is broadcast, which never answers)",
                     ));
                 }
+                if d.max_in_flight != 1 {
+                    p.push(problem(
+                        format!("{k}.max_in_flight"),
+                        "RTU over TCP reaches one serial line, one request at a time; remove it \
+                         (or set 1)",
+                    ));
+                }
+                if !converters
+                    .entry(d.host.as_str())
+                    .or_default()
+                    .insert(d.unit_id)
+                {
+                    p.push(problem(
+                        format!("{k}.unit_id"),
+                        format!(
+                            "unit {} is already used behind converter {:?}; each unit id once per bus",
+                            d.unit_id, d.host
+                        ),
+                    ));
+                }
+            }
+            Transport::Tcp => {
                 if d.max_in_flight == 0 || d.max_in_flight > 16 {
                     p.push(problem(
                         format!("{k}.max_in_flight"),
@@ -473,6 +533,12 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
             p.push(problem(
                 format!("{k}.poll_interval"),
                 "must be at least 10ms; e.g. \"1s\"",
+            ));
+        }
+        if !d.bad_repeat.is_zero() && d.bad_repeat < Duration::from_millis(100) {
+            p.push(problem(
+                format!("{k}.bad_repeat"),
+                "must be \"0s\" (only on a change of quality) or at least 100ms; e.g. \"10s\"",
             ));
         }
         if d.reconnect_max > Duration::from_secs(3600) {
@@ -613,6 +679,18 @@ fn validate_tag(
             "only for type = \"string\"; remove it",
         )),
     }
+    match t.count {
+        Some(0) => p.push(problem(format!("{k}.count"), "must be at least 1; e.g. 8")),
+        Some(_) if !t.kind.is_bit() => p.push(problem(
+            format!("{k}.count"),
+            "only for coils and discrete inputs; for registers use a wider type; remove it",
+        )),
+        Some(n) if t.writable && n > 1968 => p.push(problem(
+            format!("{k}.count"),
+            format!("{n} coils cannot be written in one request (function 15 takes at most 1968); lower count or split the tag"),
+        )),
+        _ => {}
+    }
     let regs = u32::from(t.format().registers());
     match t.wire_address(d.address_base) {
         None => p.push(problem(
@@ -638,10 +716,17 @@ fn validate_tag(
         d.max_read_registers
     };
     if regs > u32::from(limit) && limit > 0 {
-        p.push(problem(
-            format!("{k}.length"),
-            format!("needs {regs} registers, more than max_read_registers = {limit}"),
-        ));
+        p.push(if t.kind.is_bit() {
+            problem(
+                format!("{k}.count"),
+                format!("needs {regs} coils, more than max_read_coils = {limit}; lower count"),
+            )
+        } else {
+            problem(
+                format!("{k}.length"),
+                format!("needs {regs} registers, more than max_read_registers = {limit}"),
+            )
+        });
     }
     if !t.scale.is_finite() || t.scale == 0.0 {
         p.push(problem(
@@ -659,6 +744,20 @@ fn validate_tag(
             format!("{k}.scale"),
             format!("scale and offset do not apply to type \"{ty}\"; remove them"),
         ));
+    }
+    if let Some(n) = t.decimals {
+        if n > 15 {
+            p.push(problem(
+                format!("{k}.decimals"),
+                format!("{n} is more than an f64 holds; use 0..=15"),
+            ));
+        }
+        if matches!(ty, DataType::Bool | DataType::Bit | DataType::String) {
+            p.push(problem(
+                format!("{k}.decimals"),
+                format!("decimals do not apply to type \"{ty}\"; remove it"),
+            ));
+        }
     }
     if !t.deadband.is_finite() || t.deadband < 0.0 {
         p.push(problem(format!("{k}.deadband"), "must be 0 or more"));
@@ -759,6 +858,7 @@ mod tests {
             [[modbus.tags]]
             name = "s"
             type = "string"
+            decimals = 2
             [[modbus.tags]]
             name = "b"
             type = "bit"
@@ -795,6 +895,7 @@ mod tests {
             "modbus[0].tags[1].name",
             "modbus[0].tags[1].type",
             "modbus[0].tags[2].length",
+            "modbus[0].tags[2].decimals",
             "modbus[0].tags[3].bit",
             "modbus[0].tags[4].scale",
             "modbus[1].tags[0].address",
@@ -805,6 +906,84 @@ mod tests {
         }
         // Every message says what to do.
         assert!(p.iter().all(|p| p.message.len() > 10), "{p:#?}");
+    }
+
+    #[test]
+    fn rtu_over_tcp_and_coil_counts_are_checked() {
+        let d = dev(r#"
+            [[modbus]]
+            name = "a"
+            transport = "rtu_over_tcp"
+            host = "127.0.0.1:4001"
+            unit_id = 3
+            [[modbus.tags]]
+            name = "out"
+            kind = "coil"
+            count = 8
+            writable = true
+            [[modbus]]
+            name = "b"
+            transport = "rtu_over_tcp"
+            host = "127.0.0.1:4001"
+            unit_id = 4
+            [[modbus.tags]]
+            name = "in"
+            kind = "discrete_input"
+            count = 2000
+        "#);
+        assert_eq!(validate(&d, "gw"), vec![]);
+        assert_eq!(crate::sources::modbus::buses(&d).len(), 1);
+        assert_eq!(
+            crate::sources::modbus::buses(&d)[0].0,
+            "rtu_over_tcp:127.0.0.1:4001"
+        );
+        let d = dev(r#"
+            [[modbus]]
+            name = "a"
+            transport = "rtu_over_tcp"
+            host = "nohost"
+            unit_id = 0
+            max_in_flight = 2
+            [[modbus.tags]]
+            name = "reg"
+            count = 2
+            [[modbus.tags]]
+            name = "zero"
+            kind = "coil"
+            count = 0
+            [[modbus.tags]]
+            name = "wide"
+            kind = "coil"
+            count = 2000
+            writable = true
+            [[modbus]]
+            name = "b"
+            transport = "rtu_over_tcp"
+            host = "nohost"
+            [[modbus]]
+            name = "c"
+            transport = "rtu_over_tcp"
+            host = "nohost"
+            max_read_coils = 10
+            unit_id = 9
+            [[modbus.tags]]
+            name = "many"
+            kind = "coil"
+            count = 11
+        "#);
+        let p = validate(&d, "gw");
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "modbus[0].host",
+            "modbus[0].unit_id",
+            "modbus[0].max_in_flight",
+            "modbus[0].tags[0].count",
+            "modbus[0].tags[1].count",
+            "modbus[0].tags[2].count",
+            "modbus[2].tags[0].count",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {p:#?}");
+        }
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! into buses and makes each bus's broker link, before the broker listens) ->
 //! [`Modbus::spawn`] (one task per bus) -> [`Running::join`].
 //!
-//! A bus is one TCP device, or every RTU device on one serial port: one task owns each line
-//! and serialises its requests ([`bus`]). [`plan`] coalesces due tags into the fewest reads,
+//! A bus is one TCP device, every RTU device on one serial port, or every RTU-over-TCP
+//! device behind one serial-to-Ethernet converter (`host`): one task owns each line and
+//! serialises its requests ([`bus`]). [`plan`] coalesces due tags into the fewest reads,
 //! [`codec`] turns registers into values and back, [`publish`] is the MQTT contract, and
 //! [`probe`] is the `fieldgate modbus probe` command.
 //!
@@ -69,15 +70,18 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Groups devices into buses: each TCP device alone, RTU devices by serial port path (in
-/// config order). Returns `(bus name, devices)`.
+/// Groups devices into buses: each TCP device alone, RTU devices by serial port path and
+/// RTU-over-TCP devices by converter `host` (in config order). Returns `(bus name, devices)`.
 pub fn buses(devices: &[ModbusDeviceConfig]) -> Vec<(String, Vec<ModbusDeviceConfig>)> {
     let mut out: Vec<(String, Vec<ModbusDeviceConfig>)> = Vec::new();
     for d in devices {
         match d.transport {
             Transport::Tcp => out.push((d.name.clone(), vec![d.clone()])),
-            Transport::Rtu => {
-                let name = format!("rtu:{}", d.serial_port);
+            Transport::Rtu | Transport::RtuOverTcp => {
+                let name = match d.transport {
+                    Transport::Rtu => format!("rtu:{}", d.serial_port),
+                    _ => format!("rtu_over_tcp:{}", d.host),
+                };
                 match out.iter_mut().find(|(n, _)| *n == name) {
                     Some((_, v)) => v.push(d.clone()),
                     None => out.push((name, vec![d.clone()])),

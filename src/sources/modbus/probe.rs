@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 
 /// Arguments of `fieldgate modbus probe`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(group(clap::ArgGroup::new("transport").required(true).args(["tcp", "rtu"])))]
+#[command(group(clap::ArgGroup::new("transport").required(true).args(["tcp", "rtu", "rtu_over_tcp"])))]
 pub struct ProbeArgs {
     /// Modbus TCP device, host:port.
     #[arg(long, value_name = "HOST:PORT")]
@@ -23,6 +23,10 @@ pub struct ProbeArgs {
     /// Modbus RTU serial port, e.g. /dev/ttyUSB0.
     #[arg(long, value_name = "PATH")]
     pub rtu: Option<String>,
+    /// Modbus RTU frames over TCP: a serial-to-Ethernet converter in transparent mode,
+    /// host:port.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub rtu_over_tcp: Option<String>,
     /// RTU baud rate.
     #[arg(long, default_value_t = 9600)]
     pub baud: u32,
@@ -98,6 +102,13 @@ pub async fn run(args: &ProbeArgs) -> Result<String, ProbeError> {
     }
     let (ep, what) = match (&args.tcp, &args.rtu) {
         (Some(h), _) => (Endpoint::Tcp(h.clone()), h.clone()),
+        (None, None) if args.rtu_over_tcp.is_some() => {
+            let h = args.rtu_over_tcp.clone().unwrap_or_default();
+            (
+                Endpoint::RtuOverTcp(h.clone()),
+                format!("{h} (RTU over TCP)"),
+            )
+        }
         (None, Some(p)) => (
             Endpoint::Rtu {
                 path: p.clone(),
@@ -108,7 +119,11 @@ pub async fn run(args: &ProbeArgs) -> Result<String, ProbeError> {
             },
             format!("{p} at {} baud", args.baud),
         ),
-        (None, None) => return Err(ProbeError::Usage("give --tcp or --rtu".into())),
+        (None, None) => {
+            return Err(ProbeError::Usage(
+                "give --tcp, --rtu or --rtu-over-tcp".into(),
+            ))
+        }
     };
     let unit = Unit {
         name: "probe".into(),
@@ -159,14 +174,12 @@ pub async fn run(args: &ProbeArgs) -> Result<String, ProbeError> {
 
 fn num(v: codec::Value) -> String {
     match v {
+        // The same shortest decimal as the MQTT payload (the codec removed f32 noise); very
+        // small or large numbers in exponent form so the table stays readable.
         codec::Value::F64(x) if x != 0.0 && (x.abs() < 1e-4 || x.abs() >= 1e10) => {
-            format!("{x:.6e}")
+            format!("{x:e}")
         }
-        codec::Value::F64(x) => {
-            let s = format!("{x:.6}");
-            let s = s.trim_end_matches('0').trim_end_matches('.');
-            s.to_string()
-        }
+        codec::Value::F64(x) => format!("{x}"),
         other => other.to_string(),
     }
 }

@@ -4,16 +4,22 @@
 //!   `{"value":21.5,"ts":1712345678901,"quality":"good","unit":"degC"}`; when a reading
 //!   failed, `{"value":null,"ts":..,"quality":"exception","error":"illegal data address"}`.
 //!   `payload = "raw"`: the value alone as text, nothing when the reading failed.
-//! - device status, retained, on the status topic: `{"state":"online","ts":..}` or
+//! - device status, retained, on the status topic: `{"state":"online","ts":..}`,
+//!   `{"state":"degraded","ts":..,"failing":[{"tag":"..","quality":"exception","error":".."}]}`
+//!   (the device answers, but some of its tags fail) or
 //!   `{"state":"offline","ts":..,"error":"..","kind":"timeout"}`.
 //! - write request on `<tag topic>/set` (or `<command_prefix><tag topic>/set`): a JSON value
 //!   (`21.5`, `true`, `"text"`) or `{"value":..,"id":..}`; a plain non-JSON payload is taken
 //!   as text for string tags.
 //! - write result on `<tag topic>/set/result`:
-//!   `{"ok":true,"id":..}` or `{"ok":false,"code":"out_of_range","error":"..","id":..}`.
+//!   `{"ok":true,"id":..}` or `{"ok":false,"code":"out_of_range","error":"..","id":..}`;
+//!   every result carries the request's `id` when the request was an object with one, even
+//!   when the request itself was refused.
 //!
-//! Invariant: a failing tag publishes its bad quality once per change of quality, not every
-//! poll, so a dead device does not flood the broker (the status topic and metrics count on).
+//! Invariant: a failing tag publishes its bad quality when the quality changes and then at
+//! most once per `bad_repeat` while it stays bad ([`repeat_bad`]; never with `retain = true`,
+//! where the retained reading already reaches a late subscriber), not every poll, so a dead
+//! device does not flood the broker while a subscriber that came late still sees it.
 
 use serde_json::{json, Map, Value as Json};
 
@@ -120,17 +126,62 @@ pub fn changed(
     }
 }
 
+/// Whether a reading of the same bad quality as last time is published again: only without
+/// `retain`, with a non-zero `every`, once `since_last` (the time since it was last
+/// published) reached `every`.
+pub fn repeat_bad(
+    retain: bool,
+    every: std::time::Duration,
+    since_last: std::time::Duration,
+) -> bool {
+    !retain && !every.is_zero() && since_last >= every
+}
+
+/// One failing tag of a device that answers (status `degraded`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failing {
+    /// Tag name.
+    pub tag: String,
+    /// Its last bad quality.
+    pub quality: Quality,
+    /// Its last error.
+    pub error: String,
+}
+
+/// What the retained status says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status<'a> {
+    /// Answers, every tag reads.
+    Online,
+    /// Answers, but these tags fail (exception, undecodable or non-finite value).
+    Degraded(&'a [Failing]),
+    /// Unreachable: `(kind, error)`.
+    Offline(&'a str, &'a str),
+}
+
 /// The retained status payload.
-pub fn status(online: bool, error: Option<(&str, &str)>, ts: u64) -> Vec<u8> {
+pub fn status(s: &Status<'_>, ts: u64) -> Vec<u8> {
     let mut m = Map::new();
-    m.insert(
-        "state".into(),
-        if online { "online" } else { "offline" }.into(),
-    );
+    let state = match s {
+        Status::Online => "online",
+        Status::Degraded(_) => "degraded",
+        Status::Offline(..) => "offline",
+    };
+    m.insert("state".into(), state.into());
     m.insert("ts".into(), ts.into());
-    if let Some((kind, e)) = error {
-        m.insert("error".into(), e.into());
-        m.insert("kind".into(), kind.into());
+    match s {
+        Status::Online => {}
+        Status::Degraded(f) => {
+            let list = f
+                .iter()
+                .map(|f| json!({"tag": f.tag, "quality": f.quality.as_str(), "error": f.error}))
+                .collect();
+            m.insert("failing".into(), Json::Array(list));
+        }
+        Status::Offline(kind, e) => {
+            m.insert("error".into(), (*e).into());
+            m.insert("kind".into(), (*kind).into());
+        }
     }
     Json::Object(m).to_string().into_bytes()
 }
@@ -164,6 +215,16 @@ pub fn parse_set(payload: &[u8], text_tag: bool) -> Result<SetRequest, String> {
                 "payload is not JSON ({e}); send a value like 21.5, true or {{\"value\":21.5,\"id\":\"x\"}}"
             )),
         },
+    }
+}
+
+/// The `id` of a write request, read on its own so that a refused request (an object
+/// without `value`, an unknown tag) is still answered with it. `None` unless the payload is
+/// a JSON object with an `id`.
+pub fn request_id(payload: &[u8]) -> Option<Json> {
+    match serde_json::from_slice::<Json>(payload) {
+        Ok(Json::Object(mut m)) => m.remove("id"),
+        _ => None,
     }
 }
 
@@ -312,6 +373,10 @@ mod tests {
         );
         assert!(parse_set(b"hello", false).is_err());
         assert!(parse_set(br#"{"id":1}"#, false).is_err());
+        assert_eq!(request_id(br#"{"id":1}"#), Some(json!(1)));
+        assert_eq!(request_id(br#"{"id":"e8","valeu":2}"#), Some(json!("e8")));
+        assert_eq!(request_id(b"21.5"), None);
+        assert_eq!(request_id(b"not json"), None);
         let r: Json = serde_json::from_slice(&set_result(
             Some(("read_only", "tag x is read-only")),
             Some(&json!(7)),
@@ -327,13 +392,33 @@ mod tests {
 
     #[test]
     fn status_payloads() {
-        let s: Json = serde_json::from_slice(&status(false, Some(("timeout", "no answer")), 5))
+        let s: Json = serde_json::from_slice(&status(&Status::Offline("timeout", "no answer"), 5))
             .expect("json");
         assert_eq!(
             s,
             json!({"state":"offline","ts":5,"error":"no answer","kind":"timeout"})
         );
-        let s: Json = serde_json::from_slice(&status(true, None, 5)).expect("json");
+        let s: Json = serde_json::from_slice(&status(&Status::Online, 5)).expect("json");
         assert_eq!(s, json!({"state":"online","ts":5}));
+        let f = [Failing {
+            tag: "t".into(),
+            quality: Quality::Exception,
+            error: "illegal data address (exception 2)".into(),
+        }];
+        let s: Json = serde_json::from_slice(&status(&Status::Degraded(&f), 5)).expect("json");
+        assert_eq!(
+            s,
+            json!({"state":"degraded","ts":5,"failing":[
+                {"tag":"t","quality":"exception","error":"illegal data address (exception 2)"}]})
+        );
+    }
+
+    #[test]
+    fn bad_readings_repeat_rate_limited_and_never_when_retained() {
+        let ms = std::time::Duration::from_millis;
+        assert!(!repeat_bad(false, ms(1000), ms(999)));
+        assert!(repeat_bad(false, ms(1000), ms(1000)));
+        assert!(!repeat_bad(true, ms(1000), ms(5000)));
+        assert!(!repeat_bad(false, ms(0), ms(5000)));
     }
 }
