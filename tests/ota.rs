@@ -341,7 +341,10 @@ async fn cut_download_resumes_with_range() {
     let log = g.log_text();
     let said = format!("connection closed after {cut} of {} bytes", img.len());
     assert!(log.contains(&said), "want {said:?} in the log:\n{log}");
-    assert!(!log.contains("docs.rs"), "a library's help link in the log:\n{log}");
+    assert!(
+        !log.contains("docs.rs"),
+        "a library's help link in the log:\n{log}"
+    );
 }
 
 /// Bad requests get a clear error reply on the device's topic and are counted; another

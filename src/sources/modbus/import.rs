@@ -18,8 +18,8 @@
 //!   `real`, `int16`, `word`, `dword`, `double`, ...);
 //! - `order` (also `byteorder`, `wordorder`, `endian`): `ABCD`... or `big`/`little`;
 //! - `scale` (also `scalefactor`, `multiplier`, `factor`), `offset`, `unit` (also `units`),
-//!   and any other tag key by its own name (`writable`, `bit`, `length`, `deadband`,
-//!   `on_change`, `poll_interval`, ...);
+//!   `decimals`, `bit`, `length`, `count`, `writable`, `deadband`, `on_change`,
+//!   `poll_interval` by their own names;
 //! - `description`, `comment`, `notes`: ignored. Any other column is an error (a typo must
 //!   not silently drop a setting).
 //!
@@ -118,12 +118,14 @@ fn key(header: &str) -> Result<Option<&'static str>, String> {
         "onchange" => "on_change",
         "pollinterval" | "poll" => "poll_interval",
         "decimals" => "decimals",
+        "count" | "coils" => "count",
         other if IGNORED.contains(&other) => return Ok(None),
         _ => {
             return Err(format!(
                 "column {header:?} is not a tag setting; known columns: name, address, kind, \
-                 type, order, scale, offset, unit, bit, length, writable, deadband, on_change, \
-                 poll_interval (description, comment and notes are ignored)"
+                 type, order, scale, offset, unit, decimals, bit, length, count, writable, \
+                 deadband, on_change, poll_interval (description, comment and notes are \
+                 ignored)"
             ))
         }
     };
@@ -190,7 +192,7 @@ fn value(key: &str, cell: &str, comma_decimals: bool) -> Result<toml::Value, Str
         "name" | "kind" | "unit" | "poll_interval" => toml::Value::String(c.to_string()),
         "type" => toml::Value::String(data_type(c)),
         "order" => toml::Value::String(order(c)),
-        "address" | "bit" | "length" | "decimals" => toml::Value::Integer(
+        "address" | "bit" | "length" | "decimals" | "count" => toml::Value::Integer(
             c.parse()
                 .map_err(|_| format!("{c:?} is not a whole number"))?,
         ),
