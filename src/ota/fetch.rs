@@ -435,7 +435,10 @@ mod tests {
             5,
         )
         .await;
-        assert!(matches!(r, Err(FetchError::Http(_))), "{r:?}");
+        assert!(
+            matches!(r, Err(FetchError::Cut { got: 3, total: 5 })),
+            "{r:?}"
+        );
         assert_eq!(data, b"hel");
 
         let (r, _, _) = run(
