@@ -1268,7 +1268,10 @@ decimals = 1
     sub.publish("field/fl/sp/set", "0.1").await;
     sub.wait_last(&g, "field/fl/sp/set/result", |r| r["ok"] == true)
         .await;
-    sub.wait_last(&g, "field/fl/sp", |v| v["value"] != 0).await;
+    // (As f64: the value is published as the float 0.0, which `!= 0` (an integer) would
+    // take as changed already.)
+    sub.wait_last(&g, "field/fl/sp", |v| v["value"].as_f64() != Some(0.0))
+        .await;
     assert_eq!(text("field/fl/sp"), "0.1", "{:?}", sub.on("field/fl/sp"));
 
     // The probe shows the f32 at 20 as MQTT does.
