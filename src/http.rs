@@ -3,10 +3,13 @@
 //! - `GET|HEAD /ota/image/<sha256>` and `/ota/image/<name>/<version>`: a verified firmware
 //!   image, with `Range: bytes=a-b | a- | -n` (206 + `Content-Range`; 416 for a range outside
 //!   the image; several ranges are answered with the whole image, 200). Only images the
-//!   gateway verified are listed; each transfer holds an OTA download slot (503 +
-//!   `Retry-After` when none is free, or when its address holds `ota.max_downloads_per_ip`
-//!   already) and is paced by `ota.max_bytes_per_sec`; with `?device=<id>` (as in the
-//!   metadata `url`) the bytes are reported to the OTA manager as served to that device;
+//!   gateway verified are listed. With `?device=<id>` (as in the metadata `url`) the
+//!   transfer runs under that device's OTA download slot, which it keeps across its
+//!   requests until it is done (see [`crate::ota::serve`]), and the bytes are reported to
+//!   the OTA manager as served to it; without, each transfer holds a slot of its own. No slot:
+//!   503 with `Retry-After: <s>` and a JSON body `{"code":"busy","reason","retry_after",
+//!   "position"?}` (also when the address holds `ota.max_downloads_per_ip` already).
+//!   Transfers are paced by `ota.max_bytes_per_sec`;
 //! - `GET /ota/status`, `/ota/status/device/<id>`, `/ota/status/rollout/<id>`: JSON status.
 //!
 //! A deliberately tiny HTTP/1.1 server: one request per connection, request head at most
@@ -197,8 +200,18 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 }
 
 async fn small(sock: &mut TcpStream, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
+    small_typed(sock, status, "text/plain", extra, body).await
+}
+
+async fn small_typed(
+    sock: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(SMALL, sock.write_all(head.as_bytes())).await;
@@ -247,18 +260,38 @@ async fn ota_image(
             return small(sock, "416 Range Not Satisfiable", &extra, "bad range\n").await;
         }
     };
-    let _slot = match ota.slots.try_take_for(peer) {
+    // A device (`?device=`) keeps one slot across its requests; without an id, per request.
+    let _slot = match ota.slots.for_http(device.as_deref(), peer, img.size) {
         Ok(slot) => slot,
-        Err(why) => {
-            metrics.ota.error(match why {
-                crate::ota::serve::Busy::All => "busy",
-                crate::ota::serve::Busy::Address => "busy_per_ip",
+        Err(w) => {
+            let reason = match (w.why, w.position) {
+                (crate::ota::serve::Busy::Address, _) => {
+                    metrics.ota.error("busy_per_ip");
+                    "this address holds ota.max_downloads_per_ip downloads already".to_string()
+                }
+                (crate::ota::serve::Busy::All, Some(p)) => {
+                    metrics.ota.error("busy");
+                    format!("all download slots are taken; you are number {p} in line")
+                }
+                (crate::ota::serve::Busy::All, None) => {
+                    metrics.ota.error("busy");
+                    "all download slots are taken".to_string()
+                }
+            };
+            let mut body = serde_json::json!({
+                "code": "busy",
+                "reason": format!("{reason}: ask again in {} s", w.retry_after),
+                "retry_after": w.retry_after,
             });
-            return small(
+            if let (Some(p), Some(o)) = (w.position, body.as_object_mut()) {
+                o.insert("position".into(), p.into());
+            }
+            return small_typed(
                 sock,
                 "503 Service Unavailable",
-                "Retry-After: 2\r\n",
-                "busy\n",
+                "application/json",
+                &format!("Retry-After: {}\r\n", w.retry_after),
+                &body.to_string(),
             )
             .await;
         }
@@ -307,6 +340,7 @@ async fn ota_image(
                 .await
                 .map_err(|_| stalled())??;
             metrics.ota.served("http", n as u64);
+            ota.slots.served(device.as_deref(), n as u64);
             if let (Some(t), Some(d)) = (tally.as_mut(), device.as_deref()) {
                 t.add(d, &img.sha256, crate::ota::serve::Via::Http, n as u64);
             }

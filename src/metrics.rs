@@ -124,6 +124,8 @@ pub struct OtaMetrics {
     pub errors: Family<Labels, Counter>,
     /// Devices downloading now (slots in use).
     pub active_downloads: Gauge,
+    /// Devices waiting in line for a download slot.
+    pub waiting_devices: Gauge,
     /// Bytes of verified images in the cache.
     pub cache_bytes: Gauge,
     /// Devices by state.
@@ -141,6 +143,7 @@ impl Default for OtaMetrics {
             chunk_requests: Counter::default(),
             errors: Family::default(),
             active_downloads: Gauge::default(),
+            waiting_devices: Gauge::default(),
             cache_bytes: Gauge::default(),
             devices: Family::default(),
             chunk_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
@@ -180,6 +183,11 @@ impl OtaMetrics {
             "active_downloads",
             "Devices downloading now",
             self.active_downloads.clone(),
+        );
+        r.register(
+            "waiting_devices",
+            "Devices waiting in line for a download slot",
+            self.waiting_devices.clone(),
         );
         r.register(
             "cache_bytes",

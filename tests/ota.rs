@@ -34,10 +34,16 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
+    /// The gateway's configuration with these `[ota]` keys added; 64 download slots unless
+    /// `ota` sets `max_concurrent_downloads`.
     fn config(&self, ota: &str) -> String {
-        let extra = format!(
-            "\n[ota]\nchunk_size = {CHUNK}\nmax_concurrent_downloads = 64\nfetch_timeout = \"3s\"\n{ota}\n"
-        );
+        let slots = if ota.contains("max_concurrent_downloads") {
+            ""
+        } else {
+            "max_concurrent_downloads = 64\n"
+        };
+        let extra =
+            format!("\n[ota]\nchunk_size = {CHUNK}\n{slots}fetch_timeout = \"3s\"\n{ota}\n");
         gateway_config(
             &self.pki,
             &self.ports,
@@ -1122,4 +1128,229 @@ async fn a_client_that_stops_reading_cannot_starve_the_downloads() {
         metric_or_zero(&g, "fieldgate_ota_errors_total{kind=\"busy_per_ip\"}"),
         1.0
     );
+}
+
+/// A device's metadata over its session.
+async fn metadata_of(sess: &mut Session, id: &str) -> Json {
+    sess.send(id, "request", json!({})).await;
+    let (k, p) = sess
+        .expect(id, &["metadata", "error"], WAIT)
+        .await
+        .expect("no answer to request");
+    assert_eq!(k, "metadata", "{}", String::from_utf8_lossy(&p));
+    serde_json::from_slice(&p).unwrap()
+}
+
+/// `chunk/get` of chunk `i`: `Ok(bytes)` or `Err(busy reply)`.
+async fn mqtt_chunk(sess: &mut Session, id: &str, i: u64) -> Result<Vec<u8>, Json> {
+    sess.send(id, "chunk/get", json!({"version": "2.0", "index": i}))
+        .await;
+    let chunk = format!("chunk/{i}");
+    let (k, p) = sess
+        .expect(id, &[chunk.as_str(), "error"], WAIT)
+        .await
+        .expect("no chunk and no error");
+    if k == "error" {
+        let e: Json = serde_json::from_slice(&p).unwrap();
+        assert_eq!(e["code"], "busy", "{e}");
+        return Err(e);
+    }
+    Ok(p)
+}
+
+/// A `Range` GET of chunk `i` from the metadata `url`: `Ok(bytes)` or `Err(503 JSON body)`,
+/// whose `retry_after` equals the `Retry-After` header.
+async fn http_chunk(url: &str, i: u64) -> Result<Vec<u8>, Json> {
+    let range = format!("bytes={}-{}", i * CHUNK, (i + 1) * CHUNK - 1);
+    let (st, head, body) = http_get_head(url, Some(&range)).await.unwrap();
+    match st {
+        206 => Ok(body),
+        503 => {
+            let v: Json = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| panic!("503 without a JSON body: {head}\r\n\r\n{body:?}"));
+            let header: Option<u64> = head_value(&head, "retry-after").and_then(|v| v.parse().ok());
+            assert_eq!(v["code"], "busy", "{v}");
+            assert_eq!(header, v["retry_after"].as_u64(), "{head}\n{v}");
+            Err(v)
+        }
+        st => panic!("HTTP {st}: {head}"),
+    }
+}
+
+/// Asserts a chunk request got `want`, with a short message (not 4 KiB of bytes).
+fn assert_chunk(got: Result<Vec<u8>, Json>, want: Vec<u8>, what: &str) {
+    match got {
+        Ok(b) => assert!(b == want, "{what}: wrong bytes"),
+        Err(e) => panic!("{what}: refused: {e}"),
+    }
+}
+
+/// Asserts a chunk request was refused with `busy` and returns the answer.
+fn assert_wait(got: Result<Vec<u8>, Json>, what: &str) -> Json {
+    match got {
+        Ok(_) => panic!("{what}: got a slot"),
+        Err(e) => e,
+    }
+}
+
+/// The gauge `name` reaches `want` (it is refreshed every 0.5 s).
+async fn wait_gauge(g: &Gateway, name: &str, want: f64) {
+    let ok = eventually(WAIT, || metric_or_zero(g, name) == want).await;
+    assert!(
+        ok,
+        "{name} never {want}:\n{}",
+        g.get("/metrics").unwrap_or_default()
+    );
+}
+
+/// With two download slots: a device that started (over MQTT or HTTP with `?device=`) keeps
+/// its slot across its requests until it reports `done`; a device that finds none is told to
+/// wait with a bounded `retry_after` and its place in line (MQTT `busy` reply; HTTP 503 with
+/// `Retry-After` and a JSON body), and a freed slot goes to the device that asked first, not
+/// to the one that happens to ask next. Then six devices at once in many small requests over
+/// both paths: none is refused mid-download, all wait when told and verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_keeps_its_slot_until_done_and_the_others_wait_their_turn() {
+    let s = setup().await;
+    let img = image(256 * 1024 + 77, 31);
+    let sha = sha256_hex(&img);
+    let fw = FirmwareServer::start(&s.pki, img.clone()).await;
+    // Every device comes from 127.0.0.1: the per-address share must not be what limits them.
+    let g = s
+        .gateway("max_concurrent_downloads = 2\nmax_downloads_per_ip = 6")
+        .await;
+    let c = s.collector().await;
+    let ids: Vec<String> = (0..10).map(|i| format!("q{i}")).collect();
+    roll_out(&c, &g, &upgrade(&img, &fw.url(), &ids)).await;
+    let part = |i: u64| img[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize].to_vec();
+
+    // q0 (MQTT) and q1 (HTTP) take the two slots.
+    let mut a = Session::connect(g.mqtt, "q0").await;
+    metadata_of(&mut a, "q0").await;
+    assert_chunk(
+        mqtt_chunk(&mut a, "q0", 0).await,
+        part(0),
+        "q0 (MQTT) takes a slot",
+    );
+    let mut b = Session::connect(g.mqtt, "q1").await;
+    let b_url = metadata_of(&mut b, "q1").await["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_chunk(
+        http_chunk(&b_url, 0).await,
+        part(0),
+        "q1 (HTTP) takes a slot",
+    );
+    // q2 (HTTP) asks first, then q3 (MQTT): both wait, in that order.
+    let mut cq = Session::connect(g.mqtt, "q2").await;
+    let c_url = metadata_of(&mut cq, "q2").await["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut d = Session::connect(g.mqtt, "q3").await;
+    metadata_of(&mut d, "q3").await;
+    let wc = assert_wait(
+        http_chunk(&c_url, 0).await,
+        "q2 (HTTP) while q0 and q1 hold both slots",
+    );
+    let wd = assert_wait(
+        mqtt_chunk(&mut d, "q3", 0).await,
+        "q3 (MQTT) while q0 and q1 hold both slots",
+    );
+    for w in [&wc, &wd] {
+        let ra = w["retry_after"].as_u64().unwrap_or(0);
+        assert!((1..=30).contains(&ra), "{w}");
+    }
+    assert_eq!(
+        (wc["position"].as_u64(), wd["position"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // The holders go on, many requests each, never refused.
+    for i in 1..8 {
+        assert_chunk(
+            mqtt_chunk(&mut a, "q0", i).await,
+            part(i),
+            &format!("q0 chunk {i}"),
+        );
+        assert_chunk(
+            http_chunk(&b_url, i).await,
+            part(i),
+            &format!("q1 range {i}"),
+        );
+    }
+    // q0 is done: its slot is kept for q2, who asked first, even though q3 asks before it.
+    a.send("q0", "progress", json!({"version": "2.0", "state": "done"}))
+        .await;
+    wait_gauge(&g, "fieldgate_ota_active_downloads", 1.0).await;
+    let wd = assert_wait(
+        mqtt_chunk(&mut d, "q3", 0).await,
+        "q3, second in line, before q2 came back",
+    );
+    assert_eq!(wd["position"].as_u64(), Some(2), "{wd}");
+    assert_chunk(
+        http_chunk(&c_url, 0).await,
+        part(0),
+        "q2, first in line, gets the slot q0 freed",
+    );
+    // q1 is done (over MQTT, though it downloads by HTTP): q3's turn.
+    b.send("q1", "progress", json!({"version": "2.0", "state": "done"}))
+        .await;
+    wait_gauge(&g, "fieldgate_ota_active_downloads", 1.0).await;
+    wait_gauge(&g, "fieldgate_ota_waiting_devices", 1.0).await;
+    assert_chunk(
+        mqtt_chunk(&mut d, "q3", 0).await,
+        part(0),
+        "q3 gets the slot q1 freed",
+    );
+    for (sess, id) in [(&cq, "q2"), (&d, "q3")] {
+        sess.send(
+            id,
+            "progress",
+            json!({"version": "2.0", "state": "failed", "error": "test"}),
+        )
+        .await;
+    }
+    wait_gauge(&g, "fieldgate_ota_active_downloads", 0.0).await;
+    wait_gauge(&g, "fieldgate_ota_waiting_devices", 0.0).await;
+    for sess in [a, b, cq, d] {
+        sess.close().await;
+    }
+
+    // Six devices at once, two slots: 65 ranges of one chunk, or 33 windows of two chunks.
+    let mut tasks = Vec::new();
+    for (i, id) in ids[4..].iter().enumerate() {
+        let via = if i % 2 == 0 { Via::Http } else { Via::Mqtt };
+        let mut o = DeviceOpts::new(id, g.mqtt, via);
+        o.window = if via == Via::Http { CHUNK } else { 2 };
+        o.deadline = Duration::from_secs(240);
+        tasks.push((via, tokio::spawn(run_device(o))));
+    }
+    let mut busy = 0;
+    for (via, t) in tasks {
+        let r = match t.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("{e}\n--- gateway log ---\n{}", g.log_text()),
+            Err(e) => panic!("{e}\n--- gateway log ---\n{}", g.log_text()),
+        };
+        assert_eq!(r.sha256, sha, "{} reassembled a different image", r.id);
+        assert!(r.success, "{} got no success", r.id);
+        let mid: Vec<_> = r.busy.iter().filter(|b| b.started).collect();
+        assert!(mid.is_empty(), "{} was refused mid-download: {mid:?}", r.id);
+        for b in &r.busy {
+            let ra = b.retry_after.unwrap_or(0);
+            assert!((1..=30).contains(&ra), "{}: {}", r.id, b.raw);
+            if via == Via::Http {
+                assert_eq!(b.header, b.retry_after, "{}: {}", r.id, b.raw);
+            }
+        }
+        busy += r.busy.len();
+    }
+    assert!(
+        metric_or_zero(&g, "fieldgate_ota_errors_total{kind=\"busy\"}") >= 2.0 + busy as f64,
+        "every busy answer is counted"
+    );
+    wait_gauge(&g, "fieldgate_ota_active_downloads", 0.0).await;
+    wait_gauge(&g, "fieldgate_ota_waiting_devices", 0.0).await;
+    assert_eq!(fw.requests().len(), 1);
 }

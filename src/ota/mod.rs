@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -270,6 +270,7 @@ impl Ota {
             serve_tx,
             jobs_rx,
             pacer,
+            slots.clone(),
             metrics.clone(),
             ServedTally::new(served_tx),
             serve_stop.clone(),
@@ -290,7 +291,6 @@ impl Ota {
             fetches: JoinSet::new(),
             fetching: HashSet::new(),
             pushed: HashMap::new(),
-            active: HashMap::new(),
             state: State::default(),
             dirty: false,
             served_moved: BTreeSet::new(),
@@ -342,8 +342,6 @@ struct Manager {
     /// MQTT-pushed chunks received so far, per image key (not persisted: after a restart the
     /// cloud pushes again).
     pushed: HashMap<String, BTreeSet<u64>>,
-    /// MQTT downloads holding a slot, with their last request.
-    active: HashMap<String, (OwnedSemaphorePermit, Instant)>,
     state: State,
     dirty: bool,
     /// Devices whose served bytes changed since the last `served` report.
@@ -389,7 +387,28 @@ impl Manager {
             reason,
             request: request.into(),
             index,
+            retry_after: None,
+            position: None,
         };
+        self.send_error(dev, e).await;
+    }
+
+    /// `busy` with when to come back (`retry_after`, seconds) and, when queued, the place.
+    async fn reply_busy(&mut self, dev: &str, w: serve::Wait, reason: String, index: Option<u64>) {
+        self.metrics.ota.error("busy");
+        debug!(device = dev, retry_after = w.retry_after, position = ?w.position, "OTA chunk request must wait");
+        let e = ErrorReply {
+            code: "busy".into(),
+            reason,
+            request: "chunk/get".into(),
+            index,
+            retry_after: Some(w.retry_after),
+            position: w.position,
+        };
+        self.send_error(dev, e).await;
+    }
+
+    async fn send_error(&mut self, dev: &str, e: ErrorReply) {
         let t = self.topic(dev, "error");
         self.publish(t, serde_json::to_vec(&e).unwrap_or_default())
             .await;
@@ -525,9 +544,7 @@ impl Manager {
     }
 
     async fn tick(&mut self) {
-        let now = Instant::now();
-        self.active
-            .retain(|_, (_, last)| now.duration_since(*last) < serve::DOWNLOAD_IDLE);
+        self.slots.expire();
         self.update_gauges();
         if self.dirty {
             self.persist().await;
@@ -537,6 +554,7 @@ impl Manager {
     fn update_gauges(&self) {
         let o = &self.metrics.ota;
         o.active_downloads.set(self.slots.in_use() as i64);
+        o.waiting_devices.set(self.slots.waiting() as i64);
         let bytes: u64 = self
             .state
             .images
@@ -631,6 +649,8 @@ impl Manager {
                     reason: e.to_string(),
                     request: CMD_UPGRADE.into(),
                     index: None,
+                    retry_after: None,
+                    position: None,
                 };
                 self.publish(t, serde_json::to_vec(&reply).unwrap_or_default())
                     .await;
@@ -709,6 +729,8 @@ impl Manager {
                 d.error = None;
                 d.served_mqtt = 0;
                 d.served_http = 0;
+                // Its old rollout ended for it: so does the slot it held for that download.
+                self.slots.release(dev);
             }
         }
         info!(rollout = %rid, image = %key, name = %u.name, version = %u.version, devices = devices.len(), "rollout accepted");
@@ -792,6 +814,7 @@ impl Manager {
             d.received = 0;
             d.served_mqtt = 0;
             d.served_http = 0;
+            self.slots.release(dev);
         }
         match img_state {
             Some((ImageState::Ready, _)) => self.send_metadata(dev).await,
@@ -931,21 +954,16 @@ impl Manager {
             Ok(i) => i,
             Err((code, why)) => return self.reply_error(dev, "chunk/get", code, why, None).await,
         };
-        if !self.active.contains_key(dev) {
-            match self.slots.try_take() {
-                Some(p) => {
-                    self.active.insert(dev.to_string(), (p, Instant::now()));
-                }
-                None => {
-                    let why = format!(
-                        "{} devices are downloading (ota.max_concurrent_downloads); retry in a few seconds",
-                        self.cfg.max_concurrent_downloads
-                    );
-                    return self.reply_error(dev, "chunk/get", "busy", why, None).await;
-                }
-            }
-        } else if let Some(a) = self.active.get_mut(dev) {
-            a.1 = Instant::now();
+        // The device keeps its slot across its requests; without one it waits its turn.
+        if let Err(w) = self.slots.for_device(dev, img.size) {
+            let why = match w.position {
+                Some(p) => format!(
+                    "all {} download slots are taken (ota.max_concurrent_downloads); you are number {p} in line: ask again in {} s",
+                    self.cfg.max_concurrent_downloads, w.retry_after
+                ),
+                None => format!("ask again in {} s", w.retry_after),
+            };
+            return self.reply_busy(dev, w, why, None).await;
         }
         let chunk = self.cfg.chunk_size as u64;
         let total = chunks_of(img.size, chunk);
@@ -972,9 +990,16 @@ impl Manager {
                 queued: Instant::now(),
             };
             if self.jobs.try_send(job).is_err() {
-                let why = "the chunk queue is full; retry in a moment".to_string();
-                self.reply_error(dev, "chunk/get", "busy", why, Some(i))
-                    .await;
+                // The device keeps its slot; only this request is refused.
+                let w = serve::Wait {
+                    why: serve::Busy::All,
+                    retry_after: serve::RETRY_AFTER_MIN,
+                    position: None,
+                };
+                let why =
+                    "the chunk queue is full; ask again for this chunk and the rest in a second"
+                        .to_string();
+                self.reply_busy(dev, w, why, Some(i)).await;
                 break;
             }
             queued = true;
@@ -1029,7 +1054,7 @@ impl Manager {
         }
         d.error = p.error;
         if finished {
-            self.active.remove(dev);
+            self.slots.release(dev);
         }
     }
 
@@ -1046,7 +1071,7 @@ impl Manager {
             Ok(i) => i,
             Err((code, why)) => return self.reply_error(dev, "verify", code, why, None).await,
         };
-        self.active.remove(dev);
+        self.slots.release(dev);
         let ok = v.sha256.eq_ignore_ascii_case(&img.sha256);
         let d = self.device_mut(dev);
         if ok {

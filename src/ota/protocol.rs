@@ -278,9 +278,15 @@ pub struct ErrorReply {
     pub reason: String,
     /// The topic suffix of the request: `request`, `chunk/get`, `progress`, `verify`.
     pub request: String,
-    /// The chunk index concerned, for `out_of_range`.
+    /// The chunk index concerned, for `out_of_range` (and `busy` for a full chunk queue).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub index: Option<u64>,
+    /// `busy`: seconds to wait before asking again (an estimate, 1..=30).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retry_after: Option<u64>,
+    /// `busy`: the device's 1-based place in the queue of devices waiting for a slot.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub position: Option<usize>,
 }
 
 /// How a rollout addresses devices.

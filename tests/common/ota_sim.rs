@@ -326,6 +326,29 @@ pub struct DeviceResult {
     pub success: bool,
     /// The metadata the device followed.
     pub metadata: Json,
+    /// Every `busy` answer (MQTT error reply or HTTP 503) the device got, in order.
+    pub busy: Vec<BusyAnswer>,
+}
+
+/// One `busy` answer, as the device saw it.
+#[derive(Debug, Clone)]
+pub struct BusyAnswer {
+    /// Whether the device had received image bytes already (a refusal mid-download).
+    pub started: bool,
+    /// The `retry_after` of the MQTT reply or of the HTTP JSON body.
+    pub retry_after: Option<u64>,
+    /// The HTTP `Retry-After` header.
+    pub header: Option<u64>,
+    /// The whole answer (JSON reply or body), for a failure message.
+    pub raw: String,
+}
+
+/// How long a device waits after `busy`: `retry_after` when the gateway gave one (at most 60 s:
+/// the device's own bound), else 200 ms.
+fn busy_wait(retry_after: Option<u64>) -> Duration {
+    retry_after.map_or(Duration::from_millis(200), |s| {
+        Duration::from_secs(s.min(60))
+    })
 }
 
 /// A device's MQTT session: client plus the messages on `ota/<id>/#`.
@@ -550,7 +573,14 @@ pub async fn run_device(o: DeviceOpts) -> Result<DeviceResult, String> {
                             if rest == "error" {
                                 let e: Json = serde_json::from_slice(&p).unwrap_or(Json::Null);
                                 if e["code"] == "busy" {
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                    let retry_after = e["retry_after"].as_u64();
+                                    r.busy.push(BusyAnswer {
+                                        started: r.pieces > 0,
+                                        retry_after,
+                                        header: None,
+                                        raw: e.to_string(),
+                                    });
+                                    tokio::time::sleep(busy_wait(retry_after)).await;
                                     let l: Vec<u64> = missing.iter().copied().collect();
                                     s.send(
                                         &id,
@@ -617,8 +647,8 @@ pub async fn run_device(o: DeviceOpts) -> Result<DeviceResult, String> {
                 }
                 let end = (off + o.window).min(size) - 1;
                 let sent = Instant::now();
-                match http_range(&url, off, end).await {
-                    Ok((206, body)) => {
+                match http_get_head(&url, Some(&format!("bytes={off}-{end}"))).await {
+                    Ok((206, _, body)) => {
                         if body.len() as u64 != end - off + 1 {
                             return Err(format!(
                                 "{id}: short range {} of {}",
@@ -632,8 +662,19 @@ pub async fn run_device(o: DeviceOpts) -> Result<DeviceResult, String> {
                         off = end + 1;
                         s.send(&id, "progress", json!({"version": version, "received": off, "total": size, "state": "downloading"})).await;
                     }
-                    Ok((503, _)) => tokio::time::sleep(Duration::from_millis(200)).await,
-                    Ok((st, _)) => return Err(format!("{id}: HTTP {st}")),
+                    Ok((503, head, body)) => {
+                        let v: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
+                        let header = head_value(&head, "retry-after").and_then(|v| v.parse().ok());
+                        let retry_after = v["retry_after"].as_u64();
+                        r.busy.push(BusyAnswer {
+                            started: r.pieces > 0,
+                            retry_after,
+                            header,
+                            raw: String::from_utf8_lossy(&body).into_owned(),
+                        });
+                        tokio::time::sleep(busy_wait(retry_after.or(header))).await;
+                    }
+                    Ok((st, _, _)) => return Err(format!("{id}: HTTP {st}")),
                     Err(e) => return Err(format!("{id}: HTTP {e}")),
                 }
             }
@@ -683,6 +724,24 @@ pub async fn http_range(url: &str, a: u64, b: u64) -> std::io::Result<(u16, Vec<
 
 /// A minimal HTTP/1.1 GET: (status, body). Reads to EOF (the server closes).
 pub async fn http_get(url: &str, range: Option<&str>) -> std::io::Result<(u16, Vec<u8>)> {
+    http_get_head(url, range)
+        .await
+        .map(|(st, _, body)| (st, body))
+}
+
+/// The value of header `name` (any case) in a response head.
+pub fn head_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A minimal HTTP/1.1 GET: (status, response head, body). Reads to EOF (the server closes).
+pub async fn http_get_head(
+    url: &str,
+    range: Option<&str>,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| std::io::Error::other("not http"))?;
@@ -708,7 +767,7 @@ pub async fn http_get(url: &str, range: Option<&str>) -> std::io::Result<(u16, V
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    Ok((status, all[i + 4..].to_vec()))
+    Ok((status, head, all[i + 4..].to_vec()))
 }
 
 /// Percentile of durations (p in 0..=100).
