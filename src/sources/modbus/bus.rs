@@ -753,6 +753,10 @@ impl Bus {
                 }
             }
         }
+        if due.is_empty() {
+            // Only a batch was due: not a poll cycle (its metrics stay as they were).
+            return Ok(());
+        }
         let bus = labels(&[("bus", &self.name)]);
         self.metrics.modbus.cycles.get_or_create(&bus).inc();
         self.metrics
