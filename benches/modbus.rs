@@ -1,7 +1,9 @@
-//! Modbus polling load: 1,000 tags on 10 Modbus TCP devices at 1 s and 100 ms intervals.
+//! Modbus polling load: 1,000 tags on 10 Modbus TCP devices at 1 s and 100 ms intervals,
+//! each published per tag and batched (`publish = "batch"`, one message per device and
+//! poll interval).
 //!
 //! Run: `cargo bench --bench modbus`. Knobs (environment): `FIELDGATE_BENCH_DEVICES` (10),
-//! `FIELDGATE_BENCH_TAGS` (1000, spread evenly), `FIELDGATE_BENCH_SECS` (10, per interval).
+//! `FIELDGATE_BENCH_TAGS` (1000, spread evenly), `FIELDGATE_BENCH_SECS` (10, per run).
 //!
 //! Layout: the devices are tokio-modbus TCP servers in this process, each with a contiguous
 //! register map; per device the tags cycle through u16, i16, u32 (CDAB), f32, f64, i.e. 10
@@ -9,8 +11,11 @@
 //! every reading into its broker (and, as in production, through the uplink tap into its disk
 //! queue; no cloud is configured), and a plain MQTT subscriber here counts what arrives.
 //!
-//! Printed per interval, over a window after a warm-up: read requests answered per second,
-//! tag values received per second by the subscriber, coalesced requests per poll cycle,
+//! Printed per run, over a window after a warm-up: read requests answered per second,
+//! cloud-bound messages per second (records accepted into the disk queue,
+//! `fieldgate_messages_in_total`; with a cloud each is one PUBLISH to it) and, for a batched
+//! run, the ratio to the per-tag run of the same interval; messages received per second by
+//! the subscriber, coalesced requests per poll cycle,
 //! overruns, the gateway's CPU (utime + stime from /proc/<pid>/stat) and its RSS now and
 //! at peak (VmHWM). Every wait is bounded.
 
@@ -42,10 +47,10 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 }
 
 /// One device's register map and its tag config.
-fn device(sim: &Sim, name: &str, port: u16, tags: usize, interval: &str) -> String {
+fn device(sim: &Sim, name: &str, port: u16, tags: usize, interval: &str, mode: &str) -> String {
     let mut cfg = format!(
         "[[modbus]]\nname = \"{name}\"\nhost = \"127.0.0.1:{port}\"\npoll_interval = \"{interval}\"\n\
-         timeout = \"1s\"\n"
+         timeout = \"1s\"\npublish = \"{mode}\"\n"
     );
     let mut addr: u16 = 0;
     for i in 0..tags {
@@ -99,6 +104,7 @@ struct Sample {
     t: Instant,
     cpu: f64,
     reads: f64,
+    queued: f64,
     cycles: f64,
     overruns: f64,
     received: u64,
@@ -111,6 +117,7 @@ fn sample(g: &Gateway, c: &Counter, sims: &[Sim]) -> Sample {
         t: Instant::now(),
         cpu: cpu_secs(g.pid()).unwrap_or(f64::NAN),
         reads: metric_sum(&text, "fieldgate_modbus_reads_total"),
+        queued: metric_sum(&text, "fieldgate_messages_in_total"),
         cycles: metric_sum(&text, "fieldgate_modbus_cycles_total"),
         overruns: metric_sum(&text, "fieldgate_modbus_overruns_total"),
         received: c.n.load(Ordering::Relaxed),
@@ -121,7 +128,8 @@ fn sample(g: &Gateway, c: &Counter, sims: &[Sim]) -> Sample {
     }
 }
 
-async fn scenario(devices: usize, tags: usize, interval: &str, secs: f64) {
+/// One run; returns the cloud-bound messages per second.
+async fn scenario(devices: usize, tags: usize, interval: &str, mode: &str, secs: f64) -> f64 {
     let per = tags / devices.max(1);
     let mut sims = Vec::new();
     let mut servers: Vec<Served> = Vec::new();
@@ -129,7 +137,14 @@ async fn scenario(devices: usize, tags: usize, interval: &str, secs: f64) {
     for d in 0..devices {
         let sim = Sim::new();
         let srv = serve_tcp(sim.clone()).await;
-        modbus.push_str(&device(&sim, &format!("d{d}"), srv.port, per, interval));
+        modbus.push_str(&device(
+            &sim,
+            &format!("d{d}"),
+            srv.port,
+            per,
+            interval,
+            mode,
+        ));
         sims.push(sim);
         servers.push(srv);
     }
@@ -154,19 +169,24 @@ async fn scenario(devices: usize, tags: usize, interval: &str, secs: f64) {
     let cycles_per_dev = (b.cycles - a.cycles) / devices as f64;
     let rss = proc_kib(g.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0;
     let hwm = proc_kib(g.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let cloud = (b.queued - a.queued) / wall;
+    let per_sec = humantime::parse_duration(interval).map_or(1.0, |d| d.as_secs_f64());
+    let ideal = match mode {
+        "batch" => devices as f64 / per_sec,
+        _ => (per * devices) as f64 / per_sec,
+    };
     println!(
-        "interval {interval:>5}: {devices} devices x {per} tags = {} tags, window {wall:.1} s",
+        "interval {interval:>5}, publish {mode:>7}: {devices} devices x {per} tags = {} tags, window {wall:.1} s",
         per * devices
     );
     println!(
-        "  reads/s answered {:>8.0}  (simulators served {:.0}/s)   tag values received/s {:>8.0}  \
-         (ideal {:.0})",
+        "  reads/s answered {:>8.0}  (simulators served {:.0}/s)   messages received/s {:>8.0}  \
+         (ideal {ideal:.0})",
         (b.reads - a.reads) / wall,
         (b.served - a.served) as f64 / wall,
         (b.received - a.received) as f64 / wall,
-        (per * devices) as f64
-            / humantime::parse_duration(interval).map_or(1.0, |d| d.as_secs_f64()),
     );
+    println!("  cloud-bound messages/s (queued records) {cloud:>8.1}");
     println!(
         "  coalesced requests per cycle (all devices) {per_cycle:.0} for {} tags; cycles per device {cycles_per_dev:.1}; overruns {:.0}",
         per * devices,
@@ -184,6 +204,7 @@ async fn scenario(devices: usize, tags: usize, interval: &str, secs: f64) {
         );
     }
     drop(servers);
+    cloud
 }
 
 fn main() {
@@ -206,7 +227,13 @@ fn main() {
     );
     rt.block_on(async {
         for interval in ["1s", "100ms"] {
-            scenario(devices, tags, interval, secs).await;
+            let per_tag = scenario(devices, tags, interval, "per_tag", secs).await;
+            let batch = scenario(devices, tags, interval, "batch", secs).await;
+            println!(
+                "interval {interval:>5}: cloud-bound messages/s per tag {per_tag:.1}, batched \
+                 {batch:.1}: {:.0} times fewer\n",
+                per_tag / batch.max(f64::MIN_POSITIVE)
+            );
         }
     });
 }

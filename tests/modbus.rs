@@ -1452,3 +1452,100 @@ async fn a_multi_coil_tag_reads_as_an_array_and_writes_with_function_15() {
         "nothing more was written"
     );
 }
+
+/// Issue 13, item 11: `publish = "batch"` sends one message per `publish_interval` holding
+/// every tag of the device (value, quality, error of a failing tag, unit), no per-tag
+/// messages; writes on `<tag topic>/set` still work, the status topic is unchanged, and the
+/// batches are what reaches the cloud path (queued records).
+#[tokio::test]
+async fn batch_mode_publishes_every_tag_in_one_message_and_queues_it() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[5]);
+    sim.set_holding(1, 10, &[215]);
+    sim.set_holding(1, 20, &layout(&std::f32::consts::PI.to_be_bytes(), "ABCD"));
+    let srv = serve_tcp(sim.clone()).await;
+    // Only batches are forwarded, so every queued record is one.
+    let modbus = format!(
+        "[uplink]\nforward = [\"field/+/batch\"]\n\
+         [[modbus]]\nname = \"b\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\ntimeout = \"5s\"\n\
+         publish = \"batch\"\npublish_interval = \"200ms\"\n\
+         [[modbus.tags]]\nname = \"power\"\naddress = 0\nunit = \"W\"\n\
+         [[modbus.tags]]\nname = \"setpoint\"\naddress = 10\ntype = \"i16\"\nscale = 0.1\nunit = \"degC\"\nwritable = true\n\
+         [[modbus.tags]]\nname = \"pi\"\naddress = 20\ntype = \"f32\"\n\
+         [[modbus.tags]]\nname = \"broken\"\naddress = 500\n",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    let b = sub
+        .wait_last(&g, "field/b/batch", |v| v["values"].is_object())
+        .await;
+    // The f32 as on its tag topic: the shortest decimal that reads back as the same f32.
+    assert_eq!(b["values"]["pi"].to_string(), "3.1415927", "{b}");
+    let mut values = b["values"].clone();
+    values.as_object_mut().map(|m| m.remove("pi"));
+    assert_eq!(
+        values,
+        json!({"power":5,"setpoint":21.5,"broken":null}),
+        "{b}"
+    );
+    assert_eq!(
+        b["quality"],
+        json!({"power":"good","setpoint":"good","pi":"good","broken":"exception"}),
+        "{b}"
+    );
+    assert_eq!(
+        b["errors"],
+        json!({"broken":"illegal data address (exception 2)"}),
+        "{b}"
+    );
+    assert_eq!(b["units"], json!({"power":"W","setpoint":"degC"}), "{b}");
+    assert!(b["ts"].as_u64().is_some_and(|t| t > 0), "{b}");
+    // The status topic is as in per-tag mode.
+    let st = sub
+        .wait_last(&g, "field/b/status", |v| v["state"] == "degraded")
+        .await;
+    assert_eq!(st["failing"][0]["tag"], "broken", "{st}");
+
+    // Writes on the tag's set topic work; the next batches carry the new value.
+    sub.publish("field/b/setpoint/set", r#"{"value":22.5,"id":"w1"}"#)
+        .await;
+    let r = sub
+        .wait_last(&g, "field/b/setpoint/set/result", |v| v["id"] == "w1")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(sim.holding(1, 10, 1), [Some(225)]);
+    sub.wait_last(&g, "field/b/batch", |v| v["values"]["setpoint"] == 22.5)
+        .await;
+
+    // Several batches, and never a per-tag message.
+    let deadline = Instant::now() + WAIT;
+    while sub.on("field/b/batch").len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 batches\n{}",
+            g.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for tag in ["power", "setpoint", "pi", "broken"] {
+        assert!(
+            sub.on(&format!("field/b/{tag}")).is_empty(),
+            "per-tag message on field/b/{tag} in batch mode"
+        );
+    }
+    // Each batch is a record on the cloud path: at least as many as the subscriber saw.
+    let seen = sub.on("field/b/batch").len() as f64;
+    let ok = eventually(WAIT, || {
+        g.metric("fieldgate_messages_in_total") >= seen
+            && g.metric("fieldgate_queue_records") >= seen
+    })
+    .await;
+    assert!(
+        ok,
+        "{seen} batches seen\n{}",
+        g.get("/metrics").unwrap_or_default()
+    );
+}

@@ -21,6 +21,11 @@
 //!   request per backoff period and never stops the other units;
 //! - a poll cycle that ends after its next one was due is an overrun: counted, logged (at most
 //!   once a minute per bus), and the missed slots are skipped, not queued up.
+//! - `publish = "batch"`: a device's readings are kept (the latest per tag, any quality),
+//!   never published per tag; its batch is published every `publish_interval`, after the
+//!   polls of the cycle it falls in, on its own schedule next to the poll groups' (a missed
+//!   batch slot is skipped like a missed poll). Failing tags, the status and writes work as
+//!   in per-tag mode.
 //!
 //! Device state: `Unknown -> Online | Offline`, `Online <-> Offline`. An exception answer
 //! keeps a device online (it answered). The retained status is derived from the state and
@@ -44,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{self, Encoded, Format, Value};
-use super::config::{ModbusDeviceConfig, Parity, RegisterKind, TagConfig, Transport};
+use super::config::{ModbusDeviceConfig, Parity, PublishMode, RegisterKind, TagConfig, Transport};
 use super::plan::{self, Limits, Read, Span};
 use super::publish::{self, Failing, Quality, Status};
 use crate::metrics::Metrics;
@@ -398,6 +403,23 @@ struct Tag {
     last: Option<(Option<Value>, Quality)>,
     /// When a reading was published last (to repeat a bad one, see `bad_repeat`).
     last_at: Option<Instant>,
+    /// Batch mode: the latest reading, whatever its quality, for the next batch.
+    latest: Option<Latest>,
+}
+
+/// The latest reading of a tag (batch mode).
+struct Latest {
+    value: Option<Value>,
+    quality: Quality,
+    error: Option<String>,
+    ts: u64,
+}
+
+/// `publish = "batch"`: where and when the device's batch goes.
+struct Batch {
+    topic: String,
+    interval: Duration,
+    next_due: Instant,
 }
 
 struct Group {
@@ -429,6 +451,8 @@ struct Device {
     failing: BTreeMap<usize, (Quality, String)>,
     /// The status last published (without its `ts`), to publish only changes.
     published: Option<Vec<u8>>,
+    /// `Some` in batch mode: the tags' readings go into one message per interval.
+    batch: Option<Batch>,
 }
 
 /// A bus ready to run: its devices, its line, and the topics it answers writes on.
@@ -507,6 +531,7 @@ impl Bus {
                     topic,
                     last: None,
                     last_at: None,
+                    latest: None,
                 });
             }
             // One wildcard filter when `{tag}` is a whole topic level, else one per tag.
@@ -565,6 +590,11 @@ impl Bus {
                 status_topic: d.status_topic(gateway_id),
                 failing: BTreeMap::new(),
                 published: None,
+                batch: (d.publish == PublishMode::Batch).then(|| Batch {
+                    topic: d.batch_topic(gateway_id),
+                    interval: d.publish_interval(),
+                    next_due: now,
+                }),
                 cfg: d.clone(),
             });
         }
@@ -657,7 +687,12 @@ impl Bus {
     fn next_due(&self) -> Instant {
         self.devices
             .iter()
-            .flat_map(|d| d.groups.iter().map(|g| g.next_due))
+            .flat_map(|d| {
+                d.groups
+                    .iter()
+                    .map(|g| g.next_due)
+                    .chain(d.batch.as_ref().map(|b| b.next_due))
+            })
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
     }
@@ -683,6 +718,16 @@ impl Bus {
         for (di, _, tags) in &due {
             requests += self.poll_device(tx, *di, tags).await?;
         }
+        // Batches after the polls, so a batch due with a poll carries that poll's readings.
+        for di in 0..self.devices.len() {
+            if self.devices[di]
+                .batch
+                .as_ref()
+                .is_some_and(|b| b.next_due <= start)
+            {
+                self.publish_batch(tx, di).await?;
+            }
+        }
         let end = Instant::now();
         let mut overran = false;
         for (di, groups, _) in &due {
@@ -696,6 +741,21 @@ impl Bus {
                     g.next_due += g.interval * u32::try_from(skip).unwrap_or(u32::MAX);
                 }
             }
+        }
+        for d in &mut self.devices {
+            if let Some(b) = d.batch.as_mut().filter(|b| b.next_due <= start) {
+                // Missed batches are skipped, not sent in a burst.
+                b.next_due += b.interval;
+                if b.next_due <= end {
+                    let behind = (end - b.next_due).as_nanos();
+                    let skip = behind / b.interval.as_nanos().max(1) + 1;
+                    b.next_due += b.interval * u32::try_from(skip).unwrap_or(u32::MAX);
+                }
+            }
+        }
+        if due.is_empty() {
+            // Only a batch was due: not a poll cycle (its metrics stay as they were).
+            return Ok(());
         }
         let bus = labels(&[("bus", &self.name)]);
         self.metrics.modbus.cycles.get_or_create(&bus).inc();
@@ -926,6 +986,16 @@ impl Bus {
                 .get_or_create(&labels(&[("device", &d.cfg.name), ("tag", &tag.cfg.name)]))
                 .inc();
         }
+        if d.batch.is_some() {
+            // Batch mode: kept for the next batch, never published on its own.
+            tag.latest = Some(Latest {
+                value,
+                quality,
+                error,
+                ts,
+            });
+            return Ok(());
+        }
         let now = Instant::now();
         let changed = publish::changed(
             tag.cfg.on_change,
@@ -957,6 +1027,42 @@ impl Bus {
                 .map_err(|e| BusError::Broker(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Publishes device `di`'s batch: the latest reading of every tag read so far (nothing
+    /// before the first reading).
+    async fn publish_batch(&mut self, tx: &mut LocalTx, di: usize) -> Result<(), BusError> {
+        let d = &self.devices[di];
+        let Some(b) = &d.batch else {
+            return Ok(());
+        };
+        let entries: Vec<publish::Entry<'_>> = d
+            .tags
+            .iter()
+            .filter_map(|t| {
+                let l = t.latest.as_ref()?;
+                Some(publish::Entry {
+                    tag: &t.cfg.name,
+                    value: l.value.as_ref(),
+                    quality: l.quality,
+                    error: l.error.as_deref(),
+                    unit: &t.cfg.unit,
+                })
+            })
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let ts = d
+            .tags
+            .iter()
+            .filter_map(|t| t.latest.as_ref().map(|l| l.ts))
+            .max()
+            .unwrap_or_else(publish::now_ms);
+        let payload = publish::batch(&entries, ts);
+        tx.publish(&b.topic, payload, d.cfg.retain)
+            .await
+            .map_err(|e| BusError::Broker(e.to_string()))
     }
 
     /// Updates the device's reachability (backoff, metric, log); the status topic follows

@@ -9,7 +9,10 @@
 //! - RTU devices naming the same `serial_port` agree on its line settings and use distinct
 //!   unit ids, so they can share one bus task; RTU-over-TCP devices naming the same `host`
 //!   (one converter, one serial line) use distinct unit ids and one request at a time;
-//! - topics expand to valid, distinct MQTT topic names.
+//! - topics (tag, status and batch topics) expand to valid, distinct MQTT topic names;
+//! - with `publish = "batch"`: the payload is `json`, no tag has `on_change` or `deadband`
+//!   (every batch holds every tag), the batch topic has no `{tag}`; `publish_interval` is
+//!   only set in batch mode.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -57,6 +60,18 @@ pub enum PayloadFormat {
     /// The value alone as text (`21.5`, `true`, `"text"` unquoted). Bad readings are not
     /// published; the status topic carries the error.
     Raw,
+}
+
+/// How a device's readings are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    /// One message per tag reading, on the tag topic.
+    #[default]
+    PerTag,
+    /// One message per `publish_interval` on `batch_topic`, holding the latest reading of
+    /// every tag of the device.
+    Batch,
 }
 
 /// Register kind of a tag.
@@ -170,7 +185,21 @@ pub struct ModbusDeviceConfig {
     pub command_prefix: String,
     /// `json` or `raw`.
     pub payload: PayloadFormat,
-    /// Publish tag values retained (a new subscriber gets the last value at once).
+    /// `per_tag`: one message per tag reading on its tag topic. `batch`: one message per
+    /// `publish_interval` on `batch_topic` with the latest value and quality of every tag.
+    pub publish: PublishMode,
+    /// `publish = "batch"`: the batch topic; `{device}` and `{gateway_id}` are replaced.
+    pub batch_topic: String,
+    /// `publish = "batch"`: how often the batch is published. Default (absent): the
+    /// device's `poll_interval`.
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub publish_interval: Option<Duration>,
+    /// Publish tag values (in batch mode: the batch) retained (a new subscriber gets the
+    /// last value at once).
     pub retain: bool,
     /// Without `retain`: a tag that stays bad publishes its bad reading again at most this
     /// often (a subscriber that came after the first failure sees it). `"0s"`: only when
@@ -213,6 +242,9 @@ impl Default for ModbusDeviceConfig {
             status_topic: "field/{device}/status".into(),
             command_prefix: "cmd/".into(),
             payload: PayloadFormat::Json,
+            publish: PublishMode::PerTag,
+            batch_topic: "field/{device}/batch".into(),
+            publish_interval: None,
             retain: false,
             bad_repeat: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
@@ -338,6 +370,18 @@ impl ModbusDeviceConfig {
             .replace("{gateway_id}", gateway_id)
             .replace("{device}", &self.name)
             .replace("{tag}", tag)
+    }
+
+    /// The expanded batch topic.
+    pub fn batch_topic(&self, gateway_id: &str) -> String {
+        self.batch_topic
+            .replace("{gateway_id}", gateway_id)
+            .replace("{device}", &self.name)
+    }
+
+    /// How often the batch is published (`publish = "batch"`).
+    pub fn publish_interval(&self) -> Duration {
+        self.publish_interval.unwrap_or(self.poll_interval)
     }
 
     /// The expanded status topic.
@@ -580,6 +624,7 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
                 }
             }
         }
+        validate_publish(&mut p, &k, d, gateway_id, &mut topics);
         if d.tags.is_empty() {
             p.push(problem(
                 format!("{k}.tags"),
@@ -607,6 +652,68 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
         }
     }
     p
+}
+
+/// `publish`, `batch_topic`, `publish_interval`, and the keys that mean nothing in batch mode.
+fn validate_publish(
+    p: &mut Vec<Problem>,
+    k: &str,
+    d: &ModbusDeviceConfig,
+    gateway_id: &str,
+    topics: &mut HashMap<String, String>,
+) {
+    if d.publish == PublishMode::PerTag {
+        if d.publish_interval.is_some() {
+            p.push(problem(
+                format!("{k}.publish_interval"),
+                "only with publish = \"batch\" (per tag, readings are published as they are \
+                 polled); remove it or set publish = \"batch\"",
+            ));
+        }
+        return;
+    }
+    if let Some(i) = d.publish_interval {
+        if i < Duration::from_millis(10) {
+            p.push(problem(
+                format!("{k}.publish_interval"),
+                "must be at least 10ms; e.g. \"10s\"",
+            ));
+        }
+    }
+    if d.payload == PayloadFormat::Raw {
+        p.push(problem(
+            format!("{k}.payload"),
+            "a batch is a JSON object; remove payload = \"raw\" or use publish = \"per_tag\"",
+        ));
+    }
+    if d.batch_topic.contains("{tag}") {
+        p.push(problem(
+            format!("{k}.batch_topic"),
+            "one topic for the whole device: no {tag}; e.g. \"field/{device}/batch\"",
+        ));
+        return;
+    }
+    let bt = d.batch_topic(gateway_id);
+    match topic::validate_topic(&bt) {
+        Err(e) => p.push(problem(format!("{k}.batch_topic"), format!("{bt:?}: {e}"))),
+        Ok(()) => {
+            if let Some(other) = topics.insert(bt.clone(), format!("{k}.batch_topic")) {
+                p.push(problem(
+                    format!("{k}.batch_topic"),
+                    format!("{bt:?} is also the topic of {other}; give each its own"),
+                ));
+            }
+        }
+    }
+    for (j, t) in d.tags.iter().enumerate() {
+        if t.on_change || t.deadband != 0.0 {
+            p.push(problem(
+                format!("{k}.tags[{j}].on_change"),
+                "publish = \"batch\" sends every tag in each batch, every publish_interval; \
+                 remove on_change and deadband, or use publish = \"per_tag\"",
+            ));
+        }
+    }
 }
 
 fn validate_tag(
@@ -984,6 +1091,60 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "{want} missing from {p:#?}");
         }
+    }
+
+    #[test]
+    fn batch_mode_keys_are_checked() {
+        let d = dev(r#"
+            [[modbus]]
+            name = "a"
+            host = "127.0.0.1:502"
+            publish = "batch"
+            [[modbus.tags]]
+            name = "x"
+        "#);
+        assert_eq!(validate(&d, "gw"), vec![]);
+        assert_eq!(d[0].batch_topic("gw"), "field/a/batch");
+        assert_eq!(d[0].publish_interval(), d[0].poll_interval);
+        let d = dev(r#"
+            [[modbus]]
+            name = "a"
+            host = "127.0.0.1:502"
+            publish = "batch"
+            publish_interval = "1ms"
+            payload = "raw"
+            [[modbus.tags]]
+            name = "batch"
+            [[modbus.tags]]
+            name = "y"
+            on_change = true
+            [[modbus]]
+            name = "b"
+            host = "127.0.0.1:503"
+            publish = "batch"
+            batch_topic = "field/{tag}"
+            [[modbus.tags]]
+            name = "x"
+            [[modbus]]
+            name = "c"
+            host = "127.0.0.1:504"
+            publish_interval = "10s"
+            [[modbus.tags]]
+            name = "x"
+        "#);
+        let p = validate(&d, "gw");
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "modbus[0].publish_interval",
+            "modbus[0].payload",
+            "modbus[0].tags[0].name",
+            "modbus[0].tags[1].on_change",
+            "modbus[1].batch_topic",
+            "modbus[2].publish_interval",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {p:#?}");
+        }
+        assert_eq!(p.len(), 6, "{p:#?}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! A bus is one TCP device, every RTU device on one serial port, or every RTU-over-TCP
 //! device behind one serial-to-Ethernet converter (`host`): one task owns each line and
 //! serialises its requests ([`bus`]). [`plan`] coalesces due tags into the fewest reads,
-//! [`codec`] turns registers into values and back, [`publish`] is the MQTT contract, and
+//! [`codec`] turns registers into values and back, [`publish`] is the MQTT contract (one
+//! message per tag reading, or with `publish = "batch"` one per device and interval), and
 //! [`probe`] is the `fieldgate modbus probe` command.
 //!
 //! Cloud commands: the bridge republishes `fieldgate/<id>/cmd/<rest>` locally as

@@ -4,6 +4,12 @@
 //!   `{"value":21.5,"ts":1712345678901,"quality":"good","unit":"degC"}`; when a reading
 //!   failed, `{"value":null,"ts":..,"quality":"exception","error":"illegal data address"}`.
 //!   `payload = "raw"`: the value alone as text, nothing when the reading failed.
+//! - batch (`publish = "batch"`), on the batch topic (`field/{device}/batch` by default),
+//!   every `publish_interval`, instead of the tag values ([`batch`]):
+//!   `{"ts":..,"values":{"power":21.5,"broken":null},"quality":{"power":"good","broken":
+//!   "exception"},"errors":{"broken":".."},"units":{"power":"W"}}`; every tag read so far,
+//!   its value formatted exactly as on its tag topic; `errors` only for tags that are not
+//!   good, `units` only for tags with a unit (either key absent when empty).
 //! - device status, retained, on the status topic: `{"state":"online","ts":..}`,
 //!   `{"state":"degraded","ts":..,"failing":[{"tag":"..","quality":"exception","error":".."}]}`
 //!   (the device answers, but some of its tags fail) or
@@ -94,6 +100,51 @@ pub fn reading(
             Some(Json::Object(m).to_string().into_bytes())
         }
     }
+}
+
+/// The latest reading of one tag, as a batch carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// Tag name (the key in `values`, `quality`, ...).
+    pub tag: &'a str,
+    /// The value; `None` when the reading failed.
+    pub value: Option<&'a Value>,
+    /// Its quality.
+    pub quality: Quality,
+    /// Why it is not good.
+    pub error: Option<&'a str>,
+    /// The tag's unit, empty for none.
+    pub unit: &'a str,
+}
+
+/// The payload of a batch: the latest reading of every tag given (keys sorted by name).
+pub fn batch(entries: &[Entry<'_>], ts: u64) -> Vec<u8> {
+    let (mut values, mut quality, mut errors, mut units) =
+        (Map::new(), Map::new(), Map::new(), Map::new());
+    for e in entries {
+        values.insert(
+            e.tag.into(),
+            e.value.map(Value::to_json).unwrap_or(Json::Null),
+        );
+        quality.insert(e.tag.into(), e.quality.as_str().into());
+        if e.quality != Quality::Good {
+            errors.insert(e.tag.into(), e.error.unwrap_or_default().into());
+        }
+        if !e.unit.is_empty() {
+            units.insert(e.tag.into(), e.unit.into());
+        }
+    }
+    let mut m = Map::new();
+    m.insert("ts".into(), ts.into());
+    m.insert("values".into(), Json::Object(values));
+    m.insert("quality".into(), Json::Object(quality));
+    if !errors.is_empty() {
+        m.insert("errors".into(), Json::Object(errors));
+    }
+    if !units.is_empty() {
+        m.insert("units".into(), Json::Object(units));
+    }
+    Json::Object(m).to_string().into_bytes()
 }
 
 /// Whether a reading is published, given what was published last for the tag.
@@ -291,6 +342,47 @@ mod tests {
         assert_eq!(
             reading(PayloadFormat::Raw, None, Quality::Timeout, None, "", 7),
             None
+        );
+    }
+
+    #[test]
+    fn batch_payload_holds_every_tag() {
+        let (p, pi) = (Value::U64(5), Value::F64(21.25));
+        let e = [
+            Entry {
+                tag: "power",
+                value: Some(&p),
+                quality: Quality::Good,
+                error: None,
+                unit: "W",
+            },
+            Entry {
+                tag: "pi",
+                value: Some(&pi),
+                quality: Quality::Good,
+                error: None,
+                unit: "",
+            },
+            Entry {
+                tag: "broken",
+                value: None,
+                quality: Quality::Exception,
+                error: Some("illegal data address (exception 2)"),
+                unit: "",
+            },
+        ];
+        let b: Json = serde_json::from_slice(&batch(&e, 7)).expect("json");
+        assert_eq!(
+            b,
+            json!({"ts":7,"values":{"power":5,"pi":21.25,"broken":null},
+                "quality":{"power":"good","pi":"good","broken":"exception"},
+                "errors":{"broken":"illegal data address (exception 2)"},
+                "units":{"power":"W"}})
+        );
+        let b: Json = serde_json::from_slice(&batch(&e[1..2], 7)).expect("json");
+        assert_eq!(
+            b,
+            json!({"ts":7,"values":{"pi":21.25},"quality":{"pi":"good"}})
         );
     }
 
