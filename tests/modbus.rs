@@ -1549,3 +1549,51 @@ async fn batch_mode_publishes_every_tag_in_one_message_and_queues_it() {
         g.get("/metrics").unwrap_or_default()
     );
 }
+
+/// Issue 13, item 12: the tags `fieldgate modbus import` makes from a vendor's CSV read a
+/// real device as the list says (classic numbering, a vendor type name, word order, a
+/// decimal comma, a coil and an input register).
+#[tokio::test]
+async fn imported_tags_read_the_device_as_the_vendor_list_says() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &layout(&230.5f32.to_be_bytes(), "CDAB"));
+    sim.with(1, |u| {
+        u.input.insert(10, 2155);
+        u.coils.insert(0, true);
+    });
+    let srv = serve_tcp(sim.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("meter.csv");
+    std::fs::write(
+        &csv,
+        "Tag Name;Register;Data Type;Byte Order;Scale Factor;Units;Description\n\
+         voltage;40001;FLOAT32;CDAB;;V;\"L1; RMS\"\n\
+         temp;30011;UINT16;;0,01;degC;\n\
+         pump;00001;;;;;\n",
+    )
+    .unwrap();
+    let out = fieldgate(&["modbus", "import", csv.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tags = String::from_utf8(out.stdout).unwrap();
+    let modbus = format!(
+        "[[modbus]]\nname = \"imp\"\nhost = \"127.0.0.1:{}\"\ntimeout = \"5s\"\n\
+         poll_interval = \"100ms\"\n{tags}",
+        srv.port
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let sub = Sub::start(g.mqtt, "field/#").await;
+    let good = |v: &Json| v["quality"] == "good";
+    let v = sub.wait_last(&g, "field/imp/voltage", good).await;
+    assert_eq!(v["value"].as_f64(), Some(230.5), "{v}");
+    assert_eq!(v["unit"], "V", "{v}");
+    let t = sub.wait_last(&g, "field/imp/temp", good).await;
+    assert_eq!(t["value"].as_f64(), Some(21.55), "{t}");
+    let p = sub.wait_last(&g, "field/imp/pump", good).await;
+    assert_eq!(p["value"], true, "{p}");
+}
