@@ -151,6 +151,28 @@ fn metric(metrics: &Metrics, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Appends one cloud-bound record and waits until an fsync covers it, as a device session
+/// waits before its PUBACK.
+async fn append_durable(
+    j: &Journal,
+    durable: &mut tokio::sync::watch::Receiver<u64>,
+    topic: String,
+    payload: &Bytes,
+) {
+    let e = Entry {
+        topic,
+        payload: payload.clone(),
+        retain: false,
+        keep: None,
+        queue: true,
+        ts_ms: 0,
+    };
+    let t = j.append(e).await.unwrap();
+    while *durable.borrow_and_update() < t {
+        durable.changed().await.unwrap();
+    }
+}
+
 /// The journal thread over `store`, and the token that stops it.
 fn start_journal(
     store: &Arc<Store>,
@@ -218,18 +240,7 @@ fn main() {
                 let mut lat = Vec::with_capacity(mine as usize);
                 for _ in 0..mine {
                     let t0 = Instant::now();
-                    let e = Entry {
-                        topic: format!("dev/{w}/data"),
-                        payload: payload.clone(),
-                        retain: false,
-                        keep: None,
-                        queue: true,
-                        ts_ms: 0,
-                    };
-                    let t = j.append(e).await.unwrap();
-                    while *durable.borrow_and_update() < t {
-                        durable.changed().await.unwrap();
-                    }
+                    append_durable(&j, &mut durable, format!("dev/{w}/data"), &payload).await;
                     lat.push(t0.elapsed().as_secs_f64() * 1000.0);
                 }
                 lat
@@ -337,18 +348,7 @@ fn main() {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for _ in 0..paced {
             tick.tick().await;
-            let e = Entry {
-                topic: "dev/paced/data".into(),
-                payload: payload.clone(),
-                retain: false,
-                keep: None,
-                queue: true,
-                ts_ms: 0,
-            };
-            let t = j.append(e).await.unwrap();
-            while *durable.borrow_and_update() < t {
-                durable.changed().await.unwrap();
-            }
+            append_durable(&j, &mut durable, "dev/paced/data".into(), &payload).await;
         }
     });
     let journal_cpu = tid.map_or(f64::NAN, thread_cpu_s) - cpu_before;

@@ -18,7 +18,7 @@
 //! - what is outstanding or waiting ends with the connection (a resumed session gets the
 //!   retained messages again by subscribing again).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4;
@@ -78,6 +78,10 @@ impl RetainedOut {
 
     /// A live message on `topic` went to the device: waiting retained ones of it are older.
     pub fn superseded(&mut self, topic: &str) {
+        // The usual case, on every live delivery: nothing waits.
+        if self.waiting.is_empty() {
+            return;
+        }
         if self.waiting_topics.remove(topic).is_some() {
             self.waiting.retain(|(t, _, _)| t != topic);
         }
@@ -162,19 +166,20 @@ pub fn merge(
 ) -> Vec<(String, QoS, Bytes)> {
     let mut best: HashMap<String, (QoS, Bytes)> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
-    let mut seen = HashSet::new();
     for (granted, msgs) in per_filter {
         for (topic, kept, payload) in msgs {
-            let q = qos(kept.min(granted as u8));
+            // The kept QoS is at most 2 (the ingest's retained set clamps it).
+            let q = rumqttc::mqttbytes::qos(kept.min(granted as u8)).unwrap_or(QoS::ExactlyOnce);
             match best.get_mut(&topic) {
-                Some(slot) if (slot.0 as u8) < (q as u8) => slot.0 = q,
-                Some(_) => {}
-                None => {
-                    best.insert(topic.clone(), (q, payload));
+                Some(slot) => {
+                    if slot.0 < q {
+                        slot.0 = q;
+                    }
                 }
-            }
-            if seen.insert(topic.clone()) {
-                order.push(topic);
+                None => {
+                    order.push(topic.clone());
+                    best.insert(topic, (q, payload));
+                }
             }
         }
     }
@@ -182,14 +187,6 @@ pub fn merge(
         .into_iter()
         .filter_map(|t| best.remove(&t).map(|(q, p)| (t, q, p)))
         .collect()
-}
-
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
 use super::retained_out::{self, Answer, RetainedOut};
-use super::sessions::{Filters, Granted};
+use super::sessions::{any_lowered, Filters, Granted};
 use super::upacks::{Ack, UpAcks};
 use super::{upstream, Context};
 use crate::bridge::pacing::TokenBucket;
@@ -519,7 +519,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         ctx: ctx.clone(),
         id,
         audience_key,
-        lowered: filters.values().any(|g| g.device < g.upstream),
+        lowered: any_lowered(&filters),
         filters,
         internal: HashSet::new(),
         next_internal: 1,
@@ -956,7 +956,7 @@ impl Relay {
                 for f in &u.topics {
                     self.filters.remove(f);
                 }
-                self.lowered = self.filters.values().any(|g| g.device < g.upstream);
+                self.lowered = any_lowered(&self.filters);
                 for f in &u.topics {
                     self.ctx.ingest.audience().remove(&self.audience_key, f);
                 }
@@ -1185,7 +1185,7 @@ impl Relay {
                         *slot = Some(c);
                     }
                 }
-                self.lowered = self.filters.values().any(|g| g.device < g.upstream);
+                self.lowered = any_lowered(&self.filters);
                 let codes = codes
                     .into_iter()
                     .map(|c| c.unwrap_or(v4::SubscribeReasonCode::Failure))
@@ -1286,13 +1286,10 @@ impl Relay {
         // A live message is newer than a retained one of its topic still waiting to go.
         self.retained_out.superseded(&p.topic);
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
-        let mut want = origin.map_or(delivered, |o| {
-            if (o as u8) < (delivered as u8) {
-                o
-            } else {
-                delivered
-            }
-        });
+        let mut want = match origin {
+            Some(o) if o < delivered => o,
+            _ => delivered,
+        };
         if self.lowered {
             // Subscribed again at a lower QoS than rumqttd's subscription: the best QoS any
             // of the session's filters matching the topic grants now.
@@ -1300,14 +1297,10 @@ impl Relay {
                 .filters
                 .iter()
                 .filter(|(f, _)| topic::matches(f, &p.topic))
-                .map(|(_, g)| g.device as u8)
-                .max();
-            if let Some(g) = granted.filter(|g| *g < want as u8) {
-                want = if g == 0 {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
-                };
+                .map(|(_, g)| g.device)
+                .reduce(|a, b| if b > a { b } else { a });
+            if let Some(g) = granted.filter(|g| *g < want) {
+                want = g;
             }
         }
         if want == delivered {

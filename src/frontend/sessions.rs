@@ -69,6 +69,11 @@ pub struct Granted {
 /// A session's filters.
 pub type Filters = HashMap<String, Granted>;
 
+/// Whether some filter's device QoS is below rumqttd's (the front end lowers deliveries).
+pub fn any_lowered(filters: &Filters) -> bool {
+    filters.values().any(|g| g.device < g.upstream)
+}
+
 /// The identity a client id's session belongs to, while the session exists.
 struct Owner {
     /// Username or certificate name; None: anonymous.

@@ -297,15 +297,22 @@ pub fn tags(text: &str) -> Result<Vec<TagConfig>, ImportError> {
         ..ModbusDeviceConfig::default()
     };
     for p in validate(&[device], "import") {
-        let text = p.to_string();
-        // "modbus[0].tags[N].key: ..." -> the line of tag N.
-        let line = text
+        // Key "modbus[0].tags[N].key" -> the line of tag N.
+        let line = p
+            .key
             .strip_prefix("modbus[0].tags[")
             .and_then(|r| r.split_once(']'))
             .and_then(|(n, rest)| Some((lines.get(n.parse::<usize>().ok()?)?, rest)));
         problems.push(match line {
-            Some((line, rest)) => format!("line {line}: {}", rest.trim_start_matches('.')),
-            None => text,
+            Some((line, "")) => format!("line {line}: {}", p.message),
+            Some((line, rest)) => {
+                format!(
+                    "line {line}: {}: {}",
+                    rest.trim_start_matches('.'),
+                    p.message
+                )
+            }
+            None => p.to_string(),
         });
     }
     if problems.is_empty() {
