@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fieldgate::config::StoreConfig;
-use fieldgate::metrics::Metrics;
 use fieldgate::store::journal::{self, Entry, Journal};
+use fieldgate::store::metrics::StoreMetrics;
 use fieldgate::store::Store;
 use fieldgate::watchdog::Heartbeat;
 use tokio_util::sync::CancellationToken;
@@ -141,16 +141,6 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The value of an unlabelled metric, NaN when absent.
-fn metric(metrics: &Metrics, name: &str) -> f64 {
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// Appends one cloud-bound record and waits until an fsync covers it, as a device session
 /// waits before its PUBACK.
 async fn append_durable(
@@ -176,7 +166,7 @@ async fn append_durable(
 /// The journal thread over `store`, and the token that stops it.
 fn start_journal(
     store: &Arc<Store>,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<StoreMetrics>,
 ) -> (Journal, std::thread::JoinHandle<()>, CancellationToken) {
     let stop = CancellationToken::new();
     let (j, thread) = journal::spawn(
@@ -225,7 +215,7 @@ fn main() {
     );
 
     // 1. Fill.
-    let metrics = Metrics::new();
+    let metrics = StoreMetrics::new();
     let store = Arc::new(Store::open(&dir, &cfg, metrics.clone()).unwrap());
     let (j, thread, stop) = start_journal(&store, &metrics);
     let payload = Bytes::from(vec![b'x'; size]);
@@ -254,7 +244,7 @@ fn main() {
     });
     let fill = started.elapsed().as_secs_f64();
     let mut lat = lat;
-    let commits = metric(&metrics, "fieldgate_store_commits_total");
+    let commits = metrics.store_commits.get() as f64;
     println!(
         "fill:    {:>10.0} durable appends/s  ({:.2} s; {:.0} fsyncs/s, {:.1} records per commit; \
          append->durable p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms)",
@@ -284,7 +274,7 @@ fn main() {
 
     // 3. Recover.
     let t0 = Instant::now();
-    let metrics = Metrics::new();
+    let metrics = StoreMetrics::new();
     let store = Arc::new(Store::open(&dir, &cfg, metrics.clone()).unwrap());
     println!(
         "recover: {:>10.3} s to reopen {} records",
@@ -339,7 +329,7 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let commits_before = metric(&metrics, "fieldgate_store_commits_total");
+    let commits_before = metrics.store_commits.get() as f64;
     let cpu_before = tid.map_or(f64::NAN, thread_cpu_s);
     rt.block_on(async {
         let mut durable = j.durable();
@@ -352,7 +342,7 @@ fn main() {
         }
     });
     let journal_cpu = tid.map_or(f64::NAN, thread_cpu_s) - cpu_before;
-    let paced_commits = metric(&metrics, "fieldgate_store_commits_total") - commits_before;
+    let paced_commits = metrics.store_commits.get() as f64 - commits_before;
     stop.cancel();
     thread.join().unwrap();
     drop(j);

@@ -28,9 +28,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use crate::config::BrokerConfig;
 use crate::frontend;
-use crate::metrics::Metrics;
+use crate::frontend::config::BrokerConfig;
+use crate::frontend::metrics::BrokerMetrics;
 
 /// Errors starting the broker. The gateway does not start; the message names the listener.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,7 @@ impl Broker {
     /// once; devices can connect after [`Broker::listen`].
     pub fn new(
         cfg: &BrokerConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<BrokerMetrics>,
         ingest: crate::ingest::Ingest,
     ) -> Result<Broker, BrokerError> {
         // rumqttd's internal listener: loopback, a port the kernel picks now. rumqttd binds it
@@ -254,8 +254,8 @@ impl Broker {
 
     /// An in-process client of the broker whose publishes go through [`crate::ingest`]
     /// first, as a device's do: the sources and the OTA manager use these.
-    pub fn client(&self, id: &str) -> Result<crate::sources::LocalClient, BrokerError> {
-        Ok(crate::sources::LocalClient::new(
+    pub fn client(&self, id: &str) -> Result<crate::local::LocalClient, BrokerError> {
+        Ok(crate::local::LocalClient::new(
             id,
             self.link(id)?,
             self.ingest.clone(),

@@ -25,13 +25,17 @@ use rumqttd::Notification;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
+use crate::bridge::metrics::CloudMetrics;
 use crate::bridge::{self, Bridge};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
+use crate::frontend::metrics::BrokerMetrics;
 use crate::http::{self, HealthSource};
 use crate::ingest::{Ingest, Routing};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Registry};
 use crate::sources::serial;
+use crate::sources::serial::metrics::SerialMetrics;
+use crate::store::metrics::StoreMetrics;
 use crate::store::{journal, Store, StoreError};
 use crate::topic::FilterSet;
 use crate::watchdog::{self, Heartbeat};
@@ -84,24 +88,29 @@ impl From<bridge::tls::TlsError> for GatewayError {
     }
 }
 
-/// Installs the ring provider as the process default (idempotent). rumqttc builds configs
-/// through it when not handed one, and two compiled-in providers would make it panic.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 /// Runs the gateway until `shutdown` resolves, then stops it in order.
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
-    install_crypto_provider();
+    crate::tls::install_default_provider();
+    // Every component's metric families, registered once.
+    let registry = Registry::new();
     let metrics = Metrics::new();
+    let serial_metrics = Arc::new(SerialMetrics::default());
+    let broker_metrics = Arc::new(BrokerMetrics::default());
+    let store_metrics = StoreMetrics::new();
+    let cloud_metrics = CloudMetrics::new();
+    registry.add(&*metrics);
+    registry.add(&*serial_metrics);
+    registry.add(&*broker_metrics);
+    registry.add(&*store_metrics);
+    registry.add(&*cloud_metrics);
     let root = CancellationToken::new();
 
     // 1. Store.
     let qdir = settings.gateway.data_dir.join("queue");
-    let store = Arc::new(open_store(&qdir, &settings, &metrics).await?);
+    let store = Arc::new(open_store(&qdir, &settings, &store_metrics).await?);
 
     // 2. Journal: where cloud-bound messages become durable.
     let journal_stop = root.child_token();
@@ -109,7 +118,7 @@ pub async fn run(
     let mut beats = vec![store_beat.clone()];
     let (journal, journal_thread) = journal::spawn(
         store.clone(),
-        metrics.clone(),
+        store_metrics.clone(),
         journal_stop.clone(),
         store_beat,
     )
@@ -117,7 +126,12 @@ pub async fn run(
         what: "queue journal thread".into(),
         source,
     })?;
-    let ingest = Ingest::new(routing(&settings), journal, metrics.clone());
+    let ingest = Ingest::new(
+        routing(&settings),
+        journal,
+        store_metrics.clone(),
+        broker_metrics.limit_counter("retained"),
+    );
     // The kept retained messages, read once: they seed the ingest's retained set (budget,
     // and what the front end sends new subscriptions) and go back into the router below.
     let kept = crate::retained::kept(&store);
@@ -131,7 +145,8 @@ pub async fn run(
     let broker_span = tracing::info_span!("broker");
     // OTA raises the broker's max payload (and segment size) so a chunk fits.
     let broker_cfg = settings.effective_broker();
-    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg, metrics.clone(), ingest))?;
+    let mut broker =
+        broker_span.in_scope(|| Broker::new(&broker_cfg, broker_metrics.clone(), ingest))?;
     // Kept retained messages go back into the router before anyone can subscribe.
     crate::retained::restore(&broker, kept).await?;
     let downlink_link = if settings.cloud.enabled {
@@ -180,7 +195,7 @@ pub async fn run(
         let b = Bridge::build(
             &bridged,
             store.clone(),
-            metrics.clone(),
+            cloud_metrics.clone(),
             dl_tx,
             bridge_stop.clone(),
             bridge_beat,
@@ -210,7 +225,7 @@ pub async fn run(
     let sources_stop = root.child_token();
     let mut sources = Vec::new();
     sources.extend(
-        serial::spawn_all(&settings, serial_links, &metrics.serial, &sources_stop)
+        serial::spawn_all(&settings, serial_links, &serial_metrics, &sources_stop)
             .map_err(Box::new)?,
     );
 
@@ -239,6 +254,8 @@ pub async fn run(
                 source,
             })?;
         let health = HealthSource {
+            registry: registry.clone(),
+            cloud: cloud_metrics.clone(),
             metrics: metrics.clone(),
             store: store.clone(),
             cloud_enabled: settings.cloud.enabled,
@@ -363,7 +380,7 @@ fn routing(settings: &Settings) -> Routing {
 async fn open_store(
     qdir: &std::path::Path,
     settings: &Settings,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<StoreMetrics>,
 ) -> Result<Store, GatewayError> {
     let mut last_log: Option<std::time::Instant> = None;
     loop {

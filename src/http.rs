@@ -18,22 +18,47 @@
 //! than `ota.stall_timeout` (then it is cut, counted as `http_stalled`, and its slot is free).
 //! It only reads shared state, so a slow or hostile client cannot stall the pipeline.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::metrics::Metrics;
+use crate::bridge::metrics::CloudMetrics;
+use crate::metrics::{Metrics, Registry};
 use crate::store::Store;
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` and `/health`.
+    pub enabled: bool,
+    /// Address of the HTTP endpoint. Keep it on loopback unless a firewall protects it.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9183)),
+        }
+    }
+}
 
 /// What `/health` reports besides the metrics.
 #[derive(Clone)]
 pub struct HealthSource {
-    /// Shared metrics.
+    /// Every component's metrics, for `/metrics`.
+    pub registry: Arc<Registry>,
+    /// The cloud link's state.
+    pub cloud: Arc<CloudMetrics>,
+    /// The OTA families (image requests are counted there).
     pub metrics: Arc<Metrics>,
     /// The queue.
     pub store: Arc<Store>,
@@ -48,10 +73,10 @@ pub struct HealthSource {
 impl HealthSource {
     /// The `/health` document.
     pub fn json(&self) -> serde_json::Value {
-        let m = &self.metrics;
+        let m = self.store.metrics();
         let cloud = if !self.cloud_enabled {
             "disabled"
-        } else if m.cloud_connected.get() == 1 {
+        } else if self.cloud.cloud_connected.get() == 1 {
             "connected"
         } else {
             "disconnected"
@@ -62,7 +87,7 @@ impl HealthSource {
             "status": if degraded { "degraded" } else { "ok" },
             "gateway_id": self.gateway_id,
             "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": m.uptime_secs(),
+            "uptime_seconds": self.registry.uptime_secs(),
             "cloud": cloud,
             "queue": {
                 "records": self.store.records(),
@@ -168,7 +193,7 @@ async fn handle(mut sock: TcpStream, peer: IpAddr, h: HealthSource) -> std::io::
         ("GET", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            h.metrics.render(),
+            h.registry.render(),
         ),
         ("GET", "/health") => ("200 OK", "application/json", h.json().to_string()),
         ("GET", _) => (

@@ -34,10 +34,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
-use crate::metrics::{DropReason, Metrics};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::problem::{problem, Problem};
 use crate::store::journal::{Entry, Journal};
-use crate::topic::FilterSet;
+use crate::store::metrics::{DropReason, StoreMetrics};
+use crate::topic::{self, FilterSet};
 
 /// Which local messages go up, and the loop guard.
 #[derive(Debug, Clone)]
@@ -223,23 +227,87 @@ impl RetainedSet {
     }
 }
 
+/// `[uplink]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Local topic filters whose messages are queued for the cloud. Empty: nothing is
+    /// queued (a local-only gateway).
+    pub forward: Vec<String>,
+    /// Local topic filters never queued (checked after `forward`).
+    pub exclude: Vec<String>,
+    /// Cloud topic = this prefix + local topic. `{gateway_id}` is replaced.
+    pub cloud_prefix: String,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            forward: vec!["#".into()],
+            exclude: vec!["cmd/#".into(), "$SYS/#".into()],
+            cloud_prefix: "fieldgate/{gateway_id}/".into(),
+        }
+    }
+}
+
+impl UplinkConfig {
+    /// Every problem of `[uplink]`; `expand` fills in `{gateway_id}`.
+    pub fn validate(&self, expand: &dyn Fn(&str) -> String) -> Vec<Problem> {
+        let mut p = Vec::new();
+        for (i, f) in self.forward.iter().enumerate() {
+            if let Err(e) = topic::validate_filter(f) {
+                p.push(problem(
+                    format!("uplink.forward[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+        for (i, f) in self.exclude.iter().enumerate() {
+            if let Err(e) = topic::validate_filter(f) {
+                p.push(problem(
+                    format!("uplink.exclude[{i}]"),
+                    format!("{f:?}: {e}"),
+                ));
+            }
+        }
+        let prefix = expand(&self.cloud_prefix);
+        if prefix.contains(['+', '#']) {
+            p.push(problem(
+                "uplink.cloud_prefix",
+                "must not contain '+' or '#'; it is put in front of every topic",
+            ));
+        }
+        p
+    }
+}
+
 /// The entry point; cheap to clone (one per session and source).
 #[derive(Clone)]
 pub struct Ingest {
     routing: Arc<Routing>,
     journal: Option<Journal>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
+    /// `fieldgate_broker_limited_total{what="retained"}`: the front end's family, handed
+    /// in as a plain counter.
+    retained_refused: Counter,
     audience: Arc<Audience>,
     retained: Arc<Mutex<RetainedSet>>,
 }
 
 impl Ingest {
-    /// Routes with `routing` into `journal`.
-    pub fn new(routing: Routing, journal: Journal, metrics: Arc<Metrics>) -> Ingest {
+    /// Routes with `routing` into `journal`; drops are counted in the queue's `metrics`,
+    /// retained messages not kept over the budget in `retained_refused`.
+    pub fn new(
+        routing: Routing,
+        journal: Journal,
+        metrics: Arc<StoreMetrics>,
+        retained_refused: Counter,
+    ) -> Ingest {
         Ingest {
             routing: Arc::new(routing),
             journal: Some(journal),
             metrics,
+            retained_refused,
             audience: Arc::default(),
             retained: Arc::new(Mutex::new(RetainedSet::unlimited())),
         }
@@ -280,7 +348,7 @@ impl Ingest {
         if b.keep(topic, qos, payload) {
             return true;
         }
-        self.metrics.broker.limit("retained");
+        self.retained_refused.inc();
         if b.warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
             b.warned = Some(Instant::now());
             tracing::warn!(
@@ -313,7 +381,7 @@ impl Ingest {
     }
 
     /// An ingest that queues nothing (unit tests of the broker and sources).
-    pub fn local_only(metrics: Arc<Metrics>) -> Ingest {
+    pub fn local_only() -> Ingest {
         Ingest {
             routing: Arc::new(Routing {
                 forward: FilterSet::new(Vec::<String>::new()),
@@ -322,7 +390,8 @@ impl Ingest {
                 downlink: FilterSet::new(Vec::<String>::new()),
             }),
             journal: None,
-            metrics,
+            metrics: StoreMetrics::new(),
+            retained_refused: Counter::default(),
             audience: Arc::default(),
             retained: Arc::new(Mutex::new(RetainedSet::unlimited())),
         }

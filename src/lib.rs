@@ -9,17 +9,23 @@
 
 pub mod bridge;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod frontend;
 pub mod gateway;
 pub mod http;
 pub mod ingest;
+pub mod local;
+pub mod marks;
 pub mod metrics;
 pub mod ota;
+pub mod pacing;
+pub mod problem;
 pub mod retained;
 pub mod sources;
 pub mod store;
 
+pub mod tls;
 pub mod topic;
 pub mod watchdog;
 

@@ -15,7 +15,7 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::store::now_ms;
+use crate::clock::now_ms;
 
 /// The last time a loop made progress (ms since the Unix epoch). Cheap to clone and share.
 #[derive(Clone, Debug)]

@@ -28,10 +28,15 @@
 //!   refuses to queue anything whose cloud topic those filters match, so nothing bounces
 //!   between the brokers.
 
+pub mod config;
 pub mod lanes;
 pub mod link;
-pub mod pacing;
+pub mod metrics;
 pub mod tls;
+
+// Kept while src/ota moves (issue 14); removed once it imports crate::pacing.
+#[doc(hidden)]
+pub use crate::pacing;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -42,12 +47,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
-use crate::metrics::{DropReason, Metrics};
+use crate::pacing::{Backoff, TokenBucket};
+use crate::store::metrics::DropReason;
 use crate::store::{Record, Store};
 use crate::watchdog::Heartbeat;
 use lanes::Lanes;
 use link::{Incoming, Link, LinkError, LinkOptions};
-use pacing::{Backoff, TokenBucket};
+use metrics::CloudMetrics;
 
 /// How many records one store read brings in per lane.
 const READ_AHEAD: usize = 1024;
@@ -73,7 +79,7 @@ pub struct Bridge {
     settings: Settings,
     tls: Arc<rustls::ClientConfig>,
     store: Arc<Store>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CloudMetrics>,
     downlink: LinkTx,
     stop: CancellationToken,
     heartbeat: Heartbeat,
@@ -104,7 +110,7 @@ impl Bridge {
     pub fn build(
         settings: &Settings,
         store: Arc<Store>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<CloudMetrics>,
         downlink: LinkTx,
         stop: CancellationToken,
         heartbeat: Heartbeat,
@@ -398,7 +404,7 @@ impl Bridge {
                 true
             }
             None => {
-                self.metrics.count_drop(DropReason::TooLarge, 1);
+                self.store.metrics().count_drop(DropReason::TooLarge, 1);
                 self.store.ack(&[seq]);
                 error!(seq, topic = %rec.topic, bytes = rec.payload.len(),
                     max = self.settings.cloud.max_packet_size,

@@ -9,91 +9,38 @@
 //! verifier wrapper checks the certificate against `server_name` instead (full WebPKI
 //! verification, only the name differs).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
-use crate::config::CloudConfig;
-
-/// Why the TLS configuration cannot be built. Start-up fails; the message names the key.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A PEM file is missing, unreadable or holds nothing usable.
-    #[error("{key}: {path}: {why}")]
-    File {
-        /// Config key.
-        key: &'static str,
-        /// File path.
-        path: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// rustls refused the material (e.g. key does not match certificate).
-    #[error("{key}: {source}")]
-    Rustls {
-        /// Config key.
-        key: &'static str,
-        /// rustls error.
-        source: rustls::Error,
-    },
-    /// `cloud.server_name` is not a valid DNS name or IP address.
-    #[error("cloud.server_name: {0:?} is not a valid DNS name or IP address")]
-    ServerName(String),
-}
-
-fn file_err(key: &'static str, path: &Path, why: impl ToString) -> TlsError {
-    TlsError::File {
-        key,
-        path: path.display().to_string(),
-        why: why.to_string(),
-    }
-}
-
-/// The ring crypto provider; the only one compiled in.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use super::config::CloudConfig;
+pub use crate::tls::TlsError;
+// Kept while src/ota moves (issue 14); the provider's home is crate::tls.
+#[doc(hidden)]
+pub use crate::tls::provider;
+use crate::tls::{certs, private_key, roots};
 
 /// Builds the client config from `[cloud]`.
 pub fn client_config(c: &CloudConfig) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&c.ca_file)
-        .map_err(|e| file_err("cloud.ca_file", &c.ca_file, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err("cloud.ca_file", &c.ca_file, e))?;
-    if certs.is_empty() {
-        return Err(file_err(
-            "cloud.ca_file",
-            &c.ca_file,
-            "no CERTIFICATE in it",
-        ));
-    }
-    for cert in certs {
-        roots.add(cert).map_err(|e| TlsError::Rustls {
-            key: "cloud.ca_file",
-            source: e,
-        })?;
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(roots("cloud.ca_file", &c.ca_file)?);
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rustls {
-            key: "cloud",
-            source: e,
-        })?;
+        .map_err(|e| TlsError::invalid("cloud", e))?;
     let builder = if c.server_name.is_empty() || c.server_name == c.host {
         builder.with_root_certificates(roots)
     } else {
-        let name = ServerName::try_from(c.server_name.clone())
-            .map_err(|_| TlsError::ServerName(c.server_name.clone()))?;
+        let name = ServerName::try_from(c.server_name.clone()).map_err(|_| {
+            TlsError::invalid(
+                "cloud.server_name",
+                format!("{:?} is not a valid DNS name or IP address", c.server_name),
+            )
+        })?;
         let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
-            .map_err(|e| file_err("cloud.ca_file", &c.ca_file, e))?;
+            .map_err(|e| TlsError::invalid("cloud.ca_file", e))?;
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(FixedName { inner, name }))
@@ -101,25 +48,11 @@ pub fn client_config(c: &CloudConfig) -> Result<Arc<ClientConfig>, TlsError> {
     let config = if c.client_cert_file.as_os_str().is_empty() {
         builder.with_no_client_auth()
     } else {
-        let chain = CertificateDer::pem_file_iter(&c.client_cert_file)
-            .map_err(|e| file_err("cloud.client_cert_file", &c.client_cert_file, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file_err("cloud.client_cert_file", &c.client_cert_file, e))?;
-        if chain.is_empty() {
-            return Err(file_err(
-                "cloud.client_cert_file",
-                &c.client_cert_file,
-                "no CERTIFICATE in it",
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_file(&c.client_key_file)
-            .map_err(|e| file_err("cloud.client_key_file", &c.client_key_file, e))?;
+        let chain = certs("cloud.client_cert_file", &c.client_cert_file)?;
+        let key = private_key("cloud.client_key_file", &c.client_key_file)?;
         builder
             .with_client_auth_cert(chain, key)
-            .map_err(|e| TlsError::Rustls {
-                key: "cloud.client_key_file",
-                source: e,
-            })?
+            .map_err(|e| TlsError::invalid("cloud.client_key_file", e))?
     };
     Ok(Arc::new(config))
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
-use crate::config::{AclConfig, AclRules, UserConfig};
+use super::config::{AclConfig, AclRules, UserConfig};
 use crate::topic;
 
 /// Errors of this module.
@@ -463,7 +463,7 @@ mod tests {
         // Other commands stay under the ACL.
         assert!(a.allows(Some("admin"), "c", Action::Publish, "cmd/dev1/reboot"));
         let named = Acl::new(&AclConfig {
-            internal: crate::config::InternalTopics {
+            internal: crate::frontend::config::InternalTopics {
                 command_identities: vec!["admin".into()],
                 ..Default::default()
             },

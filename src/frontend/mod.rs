@@ -16,6 +16,8 @@
 //!   device connection and its upstream connection.
 
 pub mod auth;
+pub mod config;
+pub mod metrics;
 pub mod retained_out;
 pub mod session;
 pub mod sessions;
@@ -35,10 +37,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
+use super::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
 use crate::ingest::Ingest;
-use crate::metrics::Metrics;
 use auth::{Acl, Users};
+use metrics::BrokerMetrics;
 
 /// Where and how the front end reaches rumqttd.
 #[derive(Debug, Clone)]
@@ -66,7 +68,7 @@ pub struct Context {
     /// rumqttd.
     pub upstream: Arc<Upstream>,
     /// Metrics.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<BrokerMetrics>,
     /// Largest packet (remaining length) from a device.
     pub max_packet: usize,
     /// CONNECT deadline.
@@ -141,7 +143,7 @@ impl Drop for Slot {
 pub enum FrontendError {
     /// A listener's TLS files are unusable: fix them and start again.
     #[error(transparent)]
-    Tls(#[from] tls::ListenerTlsError),
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A listener ready to be served: bound socket plus its settings.
@@ -160,7 +162,7 @@ pub struct Prepared {
 pub fn prepare(
     cfg: &BrokerConfig,
     upstream: Upstream,
-    metrics: Arc<Metrics>,
+    metrics: Arc<BrokerMetrics>,
     ingest: Ingest,
 ) -> Result<Vec<(Prepared, ListenerConfig)>, FrontendError> {
     let users = Arc::new(Users::new(&cfg.users));
@@ -247,7 +249,7 @@ impl Prepared {
                 let slot = match self.limits.take(peer.ip()) {
                     Ok(s) => s,
                     Err(limit) => {
-                        self.ctx.metrics.broker.refuse(limit);
+                        self.ctx.metrics.refuse(limit);
                         debug!(listener = %self.name, %peer, limit, "connection over the limit");
                         drop(sock);
                         continue;
@@ -262,7 +264,7 @@ impl Prepared {
                 rt2.spawn(async move {
                     let _slot = slot;
                     let m = ctx.metrics.clone();
-                    m.broker.connections.inc();
+                    m.connections.inc();
                     let end = match acceptor {
                         None => session::run(sock, peer, None, ctx).await,
                         Some(acc) => match tokio::time::timeout(hs, acc.accept(sock)).await {
@@ -277,17 +279,17 @@ impl Prepared {
                             }
                             Ok(Err(e)) => {
                                 debug!(%peer, error = %e, "TLS handshake failed");
-                                m.broker.refuse("tls_handshake");
+                                m.refuse("tls_handshake");
                                 session::End::Refused
                             }
                             Err(_) => {
-                                m.broker.refuse("tls_handshake_timeout");
+                                m.refuse("tls_handshake_timeout");
                                 session::End::Refused
                             }
                         },
                     };
-                    m.broker.connections.dec();
-                    m.broker.closed(end.as_str());
+                    m.connections.dec();
+                    m.closed(end.as_str());
                 });
             }
         })

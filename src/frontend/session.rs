@@ -69,13 +69,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
+use super::config::{ClientCertMode, RateLimitPolicy};
 use super::retained_out::{self, Answer, RetainedOut};
 use super::sessions::{any_lowered, Filters, Granted};
 use super::upacks::{Ack, UpAcks};
 use super::{upstream, Context};
-use crate::bridge::pacing::TokenBucket;
-use crate::config::{ClientCertMode, RateLimitPolicy};
 use crate::ingest::Offer;
+use crate::pacing::TokenBucket;
 use crate::store::journal::Entry;
 use crate::topic;
 
@@ -338,7 +338,7 @@ where
         Ok(Err(Some(e))) => return e,
         Ok(Err(None)) => {
             // Another protocol level: CONNACK 1, then close (MQTT-3.1.2-2).
-            ctx.metrics.broker.refuse("protocol_version");
+            ctx.metrics.refuse("protocol_version");
             let _ = dev
                 .send(refuse(v4::ConnectReturnCode::RefusedProtocolVersion))
                 .await;
@@ -350,12 +350,12 @@ where
     // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5);
     // a NUL is not allowed in any MQTT string (MQTT-1.5.3-2).
     if connect.client_id.contains(['/', '+', '#', '$', '\0']) {
-        ctx.metrics.broker.refuse("client_id");
+        ctx.metrics.refuse("client_id");
         let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         return End::Refused;
     }
     if connect.client_id.is_empty() && !connect.clean_session {
-        ctx.metrics.broker.refuse("client_id");
+        ctx.metrics.refuse("client_id");
         let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         return End::Refused;
     }
@@ -367,7 +367,7 @@ where
     let name = match authenticate(&ctx, &connect, cert_cn, peer).await {
         Ok(name) => name,
         Err((code, reason)) => {
-            ctx.metrics.broker.refuse(reason);
+            ctx.metrics.refuse(reason);
             let _ = dev.send(refuse(code)).await;
             info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, reason, "connection refused");
             return End::Refused;
@@ -376,14 +376,14 @@ where
     // The client id must fit the identity, and must not be another identity's session.
     if let Some(pattern) = &ctx.client_id_pattern {
         if !super::auth::client_id_fits(pattern, name.as_deref(), &connect.client_id) {
-            ctx.metrics.broker.refuse("client_id_pattern");
+            ctx.metrics.refuse("client_id_pattern");
             let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
             info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: client id does not fit broker.client_id_pattern");
             return End::Refused;
         }
     }
     if !connect.client_id.is_empty() && !ctx.sessions.bind(&connect.client_id, name.as_deref()) {
-        ctx.metrics.broker.refuse("client_id_owned");
+        ctx.metrics.refuse("client_id_owned");
         let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
         info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: the client id's session belongs to another identity");
         return End::Refused;
@@ -399,7 +399,7 @@ where
             .allows(id.name.as_deref(), &id.client_id, Action::Publish, &w.topic)
         {
             // A will outside the ACL would be a publish the device may not make: drop it.
-            ctx.metrics.broker.deny(Action::Publish);
+            ctx.metrics.deny(Action::Publish);
             connect.last_will = None;
         }
     }
@@ -430,7 +430,7 @@ where
                 ctx.sessions
                     .release(&connect.client_id, connect.clean_session);
             }
-            ctx.metrics.broker.refuse("broker_unavailable");
+            ctx.metrics.refuse("broker_unavailable");
             let _ = dev.send(refuse(code)).await;
             return End::Refused;
         }
@@ -485,12 +485,12 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     let resumed = match up.next().await {
         Ok(P5::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => a.session_present,
         Ok(P5::ConnAck(a)) => {
-            ctx.metrics.broker.refuse("broker_refused");
+            ctx.metrics.refuse("broker_refused");
             let _ = dev.send(refuse(upstream::connack_code(a.code))).await;
             return (End::Refused, Filters::new());
         }
         _ => {
-            ctx.metrics.broker.refuse("broker_unavailable");
+            ctx.metrics.refuse("broker_unavailable");
             let _ = dev
                 .send(refuse(v4::ConnectReturnCode::ServiceUnavailable))
                 .await;
@@ -608,7 +608,7 @@ async fn authenticate(
     // counts against broker.max_connections_per_ip).
     let wait = ctx.logins.delay(peer.ip());
     if !wait.is_zero() {
-        ctx.metrics.broker.login_delayed.inc();
+        ctx.metrics.login_delayed.inc();
         tokio::time::sleep(wait).await;
     }
     // argon2 is slow on purpose: run it off the async workers, a few at a time, so a burst
@@ -854,7 +854,7 @@ impl Relay {
             return Ok(());
         }
         let ctx = self.ctx.clone();
-        let m = &ctx.metrics.broker;
+        let m = &ctx.metrics;
         match p {
             P4::Publish(p) => {
                 if topic::validate_topic(&p.topic).is_err() {
@@ -1031,7 +1031,7 @@ impl Relay {
             bucket.take(1);
             return Ok(false);
         }
-        let m = &self.ctx.metrics.broker;
+        let m = &self.ctx.metrics;
         match policy {
             RateLimitPolicy::SlowDown => {
                 m.rate_limit("slow_down");
@@ -1072,7 +1072,7 @@ impl Relay {
                 .acl
                 .allows(name, &self.id.client_id, Action::Subscribe, &f.path)
             {
-                self.ctx.metrics.broker.deny(Action::Subscribe);
+                self.ctx.metrics.deny(Action::Subscribe);
                 codes.push(Some(v4::SubscribeReasonCode::Failure));
                 continue;
             }
@@ -1080,7 +1080,7 @@ impl Relay {
             if !audience.has(&self.audience_key, &f.path)
                 && audience.count(&self.audience_key) >= self.ctx.max_subscriptions
             {
-                self.ctx.metrics.broker.limit("subscriptions");
+                self.ctx.metrics.limit("subscriptions");
                 debug!(client_id = %self.id.client_id, filter = %f.path, "subscription over broker.max_subscriptions_per_client refused");
                 codes.push(Some(v4::SubscribeReasonCode::Failure));
                 continue;
@@ -1259,7 +1259,7 @@ impl Relay {
         let retained = p.retain;
         let denied = !retained && self.ctx.acl.filters_deliveries() && !self.may_receive(&p.topic);
         if denied {
-            self.ctx.metrics.broker.deny(Action::Deliver);
+            self.ctx.metrics.deny(Action::Deliver);
         }
         // Not a topic of the session's filters: rumqttd kept delivering on a filter the
         // session unsubscribed from (see the UNSUBSCRIBE handling).
@@ -1306,7 +1306,7 @@ impl Relay {
         if want == delivered {
             return dev.queue(P4::Publish(p));
         }
-        self.ctx.metrics.broker.downgraded.inc();
+        self.ctx.metrics.downgraded.inc();
         let pkid = p.pkid;
         match (delivered, want) {
             (QoS::AtLeastOnce, _) => {

@@ -18,7 +18,7 @@ use rumqttc::mqttbytes::QoS as Q4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 
-pub use crate::retained::QOS_PROPERTY;
+pub use crate::marks::QOS_PROPERTY;
 
 /// v4 QoS to v5 QoS.
 pub fn q5(q: Q4) -> Q5 {
@@ -41,7 +41,7 @@ pub fn q4(q: Q5) -> Q4 {
 /// The marks of a forwarded publish or will: its QoS, and whether it was retained (the
 /// uplink tap keeps marked retained messages across restarts, see `crate::retained`).
 fn tag(q: Q4, retain: bool) -> Vec<(String, String)> {
-    crate::retained::marks(q as u8, retain)
+    crate::marks::marks(q as u8, retain)
 }
 
 /// The upstream CONNECT for a device's CONNECT, logged in with the internal account.

@@ -44,8 +44,9 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{now_ms, Record, Store, StoreError};
-use crate::metrics::Metrics;
+use super::metrics::StoreMetrics;
+use super::{Record, Store, StoreError};
+use crate::clock::now_ms;
 use crate::watchdog::Heartbeat;
 
 /// Entries the channel holds.
@@ -210,7 +211,7 @@ impl Faults {
 /// and committing whatever is still in the channel.
 pub fn spawn(
     store: Arc<Store>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     stop: CancellationToken,
     heartbeat: Heartbeat,
 ) -> std::io::Result<(Journal, std::thread::JoinHandle<()>)> {
@@ -255,7 +256,7 @@ struct Writer {
     /// A durable ticket not announced yet (the live window), and since when it is held.
     held: Option<(u64, Instant)>,
     store: Arc<Store>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     shared: Arc<Shared>,
     durable: watch::Sender<u64>,
     faults: Faults,
@@ -497,7 +498,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::StoreConfig;
+    use crate::store::config::StoreConfig;
 
     fn entry(i: u32) -> Entry {
         Entry {
@@ -529,7 +530,7 @@ mod tests {
             live_window: 10,
             ..StoreConfig::default()
         };
-        let m = Metrics::new();
+        let m = StoreMetrics::new();
         let store = Arc::new(Store::open(&dir.path().join("q"), &cfg, m.clone()).unwrap());
         // A cloud session whose live lane has sent nothing yet.
         store.set_live(Some(1));

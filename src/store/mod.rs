@@ -48,8 +48,10 @@
 //!   open is not damage: the caller waits and tries again.
 
 pub mod batch;
+pub mod config;
 pub mod journal;
 mod mark;
+pub mod metrics;
 pub mod wal;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -57,14 +59,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{FullPolicy, StoreConfig};
-use crate::metrics::{DropReason, Metrics};
+pub use config::{FullPolicy, StoreConfig};
+use metrics::{DropReason, StoreMetrics};
 
 /// Key bytes counted per batch in the byte budget.
 const KEY_BYTES: u64 = 8;
@@ -145,13 +147,9 @@ impl Record {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+// Kept while src/ota moves (issue 14); the clock's home is crate::clock.
+#[doc(hidden)]
+pub use crate::clock::now_ms;
 
 /// Result of an append.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +235,7 @@ pub struct Store {
     retained_n: AtomicU64,
     dir: PathBuf,
     cfg: StoreConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     state: Mutex<State>,
     /// Carries the durable end after each commit so the bridge wakes up.
     appended: watch::Sender<u64>,
@@ -251,7 +249,11 @@ impl Store {
     /// Opens (or creates) the queue in `dir`. A store sled cannot open is moved aside to
     /// `<dir>.damaged-<unix seconds>`, its intact batches are salvaged into a fresh one, and
     /// the loss is counted and logged; `Err(NoSpace)` means the disk is full (not damage).
-    pub fn open(dir: &Path, cfg: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+    pub fn open(
+        dir: &Path,
+        cfg: &StoreConfig,
+        metrics: Arc<StoreMetrics>,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir.parent().unwrap_or(Path::new(".")))?;
         let mark = mark::Mark::load(dir);
         let (trees, salvaged) = match open_trees_waiting(dir, cfg, LOCK_WAIT) {
@@ -296,11 +298,7 @@ impl Store {
         if replayed > 0 {
             store.checkpoint()?;
         }
-        store
-            .metrics
-            .broker
-            .retained
-            .set(store.retained_count() as i64);
+        store.metrics.retained.set(store.retained_count() as i64);
         Ok(store)
     }
 
@@ -517,10 +515,7 @@ impl Store {
         self.with_trees(|t| self.apply_retain(t, topic, qos, payload))
             .map_err(StoreError::classify)?;
         self.wal().stage_retain(topic, qos, payload);
-        self.metrics
-            .broker
-            .retained
-            .set(self.retained_count() as i64);
+        self.metrics.retained.set(self.retained_count() as i64);
         Ok(())
     }
 
@@ -1064,6 +1059,11 @@ impl Store {
     /// `store.live_window` (see [`journal`]).
     pub fn live_window(&self) -> u64 {
         self.cfg.live_window
+    }
+
+    /// The queue's metrics (the ingest and the bridge count their drops here).
+    pub fn metrics(&self) -> &Arc<StoreMetrics> {
+        &self.metrics
     }
 
     /// Unacknowledged records in the queue.

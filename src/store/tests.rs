@@ -35,7 +35,7 @@ fn fresh() -> (tempfile::TempDir, Store) {
     let s = Store::open(
         &dir.path().join("q"),
         &StoreConfig::default(),
-        Metrics::new(),
+        StoreMetrics::new(),
     )
     .unwrap();
     (dir, s)
@@ -57,7 +57,7 @@ fn records_are_visible_only_once_committed() {
 fn ack_compact_and_reopen_keep_exactly_the_unacknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     {
         let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
         s.append(&recs(0..5)).unwrap();
@@ -94,7 +94,7 @@ fn ack_compact_and_reopen_keep_exactly_the_unacknowledged() {
 fn disk_reads_and_tail_reads_agree() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     {
         let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
         for i in 0..20 {
@@ -121,7 +121,7 @@ fn disk_reads_and_tail_reads_agree() {
 fn retained_messages_survive_reopen_and_stay_out_of_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     {
         let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
         s.retain("dev/1/status", 1, b"online").unwrap();
@@ -145,9 +145,9 @@ fn retained_messages_survive_reopen_and_stay_out_of_the_queue() {
 }
 
 /// A store whose budget holds `batches` batches of two records.
-fn store_of(batches: u64, policy: FullPolicy) -> (tempfile::TempDir, Store, Arc<Metrics>) {
+fn store_of(batches: u64, policy: FullPolicy) -> (tempfile::TempDir, Store, Arc<StoreMetrics>) {
     let dir = tempfile::tempdir().unwrap();
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     let one = KEY_BYTES + batch::HEADER as u64 + 2 * rec("t", 0).cost();
     let s = Store::open(
         &dir.path().join("q"),
@@ -192,7 +192,7 @@ fn reject_new_holds_back_until_acknowledgements_make_room() {
 #[test]
 fn expire_drops_old_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     let c = StoreConfig {
         max_age: Duration::from_secs(60),
         ..StoreConfig::default()
@@ -229,7 +229,7 @@ fn reopen_after_a_failed_commit_forgets_only_the_unconfirmed() {
 fn unopenable_store_is_salvaged_not_emptied() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     {
         let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
         for i in 0..10 {
@@ -243,7 +243,7 @@ fn unopenable_store_is_salvaged_not_emptied() {
     }
     // Make sled refuse it: a config file it cannot parse.
     std::fs::write(path.join("conf"), b"this is not a sled config").unwrap();
-    let m2 = Metrics::new();
+    let m2 = StoreMetrics::new();
     let s = Store::open(&path, &StoreConfig::default(), m2.clone()).unwrap();
     assert_eq!(m2.store_quarantined.get(), 1);
     let got = s.read_from(0, 1000).unwrap();
@@ -262,13 +262,13 @@ fn a_mark_ahead_of_the_store_counts_the_lost_tail() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
     {
-        let s = Store::open(&path, &StoreConfig::default(), Metrics::new()).unwrap();
+        let s = Store::open(&path, &StoreConfig::default(), StoreMetrics::new()).unwrap();
         s.append(&recs(0..10)).unwrap();
         s.commit().unwrap();
     }
     // The mark says 30 records were durable; the store holds 10.
     mark::Mark { end: 31, cursor: 0 }.save(&path);
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     let s = Store::open(&path, &StoreConfig::default(), m.clone()).unwrap();
     assert_eq!(m.dropped(DropReason::Corrupt), 20);
     assert_eq!(s.records(), 10);
@@ -280,11 +280,11 @@ fn a_mark_ahead_of_the_store_counts_the_lost_tail() {
 fn a_store_in_use_is_refused_not_salvaged() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
-    let s = Store::open(&path, &StoreConfig::default(), Metrics::new()).unwrap();
+    let s = Store::open(&path, &StoreConfig::default(), StoreMetrics::new()).unwrap();
     s.append(&recs(0..3)).unwrap();
     s.commit().unwrap();
     // A second opener (another gateway on the same data_dir) must not take the store away.
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     let err = match Store::open(&path, &StoreConfig::default(), m.clone()) {
         Ok(_) => panic!("a second open of a store in use succeeded"),
         Err(e) => e.to_string(),
@@ -304,7 +304,7 @@ fn commits_survive_a_crash_before_any_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
     let copy = dir.path().join("crashed");
-    let s = Store::open(&path, &StoreConfig::default(), Metrics::new()).unwrap();
+    let s = Store::open(&path, &StoreConfig::default(), StoreMetrics::new()).unwrap();
     s.checkpoint().unwrap();
     s.retain("dev/1/status", 1, b"online").unwrap();
     s.append(&recs(0..4)).unwrap();
@@ -314,7 +314,7 @@ fn commits_survive_a_crash_before_any_checkpoint() {
     // Not committed: never acknowledged, may or may not come back.
     s.append(&recs(6..7)).unwrap();
     crash_copy(&path, &copy);
-    let m = Metrics::new();
+    let m = StoreMetrics::new();
     let r = Store::open(&copy, &StoreConfig::default(), m.clone()).unwrap();
     let got = payloads(&r.read_from(0, 100).unwrap());
     assert_eq!(got[..6], ["0", "1", "2", "3", "4", "5"]);
@@ -338,7 +338,7 @@ fn crash_copy(from: &std::path::Path, to: &std::path::Path) {
 fn a_crash_keeps_the_cursor_of_the_last_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q");
-    let s = Store::open(&path, &StoreConfig::default(), Metrics::new()).unwrap();
+    let s = Store::open(&path, &StoreConfig::default(), StoreMetrics::new()).unwrap();
     s.append(&recs(0..10)).unwrap();
     s.commit().unwrap();
     s.ack(&[1, 2, 3]);
@@ -349,14 +349,14 @@ fn a_crash_keeps_the_cursor_of_the_last_commit() {
     s.commit().unwrap();
     let copy = dir.path().join("crashed");
     crash_copy(&path, &copy);
-    let r = Store::open(&copy, &StoreConfig::default(), Metrics::new()).unwrap();
+    let r = Store::open(&copy, &StoreConfig::default(), StoreMetrics::new()).unwrap();
     let got = payloads(&r.read_from(0, 100).unwrap());
     assert_eq!(got, ["5", "6", "7", "8", "9", "10", "11"]);
     // And the recovery's own checkpoint made it durable: a second crash keeps it too.
     let again = dir.path().join("again");
     crash_copy(&copy, &again);
     drop(r);
-    let r = Store::open(&again, &StoreConfig::default(), Metrics::new()).unwrap();
+    let r = Store::open(&again, &StoreConfig::default(), StoreMetrics::new()).unwrap();
     assert_eq!(payloads(&r.read_from(0, 100).unwrap())[0], "5");
     drop(s);
 }

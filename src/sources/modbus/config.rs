@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{DataType, Format, Order};
-use crate::config::Problem;
+use crate::problem::Problem;
 use crate::topic;
 
 /// How the gateway reaches a device.

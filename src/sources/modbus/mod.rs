@@ -36,8 +36,8 @@ use tracing::Instrument;
 use self::bus::Bus;
 use self::config::{ModbusDeviceConfig, Transport};
 use crate::broker::{Broker, BrokerError};
+use crate::local::LocalClient;
 use crate::metrics::Metrics;
-use crate::sources::LocalClient;
 
 /// Why the Modbus sources could not be set up. The gateway does not start.
 #[derive(Debug, thiserror::Error)]

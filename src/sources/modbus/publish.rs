@@ -63,7 +63,7 @@ impl Quality {
     }
 }
 
-pub use crate::store::now_ms;
+pub use crate::clock::now_ms;
 
 /// The payload of one reading, or `None` when nothing is to be published (raw format and a
 /// failed reading).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Problem;
+use crate::problem::Problem;
 use crate::topic;
 
 /// Largest frame (delimited `max_length` or `fixed` `length`) a device may be given, bytes.

@@ -12,6 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::metrics::Register;
+
 type Labels = Vec<(String, String)>;
 
 /// Why a frame read from a port was not published.
@@ -111,9 +113,8 @@ impl DeviceMetrics {
     }
 }
 
-impl SerialMetrics {
-    /// Registers every family in `r` (the gateway's `fieldgate`-prefixed registry).
-    pub fn register(&self, r: &mut Registry) {
+impl Register for SerialMetrics {
+    fn register(&self, r: &mut Registry) {
         r.register(
             "serial_frames_in",
             "Frames cut from a serial port's byte stream, dropped ones included",
@@ -155,7 +156,9 @@ impl SerialMetrics {
             self.online.clone(),
         );
     }
+}
 
+impl SerialMetrics {
     /// The handles for device `name`, every series created at zero.
     pub fn device(&self, name: &str) -> DeviceMetrics {
         let dev = || vec![("device".to_string(), name.to_string())];

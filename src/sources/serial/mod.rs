@@ -46,7 +46,7 @@ pub mod metrics;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::store::now_ms;
+use crate::clock::now_ms;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,10 +60,10 @@ use self::config::{FlowControl, Parity, SerialDeviceConfig};
 use self::decode::{DecodeError, Decoder};
 use self::framing::{Frame, Framer};
 use self::metrics::{DeviceMetrics, FrameDrop, SerialMetrics, WriteDrop};
-use super::{LocalClient, LocalRx, LocalTx};
-use crate::bridge::pacing::Backoff;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
+use crate::local::{LocalClient, LocalRx, LocalTx};
+use crate::pacing::Backoff;
 
 /// Capacity of the channel from a device's write inbox to its port task.
 pub const WRITE_QUEUE: usize = 32;

@@ -1,6 +1,9 @@
-//! Token buckets that pace the replay lane (messages/s and bytes/s) and the reconnect backoff.
+//! Token buckets and reconnect backoff: the pacing every component shares (the bridge's
+//! replay lane, device rate limits in the front end, OTA chunk serving, serial reopen and
+//! fetch retries).
 //!
-//! Pure arithmetic over `Instant`s passed in, so tests need no clock.
+//! A leaf: it imports nothing from the crate. Pure arithmetic over `Instant`s passed in, so
+//! tests need no clock.
 
 use std::time::{Duration, Instant};
 
