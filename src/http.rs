@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::bridge::metrics::CloudMetrics;
+use crate::component::Running;
 use crate::metrics::{Metrics, Registry};
 use crate::store::Store;
 
@@ -105,8 +106,28 @@ impl HealthSource {
     }
 }
 
+/// The endpoint, bound and ready to serve.
+pub struct Http {
+    listener: TcpListener,
+    health: HealthSource,
+}
+
+impl Http {
+    /// Binds `[metrics].listen`; a port in use fails here, at start-up.
+    pub async fn build(cfg: &MetricsConfig, health: HealthSource) -> std::io::Result<Http> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        Ok(Http { listener, health })
+    }
+
+    /// Serves until `stop` is cancelled.
+    pub fn start(self, stop: CancellationToken) -> Running {
+        let task = tokio::spawn(serve(self.listener, self.health, stop.clone()));
+        Running::tasks("metrics", stop, vec![task])
+    }
+}
+
 /// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, health: HealthSource, stop: CancellationToken) {
+async fn serve(listener: TcpListener, health: HealthSource, stop: CancellationToken) {
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "metrics endpoint listening");
     }

@@ -56,6 +56,25 @@ pub struct Routing {
     pub downlink: FilterSet,
 }
 
+impl Routing {
+    /// The routing of `[uplink]`, with `downlink` (`downlink.subscribe`, the cloud filters
+    /// whose topics would loop); `exclude` adds the topics other components keep on the LAN
+    /// (OTA's chunk topics); `expand` fills in `{gateway_id}`.
+    pub fn new(
+        uplink: &UplinkConfig,
+        downlink: &[String],
+        exclude: Vec<String>,
+        expand: &dyn Fn(&str) -> String,
+    ) -> Routing {
+        Routing {
+            forward: FilterSet::new(uplink.forward.clone()),
+            exclude: FilterSet::new(uplink.exclude.iter().cloned().chain(exclude)),
+            cloud_prefix: expand(&uplink.cloud_prefix),
+            downlink: FilterSet::new(downlink.iter().map(|f| expand(f))),
+        }
+    }
+}
+
 /// What happens to one local message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {

@@ -10,6 +10,7 @@
 pub mod bridge;
 pub mod broker;
 pub mod clock;
+pub mod component;
 pub mod config;
 pub mod frontend;
 pub mod gateway;

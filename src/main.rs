@@ -1,7 +1,7 @@
 //! The `fieldgate` command: parse the command line, load and validate the configuration, set
 //! up logging, run the gateway, map the outcome to an exit code (64 = bad configuration).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -80,6 +80,7 @@ fn main() -> ExitCode {
     fieldgate::limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => run(config.as_ref()),
         Command::CheckConfig { config } => match load(config.as_ref()) {
             Ok(_) => {
                 println!("configuration OK");
@@ -87,28 +88,6 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Passwd => {
-            let mut line = String::new();
-            if let Err(e) = std::io::stdin().read_line(&mut line) {
-                eprintln!("fieldgate passwd: cannot read stdin: {e}");
-                return ExitCode::from(EX_SOFTWARE);
-            }
-            let password = line.trim_end_matches(['\n', '\r']);
-            if password.is_empty() {
-                eprintln!("fieldgate passwd: empty password; type one line on stdin");
-                return ExitCode::from(EX_USAGE);
-            }
-            match fieldgate::frontend::auth::hash_password(password) {
-                Ok(phc) => {
-                    println!("{phc}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("fieldgate passwd: {e}");
-                    ExitCode::from(EX_SOFTWARE)
-                }
-            }
-        }
         Command::PrintConfig { config } => match load(config.as_ref()) {
             Ok(s) => {
                 print!("{}", s.to_toml());
@@ -116,103 +95,139 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Modbus(ModbusCommand::Import { csv }) => {
-            let text = match std::fs::read_to_string(&csv) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!(
-                        "fieldgate modbus import: cannot read {}: {e}",
-                        csv.display()
-                    );
-                    return ExitCode::from(EX_USAGE);
-                }
-            };
-            use fieldgate::sources::modbus::import;
-            match import::tags(&text) {
-                Ok(tags) => {
-                    print!("{}", import::to_toml(&tags));
-                    eprintln!("fieldgate modbus import: {} tag(s)", tags.len());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprint!("fieldgate modbus import: {}: {e}", csv.display());
-                    ExitCode::from(EX_USAGE)
-                }
+        Command::Passwd => passwd(),
+        Command::Modbus(ModbusCommand::Import { csv }) => modbus_import(&csv),
+        Command::Modbus(ModbusCommand::Probe(args)) => modbus_probe(&args),
+    }
+}
+
+/// `fieldgate passwd`: one line on stdin, its argon2 hash on stdout.
+fn passwd() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("fieldgate passwd: cannot read stdin: {e}");
+        return ExitCode::from(EX_SOFTWARE);
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("fieldgate passwd: empty password; type one line on stdin");
+        return ExitCode::from(EX_USAGE);
+    }
+    match fieldgate::frontend::auth::hash_password(password) {
+        Ok(phc) => {
+            println!("{phc}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fieldgate passwd: {e}");
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
+}
+
+/// `fieldgate modbus import CSV`: `[[modbus.tags]]` tables on stdout.
+fn modbus_import(csv: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(csv) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "fieldgate modbus import: cannot read {}: {e}",
+                csv.display()
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    use fieldgate::sources::modbus::import;
+    match import::tags(&text) {
+        Ok(tags) => {
+            print!("{}", import::to_toml(&tags));
+            eprintln!("fieldgate modbus import: {} tag(s)", tags.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("fieldgate modbus import: {}: {e}", csv.display());
+            ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
+/// A runtime for one command; `None` (after saying why) when the OS refuses threads.
+fn runtime(multi_thread: bool) -> Option<tokio::runtime::Runtime> {
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    match b.enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("fieldgate: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// `fieldgate modbus probe`: one read, printed decoded every way.
+fn modbus_probe(args: &fieldgate::sources::modbus::probe::ProbeArgs) -> ExitCode {
+    let Some(rt) = runtime(false) else {
+        return ExitCode::from(EX_SOFTWARE);
+    };
+    use fieldgate::sources::modbus::probe::{self, ProbeError};
+    match rt.block_on(probe::run(args)) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ ProbeError::Usage(_)) => {
+            eprintln!("fieldgate modbus probe: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+        Err(e) => {
+            eprintln!("fieldgate modbus probe: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+/// `fieldgate run`: logging, the runtime, the signals, then the gateway until the first
+/// signal (a second one exits at once with 130).
+fn run(config: Option<&PathBuf>) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: journald and log files get plain text.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+    let Some(rt) = runtime(true) else {
+        return ExitCode::from(EX_SOFTWARE);
+    };
+    let run = async {
+        // Handlers go in before anything starts, so an early SIGTERM is orderly too.
+        let signals = Signals::install()?;
+        tokio::select! {
+            // A stop that completed wins over a signal that arrived meanwhile.
+            biased;
+            r = fieldgate::run(settings, signals.nth(1)) => r.map_err(anyhow::Error::from),
+            () = signals.nth(2) => {
+                eprintln!("fieldgate: second signal, exiting now");
+                std::process::exit(130);
             }
         }
-        Command::Modbus(ModbusCommand::Probe(args)) => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("fieldgate: cannot start the async runtime: {e}");
-                    return ExitCode::from(EX_SOFTWARE);
-                }
-            };
-            use fieldgate::sources::modbus::probe::{self, ProbeError};
-            match rt.block_on(probe::run(&args)) {
-                Ok(table) => {
-                    print!("{table}");
-                    ExitCode::SUCCESS
-                }
-                Err(e @ ProbeError::Usage(_)) => {
-                    eprintln!("fieldgate modbus probe: {e}");
-                    ExitCode::from(EX_USAGE)
-                }
-                Err(e) => {
-                    eprintln!("fieldgate modbus probe: {e}");
-                    ExitCode::from(EX_UNAVAILABLE)
-                }
-            }
-        }
-        Command::Run { config } => {
-            let settings = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let filter = EnvFilter::try_from_default_env()
-                .or_else(|_| EnvFilter::try_new(&settings.log.level))
-                .unwrap_or_else(|_| EnvFilter::new("info"));
-            // Colours only for a person at a terminal: journald and log files get plain text.
-            use std::io::IsTerminal;
-            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(ansi)
-                .init();
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("fieldgate: cannot start the async runtime: {e}");
-                    return ExitCode::from(EX_SOFTWARE);
-                }
-            };
-            let run = async {
-                // Handlers go in before anything starts, so an early SIGTERM is orderly too.
-                let signals = Signals::install()?;
-                tokio::select! {
-                    // A stop that completed wins over a signal that arrived meanwhile.
-                    biased;
-                    r = fieldgate::run(settings, signals.nth(1)) => r.map_err(anyhow::Error::from),
-                    () = signals.nth(2) => {
-                        eprintln!("fieldgate: second signal, exiting now");
-                        std::process::exit(130);
-                    }
-                }
-            };
-            match rt.block_on(run) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "fieldgate failed");
-                    ExitCode::from(EX_SOFTWARE)
-                }
-            }
+    };
+    match rt.block_on(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "fieldgate failed");
+            ExitCode::from(EX_SOFTWARE)
         }
     }
 }

@@ -37,7 +37,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
+use self::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
 use crate::ingest::Ingest;
 use auth::{Acl, Users};
 use metrics::BrokerMetrics;

@@ -509,6 +509,56 @@ impl Store {
         Ok(())
     }
 
+    /// Opens the queue off the runtime threads. A full disk is not damage: this waits (ERROR
+    /// every 30 s) and tries again every second until space is freed. Other errors return.
+    pub async fn open_waiting(
+        dir: &Path,
+        cfg: &StoreConfig,
+        metrics: Arc<StoreMetrics>,
+    ) -> Result<Store, StoreError> {
+        let mut last_log: Option<std::time::Instant> = None;
+        loop {
+            let (d, c, m) = (dir.to_path_buf(), cfg.clone(), metrics.clone());
+            let opened = tokio::task::spawn_blocking(move || Store::open(&d, &c, m))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+            match opened {
+                Err(StoreError::NoSpace) => {
+                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        error!(
+                            store = %dir.display(),
+                            "no space left on the device holding the queue; waiting for space \
+                             (free some and the gateway starts by itself)"
+                        );
+                        last_log = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Persists the cloud's last acknowledgements once the journal and the bridge have
+    /// stopped (no other writer is left): compact, checkpoint, save the mark. On failure
+    /// those records are sent again (WARN).
+    pub async fn persist_final(self: Arc<Self>) {
+        let done = tokio::task::spawn_blocking(move || {
+            self.compact()?;
+            self.checkpoint()?;
+            self.save_mark();
+            Ok::<_, StoreError>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "persisting the last cloud acknowledgements failed; those records are sent again")
+            }
+            Err(e) => error!(error = %e, "final queue task failed"),
+        }
+    }
+
     /// Keeps `payload` as the retained message of `topic`; an empty payload deletes it
     /// (MQTT's rule for retained messages). Journal thread only; durable at the next commit.
     pub fn retain(&self, topic: &str, qos: u8, payload: &[u8]) -> Result<(), StoreError> {

@@ -1,9 +1,9 @@
 //! Modbus TCP and RTU sources: `[[modbus]]` devices polled into the embedded broker, and
 //! writes from `<tag topic>/set` back to the devices.
 //!
-//! Shape (house rule 2): [`config::ModbusDeviceConfig`] -> [`Modbus::build`] (groups devices
-//! into buses and makes each bus's broker link, before the broker listens) ->
-//! [`Modbus::spawn`] (one task per bus) -> [`Running::join`].
+//! Shape (house rule 2, [`crate::component`]): [`config::ModbusDeviceConfig`] ->
+//! [`Modbus::build`] (groups devices into buses and makes each bus's broker link, before the
+//! broker listens) -> [`Modbus::start`] (one task per bus) -> [`Running::stop`].
 //!
 //! A bus is one TCP device, every RTU device on one serial port, or every RTU-over-TCP
 //! device behind one serial-to-Ethernet converter (`host`): one task owns each line and
@@ -29,13 +29,13 @@ pub mod publish;
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::bus::Bus;
 use self::config::{ModbusDeviceConfig, Transport};
 use crate::broker::{Broker, BrokerError};
+use crate::component::{Ctx, Running};
 use crate::local::LocalClient;
 use crate::metrics::Metrics;
 
@@ -66,11 +66,6 @@ pub struct Modbus {
     buses: Vec<(Bus, LocalClient)>,
 }
 
-/// Running bus tasks.
-pub struct Running {
-    tasks: Vec<JoinHandle<()>>,
-}
-
 /// Groups devices into buses: each TCP device alone, RTU devices by serial port path and
 /// RTU-over-TCP devices by converter `host` (in config order). Returns `(bus name, devices)`.
 pub fn buses(devices: &[ModbusDeviceConfig]) -> Vec<(String, Vec<ModbusDeviceConfig>)> {
@@ -97,13 +92,13 @@ impl Modbus {
     /// Builds every bus and its broker link (call before the broker listens).
     pub fn build(
         devices: &[ModbusDeviceConfig],
-        gateway_id: &str,
+        ctx: &Ctx,
         broker: &Broker,
         metrics: Arc<Metrics>,
     ) -> Result<Modbus, ModbusError> {
         let mut out = Vec::new();
         for (i, (name, devs)) in buses(devices).into_iter().enumerate() {
-            let bus = Bus::new(name.clone(), &devs, gateway_id, metrics.clone());
+            let bus = Bus::new(name.clone(), &devs, &ctx.gateway_id, metrics.clone());
             let mut client = broker
                 .client(&format!("fieldgate-modbus-{i}"))
                 .map_err(|e| ModbusError::from((name.clone(), e)))?;
@@ -129,7 +124,7 @@ impl Modbus {
     }
 
     /// Starts one task per bus; they stop when `stop` is cancelled.
-    pub fn spawn(self, stop: CancellationToken) -> Running {
+    pub fn start(self, stop: CancellationToken) -> Running {
         let tasks = self
             .buses
             .into_iter()
@@ -139,15 +134,6 @@ impl Modbus {
                 tokio::spawn(bus.run(tx, rx, stop.clone()).instrument(span))
             })
             .collect();
-        Running { tasks }
-    }
-}
-
-impl Running {
-    /// Waits for every bus task (after the stop token was cancelled).
-    pub async fn join(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        Running::tasks("modbus", stop, tasks)
     }
 }

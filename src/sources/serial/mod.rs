@@ -51,7 +51,6 @@ use crate::clock::now_ms;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -60,8 +59,8 @@ use self::config::{FlowControl, Parity, SerialDeviceConfig};
 use self::decode::{DecodeError, Decoder};
 use self::framing::{Frame, Framer};
 use self::metrics::{DeviceMetrics, FrameDrop, SerialMetrics, WriteDrop};
-use crate::broker::{Broker, BrokerError};
-use crate::config::Settings;
+use crate::broker::Broker;
+use crate::component::{Ctx, Running};
 use crate::local::{LocalClient, LocalRx, LocalTx};
 use crate::pacing::Backoff;
 
@@ -85,6 +84,15 @@ pub enum SerialError {
         /// Key under the device.
         key: &'static str,
         /// What is wrong.
+        message: String,
+    },
+    /// The device's broker link could not be made: the broker is out of connections; raise
+    /// `broker.max_connections`.
+    #[error("serial device {device}: broker link: {message}")]
+    Link {
+        /// Device name.
+        device: String,
+        /// Why.
         message: String,
     },
     /// The broker refused the subscription to the write topic: the broker is shutting down or
@@ -123,43 +131,50 @@ pub enum PortError {
     Write(std::io::Error),
 }
 
-/// Creates the broker link of every device. Call before `broker.listen()`: rumqttd refuses
-/// to reuse a client id that a device might have taken.
-pub fn links(
-    broker: &Broker,
-    devices: &[SerialDeviceConfig],
-) -> Result<Vec<LocalClient>, BrokerError> {
-    devices
-        .iter()
-        .map(|d| broker.client(&format!("fieldgate-serial-{}", d.name)))
-        .collect()
+/// Every serial device, built and linked, not yet running.
+pub struct Serial {
+    devices: Vec<SerialDevice>,
 }
 
-/// Builds every device from `settings.serial` on its link (from [`links`], same order) and
-/// spawns its port task under `stop`, each in a span `serial{device=..}`.
-pub fn spawn_all(
-    settings: &Settings,
-    links: Vec<LocalClient>,
-    metrics: &SerialMetrics,
-    stop: &CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, SerialError> {
-    // Build every device before spawning any, so a failure leaves no task behind.
-    let devices = settings
-        .serial
-        .iter()
-        .zip(links)
-        .map(|(cfg, link)| {
-            SerialDevice::build(cfg, &settings.gateway.id, link, metrics.device(&cfg.name))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(devices
-        .into_iter()
-        .zip(&settings.serial)
-        .map(|(dev, cfg)| {
-            let span = tracing::info_span!("serial", device = %cfg.name);
-            tokio::spawn(dev.run(stop.clone()).instrument(span))
-        })
-        .collect())
+impl Serial {
+    /// Builds every device of `[[serial]]` with its broker link (call before
+    /// `broker.listen()`: rumqttd refuses to reuse a client id a device might have taken)
+    /// and adds the serial metric families to the context's registry. Nothing runs yet, so a
+    /// failure leaves no task behind.
+    pub fn build(
+        devices: &[SerialDeviceConfig],
+        ctx: &Ctx,
+        broker: &Broker,
+    ) -> Result<Serial, SerialError> {
+        let metrics = SerialMetrics::default();
+        ctx.registry.add(&metrics);
+        let devices = devices
+            .iter()
+            .map(|cfg| {
+                let link = broker
+                    .client(&format!("fieldgate-serial-{}", cfg.name))
+                    .map_err(|e| SerialError::Link {
+                        device: cfg.name.clone(),
+                        message: e.to_string(),
+                    })?;
+                SerialDevice::build(cfg, &ctx.gateway_id, link, metrics.device(&cfg.name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Serial { devices })
+    }
+
+    /// Spawns one port task per device under `stop`, each in a span `serial{device=..}`.
+    pub fn start(self, stop: CancellationToken) -> Running {
+        let tasks = self
+            .devices
+            .into_iter()
+            .map(|dev| {
+                let span = tracing::info_span!("serial", device = %dev.name);
+                tokio::spawn(dev.run(stop.clone()).instrument(span))
+            })
+            .collect();
+        Running::tasks("serial", stop, tasks)
+    }
 }
 
 /// The port task's state.
@@ -183,6 +198,8 @@ enum Status {
 
 /// One serial device, built and ready to run.
 pub struct SerialDevice {
+    /// Config name: `{device}` in topics, the span's and metrics' `device`.
+    name: String,
     path: PathBuf,
     builder: tokio_serial::SerialPortBuilder,
     framer: Framer,
@@ -257,6 +274,7 @@ impl SerialDevice {
                 FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
             });
         Ok(SerialDevice {
+            name: cfg.name.clone(),
             path: cfg.port.clone(),
             builder,
             framer,
