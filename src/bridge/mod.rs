@@ -23,12 +23,15 @@
 //! - At most `cloud.max_inflight` publishes are unacknowledged at a time.
 //! - Replay is paced by token buckets; live records of topics with no backlog are not held
 //!   behind it (see [`lanes`]).
+//! - The pump's decisions (which record next, the window, what a PUBACK does) are made
+//!   without I/O by [`flight`]; the pump is its driver (store reads, the link, the clock).
 //! - Downlink: messages on the `downlink.subscribe` filters are republished into the local
 //!   broker on a link of their own, which does not pass [`crate::ingest`]; ingest also
 //!   refuses to queue anything whose cloud topic those filters match, so nothing bounces
 //!   between the brokers.
 
 pub mod config;
+pub mod flight;
 pub mod lanes;
 pub mod link;
 pub mod metrics;
@@ -38,7 +41,7 @@ pub mod tls;
 #[doc(hidden)]
 pub use crate::pacing;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,14 +54,13 @@ use crate::pacing::{Backoff, TokenBucket};
 use crate::store::metrics::DropReason;
 use crate::store::{Record, Store};
 use crate::watchdog::Heartbeat;
+use flight::{Flight, Lane, Need, Schedule, Sink};
 use lanes::Lanes;
 use link::{Incoming, Link, LinkError, LinkOptions};
 use metrics::CloudMetrics;
 
 /// How many records one store read brings in per lane.
 const READ_AHEAD: usize = 1024;
-/// Acknowledged records are removed from the store in batches of this many (or every tick).
-const ACK_BATCH: usize = 512;
 
 /// Why a session ended abnormally. The bridge counts it, backs off and reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -87,22 +89,6 @@ pub struct Bridge {
     status_topic: String,
     downlink_filters: Vec<String>,
     strip_prefix: String,
-}
-
-/// Per-session delivery bookkeeping.
-#[derive(Default)]
-struct Flight {
-    /// pkid -> record sequence number, sent and awaiting PUBACK (`None`: not a queued
-    /// record, e.g. the status message).
-    inflight: HashMap<u16, Option<u64>>,
-    /// PUBACKed records not yet removed from the store.
-    acked: Vec<u64>,
-}
-
-impl Flight {
-    fn len(&self) -> usize {
-        self.inflight.len()
-    }
 }
 
 impl Bridge {
@@ -209,12 +195,11 @@ impl Bridge {
         let mut flight = Flight::default();
         let result = self.pump(link, &mut flight).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
-        if let Err(e) = self.remove(&mut flight.acked).await {
+        if let Err(e) = self.remove(flight.acked()).await {
             warn!(error = %e, "removing acknowledged records failed; they will be sent again");
         }
         if result.is_err() {
-            let unacked = flight.inflight.values().flatten().count();
-            self.metrics.resent.inc_by(unacked as u64);
+            self.metrics.resent.inc_by(flight.unacked() as u64);
         }
         result
     }
@@ -231,7 +216,7 @@ impl Bridge {
             link.subscribe(&self.downlink_filters)?;
         }
         if let Some(pkid) = link.publish("", &self.status_topic, b"online", true) {
-            flight.inflight.insert(pkid, None);
+            flight.sent_other(pkid);
         }
         link.flush().await?;
 
@@ -245,17 +230,15 @@ impl Bridge {
             Ok::<_, BridgeError>(Lanes::new(head, live_start, counts))
         })
         .await??;
-        let mut lanes = lanes;
         let live = LiveLane(self.store.clone());
         live.at(lanes.live_next());
         if !lanes.merged() {
             info!(backlog = self.store.records(), counted_in = ?split.elapsed(), "replaying backlog");
         }
         let now = Instant::now();
-        let mut msg_bucket = TokenBucket::new(c.replay_msgs_per_sec as u64, now);
-        let mut byte_bucket = TokenBucket::new(c.replay_bytes_per_sec, now);
-        let mut live_buf: VecDeque<(u64, Record)> = VecDeque::new();
-        let mut replay_buf: VecDeque<(u64, Record)> = VecDeque::new();
+        let msg_bucket = TokenBucket::new(c.replay_msgs_per_sec as u64, now);
+        let byte_bucket = TokenBucket::new(c.replay_bytes_per_sec, now);
+        let mut schedule = Schedule::new(lanes, c.max_inflight as usize, msg_bucket, byte_bucket);
         let mut appended = self.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let period = c.keepalive.max(Duration::from_secs(1));
@@ -265,58 +248,31 @@ impl Bridge {
         let mut stopping: Option<Instant> = None;
 
         loop {
-            // Hand rumqttc as much as the window and the pacing allow.
+            // Hand the link as much as the window and the pacing allow.
             if stopping.is_none() {
-                let window = c.max_inflight as usize;
-                'fill: while flight.len() < window {
-                    // Live lane first.
-                    if live_buf.is_empty() && self.store.next_seq() > lanes.live_next() {
-                        live_buf = self.read(lanes.live_next(), u64::MAX).await?;
-                    }
-                    if let Some((seq, rec)) = live_buf.pop_front() {
-                        if lanes.live_take(seq, &rec.topic) && self.send(link, flight, seq, &rec) {
-                            self.metrics.sent_live.inc();
-                        }
-                        live.at(lanes.live_next());
-                        continue 'fill;
-                    }
-                    // Then the replay lane, paced.
-                    let Some((from, to)) = lanes.replay_range() else {
-                        break 'fill;
+                loop {
+                    let mut wire = Wire {
+                        link: &mut *link,
+                        bridge: &*self,
+                        live: &live,
+                        replayed: &mut rate_window.1,
                     };
-                    if replay_buf.is_empty() {
-                        replay_buf = self.read(from, to).await?;
-                        if replay_buf.is_empty() {
-                            lanes.replay_exhausted(to);
-                            if lanes.merged() {
+                    let store = &self.store;
+                    match schedule.fill(flight, Instant::now, || store.next_seq(), &mut wire) {
+                        Need::Live(from) => schedule.live_read(self.read(from, u64::MAX).await?),
+                        Need::Replay(from, to) => {
+                            if schedule.replay_read(to, self.read(from, to).await?) {
                                 info!("backlog replayed; lanes merged");
                             }
-                            continue 'fill;
                         }
-                    }
-                    let Some((seq, rec)) = replay_buf.front() else {
-                        break 'fill;
-                    };
-                    let now = Instant::now();
-                    let wait = msg_bucket
-                        .wait_for(1, now)
-                        .max(byte_bucket.wait_for(rec.payload.len() as u64, now));
-                    if !wait.is_zero() {
-                        pace_until = Some(now + wait);
-                        break 'fill;
-                    }
-                    let (seq, rec) = (*seq, rec.clone());
-                    replay_buf.pop_front();
-                    if lanes.replay_take(seq, &rec.topic) {
-                        msg_bucket.take(1);
-                        byte_bucket.take(rec.payload.len() as u64);
-                        if self.send(link, flight, seq, &rec) {
-                            self.metrics.sent_replay.inc();
-                            rate_window.1 += 1;
+                        Need::Pace(until) => {
+                            pace_until = Some(until);
+                            break;
                         }
+                        Need::Wait => break,
                     }
                 }
-            } else if flight.len() == 0 {
+            } else if flight.is_empty() {
                 break;
             }
 
@@ -338,8 +294,8 @@ impl Bridge {
                 _ = sleep_until(pace), if pace.is_some() => {}
                 _ = tick.tick() => {
                     self.heartbeat.beat();
-                    if !flight.acked.is_empty() {
-                        self.remove(&mut flight.acked).await?;
+                    if !flight.acked().is_empty() {
+                        self.remove(flight.acked()).await?;
                     }
                     let el = rate_window.0.elapsed();
                     if el >= Duration::from_secs(1) {
@@ -360,7 +316,7 @@ impl Bridge {
                 }
             }
         }
-        self.remove(&mut flight.acked).await?;
+        self.remove(flight.acked()).await?;
         // Orderly goodbye: the retained status says offline (the will only fires on abrupt loss).
         link.publish("", &self.status_topic, b"offline", true);
         link.disconnect();
@@ -374,11 +330,8 @@ impl Bridge {
     async fn incoming(&mut self, i: Incoming, flight: &mut Flight) -> Result<(), BridgeError> {
         match i {
             Incoming::PubAck(pkid) => {
-                if let Some(Some(seq)) = flight.inflight.remove(&pkid) {
-                    flight.acked.push(seq);
-                    if flight.acked.len() >= ACK_BATCH {
-                        self.remove(&mut flight.acked).await?;
-                    }
+                if flight.puback(pkid) {
+                    self.remove(flight.acked()).await?;
                 }
             }
             Incoming::Publish(p) => self.downlink(p),
@@ -392,24 +345,22 @@ impl Bridge {
         Ok(())
     }
 
-    /// Queues one record on the link; false (and the record dropped, counted and logged) when
-    /// it is larger than `cloud.max_packet_size`, which the cloud would refuse on every resend.
-    fn send<S>(&self, link: &mut Link<S>, flight: &mut Flight, seq: u64, rec: &Record) -> bool
+    /// Queues one record on the link: its packet id, or `None` (and the record dropped,
+    /// counted and logged) when it is larger than `cloud.max_packet_size`, which the cloud
+    /// would refuse on every resend.
+    fn send<S>(&self, link: &mut Link<S>, seq: u64, rec: &Record) -> Option<u16>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         match link.publish(&self.cloud_prefix, &rec.topic, &rec.payload, rec.retain) {
-            Some(pkid) => {
-                flight.inflight.insert(pkid, Some(seq));
-                true
-            }
+            Some(pkid) => Some(pkid),
             None => {
                 self.store.metrics().count_drop(DropReason::TooLarge, 1);
                 self.store.ack(&[seq]);
                 error!(seq, topic = %rec.topic, bytes = rec.payload.len(),
                     max = self.settings.cloud.max_packet_size,
                     "record larger than cloud.max_packet_size dropped");
-                false
+                None
             }
         }
     }
@@ -457,6 +408,38 @@ impl Bridge {
             }
             Err(e) => warn!(error = %e, local, "downlink message could not be published locally"),
         }
+    }
+}
+
+/// The pump's side of [`Sink`]: PUBLISHes into the link's write buffer, counted per lane.
+struct Wire<'a, S> {
+    link: &'a mut Link<S>,
+    bridge: &'a Bridge,
+    live: &'a LiveLane,
+    /// Replay records sent in the current rate window.
+    replayed: &'a mut u64,
+}
+
+impl<S> Sink for Wire<'_, S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn send(&mut self, lane: Lane, seq: u64, rec: &Record) -> Option<u16> {
+        let pkid = self.bridge.send(self.link, seq, rec)?;
+        match lane {
+            Lane::Live => {
+                self.bridge.metrics.sent_live.inc();
+            }
+            Lane::Replay => {
+                self.bridge.metrics.sent_replay.inc();
+                *self.replayed += 1;
+            }
+        }
+        Some(pkid)
+    }
+
+    fn live_at(&mut self, next: u64) {
+        self.live.at(next);
     }
 }
 
