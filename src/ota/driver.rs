@@ -33,9 +33,9 @@ use super::serve::{self, Catalog, ChunkJob, Pacer, Served, ServedTally, Slots};
 use super::{contract, OtaError, OtaHandle, Query};
 use crate::broker::Broker;
 use crate::config::{OtaConfig, Settings};
+use crate::local::{LocalClient, LocalTx};
 use crate::metrics::Metrics;
 use crate::pacing::Backoff;
-use crate::sources::{LocalClient, LocalTx};
 
 const STATE_FILE: &str = "state.json";
 
@@ -260,6 +260,31 @@ impl Driver {
         }
     }
 
+    /// Verifies and installs a pushed image off the runtime; reports like a download.
+    fn spawn_install(&mut self, key: String, expect: Expect) {
+        let (cache, tx, metrics) = (
+            self.cache.clone(),
+            self.fetch_tx.clone(),
+            self.metrics.clone(),
+        );
+        self.fetches.spawn(async move {
+            let k2 = key.clone();
+            let r = tokio::task::spawn_blocking(move || install(&cache, &k2, &expect)).await;
+            let result = match r {
+                Ok(Ok(d)) => {
+                    metrics.ota.fetch("ok");
+                    Ok(d)
+                }
+                Ok(Err(e)) => {
+                    metrics.ota.fetch("hash_mismatch");
+                    Err(format!("pushed image: {e}; the cloud must push it again"))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = tx.send(FetchEvent::Done { key, result }).await;
+        });
+    }
+
     /// Carries out one output; `Some` is the input it yields.
     async fn one(&mut self, o: Out) -> Option<Input> {
         match o {
@@ -307,28 +332,7 @@ impl Driver {
                 None
             }
             Out::InstallPushed { key, expect } => {
-                let (cache, tx, metrics) = (
-                    self.cache.clone(),
-                    self.fetch_tx.clone(),
-                    self.metrics.clone(),
-                );
-                self.fetches.spawn(async move {
-                    let k2 = key.clone();
-                    let r =
-                        tokio::task::spawn_blocking(move || install(&cache, &k2, &expect)).await;
-                    let result = match r {
-                        Ok(Ok(d)) => {
-                            metrics.ota.fetch("ok");
-                            Ok(d)
-                        }
-                        Ok(Err(e)) => {
-                            metrics.ota.fetch("hash_mismatch");
-                            Err(format!("pushed image: {e}; the cloud must push it again"))
-                        }
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let _ = tx.send(FetchEvent::Done { key, result }).await;
-                });
+                self.spawn_install(key, expect);
                 None
             }
             Out::WritePart {

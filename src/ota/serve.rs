@@ -61,9 +61,9 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::bridge::pacing::TokenBucket;
+use crate::local::LocalTx;
 use crate::metrics::Metrics;
-use crate::sources::LocalTx;
+use crate::pacing::TokenBucket;
 
 /// Chunk jobs queued for the MQTT serving task.
 pub const JOB_QUEUE: usize = 4096;
