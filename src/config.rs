@@ -157,10 +157,10 @@ impl Default for OtaConfig {
     }
 }
 
-/// Largest `ota.chunk_size`.
-pub const OTA_MAX_CHUNK: usize = 1024 * 1024;
-/// Room an MQTT packet needs besides the chunk (fixed header, topic, packet id).
-pub const OTA_PACKET_OVERHEAD: usize = 1024;
+/// Largest `ota.chunk_size`, and the room a chunk's MQTT packet needs besides it (OTA's own).
+pub use crate::ota::contract::{
+    MAX_CHUNK as OTA_MAX_CHUNK, PACKET_OVERHEAD as OTA_PACKET_OVERHEAD,
+};
 
 /// `[gateway]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -535,25 +535,9 @@ impl Settings {
     /// chunks only flow from the gateway to devices (the front end writes them unlimited).
     pub fn effective_broker(&self) -> BrokerConfig {
         let mut b = self.broker.clone();
-        b.acl.internal.command_identities = self.ota.local_commands.clone();
-        if self.ota.enabled {
-            let need = self.ota.chunk_size + OTA_PACKET_OVERHEAD;
+        crate::ota::contract::internal_topics(&self.ota, &mut b.acl.internal);
+        if let Some(need) = crate::ota::contract::max_packet(&self.ota) {
             b.segment_bytes = b.segment_bytes.max(need);
-            // The gateway-only OTA topics follow a custom prefix.
-            let prefix = &self.ota.prefix;
-            if prefix != "ota" {
-                let moved = |list: &[String]| -> Vec<String> {
-                    list.iter()
-                        .filter_map(|f| f.strip_prefix("ota/"))
-                        .map(|rest| format!("{prefix}/{rest}"))
-                        .collect()
-                };
-                let internal = &mut b.acl.internal;
-                let gw = moved(&internal.gateway_only);
-                let dev = moved(&internal.device_may_publish);
-                internal.gateway_only.extend(gw);
-                internal.device_may_publish.extend(dev);
-            }
         }
         b
     }
@@ -562,10 +546,8 @@ impl Settings {
     /// pushes (same size as `ota.chunk_size` or smaller) fits.
     pub fn effective_cloud(&self) -> CloudConfig {
         let mut c = self.cloud.clone();
-        if self.ota.enabled {
-            c.max_packet_size = c
-                .max_packet_size
-                .max(self.ota.chunk_size + OTA_PACKET_OVERHEAD);
+        if let Some(need) = crate::ota::contract::max_packet(&self.ota) {
+            c.max_packet_size = c.max_packet_size.max(need);
         }
         c
     }

@@ -206,6 +206,13 @@ impl Cache {
         })
     }
 
+    /// Opens the verified image `<sha256>.bin` for serving.
+    pub fn open_bin(&self, sha256: &str) -> Opened {
+        let path = self.bin(sha256);
+        let file = File::open(&path).map_err(|e| e.to_string());
+        Opened { path, file }
+    }
+
     /// Deletes a cached image.
     pub fn remove(&self, sha256: &str) {
         let _ = fs::remove_file(self.bin(sha256));
@@ -247,6 +254,15 @@ impl Cache {
             Err(e) => Err(io(&p)(e)),
         }
     }
+}
+
+/// A verified image file opened for serving, or why it could not be opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// `<sha256>.bin`.
+    pub path: PathBuf,
+    /// The open file.
+    pub file: Result<File, String>,
 }
 
 /// Reads `len` bytes at `offset` of an open image file.

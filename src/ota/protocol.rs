@@ -377,7 +377,7 @@ impl Upgrade {
             }
             Some(_) => {}
             None => match u.chunk_size {
-                Some(c) if (1..=super::super::config::OTA_MAX_CHUNK as u64).contains(&c) => {}
+                Some(c) if (1..=super::contract::MAX_CHUNK as u64).contains(&c) => {}
                 _ => {
                     return bad(
                         "without url the cloud pushes chunks: give chunk_size (1..=1048576)".into(),

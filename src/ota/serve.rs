@@ -61,9 +61,9 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::bridge::pacing::TokenBucket;
+use crate::local::LocalTx;
 use crate::metrics::Metrics;
-use crate::sources::LocalTx;
+use crate::pacing::TokenBucket;
 
 /// Chunk jobs queued for the MQTT serving task.
 pub const JOB_QUEUE: usize = 4096;
@@ -573,16 +573,15 @@ impl Slots {
     }
 
     /// The MQTT path: keeps `device`'s slot (it asked again) or gives it one, or says how
-    /// long to wait.
-    pub fn for_device(&self, device: &str, size: u64) -> Result<(), Wait> {
+    /// long to wait. `now` is the manager's clock reading.
+    pub fn for_device(&self, device: &str, size: u64, now: Instant) -> Result<(), Wait> {
         let req = Take {
             device,
             ip: None,
             size,
             stream: false,
         };
-        self.lock()
-            .take(req, (self.max, self.max_per_ip), Instant::now())
+        self.lock().take(req, (self.max, self.max_per_ip), now)
     }
 
     /// The HTTP path: one transfer to `ip`, under `device`'s slot when the request names one,
@@ -627,9 +626,10 @@ impl Slots {
         }
     }
 
-    /// Frees the slots of idle devices and forgets waiters that did not come back.
-    pub fn expire(&self) {
-        self.lock().expire(Instant::now());
+    /// Frees the slots of idle devices and forgets waiters that did not come back, as of
+    /// `now`.
+    pub fn expire(&self, now: Instant) {
+        self.lock().expire(now);
     }
 
     /// Slots in use.
@@ -834,17 +834,17 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..3 {
             drop(s.for_http(Some("d1"), ip, 10).unwrap());
-            s.for_device("d1", 10).unwrap();
+            s.for_device("d1", 10, Instant::now()).unwrap();
         }
         assert_eq!(s.in_use(), 1);
-        let w = s.for_device("d2", 10).unwrap_err();
+        let w = s.for_device("d2", 10, Instant::now()).unwrap_err();
         assert_eq!((w.why, w.position), (Busy::All, Some(1)));
         assert!(
             s.for_http(None, ip, 10).is_err(),
             "an anonymous request waits too"
         );
         s.release("d1");
-        s.for_device("d2", 10).unwrap();
+        s.for_device("d2", 10, Instant::now()).unwrap();
         assert_eq!(s.waiting(), 0);
         // Idle: freed after DOWNLOAD_IDLE, unless a transfer is in flight.
         let mut t = Table::default();
