@@ -25,12 +25,12 @@ pub use crate::frontend::config::{
 };
 pub use crate::http::MetricsConfig;
 pub use crate::ingest::UplinkConfig;
+pub use crate::ota::config::{OtaConfig, OtaDeviceConfig, OtaPaths};
 use crate::problem::problem;
 pub use crate::problem::Problem;
 use crate::sources::modbus::config::ModbusDeviceConfig;
 use crate::sources::serial::config::SerialDeviceConfig;
 pub use crate::store::config::{FullPolicy, StoreConfig};
-use crate::tls::check_pem;
 
 /// Every problem found while loading a configuration. The caller prints them all and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -76,85 +76,6 @@ pub struct Settings {
     pub serial: Vec<SerialDeviceConfig>,
     /// Firmware updates: fetch once from the cloud, serve to local devices (see docs/ota.md).
     pub ota: OtaConfig,
-}
-
-/// `[ota]`: the firmware cache and the local OTA service (see docs/ota.md).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OtaConfig {
-    /// Run the OTA manager. It only acts on `cmd/ota/...` commands and `<prefix>/...` topics.
-    pub enabled: bool,
-    /// First level of every device-facing topic: `<prefix>/<device_id>/request` etc.
-    pub prefix: String,
-    /// Where verified images live (`<sha256>.bin`). Default: `<gateway.data_dir>/ota`.
-    pub cache_dir: PathBuf,
-    /// Most bytes of images kept; least recently used images no rollout needs are evicted.
-    pub cache_max_bytes: u64,
-    /// Bytes per MQTT chunk served to devices (the last chunk may be shorter).
-    pub chunk_size: usize,
-    /// Most devices downloading at once (MQTT and HTTP together); others get `busy`.
-    pub max_concurrent_downloads: usize,
-    /// Most HTTP image downloads from one IP address at once; past it: 503 `busy`.
-    pub max_downloads_per_ip: usize,
-    /// An HTTP image transfer whose client reads nothing for this long is cut, and its
-    /// download slot freed.
-    #[serde(with = "humantime_serde")]
-    pub stall_timeout: Duration,
-    /// Serving rate limit over all devices, bytes per second. 0: unlimited.
-    pub max_bytes_per_sec: u64,
-    /// Base of the `url` in metadata, e.g. `http://192.168.1.2:9183`. Default: from
-    /// `metrics.listen`.
-    pub http_base_url: String,
-    /// PEM CA file trusted for HTTPS image downloads. Default: `cloud.ca_file`.
-    pub fetch_ca_file: PathBuf,
-    /// A download with no byte received for this long is cut and resumed.
-    #[serde(with = "humantime_serde")]
-    pub fetch_timeout: Duration,
-    /// Attempts per download (with backoff) before the image is reported failed.
-    pub fetch_attempts: u32,
-    /// How often, at most, the gateway reports a running image download
-    /// (`<prefix>/_gateway/fetch_progress`) and the bytes served to each device
-    /// (`<prefix>/_gateway/served`).
-    #[serde(with = "humantime_serde")]
-    pub progress_interval: Duration,
-    /// Devices known in advance, by id, with their tags: `[ota.devices.pump7] tags = [..]`.
-    pub devices: BTreeMap<String, OtaDeviceConfig>,
-    /// Broker identities (usernames or certificate names) whose *local* publishes on the OTA
-    /// command topics (`cmd/ota/#`) are obeyed. Empty (the default): only commands that
-    /// arrive from the cloud through the bridge are; a local publish there is dropped and
-    /// counted, whatever the ACL grants (`cmd/#` included).
-    pub local_commands: Vec<String>,
-}
-
-/// `[ota.devices.<id>]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OtaDeviceConfig {
-    /// Tags a rollout can address (`"tag": "..."` in `ota_upgrade`).
-    pub tags: Vec<String>,
-}
-
-impl Default for OtaConfig {
-    fn default() -> Self {
-        OtaConfig {
-            enabled: true,
-            prefix: "ota".into(),
-            cache_dir: PathBuf::new(),
-            cache_max_bytes: 512 * 1024 * 1024,
-            chunk_size: 16 * 1024,
-            max_concurrent_downloads: 32,
-            max_downloads_per_ip: 2,
-            stall_timeout: Duration::from_secs(10),
-            max_bytes_per_sec: 0,
-            http_base_url: String::new(),
-            fetch_ca_file: PathBuf::new(),
-            fetch_timeout: Duration::from_secs(30),
-            fetch_attempts: 6,
-            progress_interval: Duration::from_secs(1),
-            devices: BTreeMap::new(),
-            local_commands: Vec::new(),
-        }
-    }
 }
 
 /// Largest `ota.chunk_size`, and the room a chunk's MQTT packet needs besides it (OTA's own).
@@ -345,7 +266,7 @@ impl Settings {
             &self.serial,
             &self.gateway.id,
         ));
-        self.validate_ota(&mut p);
+        p.extend(self.ota.validate());
         p
     }
 
@@ -411,123 +332,40 @@ impl Settings {
         }
     }
 
-    fn validate_ota(&self, p: &mut Vec<Problem>) {
-        let o = &self.ota;
-        if !o.enabled {
-            return;
-        }
-        if o.prefix.is_empty() || o.prefix.contains(['+', '#', '/']) || o.prefix.starts_with('$') {
-            p.push(problem(
-                "ota.prefix",
-                format!("{:?}: use one topic level without '/', '+', '#' or a leading '$'; e.g. \"ota\"", o.prefix),
-            ));
-        }
-        if o.chunk_size < 256 || o.chunk_size > OTA_MAX_CHUNK {
-            p.push(problem(
-                "ota.chunk_size",
-                format!("must be 256..={OTA_MAX_CHUNK} bytes; e.g. 16384 (broker.segment_bytes and cloud.max_packet_size are raised to fit it)"),
-            ));
-        }
-        if o.cache_max_bytes < 1024 * 1024 {
-            p.push(problem(
-                "ota.cache_max_bytes",
-                "must be at least 1048576 (1 MiB); it must hold the largest image",
-            ));
-        }
-        if o.max_concurrent_downloads == 0 {
-            p.push(problem(
-                "ota.max_concurrent_downloads",
-                "must be at least 1; e.g. 32",
-            ));
-        }
-        if o.fetch_timeout < Duration::from_secs(1) {
-            p.push(problem(
-                "ota.fetch_timeout",
-                "must be at least 1s; e.g. \"30s\"",
-            ));
-        }
-        if o.max_downloads_per_ip == 0 {
-            p.push(problem(
-                "ota.max_downloads_per_ip",
-                "must be at least 1; e.g. 2",
-            ));
-        }
-        if o.stall_timeout < Duration::from_secs(1) {
-            p.push(problem(
-                "ota.stall_timeout",
-                "must be at least 1s; e.g. \"10s\"",
-            ));
-        }
-        if o.fetch_attempts == 0 {
-            p.push(problem("ota.fetch_attempts", "must be at least 1; e.g. 6"));
-        }
-        if o.progress_interval < Duration::from_millis(100) {
-            p.push(problem(
-                "ota.progress_interval",
-                "must be at least 100ms; e.g. \"1s\"",
-            ));
-        }
-        let u = &o.http_base_url;
-        if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
-            p.push(problem(
-                "ota.http_base_url",
-                "must start with http:// (the gateway's own endpoint), e.g. \"http://192.168.1.2:9183\"",
-            ));
-        }
-        if !o.fetch_ca_file.as_os_str().is_empty() {
-            check_pem(p, "ota.fetch_ca_file", &o.fetch_ca_file, "CERTIFICATE");
-        }
-        for (i, who) in o.local_commands.iter().enumerate() {
-            if who.is_empty() || who.contains(['+', '#', '/', '\0']) {
-                p.push(problem(
-                    format!("ota.local_commands[{i}]"),
-                    format!("{who:?} is not an identity: a broker username or certificate name, e.g. \"scada\""),
-                ));
-            }
-        }
-        for id in o.devices.keys() {
-            if !crate::ota::protocol::valid_device_id(id) {
-                p.push(problem(
-                    format!("ota.devices.{id}"),
-                    "not a usable device id: 1-128 characters without '/', '+', '#', not starting with '_' or '$'",
-                ));
-            }
-        }
-    }
-
-    /// The effective OTA cache directory.
-    pub fn ota_cache_dir(&self) -> PathBuf {
-        if self.ota.cache_dir.as_os_str().is_empty() {
+    /// What the OTA manager needs from other sections, computed once: the cache directory
+    /// (`ota.cache_dir`, else `<data_dir>/ota`), the CA for downloads (`ota.fetch_ca_file`,
+    /// else `cloud.ca_file`) and the base of the metadata `url` (`ota.http_base_url`, else
+    /// the metrics endpoint's address).
+    pub fn ota_paths(&self) -> OtaPaths {
+        let cache_dir = if self.ota.cache_dir.as_os_str().is_empty() {
             self.gateway.data_dir.join("ota")
         } else {
             self.ota.cache_dir.clone()
-        }
-    }
-
-    /// The effective CA file for image downloads.
-    pub fn ota_fetch_ca_file(&self) -> PathBuf {
-        if self.ota.fetch_ca_file.as_os_str().is_empty() {
+        };
+        let fetch_ca_file = if self.ota.fetch_ca_file.as_os_str().is_empty() {
             self.cloud.ca_file.clone()
         } else {
             self.ota.fetch_ca_file.clone()
-        }
-    }
-
-    /// The effective base of the metadata `url`.
-    pub fn ota_http_base_url(&self) -> String {
-        if !self.ota.http_base_url.is_empty() {
-            return self.ota.http_base_url.trim_end_matches('/').to_string();
-        }
-        let a = self.metrics.listen;
-        let host = if a.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            match a.ip() {
-                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-                ip => ip.to_string(),
-            }
         };
-        format!("http://{host}:{}", a.port())
+        let http_base_url = if !self.ota.http_base_url.is_empty() {
+            self.ota.http_base_url.trim_end_matches('/').to_string()
+        } else {
+            let a = self.metrics.listen;
+            let host = if a.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                match a.ip() {
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                    ip => ip.to_string(),
+                }
+            };
+            format!("http://{host}:{}", a.port())
+        };
+        OtaPaths {
+            cache_dir,
+            fetch_ca_file,
+            http_base_url,
+        }
     }
 
     /// The broker settings the gateway runs with: `segment_bytes` raised so an OTA chunk
@@ -560,15 +398,6 @@ impl Settings {
     /// The effective configuration as TOML (defaults filled in).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
-    }
-
-    /// Cloud client id: `cloud.client_id` or the gateway id.
-    pub fn cloud_client_id(&self) -> String {
-        if self.cloud.client_id.is_empty() {
-            self.gateway.id.clone()
-        } else {
-            self.cloud.client_id.clone()
-        }
     }
 }
 
@@ -833,7 +662,7 @@ mod tests {
             .device_may_publish
             .contains(&"fw/+/chunk/get".to_string()));
         assert!(s.effective_cloud().max_packet_size >= 1048576 + OTA_PACKET_OVERHEAD);
-        assert_eq!(s.ota_http_base_url(), "http://127.0.0.1:9183");
+        assert_eq!(s.ota_paths().http_base_url, "http://127.0.0.1:9183");
     }
 
     #[test]

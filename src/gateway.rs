@@ -33,14 +33,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::bridge::metrics::CloudMetrics;
-use crate::bridge::Bridge;
+use crate::bridge::{Bridge, BridgeDeps};
 use crate::broker::{Broker, BrokerError};
 use crate::component::{stop_all, Ctx, Running};
 use crate::config::Settings;
 use crate::frontend::metrics::BrokerMetrics;
 use crate::http::{HealthSource, Http};
 use crate::ingest::{Ingest, Routing};
-use crate::metrics::{Metrics, Registry};
+use crate::metrics::Registry;
 use crate::sources::modbus::Modbus;
 use crate::sources::serial::{Serial, SerialError};
 use crate::store::metrics::StoreMetrics;
@@ -118,9 +118,6 @@ pub async fn run(
         data_dir: settings.gateway.data_dir.clone(),
         registry: Registry::new(),
     };
-    // The OTA and Modbus families (not yet owned by their components).
-    let metrics = Metrics::new();
-    ctx.registry.add(&*metrics);
     let broker_metrics = Arc::new(BrokerMetrics::default());
     ctx.registry.add(&*broker_metrics);
     let store_metrics = StoreMetrics::new();
@@ -191,10 +188,13 @@ pub async fn run(
     } else {
         None
     };
-    let modbus = Modbus::build(&settings.modbus, &ctx, &broker, metrics.clone())?;
+    let modbus = Modbus::build(&settings.modbus, &ctx, &broker)?;
     let serial = Serial::build(&settings.serial, &ctx, &broker)?;
     let ota = if settings.ota.enabled {
-        Some(crate::ota::Ota::build(&settings, &broker, metrics.clone()).map_err(Box::new)?)
+        Some(
+            crate::ota::Ota::build(&settings.ota, &settings.ota_paths(), &ctx, &broker)
+                .map_err(Box::new)?,
+        )
     } else {
         None
     };
@@ -202,24 +202,21 @@ pub async fn run(
     // 4. Bridge.
     let mut cloud = Vec::new();
     if let Some((dl_tx, dl_rx)) = downlink_link {
-        let bridge_stop = CancellationToken::new();
-        let bridge_beat = Heartbeat::new("cloud");
-        beats.push(bridge_beat.clone());
+        let heartbeat = Heartbeat::new("cloud");
+        beats.push(heartbeat.clone());
+        let deps = BridgeDeps {
+            store: store.clone(),
+            metrics: cloud_metrics.clone(),
+            downlink: dl_tx,
+            heartbeat,
+            cloud_prefix: ctx.expand(&settings.uplink.cloud_prefix),
+            shutdown_grace: settings.gateway.shutdown_grace,
+        };
         // OTA raises the cloud's max packet size so a pushed image chunk fits.
-        let mut bridged = settings.clone();
-        bridged.cloud = settings.effective_cloud();
-        let b = Bridge::build(
-            &bridged,
-            store.clone(),
-            cloud_metrics.clone(),
-            dl_tx,
-            bridge_stop.clone(),
-            bridge_beat,
-        )?;
+        let b = Bridge::build(&settings.effective_cloud(), &settings.downlink, &ctx, deps)?;
         info!(host = %settings.cloud.host, port = settings.cloud.port, "cloud bridge starting");
-        let task = tokio::spawn(b.run().instrument(tracing::info_span!("cloud")));
         cloud.push(
-            Running::tasks("cloud", bridge_stop, vec![task])
+            b.start(CancellationToken::new())
                 .at_most(settings.gateway.shutdown_grace + Duration::from_secs(3)),
         );
         cloud.push(drain_downlink(dl_rx));
@@ -241,9 +238,7 @@ pub async fn run(
         serial.start(CancellationToken::new()).at_most(SOURCE_STOP),
     ];
     let ota_handle = ota.map(|(o, handle)| {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(o.run(stop.clone()).instrument(tracing::info_span!("ota")));
-        sources.push(Running::tasks("ota", stop, vec![task]).at_most(SOURCE_STOP));
+        sources.push(o.start(CancellationToken::new()).at_most(SOURCE_STOP));
         handle
     });
 
@@ -258,7 +253,6 @@ pub async fn run(
             store: store.clone(),
             cloud_enabled: settings.cloud.enabled,
             gateway_id: settings.gateway.id.clone(),
-            metrics,
             ota: ota_handle,
         };
         let h = Http::build(&settings.metrics, health)

@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use crate::bridge::metrics::CloudMetrics;
 use crate::component::Running;
-use crate::metrics::{Metrics, Registry};
+use crate::metrics::Registry;
 use crate::store::Store;
 
 /// `[metrics]`
@@ -49,8 +49,6 @@ pub struct HealthSource {
     pub registry: Arc<Registry>,
     /// The cloud link's state.
     pub cloud: Arc<CloudMetrics>,
-    /// The OTA families (image requests are counted there).
-    pub metrics: Arc<Metrics>,
     /// The queue.
     pub store: Arc<Store>,
     /// Whether a cloud is configured.
@@ -172,7 +170,7 @@ async fn handle(mut sock: TcpStream, peer: IpAddr, h: HealthSource) -> std::io::
                 head_only: method == "HEAD",
                 peer,
             };
-            return crate::ota::http::image(&mut sock, ota, &h.metrics, req).await;
+            return crate::ota::http::image(&mut sock, ota, &ota.metrics, req).await;
         }
     }
     let ota_status = match (&h.ota, method, path.strip_prefix("/ota/status")) {

@@ -37,19 +37,16 @@ pub mod link;
 pub mod metrics;
 pub mod tls;
 
-// Kept while src/ota moves (issue 14); removed once it imports crate::pacing.
-#[doc(hidden)]
-pub use crate::pacing;
-
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::LinkTx;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
-use crate::config::Settings;
+use self::config::{CloudConfig, DownlinkConfig};
+use crate::component::{Ctx, Running};
 use crate::pacing::{Backoff, TokenBucket};
 use crate::store::metrics::DropReason;
 use crate::store::{Record, Store};
@@ -76,9 +73,29 @@ pub enum BridgeError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// What the bridge takes besides `[cloud]`, `[downlink]` and the context: the queue it
+/// drains, its handles, and values of other sections computed once.
+pub struct BridgeDeps {
+    /// The queue.
+    pub store: Arc<Store>,
+    /// The cloud link's metric families (the gateway shows them with or without a cloud).
+    pub metrics: Arc<CloudMetrics>,
+    /// The broker link the downlink publishes on.
+    pub downlink: LinkTx,
+    /// Beaten every time round (the systemd watchdog).
+    pub heartbeat: Heartbeat,
+    /// Expanded `uplink.cloud_prefix`: cloud topic = this + local topic.
+    pub cloud_prefix: String,
+    /// `gateway.shutdown_grace`: how long in-flight records may take at shutdown.
+    pub shutdown_grace: Duration,
+}
+
 /// Everything the bridge needs, built once.
 pub struct Bridge {
-    settings: Settings,
+    cloud: CloudConfig,
+    client_id: String,
+    shutdown_grace: Duration,
+    local_prefix: String,
     tls: Arc<rustls::ClientConfig>,
     store: Arc<Store>,
     metrics: Arc<CloudMetrics>,
@@ -92,39 +109,48 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Builds the bridge; fails if the TLS material is unusable.
+    /// Builds the bridge from `[cloud]` and `[downlink]`; fails if the TLS material is
+    /// unusable.
     pub fn build(
-        settings: &Settings,
-        store: Arc<Store>,
-        metrics: Arc<CloudMetrics>,
-        downlink: LinkTx,
-        stop: CancellationToken,
-        heartbeat: Heartbeat,
+        cloud: &CloudConfig,
+        downlink: &DownlinkConfig,
+        ctx: &Ctx,
+        deps: BridgeDeps,
     ) -> Result<Bridge, tls::TlsError> {
-        let tls = tls::client_config(&settings.cloud)?;
+        let tls = tls::client_config(cloud)?;
         Ok(Bridge {
+            client_id: if cloud.client_id.is_empty() {
+                ctx.gateway_id.clone()
+            } else {
+                cloud.client_id.clone()
+            },
+            shutdown_grace: deps.shutdown_grace,
+            local_prefix: downlink.local_prefix.clone(),
             tls,
-            store,
-            metrics,
-            downlink,
-            stop,
-            heartbeat,
-            cloud_prefix: settings.expand(&settings.uplink.cloud_prefix),
-            status_topic: settings.expand(&settings.cloud.status_topic),
-            downlink_filters: settings
-                .downlink
-                .subscribe
-                .iter()
-                .map(|f| settings.expand(f))
-                .collect(),
-            strip_prefix: settings.expand(&settings.downlink.strip_prefix),
-            settings: settings.clone(),
+            store: deps.store,
+            metrics: deps.metrics,
+            downlink: deps.downlink,
+            stop: CancellationToken::new(),
+            heartbeat: deps.heartbeat,
+            cloud_prefix: deps.cloud_prefix,
+            status_topic: ctx.expand(&cloud.status_topic),
+            downlink_filters: downlink.subscribe.iter().map(|f| ctx.expand(f)).collect(),
+            strip_prefix: ctx.expand(&downlink.strip_prefix),
+            cloud: cloud.clone(),
         })
     }
 
+    /// Starts the bridge task under `stop`, in a span `cloud`: it ends once `stop` is
+    /// cancelled and the last session has drained (within `shutdown_grace`).
+    pub fn start(mut self, stop: CancellationToken) -> Running {
+        self.stop = stop.clone();
+        let task = tokio::spawn(self.run().instrument(tracing::info_span!("cloud")));
+        Running::tasks("cloud", stop, vec![task])
+    }
+
     /// Runs until the stop token is cancelled and the last session has drained.
-    pub async fn run(mut self) {
-        let c = &self.settings.cloud;
+    async fn run(mut self) {
+        let c = &self.cloud;
         let mut backoff = Backoff::new(c.reconnect_min, c.reconnect_max);
         loop {
             let started = Instant::now();
@@ -159,11 +185,11 @@ impl Bridge {
     }
 
     fn options(&self) -> LinkOptions {
-        let c = &self.settings.cloud;
+        let c = &self.cloud;
         LinkOptions {
             host: c.host.clone(),
             port: c.port,
-            client_id: self.settings.cloud_client_id(),
+            client_id: self.client_id.clone(),
             keepalive: c.keepalive,
             login: (!c.username.is_empty()).then(|| (c.username.clone(), c.password.clone())),
             will: Some((self.status_topic.clone(), "offline".into())),
@@ -173,7 +199,7 @@ impl Bridge {
     }
 
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), BridgeError> {
-        let c = self.settings.cloud.clone();
+        let c = self.cloud.clone();
         // Dial, handshake TLS, CONNECT and wait for CONNACK.
         let opts = self.options();
         let mut link = tokio::select! {
@@ -208,7 +234,7 @@ impl Bridge {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let c = self.settings.cloud.clone();
+        let c = self.cloud.clone();
         // SUBSCRIBE before the retained `online`: a cloud application that waits for `online`
         // knows the gateway takes its commands (a broker handles one connection's packets in
         // order).
@@ -312,7 +338,7 @@ impl Bridge {
                 }
                 _ = self.stop.cancelled(), if stopping.is_none() => {
                     info!(in_flight = flight.len(), "bridge draining in-flight records");
-                    stopping = Some(Instant::now() + self.settings.gateway.shutdown_grace);
+                    stopping = Some(Instant::now() + self.shutdown_grace);
                 }
             }
         }
@@ -358,7 +384,7 @@ impl Bridge {
                 self.store.metrics().count_drop(DropReason::TooLarge, 1);
                 self.store.ack(&[seq]);
                 error!(seq, topic = %rec.topic, bytes = rec.payload.len(),
-                    max = self.settings.cloud.max_packet_size,
+                    max = self.cloud.max_packet_size,
                     "record larger than cloud.max_packet_size dropped");
                 None
             }
@@ -400,7 +426,7 @@ impl Bridge {
             return;
         }
         let rest = topic.strip_prefix(&self.strip_prefix).unwrap_or(topic);
-        let local = format!("{}{}", self.settings.downlink.local_prefix, rest);
+        let local = format!("{}{}", self.local_prefix, rest);
         match self.downlink.try_publish(local.clone(), p.payload.to_vec()) {
             Ok(_) => {
                 self.metrics.downlink_messages.inc();

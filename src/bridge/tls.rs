@@ -18,10 +18,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::config::CloudConfig;
 pub use crate::tls::TlsError;
-// Kept while src/ota moves (issue 14); the provider's home is crate::tls.
-#[doc(hidden)]
-pub use crate::tls::provider;
-use crate::tls::{certs, private_key, roots};
+use crate::tls::{certs, private_key, provider, roots};
 
 /// Builds the client config from `[cloud]`.
 pub fn client_config(c: &CloudConfig) -> Result<Arc<ClientConfig>, TlsError> {

@@ -17,7 +17,8 @@
 //! Invariant: every topic here is built from `ota.prefix` and the suffix lists below, the same
 //! ones the manager publishes and subscribes on.
 
-use crate::config::{InternalTopics, OtaConfig};
+use super::config::OtaConfig;
+use crate::frontend::config::InternalTopics;
 
 /// `ota.prefix` by default; the built-in `[broker.acl.internal]` filters use it.
 pub const DEFAULT_PREFIX: &str = "ota";

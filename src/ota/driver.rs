@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::cache::{Cache, CacheError, Expect};
 use super::fetch;
@@ -32,9 +32,10 @@ use super::manager::{FetchEvent, Input, Installed, Manager, Now, Out, Reverified
 use super::serve::{self, Catalog, ChunkJob, Pacer, Served, ServedTally, Slots};
 use super::{contract, OtaError, OtaHandle, Query};
 use crate::broker::Broker;
-use crate::config::{OtaConfig, Settings};
+use crate::component::{Ctx, Running};
 use crate::local::{LocalClient, LocalTx};
-use crate::metrics::Metrics;
+use crate::ota::config::{OtaConfig, OtaPaths};
+use crate::ota::metrics::OtaMetrics;
 use crate::pacing::Backoff;
 
 const STATE_FILE: &str = "state.json";
@@ -49,7 +50,7 @@ pub struct Ota {
     ca_file: std::path::PathBuf,
     link: LocalClient,
     serve_link: LocalClient,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OtaMetrics>,
     catalog_tx: watch::Sender<Arc<Catalog>>,
     queries_rx: QueryRx,
     slots: Slots,
@@ -59,15 +60,18 @@ pub struct Ota {
 }
 
 impl Ota {
-    /// Makes the links and subscriptions (before the listeners start) and the handle for the
-    /// HTTP server.
+    /// Makes the links and subscriptions (before the listeners start), adds OTA's metric
+    /// families to the context's registry, and returns the handle for the HTTP server.
     pub fn build(
-        settings: &Settings,
+        cfg: &OtaConfig,
+        paths: &OtaPaths,
+        ctx: &Ctx,
         broker: &Broker,
-        metrics: Arc<Metrics>,
     ) -> Result<(Ota, OtaHandle), OtaError> {
-        let cfg = settings.ota.clone();
-        let cache = Cache::open(&settings.ota_cache_dir())?;
+        let cfg = cfg.clone();
+        let metrics = OtaMetrics::new();
+        ctx.registry.add(&*metrics);
+        let cache = Cache::open(&paths.cache_dir)?;
         let mut link = broker.client("fieldgate-ota").map_err(Box::new)?;
         let serve_link = broker.client("fieldgate-ota-serve").map_err(Box::new)?;
         for filter in contract::subscriptions(&cfg.prefix) {
@@ -88,11 +92,12 @@ impl Ota {
             pacer: pacer.clone(),
             stall_timeout: cfg.stall_timeout,
             served: served_tx.clone(),
+            metrics: metrics.clone(),
         };
         Ok((
             Ota {
-                base_url: settings.ota_http_base_url(),
-                ca_file: settings.ota_fetch_ca_file(),
+                base_url: paths.http_base_url.clone(),
+                ca_file: paths.fetch_ca_file.clone(),
                 cfg,
                 cache,
                 link,
@@ -109,8 +114,17 @@ impl Ota {
         ))
     }
 
+    /// Starts the manager task under `stop`, in a span `ota`.
+    pub fn start(self, stop: CancellationToken) -> Running {
+        let task = tokio::spawn(
+            self.run(stop.clone())
+                .instrument(tracing::info_span!("ota")),
+        );
+        Running::tasks("ota", stop, vec![task])
+    }
+
     /// Runs until `stop` is cancelled or the broker goes away; saves the state on the way out.
-    pub async fn run(self, stop: CancellationToken) {
+    async fn run(self, stop: CancellationToken) {
         let Ota {
             cfg,
             base_url,
@@ -202,7 +216,7 @@ struct Driver {
     cache: Cache,
     ca_file: std::path::PathBuf,
     tx: LocalTx,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OtaMetrics>,
     catalog_tx: watch::Sender<Arc<Catalog>>,
     jobs: mpsc::Sender<ChunkJob>,
     fetch_tx: mpsc::Sender<FetchEvent>,
@@ -272,11 +286,11 @@ impl Driver {
             let r = tokio::task::spawn_blocking(move || install(&cache, &k2, &expect)).await;
             let result = match r {
                 Ok(Ok(d)) => {
-                    metrics.ota.fetch("ok");
+                    metrics.fetch("ok");
                     Ok(d)
                 }
                 Ok(Err(e)) => {
-                    metrics.ota.fetch("hash_mismatch");
+                    metrics.fetch("hash_mismatch");
                     Err(format!("pushed image: {e}; the cloud must push it again"))
                 }
                 Err(e) => Err(e.to_string()),
@@ -392,7 +406,7 @@ struct FetchJob {
     timeout: Duration,
     attempts: u32,
     progress_every: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OtaMetrics>,
     tx: mpsc::Sender<FetchEvent>,
 }
 
@@ -452,7 +466,7 @@ impl FetchJob {
                     self.expect.size,
                     self.timeout,
                     |n| {
-                        m.ota.fetch_bytes.inc_by(n);
+                        m.fetch_bytes.inc_by(n);
                         moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     },
                 );
@@ -465,7 +479,7 @@ impl FetchJob {
                     match tokio::task::spawn_blocking(move || install(&cache, &key, &expect)).await
                     {
                         Ok(Ok(d)) => {
-                            self.metrics.ota.fetch("ok");
+                            self.metrics.fetch("ok");
                             let _ = self
                                 .tx
                                 .send(FetchEvent::Done {
@@ -483,7 +497,7 @@ impl FetchJob {
                 Err(e) => ("error", e.to_string()),
             };
             warn!(image = %self.key, attempt, result, error = %why, "image download attempt failed");
-            self.metrics.ota.fetch(result);
+            self.metrics.fetch(result);
             let _ = self
                 .tx
                 .send(FetchEvent::Attempt {

@@ -128,7 +128,7 @@ pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, FetchErro
     if roots.is_empty() {
         return Err(ca_err("no CERTIFICATE in it".into()));
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(crate::bridge::tls::provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ca_err(e.to_string()))?
         .with_root_certificates(roots)

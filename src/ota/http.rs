@@ -28,7 +28,7 @@ use tracing::debug;
 
 use super::serve::{parse_range, Busy, Via};
 use super::{OtaHandle, Query};
-use crate::metrics::Metrics;
+use crate::ota::metrics::OtaMetrics;
 
 /// How long a small answer may take to write (the operator endpoint's own bound).
 pub const SMALL: Duration = Duration::from_secs(5);
@@ -85,7 +85,7 @@ async fn small_typed(
 pub async fn image(
     sock: &mut TcpStream,
     ota: &OtaHandle,
-    metrics: &Metrics,
+    metrics: &OtaMetrics,
     req: ImageRequest<'_>,
 ) -> std::io::Result<()> {
     let ImageRequest {
@@ -98,7 +98,7 @@ pub async fn image(
     let device = super::protocol::query_value(query, "device");
     let img = ota.catalog.borrow().find(what);
     let Some(img) = img else {
-        metrics.ota.error("http_not_found");
+        metrics.error("http_not_found");
         return small(
             sock,
             "404 Not Found",
@@ -110,7 +110,7 @@ pub async fn image(
     let r = match parse_range(range, img.size) {
         Ok(r) => r,
         Err(_) => {
-            metrics.ota.error("http_bad_range");
+            metrics.error("http_bad_range");
             let extra = format!("Content-Range: bytes */{}\r\n", img.size);
             return small(sock, "416 Range Not Satisfiable", &extra, "bad range\n").await;
         }
@@ -121,15 +121,15 @@ pub async fn image(
         Err(w) => {
             let reason = match (w.why, w.position) {
                 (Busy::Address, _) => {
-                    metrics.ota.error("busy_per_ip");
+                    metrics.error("busy_per_ip");
                     "this address holds ota.max_downloads_per_ip downloads already".to_string()
                 }
                 (Busy::All, Some(p)) => {
-                    metrics.ota.error("busy");
+                    metrics.error("busy");
                     format!("all download slots are taken; you are number {p} in line")
                 }
                 (Busy::All, None) => {
-                    metrics.ota.error("busy");
+                    metrics.error("busy");
                     "all download slots are taken".to_string()
                 }
             };
@@ -170,7 +170,7 @@ pub async fn image(
     );
     let stall = ota.stall_timeout;
     let stalled = || {
-        metrics.ota.error("http_stalled");
+        metrics.error("http_stalled");
         debug!(%peer, ?stall, "image transfer cut: the client read nothing");
         std::io::Error::new(std::io::ErrorKind::TimedOut, "client stalled")
     };
@@ -194,7 +194,7 @@ pub async fn image(
             tokio::time::timeout(stall, sock.write_all(&data))
                 .await
                 .map_err(|_| stalled())??;
-            metrics.ota.served("http", n as u64);
+            metrics.served("http", n as u64);
             ota.slots.served(device.as_deref(), n as u64);
             if let (Some(t), Some(d)) = (tally.as_mut(), device.as_deref()) {
                 t.add(d, &img.sha256, Via::Http, n as u64);

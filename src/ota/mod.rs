@@ -52,11 +52,13 @@
 //!   a restart reads, even after kill -9, is never ahead of the device.
 
 pub mod cache;
+pub mod config;
 pub mod contract;
 pub mod driver;
 pub mod fetch;
 pub mod http;
 pub mod manager;
+pub mod metrics;
 pub mod protocol;
 pub mod serve;
 pub mod state;
@@ -124,6 +126,8 @@ pub struct OtaHandle {
     /// `ota.stall_timeout`: an HTTP transfer whose client reads nothing this long is cut.
     pub stall_timeout: Duration,
     served: mpsc::Sender<Served>,
+    /// OTA's metric families (HTTP image requests are counted there too).
+    pub metrics: Arc<metrics::OtaMetrics>,
 }
 
 impl OtaHandle {

@@ -62,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::local::LocalTx;
-use crate::metrics::Metrics;
+use crate::ota::metrics::OtaMetrics;
 use crate::pacing::TokenBucket;
 
 /// Chunk jobs queued for the MQTT serving task.
@@ -666,7 +666,7 @@ pub async fn run_mqtt(
     mut jobs: mpsc::Receiver<ChunkJob>,
     pacer: Pacer,
     slots: Slots,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OtaMetrics>,
     mut served: ServedTally,
     stop: CancellationToken,
 ) {
@@ -686,7 +686,7 @@ pub async fn run_mqtt(
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 warn!(image = %job.image.sha256, error = %e, "cannot read a cached image chunk");
-                metrics.ota.error("read");
+                metrics.error("read");
                 continue;
             }
             Err(_) => return,
@@ -695,11 +695,10 @@ pub async fn run_mqtt(
             debug!("broker gone; chunk serving stops");
             return;
         }
-        metrics.ota.served("mqtt", len as u64);
+        metrics.served("mqtt", len as u64);
         slots.served(Some(&job.device), len as u64);
         served.add(&job.device, &job.image.sha256, Via::Mqtt, len as u64);
         metrics
-            .ota
             .chunk_latency
             .observe(job.queued.elapsed().as_secs_f64());
     }

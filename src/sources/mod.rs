@@ -8,7 +8,3 @@
 
 pub mod modbus;
 pub mod serial;
-
-// Kept while src/ota and the Modbus bus move (issue 14); their home is crate::local.
-#[doc(hidden)]
-pub use crate::local::{Inbound, LocalClient, LocalRx, LocalTx};

@@ -147,9 +147,7 @@ impl Record {
     }
 }
 
-// Kept while src/ota moves (issue 14); the clock's home is crate::clock.
-#[doc(hidden)]
-pub use crate::clock::now_ms;
+use crate::clock::now_ms;
 
 /// Result of an append.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

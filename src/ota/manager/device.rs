@@ -212,7 +212,7 @@ impl Manager {
         let total = chunks_of(img.size, chunk);
         let mut queued = false;
         for i in idx {
-            self.metrics.ota.chunk_requests.inc();
+            self.metrics.chunk_requests.inc();
             if i >= total {
                 let why = format!(
                     "chunk {i} does not exist; the image has {total} chunks (0..={})",
@@ -318,7 +318,7 @@ impl Manager {
             d.state = "retry".into();
             d.error = Some("sha256 mismatch".into());
             d.received = 0;
-            self.metrics.ota.error("verify_mismatch");
+            self.metrics.error("verify_mismatch");
             let t = self.topic(dev, "retry");
             self.publish_json(
                 t,

@@ -157,7 +157,7 @@ impl Manager {
     }
 
     pub(super) fn fetch_failed(&mut self, key: &str, why: String) {
-        self.metrics.ota.fetch("failed");
+        self.metrics.fetch("failed");
         self.fetching.remove(key);
         let (name, version) = match self.state.images.get_mut(key) {
             Some(i) => {
@@ -252,7 +252,7 @@ impl Manager {
         let Some((key, idx)) = rest.rsplit_once('/') else {
             return;
         };
-        let bad = |m: &crate::metrics::Metrics| m.ota.error("push_invalid");
+        let bad = |m: &crate::ota::metrics::OtaMetrics| m.error("push_invalid");
         let Ok(idx) = idx.parse::<u64>() else {
             return bad(&self.metrics);
         };
@@ -291,9 +291,9 @@ impl Manager {
     ) {
         if let Err(e) = result {
             warn!(error = %e, "cannot store a pushed chunk");
-            return self.metrics.ota.error("push_io");
+            return self.metrics.error("push_io");
         }
-        self.metrics.ota.fetch_bytes.inc_by(len);
+        self.metrics.fetch_bytes.inc_by(len);
         let Some(img) = self.state.images.get(key) else {
             return;
         };

@@ -57,8 +57,8 @@ use super::protocol::{parse_device_topic, DeviceTopic, ErrorReply};
 use super::serve::{self, Catalog, ChunkJob, Served, Slots};
 use super::state::{Device, ImageState, Rollout, State};
 use super::{Query, CMD_IMAGE, CMD_STATUS, CMD_UPGRADE, GATEWAY_LEVEL};
-use crate::config::OtaConfig;
-use crate::metrics::Metrics;
+use crate::ota::config::OtaConfig;
+use crate::ota::metrics::OtaMetrics;
 
 /// How often housekeeping runs: idle slots expire, gauges, dirty state saved.
 pub const PERSIST_EVERY: Duration = Duration::from_millis(500);
@@ -249,7 +249,7 @@ pub struct Manager {
     cfg: OtaConfig,
     /// Base of the metadata `url`.
     base_url: String,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OtaMetrics>,
     slots: Slots,
     catalog: Catalog,
     /// Images with a download or an install under way.
@@ -275,7 +275,12 @@ pub struct Manager {
 
 impl Manager {
     /// A manager with no state yet; `slots` is shared with the HTTP transfers.
-    pub fn new(cfg: OtaConfig, base_url: String, metrics: Arc<Metrics>, slots: Slots) -> Manager {
+    pub fn new(
+        cfg: OtaConfig,
+        base_url: String,
+        metrics: Arc<OtaMetrics>,
+        slots: Slots,
+    ) -> Manager {
         Manager {
             cfg,
             base_url,
@@ -306,7 +311,7 @@ impl Manager {
                 Ok(s) => self.state = s,
                 Err(e) => {
                     error!(error = %e, "OTA state file unreadable; starting with no rollouts");
-                    self.metrics.ota.error("state_corrupt");
+                    self.metrics.error("state_corrupt");
                 }
             }
         }
@@ -363,7 +368,7 @@ impl Manager {
             Ok(opened) => self.make_ready(&key, sha256, opened),
             Err(why) => {
                 error!(image = %key, error = %why, "cached image corrupted; fetching it again");
-                self.metrics.ota.error("cache_corrupt");
+                self.metrics.error("cache_corrupt");
                 if let Some(i) = self.state.images.get_mut(&key) {
                     i.state = ImageState::Fetching;
                     i.ready_sha256 = None;
@@ -475,7 +480,7 @@ impl Manager {
         reason: String,
         index: Option<u64>,
     ) {
-        self.metrics.ota.error(code);
+        self.metrics.error(code);
         debug!(device = dev, request, code, %reason, "OTA request refused");
         let e = ErrorReply {
             code: code.into(),
@@ -490,7 +495,7 @@ impl Manager {
 
     /// `busy` with when to come back (`retry_after`, seconds) and, when queued, the place.
     fn reply_busy(&mut self, dev: &str, w: serve::Wait, reason: String, index: Option<u64>) {
-        self.metrics.ota.error("busy");
+        self.metrics.error("busy");
         debug!(device = dev, retry_after = w.retry_after, position = ?w.position, "OTA chunk request must wait");
         let e = ErrorReply {
             code: "busy".into(),
@@ -548,7 +553,7 @@ impl Manager {
     }
 
     fn update_gauges(&self) {
-        let o = &self.metrics.ota;
+        let o = &self.metrics;
         o.active_downloads.set(self.slots.in_use() as i64);
         o.waiting_devices.set(self.slots.waiting() as i64);
         let bytes: u64 = self

@@ -27,7 +27,7 @@ impl Manager {
             Ok(u) => u,
             Err(e) => {
                 warn!(error = %e, "ota_upgrade refused");
-                self.metrics.ota.error(e.code());
+                self.metrics.error(e.code());
                 let t = self.topic(GATEWAY_LEVEL, "error");
                 let reply = ErrorReply {
                     code: e.code().into(),
@@ -153,7 +153,7 @@ impl Manager {
                 v
             }
             Err(e) => {
-                self.metrics.ota.error(e.code());
+                self.metrics.error(e.code());
                 json!({"error": e.to_string(), "code": e.code()})
             }
         };

@@ -10,8 +10,8 @@ use super::super::cache::{Digests, Opened};
 use super::super::serve::{self, Served, Slots, Via, DOWNLOAD_IDLE, QUEUE_GRACE};
 use super::super::Query;
 use super::*;
-use crate::config::{OtaConfig, OtaDeviceConfig};
-use crate::metrics::Metrics;
+use crate::ota::config::{OtaConfig, OtaDeviceConfig};
+use crate::ota::metrics::OtaMetrics;
 
 const SHA_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const SHA_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -20,7 +20,7 @@ const CHUNK: usize = 256;
 
 struct T {
     m: Manager,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OtaMetrics>,
     t0: Instant,
     now: Now,
 }
@@ -37,7 +37,7 @@ fn cfg(slots: usize) -> OtaConfig {
 
 impl T {
     fn new(cfg: OtaConfig) -> T {
-        let metrics = Metrics::new();
+        let metrics = OtaMetrics::new();
         let slots = Slots::new(cfg.max_concurrent_downloads, cfg.max_downloads_per_ip);
         let m = Manager::new(cfg, "http://gw:9183".into(), metrics.clone(), slots);
         let t0 = Instant::now();
@@ -294,7 +294,7 @@ fn devices_progress_and_verify_per_device() {
     assert_eq!(p[0].0, "ota/d2/retry");
     assert_eq!(p[0].1["code"], "sha256_mismatch");
     assert_eq!(t.device_state("d2"), "retry");
-    assert_eq!(t.metrics.ota.errors_of("verify_mismatch"), 1);
+    assert_eq!(t.metrics.errors_of("verify_mismatch"), 1);
     // The wrong version or a malformed request is refused with its code.
     let outs = t.dev("d2", "chunk/get", &json!({"version": "1", "index": 0}));
     assert_eq!(error_of(&outs, "d2").unwrap()["code"], "unknown_version");
@@ -351,7 +351,7 @@ fn devices_without_a_slot_queue_in_order_and_are_told_when_to_come_back() {
     assert_eq!(e3["position"], 2);
     // d1 just started and nothing was served yet: soon.
     assert_eq!(e2["retry_after"], serve::RETRY_AFTER_UNKNOWN);
-    assert_eq!(t.metrics.ota.errors_of("busy"), 2);
+    assert_eq!(t.metrics.errors_of("busy"), 2);
     // 8 s later (before d2's place lapses), nothing served: the first idle lease's expiry,
     // bounded.
     t.at_ms(8_000);
@@ -385,11 +385,11 @@ fn an_idle_slot_is_freed_after_a_minute_and_a_waiter_that_left_loses_its_place()
     // d1 has made no request for DOWNLOAD_IDLE: housekeeping frees its slot for d3.
     t.at_ms(DOWNLOAD_IDLE.as_millis() as u64 - 1);
     t.input(Input::Tick);
-    assert_eq!(t.metrics.ota.active_downloads.get(), 1);
-    assert_eq!(t.metrics.ota.waiting_devices.get(), 1);
+    assert_eq!(t.metrics.active_downloads.get(), 1);
+    assert_eq!(t.metrics.waiting_devices.get(), 1);
     t.at_ms(DOWNLOAD_IDLE.as_millis() as u64 + 1);
     t.input(Input::Tick);
-    assert_eq!(t.metrics.ota.active_downloads.get(), 0);
+    assert_eq!(t.metrics.active_downloads.get(), 0);
     assert_eq!(
         kinds(&t.dev("d3", "chunk/get", &get)),
         ["chunk ota/d3/chunk/0"]
@@ -666,7 +666,7 @@ fn pushed_chunks_are_checked_written_and_installed_when_complete() {
     };
     assert!(push(&mut t, 0, 100).is_empty(), "wrong size");
     assert!(push(&mut t, 3, 88).is_empty(), "out of range");
-    assert_eq!(t.metrics.ota.errors_of("push_invalid"), 2);
+    assert_eq!(t.metrics.errors_of("push_invalid"), 2);
     for (i, len) in [(0u64, 256usize), (1, 256), (2, 88)] {
         let outs = push(&mut t, i, len);
         match &outs[..] {
@@ -692,7 +692,7 @@ fn pushed_chunks_are_checked_written_and_installed_when_complete() {
         });
         assert!(back.is_empty(), "{back:?}");
     }
-    assert_eq!(t.metrics.ota.errors_of("push_io"), 1);
+    assert_eq!(t.metrics.errors_of("push_io"), 1);
     // Chunk 1 again, written this time: all three are in, the install starts once.
     push(&mut t, 1, 256);
     let outs = t.input(Input::PartWritten {
@@ -710,7 +710,7 @@ fn pushed_chunks_are_checked_written_and_installed_when_complete() {
         result: Ok(()),
     });
     assert!(outs.is_empty(), "one install at a time: {outs:?}");
-    assert_eq!(t.metrics.ota.fetch_bytes.get(), 256 + 88 + 256 + 256);
+    assert_eq!(t.metrics.fetch_bytes.get(), 256 + 88 + 256 + 256);
 }
 
 #[test]
@@ -721,7 +721,7 @@ fn start_up_serves_what_reverifies_and_refetches_what_does_not() {
     t.upgrade(upgrade_b(&["d2"]));
     let saved = t.m.state.encode();
     // A restart: A was ready (d1 still needs it), B was being fetched.
-    let metrics = Metrics::new();
+    let metrics = OtaMetrics::new();
     let mut m = Manager::new(
         big,
         "http://gw:9183".into(),
@@ -750,10 +750,10 @@ fn start_up_serves_what_reverifies_and_refetches_what_does_not() {
         ["pub ota/_gateway/fetch", "fetch a", "fetch b"]
     );
     assert_eq!(pubs(&outs)[0].1["result"], "cache_corrupt");
-    assert_eq!(metrics.ota.errors_of("cache_corrupt"), 1);
+    assert_eq!(metrics.errors_of("cache_corrupt"), 1);
     assert!(m.catalog.by_sha.is_empty(), "nothing unverified is served");
     // An unreadable state file starts empty.
     let mut m = Manager::new(cfg(4), String::new(), metrics.clone(), Slots::new(4, 2));
     assert!(m.restore(Some(b"{not json")).is_empty());
-    assert_eq!(metrics.ota.errors_of("state_corrupt"), 1);
+    assert_eq!(metrics.errors_of("state_corrupt"), 1);
 }

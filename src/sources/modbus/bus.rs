@@ -57,8 +57,8 @@ use self::engine::{Action, Engine, Out, Poll, Txn, PROBE_ATTEMPTS, WRITE_ATTEMPT
 use super::config::{ModbusDeviceConfig, Parity, RegisterKind, Transport};
 use super::plan::Read;
 use super::publish::{self, Quality};
-use crate::metrics::Metrics;
-use crate::sources::{Inbound, LocalRx, LocalTx};
+use crate::local::{Inbound, LocalRx, LocalTx};
+use crate::sources::modbus::metrics::ModbusMetrics;
 
 /// Why one request got no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -267,7 +267,7 @@ impl Lane {
         unit: &Unit,
         req: &Request<'static>,
         attempts: u32,
-        metrics: &Metrics,
+        metrics: &ModbusMetrics,
     ) -> Result<Answer, RequestError> {
         let mut last = RequestError::Timeout(unit.timeout);
         for _ in 0..attempts.max(1) {
@@ -363,16 +363,14 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn count_error(m: &Metrics, device: &str, kind: &str) {
-    m.modbus
-        .errors
+fn count_error(m: &ModbusMetrics, device: &str, kind: &str) {
+    m.errors
         .get_or_create(&labels(&[("device", device), ("kind", kind)]))
         .inc();
 }
 
-fn observe_rtt(m: &Metrics, device: &str, d: Duration) {
-    m.modbus
-        .rtt
+fn observe_rtt(m: &ModbusMetrics, device: &str, d: Duration) {
+    m.rtt
         .get_or_create(&labels(&[("device", device)]))
         .observe(d.as_secs_f64());
 }
@@ -405,7 +403,7 @@ pub struct Bus {
     endpoint: Endpoint,
     engine: Engine,
     lanes: Vec<Lane>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ModbusMetrics>,
     /// The engine's outputs not yet published (reused: an output costs its payload only).
     outs: Vec<Out>,
 }
@@ -425,7 +423,7 @@ impl Bus {
         name: String,
         devices: &[ModbusDeviceConfig],
         gateway_id: &str,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ModbusMetrics>,
     ) -> Bus {
         let endpoint = devices
             .first()

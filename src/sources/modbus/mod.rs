@@ -23,21 +23,20 @@ pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod import;
+pub mod metrics;
 pub mod plan;
 pub mod probe;
 pub mod publish;
-
-use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::bus::Bus;
 use self::config::{ModbusDeviceConfig, Transport};
+use self::metrics::ModbusMetrics;
 use crate::broker::{Broker, BrokerError};
 use crate::component::{Ctx, Running};
 use crate::local::LocalClient;
-use crate::metrics::Metrics;
 
 /// Why the Modbus sources could not be set up. The gateway does not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +93,9 @@ impl Modbus {
         devices: &[ModbusDeviceConfig],
         ctx: &Ctx,
         broker: &Broker,
-        metrics: Arc<Metrics>,
     ) -> Result<Modbus, ModbusError> {
+        let metrics = ModbusMetrics::new();
+        ctx.registry.add(&*metrics);
         let mut out = Vec::new();
         for (i, (name, devs)) in buses(devices).into_iter().enumerate() {
             let bus = Bus::new(name.clone(), &devs, &ctx.gateway_id, metrics.clone());

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::bus::{self, Answer, Endpoint, Lane, Unit};
 use super::codec::{self, DataType, Format, Order};
 use super::config::{Parity, RegisterKind};
-use crate::metrics::Metrics;
+use crate::sources::modbus::metrics::ModbusMetrics;
 
 /// Arguments of `fieldgate modbus probe`.
 #[derive(Debug, Clone, clap::Args)]
@@ -133,7 +133,7 @@ pub async fn run(args: &ProbeArgs) -> Result<String, ProbeError> {
         request_delay: Duration::ZERO,
         gap: Duration::from_millis(2),
     };
-    let metrics: Arc<Metrics> = Metrics::new();
+    let metrics: Arc<ModbusMetrics> = ModbusMetrics::new();
     let mut lane = Lane::default();
     let req = bus::read_request(args.kind, args.address, args.count);
     let answer = lane

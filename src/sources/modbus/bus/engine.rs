@@ -41,9 +41,9 @@ use tokio_modbus::{Request, Response};
 use tracing::{debug, info, warn};
 
 use super::{exception_text, labels, Answer, RequestError, Unit};
-use crate::metrics::Metrics;
 use crate::sources::modbus::codec::{self, Encoded, Format, Value};
 use crate::sources::modbus::config::{ModbusDeviceConfig, PublishMode, TagConfig, Transport};
+use crate::sources::modbus::metrics::ModbusMetrics;
 use crate::sources::modbus::plan::{self, Limits, Read, Span};
 use crate::sources::modbus::publish::{self, Failing, Quality, Status};
 
@@ -210,7 +210,7 @@ struct Cycle {
 pub struct Engine {
     name: String,
     devices: Vec<Device>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ModbusMetrics>,
     /// Exact set topic -> (device, tag).
     set_topics: HashMap<String, (usize, usize)>,
     /// Filters to subscribe to.
@@ -231,7 +231,7 @@ impl Engine {
         name: String,
         devices: &[ModbusDeviceConfig],
         gateway_id: &str,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ModbusMetrics>,
         now: Instant,
     ) -> Engine {
         let gap = devices
@@ -336,14 +336,12 @@ impl Engine {
         }
         for d in &devs {
             metrics
-                .modbus
                 .online
                 .get_or_create(&labels(&[("device", &d.cfg.name)]))
                 .set(0);
             // Materialise every label so a scrape shows zeros, not absence.
             for kind in ["timeout", "exception", "bad_frame", "io", "connect"] {
                 metrics
-                    .modbus
                     .errors
                     .get_or_create(&labels(&[("device", &d.cfg.name), ("kind", kind)]))
                     .inc_by(0);
@@ -531,15 +529,14 @@ impl Engine {
             return CycleEnd::default();
         }
         let bus = labels(&[("bus", &self.name)]);
-        self.metrics.modbus.cycles.get_or_create(&bus).inc();
+        self.metrics.cycles.get_or_create(&bus).inc();
         self.metrics
-            .modbus
             .cycle_requests
             .get_or_create(&bus)
             .set(requests as i64);
         let mut logged = false;
         if overran {
-            self.metrics.modbus.overruns.get_or_create(&bus).inc();
+            self.metrics.overruns.get_or_create(&bus).inc();
             self.overruns_unlogged += 1;
             logged = self
                 .last_overrun_log
@@ -577,7 +574,6 @@ impl Engine {
         match r {
             Ok(Answer::Data(resp)) => {
                 self.metrics
-                    .modbus
                     .reads
                     .get_or_create(&labels(&[("device", &self.devices[di].cfg.name)]))
                     .inc();
@@ -709,7 +705,6 @@ impl Engine {
         let tag = &mut d.tags[ti];
         if quality != Quality::Good {
             self.metrics
-                .modbus
                 .tag_errors
                 .get_or_create(&labels(&[("device", &d.cfg.name), ("tag", &tag.cfg.name)]))
                 .inc();
@@ -821,7 +816,6 @@ impl Engine {
         }
         let online = matches!(state, State::Online);
         self.metrics
-            .modbus
             .online
             .get_or_create(&labels(&[("device", &d.cfg.name)]))
             .set(i64::from(online));
@@ -960,7 +954,6 @@ impl Engine {
         let result_topic = format!("{}/set/result", d.tags[w.tag].topic);
         let result = if outcome.is_ok() { "ok" } else { "error" };
         self.metrics
-            .modbus
             .writes
             .get_or_create(&labels(&[("device", &d.cfg.name), ("result", result)]))
             .inc();
@@ -1049,7 +1042,7 @@ mod tests {
     }
 
     fn engine(devices: &[ModbusDeviceConfig], t0: Instant) -> Engine {
-        Engine::new("bus".into(), devices, "gw", Metrics::new(), t0)
+        Engine::new("bus".into(), devices, "gw", ModbusMetrics::new(), t0)
     }
 
     /// Every register answers its own address.
@@ -1299,8 +1292,8 @@ mod tests {
         );
         assert_eq!(e.next_due(t0), t0 + ms(700));
         let bus = [("bus", "bus")];
-        assert_eq!(count(&e.metrics.modbus.overruns, &bus), 2);
-        assert_eq!(count(&e.metrics.modbus.cycles, &bus), 3);
+        assert_eq!(count(&e.metrics.overruns, &bus), 2);
+        assert_eq!(count(&e.metrics.cycles, &bus), 3);
         // A minute after the last warning, the next overrun is logged again (with the count).
         let later = t0 + ms(350) + OVERRUN_LOG_EVERY;
         e.begin_cycle(later);
@@ -1363,7 +1356,7 @@ mod tests {
         // The group's schedule goes on from the read-back.
         assert_eq!(e.next_due(now), now + ms(3_600_000));
         let ok = [("device", "d"), ("result", "ok")];
-        assert_eq!(count(&e.metrics.modbus.writes, &ok), 1);
+        assert_eq!(count(&e.metrics.writes, &ok), 1);
     }
 
     #[test]
@@ -1472,7 +1465,7 @@ mod tests {
         );
         // Refusals of a known tag are counted; the unknown tag is not a write.
         let error = [("device", "d"), ("result", "error")];
-        assert_eq!(count(&e.metrics.modbus.writes, &error), 3);
+        assert_eq!(count(&e.metrics.writes, &error), 3);
     }
 
     #[test]
@@ -1485,7 +1478,6 @@ mod tests {
         let status = |r: &Ran| r.on("field/d/status").first().map(|j| (*j).clone());
         let online = |e: &Engine| {
             e.metrics
-                .modbus
                 .online
                 .get_or_create(&labels(&[("device", "d")]))
                 .get()
@@ -1770,7 +1762,7 @@ mod tests {
             "the reading of the cycle at 500"
         );
         // The batch-only wake-up at 250 is not a poll cycle.
-        let cycles = count(&e.metrics.modbus.cycles, &[("bus", "bus")]);
+        let cycles = count(&e.metrics.cycles, &[("bus", "bus")]);
         assert_eq!(cycles, 7);
         assert_eq!(
             ran.iter().find(|r| r.at == 250).map(|r| r.polls.len()),

@@ -1,0 +1,201 @@
+//! The crate's module structure, checked: shared parts are leaves, and no two top-level
+//! modules import each other, directly or round a loop (docs/architecture.md draws the
+//! layers).
+//!
+//! Reads `src/` as text: every `crate::a::..` path and every `super::` path outside comments
+//! and test modules is an edge from the file's top-level module (`bridge` for
+//! `src/bridge/link.rs`) to the one it names. Doc links and test code may point anywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Modules every component may use and that use no component: they import nothing from the
+/// crate but other leaves.
+const LEAVES: &[&str] = &[
+    "clock",
+    "component",
+    "marks",
+    "metrics",
+    "pacing",
+    "problem",
+    "tls",
+    "topic",
+    "watchdog",
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read src/") {
+        let p = e.expect("dir entry").path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The module path of a file: `src/bridge/mod.rs` -> ["bridge"], `src/store/wal.rs` ->
+/// ["store", "wal"], `src/lib.rs` -> [].
+fn module_of(src: &Path, file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src).expect("under src/");
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|c| c.to_string_lossy().trim_end_matches(".rs").to_string())
+        .collect();
+    if parts
+        .last()
+        .is_some_and(|l| l == "mod" || l == "lib" || l == "main")
+    {
+        parts.pop();
+    }
+    parts
+}
+
+/// The code of a file without comments and without its test module (`#[cfg(test)] mod`,
+/// by the crate's convention the file's last item).
+fn code_of(text: &str) -> String {
+    let cut = text.find("#[cfg(test)]\nmod ").unwrap_or(text.len());
+    text[..cut]
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .map(|l| match l.find(" // ") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The first segment after each occurrence of `prefix` (e.g. `crate::`) in `code`.
+fn segments_after<'a>(code: &'a str, prefix: &str) -> Vec<&'a str> {
+    code.match_indices(prefix)
+        .filter(|(i, _)| {
+            // A whole path segment: not `foo_crate::`.
+            *i == 0 || {
+                let b = code.as_bytes()[i - 1];
+                !(b.is_ascii_alphanumeric() || b == b'_')
+            }
+        })
+        .map(|(i, _)| {
+            let rest = &code[i + prefix.len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Top-level module -> the top-level modules it imports.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut tops = BTreeSet::new();
+    for f in &files {
+        if let Some(t) = module_of(&src, f).first() {
+            tops.insert(t.clone());
+        }
+    }
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        let module = module_of(&src, f);
+        let Some(top) = module.first().cloned() else {
+            continue; // lib.rs and main.rs sit above everything.
+        };
+        // Unit-test files of a folder (`src/store/tests.rs`).
+        if module.last().is_some_and(|m| m == "tests") {
+            continue;
+        }
+        let code = code_of(&std::fs::read_to_string(f).expect("read a source file"));
+        let mut targets: Vec<String> = segments_after(&code, "crate::")
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        // In `src/x.rs` and `src/x/mod.rs`, `super` is the crate root; deeper, it stays
+        // inside the folder.
+        if module.len() == 1 {
+            targets.extend(
+                segments_after(&code, "super::")
+                    .into_iter()
+                    .map(str::to_string),
+            );
+        }
+        let entry = g.entry(top.clone()).or_default();
+        for t in targets {
+            if t != top && tops.contains(&t) {
+                entry.insert(t);
+            }
+        }
+    }
+    g
+}
+
+#[test]
+fn leaves_import_only_leaves() {
+    let g = graph();
+    let mut bad = Vec::new();
+    for leaf in LEAVES {
+        let deps = g.get(*leaf).cloned().unwrap_or_default();
+        for d in deps {
+            if !LEAVES.contains(&d.as_str()) {
+                bad.push(format!("{leaf} -> {d}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "a leaf imports a component: {bad:?}");
+}
+
+#[test]
+fn no_import_cycle_between_top_level_modules() {
+    let g = graph();
+    assert!(
+        g.len() > 10,
+        "the scan found too few modules to mean anything: {g:?}"
+    );
+    // Depth-first search; a back edge is a cycle, reported as its path.
+    fn visit(
+        n: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        path: &mut Vec<String>,
+        cycles: &mut Vec<String>,
+    ) {
+        state.insert(n.to_string(), 1);
+        path.push(n.to_string());
+        for m in g.get(n).into_iter().flatten() {
+            match state.get(m.as_str()).copied().unwrap_or(0) {
+                0 => visit(m, g, state, path, cycles),
+                1 => {
+                    let from = path.iter().position(|p| p == m).unwrap_or(0);
+                    let mut c = path[from..].to_vec();
+                    c.push(m.clone());
+                    cycles.push(c.join(" -> "));
+                }
+                _ => {}
+            }
+        }
+        path.pop();
+        state.insert(n.to_string(), 2);
+    }
+    let mut state = BTreeMap::new();
+    let mut cycles = Vec::new();
+    for n in g.keys() {
+        if state.get(n.as_str()).copied().unwrap_or(0) == 0 {
+            visit(n, &g, &mut state, &mut Vec::new(), &mut cycles);
+        }
+    }
+    assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
+}
+
+#[test]
+fn the_scan_sees_known_edges() {
+    // The checks above are only as good as the scan: it must see edges that exist.
+    let g = graph();
+    let has = |a: &str, b: &str| g.get(a).is_some_and(|s| s.contains(b));
+    assert!(has("gateway", "store"), "{g:?}");
+    assert!(has("ingest", "store"), "{g:?}");
+    assert!(has("store", "clock"), "{g:?}");
+    assert!(!has("store", "gateway"), "{g:?}");
+}
