@@ -16,8 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -117,17 +116,11 @@ pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, FetchErro
         path: ca_file.display().to_string(),
         why,
     };
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| ca_err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ca_err(e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|e| ca_err(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(ca_err("no CERTIFICATE in it".into()));
-    }
+    let roots = crate::tls::roots("ota.fetch_ca_file", ca_file).map_err(|e| match e {
+        crate::tls::TlsError::File { why, .. } | crate::tls::TlsError::Invalid { why, .. } => {
+            ca_err(why)
+        }
+    })?;
     let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ca_err(e.to_string()))?
