@@ -1,92 +1,21 @@
-//! Serial-line devices end to end: the real gateway binary opens one end of a socat pty pair,
-//! the test plays the device on the other end, and a plain MQTT client on the gateway's
-//! broker checks the exact topics and payloads. Unplugging is killing socat; plugging back in
-//! is starting it again with the same link names.
+//! Serial-line devices end to end: the real gateway binary opens the slave of a pty pair
+//! (through a stable symlink), the test plays the device on the master, and a plain MQTT
+//! client on the gateway's broker checks the exact topics and payloads. Unplugging closes the
+//! master and removes the symlink; plugging back in is a new pair behind the same symlink
+//! (see [`common::pty`]).
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::pty::PtyPair;
 use common::{eventually, Gateway, GatewayPorts, LocalSub};
 use rumqttc::QoS;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_serial::SerialPortBuilderExt;
 
 const WITHIN: Duration = Duration::from_secs(15);
-
-/// A pty pair made by socat: `dev` is the device's end (the test), `gw` the gateway's.
-struct PtyPair {
-    child: Option<Child>,
-    dev: PathBuf,
-    gw: PathBuf,
-}
-
-impl PtyPair {
-    fn start(dir: &Path, name: &str) -> PtyPair {
-        let mut p = PtyPair {
-            child: None,
-            dev: dir.join(format!("{name}-dev")),
-            gw: dir.join(format!("{name}-gw")),
-        };
-        p.plug_in();
-        p
-    }
-
-    /// Starts socat with the pair's link names and waits until both links exist.
-    fn plug_in(&mut self) {
-        assert!(self.child.is_none(), "already plugged in");
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            .arg(format!("pty,raw,echo=0,link={}", self.dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", self.gw.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is installed (Debian package socat)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.dev.exists() && self.gw.exists()) {
-            assert!(Instant::now() < deadline, "socat made no pty links");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM to socat: both ptys vanish and socat removes the links.
-    fn unplug(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.dev);
-        let _ = std::fs::remove_file(&self.gw);
-    }
-
-    /// Opens the device's end. Keep it open: when the last holder of one end closes it,
-    /// socat ends the pair.
-    fn device(&self) -> tokio_serial::SerialStream {
-        tokio_serial::new(self.dev.to_string_lossy(), 9600)
-            .open_native_async()
-            .expect("open the device end of the pty")
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        self.unplug();
-    }
-}
 
 /// A gateway config without a cloud, with the given `[[serial]]` tables.
 fn config(data_dir: &Path, ports: &GatewayPorts, serial: &str) -> String {
@@ -177,10 +106,10 @@ async fn metric_is(g: &Gateway, sample: &str, want: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_are_decoded_and_published_in_every_mode() {
     let dir = tempfile::tempdir().unwrap();
-    let term = PtyPair::start(dir.path(), "term");
-    let meter = PtyPair::start(dir.path(), "meter");
-    let scale = PtyPair::start(dir.path(), "scale");
-    let tag = PtyPair::start(dir.path(), "tag");
+    let mut term = PtyPair::start(dir.path(), "term");
+    let mut meter = PtyPair::start(dir.path(), "meter");
+    let mut scale = PtyPair::start(dir.path(), "scale");
+    let mut tag = PtyPair::start(dir.path(), "tag");
     let ports = GatewayPorts::new();
     let serial = format!(
         r#"
@@ -310,7 +239,7 @@ mode = "hex"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_on_the_write_topic_reach_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    let pty = PtyPair::start(dir.path(), "reader");
+    let mut pty = PtyPair::start(dir.path(), "reader");
     let ports = GatewayPorts::new();
     let serial = format!(
         r#"

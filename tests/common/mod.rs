@@ -8,12 +8,14 @@
 //! - [`Gateway`]: the real `fieldgate` binary as a child process (SIGKILL, SIGTERM, restart);
 //! - [`publish_seq`] and [`Collector`]/[`check`]: a plain MQTT device that publishes sequence
 //!   numbers and a cloud subscriber that counts them;
-//! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps, and socat pty pairs.
+//! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps;
+//! - [`pty`]: in-process pseudo-terminal pairs that stand in for serial ports.
 #![allow(dead_code)]
 
 pub mod devices;
 pub mod modbus_sim;
 pub mod ota_sim;
+pub mod pty;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
