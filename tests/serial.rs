@@ -10,38 +10,19 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::pty::PtyPair;
-use common::{eventually, Gateway, GatewayPorts, LocalSub};
+use common::{eventually, path, Gateway, GatewayConfig, GatewayPorts, LocalSub};
 use rumqttc::QoS;
 use serde_json::{json, Value};
+use toml::toml;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WITHIN: Duration = Duration::from_secs(15);
 
-/// A gateway config without a cloud, with the given `[[serial]]` tables.
-fn config(data_dir: &Path, ports: &GatewayPorts, serial: &str) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw1"
-data_dir = "{data}"
-shutdown_grace = "1s"
-
-[broker.listeners.default]
-listen = "127.0.0.1:{mqtt}"
-allow_anonymous = true
-
-[metrics]
-listen = "127.0.0.1:{http}"
-
-[store]
-commit_interval = "20ms"
-
-{serial}
-"#,
-        data = data_dir.display(),
-        mqtt = ports.mqtt,
-        http = ports.http,
-    )
+/// A gateway config without a cloud; tests push their `[[serial]]` tables onto it.
+fn config(data_dir: &Path, ports: &GatewayPorts) -> GatewayConfig {
+    GatewayConfig::local(ports, data_dir)
+        .set("gateway.shutdown_grace", "1s")
+        .set("store.commit_interval", "20ms")
 }
 
 /// A plain MQTT client of the gateway's broker that records everything on `filter`.
@@ -111,49 +92,55 @@ async fn lines_are_decoded_and_published_in_every_mode() {
     let mut scale = PtyPair::start(dir.path(), "scale");
     let mut tag = PtyPair::start(dir.path(), "tag");
     let ports = GatewayPorts::new();
-    let serial = format!(
-        r#"
-[[serial]]
-name = "term"
-port = "{term}"
-baud = 115200
-[serial.framing]
-max_length = 16
-
-[[serial]]
-name = "meter"
-port = "{meter}"
-[serial.decode]
-mode = "json"
-
-[[serial]]
-name = "scale"
-port = "{scale}"
-parity = "even"
-data_bits = 7
-topic = "plant/{{gateway_id}}/{{device}}"
-envelope = true
-[serial.framing]
-delimiter = "\r\n"
-[serial.decode]
-mode = "regex"
-pattern = '^(?P<net>-?\d+\.\d+)\s*(?P<unit>kg|lb)\s+(?P<id>\w+)$'
-
-[[serial]]
-name = "tag"
-port = "{tag}"
-[serial.framing]
-mode = "fixed"
-length = 4
-[serial.decode]
-mode = "hex"
-"#,
-        term = term.gw.display(),
-        meter = meter.gw.display(),
-        scale = scale.gw.display(),
-        tag = tag.gw.display(),
-    );
-    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let config = config(dir.path(), &ports)
+        .push(
+            "serial",
+            toml! {
+                name = "term"
+                port = (path(&term.gw))
+                baud = 115200
+                [framing]
+                max_length = 16
+            },
+        )
+        .push(
+            "serial",
+            toml! {
+                name = "meter"
+                port = (path(&meter.gw))
+                [decode]
+                mode = "json"
+            },
+        )
+        .push(
+            "serial",
+            toml! {
+                name = "scale"
+                port = (path(&scale.gw))
+                parity = "even"
+                data_bits = 7
+                topic = "plant/{gateway_id}/{device}"
+                envelope = true
+                [framing]
+                delimiter = "\r\n"
+                [decode]
+                mode = "regex"
+                pattern = (r"^(?P<net>-?\d+\.\d+)\s*(?P<unit>kg|lb)\s+(?P<id>\w+)$")
+            },
+        )
+        .push(
+            "serial",
+            toml! {
+                name = "tag"
+                port = (path(&tag.gw))
+                [framing]
+                mode = "fixed"
+                length = 4
+                [decode]
+                mode = "hex"
+            },
+        );
+    let g = Gateway::start(&config.to_toml(), &ports).await;
     let sub = Sub::start(ports.mqtt, "#").await;
     for name in ["term", "meter", "scale", "tag"] {
         let status = sub
@@ -241,16 +228,15 @@ async fn messages_on_the_write_topic_reach_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let mut pty = PtyPair::start(dir.path(), "reader");
     let ports = GatewayPorts::new();
-    let serial = format!(
-        r#"
-[[serial]]
-name = "reader"
-port = "{gw}"
-write_line_ending = "\r\n"
-"#,
-        gw = pty.gw.display()
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "reader"
+            port = (path(&pty.gw))
+            write_line_ending = "\r\n"
+        },
     );
-    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let g = Gateway::start(&config.to_toml(), &ports).await;
     let sub = Sub::start(ports.mqtt, "field/#").await;
     sub.wait_status("field/reader/status", "online").await;
     let mut dev = pty.device();
@@ -291,17 +277,16 @@ async fn an_unplugged_device_goes_offline_and_comes_back_by_itself() {
     let mut pty = PtyPair::start(dir.path(), "gps");
     pty.unplug();
     let ports = GatewayPorts::new();
-    let serial = format!(
-        r#"
-[[serial]]
-name = "gps"
-port = "{gw}"
-reconnect_min = "50ms"
-reconnect_max = "200ms"
-"#,
-        gw = pty.gw.display()
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "gps"
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+        },
     );
-    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let g = Gateway::start(&config.to_toml(), &ports).await;
     let sub = Sub::start(ports.mqtt, "field/#").await;
     let status = sub.wait_status("field/gps/status", "offline").await;
     let err = status["error"].as_str().unwrap_or_default().to_string();

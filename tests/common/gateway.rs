@@ -28,7 +28,183 @@ impl GatewayPorts {
     }
 }
 
-/// Config for a gateway bridging to `cloud_port` (usually a proxy) with mutual TLS.
+/// A gateway config built from typed values: a TOML table, serialised by [`Self::to_toml`]
+/// when the gateway is started. Keys are dotted paths (`"cloud.server_name"`); tables on the
+/// way are created. Setting a key that is already set replaces it, so a test overrides a
+/// default by setting it. Tables of keys are easiest written with [`toml::toml!`], whose
+/// values may be Rust expressions in parentheses:
+///
+/// ```ignore
+/// GatewayConfig::local(&ports, dir)
+///     .push("serial", toml::toml! { name = "term" port = (path(&pty.gw)) baud = 115200 })
+/// ```
+///
+/// Configs that are wrong on purpose (tests/cli.rs checks the errors) stay text: that is
+/// what those tests are about.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    table: toml::Table,
+}
+
+/// A path as a config value (the tests' temp paths are UTF-8).
+pub fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// `127.0.0.1:<port>`, as the config spells a listen or host address.
+pub fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+impl GatewayConfig {
+    /// A gateway without a cloud: id `gw1`, `data_dir`, an anonymous MQTT listener on
+    /// `ports.mqtt` and the metrics endpoint on `ports.http`, all on 127.0.0.1; every other
+    /// key at its built-in default.
+    pub fn local(ports: &GatewayPorts, data_dir: &Path) -> GatewayConfig {
+        GatewayConfig {
+            table: toml::toml! {
+                [gateway]
+                id = "gw1"
+                data_dir = (path(data_dir))
+
+                [broker.listeners.default]
+                listen = (loopback(ports.mqtt))
+                allow_anonymous = true
+
+                [metrics]
+                listen = (loopback(ports.http))
+            },
+        }
+    }
+
+    /// [`Self::local`] bridging to `cloud_port` (usually a [`super::Proxy`]) with mutual TLS
+    /// from `pki`, quick to reconnect, committing the store every 20 ms, with 3 s to stop.
+    pub fn bridged(
+        pki: &Pki,
+        ports: &GatewayPorts,
+        data_dir: &Path,
+        cloud_port: u16,
+    ) -> GatewayConfig {
+        GatewayConfig::local(ports, data_dir)
+            .set("gateway.shutdown_grace", "3s")
+            .set("store.commit_interval", "20ms")
+            .with(
+                "cloud",
+                toml::toml! {
+                    enabled = true
+                    host = "127.0.0.1"
+                    port = cloud_port
+                    ca_file = (path(&pki.ca))
+                    client_cert_file = (path(&pki.client.cert))
+                    client_key_file = (path(&pki.client.key))
+                    keepalive = "5s"
+                    connect_timeout = "3s"
+                    reconnect_min = "50ms"
+                    reconnect_max = "500ms"
+                },
+            )
+    }
+
+    /// Sets the key at the dotted `key` path.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> GatewayConfig {
+        let (parent, last) = split_key(key);
+        table_at(&mut self.table, parent).insert(last.to_string(), value.into());
+        self
+    }
+
+    /// Removes the key at the dotted `key` path (nothing if it is not set).
+    pub fn remove(mut self, key: &str) -> GatewayConfig {
+        let (parent, last) = split_key(key);
+        table_at(&mut self.table, parent).remove(last);
+        self
+    }
+
+    /// Sets every key of `keys` in the table at the dotted path `at` (`""`: the root);
+    /// tables in `keys` are merged into tables already there, key by key.
+    pub fn with(mut self, at: &str, keys: toml::Table) -> GatewayConfig {
+        merge(table_at(&mut self.table, at), keys);
+        self
+    }
+
+    /// Appends `table` to the array of tables at the dotted path `at` (`[[serial]]`,
+    /// `[[modbus]]`, `[[broker.users]]`).
+    pub fn push(mut self, at: &str, table: toml::Table) -> GatewayConfig {
+        let (parent, last) = split_key(at);
+        let array = table_at(&mut self.table, parent)
+            .entry(last)
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        match array {
+            toml::Value::Array(a) => a.push(toml::Value::Table(table)),
+            other => panic!("{at} is {other}, not an array of tables"),
+        }
+        self
+    }
+
+    /// Merges TOML text (keys before its first `[header]` go into the table at the dotted
+    /// path `at`, the tables after it from the root), as [`Self::with`] does. For callers
+    /// that hold TOML fragments, like the benches' `gateway_config`.
+    pub fn with_text(self, at: &str, text: &str) -> GatewayConfig {
+        let split = text
+            .lines()
+            .scan(0, |offset, line| {
+                let start = *offset;
+                *offset += line.len() + 1;
+                Some((start, line))
+            })
+            .find(|(_, line)| line.trim_start().starts_with('['))
+            .map_or(text.len(), |(start, _)| start);
+        let parse = |t: &str| -> toml::Table {
+            toml::from_str(t).unwrap_or_else(|e| panic!("test config fragment: {e}\n{t}"))
+        };
+        let (keys, tables) = text.split_at(split);
+        self.with(at, parse(keys)).with("", parse(tables))
+    }
+
+    /// The config file's text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.table).expect("a TOML table serialises")
+    }
+}
+
+impl std::fmt::Display for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_toml())
+    }
+}
+
+/// `"a.b.c"` -> (`"a.b"`, `"c"`).
+fn split_key(key: &str) -> (&str, &str) {
+    key.rsplit_once('.').unwrap_or(("", key))
+}
+
+/// The table at the dotted path `at` (`""`: `root`), created where missing.
+fn table_at<'a>(root: &'a mut toml::Table, at: &str) -> &'a mut toml::Table {
+    at.split('.').filter(|k| !k.is_empty()).fold(root, |t, k| {
+        match t
+            .entry(k)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => t,
+            other => panic!("{k} is {other}, not a table"),
+        }
+    })
+}
+
+/// Sets every key of `from` in `into`; a table merges into a table already there.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(old)), toml::Value::Table(new)) => merge(old, new),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Config for a gateway bridging to `cloud_port` (usually a proxy) with mutual TLS:
+/// [`GatewayConfig::bridged`] with TOML fragments, `extra` for keys of `[cloud]` and any
+/// tables after them, `store_extra` for keys of `[store]`. The benches use it.
 pub fn gateway_config(
     pki: &Pki,
     ports: &GatewayPorts,
@@ -37,44 +213,10 @@ pub fn gateway_config(
     extra: &str,
     store_extra: &str,
 ) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw1"
-data_dir = "{data}"
-shutdown_grace = "3s"
-
-[broker.listeners.default]
-listen = "127.0.0.1:{mqtt}"
-allow_anonymous = true
-
-[metrics]
-listen = "127.0.0.1:{http}"
-
-[store]
-commit_interval = "20ms"
-{store_extra}
-
-[cloud]
-enabled = true
-host = "127.0.0.1"
-port = {cloud_port}
-ca_file = "{ca}"
-client_cert_file = "{cert}"
-client_key_file = "{key}"
-keepalive = "5s"
-connect_timeout = "3s"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-{extra}
-"#,
-        data = data_dir.display(),
-        mqtt = ports.mqtt,
-        http = ports.http,
-        ca = pki.ca.display(),
-        cert = pki.client.cert.display(),
-        key = pki.client.key.display(),
-    )
+    GatewayConfig::bridged(pki, ports, data_dir, cloud_port)
+        .with_text("store", store_extra)
+        .with_text("cloud", extra)
+        .to_toml()
 }
 
 /// The real gateway binary, as a child process.
