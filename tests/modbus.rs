@@ -79,27 +79,13 @@ impl Sub {
     }
 }
 
+/// A gateway without a cloud with these `[[modbus]]` tables (TOML text: the device tables
+/// are generated per test).
 fn config(ports: &GatewayPorts, data: &Path, modbus: &str) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw1"
-data_dir = "{data}"
-shutdown_grace = "2s"
-
-[broker.listeners.default]
-listen = "127.0.0.1:{mqtt}"
-allow_anonymous = true
-
-[metrics]
-listen = "127.0.0.1:{http}"
-
-{modbus}
-"#,
-        data = data.display(),
-        mqtt = ports.mqtt,
-        http = ports.http,
-    )
+    GatewayConfig::local(ports, data)
+        .set("gateway.shutdown_grace", "2s")
+        .with_text("", modbus)
+        .to_toml()
 }
 
 fn good(v: &Json) -> bool {

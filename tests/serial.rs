@@ -13,8 +13,8 @@ use common::pty::PtyPair;
 use common::{eventually, path, Gateway, GatewayConfig, GatewayPorts, LocalSub};
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use toml::toml;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use toml::toml;
 
 const WITHIN: Duration = Duration::from_secs(15);
 
