@@ -33,22 +33,12 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    fn config(&self, extra: &str, store_extra: &str) -> String {
-        let data = self.data.path();
-        gateway_config(
-            &self.pki,
-            &self.ports,
-            data,
-            self.proxy.port,
-            extra,
-            store_extra,
-        )
+    /// The gateway's config: bridged to the proxy, every other key at its default.
+    fn config(&self) -> GatewayConfig {
+        GatewayConfig::bridged(&self.pki, &self.ports, self.data.path(), self.proxy.port)
     }
-    async fn gateway(&self, extra: &str) -> Gateway {
-        Gateway::start(&self.config(extra, ""), &self.ports).await
-    }
-    async fn gateway_store(&self, store_extra: &str) -> Gateway {
-        Gateway::start(&self.config("", store_extra), &self.ports).await
+    async fn gateway(&self, config: GatewayConfig) -> Gateway {
+        Gateway::start(&config.to_toml(), &self.ports).await
     }
     async fn collector(&self) -> Collector {
         Collector::start(&self.pki, self.cloud.port, "fieldgate/gw1/#").await
@@ -73,7 +63,7 @@ fn assert_complete(r: &Report, sources: &[&str], range: std::ops::Range<u64>, lo
 async fn steady_flow_arrives_complete_and_in_order() {
     let s = setup().await;
     let col = s.collector().await;
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     assert!(
         eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 1.0).await,
         "{}",
@@ -111,7 +101,7 @@ async fn cloud_down_during_run_then_back() {
     let s = setup().await;
     s.proxy.cut();
     let col = s.collector().await;
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     let n = 1500;
     let srcs = ["a", "b", "c"];
     let pubs: Vec<_> = srcs
@@ -144,7 +134,7 @@ async fn kill9_while_cloud_down_loses_nothing_committed() {
     let s = setup().await;
     s.proxy.cut();
     let col = s.collector().await;
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     let n = 1500;
     let srcs = ["a", "b"];
     let pubs: Vec<_> = srcs
@@ -164,7 +154,7 @@ async fn kill9_while_cloud_down_loses_nothing_committed() {
     assert!(eventually(WAIT, || gw.metric("fieldgate_store_durable_seq") == all).await);
     gw.kill9();
 
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     assert_eq!(
         gw.metric("fieldgate_queue_records"),
         (2 * n) as f64,
@@ -185,7 +175,9 @@ async fn flapping_link_loses_nothing() {
     let s = setup().await;
     let col = s.collector().await;
     let inflight = 64;
-    let gw = s.gateway(&format!("max_inflight = {inflight}")).await;
+    let gw = s
+        .gateway(s.config().set("cloud.max_inflight", inflight as i64))
+        .await;
     let n = 4000;
     let srcs = ["a", "b", "c"];
     let pubs: Vec<_> = srcs
@@ -234,7 +226,11 @@ async fn full_queue(policy: &str) -> (Setup, Collector, Gateway) {
     s.proxy.cut();
     let col = s.collector().await;
     let gw = s
-        .gateway_store(&format!("max_bytes = 1048576\nfull_policy = \"{policy}\""))
+        .gateway(
+            s.config()
+                .set("store.max_bytes", 1_048_576)
+                .set("store.full_policy", policy),
+        )
         .await;
     (s, col, gw)
 }
@@ -314,7 +310,7 @@ async fn downlink_reaches_local_device_without_looping() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let s = setup().await;
     let col = s.collector().await;
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     assert!(eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 1.0).await);
 
     let mut o = MqttOptions::new("local-device", "127.0.0.1", s.ports.mqtt);
@@ -370,7 +366,13 @@ async fn downlink_reaches_local_device_without_looping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loop_guard_counts_what_would_bounce() {
     let s = setup().await;
-    let gw = s.gateway("[uplink]\nforward = [\"#\"]\nexclude = []").await;
+    let gw = s
+        .gateway(
+            s.config()
+                .set("uplink.forward", vec!["#"])
+                .set("uplink.exclude", Vec::<String>::new()),
+        )
+        .await;
     // A local app publishes on a topic whose cloud topic the downlink subscribes to.
     let mut o = rumqttc::MqttOptions::new("local-app", "127.0.0.1", s.ports.mqtt);
     o.set_keep_alive(Duration::from_secs(30));
@@ -401,13 +403,13 @@ async fn loop_guard_counts_what_would_bounce() {
 async fn sigterm_commits_and_exits_cleanly() {
     let s = setup().await;
     s.proxy.cut();
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     publish_seq(s.ports.mqtt, "a", 0..500, 50).await;
     assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 500.0).await);
     let (status, log) = gw.terminate();
     assert!(status.success(), "exit {status}\n{log}");
     assert!(log.contains("queue committed"), "{log}");
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     assert_eq!(gw.metric("fieldgate_queue_records"), 500.0);
     let col = s.collector().await;
     s.proxy.restore();
@@ -421,7 +423,7 @@ async fn sigterm_commits_and_exits_cleanly() {
 async fn sigterm_under_load_loses_nothing_acknowledged() {
     let s = setup().await;
     s.proxy.cut();
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     let srcs = ["f1", "f2", "f3"];
     let floods: Vec<_> = srcs
         .iter()
@@ -438,7 +440,7 @@ async fn sigterm_under_load_loses_nothing_acknowledged() {
     let total: usize = acked.iter().map(|a| a.len()).sum();
     assert!(total >= 6000, "only {total} acknowledged");
 
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     let col = s.collector().await;
     s.proxy.restore();
     let r = col
@@ -473,7 +475,9 @@ async fn paced_replay_does_not_starve_live_topics() {
     let s = setup().await;
     s.proxy.cut();
     let col = s.collector().await;
-    let gw = s.gateway("replay_msgs_per_sec = 200").await;
+    let gw = s
+        .gateway(s.config().set("cloud.replay_msgs_per_sec", 200))
+        .await;
     publish_seq(s.ports.mqtt, "old", 0..1000, 50).await;
     assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 1000.0).await);
     s.proxy.restore();
@@ -499,7 +503,7 @@ async fn paced_replay_does_not_starve_live_topics() {
 async fn damaged_queue_is_moved_aside_not_crash_looped() {
     let s = setup().await;
     s.proxy.cut();
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     publish_seq(s.ports.mqtt, "a", 0..10, 10).await;
     assert!(eventually(WAIT, || gw.metric("fieldgate_store_durable_seq") == 10.0).await);
     gw.kill9();
@@ -507,7 +511,7 @@ async fn damaged_queue_is_moved_aside_not_crash_looped() {
     std::fs::write(q.join("conf"), b"garbage, not a sled config").unwrap();
     std::fs::write(q.join("db"), vec![0xA5u8; 64 * 1024]).unwrap();
 
-    let gw = s.gateway("").await;
+    let gw = s.gateway(s.config()).await;
     let log = gw.log_text();
     assert_eq!(gw.metric("fieldgate_store_quarantined"), 1.0, "{log}");
     assert!(log.contains("moved aside"), "{log}");
@@ -534,13 +538,15 @@ async fn every_accepted_message_is_queued_or_counted() {
     let s = setup().await;
     s.proxy.cut();
     let ports = &s.ports;
-    let config = s
-        .config("", "")
-        .replace(
-            "[broker.listeners.default]",
-            "[broker]\nsegment_bytes = 65536\nmax_payload_size = 65536\nsegment_count = 2\n\n[broker.listeners.default]",
-        );
-    let gw = Gateway::start(&config, ports).await;
+    let config = s.config().with(
+        "broker",
+        toml::toml! {
+            segment_bytes = 65536
+            max_payload_size = 65536
+            segment_count = 2
+        },
+    );
+    let gw = s.gateway(config).await;
     let n = 20_000u64;
     let pubs: Vec<_> = ["a", "b", "c"]
         .iter()

@@ -30,15 +30,14 @@ async fn gateway(broker: &str, listener: &str, tail: &str) -> (Gateway, tempfile
 /// [`gateway`] on an existing data directory (for restarts).
 async fn gateway_in(data: &std::path::Path, broker: &str, listener: &str, tail: &str) -> Gateway {
     let ports = GatewayPorts::new();
-    let config = format!(
-        "[gateway]\nid = \"gw1\"\ndata_dir = \"{}\"\nshutdown_grace = \"1s\"\n\
-         [broker]\n{broker}\n[broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\n{listener}\n\
-         [metrics]\nlisten = \"127.0.0.1:{}\"\n{tail}\n",
-        data.display(),
-        ports.mqtt,
-        ports.http
-    );
-    Gateway::start(&config, &ports).await
+    // The default listener is anonymous only where `listener` says so.
+    let config = GatewayConfig::local(&ports, data)
+        .remove("broker.listeners.default.allow_anonymous")
+        .set("gateway.shutdown_grace", "1s")
+        .with_text("broker", broker)
+        .with_text("broker.listeners.default", listener)
+        .with_text("", tail);
+    Gateway::start(&config.to_toml(), &ports).await
 }
 
 /// Where the MQTT 3.1.1 rule tests connect: the gateway's front end, or, with

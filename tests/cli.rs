@@ -244,16 +244,13 @@ fn a_certificate_and_a_key_that_do_not_match_are_refused_by_check_config() {
     }
 }
 
-/// A gateway without a cloud, on its own data dir; `uplink` is the `[uplink]` section body.
-fn local_only_config(ports: &common::GatewayPorts, data: &Path, uplink: &str) -> String {
-    format!(
-        "[gateway]\nid = \"loc\"\ndata_dir = \"{}\"\nshutdown_grace = \"3s\"\n\
-         [broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\nallow_anonymous = true\n\
-         [metrics]\nlisten = \"127.0.0.1:{}\"\n[uplink]\n{uplink}\n",
-        data.display(),
-        ports.mqtt,
-        ports.http
-    )
+/// A gateway without a cloud, on its own data dir; `uplink` is the `[uplink]` table.
+fn local_only_config(ports: &common::GatewayPorts, data: &Path, uplink: toml::Table) -> String {
+    common::GatewayConfig::local(ports, data)
+        .set("gateway.id", "loc")
+        .set("gateway.shutdown_grace", "3s")
+        .with("uplink", uplink)
+        .to_toml()
 }
 
 /// A gateway with no cloud keeps nothing for one when `uplink.forward = []` (a Modbus-only
@@ -263,7 +260,7 @@ fn local_only_config(ports: &common::GatewayPorts, data: &Path, uplink: &str) ->
 async fn a_local_only_gateway_queues_nothing_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let ports = common::GatewayPorts::new();
-    let conf = local_only_config(&ports, dir.path(), "forward = []");
+    let conf = local_only_config(&ports, dir.path(), toml::toml! { forward = [] });
     let path = dir.path().join("local.toml");
     std::fs::write(&path, &conf).unwrap();
     let o = fieldgate(&["check-config", "-c", path.to_str().unwrap()], &[]);
@@ -282,7 +279,7 @@ async fn a_local_only_gateway_queues_nothing_and_says_so() {
     // The default forward list with no cloud: queued, and said once.
     let data2 = tempfile::tempdir().unwrap();
     let ports = common::GatewayPorts::new();
-    let conf = local_only_config(&ports, data2.path(), "");
+    let conf = local_only_config(&ports, data2.path(), toml::Table::new());
     let gw = common::Gateway::start(&conf, &ports).await;
     common::publish_seq(ports.mqtt, "loc", 0..50, 32).await;
     assert_eq!(gw.metric("fieldgate_queue_records"), 50.0);
@@ -305,7 +302,7 @@ async fn a_local_only_gateway_queues_nothing_and_says_so() {
 async fn logs_to_a_pipe_are_plain_and_a_late_second_signal_keeps_exit_0() {
     let dir = tempfile::tempdir().unwrap();
     let ports = common::GatewayPorts::new();
-    let conf = local_only_config(&ports, dir.path(), "forward = []");
+    let conf = local_only_config(&ports, dir.path(), toml::toml! { forward = [] });
     for round in 0..3 {
         let gw = common::Gateway::start(&conf, &ports).await;
         let pid = gw.pid().to_string();

@@ -90,19 +90,18 @@ impl Setup {
     }
 
     /// Gateway config on `ports` and `data_dir`, with extra `[broker]` keys.
-    fn config(&self, ports: &GatewayPorts, data_dir: &Path, broker: &str) -> String {
-        let c = gateway_config(&self.pki, ports, data_dir, self.proxy.port, "", "");
-        if broker.is_empty() {
-            c
-        } else {
-            c.replace(
-                "[broker.listeners.default]",
-                &format!("[broker]\n{broker}\n\n[broker.listeners.default]"),
-            )
-        }
+    fn config(&self, ports: &GatewayPorts, data_dir: &Path, broker: toml::Table) -> String {
+        GatewayConfig::bridged(&self.pki, ports, data_dir, self.proxy.port)
+            .with("broker", broker)
+            .to_toml()
     }
 
-    async fn gateway_on(&self, ports: &GatewayPorts, data_dir: &Path, broker: &str) -> Gateway {
+    async fn gateway_on(
+        &self,
+        ports: &GatewayPorts,
+        data_dir: &Path,
+        broker: toml::Table,
+    ) -> Gateway {
         let fault = self.fault_file().display().to_string();
         Gateway::start_env(
             &self.config(ports, data_dir, broker),
@@ -118,7 +117,7 @@ impl Setup {
         &self,
         ports: &GatewayPorts,
         data_dir: &Path,
-        broker: &str,
+        broker: toml::Table,
     ) -> tokio::task::JoinHandle<Gateway> {
         let config = self.config(ports, data_dir, broker);
         let ports = GatewayPorts {
@@ -137,13 +136,14 @@ impl Setup {
         &self,
         ports: &GatewayPorts,
         data_dir: &Path,
-        broker: &str,
+        broker: toml::Table,
     ) -> Result<Gateway, String> {
         started(self.spawn_gateway(ports, data_dir, broker)).await
     }
 
     async fn gateway(&self) -> Gateway {
-        self.gateway_on(&self.ports, self.data.path(), "").await
+        self.gateway_on(&self.ports, self.data.path(), toml::Table::new())
+            .await
     }
 
     async fn collector(&self) -> Collector {
@@ -686,7 +686,7 @@ async fn disk_full_withholds_acks_and_recovers_without_restart() {
     let disk = Disk::new("disk full");
     let data_dir = disk.data_dir(s.data.path());
     let col = s.collector().await;
-    let gw = s.gateway_on(&s.ports, &data_dir, "").await;
+    let gw = s.gateway_on(&s.ports, &data_dir, toml::Table::new()).await;
     let mut problems: Vec<String> = Vec::new();
 
     let (n_dev, window) = (3u64, 100usize);
@@ -820,7 +820,7 @@ async fn start_on_a_full_disk_is_not_corruption() {
     let mut problems: Vec<String> = Vec::new();
 
     // A queue of 2000 records, stopped cleanly.
-    let gw = s.gateway_on(&s.ports, &data_dir, "").await;
+    let gw = s.gateway_on(&s.ports, &data_dir, toml::Table::new()).await;
     let pre = Device::spawn(DeviceConfig::new(s.ports.mqtt, "pre", 2000).exit_when_done());
     assert!(
         eventually(WAIT, || pre.is_finished()).await,
@@ -837,7 +837,7 @@ async fn start_on_a_full_disk_is_not_corruption() {
     // The gateway may serve `/health` at once (degraded: refusing, disk_full) or wait for space
     // before it serves anything; the contract does not say which, so both are accepted and the
     // run says which it was. Exiting (a crash loop under systemd) or a quarantined queue is not.
-    let start = s.spawn_gateway(&s.ports, &data_dir, "");
+    let start = s.spawn_gateway(&s.ports, &data_dir, toml::Table::new());
     let served_at_once = eventually(Duration::from_secs(10), || start.is_finished()).await;
     let damaged = damaged_dirs(&data_dir);
     if !damaged.is_empty() {
@@ -932,7 +932,7 @@ async fn flooding_device_next_to_a_quiet_one_loses_nothing_acknowledged() {
     let s = setup().await;
     let col = s.collector().await;
     let gw = s
-        .gateway_on(&s.ports, s.data.path(), "max_inflight = 1000")
+        .gateway_on(&s.ports, s.data.path(), toml::toml! { max_inflight = 1000 })
         .await;
     assert!(eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 1.0).await);
     let flood = Device::spawn(
@@ -1102,7 +1102,7 @@ async fn damaged_store_files_are_survived() {
         s.proxy.cut();
         let col = s.collector().await;
         let started = s
-            .try_gateway_on(&GatewayPorts::new(), copy.path(), "")
+            .try_gateway_on(&GatewayPorts::new(), copy.path(), toml::Table::new())
             .await;
         let gw = match started {
             Ok(gw) => gw,

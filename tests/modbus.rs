@@ -1,5 +1,5 @@
 //! Modbus sources end to end: the real gateway binary polls tokio-modbus servers (TCP on
-//! loopback, RTU across a socat pty pair) and a plain MQTT client on the local broker checks
+//! loopback, RTU across an in-process pty pair) and a plain MQTT client on the local broker checks
 //! the exact topics and the decoded values. Register contents are laid out by the test's own
 //! spec-spelled [`layout`], never by the codec under test. Deadlines only bound the waiting;
 //! nothing asserts a timing.
@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::modbus_sim::{layout, serve_converter, serve_rtu, serve_tcp, PtyPair, Sim};
+use common::modbus_sim::{layout, serve_converter, serve_rtu, serve_tcp, Sim};
+use common::pty::PtyPair;
 use common::*;
 use rumqttc::QoS;
 use serde_json::{json, Value as Json};
@@ -78,27 +79,13 @@ impl Sub {
     }
 }
 
+/// A gateway without a cloud with these `[[modbus]]` tables (TOML text: the device tables
+/// are generated per test).
 fn config(ports: &GatewayPorts, data: &Path, modbus: &str) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw1"
-data_dir = "{data}"
-shutdown_grace = "2s"
-
-[broker.listeners.default]
-listen = "127.0.0.1:{mqtt}"
-allow_anonymous = true
-
-[metrics]
-listen = "127.0.0.1:{http}"
-
-{modbus}
-"#,
-        data = data.display(),
-        mqtt = ports.mqtt,
-        http = ports.http,
-    )
+    GatewayConfig::local(ports, data)
+        .set("gateway.shutdown_grace", "2s")
+        .with_text("", modbus)
+        .to_toml()
 }
 
 fn good(v: &Json) -> bool {
@@ -298,7 +285,7 @@ async fn tcp_every_type_and_order_decodes_onto_exact_topics() {
 
 #[tokio::test]
 async fn rtu_two_units_share_one_pty_bus_and_a_dead_unit_stops_neither() {
-    let pty = PtyPair::new();
+    let mut pty = PtyPair::new();
     let sim = Sim::new();
     sim.set_holding(1, 0, &[111]);
     sim.set_holding(1, 1, &layout(&(-7.25f32).to_be_bytes(), "CDAB"));
@@ -306,9 +293,9 @@ async fn rtu_two_units_share_one_pty_bus_and_a_dead_unit_stops_neither() {
     sim.with(2, |u| {
         u.coils.insert(3, true);
     });
-    let _server = serve_rtu(sim.clone(), &pty.b);
+    let _server = serve_rtu(sim.clone(), pty.device());
 
-    let port = pty.a.display();
+    let port = pty.gw.display();
     let line = format!(
         "transport = \"rtu\"\nserial_port = \"{port}\"\nbaud = 115200\n\
          retries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"200ms\"\nreconnect_max = \"400ms\""
@@ -933,13 +920,11 @@ enum Wire {
 #[tokio::test]
 async fn rtu_bad_frames_are_counted_and_never_desynchronise_the_line() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pty = PtyPair::new();
+    let mut pty = PtyPair::new();
     let mode = Arc::new(Mutex::new(Wire::Good));
     let value = Arc::new(Mutex::new(7u16));
     // A raw device on the other end: answers "read holding registers" of unit 1 by hand.
-    let mut port =
-        tokio_serial::SerialStream::open(&tokio_serial::new(pty.b.to_string_lossy(), 115_200))
-            .unwrap();
+    let mut port = pty.device();
     let (m2, v2) = (mode.clone(), value.clone());
     tokio::spawn(async move {
         let mut buf = Vec::new();
@@ -975,7 +960,7 @@ async fn rtu_bad_frames_are_counted_and_never_desynchronise_the_line() {
         "[[modbus]]\nname = \"raw\"\ntransport = \"rtu\"\nserial_port = \"{}\"\nbaud = 115200\n\
          timeout = \"200ms\"\nretries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
          reconnect_max = \"200ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n",
-        pty.a.display()
+        pty.gw.display()
     );
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
@@ -1304,12 +1289,12 @@ decimals = 1
 /// are polled and written over the one connection, as one bus.
 #[tokio::test]
 async fn rtu_over_tcp_reaches_two_units_behind_one_converter() {
-    let pty = PtyPair::new();
+    let mut pty = PtyPair::new();
     let sim = Sim::new();
     sim.set_holding(1, 0, &[101]);
     sim.set_holding(2, 0, &[202, 0]);
-    let _rtu = serve_rtu(sim.clone(), &pty.b);
-    let conv = serve_converter(&pty.a).await;
+    let _rtu = serve_rtu(sim.clone(), pty.device());
+    let conv = serve_converter(&pty.gw).await;
     let dev = |name: &str, unit: u8| {
         format!(
             "[[modbus]]\nname = \"{name}\"\ntransport = \"rtu_over_tcp\"\nhost = \"127.0.0.1:{}\"\n\

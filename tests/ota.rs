@@ -34,28 +34,21 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    /// The gateway's configuration with these `[ota]` keys added; 64 download slots unless
-    /// `ota` sets `max_concurrent_downloads`.
-    fn config(&self, ota: &str) -> String {
-        let slots = if ota.contains("max_concurrent_downloads") {
-            ""
-        } else {
-            "max_concurrent_downloads = 64\n"
-        };
-        let extra =
-            format!("\n[ota]\nchunk_size = {CHUNK}\n{slots}fetch_timeout = \"3s\"\n{ota}\n");
-        gateway_config(
-            &self.pki,
-            &self.ports,
-            self.data.path(),
-            self.cloud.port,
-            &extra,
-            "",
+    /// The gateway's configuration: bridged to the cloud, with the `[ota]` keys these tests
+    /// share (64 download slots; a test sets `ota.max_concurrent_downloads` to change that).
+    fn config(&self) -> GatewayConfig {
+        GatewayConfig::bridged(&self.pki, &self.ports, self.data.path(), self.cloud.port).with(
+            "ota",
+            toml::toml! {
+                chunk_size = (CHUNK as i64)
+                max_concurrent_downloads = 64
+                fetch_timeout = "3s"
+            },
         )
     }
 
-    async fn gateway(&self, ota: &str) -> Gateway {
-        Gateway::start(&self.config(ota), &self.ports).await
+    async fn gateway(&self, config: GatewayConfig) -> Gateway {
+        Gateway::start(&config.to_toml(), &self.ports).await
     }
 
     /// The cloud side, once the gateway says `online` (it subscribes to its commands first).
@@ -175,7 +168,7 @@ async fn fifty_devices_update_from_one_download() {
     let img = image(200 * 1024 + 123, 7);
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     let ids: Vec<String> = (0..50).map(|i| format!("dev{i:02}")).collect();
     roll_out(&c, &g, &upgrade(&img, &fw.url(), &ids)).await;
@@ -274,7 +267,7 @@ async fn corrupted_download_is_reported_and_fetched_again() {
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     fw.corrupt_next(1);
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     // The device asks before the image is there: it gets its metadata only once verified.
     let mut early = Session::connect(g.mqtt, "d1").await;
@@ -324,7 +317,7 @@ async fn cut_download_resumes_with_range() {
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     let cut = 100_000u64;
     fw.cut_next_after(cut);
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
     let reqs = fw.requests();
@@ -361,7 +354,7 @@ async fn bad_requests_get_error_replies_and_others_keep_going() {
     let img = image(40 * 1024, 13);
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     // A malformed command is refused with a reason for the cloud.
     c.client
@@ -496,7 +489,7 @@ async fn gateway_restart_keeps_cache_assignments_and_progress() {
     let img = image(100 * 1024 + 1, 14);
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
 
@@ -542,7 +535,7 @@ async fn gateway_restart_keeps_cache_assignments_and_progress() {
     let (status, log) = g.terminate();
     assert!(status.success(), "{log}");
 
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let mut d = Session::connect(g.mqtt, "d1").await;
     d.send("d1", "request", json!({"version": "1.0"})).await;
     let (_, md) = d
@@ -590,7 +583,7 @@ async fn resume_hint_after_kill9_never_runs_ahead_of_confirmed_progress() {
     let img = image(100 * 1024 + 1, 19);
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
 
@@ -621,7 +614,7 @@ async fn resume_hint_after_kill9_never_runs_ahead_of_confirmed_progress() {
     d.close().await;
     g.kill9();
 
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let mut d = Session::connect(g.mqtt, "d1").await;
     d.send("d1", "request", json!({"version": "1.0"})).await;
     let (_, md) = d
@@ -652,7 +645,7 @@ async fn failed_image_is_not_fetched_again_until_the_cloud_reissues_it() {
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     fw.corrupt_next(3);
-    let g = s.gateway("fetch_attempts = 3").await;
+    let g = s.gateway(s.config().set("ota.fetch_attempts", 3)).await;
     let c = s.collector().await;
     let up = upgrade(&img, &fw.url(), &["d1".into()]);
     command(&c, "cmd/ota/upgrade", &up).await;
@@ -722,7 +715,7 @@ async fn gateway_reports_fetch_progress_and_bytes_served_per_device() {
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     let held = 100_000u64;
     fw.hold_next_after(held);
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     command(
         &c,
@@ -788,7 +781,7 @@ async fn corrupted_cache_file_is_detected_and_refetched() {
     let img = image(50 * 1024 + 9, 15);
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     let c = s.collector().await;
     roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
     g.kill9();
@@ -797,7 +790,7 @@ async fn corrupted_cache_file_is_detected_and_refetched() {
     bytes[1000] ^= 0x55;
     std::fs::write(&bin, &bytes).unwrap();
 
-    let g = s.gateway("").await;
+    let g = s.gateway(s.config()).await;
     wait_cloud(&c, &g, "ota/_gateway/fetch", |v| {
         v["result"] == "cache_corrupt"
     })
@@ -826,7 +819,7 @@ async fn mqtt_pushed_image_reaches_tagged_devices() {
     let img = image(70 * 1024 + 3, 16);
     let sha = sha256_hex(&img);
     let g = s
-        .gateway("[ota.devices.cfgdev]\ntags = [\"pumps\"]\n")
+        .gateway(s.config().set("ota.devices.cfgdev.tags", vec!["pumps"]))
         .await;
     let c = s.collector().await;
     let push_chunk = 8192usize;
@@ -905,7 +898,9 @@ async fn cache_quota_evicts_images_no_rollout_needs() {
     let (sha_a, sha_b) = (sha256_hex(&a), sha256_hex(&b));
     let fw_a = FirmwareServer::start(&s.pki, a.clone()).await;
     let fw_b = FirmwareServer::start(&s.pki, b.clone()).await;
-    let g = s.gateway("cache_max_bytes = 1048576").await;
+    let g = s
+        .gateway(s.config().set("ota.cache_max_bytes", 1_048_576))
+        .await;
     let c = s.collector().await;
     let mut up = upgrade(&a, &fw_a.url(), &["d1".into()]);
     up["rollout"] = json!("ra");
@@ -1005,10 +1000,18 @@ async fn local_ota_commands_are_obeyed_only_from_named_identities() {
     let s = setup().await;
     let img = image(8 * 1024 + 1, 5);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
-    let accounts = "local_commands = [\"ops\"]\n\
-                    [[broker.users]]\nusername = \"scada\"\npassword = \"ps\"\n\
-                    [[broker.users]]\nusername = \"ops\"\npassword = \"po\"\n\
-                    [broker.acl.users.scada]\npublish = [\"cmd/#\"]\n";
+    let accounts = s
+        .config()
+        .set("ota.local_commands", vec!["ops"])
+        .push(
+            "broker.users",
+            toml::toml! { username = "scada" password = "ps" },
+        )
+        .push(
+            "broker.users",
+            toml::toml! { username = "ops" password = "po" },
+        )
+        .set("broker.acl.users.scada.publish", vec!["cmd/#"]);
     let g = s.gateway(accounts).await;
     let c = s.collector().await;
     let rollout = |id: &str| {
@@ -1095,7 +1098,11 @@ async fn a_client_that_stops_reading_cannot_starve_the_downloads() {
     let sha = sha256_hex(&img);
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     let g = s
-        .gateway("max_downloads_per_ip = 2\nstall_timeout = \"1s\"")
+        .gateway(
+            s.config()
+                .set("ota.max_downloads_per_ip", 2)
+                .set("ota.stall_timeout", "1s"),
+        )
         .await;
     let c = s.collector().await;
     roll_out(&c, &g, &upgrade(&img, &fw.url(), &["d1".into()])).await;
@@ -1217,7 +1224,11 @@ async fn a_device_keeps_its_slot_until_done_and_the_others_wait_their_turn() {
     let fw = FirmwareServer::start(&s.pki, img.clone()).await;
     // Every device comes from 127.0.0.1: the per-address share must not be what limits them.
     let g = s
-        .gateway("max_concurrent_downloads = 2\nmax_downloads_per_ip = 6")
+        .gateway(
+            s.config()
+                .set("ota.max_concurrent_downloads", 2)
+                .set("ota.max_downloads_per_ip", 6),
+        )
         .await;
     let c = s.collector().await;
     let ids: Vec<String> = (0..10).map(|i| format!("q{i}")).collect();

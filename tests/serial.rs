@@ -1,118 +1,28 @@
-//! Serial-line devices end to end: the real gateway binary opens one end of a socat pty pair,
-//! the test plays the device on the other end, and a plain MQTT client on the gateway's
-//! broker checks the exact topics and payloads. Unplugging is killing socat; plugging back in
-//! is starting it again with the same link names.
+//! Serial-line devices end to end: the real gateway binary opens the slave of a pty pair
+//! (through a stable symlink), the test plays the device on the master, and a plain MQTT
+//! client on the gateway's broker checks the exact topics and payloads. Unplugging closes the
+//! master and removes the symlink; plugging back in is a new pair behind the same symlink
+//! (see [`common::pty`]).
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{eventually, Gateway, GatewayPorts, LocalSub};
+use common::pty::PtyPair;
+use common::{eventually, path, Gateway, GatewayConfig, GatewayPorts, LocalSub};
 use rumqttc::QoS;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_serial::SerialPortBuilderExt;
+use toml::toml;
 
 const WITHIN: Duration = Duration::from_secs(15);
 
-/// A pty pair made by socat: `dev` is the device's end (the test), `gw` the gateway's.
-struct PtyPair {
-    child: Option<Child>,
-    dev: PathBuf,
-    gw: PathBuf,
-}
-
-impl PtyPair {
-    fn start(dir: &Path, name: &str) -> PtyPair {
-        let mut p = PtyPair {
-            child: None,
-            dev: dir.join(format!("{name}-dev")),
-            gw: dir.join(format!("{name}-gw")),
-        };
-        p.plug_in();
-        p
-    }
-
-    /// Starts socat with the pair's link names and waits until both links exist.
-    fn plug_in(&mut self) {
-        assert!(self.child.is_none(), "already plugged in");
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            .arg(format!("pty,raw,echo=0,link={}", self.dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", self.gw.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is installed (Debian package socat)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.dev.exists() && self.gw.exists()) {
-            assert!(Instant::now() < deadline, "socat made no pty links");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM to socat: both ptys vanish and socat removes the links.
-    fn unplug(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.dev);
-        let _ = std::fs::remove_file(&self.gw);
-    }
-
-    /// Opens the device's end. Keep it open: when the last holder of one end closes it,
-    /// socat ends the pair.
-    fn device(&self) -> tokio_serial::SerialStream {
-        tokio_serial::new(self.dev.to_string_lossy(), 9600)
-            .open_native_async()
-            .expect("open the device end of the pty")
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        self.unplug();
-    }
-}
-
-/// A gateway config without a cloud, with the given `[[serial]]` tables.
-fn config(data_dir: &Path, ports: &GatewayPorts, serial: &str) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw1"
-data_dir = "{data}"
-shutdown_grace = "1s"
-
-[broker.listeners.default]
-listen = "127.0.0.1:{mqtt}"
-allow_anonymous = true
-
-[metrics]
-listen = "127.0.0.1:{http}"
-
-[store]
-commit_interval = "20ms"
-
-{serial}
-"#,
-        data = data_dir.display(),
-        mqtt = ports.mqtt,
-        http = ports.http,
-    )
+/// A gateway config without a cloud; tests push their `[[serial]]` tables onto it.
+fn config(data_dir: &Path, ports: &GatewayPorts) -> GatewayConfig {
+    GatewayConfig::local(ports, data_dir)
+        .set("gateway.shutdown_grace", "1s")
+        .set("store.commit_interval", "20ms")
 }
 
 /// A plain MQTT client of the gateway's broker that records everything on `filter`.
@@ -177,54 +87,60 @@ async fn metric_is(g: &Gateway, sample: &str, want: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_are_decoded_and_published_in_every_mode() {
     let dir = tempfile::tempdir().unwrap();
-    let term = PtyPair::start(dir.path(), "term");
-    let meter = PtyPair::start(dir.path(), "meter");
-    let scale = PtyPair::start(dir.path(), "scale");
-    let tag = PtyPair::start(dir.path(), "tag");
+    let mut term = PtyPair::start(dir.path(), "term");
+    let mut meter = PtyPair::start(dir.path(), "meter");
+    let mut scale = PtyPair::start(dir.path(), "scale");
+    let mut tag = PtyPair::start(dir.path(), "tag");
     let ports = GatewayPorts::new();
-    let serial = format!(
-        r#"
-[[serial]]
-name = "term"
-port = "{term}"
-baud = 115200
-[serial.framing]
-max_length = 16
-
-[[serial]]
-name = "meter"
-port = "{meter}"
-[serial.decode]
-mode = "json"
-
-[[serial]]
-name = "scale"
-port = "{scale}"
-parity = "even"
-data_bits = 7
-topic = "plant/{{gateway_id}}/{{device}}"
-envelope = true
-[serial.framing]
-delimiter = "\r\n"
-[serial.decode]
-mode = "regex"
-pattern = '^(?P<net>-?\d+\.\d+)\s*(?P<unit>kg|lb)\s+(?P<id>\w+)$'
-
-[[serial]]
-name = "tag"
-port = "{tag}"
-[serial.framing]
-mode = "fixed"
-length = 4
-[serial.decode]
-mode = "hex"
-"#,
-        term = term.gw.display(),
-        meter = meter.gw.display(),
-        scale = scale.gw.display(),
-        tag = tag.gw.display(),
-    );
-    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let config = config(dir.path(), &ports)
+        .push(
+            "serial",
+            toml! {
+                name = "term"
+                port = (path(&term.gw))
+                baud = 115200
+                [framing]
+                max_length = 16
+            },
+        )
+        .push(
+            "serial",
+            toml! {
+                name = "meter"
+                port = (path(&meter.gw))
+                [decode]
+                mode = "json"
+            },
+        )
+        .push(
+            "serial",
+            toml! {
+                name = "scale"
+                port = (path(&scale.gw))
+                parity = "even"
+                data_bits = 7
+                topic = "plant/{gateway_id}/{device}"
+                envelope = true
+                [framing]
+                delimiter = "\r\n"
+                [decode]
+                mode = "regex"
+                pattern = (r"^(?P<net>-?\d+\.\d+)\s*(?P<unit>kg|lb)\s+(?P<id>\w+)$")
+            },
+        )
+        .push(
+            "serial",
+            toml! {
+                name = "tag"
+                port = (path(&tag.gw))
+                [framing]
+                mode = "fixed"
+                length = 4
+                [decode]
+                mode = "hex"
+            },
+        );
+    let g = Gateway::start(&config.to_toml(), &ports).await;
     let sub = Sub::start(ports.mqtt, "#").await;
     for name in ["term", "meter", "scale", "tag"] {
         let status = sub
@@ -310,18 +226,17 @@ mode = "hex"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_on_the_write_topic_reach_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    let pty = PtyPair::start(dir.path(), "reader");
+    let mut pty = PtyPair::start(dir.path(), "reader");
     let ports = GatewayPorts::new();
-    let serial = format!(
-        r#"
-[[serial]]
-name = "reader"
-port = "{gw}"
-write_line_ending = "\r\n"
-"#,
-        gw = pty.gw.display()
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "reader"
+            port = (path(&pty.gw))
+            write_line_ending = "\r\n"
+        },
     );
-    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let g = Gateway::start(&config.to_toml(), &ports).await;
     let sub = Sub::start(ports.mqtt, "field/#").await;
     sub.wait_status("field/reader/status", "online").await;
     let mut dev = pty.device();
@@ -362,17 +277,16 @@ async fn an_unplugged_device_goes_offline_and_comes_back_by_itself() {
     let mut pty = PtyPair::start(dir.path(), "gps");
     pty.unplug();
     let ports = GatewayPorts::new();
-    let serial = format!(
-        r#"
-[[serial]]
-name = "gps"
-port = "{gw}"
-reconnect_min = "50ms"
-reconnect_max = "200ms"
-"#,
-        gw = pty.gw.display()
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "gps"
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+        },
     );
-    let g = Gateway::start(&config(dir.path(), &ports, &serial), &ports).await;
+    let g = Gateway::start(&config.to_toml(), &ports).await;
     let sub = Sub::start(ports.mqtt, "field/#").await;
     let status = sub.wait_status("field/gps/status", "offline").await;
     let err = status["error"].as_str().unwrap_or_default().to_string();

@@ -21,7 +21,7 @@ async fn publish_persist_stop_restart_deliver() {
     let proxy = Proxy::start(cloud.port).await;
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let config = gateway_config(&pki, &ports, data.path(), proxy.port, "", "");
+    let config = GatewayConfig::bridged(&pki, &ports, data.path(), proxy.port).to_toml();
     let n = 300;
 
     // Cloud unreachable: publishes are acknowledged locally and persisted.

@@ -27,13 +27,10 @@ async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let ports = GatewayPorts::new();
-    let config = format!(
-        "[gateway]\ndata_dir = \"{}\"\n[broker.listeners.default]\nlisten = \"127.0.0.1:{}\"\nallow_anonymous = true\n\
-         [metrics]\nlisten = \"127.0.0.1:{}\"\n",
-        dir.path().join("data").display(),
-        ports.mqtt,
-        ports.http
-    );
+    // No gateway id: the built-in default.
+    let config = GatewayConfig::local(&ports, &dir.path().join("data"))
+        .remove("gateway.id")
+        .to_toml();
     let gw = Gateway::start_env(
         &config,
         &ports,

@@ -1,22 +1,19 @@
 //! Modbus peers for tests and benchmarks: a register map served by tokio-modbus's own TCP and
-//! RTU servers (real protocol stacks, not mocks), and socat pty pairs for RTU.
+//! RTU servers (real protocol stacks, not mocks); RTU runs over [`super::pty`] pairs.
 //!
 //! - [`Sim`]: units with sparse register maps; an address that is not in the map answers
 //!   `IllegalDataAddress`; a unit marked silent (or absent) never answers, like a dead
 //!   device or another unit's address on a shared bus.
-//! - [`serve_tcp`] / [`serve_rtu`]: serve a [`Sim`] until dropped.
-//! - [`PtyPair`]: `socat -d -d pty,raw,echo=0,link=A pty,raw,echo=0,link=B`.
+//! - [`serve_tcp`] / [`serve_rtu`]: serve a [`Sim`] until dropped; `serve_rtu` on a serial
+//!   stream, usually the device end (master) of a [`super::pty::PtyPair`].
 //! - [`serve_converter`]: a serial-to-Ethernet converter in transparent mode: a TCP listener
-//!   whose connection is piped byte for byte to a serial port, so an RTU server behind a pty
-//!   pair is "a TCP server that speaks RTU framing" (RTU over TCP).
+//!   whose connection is piped byte for byte to a serial port (a pty pair's slave path), so
+//!   an RTU server on the pair's master is "a TCP server that speaks RTU framing" (RTU over TCP).
 //! - [`layout`]: an independent, spec-spelled byte layout ("CDAB" = the letters) for test
 //!   data, so tests never check the codec against itself.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
@@ -195,11 +192,8 @@ pub async fn serve_tcp(sim: Sim) -> Served {
     Served { port, stop }
 }
 
-/// Serves `sim` over Modbus RTU on the serial port `path`.
-pub fn serve_rtu(sim: Sim, path: &std::path::Path) -> Served {
-    let port =
-        tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), 115_200))
-            .expect("open the simulator's end of the pty");
+/// Serves `sim` over Modbus RTU on `port` (e.g. [`super::pty::PtyPair::device`]).
+pub fn serve_rtu(sim: Sim, port: tokio_serial::SerialStream) -> Served {
     let stop = CancellationToken::new();
     let s2 = stop.clone();
     tokio::spawn(async move {
@@ -255,48 +249,6 @@ pub async fn serve_converter(path: &std::path::Path) -> Served {
         }
     });
     Served { port, stop }
-}
-
-/// A pseudo-terminal pair made by socat: `a` for the gateway, `b` for the simulator.
-pub struct PtyPair {
-    pub a: PathBuf,
-    pub b: PathBuf,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl PtyPair {
-    pub fn new() -> PtyPair {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            .arg(format!("pty,raw,echo=0,link={}", a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", b.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is installed (apt-get install socat)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(a.exists() && b.exists()) {
-            assert!(Instant::now() < deadline, "socat made no pty pair");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        PtyPair {
-            a,
-            b,
-            child,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Registers for big-endian value bytes `be` laid out as `order` spells it: wire byte `i`
