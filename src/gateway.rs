@@ -41,6 +41,7 @@ use crate::frontend::metrics::BrokerMetrics;
 use crate::http::{HealthSource, Http};
 use crate::ingest::{Ingest, Routing};
 use crate::metrics::Registry;
+use crate::ota::Ota;
 use crate::sources::modbus::Modbus;
 use crate::sources::serial::{Serial, SerialError};
 use crate::store::metrics::StoreMetrics;
@@ -107,6 +108,22 @@ impl From<SerialError> for GatewayError {
     }
 }
 
+/// The metric families the gateway hands to more than one part.
+struct Families {
+    broker: Arc<BrokerMetrics>,
+    store: Arc<StoreMetrics>,
+    cloud: Arc<CloudMetrics>,
+}
+
+/// The queue, open and journalling: the store, the ingest in front of it, the retained
+/// messages it kept (for the router), and the journal thread.
+struct Queue {
+    store: Arc<Store>,
+    ingest: Ingest,
+    kept: Vec<(String, u8, bytes::Bytes)>,
+    journal: Running,
+}
+
 /// Runs the gateway until `shutdown` resolves, then walks the stop list.
 pub async fn run(
     settings: Settings,
@@ -118,38 +135,103 @@ pub async fn run(
         data_dir: settings.gateway.data_dir.clone(),
         registry: Registry::new(),
     };
-    let broker_metrics = Arc::new(BrokerMetrics::default());
-    ctx.registry.add(&*broker_metrics);
-    let store_metrics = StoreMetrics::new();
-    ctx.registry.add(&*store_metrics);
-    let cloud_metrics = CloudMetrics::new();
-    ctx.registry.add(&*cloud_metrics);
+    let m = Families {
+        broker: Arc::new(BrokerMetrics::default()),
+        store: StoreMetrics::new(),
+        cloud: CloudMetrics::new(),
+    };
+    ctx.registry.add(&*m.broker);
+    ctx.registry.add(&*m.store);
+    ctx.registry.add(&*m.cloud);
+    let mut beats = Vec::new();
 
-    // 1. Store.
+    // Build and start, in order (see the module header).
+    let queue = open_queue(&settings, &ctx, &m, &mut beats).await?;
+    let store = queue.store.clone();
+    let mut broker = open_broker(&settings, &m, queue.ingest, queue.kept).await?;
+    let downlink = if settings.cloud.enabled {
+        Some(broker.link("fieldgate-downlink")?)
+    } else {
+        None
+    };
+    let modbus = Modbus::build(&settings.modbus, &ctx, &broker)?;
+    let serial = Serial::build(&settings.serial, &ctx, &broker)?;
+    let ota = if settings.ota.enabled {
+        let built = Ota::build(&settings.ota, &settings.ota_paths(), &ctx, &broker);
+        Some(built.map_err(Box::new)?)
+    } else {
+        None
+    };
+    let cloud = start_cloud(&settings, &ctx, &store, &m, downlink, &mut beats)?;
+    let mut sources = vec![
+        modbus.start(CancellationToken::new()).at_most(SOURCE_STOP),
+        serial.start(CancellationToken::new()).at_most(SOURCE_STOP),
+    ];
+    let ota_handle = ota.map(|(o, handle)| {
+        sources.push(o.start(CancellationToken::new()).at_most(SOURCE_STOP));
+        handle
+    });
+    // Devices may connect now that the pipeline behind the broker runs.
+    broker
+        .listen()
+        .instrument(tracing::info_span!("broker"))
+        .await?;
+    let health = HealthSource {
+        registry: ctx.registry.clone(),
+        cloud: m.cloud.clone(),
+        store: store.clone(),
+        cloud_enabled: settings.cloud.enabled,
+        gateway_id: settings.gateway.id.clone(),
+        ota: ota_handle,
+    };
+    let http = start_http(&settings, health).await?;
+    let watchdog = ready(&settings, &store, beats);
+
+    shutdown.await;
+    info!("shutting down: closing inputs");
+    watchdog::stopping();
+    let stages = vec![
+        vec![watchdog],
+        sources,
+        vec![Running::step("broker", async move {
+            broker.stop_listeners().await;
+            // Drops the broker (and the ingest handles of the gateway's own clients).
+            drop(broker);
+        })],
+        vec![queue.journal],
+        cloud,
+        vec![Running::step("store", store.clone().persist_final())],
+        http.into_iter().collect(),
+    ];
+    stop_all(stages, settings.gateway.shutdown_grace + STOP_SLACK).await;
+    info!(queued = store.records(), "fieldgate stopped");
+    Ok(())
+}
+
+/// Opens the store (waiting out a full disk), starts the journal thread, and puts the ingest
+/// in front of it with the routing of `[uplink]` and the kept retained messages.
+async fn open_queue(
+    settings: &Settings,
+    ctx: &Ctx,
+    m: &Families,
+    beats: &mut Vec<Heartbeat>,
+) -> Result<Queue, GatewayError> {
     let qdir = settings.gateway.data_dir.join("queue");
-    let store = Store::open_waiting(&qdir, &settings.store, store_metrics.clone())
+    let store = Store::open_waiting(&qdir, &settings.store, m.store.clone())
         .await
         .map_err(|e| GatewayError::Store {
             path: qdir.display().to_string(),
             source: Box::new(e),
         })?;
     let store = Arc::new(store);
-
-    // 2. Journal: where cloud-bound messages become durable.
-    let journal_stop = CancellationToken::new();
-    let store_beat = Heartbeat::new("store");
-    let mut beats = vec![store_beat.clone()];
-    let (journal, journal_thread) = journal::spawn(
-        store.clone(),
-        store_metrics.clone(),
-        journal_stop.clone(),
-        store_beat,
-    )
-    .map_err(|source| GatewayError::Io {
-        what: "queue journal thread".into(),
-        source,
-    })?;
-    let journal_running = Running::thread("store", journal_stop, journal_thread);
+    let stop = CancellationToken::new();
+    let beat = Heartbeat::new("store");
+    beats.push(beat.clone());
+    let (journal, thread) = journal::spawn(store.clone(), m.store.clone(), stop.clone(), beat)
+        .map_err(|source| GatewayError::Io {
+            what: "queue journal thread".into(),
+            source,
+        })?;
     let ota_exclude = if settings.ota.enabled {
         crate::ota::uplink_exclude(&settings.ota.prefix)
     } else {
@@ -164,108 +246,104 @@ pub async fn run(
     let ingest = Ingest::new(
         routing,
         journal,
-        store_metrics.clone(),
-        broker_metrics.limit_counter("retained"),
+        m.store.clone(),
+        m.broker.limit_counter("retained"),
     );
     // The kept retained messages, read once: they seed the ingest's retained set (budget,
-    // and what the front end sends new subscriptions) and go back into the router below.
+    // and what the front end sends new subscriptions) and go back into the router.
     let kept = crate::retained::kept(&store);
     ingest.set_retained(
         settings.broker.max_retained_messages,
         settings.broker.max_retained_bytes,
         &kept,
     );
+    Ok(Queue {
+        store,
+        ingest,
+        kept,
+        journal: Running::thread("store", stop, thread),
+    })
+}
 
-    // 3. Broker, and the gateway's own clients: their links exist before devices connect.
-    let broker_span = tracing::info_span!("broker");
-    // OTA raises the broker's max payload (and segment size) so a chunk fits.
-    let broker_cfg = settings.effective_broker();
-    let mut broker = broker_span.in_scope(|| Broker::new(&broker_cfg, broker_metrics, ingest))?;
-    // Kept retained messages go back into the router before anyone can subscribe.
+/// Starts the broker's router (OTA raises its segment size so a chunk fits) and puts the
+/// kept retained messages back before anyone can subscribe. Listeners are not open yet.
+async fn open_broker(
+    settings: &Settings,
+    m: &Families,
+    ingest: Ingest,
+    kept: Vec<(String, u8, bytes::Bytes)>,
+) -> Result<Broker, GatewayError> {
+    let cfg = settings.effective_broker();
+    let broker =
+        tracing::info_span!("broker").in_scope(|| Broker::new(&cfg, m.broker.clone(), ingest))?;
     crate::retained::restore(&broker, kept).await?;
-    let downlink_link = if settings.cloud.enabled {
-        Some(broker.link("fieldgate-downlink")?)
-    } else {
-        None
-    };
-    let modbus = Modbus::build(&settings.modbus, &ctx, &broker)?;
-    let serial = Serial::build(&settings.serial, &ctx, &broker)?;
-    let ota = if settings.ota.enabled {
-        Some(
-            crate::ota::Ota::build(&settings.ota, &settings.ota_paths(), &ctx, &broker)
-                .map_err(Box::new)?,
-        )
-    } else {
-        None
-    };
+    Ok(broker)
+}
 
-    // 4. Bridge.
-    let mut cloud = Vec::new();
-    if let Some((dl_tx, dl_rx)) = downlink_link {
-        let heartbeat = Heartbeat::new("cloud");
-        beats.push(heartbeat.clone());
-        let deps = BridgeDeps {
-            store: store.clone(),
-            metrics: cloud_metrics.clone(),
-            downlink: dl_tx,
-            heartbeat,
-            cloud_prefix: ctx.expand(&settings.uplink.cloud_prefix),
-            shutdown_grace: settings.gateway.shutdown_grace,
-        };
-        // OTA raises the cloud's max packet size so a pushed image chunk fits.
-        let b = Bridge::build(&settings.effective_cloud(), &settings.downlink, &ctx, deps)?;
-        info!(host = %settings.cloud.host, port = settings.cloud.port, "cloud bridge starting");
-        cloud.push(
-            b.start(CancellationToken::new())
-                .at_most(settings.gateway.shutdown_grace + Duration::from_secs(3)),
-        );
-        cloud.push(drain_downlink(dl_rx));
-    } else if settings.uplink.forward.is_empty() {
-        info!("local only: no cloud configured and uplink.forward = [], nothing is queued");
-    } else {
-        warn!(
-            forward = ?settings.uplink.forward,
-            max_bytes = settings.store.max_bytes,
-            "no cloud configured (cloud.enabled = false): messages matching uplink.forward are \
-             queued on disk for a cloud, up to store.max_bytes; set [cloud], or \
-             uplink.forward = [] for a local-only gateway"
-        );
+/// Builds and starts the bridge and its downlink drain when a cloud is configured; says
+/// what a gateway without one does with what it queues.
+fn start_cloud(
+    settings: &Settings,
+    ctx: &Ctx,
+    store: &Arc<Store>,
+    m: &Families,
+    downlink: Option<(rumqttd::local::LinkTx, rumqttd::local::LinkRx)>,
+    beats: &mut Vec<Heartbeat>,
+) -> Result<Vec<Running>, GatewayError> {
+    let Some((dl_tx, dl_rx)) = downlink else {
+        if settings.uplink.forward.is_empty() {
+            info!("local only: no cloud configured and uplink.forward = [], nothing is queued");
+        } else {
+            warn!(
+                forward = ?settings.uplink.forward,
+                max_bytes = settings.store.max_bytes,
+                "no cloud configured (cloud.enabled = false): messages matching uplink.forward \
+                 are queued on disk for a cloud, up to store.max_bytes; set [cloud], or \
+                 uplink.forward = [] for a local-only gateway"
+            );
+        }
+        return Ok(Vec::new());
+    };
+    let heartbeat = Heartbeat::new("cloud");
+    beats.push(heartbeat.clone());
+    let deps = BridgeDeps {
+        store: store.clone(),
+        metrics: m.cloud.clone(),
+        downlink: dl_tx,
+        heartbeat,
+        cloud_prefix: ctx.expand(&settings.uplink.cloud_prefix),
+        shutdown_grace: settings.gateway.shutdown_grace,
+    };
+    // OTA raises the cloud's max packet size so a pushed image chunk fits.
+    let bridge = Bridge::build(&settings.effective_cloud(), &settings.downlink, ctx, deps)?;
+    info!(host = %settings.cloud.host, port = settings.cloud.port, "cloud bridge starting");
+    Ok(vec![
+        bridge
+            .start(CancellationToken::new())
+            .at_most(settings.gateway.shutdown_grace + Duration::from_secs(3)),
+        drain_downlink(dl_rx),
+    ])
+}
+
+/// Binds and starts the metrics endpoint when `[metrics]` enables it.
+async fn start_http(
+    settings: &Settings,
+    health: HealthSource,
+) -> Result<Option<Running>, GatewayError> {
+    if !settings.metrics.enabled {
+        return Ok(None);
     }
+    let http = Http::build(&settings.metrics, health)
+        .await
+        .map_err(|source| GatewayError::Io {
+            what: format!("metrics.listen {}", settings.metrics.listen),
+            source,
+        })?;
+    Ok(Some(http.start(CancellationToken::new())))
+}
 
-    // 5. Sources and the OTA manager.
-    let mut sources = vec![
-        modbus.start(CancellationToken::new()).at_most(SOURCE_STOP),
-        serial.start(CancellationToken::new()).at_most(SOURCE_STOP),
-    ];
-    let ota_handle = ota.map(|(o, handle)| {
-        sources.push(o.start(CancellationToken::new()).at_most(SOURCE_STOP));
-        handle
-    });
-
-    // 6. Devices may connect now that the pipeline behind the broker runs.
-    broker.listen().instrument(broker_span).await?;
-
-    // 7. Metrics endpoint.
-    let http = if settings.metrics.enabled {
-        let health = HealthSource {
-            registry: ctx.registry.clone(),
-            cloud: cloud_metrics,
-            store: store.clone(),
-            cloud_enabled: settings.cloud.enabled,
-            gateway_id: settings.gateway.id.clone(),
-            ota: ota_handle,
-        };
-        let h = Http::build(&settings.metrics, health)
-            .await
-            .map_err(|source| GatewayError::Io {
-                what: format!("metrics.listen {}", settings.metrics.listen),
-                source,
-            })?;
-        Some(h.start(CancellationToken::new()))
-    } else {
-        None
-    };
-
+/// Says "ready" (log, systemd `READY=1`) and starts the watchdog over `beats`.
+fn ready(settings: &Settings, store: &Store, beats: Vec<Heartbeat>) -> Running {
     info!(
         gateway_id = %settings.gateway.id,
         data_dir = %settings.gateway.data_dir.display(),
@@ -273,31 +351,9 @@ pub async fn run(
         "fieldgate ready"
     );
     watchdog::ready(&format!("queued {} records", store.records()));
-    let watchdog_stop = CancellationToken::new();
-    let watchdog_task = tokio::spawn(watchdog::run(beats, watchdog_stop.clone()));
-    let watchdog_running = Running::tasks("watchdog", watchdog_stop, vec![watchdog_task]);
-
-    shutdown.await;
-    info!("shutting down: closing inputs");
-    watchdog::stopping();
-
-    let s = store.clone();
-    let stages = vec![
-        vec![watchdog_running],
-        sources,
-        vec![Running::step("broker", async move {
-            broker.stop_listeners().await;
-            // Drops the broker (and the ingest handles of the gateway's own clients).
-            drop(broker);
-        })],
-        vec![journal_running],
-        cloud,
-        vec![Running::step("store", s.persist_final())],
-        http.into_iter().collect(),
-    ];
-    stop_all(stages, settings.gateway.shutdown_grace + STOP_SLACK).await;
-    info!(queued = store.records(), "fieldgate stopped");
-    Ok(())
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(watchdog::run(beats, stop.clone()));
+    Running::tasks("watchdog", stop, vec![task])
 }
 
 /// The downlink link only publishes; its notifications are drained so the router never
