@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fieldgate::config::StoreConfig;
+use fieldgate::store::config::StoreConfig;
 use fieldgate::store::journal::{self, Entry, Journal};
 use fieldgate::store::metrics::StoreMetrics;
 use fieldgate::store::Store;

@@ -1,9 +1,13 @@
 //! The one shape every component has, and the context it is built with.
 //!
-//! A component (the store's journal, the broker, each source kind, OTA, the bridge, the
-//! metrics endpoint) goes through three steps, in [`crate::gateway::run`]:
-//! 1. `X::build(&XConfig, &Ctx, ..) -> Result<X, XError>`: everything that can fail at start
-//!    (files, ports, TLS material, broker links) fails here, before anything runs. What a
+//! A component (each source kind, OTA, the bridge, the metrics endpoint; the journal and the
+//! broker are wrapped into the same [`Running`]) goes through three steps, in
+//! [`crate::gateway::run`]:
+//! 1. `X::build(&XConfig, &Ctx, ..) -> Result<X, XError>`: what can fail at start (files,
+//!    TLS material, broker links) fails here, before the component runs. Two steps bind
+//!    ports after the sources started, by design: the broker's listeners open last so no
+//!    device connects before the pipeline behind them runs, and the metrics endpoint after
+//!    them. A failure there ends `run` with the error. What a
 //!    component needs besides its own config section and the [`Ctx`] (a broker to link to,
 //!    the store) is an explicit argument after the context.
 //! 2. `X::start(self, stop) -> Running`: spawns its tasks or threads under `stop`; cannot
@@ -16,7 +20,6 @@
 //! A leaf: it imports nothing from the crate but the [`crate::metrics`] registry.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +36,6 @@ use crate::metrics::Registry;
 pub struct Ctx {
     /// `gateway.id`: the cloud client id and `{gateway_id}` in topic templates.
     pub gateway_id: String,
-    /// `gateway.data_dir`: where the queue, the OTA cache and state files live.
-    pub data_dir: PathBuf,
     /// Where a component adds its metric families.
     pub registry: Arc<Registry>,
 }
@@ -118,11 +119,6 @@ impl Running {
     pub fn at_most(mut self, cap: Duration) -> Running {
         self.cap = Some(cap);
         self
-    }
-
-    /// The component's name.
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 
     /// Cancels the component's token (its tasks begin to stop).

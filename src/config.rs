@@ -18,19 +18,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::bridge::config::{CloudConfig, DownlinkConfig};
-pub use crate::frontend::config::{
-    AclConfig, AclRules, BrokerConfig, ClientCertMode, InternalTopics, ListenerConfig,
-    ListenerTlsConfig, RateLimitPolicy, UserConfig,
-};
-pub use crate::http::MetricsConfig;
-pub use crate::ingest::UplinkConfig;
-pub use crate::ota::config::{OtaConfig, OtaDeviceConfig, OtaPaths};
-use crate::problem::problem;
-pub use crate::problem::Problem;
+use crate::bridge::config::{CloudConfig, DownlinkConfig};
+use crate::frontend::config::BrokerConfig;
+use crate::http::MetricsConfig;
+use crate::ingest::UplinkConfig;
+use crate::ota::config::{OtaConfig, OtaPaths};
+use crate::problem::{problem, Problem};
 use crate::sources::modbus::config::ModbusDeviceConfig;
 use crate::sources::serial::config::SerialDeviceConfig;
-pub use crate::store::config::{FullPolicy, StoreConfig};
+use crate::store::config::StoreConfig;
 
 /// Every problem found while loading a configuration. The caller prints them all and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -77,11 +73,6 @@ pub struct Settings {
     /// Firmware updates: fetch once from the cloud, serve to local devices (see docs/ota.md).
     pub ota: OtaConfig,
 }
-
-/// Largest `ota.chunk_size`, and the room a chunk's MQTT packet needs besides it (OTA's own).
-pub use crate::ota::contract::{
-    MAX_CHUNK as OTA_MAX_CHUNK, PACKET_OVERHEAD as OTA_PACKET_OVERHEAD,
-};
 
 /// `[gateway]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -441,6 +432,8 @@ fn serial_section(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frontend::config::RateLimitPolicy;
+    use crate::ota::contract::PACKET_OVERHEAD as OTA_PACKET_OVERHEAD;
 
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let dir = tempfile::tempdir().unwrap();

@@ -132,7 +132,6 @@ pub async fn run(
     crate::tls::install_default_provider();
     let ctx = Ctx {
         gateway_id: settings.gateway.id.clone(),
-        data_dir: settings.gateway.data_dir.clone(),
         registry: Registry::new(),
     };
     let m = Families {
@@ -261,7 +260,7 @@ async fn open_queue(
         store,
         ingest,
         kept,
-        journal: Running::thread("store", stop, thread),
+        journal: Running::thread("journal", stop, thread),
     })
 }
 

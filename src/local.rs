@@ -1,5 +1,5 @@
 //! The gateway's own clients of the embedded broker: in-process rumqttd links for the
-//! sources, the OTA manager and the downlink.
+//! sources and the OTA manager (the downlink publishes on a bare link of its own).
 //!
 //! A [`LocalClient`] is made by [`crate::broker::Broker::client`]. What it publishes passes
 //! [`crate::ingest`] first, like a device's publish, so what is meant for the cloud is in the

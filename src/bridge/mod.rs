@@ -116,7 +116,7 @@ impl Bridge {
         downlink: &DownlinkConfig,
         ctx: &Ctx,
         deps: BridgeDeps,
-    ) -> Result<Bridge, tls::TlsError> {
+    ) -> Result<Bridge, crate::tls::TlsError> {
         let tls = tls::client_config(cloud)?;
         Ok(Bridge {
             client_id: if cloud.client_id.is_empty() {

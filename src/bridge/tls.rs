@@ -17,8 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::config::CloudConfig;
-pub use crate::tls::TlsError;
-use crate::tls::{certs, private_key, provider, roots};
+use crate::tls::{certs, private_key, provider, roots, TlsError};
 
 /// Builds the client config from `[cloud]`.
 pub fn client_config(c: &CloudConfig) -> Result<Arc<ClientConfig>, TlsError> {

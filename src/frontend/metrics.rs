@@ -1,8 +1,8 @@
 //! The front end's metric families, `fieldgate_broker_*`: device connections, refusals and
 //! why, ACL denials, rate limits, lowered deliveries, the retained and subscription limits.
 //!
-//! Owned here and added to the gateway's [`crate::metrics::Registry`] by the broker at build
-//! time. Every label a scrape should show is materialised at registration, so an operator
+//! Owned here and added to the gateway's [`crate::metrics::Registry`] by the gateway before
+//! the broker is built (the ingest takes one of its counters). Every label a scrape should show is materialised at registration, so an operator
 //! sees zeros rather than absent series.
 
 use prometheus_client::metrics::counter::Counter;

@@ -18,7 +18,7 @@ use rumqttc::mqttbytes::QoS as Q4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 
-pub use crate::marks::QOS_PROPERTY;
+use crate::marks::QOS_PROPERTY;
 
 /// v4 QoS to v5 QoS.
 pub fn q5(q: Q4) -> Q5 {

@@ -56,7 +56,8 @@ use tracing::{debug, info};
 use self::engine::{Action, Engine, Out, Poll, Txn, PROBE_ATTEMPTS, WRITE_ATTEMPTS};
 use super::config::{ModbusDeviceConfig, Parity, RegisterKind, Transport};
 use super::plan::Read;
-use super::publish::{self, Quality};
+use super::publish::Quality;
+use crate::clock::now_ms;
 use crate::local::{Inbound, LocalRx, LocalTx};
 use crate::sources::modbus::metrics::ModbusMetrics;
 
@@ -515,7 +516,7 @@ impl Bus {
             debug!(bus = %self.name, error = %e, "modbus bus stopping");
         }
         self.outs.clear();
-        self.engine.stopping(publish::now_ms(), &mut self.outs);
+        self.engine.stopping(now_ms(), &mut self.outs);
         for Out { to, payload } in self.outs.drain(..) {
             let (topic, retain) = self.engine.route(&to);
             let _ =
@@ -534,7 +535,7 @@ impl Bus {
         while let Some(poll) = self.engine.next_poll(Instant::now()) {
             requests += self.poll_device(tx, poll).await?;
         }
-        self.engine.batches(publish::now_ms(), &mut self.outs);
+        self.engine.batches(now_ms(), &mut self.outs);
         flush(tx, &self.engine, &mut self.outs).await?;
         self.engine.end_cycle(Instant::now(), requests);
         Ok(())
@@ -591,12 +592,12 @@ impl Bus {
             }
         }
         for (read, r) in results {
-            let (now, ts) = (Instant::now(), publish::now_ms());
+            let (now, ts) = (Instant::now(), now_ms());
             self.engine
                 .apply_read(di, &read, r, now, ts, &mut self.outs);
             flush(tx, &self.engine, &mut self.outs).await?;
         }
-        self.engine.end_poll(di, publish::now_ms(), &mut self.outs);
+        self.engine.end_poll(di, now_ms(), &mut self.outs);
         flush(tx, &self.engine, &mut self.outs).await?;
         Ok(sent)
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{DataType, Format, Order};
-use crate::problem::Problem;
+use crate::problem::{problem, Problem};
 use crate::topic;
 
 /// How the gateway reaches a device.
@@ -403,13 +403,6 @@ impl ModbusDeviceConfig {
 
     fn line_settings(&self) -> (u32, Parity, u8, u8) {
         (self.baud, self.parity, self.data_bits, self.stop_bits)
-    }
-}
-
-fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
-    Problem {
-        key: key.into(),
-        message: message.into(),
     }
 }
 

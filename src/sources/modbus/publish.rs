@@ -63,8 +63,6 @@ impl Quality {
     }
 }
 
-pub use crate::clock::now_ms;
-
 /// The payload of one reading, or `None` when nothing is to be published (raw format and a
 /// failed reading).
 pub fn reading(

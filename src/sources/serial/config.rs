@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::problem::Problem;
+use crate::problem::{problem, Problem};
 use crate::topic;
 
 /// Largest frame (delimited `max_length` or `fixed` `length`) a device may be given, bytes.
@@ -231,13 +231,6 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
         i += 2;
     }
     Ok(out)
-}
-
-fn problem(key: String, message: impl Into<String>) -> Problem {
-    Problem {
-        key,
-        message: message.into(),
-    }
 }
 
 /// Checks every `[[serial]]` device; returns every problem, keyed `serial[i].path`.
