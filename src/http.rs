@@ -4,9 +4,8 @@
 //!
 //! A deliberately tiny HTTP/1.1 server: one request per connection, request head at most
 //! 8 KiB, 5 s to send it, then the connection is closed. Small answers must be written within
-//! 5 s; an image transfer may take as long as it needs but no single write may stall for more
-//! than `ota.stall_timeout` (then it is cut, counted as `http_stalled`, and its slot is free).
-//! It only reads shared state, so a slow or hostile client cannot stall the pipeline.
+//! 5 s (image transfers have their own bound, see [`crate::ota::http`]). It only reads shared
+//! state, so a slow or hostile client cannot stall the pipeline.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,6 +20,7 @@ use tracing::{debug, info};
 use crate::bridge::metrics::CloudMetrics;
 use crate::component::Running;
 use crate::metrics::Registry;
+use crate::ota::http::SMALL;
 use crate::store::Store;
 
 /// `[metrics]`
@@ -139,8 +139,6 @@ async fn serve(listener: TcpListener, health: HealthSource, stop: CancellationTo
     }
 }
 
-const SMALL: Duration = Duration::from_secs(5);
-
 async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<String>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -170,11 +168,11 @@ async fn handle(mut sock: TcpStream, peer: IpAddr, h: HealthSource) -> std::io::
                 head_only: method == "HEAD",
                 peer,
             };
-            return crate::ota::http::image(&mut sock, ota, &ota.metrics, req).await;
+            return crate::ota::http::image(&mut sock, ota, req).await;
         }
     }
     let ota_status = match (&h.ota, method, path.strip_prefix("/ota/status")) {
-        (Some(ota), "GET", Some(rest)) => crate::ota::http::status(ota, rest).await,
+        (Some(ota), "GET", Some(rest)) => Some(crate::ota::http::status(ota, rest).await),
         _ => None,
     };
     let (status, ctype, body) = match (method, path) {

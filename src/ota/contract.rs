@@ -1,5 +1,7 @@
 //! OTA's topic contract with the rest of the gateway: the topics and sizes other components
-//! must honour while OTA runs, stated here so no other module spells `ota/...` itself.
+//! must honour while OTA runs. (The built-in defaults of `[broker.acl.internal]` in
+//! `frontend::config` spell the same filters under [`DEFAULT_PREFIX`]; a test here keeps
+//! them equal.)
 //!
 //! Owns:
 //! - what the OTA task subscribes to ([`subscriptions`]);
@@ -14,8 +16,8 @@
 //! - the packet room one chunk needs ([`max_packet`]): the broker's log segments and the
 //!   cloud link's packet limit are raised to it, while what devices may send is not.
 //!
-//! Invariant: every topic here is built from `ota.prefix` and the suffix lists below, the same
-//! ones the manager publishes and subscribes on.
+//! Invariant: every topic here is built from `ota.prefix` and the suffix lists below; the
+//! manager's own topics use the same suffixes.
 
 use super::config::OtaConfig;
 use crate::frontend::config::InternalTopics;

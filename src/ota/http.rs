@@ -28,7 +28,6 @@ use tracing::debug;
 
 use super::serve::{parse_range, Busy, Via};
 use super::{OtaHandle, Query};
-use crate::ota::metrics::OtaMetrics;
 
 /// How long a small answer may take to write (the operator endpoint's own bound).
 pub const SMALL: Duration = Duration::from_secs(5);
@@ -45,9 +44,9 @@ pub struct ImageRequest<'a> {
     pub peer: IpAddr,
 }
 
-/// The answer to `GET /ota/status<rest>`: `None` for a path that is not a status route,
-/// `Some(None)` for an unknown device or rollout (or no answer from the manager).
-pub async fn status(ota: &OtaHandle, rest: &str) -> Option<Option<serde_json::Value>> {
+/// The answer to `GET /ota/status<rest>`: `None` for an unknown device, rollout or path (or
+/// no answer from the manager).
+pub async fn status(ota: &OtaHandle, rest: &str) -> Option<serde_json::Value> {
     let q = if rest.is_empty() || rest == "/" {
         Some(Query::All)
     } else if let Some(d) = rest.strip_prefix("/device/") {
@@ -57,8 +56,8 @@ pub async fn status(ota: &OtaHandle, rest: &str) -> Option<Option<serde_json::Va
             .map(|r| Query::Rollout(r.to_string()))
     };
     match q {
-        Some(q) => Some(ota.query(q).await),
-        None => Some(None),
+        Some(q) => ota.query(q).await,
+        None => None,
     }
 }
 
@@ -85,9 +84,9 @@ async fn small_typed(
 pub async fn image(
     sock: &mut TcpStream,
     ota: &OtaHandle,
-    metrics: &OtaMetrics,
     req: ImageRequest<'_>,
 ) -> std::io::Result<()> {
+    let metrics = &*ota.metrics;
     let ImageRequest {
         what,
         range,

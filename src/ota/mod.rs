@@ -6,7 +6,7 @@
 //!   events, served bytes, ticks; outputs: publishes, chunk jobs, fetch starts, saves), with
 //!   rollouts, the image lifecycle and device handling in their own files;
 //! - [`driver`]: the task that owns the links, the fetch tasks, the state file and the timer,
-//!   and carries out what the manager decides ([`Ota::build`], [`Ota::run`]);
+//!   and carries out what the manager decides ([`Ota::build`], [`Ota::start`]);
 //! - [`serve`] (MQTT chunks, download slots, pacing) and [`http`] (the image and status
 //!   routes of the operator endpoint): serving verified images;
 //! - [`fetch`] (HTTPS download), [`cache`] (files on disk), [`state`] (what survives a

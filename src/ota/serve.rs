@@ -936,10 +936,12 @@ mod tests {
         assert_eq!(t.estimate(2, None, now), RETRY_AFTER_MAX);
         t.leases.get_mut("a").unwrap().served = 9_900;
         assert_eq!(t.estimate(1, None, now), RETRY_AFTER_MIN);
-        // After a pause the old rate is forgotten: unknown until bytes flow again.
-        let resumed = now + Duration::from_secs(60);
+        // After a pause the old rate is forgotten: unknown until bytes flow again. 2000 B in
+        // the window open when the pause began would read 2000 B / 61 s ~ 33 B/s if it were
+        // kept.
+        t.rate.add(2000, now + Duration::from_secs(1));
+        let resumed = now + Duration::from_secs(61);
         t.rate.add(100, resumed);
-        t.leases.get_mut("a").unwrap().last = resumed;
         assert_eq!(
             t.rate.per_sec(resumed),
             1000.0,

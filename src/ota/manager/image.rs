@@ -301,14 +301,14 @@ impl Manager {
             return;
         };
         let total = chunks_of(img.size, cs);
-        let expect = Expect {
-            size: img.size,
-            sha256: img.sha256.clone(),
-            md5: img.md5.clone(),
-        };
         let got = self.pushed.entry(key.to_string()).or_default();
         got.insert(idx);
         if got.len() as u64 == total && !self.fetching.contains(key) {
+            let expect = Expect {
+                size: img.size,
+                sha256: img.sha256.clone(),
+                md5: img.md5.clone(),
+            };
             self.fetching.insert(key.to_string());
             self.out.push(Out::InstallPushed {
                 key: key.to_string(),
