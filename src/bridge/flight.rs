@@ -6,9 +6,9 @@
 //! [`Flight::puback`]. Time comes in as an argument, so the unit tests below drive it.
 //!
 //! The schedule never touches the socket: a [`Sink`] queues each PUBLISH (the driver's
-//! encodes it into the link's write buffer, which only [`super::link::Link::flush`] writes)
-//! and says its packet id. Making a decision allocates nothing: records move from the read
-//! buffers into the sink by reference.
+//! sink encodes it into the link's write buffer, which only [`super::link::Link::flush`] writes)
+//! and says its packet id. Making a decision copies no record: records move from the read
+//! buffers into the sink.
 //!
 //! # Invariants
 //! - At most `window` (`cloud.max_inflight`) publishes are unacknowledged at a time,
@@ -18,7 +18,7 @@
 //! - A record still in flight when the session ends stays queued ([`Flight::unacked`] counts
 //!   them): the next session starts from the queue head and sends it again, in per-topic
 //!   order (at least once).
-//! - The order of decisions is exactly the pump's loop: live record if any (reading more
+//! - The order of decisions is the bridge pump's before the split: live record if any (reading more
 //!   live records when the store has some), else the next replay record if the pacing
 //!   allows it (reading the next replay range when its buffer is empty; an empty range
 //!   merges the lanes).
@@ -529,7 +529,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_ack_batch_is_reported_once() {
+    fn a_full_ack_batch_is_reported_when_it_fills() {
         let mut f = Flight::default();
         for i in 0..ACK_BATCH as u64 {
             f.sent(i as u16 + 1, i);

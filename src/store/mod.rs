@@ -45,7 +45,7 @@
 //! - A store that cannot be opened is salvaged (see [`Store::open`]): every intact batch in
 //!   its files is copied into a fresh store, the damaged directory is kept aside, what was
 //!   lost is counted. The gateway never crash-loops on a bad disk image. "No space left" at
-//!   open is not damage: the caller waits and tries again.
+//!   open is not damage: [`Store::open_waiting`] waits and tries again.
 
 pub mod batch;
 pub mod config;
@@ -65,7 +65,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-pub use config::{FullPolicy, StoreConfig};
+use crate::clock::now_ms;
+use config::{FullPolicy, StoreConfig};
 use metrics::{DropReason, StoreMetrics};
 
 /// Key bytes counted per batch in the byte budget.
@@ -146,8 +147,6 @@ impl Record {
         batch::record_size(self) as u64
     }
 }
-
-use crate::clock::now_ms;
 
 /// Result of an append.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

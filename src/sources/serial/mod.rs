@@ -198,7 +198,7 @@ enum Status {
 
 /// One serial device, built and ready to run.
 pub struct SerialDevice {
-    /// Config name: `{device}` in topics, the span's and metrics' `device`.
+    /// Config name: the span's `device`.
     name: String,
     path: PathBuf,
     builder: tokio_serial::SerialPortBuilder,
