@@ -14,8 +14,8 @@
 //! - `dynamic_filters = false`: a publish nobody subscribes to costs no memory;
 //! - every listener address is bound once before rumqttd takes it, so a port clash is a clear
 //!   start-up error instead of a log line from a background task;
-//! - [`Broker::stop_listeners`] shuts the device runtime down, which closes every device
-//!   connection: after it returns no device can publish (and be acknowledged) any more.
+//! - stopping what [`Broker::start`] returned shuts the device runtime down, which closes every
+//!   device connection: after it returns no device can publish (and be acknowledged) any more.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
+use crate::component::Running;
 use crate::frontend;
 use crate::frontend::config::BrokerConfig;
 use crate::frontend::metrics::BrokerMetrics;
@@ -86,7 +87,7 @@ pub struct Broker {
     make_link: Arc<LinkFactory>,
     start_internal: Option<Box<StartInternal>>,
     upstream: frontend::Upstream,
-    /// Device listeners, bound in [`Broker::new`] and served from [`Broker::listen`].
+    /// Device listeners, bound in [`Broker::build`] and served from [`Broker::start`].
     bound: Vec<(frontend::Prepared, std::net::TcpListener)>,
     listeners: Listeners,
     /// Runs the listeners and all device connections; dropped to disconnect every device.
@@ -97,8 +98,8 @@ pub struct Broker {
 
 impl Broker {
     /// Starts the router and binds every device listener. In-process links can be made at
-    /// once; devices can connect after [`Broker::listen`].
-    pub fn new(
+    /// once; devices can connect after [`Broker::start`].
+    pub fn build(
         cfg: &BrokerConfig,
         metrics: Arc<BrokerMetrics>,
         ingest: crate::ingest::Ingest,
@@ -194,13 +195,26 @@ impl Broker {
         })
     }
 
-    /// Starts rumqttd's internal listener and every device listener; returns once rumqttd
-    /// answers MQTT on the internal one.
+    /// Starts rumqttd's internal listener and every device listener, once rumqttd answers MQTT
+    /// on the internal one; devices may connect from then on. The [`Running`] it returns
+    /// closes the listeners and every device connection (house rule 6: stage "broker"), then
+    /// drops the broker with the ingest handles of the gateway's own clients.
+    ///
+    /// Unlike other components' `start`, this one can fail: the listeners open last, after
+    /// the pipeline behind them runs (see [`crate::component`]).
     ///
     /// Make the gateway's own links before this: rumqttd reuses connection ids, and a late
     /// second disconnect event for a departed client can tear down whichever link got its id.
     /// Links made before any client connects hold the first ids for good.
-    pub async fn listen(&mut self) -> Result<(), BrokerError> {
+    pub async fn start(mut self) -> Result<Running, BrokerError> {
+        self.listen().await?;
+        Ok(Running::step("broker", async move {
+            self.stop_listeners().await;
+            drop(self);
+        }))
+    }
+
+    async fn listen(&mut self) -> Result<(), BrokerError> {
         let Some(start) = self.start_internal.take() else {
             return Ok(());
         };
@@ -262,9 +276,9 @@ impl Broker {
         ))
     }
 
-    /// Stops accepting connections and closes every device connection (first step of an
-    /// orderly shutdown). When it returns, no device can publish any more.
-    pub async fn stop_listeners(&mut self) {
+    /// Stops accepting connections and closes every device connection. When it returns, no
+    /// device can publish any more.
+    async fn stop_listeners(&mut self) {
         for (name, _, task) in self.listeners.drain(..) {
             task.abort();
             info!(listener = %name, "broker listener closed");

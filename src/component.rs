@@ -1,23 +1,24 @@
 //! The one shape every component has, and the context it is built with.
 //!
-//! A component (each source kind, OTA, the bridge, the metrics endpoint; the journal and the
-//! broker are wrapped into the same [`Running`]) goes through three steps, in
+//! A component (each source kind, OTA, the bridge, the broker, the metrics endpoint; the
+//! journal thread is wrapped into the same [`Running`]) goes through three steps, in
 //! [`crate::gateway::run`]:
 //! 1. `X::build(&XConfig, &Ctx, ..) -> Result<X, XError>`: what can fail at start (files,
-//!    TLS material, broker links) fails here, before the component runs. Two steps bind
-//!    ports after the sources started, by design: the broker's listeners open last so no
-//!    device connects before the pipeline behind them runs, and the metrics endpoint after
-//!    them. A failure there ends `run` with the error. What a
-//!    component needs besides its own config section and the [`Ctx`] (a broker to link to,
-//!    the store) is an explicit argument after the context.
+//!    TLS material, broker links) fails here, before the component runs. What a component
+//!    needs besides its own config section and the [`Ctx`] (a broker to link to, the store)
+//!    is an explicit argument after the context.
 //! 2. `X::start(self, stop) -> Running`: spawns its tasks or threads under `stop`; cannot
-//!    fail.
+//!    fail. Two steps bind ports, by design after the sources started, and so can fail
+//!    (ending `run` with the error): `Broker::start` (async: its listeners open last so no
+//!    device connects before the pipeline behind them runs) and, after it, the metrics
+//!    endpoint's `Http::build`.
 //! 3. [`Running::stop`]: cancels `stop`, then waits for the tasks until a deadline. The
 //!    gateway walks its stop list ([`stop_all`]) in order under one budget; the components
 //!    of one stage (the sources) are cancelled together; whoever overruns is named in the
 //!    log, and the walk goes on.
 //!
-//! A leaf: it imports nothing from the crate but the [`crate::metrics`] registry.
+//! A leaf: it imports nothing from the crate but the [`crate::metrics`] registry and
+//! [`crate::topic`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,7 +44,7 @@ pub struct Ctx {
 impl Ctx {
     /// Replaces `{gateway_id}` in a topic template.
     pub fn expand(&self, template: &str) -> String {
-        template.replace("{gateway_id}", &self.gateway_id)
+        crate::topic::with_gateway_id(template, &self.gateway_id)
     }
 }
 

@@ -383,7 +383,7 @@ impl Settings {
 
     /// Replaces `{gateway_id}` in a template.
     pub fn expand(&self, template: &str) -> String {
-        template.replace("{gateway_id}", &self.gateway.id)
+        crate::topic::with_gateway_id(template, &self.gateway.id)
     }
 
     /// The effective configuration as TOML (defaults filled in).

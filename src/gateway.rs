@@ -147,7 +147,7 @@ pub async fn run(
     // Build and start, in order (see the module header).
     let queue = open_queue(&settings, &ctx, &m, &mut beats).await?;
     let store = queue.store.clone();
-    let mut broker = open_broker(&settings, &m, queue.ingest, queue.kept).await?;
+    let broker = open_broker(&settings, &m, queue.ingest, queue.kept).await?;
     let downlink = if settings.cloud.enabled {
         Some(broker.link("fieldgate-downlink")?)
     } else {
@@ -171,8 +171,8 @@ pub async fn run(
         handle
     });
     // Devices may connect now that the pipeline behind the broker runs.
-    broker
-        .listen()
+    let broker = broker
+        .start()
         .instrument(tracing::info_span!("broker"))
         .await?;
     let health = HealthSource {
@@ -192,11 +192,7 @@ pub async fn run(
     let stages = vec![
         vec![watchdog],
         sources,
-        vec![Running::step("broker", async move {
-            broker.stop_listeners().await;
-            // Drops the broker (and the ingest handles of the gateway's own clients).
-            drop(broker);
-        })],
+        vec![broker],
         vec![queue.journal],
         cloud,
         vec![Running::step("store", store.clone().persist_final())],
@@ -274,7 +270,7 @@ async fn open_broker(
 ) -> Result<Broker, GatewayError> {
     let cfg = settings.effective_broker();
     let broker =
-        tracing::info_span!("broker").in_scope(|| Broker::new(&cfg, m.broker.clone(), ingest))?;
+        tracing::info_span!("broker").in_scope(|| Broker::build(&cfg, m.broker.clone(), ingest))?;
     crate::retained::restore(&broker, kept).await?;
     Ok(broker)
 }

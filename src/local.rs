@@ -162,7 +162,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_a_subscriber_with_topic_and_payload() {
-        let broker = Broker::new(
+        let broker = Broker::build(
             &BrokerConfig::default(),
             Default::default(),
             Ingest::local_only(),

@@ -1,7 +1,13 @@
 //! MQTT topic names and filters: validation and matching (MQTT 3.1.1 section 4.7).
 //!
 //! Pure functions, no state. `matches` follows the spec, including that a filter starting
-//! with a wildcard does not match topics starting with `$`.
+//! with a wildcard does not match topics starting with `$`. [`with_gateway_id`] is the one
+//! place the `{gateway_id}` placeholder of topic templates is filled in.
+
+/// Fills `{gateway_id}` into a topic template (other placeholders are left alone).
+pub fn with_gateway_id(template: &str, gateway_id: &str) -> String {
+    template.replace("{gateway_id}", gateway_id)
+}
 
 /// Checks a topic name (what a PUBLISH carries): non-empty, no wildcards, no NUL.
 pub fn validate_topic(topic: &str) -> Result<(), &'static str> {

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::auth::Action;
-use crate::metrics::{Labels, Register};
+use crate::metrics::{label, Labels, Register};
 
 /// Metrics of the broker front end.
 #[derive(Debug, Default)]
@@ -93,14 +93,10 @@ impl Register for BrokerMetrics {
             self.limited.clone(),
         );
         for w in ["subscriptions", "retained"] {
-            self.limited
-                .get_or_create(&vec![("what".into(), w.into())])
-                .inc_by(0);
+            self.limited.get_or_create(&label("what", w)).inc_by(0);
         }
         for a in ["publish", "subscribe", "deliver"] {
-            self.denied
-                .get_or_create(&vec![("action".into(), a.into())])
-                .inc_by(0);
+            self.denied.get_or_create(&label("action", a)).inc_by(0);
         }
     }
 }
@@ -108,44 +104,36 @@ impl Register for BrokerMetrics {
 impl BrokerMetrics {
     /// Counts a refused connection.
     pub fn refuse(&self, reason: &str) {
-        self.refused
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        self.refused.get_or_create(&label("reason", reason)).inc();
     }
 
     /// The counter of subscriptions refused (`what = "subscriptions"`) or retained messages
     /// not kept (`"retained"`) over a limit, as a handle for whoever decides it.
     pub fn limit_counter(&self, what: &str) -> Counter {
-        self.limited
-            .get_or_create(&vec![("what".into(), what.into())])
-            .clone()
+        self.limited.get_or_create(&label("what", what)).clone()
     }
 
     /// Counts a subscription refused or a retained message not kept over a limit.
     pub fn limit(&self, what: &str) {
-        self.limited
-            .get_or_create(&vec![("what".into(), what.into())])
-            .inc();
+        self.limited.get_or_create(&label("what", what)).inc();
     }
 
     /// Counts an ACL denial.
     pub fn deny(&self, action: Action) {
         self.denied
-            .get_or_create(&vec![("action".into(), action.as_str().into())])
+            .get_or_create(&label("action", action.as_str()))
             .inc();
     }
 
     /// Counts a publish over the rate limit.
     pub fn rate_limit(&self, policy: &str) {
         self.rate_limited
-            .get_or_create(&vec![("policy".into(), policy.into())])
+            .get_or_create(&label("policy", policy))
             .inc();
     }
 
     /// Counts an ended session.
     pub fn closed(&self, reason: &str) {
-        self.closed_by
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        self.closed_by.get_or_create(&label("reason", reason)).inc();
     }
 }

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{Labels, Register};
+use crate::metrics::{label, Labels, Register};
 
 /// OTA metrics (`fieldgate_ota_*`).
 pub struct OtaMetrics {
@@ -110,30 +110,24 @@ impl Register for OtaMetrics {
 impl OtaMetrics {
     /// Counts a fetch result.
     pub fn fetch(&self, result: &str) {
-        self.fetches
-            .get_or_create(&vec![("result".into(), result.into())])
-            .inc();
+        self.fetches.get_or_create(&label("result", result)).inc();
     }
 
     /// Counts bytes served.
     pub fn served(&self, via: &str, n: u64) {
         self.served_bytes
-            .get_or_create(&vec![("via".into(), via.into())])
+            .get_or_create(&label("via", via))
             .inc_by(n);
     }
 
     /// Counts an error.
     pub fn error(&self, kind: &str) {
-        self.errors
-            .get_or_create(&vec![("kind".into(), kind.into())])
-            .inc();
+        self.errors.get_or_create(&label("kind", kind)).inc();
     }
 
     /// Errors of one kind so far.
     pub fn errors_of(&self, kind: &str) -> u64 {
-        self.errors
-            .get_or_create(&vec![("kind".into(), kind.into())])
-            .get()
+        self.errors.get_or_create(&label("kind", kind)).get()
     }
 }
 

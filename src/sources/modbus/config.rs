@@ -366,17 +366,14 @@ impl TagConfig {
 impl ModbusDeviceConfig {
     /// Expands a topic template for `tag`.
     pub fn tag_topic(&self, gateway_id: &str, tag: &str) -> String {
-        self.topic
-            .replace("{gateway_id}", gateway_id)
+        crate::topic::with_gateway_id(&self.topic, gateway_id)
             .replace("{device}", &self.name)
             .replace("{tag}", tag)
     }
 
     /// The expanded batch topic.
     pub fn batch_topic(&self, gateway_id: &str) -> String {
-        self.batch_topic
-            .replace("{gateway_id}", gateway_id)
-            .replace("{device}", &self.name)
+        crate::topic::with_gateway_id(&self.batch_topic, gateway_id).replace("{device}", &self.name)
     }
 
     /// How often the batch is published (`publish = "batch"`).
@@ -386,8 +383,7 @@ impl ModbusDeviceConfig {
 
     /// The expanded status topic.
     pub fn status_topic(&self, gateway_id: &str) -> String {
-        self.status_topic
-            .replace("{gateway_id}", gateway_id)
+        crate::topic::with_gateway_id(&self.status_topic, gateway_id)
             .replace("{device}", &self.name)
     }
 

@@ -189,9 +189,7 @@ pub enum DecodeMode {
 impl SerialDeviceConfig {
     /// Replaces `{device}` and `{gateway_id}` in a topic template.
     pub fn expand(&self, template: &str, gateway_id: &str) -> String {
-        template
-            .replace("{device}", &self.name)
-            .replace("{gateway_id}", gateway_id)
+        crate::topic::with_gateway_id(template, gateway_id).replace("{device}", &self.name)
     }
 }
 

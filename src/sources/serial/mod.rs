@@ -138,7 +138,7 @@ pub struct Serial {
 
 impl Serial {
     /// Builds every device of `[[serial]]` with its broker link (call before
-    /// `broker.listen()`: rumqttd refuses to reuse a client id a device might have taken)
+    /// `Broker::start`: rumqttd refuses to reuse a client id a device might have taken)
     /// and adds the serial metric families to the context's registry. Nothing runs yet, so a
     /// failure leaves no task behind.
     pub fn build(
