@@ -186,12 +186,9 @@ impl Schedule {
             let Some((from, to)) = self.lanes.replay_range() else {
                 return Need::Wait;
             };
-            if self.replay.is_empty() {
+            let Some((seq, rec)) = self.replay.pop_front() else {
                 self.just_read = true;
                 return Need::Replay(from, to);
-            }
-            let Some((_, rec)) = self.replay.front() else {
-                return Need::Wait;
             };
             let len = rec.payload.len() as u64;
             let now = now();
@@ -200,11 +197,10 @@ impl Schedule {
                 .wait_for(1, now)
                 .max(self.bytes.wait_for(len, now));
             if !wait.is_zero() {
+                // Not yet: the record stays first in the replay buffer.
+                self.replay.push_front((seq, rec));
                 return Need::Pace(now + wait);
             }
-            let Some((seq, rec)) = self.replay.pop_front() else {
-                return Need::Wait;
-            };
             if self.lanes.replay_take(seq, &rec.topic) {
                 self.msgs.take(1);
                 self.bytes.take(len);
