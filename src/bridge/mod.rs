@@ -100,7 +100,6 @@ pub struct Bridge {
     store: Arc<Store>,
     metrics: Arc<CloudMetrics>,
     downlink: LinkTx,
-    stop: CancellationToken,
     heartbeat: Heartbeat,
     cloud_prefix: String,
     status_topic: String,
@@ -130,7 +129,6 @@ impl Bridge {
             store: deps.store,
             metrics: deps.metrics,
             downlink: deps.downlink,
-            stop: CancellationToken::new(),
             heartbeat: deps.heartbeat,
             cloud_prefix: deps.cloud_prefix,
             status_topic: ctx.expand(&cloud.status_topic),
@@ -142,20 +140,22 @@ impl Bridge {
 
     /// Starts the bridge task under `stop`, in a span `cloud`: it ends once `stop` is
     /// cancelled and the last session has drained (within `shutdown_grace`).
-    pub fn start(mut self, stop: CancellationToken) -> Running {
-        self.stop = stop.clone();
-        let task = tokio::spawn(self.run().instrument(tracing::info_span!("cloud")));
+    pub fn start(self, stop: CancellationToken) -> Running {
+        let task = tokio::spawn(
+            self.run(stop.clone())
+                .instrument(tracing::info_span!("cloud")),
+        );
         Running::tasks("cloud", stop, vec![task])
     }
 
-    /// Runs until the stop token is cancelled and the last session has drained.
-    async fn run(mut self) {
+    /// Runs until `stop` is cancelled and the last session has drained.
+    async fn run(mut self, stop: CancellationToken) {
         let c = &self.cloud;
         let mut backoff = Backoff::new(c.reconnect_min, c.reconnect_max);
         loop {
             let started = Instant::now();
             self.heartbeat.beat();
-            match self.session(&mut backoff).await {
+            match self.session(&mut backoff, &stop).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.metrics.cloud_reconnects.inc();
@@ -172,7 +172,7 @@ impl Bridge {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = beat.tick() => self.heartbeat.beat(),
-                    _ = self.stop.cancelled() => {
+                    _ = stop.cancelled() => {
                         self.metrics.cloud_connected.set(0);
                         info!("bridge stopped");
                         return;
@@ -198,28 +198,36 @@ impl Bridge {
         }
     }
 
-    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), BridgeError> {
+    async fn session(
+        &mut self,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> Result<(), BridgeError> {
         let c = self.cloud.clone();
         // Dial, handshake TLS, CONNECT and wait for CONNACK.
         let opts = self.options();
         let mut link = tokio::select! {
             r = link::connect(&opts, self.tls.clone()) => r?,
-            _ = self.stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
         };
         backoff.reset();
         self.metrics.cloud_connected.set(1);
         info!(host = %c.host, port = c.port, "cloud connected");
-        let result = self.online(&mut link).await;
+        let result = self.online(&mut link, stop).await;
         self.metrics.cloud_connected.set(0);
         result
     }
 
-    async fn online<S>(&mut self, link: &mut Link<S>) -> Result<(), BridgeError>
+    async fn online<S>(
+        &mut self,
+        link: &mut Link<S>,
+        stop: &CancellationToken,
+    ) -> Result<(), BridgeError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut flight = Flight::default();
-        let result = self.pump(link, &mut flight).await;
+        let result = self.pump(link, &mut flight, stop).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
         if let Err(e) = self.remove(flight.acked()).await {
             warn!(error = %e, "removing acknowledged records failed; they will be sent again");
@@ -230,7 +238,12 @@ impl Bridge {
         result
     }
 
-    async fn pump<S>(&mut self, link: &mut Link<S>, flight: &mut Flight) -> Result<(), BridgeError>
+    async fn pump<S>(
+        &mut self,
+        link: &mut Link<S>,
+        flight: &mut Flight,
+        stop: &CancellationToken,
+    ) -> Result<(), BridgeError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -336,7 +349,7 @@ impl Bridge {
                         }
                     }
                 }
-                _ = self.stop.cancelled(), if stopping.is_none() => {
+                _ = stop.cancelled(), if stopping.is_none() => {
                     info!(in_flight = flight.len(), "bridge draining in-flight records");
                     stopping = Some(Instant::now() + self.shutdown_grace);
                 }
