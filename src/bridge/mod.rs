@@ -90,10 +90,12 @@ pub struct BridgeDeps {
     pub shutdown_grace: Duration,
 }
 
-/// Everything the bridge needs, built once.
+/// Everything the bridge needs, built once: every session borrows it (nothing of `[cloud]`
+/// is copied per reconnect).
 pub struct Bridge {
     cloud: CloudConfig,
-    client_id: String,
+    /// Where every session dials and what its CONNECT says, from `[cloud]`.
+    link_options: LinkOptions,
     shutdown_grace: Duration,
     local_prefix: String,
     tls: Arc<rustls::ClientConfig>,
@@ -117,11 +119,23 @@ impl Bridge {
         deps: BridgeDeps,
     ) -> Result<Bridge, crate::tls::TlsError> {
         let tls = tls::client_config(cloud)?;
+        let status_topic = ctx.expand(&cloud.status_topic);
+        let client_id = if cloud.client_id.is_empty() {
+            ctx.gateway_id.clone()
+        } else {
+            cloud.client_id.clone()
+        };
         Ok(Bridge {
-            client_id: if cloud.client_id.is_empty() {
-                ctx.gateway_id.clone()
-            } else {
-                cloud.client_id.clone()
+            link_options: LinkOptions {
+                host: cloud.host.clone(),
+                port: cloud.port,
+                client_id,
+                keepalive: cloud.keepalive,
+                login: (!cloud.username.is_empty())
+                    .then(|| (cloud.username.clone(), cloud.password.clone())),
+                will: Some((status_topic.clone(), "offline".into())),
+                max_packet_size: cloud.max_packet_size,
+                timeout: cloud.connect_timeout.max(Duration::from_secs(1)),
             },
             shutdown_grace: deps.shutdown_grace,
             local_prefix: downlink.local_prefix.clone(),
@@ -131,7 +145,7 @@ impl Bridge {
             downlink: deps.downlink,
             heartbeat: deps.heartbeat,
             cloud_prefix: deps.cloud_prefix,
-            status_topic: ctx.expand(&cloud.status_topic),
+            status_topic,
             downlink_filters: downlink.subscribe.iter().map(|f| ctx.expand(f)).collect(),
             strip_prefix: ctx.expand(&downlink.strip_prefix),
             cloud: cloud.clone(),
@@ -184,35 +198,20 @@ impl Bridge {
         info!("bridge stopped");
     }
 
-    fn options(&self) -> LinkOptions {
-        let c = &self.cloud;
-        LinkOptions {
-            host: c.host.clone(),
-            port: c.port,
-            client_id: self.client_id.clone(),
-            keepalive: c.keepalive,
-            login: (!c.username.is_empty()).then(|| (c.username.clone(), c.password.clone())),
-            will: Some((self.status_topic.clone(), "offline".into())),
-            max_packet_size: c.max_packet_size,
-            timeout: c.connect_timeout.max(Duration::from_secs(1)),
-        }
-    }
-
     async fn session(
         &mut self,
         backoff: &mut Backoff,
         stop: &CancellationToken,
     ) -> Result<(), BridgeError> {
-        let c = self.cloud.clone();
         // Dial, handshake TLS, CONNECT and wait for CONNACK.
-        let opts = self.options();
+        let opts = &self.link_options;
         let mut link = tokio::select! {
-            r = link::connect(&opts, self.tls.clone()) => r?,
+            r = link::connect(opts, self.tls.clone()) => r?,
             _ = stop.cancelled() => return Ok(()),
         };
         backoff.reset();
         self.metrics.cloud_connected.set(1);
-        info!(host = %c.host, port = c.port, "cloud connected");
+        info!(host = %opts.host, port = opts.port, "cloud connected");
         let result = self.online(&mut link, stop).await;
         self.metrics.cloud_connected.set(0);
         result
@@ -247,7 +246,7 @@ impl Bridge {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let c = self.cloud.clone();
+        let c = &self.cloud;
         // SUBSCRIBE before the retained `online`: a cloud application that waits for `online`
         // knows the gateway takes its commands (a broker handles one connection's packets in
         // order).
