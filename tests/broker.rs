@@ -17,27 +17,41 @@ use rumqttc::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use toml::{toml, Table};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A gateway without cloud whose broker section is `broker` (keys of `[broker]`), default
-/// listener keys `listener`, and extra tables `tail`.
-async fn gateway(broker: &str, listener: &str, tail: &str) -> (Gateway, tempfile::TempDir) {
+/// A gateway without cloud whose `[broker]` section has the keys and tables of `broker`
+/// (`[[users]]`, `[acl.default]`, limits) and whose default listener is `listener`.
+async fn gateway(broker: Table, listener: Listener) -> (Gateway, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
-    (gateway_in(data.path(), broker, listener, tail).await, data)
+    (gateway_in(data.path(), broker, listener).await, data)
 }
 
 /// [`gateway`] on an existing data directory (for restarts).
-async fn gateway_in(data: &std::path::Path, broker: &str, listener: &str, tail: &str) -> Gateway {
+async fn gateway_in(data: &std::path::Path, broker: Table, listener: Listener) -> Gateway {
     let ports = GatewayPorts::new();
     // The default listener is anonymous only where `listener` says so.
     let config = GatewayConfig::local(&ports, data)
-        .remove("broker.listeners.default.allow_anonymous")
+        .listener("default", ports.mqtt, listener)
         .set("gateway.shutdown_grace", "1s")
-        .with_text("broker", broker)
-        .with_text("broker.listeners.default", listener)
-        .with_text("", tail);
+        .with("broker", broker);
     Gateway::start(&config.to_toml(), &ports).await
+}
+
+/// A listener that lets anonymous clients in.
+fn anonymous() -> Listener {
+    Listener::new().anonymous()
+}
+
+/// `[[broker.users]]` (keys of `[broker]`): these usernames and passwords.
+fn users(accounts: &[(&str, &str)]) -> Table {
+    let users = accounts
+        .iter()
+        .map(|(username, password)| toml! { username = (*username) password = (*password) })
+        .map(toml::Value::Table)
+        .collect::<Vec<_>>();
+    toml! { users = (users) }
 }
 
 /// Where the MQTT 3.1.1 rule tests connect: the gateway's front end, or, with
@@ -45,7 +59,7 @@ async fn gateway_in(data: &std::path::Path, broker: &str, listener: &str, tail: 
 /// against the behaviour the front end corrects).
 async fn rules_target() -> (Option<(Gateway, tempfile::TempDir)>, u16) {
     if std::env::var("FIELDGATE_TEST_PLAIN_RUMQTTD").is_err() {
-        let g = gateway("", "allow_anonymous = true", "").await;
+        let g = gateway(Table::new(), anonymous()).await;
         let port = g.0.mqtt;
         return (Some(g), port);
     }
@@ -341,12 +355,12 @@ fn connack_ok(p: Option<P4>) -> bool {
 async fn wrong_password_unknown_user_and_anonymous_are_refused() {
     let hash = passwd("s3cret");
     assert!(hash.starts_with("$argon2id$"), "{hash}");
-    let (gw, _d) = gateway(
-        &format!("[[broker.users]]\nusername = \"plc\"\npassword_hash = \"{hash}\""),
-        "",
-        "",
-    )
-    .await;
+    let broker = toml! {
+        [[users]]
+        username = "plc"
+        password_hash = (hash.as_str())
+    };
+    let (gw, _d) = gateway(broker, Listener::new()).await;
     let port = gw.mqtt;
     let long = Duration::from_secs(30);
     let r = connect(port, "a", Some(("plc", "wrong")), None, long).await;
@@ -378,12 +392,9 @@ async fn wrong_password_unknown_user_and_anonymous_are_refused() {
 /// each wait is counted. A successful login forgets the failures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_slow_down_their_address() {
-    let (gw, _d) = gateway(
-        "failed_login_delay = \"20ms\"\n[[broker.users]]\nusername = \"plc\"\npassword = \"s3cret\"",
-        "",
-        "",
-    )
-    .await;
+    let mut broker = users(&[("plc", "s3cret")]);
+    broker.insert("failed_login_delay".into(), "20ms".into());
+    let (gw, _d) = gateway(broker, Listener::new()).await;
     let long = Duration::from_secs(30);
     let delayed = || gw.metric("fieldgate_broker_login_delayed_total");
     for i in 0..5 {
@@ -415,20 +426,24 @@ async fn failed_logins_slow_down_their_address() {
 // ---------------------------------------------------------------------------------------------
 // Authorization
 
-const ACL: &str = r##"
-[broker.acl.default]
-publish = ["field/%u/#"]
-subscribe = ["cmd/%u/#"]
-[broker.acl.users.admin]
-publish = ["#"]
-subscribe = ["#"]
-"##;
+/// `[broker.acl]` (a key of `[broker]`): a device publishes under `field/<its name>/` and
+/// reads its own commands; `admin` publishes and reads everything.
+fn acl() -> Table {
+    toml! {
+        [acl.default]
+        publish = ["field/%u/#"]
+        subscribe = ["cmd/%u/#"]
+        [acl.users.admin]
+        publish = ["#"]
+        subscribe = ["#"]
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_is_kept_to_its_acl_while_admin_sees_everything() {
-    let users = "[[broker.users]]\nusername = \"dev1\"\npassword = \"p1\"\n\
-                 [[broker.users]]\nusername = \"admin\"\npassword = \"pa\"";
-    let (gw, _d) = gateway(users, "", ACL).await;
+    let mut broker = users(&[("dev1", "p1"), ("admin", "pa")]);
+    broker.extend(acl());
+    let (gw, _d) = gateway(broker, Listener::new()).await;
     let long = Duration::from_secs(30);
     let mut admin = connect(gw.mqtt, "admin", Some(("admin", "pa")), None, long)
         .await
@@ -499,10 +514,9 @@ async fn device_is_kept_to_its_acl_while_admin_sees_everything() {
 /// refused (CONNACK 2) and gets none of its queued messages; the owner resumes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_identity_cannot_take_over_a_session() {
-    let users = "[[broker.users]]\nusername = \"dev1\"\npassword = \"p1\"\n\
-                 [[broker.users]]\nusername = \"dev2\"\npassword = \"p2\"\n\
-                 [[broker.users]]\nusername = \"admin\"\npassword = \"pa\"";
-    let (gw, _d) = gateway(users, "", ACL).await;
+    let mut broker = users(&[("dev1", "p1"), ("dev2", "p2"), ("admin", "pa")]);
+    broker.extend(acl());
+    let (gw, _d) = gateway(broker, Listener::new()).await;
     let (mut dev2, present) = connect_session(gw.mqtt, "dev2", Some(("dev2", "p2")), false)
         .await
         .unwrap();
@@ -557,9 +571,9 @@ async fn another_identity_cannot_take_over_a_session() {
 /// and an anonymous client (no `%u`) none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_id_pattern_ties_client_ids_to_identities() {
-    let broker = "client_id_pattern = \"%u-*\"\n\
-                  [[broker.users]]\nusername = \"dev1\"\npassword = \"p1\"";
-    let (gw, _d) = gateway(broker, "allow_anonymous = true", "").await;
+    let mut broker = users(&[("dev1", "p1")]);
+    broker.insert("client_id_pattern".into(), "%u-*".into());
+    let (gw, _d) = gateway(broker, anonymous()).await;
     assert!(
         connect_session(gw.mqtt, "dev1-a", Some(("dev1", "p1")), true)
             .await
@@ -585,14 +599,12 @@ async fn client_id_pattern_ties_client_ids_to_identities() {
 // ---------------------------------------------------------------------------------------------
 // TLS listeners
 
-fn tls_listener(pki: &Pki, client_cert: &str) -> String {
-    format!(
-        "[broker.listeners.default.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
-         client_ca_file = \"{}\"\nclient_cert = \"{client_cert}\"\n",
-        pki.server.cert.display(),
-        pki.server.key.display(),
-        pki.ca.display()
-    )
+/// A TLS listener with the test server certificate; client certificates signed by the test
+/// CA, `client_cert` saying whether one is needed.
+fn tls_listener(pki: &Pki, client_cert: &str) -> Listener {
+    Listener::new()
+        .tls(&pki.server)
+        .client_certs(&pki.ca, client_cert)
 }
 
 fn device_tls(pki: &Pki, with_cert: bool) -> TlsConfiguration {
@@ -612,8 +624,8 @@ fn device_tls(pki: &Pki, with_cert: bool) -> TlsConfiguration {
 async fn stalled_tls_handshake_does_not_block_other_clients() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let pki = Pki::new();
-    let listener = format!("allow_anonymous = true\n{}", tls_listener(&pki, "none"));
-    let (gw, _d) = gateway("tls_handshake_timeout = \"1s\"", &listener, "").await;
+    let listener = tls_listener(&pki, "none").anonymous();
+    let (gw, _d) = gateway(toml! { tls_handshake_timeout = "1s" }, listener).await;
     // An idle TCP client on the TLS port: sends nothing.
     let mut idle = TcpStream::connect(("127.0.0.1", gw.mqtt)).await.unwrap();
     let mut idle2 = TcpStream::connect(("127.0.0.1", gw.mqtt)).await.unwrap();
@@ -649,8 +661,12 @@ async fn client_certificate_cn_is_the_identity_and_a_missing_one_is_refused() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let pki = Pki::new();
     // The test client certificate's CN is "client".
-    let acl = "[broker.acl.default]\npublish = [\"field/%u/#\"]\nsubscribe = [\"field/%u/#\"]\n";
-    let (gw, _d) = gateway("", &tls_listener(&pki, "required"), acl).await;
+    let acl = toml! {
+        [acl.default]
+        publish = ["field/%u/#"]
+        subscribe = ["field/%u/#"]
+    };
+    let (gw, _d) = gateway(acl, tls_listener(&pki, "required")).await;
     let long = Duration::from_secs(30);
     let r = connect(gw.mqtt, "nocert", None, Some(device_tls(&pki, false)), long).await;
     assert!(
@@ -691,12 +707,8 @@ async fn client_certificate_cn_is_the_identity_and_a_missing_one_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_and_packet_limits_hold() {
-    let (gw, _d) = gateway(
-        "max_connections_per_ip = 2\nmax_payload_size = 2048",
-        "allow_anonymous = true",
-        "",
-    )
-    .await;
+    let limits = toml! { max_connections_per_ip = 2 max_payload_size = 2048 };
+    let (gw, _d) = gateway(limits, anonymous()).await;
     let (_a, ack) = Raw::connect(gw.mqtt, "a", 30).await;
     assert!(connack_ok(ack));
     let (mut b, ack) = Raw::connect(gw.mqtt, "b", 30).await;
@@ -754,13 +766,13 @@ async fn pubacks(r: &mut Raw, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_rate_limit_policies() {
     let limited = |policy: &str| {
-        format!("max_publish_rate = 20\npublish_burst = 5\nrate_limit_policy = \"{policy}\"")
+        toml! { max_publish_rate = 20 publish_burst = 5 rate_limit_policy = (policy) }
     };
     let (c1, c2, c3) = (limited("slow_down"), limited("drop"), limited("disconnect"));
     let ((slow, _d1), (drop, _d2), (cut, _d3)) = tokio::join!(
-        gateway(&c1, "allow_anonymous = true", ""),
-        gateway(&c2, "allow_anonymous = true", ""),
-        gateway(&c3, "allow_anonymous = true", ""),
+        gateway(c1, anonymous()),
+        gateway(c2, anonymous()),
+        gateway(c3, anonymous()),
     );
 
     // slow_down: every message arrives, in order; the device was only read more slowly.
@@ -1085,7 +1097,7 @@ async fn retained_view(port: u16, id: &str, filter: &str) -> Vec<(String, String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_status_survives_a_gateway_restart() {
     let data = tempfile::tempdir().unwrap();
-    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), Table::new(), anonymous()).await;
     let mut dev = anon(gw.mqtt, "dev").await;
     let publish = |topic: &'static str, qos: QoS, retain: bool, payload: &'static str| {
         let c = dev.client.clone();
@@ -1128,7 +1140,7 @@ async fn retained_status_survives_a_gateway_restart() {
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 
-    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), Table::new(), anonymous()).await;
     assert_eq!(retained_view(gw.mqtt, "after", "status/#").await, want);
     assert!(gw.log_text().contains("retained messages restored"));
     // Restored messages were queued for the cloud in the run that took them: not again.
@@ -1163,14 +1175,14 @@ async fn retained_status_survives_a_gateway_restart() {
     assert_eq!(seen, changed);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
-    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), Table::new(), anonymous()).await;
     assert_eq!(retained_view(gw.mqtt, "third", "status/#").await, changed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_sessions_hold_while_the_gateway_runs_and_end_with_a_restart() {
     let data = tempfile::tempdir().unwrap();
-    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), Table::new(), anonymous()).await;
     let persistent = |port: u16| {
         let mut o = MqttOptions::new("sleepy", "127.0.0.1", port);
         o.set_clean_session(false);
@@ -1201,7 +1213,7 @@ async fn persistent_sessions_hold_while_the_gateway_runs_and_end_with_a_restart(
 
     // After a gateway restart the session is gone (documented in the README): the device
     // sees session_present = false, must subscribe again, and gets what comes after that.
-    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), Table::new(), anonymous()).await;
     let (c, mut el) = AsyncClient::new(persistent(gw.mqtt), 10);
     let after = next_connack(&mut el).await;
     assert!(!after.session_present, "a session survived the restart");
@@ -1223,7 +1235,7 @@ async fn persistent_sessions_hold_while_the_gateway_runs_and_end_with_a_restart(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_without_local_readers_skip_the_broker_and_readers_still_get_theirs() {
     let data = tempfile::tempdir().unwrap();
-    let gw = gateway_in(data.path(), "", "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), Table::new(), anonymous()).await;
     let bypassed = || gw.metric("fieldgate_broker_bypassed_total");
     let mut publ = anon(gw.mqtt, "pub").await;
     publ.publish1("plant/a/temp", "nobody reads this").await;
@@ -1393,9 +1405,8 @@ fn listener_path_survives_malformed_packets() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let (gw, _d) = rt.block_on(gateway(
-        "connect_timeout = \"1s\"\nmax_payload_size = 4096",
-        "allow_anonymous = true",
-        "",
+        toml! { connect_timeout = "1s" max_payload_size = 4096 },
+        anonymous(),
     ));
     let port = gw.mqtt;
     let mut control = rt.block_on(anon(port, "control"));
@@ -1482,9 +1493,12 @@ fn listener_path_survives_malformed_packets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_and_retained_messages_are_bounded() {
     let data = tempfile::tempdir().unwrap();
-    let broker = "max_subscriptions_per_client = 2\nmax_retained_messages = 3\n\
-                  max_retained_bytes = 1000";
-    let gw = gateway_in(data.path(), broker, "allow_anonymous = true", "").await;
+    let broker = toml! {
+        max_subscriptions_per_client = 2
+        max_retained_messages = 3
+        max_retained_bytes = 1000
+    };
+    let gw = gateway_in(data.path(), broker.clone(), anonymous()).await;
     let limited = |what: &str| {
         gw.metric(&format!(
             "fieldgate_broker_limited_total{{what=\"{what}\"}}"
@@ -1550,7 +1564,7 @@ async fn subscriptions_and_retained_messages_are_bounded() {
     drop((sub, dev));
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
-    let gw = gateway_in(data.path(), broker, "allow_anonymous = true", "").await;
+    let gw = gateway_in(data.path(), broker, anonymous()).await;
     let kept: Vec<String> = retained_view(gw.mqtt, "view3", "a/#")
         .await
         .into_iter()
@@ -1565,9 +1579,14 @@ async fn subscriptions_and_retained_messages_are_bounded() {
 /// identity whose rules allow `#`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_rules_win_over_allow_rules() {
-    let acl = "[broker.acl.default]\npublish = [\"#\"]\nsubscribe = [\"#\"]\n\
-               deny_publish = [\"plant/locked/#\"]\ndeny_subscribe = [\"plant/secret/#\"]\n";
-    let (gw, _d) = gateway("", "allow_anonymous = true", acl).await;
+    let acl = toml! {
+        [acl.default]
+        publish = ["#"]
+        subscribe = ["#"]
+        deny_publish = ["plant/locked/#"]
+        deny_subscribe = ["plant/secret/#"]
+    };
+    let (gw, _d) = gateway(acl, anonymous()).await;
     let mut sub = anon(gw.mqtt, "sub").await;
     sub.client
         .subscribe_many(
@@ -1651,7 +1670,7 @@ async fn mixed_qos_deliveries_are_acknowledged_upstream_in_order() {
 /// connection closed (MQTT-3.1.2-2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_protocol_levels_get_connack_1_and_mqtt_3_1_is_served() {
-    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let (gw, _d) = gateway(Table::new(), anonymous()).await;
     let refused = |p: &Option<P4>| matches!(p, Some(P4::ConnAck(a)) if a.code == v4::ConnectReturnCode::RefusedProtocolVersion);
     for (name, level, extra) in [
         ("MQTT", 6u8, &[][..]),
@@ -1687,7 +1706,7 @@ async fn other_protocol_levels_get_connack_1_and_mqtt_3_1_is_served() {
 /// on the filter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribe_on_a_resumed_session_takes_effect() {
-    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let (gw, _d) = gateway(Table::new(), anonymous()).await;
     let (mut d, _) = connect_session(gw.mqtt, "keeper", None, false)
         .await
         .unwrap();
@@ -1719,7 +1738,7 @@ async fn unsubscribe_on_a_resumed_session_takes_effect() {
 /// again sends them again (MQTT-3.3.1-6, MQTT-3.8.4-3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_matching_retained_message_reaches_a_new_subscription() {
-    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let (gw, _d) = gateway(Table::new(), anonymous()).await;
     let mut dev = anon(gw.mqtt, "field-dev").await;
     const N: usize = 230;
     for i in 0..N {
@@ -1832,7 +1851,7 @@ async fn every_matching_retained_message_reaches_a_new_subscription() {
 /// resumed persistent one (clients commonly subscribe again after every CONNECT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_subscribe_replaces_the_subscription() {
-    let (gw, _d) = gateway("", "allow_anonymous = true", "").await;
+    let (gw, _d) = gateway(Table::new(), anonymous()).await;
     let mut publ = anon(gw.mqtt, "re-pub").await;
     let mut seq = 0;
     let mut check = |label: &'static str, want: QoS| {

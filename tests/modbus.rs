@@ -15,6 +15,7 @@ use common::pty::PtyPair;
 use common::*;
 use rumqttc::QoS;
 use serde_json::{json, Value as Json};
+use toml::toml;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -79,12 +80,20 @@ impl Sub {
     }
 }
 
-/// A gateway without a cloud with these `[[modbus]]` tables (TOML text: the device tables
-/// are generated per test).
-fn config(ports: &GatewayPorts, data: &Path, modbus: &str) -> String {
-    GatewayConfig::local(ports, data)
-        .set("gateway.shutdown_grace", "2s")
-        .with_text("", modbus)
+/// A gateway without a cloud, stopping within 2 s.
+fn local(ports: &GatewayPorts, data: &Path) -> GatewayConfig {
+    GatewayConfig::local(ports, data).set("gateway.shutdown_grace", "2s")
+}
+
+/// [`local`] with these `[[modbus]]` devices.
+fn config(
+    ports: &GatewayPorts,
+    data: &Path,
+    devices: impl IntoIterator<Item = ModbusDevice>,
+) -> String {
+    devices
+        .into_iter()
+        .fold(local(ports, data), GatewayConfig::modbus)
         .to_toml()
 }
 
@@ -135,101 +144,93 @@ async fn tcp_every_type_and_order_decodes_onto_exact_topics() {
     });
     let server = serve_tcp(sim.clone()).await;
 
-    let mut tags = String::new();
+    // (tag, address, its other keys) and the value it must read.
+    let mut tags: Vec<(String, u32, toml::Table)> = Vec::new();
     let mut expect: Vec<(String, Json)> = Vec::new();
-    let mut tag = |name: &str, body: &str, want: Json| {
-        tags.push_str(&format!("[[modbus.tags]]\nname = \"{name}\"\n{body}\n"));
+    let mut tag = |name: &str, address: u32, keys: toml::Table, want: Json| {
+        tags.push((name.to_string(), address, keys));
         expect.push((name.to_string(), want));
     };
-    tag("u16", "address = 0\ntype = \"u16\"", json!(0x1234));
-    tag("i16", "address = 1\ntype = \"i16\"", json!(-123));
+    tag("u16", 0, toml! { type = "u16" }, json!(0x1234));
+    tag("i16", 1, toml! { type = "i16" }, json!(-123));
     tag(
         "i16_ba",
-        "address = 2\ntype = \"i16\"\norder = \"BA\"",
+        2,
+        toml! { type = "i16" order = "BA" },
         json!(-123),
     );
     for (i, o) in o32.iter().enumerate() {
-        let a = i * 2;
-        let oo = format!("order = \"{o}\"");
+        let a = i as u32 * 2;
         tag(
             &format!("u32_{o}"),
-            &format!("address = {}\ntype = \"u32\"\n{oo}", 10 + a),
+            10 + a,
+            toml! { type = "u32" order = (*o) },
             json!(0x1122_3344u32),
         );
         tag(
             &format!("i32_{o}"),
-            &format!("address = {}\ntype = \"i32\"\n{oo}", 20 + a),
+            20 + a,
+            toml! { type = "i32" order = (*o) },
             json!(-2_000_000_000),
         );
         tag(
             &format!("f32_{o}"),
-            &format!("address = {}\ntype = \"f32\"\n{oo}", 30 + a),
+            30 + a,
+            toml! { type = "f32" order = (*o) },
             json!(25.5),
         );
     }
     for (i, o) in o64.iter().enumerate() {
-        let a = i * 4;
-        let oo = format!("order = \"{o}\"");
+        let a = i as u32 * 4;
         tag(
             &format!("u64_{o}"),
-            &format!("address = {}\ntype = \"u64\"\n{oo}", 40 + a),
+            40 + a,
+            toml! { type = "u64" order = (*o) },
             json!(0x1122_3344_5566_7788u64),
         );
         tag(
             &format!("i64_{o}"),
-            &format!("address = {}\ntype = \"i64\"\n{oo}", 60 + a),
+            60 + a,
+            toml! { type = "i64" order = (*o) },
             json!(-1_234_567_890_123_456_789i64),
         );
         tag(
             &format!("f64_{o}"),
-            &format!("address = {}\ntype = \"f64\"\n{oo}", 80 + a),
+            80 + a,
+            toml! { type = "f64" order = (*o) },
             json!(-1234.5678),
         );
     }
     tag(
         "text",
-        "address = 100\ntype = \"string\"\nlength = 6",
+        100,
+        toml! { type = "string" length = 6 },
         json!("AB-12"),
     );
-    tag(
-        "bit3",
-        "address = 110\ntype = \"bit\"\nbit = 3",
-        json!(true),
-    );
-    tag(
-        "bit2",
-        "address = 110\ntype = \"bit\"\nbit = 2",
-        json!(false),
-    );
+    tag("bit3", 110, toml! { type = "bit" bit = 3 }, json!(true));
+    tag("bit2", 110, toml! { type = "bit" bit = 2 }, json!(false));
     tag(
         "temp",
-        "address = 111\ntype = \"i16\"\nscale = 0.1\noffset = -40.0\nunit = \"degC\"",
+        111,
+        toml! { type = "i16" scale = 0.1 offset = -40.0 unit = "degC" },
         json!(21.5),
     );
-    tag("in", "kind = \"input_register\"\naddress = 0", json!(777));
-    tag("run", "kind = \"coil\"\naddress = 5", json!(true));
-    tag(
-        "door",
-        "kind = \"discrete_input\"\naddress = 7",
-        json!(false),
-    );
-    tag(
-        "door2",
-        "kind = \"discrete_input\"\naddress = 8",
-        json!(true),
-    );
+    tag("in", 0, toml! { kind = "input_register" }, json!(777));
+    tag("run", 5, toml! { kind = "coil" }, json!(true));
+    tag("door", 7, toml! { kind = "discrete_input" }, json!(false));
+    tag("door2", 8, toml! { kind = "discrete_input" }, json!(true));
 
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let cfg = config(
-        &ports,
-        data.path(),
-        &format!(
-            "[[modbus]]\nname = \"dev1\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"200ms\"\n\
-             max_in_flight = 3\ntimeout = \"5s\"\n{tags}",
-            server.port
-        ),
-    );
+    let device = ModbusDevice::tcp("dev1", server.port).with(toml! {
+        poll_interval = "200ms"
+        max_in_flight = 3
+        timeout = "5s"
+    });
+    let device = tags.into_iter().fold(device, |d, (name, address, keys)| {
+        d.tag_with(&name, address, keys)
+    });
+    let cfg = config(&ports, data.path(), [device]);
     let g = Gateway::start(&cfg, &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
 
@@ -296,52 +297,31 @@ async fn rtu_two_units_share_one_pty_bus_and_a_dead_unit_stops_neither() {
     let _server = serve_rtu(sim.clone(), pty.device());
 
     let port = pty.gw.display();
-    let line = format!(
-        "transport = \"rtu\"\nserial_port = \"{port}\"\nbaud = 115200\n\
-         retries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"200ms\"\nreconnect_max = \"400ms\""
-    );
-    let modbus = format!(
-        r#"
-[[modbus]]
-name = "unit1"
-unit_id = 1
-timeout = "5s"
-{line}
-[[modbus.tags]]
-name = "count"
-address = 0
-[[modbus.tags]]
-name = "flow"
-address = 1
-type = "f32"
-order = "CDAB"
-
-[[modbus]]
-name = "unit2"
-unit_id = 2
-timeout = "5s"
-{line}
-[[modbus.tags]]
-name = "level"
-address = 0
-[[modbus.tags]]
-name = "pump"
-kind = "coil"
-address = 3
-
-[[modbus]]
-name = "ghost"
-unit_id = 3
-timeout = "300ms"
-{line}
-[[modbus.tags]]
-name = "x"
-address = 0
-"#
-    );
+    // The three units on the one line.
+    let unit = |name: &str, unit_id: u8, timeout: &str| {
+        ModbusDevice::rtu(name, &pty.gw).with(toml! {
+            unit_id = (unit_id)
+            timeout = (timeout)
+            retries = 0
+            poll_interval = "100ms"
+            reconnect_min = "200ms"
+            reconnect_max = "400ms"
+        })
+    };
+    let modbus = [
+        unit("unit1", 1, "5s").tag("count", 0).tag_with(
+            "flow",
+            1,
+            toml! { type = "f32" order = "CDAB" },
+        ),
+        unit("unit2", 2, "5s")
+            .tag("level", 0)
+            .tag_with("pump", 3, toml! { kind = "coil" }),
+        unit("ghost", 3, "300ms").tag("x", 0),
+    ];
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), modbus), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
 
     assert_eq!(
@@ -418,16 +398,20 @@ async fn tcp_device_stops_answering_then_returns_and_the_other_is_unaffected() {
     // Only the device that is made to die has a short timeout: a loaded machine must not
     // turn a slow answer of the other into a timeout.
     let dev = |name: &str, port: u16, timeout: &str| {
-        format!(
-            "[[modbus]]\nname = \"{name}\"\nhost = \"127.0.0.1:{port}\"\ntimeout = \"{timeout}\"\n\
-             retries = 1\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
-             reconnect_max = \"300ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n"
-        )
+        ModbusDevice::tcp(name, port)
+            .with(toml! {
+                timeout = (timeout)
+                retries = 1
+                poll_interval = "100ms"
+                reconnect_min = "100ms"
+                reconnect_max = "300ms"
+            })
+            .tag("v", 0)
     };
-    let modbus = dev("a", srv_a.port, "200ms") + &dev("b", srv_b.port, "5s");
+    let modbus = [dev("a", srv_a.port, "200ms"), dev("b", srv_b.port, "5s")];
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), modbus), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     sub.wait_last(&g, "field/a/v", |v| v["value"] == 10).await;
     sub.wait_last(&g, "field/b/v", |v| v["value"] == 20).await;
@@ -475,15 +459,13 @@ async fn exception_answers_are_counted_and_published_with_their_quality() {
     let sim = Sim::new();
     sim.set_holding(1, 0, &[5]);
     let srv = serve_tcp(sim.clone()).await;
-    let modbus = format!(
-        "[[modbus]]\nname = \"ex\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\nretain = true\ntimeout = \"5s\"\n\
-         [[modbus.tags]]\nname = \"ok\"\naddress = 0\n\
-         [[modbus.tags]]\nname = \"missing\"\naddress = 500\n",
-        srv.port
-    );
+    let modbus = ModbusDevice::tcp("ex", srv.port)
+        .with(toml! { poll_interval = "100ms" retain = true timeout = "5s" })
+        .tag("ok", 0)
+        .tag("missing", 500);
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     let m = sub
         .wait_last(&g, "field/ex/missing", |v| v["quality"] == "exception")
@@ -511,62 +493,35 @@ async fn exception_answers_are_counted_and_published_with_their_quality() {
     assert_eq!(sub.on("field/ex/missing").len(), 1);
 }
 
-fn writes_config(port: u16) -> String {
-    format!(
-        r#"
-[[modbus]]
-name = "w"
-host = "127.0.0.1:{port}"
-poll_interval = "100ms"
-[[modbus.tags]]
-name = "sp"
-address = 0
-writable = true
-[[modbus.tags]]
-name = "temp"
-address = 2
-type = "f32"
-order = "CDAB"
-scale = 0.1
-writable = true
-[[modbus.tags]]
-name = "run"
-kind = "coil"
-address = 0
-writable = true
-[[modbus.tags]]
-name = "flag"
-address = 10
-type = "bit"
-bit = 3
-writable = true
-[[modbus.tags]]
-name = "label"
-address = 20
-type = "string"
-length = 4
-writable = true
-[[modbus.tags]]
-name = "ro"
-address = 30
-[[modbus.tags]]
-name = "total"
-address = 40
-type = "u64"
-order = "DCBA"
-writable = true
-[[modbus.tags]]
-name = "gone"
-address = 60
-writable = true
-[[modbus.tags]]
-name = "level"
-address = 50
-type = "i16"
-scale = 0.1
-writable = true
-"#
-    )
+/// A device with a writable tag of every kind (and one read-only, one unmapped).
+fn writes_device(port: u16) -> ModbusDevice {
+    ModbusDevice::tcp("w", port)
+        .with(toml! { poll_interval = "100ms" })
+        .tag_with("sp", 0, toml! { writable = true })
+        .tag_with(
+            "temp",
+            2,
+            toml! { type = "f32" order = "CDAB" scale = 0.1 writable = true },
+        )
+        .tag_with("run", 0, toml! { kind = "coil" writable = true })
+        .tag_with("flag", 10, toml! { type = "bit" bit = 3 writable = true })
+        .tag_with(
+            "label",
+            20,
+            toml! { type = "string" length = 4 writable = true },
+        )
+        .tag("ro", 30)
+        .tag_with(
+            "total",
+            40,
+            toml! { type = "u64" order = "DCBA" writable = true },
+        )
+        .tag_with("gone", 60, toml! { writable = true })
+        .tag_with(
+            "level",
+            50,
+            toml! { type = "i16" scale = 0.1 writable = true },
+        )
 }
 
 fn write_sim() -> Sim {
@@ -591,7 +546,7 @@ async fn writes_round_trip_with_echoed_ids_and_precise_errors() {
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
     let g = Gateway::start(
-        &config(&ports, data.path(), &writes_config(srv.port)),
+        &config(&ports, data.path(), [writes_device(srv.port)]),
         &ports,
     )
     .await;
@@ -706,8 +661,9 @@ async fn a_cloud_command_reaches_a_tag_through_the_downlink() {
     let cloud = Cloud::start(&pki, &pki.server);
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let cfg =
-        gateway_config(&pki, &ports, data.path(), cloud.port, "", "") + &writes_config(srv.port);
+    let cfg = GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port)
+        .modbus(writes_device(srv.port))
+        .to_toml();
     let g = Gateway::start(&cfg, &ports).await;
     let collector = Collector::start(&pki, cloud.port, "fieldgate/gw1/field/w/#").await;
     assert!(eventually(WAIT, || g.metric("fieldgate_cloud_connected") == 1.0).await);
@@ -956,15 +912,18 @@ async fn rtu_bad_frames_are_counted_and_never_desynchronise_the_line() {
             }
         }
     });
-    let modbus = format!(
-        "[[modbus]]\nname = \"raw\"\ntransport = \"rtu\"\nserial_port = \"{}\"\nbaud = 115200\n\
-         timeout = \"200ms\"\nretries = 0\npoll_interval = \"100ms\"\nreconnect_min = \"100ms\"\n\
-         reconnect_max = \"200ms\"\n[[modbus.tags]]\nname = \"v\"\naddress = 0\n",
-        pty.gw.display()
-    );
+    let modbus = ModbusDevice::rtu("raw", &pty.gw)
+        .with(toml! {
+            timeout = "200ms"
+            retries = 0
+            poll_interval = "100ms"
+            reconnect_min = "100ms"
+            reconnect_max = "200ms"
+        })
+        .tag("v", 0);
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     sub.wait_last(&g, "field/raw/v", |v| v["value"] == 7).await;
 
@@ -1012,37 +971,20 @@ async fn per_tag_intervals_and_publish_on_change_with_deadband() {
     let sim = Sim::new();
     sim.set_holding(1, 0, &[1, 100, 50, 7]);
     let srv = serve_tcp(sim.clone()).await;
-    let modbus = format!(
-        r#"
-[[modbus]]
-name = "pc"
-host = "127.0.0.1:{}"
-timeout = "5s"
-poll_interval = "100ms"
-retain = true
-max_gap = 2
-[[modbus.tags]]
-name = "fast"
-address = 0
-[[modbus.tags]]
-name = "slow"
-address = 3
-poll_interval = "1h"
-[[modbus.tags]]
-name = "steady"
-address = 1
-on_change = true
-[[modbus.tags]]
-name = "banded"
-address = 2
-on_change = true
-deadband = 5.0
-"#,
-        srv.port
-    );
+    let modbus = ModbusDevice::tcp("pc", srv.port)
+        .with(toml! {
+            timeout = "5s"
+            poll_interval = "100ms"
+            retain = true
+            max_gap = 2
+        })
+        .tag("fast", 0)
+        .tag_with("slow", 3, toml! { poll_interval = "1h" })
+        .tag_with("steady", 1, toml! { on_change = true })
+        .tag_with("banded", 2, toml! { on_change = true deadband = 5.0 });
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     sub.wait_last(&g, "field/pc/slow", |v| v["value"] == 7)
         .await;
@@ -1085,16 +1027,13 @@ async fn a_tag_broken_from_the_start_degrades_the_device_and_is_seen_by_a_late_s
     let sim = Sim::new();
     sim.set_holding(1, 0, &[5]);
     let srv = serve_tcp(sim.clone()).await;
-    let modbus = format!(
-        "[[modbus]]\nname = \"dg\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\ntimeout = \"5s\"\n\
-         bad_repeat = \"200ms\"\n\
-         [[modbus.tags]]\nname = \"ok\"\naddress = 0\n\
-         [[modbus.tags]]\nname = \"broken\"\naddress = 500\n",
-        srv.port
-    );
+    let modbus = ModbusDevice::tcp("dg", srv.port)
+        .with(toml! { poll_interval = "100ms" timeout = "5s" bad_repeat = "200ms" })
+        .tag("ok", 0)
+        .tag("broken", 500);
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     // Subscribes after the first poll (the gateway is ready, the readings went out).
     let sub = Sub::start(g.mqtt, "field/#").await;
     let st = sub
@@ -1140,7 +1079,7 @@ async fn a_refused_write_keeps_its_id() {
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
     let g = Gateway::start(
-        &config(&ports, data.path(), &writes_config(srv.port)),
+        &config(&ports, data.path(), [writes_device(srv.port)]),
         &ports,
     )
     .await;
@@ -1187,46 +1126,17 @@ async fn floats_are_published_without_binary_noise_and_the_probe_agrees() {
     sim.set_holding(1, 20, &layout(&(-1234.5678f32).to_be_bytes(), "ABCD"));
     sim.set_holding(1, 30, &layout(&21.456f32.to_be_bytes(), "ABCD"));
     let srv = serve_tcp(sim.clone()).await;
-    let modbus = format!(
-        r#"
-[[modbus]]
-name = "fl"
-host = "127.0.0.1:{}"
-timeout = "5s"
-poll_interval = "100ms"
-[[modbus.tags]]
-name = "pi"
-address = 0
-type = "f32"
-[[modbus.tags]]
-name = "sp"
-address = 2
-type = "f32"
-writable = true
-[[modbus.tags]]
-name = "tenths"
-address = 10
-type = "i16"
-scale = 0.1
-[[modbus.tags]]
-name = "hundredths"
-address = 11
-scale = 0.01
-[[modbus.tags]]
-name = "neg"
-address = 20
-type = "f32"
-[[modbus.tags]]
-name = "rounded"
-address = 30
-type = "f32"
-decimals = 1
-"#,
-        srv.port
-    );
+    let modbus = ModbusDevice::tcp("fl", srv.port)
+        .with(toml! { timeout = "5s" poll_interval = "100ms" })
+        .tag_with("pi", 0, toml! { type = "f32" })
+        .tag_with("sp", 2, toml! { type = "f32" writable = true })
+        .tag_with("tenths", 10, toml! { type = "i16" scale = 0.1 })
+        .tag_with("hundredths", 11, toml! { scale = 0.01 })
+        .tag_with("neg", 20, toml! { type = "f32" })
+        .tag_with("rounded", 30, toml! { type = "f32" decimals = 1 });
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     // The exact text of the value in the last payload on `topic`.
     let text = |topic: &str| -> String {
@@ -1296,12 +1206,9 @@ async fn rtu_over_tcp_reaches_two_units_behind_one_converter() {
     let _rtu = serve_rtu(sim.clone(), pty.device());
     let conv = serve_converter(&pty.gw).await;
     let dev = |name: &str, unit: u8| {
-        format!(
-            "[[modbus]]\nname = \"{name}\"\ntransport = \"rtu_over_tcp\"\nhost = \"127.0.0.1:{}\"\n\
-             unit_id = {unit}\ntimeout = \"5s\"\npoll_interval = \"100ms\"\n\
-             [[modbus.tags]]\nname = \"v\"\naddress = 0\nwritable = true\n",
-            conv.port
-        )
+        ModbusDevice::rtu_over_tcp(name, conv.port)
+            .with(toml! { unit_id = (unit) timeout = "5s" poll_interval = "100ms" })
+            .tag_with("v", 0, toml! { writable = true })
     };
     // The probe reads through the converter too (before the gateway takes its one
     // connection): 202 = 0x00ca at 0 of unit 2.
@@ -1330,10 +1237,10 @@ async fn rtu_over_tcp_reaches_two_units_behind_one_converter() {
     );
     assert!(table.contains("    0    0x00ca"), "{table}");
 
-    let modbus = dev("u1", 1) + &dev("u2", 2);
+    let modbus = [dev("u1", 1), dev("u2", 2)];
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), modbus), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     sub.wait_last(&g, "field/u1/v", |v| v["value"] == 101 && good(v))
         .await;
@@ -1376,15 +1283,17 @@ async fn a_multi_coil_tag_reads_as_an_array_and_writes_with_function_15() {
         u.discrete.insert(1, false);
     });
     let srv = serve_tcp(sim.clone()).await;
-    let modbus = format!(
-        "[[modbus]]\nname = \"mc\"\nhost = \"127.0.0.1:{}\"\ntimeout = \"5s\"\npoll_interval = \"100ms\"\n\
-         [[modbus.tags]]\nname = \"relays\"\nkind = \"coil\"\naddress = 0\ncount = 4\nwritable = true\n\
-         [[modbus.tags]]\nname = \"inputs\"\nkind = \"discrete_input\"\naddress = 0\ncount = 2\n",
-        srv.port
-    );
+    let modbus = ModbusDevice::tcp("mc", srv.port)
+        .with(toml! { timeout = "5s" poll_interval = "100ms" })
+        .tag_with(
+            "relays",
+            0,
+            toml! { kind = "coil" count = 4 writable = true },
+        )
+        .tag_with("inputs", 0, toml! { kind = "discrete_input" count = 2 });
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     sub.wait_last(&g, "field/mc/relays", |v| {
         v["value"] == json!([false, true, false, false])
@@ -1450,19 +1359,28 @@ async fn batch_mode_publishes_every_tag_in_one_message_and_queues_it() {
     sim.set_holding(1, 20, &layout(&std::f32::consts::PI.to_be_bytes(), "ABCD"));
     let srv = serve_tcp(sim.clone()).await;
     // Only batches are forwarded, so every queued record is one.
-    let modbus = format!(
-        "[uplink]\nforward = [\"field/+/batch\"]\n\
-         [[modbus]]\nname = \"b\"\nhost = \"127.0.0.1:{}\"\npoll_interval = \"100ms\"\ntimeout = \"5s\"\n\
-         publish = \"batch\"\npublish_interval = \"200ms\"\n\
-         [[modbus.tags]]\nname = \"power\"\naddress = 0\nunit = \"W\"\n\
-         [[modbus.tags]]\nname = \"setpoint\"\naddress = 10\ntype = \"i16\"\nscale = 0.1\nunit = \"degC\"\nwritable = true\n\
-         [[modbus.tags]]\nname = \"pi\"\naddress = 20\ntype = \"f32\"\n\
-         [[modbus.tags]]\nname = \"broken\"\naddress = 500\n",
-        srv.port
-    );
+    let modbus = ModbusDevice::tcp("b", srv.port)
+        .with(toml! {
+            poll_interval = "100ms"
+            timeout = "5s"
+            publish = "batch"
+            publish_interval = "200ms"
+        })
+        .tag_with("power", 0, toml! { unit = "W" })
+        .tag_with(
+            "setpoint",
+            10,
+            toml! { type = "i16" scale = 0.1 unit = "degC" writable = true },
+        )
+        .tag_with("pi", 20, toml! { type = "f32" })
+        .tag("broken", 500);
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let cfg = local(&ports, data.path())
+        .set("uplink.forward", vec!["field/+/batch"])
+        .modbus(modbus)
+        .to_toml();
+    let g = Gateway::start(&cfg, &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     let b = sub
         .wait_last(&g, "field/b/batch", |v| v["values"].is_object())
@@ -1563,15 +1481,24 @@ async fn imported_tags_read_the_device_as_the_vendor_list_says() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tags = String::from_utf8(out.stdout).unwrap();
-    let modbus = format!(
-        "[[modbus]]\nname = \"imp\"\nhost = \"127.0.0.1:{}\"\ntimeout = \"5s\"\n\
-         poll_interval = \"100ms\"\n{tags}",
-        srv.port
-    );
+    // The `[[modbus.tags]]` tables the import printed, as they are (tests/cli.rs checks that
+    // the text pastes under a device).
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed: toml::Table = toml::from_str(&printed)
+        .unwrap_or_else(|e| panic!("import output is not TOML: {e}\n{printed}"));
+    let tags = printed
+        .get("modbus")
+        .and_then(|m| m.get("tags"))
+        .and_then(|t| t.as_array())
+        .unwrap_or_else(|| panic!("no [[modbus.tags]] in the import output: {printed}"))
+        .iter()
+        .map(|t| t.as_table().cloned().expect("a tag table"));
+    let modbus = ModbusDevice::tcp("imp", srv.port)
+        .with(toml! { timeout = "5s" poll_interval = "100ms" })
+        .tags(tags);
     let ports = GatewayPorts::new();
     let data = tempfile::tempdir().unwrap();
-    let g = Gateway::start(&config(&ports, data.path(), &modbus), &ports).await;
+    let g = Gateway::start(&config(&ports, data.path(), [modbus]), &ports).await;
     let sub = Sub::start(g.mqtt, "field/#").await;
     let good = |v: &Json| v["quality"] == "good";
     let v = sub.wait_last(&g, "field/imp/voltage", good).await;

@@ -120,17 +120,6 @@ pub enum Need {
     Pace(Instant),
 }
 
-/// Where [`Schedule::fill`] goes on after a read it asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resume {
-    /// From the top of the loop (window, live lane, replay lane).
-    Top,
-    /// With the live records just read (even none: then on to the replay lane).
-    LiveRead,
-    /// With the replay records just read.
-    ReplayRead,
-}
-
 /// The sending side of one cloud session.
 #[derive(Debug)]
 pub struct Schedule {
@@ -140,7 +129,11 @@ pub struct Schedule {
     replay: VecDeque<(u64, Record)>,
     msgs: TokenBucket,
     bytes: TokenBucket,
-    resume: Resume,
+    /// The read [`Schedule::fill`] asked for last was made since: the next step goes on with
+    /// what it brought, without asking the live lane for another read first. (After a live
+    /// read that found nothing, asking again at once would loop; after a replay read, its
+    /// records go out before the live lane reads again.) An empty replay read clears it.
+    just_read: bool,
 }
 
 impl Schedule {
@@ -154,7 +147,7 @@ impl Schedule {
             replay: VecDeque::new(),
             msgs,
             bytes,
-            resume: Resume::Top,
+            just_read: false,
         }
     }
 
@@ -174,36 +167,28 @@ impl Schedule {
         sink: &mut impl Sink,
     ) -> Need {
         while flight.len() < self.window {
-            let resume = std::mem::replace(&mut self.resume, Resume::Top);
-            if resume != Resume::ReplayRead {
-                // Live lane first.
-                if resume == Resume::Top
-                    && self.live.is_empty()
-                    && next_seq() > self.lanes.live_next()
-                {
-                    self.resume = Resume::LiveRead;
-                    return Need::Live(self.lanes.live_next());
-                }
-                if let Some((seq, rec)) = self.live.pop_front() {
-                    if self.lanes.live_take(seq, &rec.topic) {
-                        if let Some(pkid) = sink.send(Lane::Live, seq, &rec) {
-                            flight.sent(pkid, seq);
-                        }
-                    }
-                    sink.live_at(self.lanes.live_next());
-                    continue;
-                }
-                // Then the replay lane, paced.
-                let Some((from, to)) = self.lanes.replay_range() else {
-                    return Need::Wait;
-                };
-                if self.replay.is_empty() {
-                    self.resume = Resume::ReplayRead;
-                    return Need::Replay(from, to);
-                }
+            let just_read = std::mem::take(&mut self.just_read);
+            // Live lane first.
+            if !just_read && self.live.is_empty() && next_seq() > self.lanes.live_next() {
+                self.just_read = true;
+                return Need::Live(self.lanes.live_next());
             }
-            let Some((_, rec)) = self.replay.front() else {
+            if let Some((seq, rec)) = self.live.pop_front() {
+                if self.lanes.live_take(seq, &rec.topic) {
+                    if let Some(pkid) = sink.send(Lane::Live, seq, &rec) {
+                        flight.sent(pkid, seq);
+                    }
+                }
+                sink.live_at(self.lanes.live_next());
+                continue;
+            }
+            // Then the replay lane, paced.
+            let Some((from, to)) = self.lanes.replay_range() else {
                 return Need::Wait;
+            };
+            let Some((seq, rec)) = self.replay.pop_front() else {
+                self.just_read = true;
+                return Need::Replay(from, to);
             };
             let len = rec.payload.len() as u64;
             let now = now();
@@ -212,11 +197,10 @@ impl Schedule {
                 .wait_for(1, now)
                 .max(self.bytes.wait_for(len, now));
             if !wait.is_zero() {
+                // Not yet: the record stays first in the replay buffer.
+                self.replay.push_front((seq, rec));
                 return Need::Pace(now + wait);
             }
-            let Some((seq, rec)) = self.replay.pop_front() else {
-                return Need::Wait;
-            };
             if self.lanes.replay_take(seq, &rec.topic) {
                 self.msgs.take(1);
                 self.bytes.take(len);
@@ -241,7 +225,7 @@ impl Schedule {
             return false;
         }
         // Nothing read: the next decision starts from the top, as after any send.
-        self.resume = Resume::Top;
+        self.just_read = false;
         self.lanes.replay_exhausted(to);
         self.lanes.merged()
     }

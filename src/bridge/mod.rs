@@ -90,17 +90,18 @@ pub struct BridgeDeps {
     pub shutdown_grace: Duration,
 }
 
-/// Everything the bridge needs, built once.
+/// Everything the bridge needs, built once: every session borrows it (nothing of `[cloud]`
+/// is copied per reconnect).
 pub struct Bridge {
     cloud: CloudConfig,
-    client_id: String,
+    /// Where every session dials and what its CONNECT says, from `[cloud]`.
+    link_options: LinkOptions,
     shutdown_grace: Duration,
     local_prefix: String,
     tls: Arc<rustls::ClientConfig>,
     store: Arc<Store>,
     metrics: Arc<CloudMetrics>,
     downlink: LinkTx,
-    stop: CancellationToken,
     heartbeat: Heartbeat,
     cloud_prefix: String,
     status_topic: String,
@@ -118,11 +119,23 @@ impl Bridge {
         deps: BridgeDeps,
     ) -> Result<Bridge, crate::tls::TlsError> {
         let tls = tls::client_config(cloud)?;
+        let status_topic = ctx.expand(&cloud.status_topic);
+        let client_id = if cloud.client_id.is_empty() {
+            ctx.gateway_id.clone()
+        } else {
+            cloud.client_id.clone()
+        };
         Ok(Bridge {
-            client_id: if cloud.client_id.is_empty() {
-                ctx.gateway_id.clone()
-            } else {
-                cloud.client_id.clone()
+            link_options: LinkOptions {
+                host: cloud.host.clone(),
+                port: cloud.port,
+                client_id,
+                keepalive: cloud.keepalive,
+                login: (!cloud.username.is_empty())
+                    .then(|| (cloud.username.clone(), cloud.password.clone())),
+                will: Some((status_topic.clone(), "offline".into())),
+                max_packet_size: cloud.max_packet_size,
+                timeout: cloud.connect_timeout.max(Duration::from_secs(1)),
             },
             shutdown_grace: deps.shutdown_grace,
             local_prefix: downlink.local_prefix.clone(),
@@ -130,10 +143,9 @@ impl Bridge {
             store: deps.store,
             metrics: deps.metrics,
             downlink: deps.downlink,
-            stop: CancellationToken::new(),
             heartbeat: deps.heartbeat,
             cloud_prefix: deps.cloud_prefix,
-            status_topic: ctx.expand(&cloud.status_topic),
+            status_topic,
             downlink_filters: downlink.subscribe.iter().map(|f| ctx.expand(f)).collect(),
             strip_prefix: ctx.expand(&downlink.strip_prefix),
             cloud: cloud.clone(),
@@ -142,20 +154,22 @@ impl Bridge {
 
     /// Starts the bridge task under `stop`, in a span `cloud`: it ends once `stop` is
     /// cancelled and the last session has drained (within `shutdown_grace`).
-    pub fn start(mut self, stop: CancellationToken) -> Running {
-        self.stop = stop.clone();
-        let task = tokio::spawn(self.run().instrument(tracing::info_span!("cloud")));
+    pub fn start(self, stop: CancellationToken) -> Running {
+        let task = tokio::spawn(
+            self.run(stop.clone())
+                .instrument(tracing::info_span!("cloud")),
+        );
         Running::tasks("cloud", stop, vec![task])
     }
 
-    /// Runs until the stop token is cancelled and the last session has drained.
-    async fn run(mut self) {
+    /// Runs until `stop` is cancelled and the last session has drained.
+    async fn run(mut self, stop: CancellationToken) {
         let c = &self.cloud;
         let mut backoff = Backoff::new(c.reconnect_min, c.reconnect_max);
         loop {
             let started = Instant::now();
             self.heartbeat.beat();
-            match self.session(&mut backoff).await {
+            match self.session(&mut backoff, &stop).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.metrics.cloud_reconnects.inc();
@@ -172,7 +186,7 @@ impl Bridge {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = beat.tick() => self.heartbeat.beat(),
-                    _ = self.stop.cancelled() => {
+                    _ = stop.cancelled() => {
                         self.metrics.cloud_connected.set(0);
                         info!("bridge stopped");
                         return;
@@ -184,42 +198,35 @@ impl Bridge {
         info!("bridge stopped");
     }
 
-    fn options(&self) -> LinkOptions {
-        let c = &self.cloud;
-        LinkOptions {
-            host: c.host.clone(),
-            port: c.port,
-            client_id: self.client_id.clone(),
-            keepalive: c.keepalive,
-            login: (!c.username.is_empty()).then(|| (c.username.clone(), c.password.clone())),
-            will: Some((self.status_topic.clone(), "offline".into())),
-            max_packet_size: c.max_packet_size,
-            timeout: c.connect_timeout.max(Duration::from_secs(1)),
-        }
-    }
-
-    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), BridgeError> {
-        let c = self.cloud.clone();
+    async fn session(
+        &mut self,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> Result<(), BridgeError> {
         // Dial, handshake TLS, CONNECT and wait for CONNACK.
-        let opts = self.options();
+        let opts = &self.link_options;
         let mut link = tokio::select! {
-            r = link::connect(&opts, self.tls.clone()) => r?,
-            _ = self.stop.cancelled() => return Ok(()),
+            r = link::connect(opts, self.tls.clone()) => r?,
+            _ = stop.cancelled() => return Ok(()),
         };
         backoff.reset();
         self.metrics.cloud_connected.set(1);
-        info!(host = %c.host, port = c.port, "cloud connected");
-        let result = self.online(&mut link).await;
+        info!(host = %opts.host, port = opts.port, "cloud connected");
+        let result = self.online(&mut link, stop).await;
         self.metrics.cloud_connected.set(0);
         result
     }
 
-    async fn online<S>(&mut self, link: &mut Link<S>) -> Result<(), BridgeError>
+    async fn online<S>(
+        &mut self,
+        link: &mut Link<S>,
+        stop: &CancellationToken,
+    ) -> Result<(), BridgeError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut flight = Flight::default();
-        let result = self.pump(link, &mut flight).await;
+        let result = self.pump(link, &mut flight, stop).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
         if let Err(e) = self.remove(flight.acked()).await {
             warn!(error = %e, "removing acknowledged records failed; they will be sent again");
@@ -230,11 +237,16 @@ impl Bridge {
         result
     }
 
-    async fn pump<S>(&mut self, link: &mut Link<S>, flight: &mut Flight) -> Result<(), BridgeError>
+    async fn pump<S>(
+        &mut self,
+        link: &mut Link<S>,
+        flight: &mut Flight,
+        stop: &CancellationToken,
+    ) -> Result<(), BridgeError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let c = self.cloud.clone();
+        let c = &self.cloud;
         // SUBSCRIBE before the retained `online`: a cloud application that waits for `online`
         // knows the gateway takes its commands (a broker handles one connection's packets in
         // order).
@@ -336,7 +348,7 @@ impl Bridge {
                         }
                     }
                 }
-                _ = self.stop.cancelled(), if stopping.is_none() => {
+                _ = stop.cancelled(), if stopping.is_none() => {
                     info!(in_flight = flight.len(), "bridge draining in-flight records");
                     stopping = Some(Instant::now() + self.shutdown_grace);
                 }

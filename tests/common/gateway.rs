@@ -1,6 +1,7 @@
 //! The gateway under test: the real `fieldgate` binary as a child process (started with a
 //! config file in a temp dir, stopped with SIGTERM or SIGKILL, restarted on the same data
-//! dir), its ports, its `/health` and `/metrics` endpoints, and the configs tests give it.
+//! dir), its ports, its `/health` and `/metrics` endpoints, and the configs tests give it,
+//! built from typed values ([`GatewayConfig`], [`ModbusDevice`], [`Listener`]).
 
 use std::io::{Read, Write};
 use std::net::TcpStream as StdStream;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::pki::Pki;
+use super::pki::{CertFiles, Pki};
 use super::util::free_port;
 
 /// What a test needs to write a gateway config.
@@ -38,6 +39,9 @@ impl GatewayPorts {
 /// GatewayConfig::local(&ports, dir)
 ///     .push("serial", toml::toml! { name = "term" port = (path(&pty.gw)) baud = 115200 })
 /// ```
+///
+/// Device tables and listeners have builders of their own: [`ModbusDevice`] (with
+/// [`Self::modbus`]) and [`Listener`] (with [`Self::listener`]).
 ///
 /// Configs that are wrong on purpose (tests/cli.rs checks the errors) stay text: that is
 /// what those tests are about.
@@ -67,14 +71,11 @@ impl GatewayConfig {
                 id = "gw1"
                 data_dir = (path(data_dir))
 
-                [broker.listeners.default]
-                listen = (loopback(ports.mqtt))
-                allow_anonymous = true
-
                 [metrics]
                 listen = (loopback(ports.http))
             },
         }
+        .listener("default", ports.mqtt, Listener::new().anonymous())
     }
 
     /// [`Self::local`] bridging to `cloud_port` (usually a [`super::Proxy`]) with mutual TLS
@@ -140,6 +141,20 @@ impl GatewayConfig {
         self
     }
 
+    /// Sets the listener `name` (`[broker.listeners.<name>]`) to `listener` on
+    /// 127.0.0.1:`port`, replacing whatever that listener had.
+    pub fn listener(mut self, name: &str, port: u16, listener: Listener) -> GatewayConfig {
+        let mut table = listener.table;
+        table.insert("listen".into(), loopback(port).into());
+        table_at(&mut self.table, "broker.listeners").insert(name.into(), table.into());
+        self
+    }
+
+    /// Appends `device` to `[[modbus]]`.
+    pub fn modbus(self, device: ModbusDevice) -> GatewayConfig {
+        self.push("modbus", device.table)
+    }
+
     /// Merges TOML text (keys before its first `[header]` go into the table at the dotted
     /// path `at`, the tables after it from the root), as [`Self::with`] does. For callers
     /// that hold TOML fragments, like the benches' `gateway_config`.
@@ -169,6 +184,122 @@ impl GatewayConfig {
 impl std::fmt::Display for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_toml())
+    }
+}
+
+/// One `[broker.listeners.<name>]` table from typed values; [`GatewayConfig::listener`] puts
+/// it into a config with its `listen` address. Without [`Self::anonymous`] the key is left
+/// out, as in a config file that does not set it: clients need credentials.
+#[derive(Clone, Debug, Default)]
+pub struct Listener {
+    table: toml::Table,
+}
+
+impl Listener {
+    /// A plain TCP listener that lets no anonymous client in.
+    pub fn new() -> Listener {
+        Listener::default()
+    }
+
+    /// Clients without credentials are let in (`allow_anonymous = true`).
+    pub fn anonymous(mut self) -> Listener {
+        self.table.insert("allow_anonymous".into(), true.into());
+        self
+    }
+
+    /// TLS with the certificate and key `server` (`[..tls] cert_file`, `key_file`).
+    pub fn tls(mut self, server: &CertFiles) -> Listener {
+        let tls = self.tls_table();
+        tls.insert("cert_file".into(), path(&server.cert).into());
+        tls.insert("key_file".into(), path(&server.key).into());
+        self
+    }
+
+    /// Client certificates signed by `ca`; `mode` is `client_cert` (`none`, `optional`,
+    /// `required`).
+    pub fn client_certs(mut self, ca: &Path, mode: &str) -> Listener {
+        let tls = self.tls_table();
+        tls.insert("client_ca_file".into(), path(ca).into());
+        tls.insert("client_cert".into(), mode.into());
+        self
+    }
+
+    fn tls_table(&mut self) -> &mut toml::Table {
+        table_at(&mut self.table, "tls")
+    }
+}
+
+/// One `[[modbus]]` device from typed values; [`GatewayConfig::modbus`] appends it to a
+/// config. Its keys are set with [`Self::with`], its `[[modbus.tags]]` appended in order with
+/// [`Self::tag`] and [`Self::tag_with`].
+///
+/// ```ignore
+/// ModbusDevice::tcp("ex", srv.port)
+///     .with(toml::toml! { poll_interval = "100ms" timeout = "5s" })
+///     .tag("ok", 0)
+///     .tag_with("temp", 2, toml::toml! { type = "f32" order = "CDAB" })
+/// ```
+#[derive(Clone, Debug)]
+pub struct ModbusDevice {
+    table: toml::Table,
+}
+
+impl ModbusDevice {
+    /// Device `name`, Modbus TCP at 127.0.0.1:`port`.
+    pub fn tcp(name: &str, port: u16) -> ModbusDevice {
+        ModbusDevice {
+            table: toml::toml! { name = (name) host = (loopback(port)) },
+        }
+    }
+
+    /// Device `name` behind the serial-to-Ethernet converter at 127.0.0.1:`port`
+    /// (`transport = "rtu_over_tcp"`).
+    pub fn rtu_over_tcp(name: &str, port: u16) -> ModbusDevice {
+        ModbusDevice::tcp(name, port).with(toml::toml! { transport = "rtu_over_tcp" })
+    }
+
+    /// Device `name` on the serial port `serial_port` at 115200 baud (`transport = "rtu"`).
+    pub fn rtu(name: &str, serial_port: &Path) -> ModbusDevice {
+        ModbusDevice {
+            table: toml::toml! {
+                name = (name)
+                transport = "rtu"
+                serial_port = (path(serial_port))
+                baud = 115200
+            },
+        }
+    }
+
+    /// Sets every key of `keys` (`poll_interval`, `timeout`, `unit_id`, ...).
+    pub fn with(mut self, keys: toml::Table) -> ModbusDevice {
+        merge(&mut self.table, keys);
+        self
+    }
+
+    /// Appends the tag `name` at `address`, every other key at its default.
+    pub fn tag(self, name: &str, address: u32) -> ModbusDevice {
+        self.tag_with(name, address, toml::Table::new())
+    }
+
+    /// Appends the tag `name` at `address` with the keys `keys` (`type`, `kind`, `order`,
+    /// `scale`, `writable`, ...).
+    pub fn tag_with(self, name: &str, address: u32, keys: toml::Table) -> ModbusDevice {
+        let mut tag = toml::toml! { name = (name) address = (address) };
+        merge(&mut tag, keys);
+        self.tags([tag])
+    }
+
+    /// Appends tag tables as they are (e.g. the ones `fieldgate modbus import` prints).
+    pub fn tags(mut self, tags: impl IntoIterator<Item = toml::Table>) -> ModbusDevice {
+        let array = self
+            .table
+            .entry("tags")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        match array {
+            toml::Value::Array(a) => a.extend(tags.into_iter().map(toml::Value::Table)),
+            other => panic!("tags is {other}, not an array of tables"),
+        }
+        self
     }
 }
 

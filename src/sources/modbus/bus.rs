@@ -35,10 +35,12 @@
 //! published last, so a tag that fails from the first poll is visible to any later
 //! subscriber.
 //!
-//! The decisions above (schedule, overruns, backoff, device state and status, what a
-//! reading publishes, the steps of a write) are made by `engine` (`bus/engine.rs`), which
-//! does no I/O and is unit tested with explicit time; this file is its driver
-//! ([`Bus::run`]) and the line's I/O ([`Lane`]).
+//! The decisions above (schedule, overruns, backoff, which reads a poll sends and when the
+//! re-probe holds the others back, device state and status, what a reading publishes, the
+//! steps of a write) are made by `engine` (`bus/engine.rs`), which does no I/O and is unit
+//! tested with explicit time; this file is its driver ([`Bus::run`]: it sends the reads the
+//! engine hands out, spread over the lanes, one lane's reads in order, and after a failed
+//! read the lane's other reads are not sent but fail alike) and the line's I/O ([`Lane`]).
 
 mod engine;
 
@@ -53,7 +55,7 @@ use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use self::engine::{Action, Engine, Out, Poll, Txn, PROBE_ATTEMPTS, WRITE_ATTEMPTS};
+use self::engine::{Action, Engine, Out, Poll, Txn, WRITE_ATTEMPTS};
 use super::config::{ModbusDeviceConfig, Parity, RegisterKind, Transport};
 use super::plan::Read;
 use super::publish::Quality;
@@ -541,55 +543,18 @@ impl Bus {
         Ok(())
     }
 
-    /// Sends the reads of one device's poll, feeds their outcomes to the engine and
-    /// publishes what it says; returns the requests sent.
+    /// Sends the reads the engine hands out for one device's poll, feeds their outcomes to
+    /// the engine and publishes what it says; returns the requests sent.
     async fn poll_device(&mut self, tx: &mut LocalTx, poll: Poll) -> Result<usize, BusError> {
         let di = poll.device;
-        let mut reads = poll.reads;
         let mut results: Vec<(Read, Result<Answer, RequestError>)> = Vec::new();
         let mut sent = 0;
-        let (ep, unit, m) = (&self.endpoint, self.engine.unit(di), &self.metrics);
-        if let Some(first) = poll.probe {
-            sent += 1;
-            let req = read_request(first.kind, first.start, first.count);
-            let r = self.lanes[0]
-                .request(ep, unit, &req, PROBE_ATTEMPTS, m)
-                .await;
-            let failed = r.is_err();
-            results.push((first, r));
-            if failed {
-                reads.clear();
-            }
-        }
-        if !reads.is_empty() {
-            sent += reads.len();
-            let chunks = engine::spread(reads, self.lanes.len());
-            let attempts = poll.attempts;
-            let lanes = self
-                .lanes
-                .iter_mut()
-                .zip(chunks)
-                .map(|(lane, reads)| async move {
-                    let mut out = Vec::with_capacity(reads.len());
-                    // After a failure the lane's other reads are not sent: they fail alike.
-                    let mut failed: Option<RequestError> = None;
-                    for r in reads {
-                        if let Some(e) = &failed {
-                            out.push((r, Err(e.clone())));
-                            continue;
-                        }
-                        let req = read_request(r.kind, r.start, r.count);
-                        let a = lane.request(ep, unit, &req, attempts, m).await;
-                        if let Err(e) = &a {
-                            failed = Some(e.clone());
-                        }
-                        out.push((r, a));
-                    }
-                    out
-                });
-            for out in join_all(lanes).await {
-                results.extend(out);
-            }
+        let mut next = Some(poll);
+        while let Some(poll) = next {
+            let from = results.len();
+            sent += poll.reads.len();
+            self.send(poll, &mut results).await;
+            next = self.engine.next_reads(&results[from..]);
         }
         for (read, r) in results {
             let (now, ts) = (Instant::now(), now_ms());
@@ -600,6 +565,41 @@ impl Bus {
         self.engine.end_poll(di, now_ms(), &mut self.outs);
         flush(tx, &self.engine, &mut self.outs).await?;
         Ok(sent)
+    }
+
+    /// Sends `poll`'s reads, spread over the lanes, and adds their outcomes to `results`.
+    async fn send(&mut self, poll: Poll, results: &mut Vec<(Read, Result<Answer, RequestError>)>) {
+        if poll.reads.is_empty() {
+            return;
+        }
+        let (ep, unit, m) = (&self.endpoint, self.engine.unit(poll.device), &self.metrics);
+        let chunks = engine::spread(poll.reads, self.lanes.len());
+        let attempts = poll.attempts;
+        let lanes = self
+            .lanes
+            .iter_mut()
+            .zip(chunks)
+            .map(|(lane, reads)| async move {
+                let mut out = Vec::with_capacity(reads.len());
+                // After a failure the lane's other reads are not sent: they fail alike.
+                let mut failed: Option<RequestError> = None;
+                for r in reads {
+                    if let Some(e) = &failed {
+                        out.push((r, Err(e.clone())));
+                        continue;
+                    }
+                    let req = read_request(r.kind, r.start, r.count);
+                    let a = lane.request(ep, unit, &req, attempts, m).await;
+                    if let Err(e) = &a {
+                        failed = Some(e.clone());
+                    }
+                    out.push((r, a));
+                }
+                out
+            });
+        for out in join_all(lanes).await {
+            results.extend(out);
+        }
     }
 
     /// Carries out one message on a set topic: the engine's requests, one at a time on the

@@ -12,9 +12,12 @@
 //!   interrupted), [`Action::Poll`] when a poll group or a batch is due, else
 //!   [`Action::Wait`] until the next one is;
 //! - a poll cycle: [`Engine::begin_cycle`]`(start)`, then [`Engine::next_poll`] until it says
-//!   `None` (one [`Poll`] per due device that is not waiting out a backoff), each poll's
-//!   outcomes through [`Engine::apply_read`] and then [`Engine::end_poll`] (the status);
-//!   then [`Engine::batches`] and [`Engine::end_cycle`]`(end, requests)`;
+//!   `None` (a [`Poll`] for each due device that is not waiting out a backoff: its reads, or
+//!   for an offline device the one read that re-probes it). The outcomes of a [`Poll`]'s reads
+//!   go to [`Engine::next_reads`], which hands out the device's next reads (the rest of its
+//!   poll, once the probe was answered) or says `None`; then every outcome of the device's
+//!   poll through [`Engine::apply_read`], in the order sent, and [`Engine::end_poll`] (the
+//!   status); then [`Engine::batches`] and [`Engine::end_cycle`]`(end, requests)`;
 //! - a write: [`Engine::begin_write`] answers at once or gives the first request;
 //!   [`Engine::write_answered`] gives the next one (read-modify-write of a bit) or answers.
 //!
@@ -23,8 +26,10 @@
 //!   once a minute per bus, and the missed slots are skipped, not queued up; batch slots
 //!   are skipped the same way;
 //! - an offline device is not polled before its `retry_at`; then one read re-probes it,
-//!   tried once, and the rest follow only if it answers. `retry_at` moves once per failure
-//!   episode (`reconnect_min` doubling to `reconnect_max`); an answer resets the backoff;
+//!   tried once and sent alone, and the rest of its poll are handed out only if it answers
+//!   (data or an exception); after a failed probe they are not sent. `retry_at` moves once
+//!   per failure episode (`reconnect_min` doubling to `reconnect_max`); an answer resets the
+//!   backoff;
 //! - only answers change the failing tags: a device that answers with some tags failing is
 //!   `degraded`; the status is published at the end of a poll when it differs from the last
 //!   one published;
@@ -65,18 +70,18 @@ pub enum Action {
     Wait(Instant),
 }
 
-/// The reads of one device in a cycle.
+/// Reads of one device's poll to send now; their outcomes go to [`Engine::next_reads`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Poll {
     /// The device.
     pub device: usize,
-    /// The device is offline: this read goes first, alone, tried [`PROBE_ATTEMPTS`] times;
-    /// `reads` are sent only if it is answered.
-    pub probe: Option<Read>,
-    /// The reads (all of them when the device is not offline), in plan order.
+    /// The reads, in plan order: all of the poll's when the device is not offline, else
+    /// first the probe alone, then (once it is answered) the others.
     pub reads: Vec<Read>,
-    /// Tries of each of `reads` (`retries + 1`).
+    /// Tries of each of `reads`: [`PROBE_ATTEMPTS`] for the probe, else `retries + 1`.
     pub attempts: u32,
+    /// `reads` is the one read that re-probes an offline device.
+    pub probe: bool,
 }
 
 /// One request of a write, tried [`WRITE_ATTEMPTS`] times.
@@ -204,6 +209,9 @@ struct Cycle {
     due: Vec<(usize, Vec<usize>, Vec<usize>)>,
     /// Next entry of `due` for [`Engine::next_poll`].
     next: usize,
+    /// The other reads of the device being re-probed: handed out by [`Engine::next_reads`]
+    /// once the probe is answered, dropped when it failed.
+    held: Option<Poll>,
 }
 
 /// The state and decisions of one bus (see the module header).
@@ -443,13 +451,17 @@ impl Engine {
             start,
             due,
             next: 0,
+            held: None,
         });
     }
 
-    /// The reads of the next due device of the cycle, skipping the devices that are offline
-    /// and wait for their re-probe at `now`. `None`: every due device had its turn.
+    /// The first reads of the next due device of the cycle, skipping the devices that are
+    /// offline and wait for their re-probe at `now`: all of its reads, or when it is offline
+    /// the probe alone (the others wait for [`Engine::next_reads`]). `None`: every due device
+    /// had its turn.
     pub fn next_poll(&mut self, now: Instant) -> Option<Poll> {
         let cycle = self.cycle.as_mut()?;
+        cycle.held = None;
         while let Some((di, _, tags)) = cycle.due.get(cycle.next) {
             cycle.next += 1;
             let d = &self.devices[*di];
@@ -467,16 +479,45 @@ impl Engine {
                 })
                 .collect();
             let mut reads = plan::plan(&spans, d.limits);
-            // Re-probe with one request; the rest only if the device is back.
-            let probe = (offline && !reads.is_empty()).then(|| reads.remove(0));
+            let attempts = d.unit.retries + 1;
+            if offline && !reads.is_empty() {
+                // Re-probe with one request; the rest only if the device is back.
+                let rest = reads.split_off(1);
+                cycle.held = (!rest.is_empty()).then_some(Poll {
+                    device: *di,
+                    reads: rest,
+                    attempts,
+                    probe: false,
+                });
+                return Some(Poll {
+                    device: *di,
+                    reads,
+                    attempts: PROBE_ATTEMPTS,
+                    probe: true,
+                });
+            }
             return Some(Poll {
                 device: *di,
-                probe,
                 reads,
-                attempts: d.unit.retries + 1,
+                attempts,
+                probe: false,
             });
         }
         None
+    }
+
+    /// The reads of the device being polled to send after `outcomes` (those of the reads the
+    /// engine handed out last): the rest of its poll when those were its probe and it was
+    /// answered (data or an exception: the device is back). `None` when the probe failed (the
+    /// device is still gone, so the other reads are not sent and their tags keep their last
+    /// readings) or when nothing is left to send.
+    pub fn next_reads(
+        &mut self,
+        outcomes: &[(Read, Result<Answer, RequestError>)],
+    ) -> Option<Poll> {
+        let held = self.cycle.as_mut()?.held.take()?;
+        let answered = !outcomes.is_empty() && outcomes.iter().all(|(_, r)| r.is_ok());
+        answered.then_some(held)
     }
 
     /// Publishes the batches due at the cycle's start (after its polls, so a batch due with a
@@ -1060,12 +1101,29 @@ mod tests {
         Ok(Answer::Exception(ExceptionCode::IllegalDataAddress))
     }
 
+    /// The reads the engine handed out for one device in a cycle, in the order it did.
+    #[derive(Debug)]
+    struct Polled {
+        device: usize,
+        steps: Vec<Poll>,
+    }
+
+    impl Polled {
+        /// The read that re-probed the device, if it was offline.
+        fn probe(&self) -> Option<&Read> {
+            let first = self.steps.first().filter(|p| p.probe)?;
+            assert_eq!(first.reads.len(), 1, "a probe is one read");
+            assert_eq!(first.attempts, PROBE_ATTEMPTS);
+            first.reads.first()
+        }
+    }
+
     /// What one cycle did.
     #[derive(Debug)]
     struct Ran {
         /// Milliseconds from the start of the test.
         at: u64,
-        polls: Vec<Poll>,
+        polls: Vec<Polled>,
         /// Requests sent (the driver's count).
         requests: usize,
         out: Vec<(String, bool, Json)>,
@@ -1073,7 +1131,7 @@ mod tests {
     }
 
     impl Ran {
-        fn polled(&self, device: usize) -> Option<&Poll> {
+        fn polled(&self, device: usize) -> Option<&Polled> {
             self.polls.iter().find(|p| p.device == device)
         }
 
@@ -1096,9 +1154,11 @@ mod tests {
             .collect()
     }
 
-    /// One cycle at `at` as the driver runs it: a probe first and alone, a failed read
-    /// failing the reads after it, `answer(device, read)` for each read sent, and the cycle
-    /// ending `took(requests)` later.
+    /// One cycle at `at` as the driver runs it on one lane: the reads the engine hands out
+    /// are sent in order (`answer(device, read)` for each; after a failed read the others of
+    /// the lane fail alike without being sent), their outcomes go back to the engine for its
+    /// next reads, then all of the device's to `apply_read`; the cycle ends `took(sent)`
+    /// later.
     fn cycle(
         e: &mut Engine,
         t0: Instant,
@@ -1111,40 +1171,38 @@ mod tests {
         let mut sent = Vec::new();
         let mut requests = 0;
         e.begin_cycle(at);
-        while let Some(p) = e.next_poll(at) {
-            let di = p.device;
+        while let Some(first) = e.next_poll(at) {
+            let di = first.device;
             let mut results = Vec::new();
-            let mut rest = p.reads.clone();
-            if let Some(first) = &p.probe {
-                let r = answer(di, first);
-                sent.push((di, r.clone()));
-                requests += 1;
-                if r.is_err() {
-                    rest.clear();
-                }
-                results.push((first.clone(), r));
-            }
-            requests += rest.len();
-            let mut failed: Option<RequestError> = None;
-            for read in rest {
-                let r = match &failed {
-                    Some(err) => Err(err.clone()),
-                    None => {
-                        let r = answer(di, &read);
-                        sent.push((di, r.clone()));
-                        r
+            let mut steps = Vec::new();
+            let mut next = Some(first);
+            while let Some(p) = next {
+                assert_eq!(p.device, di);
+                let from = results.len();
+                requests += p.reads.len();
+                let mut failed: Option<RequestError> = None;
+                for read in p.reads.iter().cloned() {
+                    let r = match &failed {
+                        Some(err) => Err(err.clone()),
+                        None => {
+                            let r = answer(di, &read);
+                            sent.push((di, r.clone()));
+                            r
+                        }
+                    };
+                    if let Err(err) = &r {
+                        failed = Some(err.clone());
                     }
-                };
-                if let Err(err) = &r {
-                    failed = Some(err.clone());
+                    results.push((read, r));
                 }
-                results.push((read, r));
+                steps.push(p);
+                next = e.next_reads(&results[from..]);
             }
             for (read, r) in results {
                 e.apply_read(di, &read, r, at, TS, &mut out);
             }
             e.end_poll(di, TS, &mut out);
-            polls.push(p);
+            polls.push(Polled { device: di, steps });
         }
         e.batches(TS, &mut out);
         let end = e.end_cycle(at + took(&sent), requests);
@@ -1186,8 +1244,13 @@ mod tests {
         Duration::ZERO
     }
 
-    fn starts(p: &Poll) -> Vec<u16> {
-        p.probe.iter().chain(&p.reads).map(|r| r.start).collect()
+    /// The starts of every read handed out for the device, in order.
+    fn starts(p: &Polled) -> Vec<u16> {
+        p.steps
+            .iter()
+            .flat_map(|s| &s.reads)
+            .map(|r| r.start)
+            .collect()
     }
 
     type Counters = prometheus_client::metrics::family::Family<
@@ -1200,7 +1263,7 @@ mod tests {
     }
 
     /// A device and the starts of its reads.
-    type Polled = (usize, Vec<u16>);
+    type DeviceStarts = (usize, Vec<u16>);
 
     #[test]
     fn polls_follow_every_groups_interval_device_by_device() {
@@ -1215,7 +1278,7 @@ mod tests {
         ];
         let mut e = engine(&devs, t0);
         let ran = drive(&mut e, t0, 600, |_, r| echo(r));
-        let got: Vec<(u64, Vec<Polled>)> = ran
+        let got: Vec<(u64, Vec<DeviceStarts>)> = ran
             .iter()
             .map(|r| {
                 (
@@ -1534,7 +1597,7 @@ mod tests {
         let r = at(&mut e, 500, &mut |_| {
             Err(RequestError::BadFrame("crc".into()))
         });
-        assert_eq!(r.polls[0].probe.as_ref().map(|p| p.start), Some(0));
+        assert_eq!(r.polls[0].probe().map(|p| p.start), Some(0));
         assert_eq!(r.requests, 1);
         assert_eq!(status(&r), None);
         assert_eq!(r.on("field/d/ok")[0]["quality"], "bad_frame");
@@ -1624,7 +1687,7 @@ mod tests {
         let ran = run(&mut e, 1199, false);
         for r in &ran {
             if let Some(p) = r.polled(0) {
-                sent_at.push((r.at, p.probe.is_some(), r.requests));
+                sent_at.push((r.at, p.probe().is_some(), r.requests));
             }
         }
         assert_eq!(
@@ -1645,7 +1708,7 @@ mod tests {
         assert_eq!(back.len(), 1, "{back:?}");
         let p = &back[0].polls[0];
         assert_eq!(
-            (back[0].at, p.probe.as_ref().map(|r| r.start), starts(p)),
+            (back[0].at, p.probe().map(|r| r.start), starts(p)),
             (1500, Some(0), vec![0, 10])
         );
         assert_eq!(back[0].requests, 2);
@@ -1660,6 +1723,61 @@ mod tests {
             .map(|r| r.at)
             .collect();
         assert_eq!(probes, [1650]);
+    }
+
+    #[test]
+    fn a_reprobe_goes_alone_and_the_other_reads_follow_only_once_it_is_answered() {
+        let t0 = Instant::now();
+        let mut d = dev("d", 100, vec![tag("a", 0), tag("b", 10), tag("c", 20)]);
+        d.retries = 2;
+        d.reconnect_min = ms(100);
+        d.reconnect_max = ms(100);
+        let starts = |p: &Poll| -> Vec<u16> { p.reads.iter().map(|r| r.start).collect() };
+        type Answering = fn(&Read) -> Result<Answer, RequestError>;
+        let answers: [(&str, Answering, bool); 4] = [
+            ("timeout", |_| timeout(), false),
+            (
+                "bad frame",
+                |_| Err(RequestError::BadFrame("crc".into())),
+                false,
+            ),
+            ("exception", |_| exception(), true),
+            ("data", echo, true),
+        ];
+        for (what, answer, answered) in answers {
+            let mut e = engine(&[d.clone()], t0);
+            let r = cycle(&mut e, t0, t0, &mut instant, &mut |_, _| timeout());
+            assert_eq!(r.on("field/d/status")[0]["state"], "offline");
+            // Due for its re-probe: one read, tried once, and nothing else yet.
+            let at = t0 + ms(100);
+            e.begin_cycle(at);
+            let probe = e.next_poll(at).expect("due for its re-probe");
+            assert_eq!(
+                (probe.probe, starts(&probe), probe.attempts),
+                (true, vec![0], PROBE_ATTEMPTS),
+                "{what}"
+            );
+            let outcome = vec![(probe.reads[0].clone(), answer(&probe.reads[0]))];
+            let rest = e.next_reads(&outcome);
+            if answered {
+                // The device is back: the other reads of the poll, with their retries.
+                let rest = rest.unwrap_or_else(|| panic!("{what}: the other reads held back"));
+                assert_eq!(
+                    (rest.device, rest.probe, starts(&rest), rest.attempts),
+                    (0, false, vec![10, 20], 3),
+                    "{what}"
+                );
+                let outcomes: Vec<_> = rest.reads.iter().map(|r| (r.clone(), echo(r))).collect();
+                assert_eq!(
+                    e.next_reads(&outcomes),
+                    None,
+                    "{what}: the poll is complete"
+                );
+            } else {
+                assert_eq!(rest, None, "{what}: the other reads are not sent");
+            }
+            assert_eq!(e.next_poll(at), None, "{what}");
+        }
     }
 
     #[test]
