@@ -279,10 +279,8 @@ impl Engine {
                 });
             }
             // One wildcard filter when `{tag}` is a whole topic level, else one per tag.
-            let template = d
-                .topic
-                .replace("{gateway_id}", gateway_id)
-                .replace("{device}", &d.name);
+            let template =
+                crate::topic::with_gateway_id(&d.topic, gateway_id).replace("{device}", &d.name);
             let whole_level = template.split('/').any(|l| l == "{tag}")
                 && !template.replace("{tag}", "").contains('+');
             let mut mine: Vec<String> = if whole_level {
