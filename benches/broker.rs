@@ -133,7 +133,7 @@ fn gateway(dir: &std::path::Path, port: u16, http: u16, secure: bool) -> Child {
         &conf,
         format!(
             "[gateway]\ndata_dir = \"{}\"\n[broker.listeners.default]\nlisten = \"127.0.0.1:{port}\"\n\
-             allow_anonymous = {}\n[metrics]\nlisten = \"127.0.0.1:{http}\"\n{extra}",
+             allow_anonymous = {}\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}",
             dir.join("data").display(),
             !secure
         ),

@@ -152,7 +152,7 @@ async fn scenario(devices: usize, tags: usize, interval: &str, mode: &str, secs:
     let data = tempfile::tempdir().unwrap();
     let cfg = format!(
         "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[broker.listeners.default]\n\
-         listen = \"127.0.0.1:{}\"\nallow_anonymous = true\n[metrics]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{modbus}",
+         listen = \"127.0.0.1:{}\"\nallow_anonymous = true\n[http]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"warn\"\n{modbus}",
         data.path().display(),
         ports.mqtt,
         ports.http

@@ -1,6 +1,6 @@
 //! The one shape every component has, and the context it is built with.
 //!
-//! A component (each source kind, OTA, the bridge, the broker, the metrics endpoint; the
+//! A component (each source kind, OTA, the bridge, the broker, the HTTP endpoint; the
 //! journal thread is wrapped into the same [`Running`]) goes through three steps, in
 //! [`crate::gateway::run`]:
 //! 1. `X::build(&XConfig, &Ctx, ..) -> Result<X, XError>`: what can fail at start (files,
@@ -10,7 +10,7 @@
 //! 2. `X::start(self, stop) -> Running`: spawns its tasks or threads under `stop`; cannot
 //!    fail. Two steps bind ports, by design after the sources started, and so can fail
 //!    (ending `run` with the error): `Broker::start` (async: its listeners open last so no
-//!    device connects before the pipeline behind them runs) and, after it, the metrics
+//!    device connects before the pipeline behind them runs) and, after it, the HTTP
 //!    endpoint's `Http::build`.
 //! 3. [`Running::stop`]: cancels `stop`, then waits for the tasks until a deadline. The
 //!    gateway walks its stop list ([`stop_all`]) in order under one budget; the components

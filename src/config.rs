@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bridge::config::{CloudConfig, DownlinkConfig};
 use crate::frontend::config::BrokerConfig;
-use crate::http::MetricsConfig;
+use crate::http::HttpConfig;
 use crate::ingest::UplinkConfig;
 use crate::ota::config::{OtaConfig, OtaPaths};
 use crate::problem::{problem, Problem};
@@ -61,8 +61,9 @@ pub struct Settings {
     pub downlink: DownlinkConfig,
     /// The cloud MQTT broker. Absent (or `enabled = false`): the gateway only buffers.
     pub cloud: CloudConfig,
-    /// Prometheus `/metrics` and `/health` HTTP endpoint.
-    pub metrics: MetricsConfig,
+    /// The HTTP endpoint: `/metrics`, `/health`, OTA routes, the operator page and its API.
+    /// Loads from the old name `[metrics]` too (with a warning).
+    pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
     /// `[[modbus]]`: Modbus TCP and RTU devices polled into the local broker.
@@ -72,6 +73,10 @@ pub struct Settings {
     pub serial: Vec<SerialDeviceConfig>,
     /// Firmware updates: fetch once from the cloud, serve to local devices (see docs/ota.md).
     pub ota: OtaConfig,
+    /// What loading found that still works but should change (an old section name); the
+    /// gateway logs each once as a warning when it starts. Not part of the configuration.
+    #[serde(skip)]
+    pub notices: Vec<String>,
 }
 
 /// `[gateway]`
@@ -122,8 +127,8 @@ impl Default for LogConfig {
 }
 
 const SECTIONS: &[&str] = &[
-    "gateway", "broker", "store", "uplink", "downlink", "cloud", "metrics", "log", "modbus",
-    "serial", "ota",
+    "gateway", "broker", "store", "uplink", "downlink", "cloud", "http", "metrics", "log",
+    "modbus", "serial", "ota",
 ];
 
 impl Settings {
@@ -213,7 +218,7 @@ impl Settings {
         section(&mut table, "uplink", &mut s.uplink, &mut problems);
         section(&mut table, "downlink", &mut s.downlink, &mut problems);
         section(&mut table, "cloud", &mut s.cloud, &mut problems);
-        section(&mut table, "metrics", &mut s.metrics, &mut problems);
+        http_section(&mut table, &mut s, &mut problems);
         section(&mut table, "log", &mut s.log, &mut problems);
         section(&mut table, "modbus", &mut s.modbus, &mut problems);
         serial_section(&mut table, &mut s.serial, &mut problems);
@@ -280,7 +285,7 @@ impl Settings {
         p
     }
 
-    /// No two listeners (device listeners, the metrics endpoint) on one port.
+    /// No two listeners (device listeners, the HTTP endpoint) on one port.
     fn check_ports(&self, p: &mut Vec<Problem>) {
         let b = &self.broker;
         let mut addrs: Vec<(String, SocketAddr)> = b
@@ -288,8 +293,8 @@ impl Settings {
             .iter()
             .map(|(n, l)| (format!("broker.listeners.{n}.listen"), l.listen))
             .collect();
-        if self.metrics.enabled {
-            addrs.push(("metrics.listen".into(), self.metrics.listen));
+        if self.http.enabled {
+            addrs.push(("http.listen".into(), self.http.listen));
         }
         for (i, (ka, a)) in addrs.iter().enumerate() {
             for (kb, b2) in &addrs[..i] {
@@ -326,7 +331,7 @@ impl Settings {
     /// What the OTA manager needs from other sections, computed once: the cache directory
     /// (`ota.cache_dir`, else `<data_dir>/ota`), the CA for downloads (`ota.fetch_ca_file`,
     /// else `cloud.ca_file`) and the base of the metadata `url` (`ota.http_base_url`, else
-    /// the metrics endpoint's address).
+    /// the HTTP endpoint's address, `http.listen`).
     pub fn ota_paths(&self) -> OtaPaths {
         let cache_dir = if self.ota.cache_dir.as_os_str().is_empty() {
             self.gateway.data_dir.join("ota")
@@ -341,7 +346,7 @@ impl Settings {
         let http_base_url = if !self.ota.http_base_url.is_empty() {
             self.ota.http_base_url.trim_end_matches('/').to_string()
         } else {
-            let a = self.metrics.listen;
+            let a = self.http.listen;
             let host = if a.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {
@@ -389,6 +394,46 @@ impl Settings {
     /// The effective configuration as TOML (defaults filled in).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `[http]`, or its old name `[metrics]` (same keys) with a notice naming the new one. Both
+/// at once (in the file or from `FIELDGATE__METRICS__*` / `FIELDGATE__HTTP__*` variables)
+/// is a problem: which one would win is not obvious to whoever reads the file.
+fn http_section(
+    table: &mut BTreeMap<String, config::Value>,
+    s: &mut Settings,
+    problems: &mut Vec<Problem>,
+) {
+    let new = table.remove("http");
+    let old = table.remove("metrics");
+    let (name, value) = match (new, old) {
+        (Some(_), Some(_)) => {
+            problems.push(problem(
+                "metrics",
+                "[metrics] is the old name of [http] and both are set; move its keys into \
+                 [http] (metrics.listen becomes http.listen) and delete [metrics]",
+            ));
+            return;
+        }
+        (Some(v), None) => ("http", v),
+        (None, Some(v)) => {
+            s.notices.push(
+                "[metrics] is now called [http]: rename the section (metrics.listen is \
+                 http.listen, FIELDGATE__METRICS__LISTEN is FIELDGATE__HTTP__LISTEN); the old \
+                 name still works"
+                    .into(),
+            );
+            ("metrics", v)
+        }
+        (None, None) => return,
+    };
+    match value.try_deserialize::<HttpConfig>() {
+        Ok(h) => s.http = h,
+        Err(e) => problems.push(problem(
+            name,
+            format!("{e}; see configs/fieldgate.toml for the keys and types"),
+        )),
     }
 }
 
@@ -490,7 +535,7 @@ mod tests {
             "bogus",
             "store",
             "gateway.id",
-            "metrics.listen",
+            "http.listen",
             "cloud.host",
             "cloud.ca_file",
             "cloud.client_key_file",
@@ -656,6 +701,44 @@ mod tests {
             .contains(&"fw/+/chunk/get".to_string()));
         assert!(s.effective_cloud().max_packet_size >= 1048576 + OTA_PACKET_OVERHEAD);
         assert_eq!(s.ota_paths().http_base_url, "http://127.0.0.1:9183");
+    }
+
+    #[test]
+    fn the_old_metrics_section_still_loads_and_says_its_new_name() {
+        let new = load("[http]\nlisten = \"127.0.0.1:9999\"\npage = false\n", &[]).unwrap();
+        assert_eq!(new.http.listen, "127.0.0.1:9999".parse().unwrap());
+        assert!(!new.http.page);
+        assert!(new.notices.is_empty());
+        let old = load("[metrics]\nlisten = \"127.0.0.1:9999\"\n", &[]).unwrap();
+        assert_eq!(old.http.listen, new.http.listen);
+        assert!(
+            old.http.page,
+            "keys [metrics] does not set keep their defaults"
+        );
+        assert_eq!(old.notices.len(), 1);
+        assert!(old.notices[0].contains("http.listen"), "{:?}", old.notices);
+        // The old environment name still works; the new one too.
+        let env = load("", &[("FIELDGATE__METRICS__LISTEN", "127.0.0.1:9998")]).unwrap();
+        assert_eq!(env.http.listen, "127.0.0.1:9998".parse().unwrap());
+        let env = load("", &[("FIELDGATE__HTTP__LISTEN", "127.0.0.1:9997")]).unwrap();
+        assert_eq!(env.http.listen, "127.0.0.1:9997".parse().unwrap());
+        assert!(env.notices.is_empty());
+        // Both: a problem naming both and the fix.
+        let err = load(
+            "[metrics]\nlisten = \"127.0.0.1:1\"\n[http]\nlisten = \"127.0.0.1:2\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("[metrics]") && text.contains("[http]"),
+            "{text}"
+        );
+        assert!(text.contains("delete [metrics]"), "{text}");
+        // A wrong key is named under the section it was written in.
+        let err = load("[metrics]\nlisten = 5\n", &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "metrics", "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! Start order: store (open, recover, salvage) -> journal thread -> ingest (routing) -> broker
 //! router and the gateway's own clients (Modbus buses, serial ports, OTA) -> bridge -> source
-//! tasks and the OTA manager -> broker listeners (devices may connect) -> metrics endpoint.
+//! tasks and the OTA manager -> broker listeners (devices may connect) -> HTTP endpoint.
 //! Only then is the gateway "ready".
 //!
 //! Stop list (house rule 6), walked in order under one budget (`gateway.shutdown_grace` +
@@ -20,7 +20,7 @@
 //! 4. the bridge finishes what is in flight, within `gateway.shutdown_grace` (+ 3 s for the
 //!    session to close), then the downlink drain;
 //! 5. the cloud's last acknowledgements are persisted (compact + commit);
-//! 6. the metrics endpoint closes.
+//! 6. the HTTP endpoint closes.
 //!
 //! Every task and thread started here is in the stop list.
 
@@ -80,7 +80,7 @@ pub enum GatewayError {
     /// The OTA manager could not be set up (cache directory, broker link).
     #[error(transparent)]
     Ota(#[from] Box<crate::ota::OtaError>),
-    /// The metrics endpoint or a thread could not be started.
+    /// The HTTP endpoint or a thread could not be started.
     #[error("{what}: {source}")]
     Io {
         /// What failed.
@@ -130,6 +130,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
     crate::tls::install_default_provider();
+    for notice in &settings.notices {
+        warn!("{notice}");
+    }
     let ctx = Ctx {
         gateway_id: settings.gateway.id.clone(),
         registry: Registry::new(),
@@ -320,18 +323,18 @@ fn start_cloud(
     ])
 }
 
-/// Binds and starts the metrics endpoint when `[metrics]` enables it.
+/// Binds and starts the HTTP endpoint when `[http]` enables it.
 async fn start_http(
     settings: &Settings,
     health: HealthSource,
 ) -> Result<Option<Running>, GatewayError> {
-    if !settings.metrics.enabled {
+    if !settings.http.enabled {
         return Ok(None);
     }
-    let http = Http::build(&settings.metrics, health)
+    let http = Http::build(&settings.http, health)
         .await
         .map_err(|source| GatewayError::Io {
-            what: format!("metrics.listen {}", settings.metrics.listen),
+            what: format!("http.listen {}", settings.http.listen),
             source,
         })?;
     Ok(Some(http.start(CancellationToken::new())))

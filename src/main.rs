@@ -28,8 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway (built-in defaults when no file is given). OTA status and images are
-    /// served on the metrics endpoint under /ota/ (see docs/ota.md).
+    /// Run the gateway (built-in defaults when no file is given). The HTTP endpoint
+    /// (`[http]`, 127.0.0.1:9183 by default) serves the operator page at /, its JSON API under
+    /// /api/v1 (docs/api.md), /metrics, /health, and OTA status and images under /ota/
+    /// (docs/ota.md).
     Run {
         /// TOML configuration file. Environment variables FIELDGATE__SECTION__KEY override it.
         #[arg(short, long, value_name = "FILE")]
@@ -82,7 +84,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config.as_ref()),
         Command::CheckConfig { config } => match load(config.as_ref()) {
-            Ok(_) => {
+            Ok(s) => {
+                for notice in &s.notices {
+                    eprintln!("fieldgate: warning: {notice}");
+                }
                 println!("configuration OK");
                 ExitCode::SUCCESS
             }

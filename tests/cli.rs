@@ -82,7 +82,7 @@ fn semantic_problems_are_all_listed_with_a_fix() {
     assert_eq!(o.status.code(), Some(64), "{out}");
     for key in [
         "gateway.id:",
-        "metrics.listen:",
+        "http.listen:",
         "cloud.host:",
         "cloud.ca_file:",
     ] {

@@ -36,7 +36,7 @@ pub struct OtaConfig {
     /// Serving rate limit over all devices, bytes per second. 0: unlimited.
     pub max_bytes_per_sec: u64,
     /// Base of the `url` in metadata, e.g. `http://192.168.1.2:9183`. Default: from
-    /// `metrics.listen`.
+    /// `http.listen`.
     pub http_base_url: String,
     /// PEM CA file trusted for HTTPS image downloads. Default: `cloud.ca_file`.
     pub fetch_ca_file: PathBuf,

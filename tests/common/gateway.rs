@@ -62,7 +62,7 @@ pub fn loopback(port: u16) -> String {
 
 impl GatewayConfig {
     /// A gateway without a cloud: id `gw1`, `data_dir`, an anonymous MQTT listener on
-    /// `ports.mqtt` and the metrics endpoint on `ports.http`, all on 127.0.0.1; every other
+    /// `ports.mqtt` and the HTTP endpoint on `ports.http`, all on 127.0.0.1; every other
     /// key at its built-in default.
     pub fn local(ports: &GatewayPorts, data_dir: &Path) -> GatewayConfig {
         GatewayConfig {
@@ -71,7 +71,7 @@ impl GatewayConfig {
                 id = "gw1"
                 data_dir = (path(data_dir))
 
-                [metrics]
+                [http]
                 listen = (loopback(ports.http))
             },
         }
@@ -414,7 +414,7 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `GET path` on the metrics endpoint; the body, or None.
+    /// `GET path` on the HTTP endpoint; the body, or None.
     pub fn get(&self, path: &str) -> Option<String> {
         let mut s = StdStream::connect(("127.0.0.1", self.http)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

@@ -7,11 +7,10 @@
 //! 5 s (image transfers have their own bound, see [`crate::ota::http`]). It only reads shared
 //! state, so a slow or hostile client cannot stall the pipeline.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -23,24 +22,8 @@ use crate::metrics::Registry;
 use crate::ota::http::SMALL;
 use crate::store::Store;
 
-/// `[metrics]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Serve `/metrics` and `/health`.
-    pub enabled: bool,
-    /// Address of the HTTP endpoint. Keep it on loopback unless a firewall protects it.
-    pub listen: SocketAddr,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 9183)),
-        }
-    }
-}
+pub mod config;
+pub use config::HttpConfig;
 
 /// What `/health` reports besides the metrics.
 #[derive(Clone)]
@@ -101,8 +84,8 @@ pub struct Http {
 }
 
 impl Http {
-    /// Binds `[metrics].listen`; a port in use fails here, at start-up.
-    pub async fn build(cfg: &MetricsConfig, health: HealthSource) -> std::io::Result<Http> {
+    /// Binds `[http].listen`; a port in use fails here, at start-up.
+    pub async fn build(cfg: &HttpConfig, health: HealthSource) -> std::io::Result<Http> {
         let listener = TcpListener::bind(cfg.listen).await?;
         Ok(Http { listener, health })
     }
@@ -110,14 +93,14 @@ impl Http {
     /// Serves until `stop` is cancelled.
     pub fn start(self, stop: CancellationToken) -> Running {
         let task = tokio::spawn(serve(self.listener, self.health, stop.clone()));
-        Running::tasks("metrics", stop, vec![task])
+        Running::tasks("http", stop, vec![task])
     }
 }
 
 /// Serves until `stop` is cancelled.
 async fn serve(listener: TcpListener, health: HealthSource, stop: CancellationToken) {
     if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "metrics endpoint listening");
+        info!(addr = %a, "http endpoint listening");
     }
     loop {
         tokio::select! {
@@ -131,7 +114,7 @@ async fn serve(listener: TcpListener, health: HealthSource, stop: CancellationTo
                     });
                 }
                 Err(e) => {
-                    debug!(error = %e, "metrics accept failed");
+                    debug!(error = %e, "http accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
