@@ -23,6 +23,7 @@ use crate::ota::http::SMALL;
 use crate::store::Store;
 
 pub mod config;
+pub mod history;
 pub use config::HttpConfig;
 
 /// What `/health` reports besides the metrics.
