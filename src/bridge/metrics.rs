@@ -6,9 +6,13 @@
 //! Owned here and added to the gateway's registry when the bridge is built. What the cloud
 //! acknowledged (`fieldgate_messages_out_total`) and the records the bridge gives up on are
 //! the queue's to count ([`crate::store::metrics`]).
+//!
+//! Beside the families, [`LinkState`] keeps what the operator page shows of the link (since
+//! when it is up, the last error). The bridge writes it only when a session starts or ends,
+//! never per message.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -34,6 +38,47 @@ pub struct CloudMetrics {
     pub downlink_messages: Counter,
     /// Replay lane send rate over the last second, msgs/s.
     pub replay_rate: Gauge<f64, AtomicU64>,
+    /// Since when the link is up and why it last went down (for the operator page).
+    pub link: LinkState,
+}
+
+/// What the operator page shows of the cloud link.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LinkInfo {
+    /// When the current session started (CONNACK), Unix ms; `None` while down.
+    pub connected_since_ms: Option<u64>,
+    /// Why the last session ended or the last attempt failed; kept after a reconnect.
+    pub last_error: Option<String>,
+}
+
+/// [`LinkInfo`] behind a lock taken only when a session starts or ends, and by the page.
+#[derive(Debug, Default)]
+pub struct LinkState(Mutex<LinkInfo>);
+
+impl LinkState {
+    /// A session is up since `now_ms`.
+    pub fn connected(&self, now_ms: u64) {
+        self.lock().connected_since_ms = Some(now_ms);
+    }
+
+    /// The link is down; `error` says why (`None`: an orderly stop, the last error stays).
+    pub fn down(&self, error: Option<String>) {
+        let mut l = self.lock();
+        l.connected_since_ms = None;
+        if error.is_some() {
+            l.last_error = error;
+        }
+    }
+
+    /// A copy of the state.
+    pub fn get(&self) -> LinkInfo {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkInfo> {
+        // A writer cannot panic between its two assignments; a poisoned lock is still whole.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl CloudMetrics {
@@ -81,5 +126,25 @@ impl Register for CloudMetrics {
             "Replay lane msgs/s over the last second",
             m.replay_rate.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_state_keeps_the_last_error_across_a_reconnect() {
+        let l = LinkState::default();
+        assert_eq!(l.get(), LinkInfo::default());
+        l.connected(5);
+        assert_eq!(l.get().connected_since_ms, Some(5));
+        l.down(Some("connection reset".into()));
+        assert_eq!(l.get().connected_since_ms, None);
+        l.connected(9);
+        l.down(None);
+        let info = l.get();
+        assert_eq!(info.connected_since_ms, None);
+        assert_eq!(info.last_error.as_deref(), Some("connection reset"));
     }
 }

@@ -174,6 +174,7 @@ impl Bridge {
                 Err(e) => {
                     self.metrics.cloud_reconnects.inc();
                     self.metrics.cloud_connected.set(0);
+                    self.metrics.link.down(Some(e.to_string()));
                     warn!(error = %e, up_for = ?started.elapsed(), "cloud link down; records stay queued");
                 }
             }
@@ -188,6 +189,7 @@ impl Bridge {
                     _ = beat.tick() => self.heartbeat.beat(),
                     _ = stop.cancelled() => {
                         self.metrics.cloud_connected.set(0);
+                        self.metrics.link.down(None);
                         info!("bridge stopped");
                         return;
                     }
@@ -195,6 +197,7 @@ impl Bridge {
             }
         }
         self.metrics.cloud_connected.set(0);
+        self.metrics.link.down(None);
         info!("bridge stopped");
     }
 
@@ -211,6 +214,7 @@ impl Bridge {
         };
         backoff.reset();
         self.metrics.cloud_connected.set(1);
+        self.metrics.link.connected(crate::clock::now_ms());
         info!(host = %opts.host, port = opts.port, "cloud connected");
         let result = self.online(&mut link, stop).await;
         self.metrics.cloud_connected.set(0);
