@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod framed;
 pub mod metrics;
 pub mod retained_out;
 pub mod session;

@@ -1,9 +1,10 @@
 //! One device connection through the front end: CONNECT, authentication, then the relay.
 //!
 //! Owns both sockets of one device: the device's (plain or TLS) and the loopback connection
-//! to rumqttd opened for it. One task runs the whole session; it reads whichever side has a
-//! packet and writes to the other, so a device that stops reading slows only its own
-//! session (TCP back-pressure up to rumqttd, which buffers per connection).
+//! to rumqttd opened for it, both framed by [`super::framed`]. One task runs the whole
+//! session; it reads whichever side has a packet and writes to the other, so a device that
+//! stops reading slows only its own session (TCP back-pressure up to rumqttd, which buffers
+//! per connection).
 //!
 //! MQTT 3.1 clients (`MQIsdp`, level 3: the same packets) are served as 3.1.1.
 //! CONNECT is refused (with a CONNACK) for another protocol level, an empty client id
@@ -63,6 +64,7 @@ use rumqttc::mqttbytes::v4::{self, Packet as P4};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +72,7 @@ use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
 use super::config::{ClientCertMode, RateLimitPolicy};
+use super::framed::{BrokerCodec, DeviceCodec, Framed, READ_RESERVE};
 use super::retained_out::{self, Answer, RetainedOut};
 use super::sessions::{any_lowered, Filters, Granted};
 use super::upacks::{Ack, UpAcks};
@@ -129,184 +132,74 @@ impl End {
 }
 
 /// The device's socket: v4 packets in, v4 packets out.
-///
-/// Writes are batched: [`DeviceIo::queue`] only encodes into `out`, and [`DeviceIo::flush`]
-/// writes everything queued in one call. The relay flushes before it reads again, so a
-/// device that stops reading still stops its own session (TCP back-pressure), and `out`
-/// holds at most what one batch of input produced.
-struct DeviceIo<S> {
-    rd: ReadHalf<S>,
-    wr: WriteHalf<S>,
-    buf: BytesMut,
-    out: BytesMut,
+type DeviceIo<S> = Framed<ReadHalf<S>, WriteHalf<S>, DeviceCodec>;
+
+/// The loopback socket to rumqttd: v5 packets.
+type BrokerIo = Framed<OwnedReadHalf, OwnedWriteHalf, BrokerCodec>;
+
+/// The device's first packet, which must be a CONNECT: of MQTT 3.1.1, or of MQTT 3.1
+/// (`MQIsdp`, level 3), whose packet is the same and is read as 3.1.1 (then true). `max`:
+/// `broker.max_payload_size`. `Err(None)`: a CONNECT of another protocol level (MQTT 5
+/// included), to be answered with CONNACK 1.
+async fn read_connect<S: AsyncRead + AsyncWrite>(
+    dev: &mut DeviceIo<S>,
     max: usize,
-}
-
-impl<S: AsyncRead + AsyncWrite> DeviceIo<S> {
-    /// A complete packet already in `buf`, without reading.
-    fn parse(&mut self) -> Result<Option<P4>, End> {
-        match P4::read(&mut self.buf, self.max) {
-            Ok(p) => Ok(Some(p)),
+) -> Result<(v4::Connect, bool), Option<End>> {
+    let frame = loop {
+        match rumqttc::mqttbytes::check(dev.buffer().iter(), max) {
+            Ok(h) => break h.frame_length(),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
-                self.buf.reserve(n.min(64 * 1024));
-                Ok(None)
+                dev.buffer().reserve(n.min(READ_RESERVE));
+                dev.read_more().await.map_err(Some)?;
             }
-            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => Err(End::TooLarge),
-            Err(_) => Err(End::ProtocolViolation),
-        }
-    }
-
-    /// The first packet, which must be a CONNECT: of MQTT 3.1.1, or of MQTT 3.1 (`MQIsdp`,
-    /// level 3), whose packet is the same and is read as 3.1.1 (then true). `Err(None)`: a
-    /// CONNECT of another protocol level (MQTT 5 included), to be answered with CONNACK 1.
-    async fn connect(&mut self) -> Result<(v4::Connect, bool), Option<End>> {
-        let frame = loop {
-            match rumqttc::mqttbytes::check(self.buf.iter(), self.max) {
-                Ok(h) => break h.frame_length(),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
-                    self.buf.reserve(n.min(64 * 1024));
-                    match self.rd.read_buf(&mut self.buf).await {
-                        Ok(0) | Err(_) => return Err(Some(End::DeviceGone)),
-                        Ok(_) => {}
-                    }
-                }
-                Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
-                    return Err(Some(End::TooLarge))
-                }
-                Err(_) => return Err(Some(End::ProtocolViolation)),
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
+                return Err(Some(End::TooLarge))
             }
-        };
-        if self.buf[0] != 0x10 {
-            return Err(Some(End::ProtocolViolation));
+            Err(_) => return Err(Some(End::ProtocolViolation)),
         }
-        // Fixed header: the type byte, then the remaining length (1-4 bytes).
-        let head = 1
-            + self.buf[1..]
-                .iter()
-                .take(4)
-                .take_while(|b| *b & 0x80 != 0)
-                .count()
-            + 1;
-        let vh = &self.buf[head..frame];
-        let name_len = match vh {
-            [a, b, ..] => u16::from_be_bytes([*a, *b]) as usize,
-            _ => return Err(Some(End::ProtocolViolation)),
-        };
-        let (Some(name), Some(&level)) = (vh.get(2..2 + name_len), vh.get(2 + name_len)) else {
-            return Err(Some(End::ProtocolViolation));
-        };
-        let v31 = match (name, level) {
-            (b"MQTT", 4) => false,
-            (b"MQIsdp", 3) => true,
-            (b"MQTT" | b"MQIsdp", _) => return Err(None),
-            _ => return Err(Some(End::ProtocolViolation)),
-        };
-        if v31 {
-            // The same CONNECT as 3.1.1 with the 3.1 name and level: read it as 3.1.1 (the
-            // type byte, then the 3.1.1 variable header and the rest of the packet).
-            let frame = self.buf.split_to(frame);
-            let mut body = BytesMut::with_capacity(frame.len());
-            body.extend_from_slice(&[0x10, 0, 4, b'M', b'Q', b'T', b'T', 4]);
-            body.extend_from_slice(&frame[head + 2 + name_len + 1..]);
-            let h = rumqttc::mqttbytes::FixedHeader::new(0x10, 0, body.len() - 1);
-            return v4::Connect::read(h, body.freeze())
-                .map(|c| (c, true))
-                .map_err(|_| Some(End::ProtocolViolation));
-        }
-        match self.parse() {
-            Ok(Some(P4::Connect(c))) => Ok((c, v31)),
-            Ok(_) => Err(Some(End::ProtocolViolation)),
-            Err(e) => Err(Some(e)),
-        }
+    };
+    let buf = dev.buffer();
+    if buf[0] != 0x10 {
+        return Err(Some(End::ProtocolViolation));
     }
-
-    /// The next packet; cancel-safe (bytes read so far stay in `buf`).
-    async fn next(&mut self) -> Result<P4, End> {
-        loop {
-            if let Some(p) = self.parse()? {
-                return Ok(p);
-            }
-            match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Err(End::DeviceGone),
-                Ok(_) => {}
-            }
-        }
+    // Fixed header: the type byte, then the remaining length (1-4 bytes).
+    let head = 1
+        + buf[1..]
+            .iter()
+            .take(4)
+            .take_while(|b| *b & 0x80 != 0)
+            .count()
+        + 1;
+    let vh = &buf[head..frame];
+    let name_len = match vh {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]) as usize,
+        _ => return Err(Some(End::ProtocolViolation)),
+    };
+    let (Some(name), Some(&level)) = (vh.get(2..2 + name_len), vh.get(2 + name_len)) else {
+        return Err(Some(End::ProtocolViolation));
+    };
+    let v31 = match (name, level) {
+        (b"MQTT", 4) => false,
+        (b"MQIsdp", 3) => true,
+        (b"MQTT" | b"MQIsdp", _) => return Err(None),
+        _ => return Err(Some(End::ProtocolViolation)),
+    };
+    if v31 {
+        // The same CONNECT as 3.1.1 with the 3.1 name and level: read it as 3.1.1 (the type
+        // byte, then the 3.1.1 variable header and the rest of the packet).
+        let frame = buf.split_to(frame);
+        let mut body = BytesMut::with_capacity(frame.len());
+        body.extend_from_slice(&[0x10, 0, 4, b'M', b'Q', b'T', b'T', 4]);
+        body.extend_from_slice(&frame[head + 2 + name_len + 1..]);
+        let h = rumqttc::mqttbytes::FixedHeader::new(0x10, 0, body.len() - 1);
+        return v4::Connect::read(h, body.freeze())
+            .map(|c| (c, true))
+            .map_err(|_| Some(End::ProtocolViolation));
     }
-
-    /// Encodes a packet for the next [`DeviceIo::flush`].
-    fn queue(&mut self, p: P4) -> Result<(), End> {
-        p.write(&mut self.out, usize::MAX)
-            .map(|_| ())
-            .map_err(|_| End::ProtocolViolation)
-    }
-
-    /// Writes everything queued.
-    async fn flush(&mut self) -> Result<(), End> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let r = self.wr.write_all(&self.out).await;
-        self.out.clear();
-        r.map_err(|_| End::DeviceGone)?;
-        self.wr.flush().await.map_err(|_| End::DeviceGone)
-    }
-
-    async fn send(&mut self, p: P4) -> Result<(), End> {
-        self.queue(p)?;
-        self.flush().await
-    }
-}
-
-/// The loopback socket to rumqttd: v5 packets, batched like [`DeviceIo`].
-struct BrokerIo {
-    rd: tokio::net::tcp::OwnedReadHalf,
-    wr: tokio::net::tcp::OwnedWriteHalf,
-    buf: BytesMut,
-    out: BytesMut,
-}
-
-impl BrokerIo {
-    fn parse(&mut self) -> Result<Option<P5>, End> {
-        match P5::read(&mut self.buf, None) {
-            Ok(p) => Ok(Some(p)),
-            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => {
-                self.buf.reserve(n.min(64 * 1024));
-                Ok(None)
-            }
-            Err(_) => Err(End::BrokerGone),
-        }
-    }
-
-    async fn next(&mut self) -> Result<P5, End> {
-        loop {
-            if let Some(p) = self.parse()? {
-                return Ok(p);
-            }
-            match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Err(End::BrokerGone),
-                Ok(_) => {}
-            }
-        }
-    }
-
-    fn queue(&mut self, p: P5) -> Result<(), End> {
-        p.write(&mut self.out, None)
-            .map(|_| ())
-            .map_err(|_| End::BrokerGone)
-    }
-
-    async fn flush(&mut self) -> Result<(), End> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let r = self.wr.write_all(&self.out).await;
-        self.out.clear();
-        r.map_err(|_| End::BrokerGone)
-    }
-
-    async fn send(&mut self, p: P5) -> Result<(), End> {
-        self.queue(p)?;
-        self.flush().await
+    match dev.parse() {
+        Ok(Some(P4::Connect(c))) => Ok((c, v31)),
+        Ok(_) => Err(Some(End::ProtocolViolation)),
+        Err(e) => Err(Some(e)),
     }
 }
 
@@ -324,15 +217,16 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let mut dev = DeviceIo {
+    let mut dev: DeviceIo<S> = Framed::new(
         rd,
         wr,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(4096),
-        max: ctx.max_packet,
-    };
+        DeviceCodec {
+            max: ctx.max_packet,
+        },
+    );
     let refuse = |code| P4::ConnAck(v4::ConnAck::new(code, false));
-    let (connect, v31) = match tokio::time::timeout(ctx.connect_timeout, dev.connect()).await {
+    let connect = read_connect(&mut dev, ctx.max_packet);
+    let (connect, v31) = match tokio::time::timeout(ctx.connect_timeout, connect).await {
         Err(_) => return End::ConnectTimeout,
         Ok(Ok(c)) => c,
         Ok(Err(Some(e))) => return e,
@@ -565,9 +459,10 @@ const UPSTREAM_CLOSE: Duration = Duration::from_secs(3);
 /// and sends nothing.
 async fn close_upstream(up: &mut BrokerIo, disconnected: bool) {
     let _ = up.flush().await;
+    let (rd, wr) = up.halves();
     let mut sink = [0u8; 4096];
     let rumqttd_closed = async {
-        while let Ok(n) = up.rd.read(&mut sink).await {
+        while let Ok(n) = rd.read(&mut sink).await {
             if n == 0 {
                 break;
             }
@@ -575,10 +470,10 @@ async fn close_upstream(up: &mut BrokerIo, disconnected: bool) {
     };
     if disconnected {
         let _ = tokio::time::timeout(UPSTREAM_CLOSE, rumqttd_closed).await;
-        let _ = up.wr.shutdown().await;
+        let _ = wr.shutdown().await;
         return;
     }
-    let _ = up.wr.shutdown().await;
+    let _ = wr.shutdown().await;
     let _ = tokio::time::timeout(UPSTREAM_CLOSE, rumqttd_closed).await;
 }
 
@@ -640,12 +535,7 @@ async fn open_upstream(ctx: &Context, c: &v4::Connect) -> Result<BrokerIo, v4::C
         .map_err(|_| unavailable)?;
     let _ = s.set_nodelay(true);
     let (rd, wr) = s.into_split();
-    let mut up = BrokerIo {
-        rd,
-        wr,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(4096),
-    };
+    let mut up: BrokerIo = Framed::new(rd, wr, BrokerCodec);
     let p = upstream::connect(
         c,
         UPSTREAM_KEEPALIVE,
