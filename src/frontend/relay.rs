@@ -846,3 +846,664 @@ impl Relay {
         self.out.device.push(P4::Publish(p));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::thread::JoinHandle;
+
+    use prometheus_client::metrics::counter::Counter;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::frontend::auth::{Acl, LoginGuard, Users};
+    use crate::frontend::config::{AclConfig, AclRules, ClientCertMode};
+    use crate::frontend::metrics::BrokerMetrics;
+    use crate::frontend::Upstream;
+    use crate::ingest::{Ingest, Routing};
+    use crate::metrics::Registry;
+    use crate::store::config::StoreConfig;
+    use crate::store::metrics::StoreMetrics;
+    use crate::store::{journal, Store};
+    use crate::topic::FilterSet;
+    use crate::watchdog::Heartbeat;
+
+    /// A real queue in a temporary directory: the store, its journal thread, and an ingest
+    /// that queues every topic but `local/#` for the cloud. The tests tell the relay the
+    /// durable ticket themselves; the journal only hands out the tickets (1, 2, ...).
+    struct Queue {
+        ingest: Ingest,
+        stop: CancellationToken,
+        thread: Option<JoinHandle<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Queue {
+        fn new() -> Queue {
+            let dir = tempfile::tempdir().unwrap();
+            let m = StoreMetrics::new();
+            let store = Store::open(&dir.path().join("q"), &StoreConfig::default(), m.clone());
+            let store = Arc::new(store.unwrap());
+            let stop = CancellationToken::new();
+            let (j, thread) =
+                journal::spawn(store, m.clone(), stop.clone(), Heartbeat::new("test")).unwrap();
+            let routing = Routing {
+                forward: FilterSet::new(["#".to_string()]),
+                exclude: FilterSet::new(["local/#".to_string()]),
+                cloud_prefix: String::new(),
+                downlink: FilterSet::new(Vec::<String>::new()),
+            };
+            Queue {
+                ingest: Ingest::new(routing, j, m, Counter::default()),
+                stop,
+                thread: Some(thread),
+                _dir: dir,
+            }
+        }
+
+        /// A queue whose journal thread has stopped: the journal hands every entry back, as
+        /// a full one does ([`Offer::Full`]).
+        fn full() -> Queue {
+            let mut q = Queue::new();
+            q.stop.cancel();
+            q.thread.take().unwrap().join().unwrap();
+            q
+        }
+
+        /// Some local client may receive on `filter`: what is published there goes to
+        /// rumqttd (no bypass).
+        fn reader(&self, filter: &str) {
+            self.ingest.audience().add("reader", filter);
+        }
+    }
+
+    impl Drop for Queue {
+        fn drop(&mut self) {
+            self.stop.cancel();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn acl(publish: &[&str], subscribe: &[&str]) -> AclConfig {
+        AclConfig {
+            default: AclRules {
+                publish: publish.iter().map(|s| s.to_string()).collect(),
+                subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+                ..AclRules::default()
+            },
+            ..AclConfig::default()
+        }
+    }
+
+    fn context(
+        q: &Queue,
+        acl: AclConfig,
+        rate: Option<(u32, u32, RateLimitPolicy)>,
+    ) -> Arc<Context> {
+        Arc::new(Context {
+            listener: "test".into(),
+            allow_anonymous: true,
+            cert_mode: ClientCertMode::None,
+            users: Arc::new(Users::new(&[])),
+            acl: Arc::new(Acl::new(&acl)),
+            upstream: Arc::new(Upstream {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                username: "internal".into(),
+                password: "secret".into(),
+            }),
+            metrics: Arc::new(BrokerMetrics::default()),
+            max_packet: 1 << 20,
+            connect_timeout: Duration::from_secs(10),
+            verify_slots: Arc::new(Semaphore::new(1)),
+            sessions: Arc::default(),
+            client_id_pattern: None,
+            logins: Arc::new(LoginGuard::new(Duration::ZERO)),
+            max_subscriptions: 100,
+            max_inflight: 100,
+            rate,
+            ingest: q.ingest.clone(),
+        })
+    }
+
+    /// Device `dev1` (username `dev1`), fresh session, keepalive `keep_alive` s; the journal
+    /// has made nothing durable yet.
+    fn relay(ctx: &Arc<Context>, keep_alive: u16, now: Instant) -> Relay {
+        let id = Identity {
+            name: Some("dev1".into()),
+            client_id: "dev1".into(),
+        };
+        Relay::new(ctx.clone(), id, "dev1".into(), None, keep_alive, 0, now)
+    }
+
+    /// What the relay queued for the device and for rumqttd since the last call.
+    fn out(r: &mut Relay) -> (Vec<P4>, Vec<P5>) {
+        (
+            std::mem::take(&mut r.out.device),
+            std::mem::take(&mut r.out.broker),
+        )
+    }
+
+    fn publish(topic: &str, qos: QoS, pkid: u16) -> P4 {
+        let mut p = v4::Publish::new(topic, qos, "v");
+        p.pkid = pkid;
+        P4::Publish(p)
+    }
+
+    /// rumqttd's delivery of a device publish of QoS `origin`, at QoS `qos` (its
+    /// subscription's).
+    fn delivery(topic: &str, origin: QoS, qos: Q5, pkid: u16) -> P5 {
+        let mut p = v4::Publish::new(topic, origin, "v");
+        p.pkid = pkid;
+        let P5::Publish(mut p) = upstream::publish(p) else {
+            unreachable!()
+        };
+        p.qos = qos;
+        P5::Publish(p)
+    }
+
+    /// The packet ids and QoS of the PUBLISHes in `packets` (to rumqttd).
+    fn published(packets: &[P5]) -> Vec<(u16, Q5)> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                P5::Publish(p) => Some((p.pkid, p.qos)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn puback(pkid: u16) -> P4 {
+        P4::PubAck(v4::PubAck::new(pkid))
+    }
+
+    fn pubrec(pkid: u16) -> P4 {
+        P4::PubRec(v4::PubRec::new(pkid))
+    }
+
+    fn up_puback(pkid: u16) -> P5 {
+        P5::PubAck(v5::PubAck::new(pkid, None))
+    }
+
+    fn up_pubrec(pkid: u16) -> P5 {
+        P5::PubRec(v5::PubRec::new(pkid, None))
+    }
+
+    /// The value of the front end's metric `name` (e.g. `denied_total{action="publish"}`).
+    fn metric(ctx: &Context, name: &str) -> u64 {
+        let r = Registry::new();
+        r.add(ctx.metrics.as_ref());
+        let text = r.render();
+        let line = format!("fieldgate_broker_{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in {text}"))
+    }
+
+    #[test]
+    fn acknowledgements_wait_for_durable_and_keep_the_order_of_the_publishes() {
+        let q = Queue::new();
+        q.reader("#");
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        // Cloud-bound QoS 1 and 2 (journal tickets 1 and 2), then a local one (no ticket).
+        r.on_device(publish("up/a", QoS::AtLeastOnce, 1), t0)
+            .unwrap();
+        r.on_device(publish("up/b", QoS::ExactlyOnce, 2), t0)
+            .unwrap();
+        r.on_device(publish("local/c", QoS::AtLeastOnce, 3), t0)
+            .unwrap();
+        let (dev, up) = out(&mut r);
+        assert!(dev.is_empty());
+        assert_eq!(
+            published(&up),
+            [
+                (1, Q5::AtLeastOnce),
+                (2, Q5::ExactlyOnce),
+                (3, Q5::AtLeastOnce)
+            ]
+        );
+        // rumqttd answers all three: nothing may leave before ticket 1 is durable, and the
+        // local one's answer, which waits for nothing, waits behind the held ones.
+        for p in [up_puback(1), up_pubrec(2), up_puback(3)] {
+            r.on_broker(p).unwrap();
+        }
+        assert!(out(&mut r).0.is_empty());
+        assert!(r.awaits_durable());
+        // Each leaves once its ticket is durable, in the order of the PUBLISHes.
+        r.durable(1);
+        assert_eq!(out(&mut r).0, [puback(1)]);
+        r.durable(2);
+        assert_eq!(out(&mut r).0, [pubrec(2), puback(3)]);
+        assert!(!r.awaits_durable());
+        // Nothing held: an answer whose ticket is durable leaves at once.
+        r.on_device(publish("up/d", QoS::AtLeastOnce, 4), t0)
+            .unwrap();
+        r.durable(3);
+        r.on_broker(up_puback(4)).unwrap();
+        assert_eq!(out(&mut r).0, [puback(4)]);
+    }
+
+    #[test]
+    fn a_publish_without_a_local_reader_is_answered_here_once_durable_and_not_sent_to_rumqttd() {
+        let q = Queue::new();
+        q.reader("up/seen");
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(publish("up/a", QoS::AtLeastOnce, 1), t0)
+            .unwrap();
+        r.on_device(publish("up/a", QoS::AtMostOnce, 0), t0)
+            .unwrap();
+        let (dev, up) = out(&mut r);
+        assert!(up.is_empty(), "{up:?}");
+        // The PUBACK waits for ticket 1, as rumqttd's would have.
+        assert!(dev.is_empty());
+        r.durable(1);
+        assert_eq!(out(&mut r).0, [puback(1)]);
+        assert_eq!(metric(&ctx, "bypassed_total"), 2);
+        // While rumqttd's answer to an earlier PUBLISH is awaited, the front end may not
+        // answer ahead of it: the next one without a reader goes through rumqttd too.
+        r.on_device(publish("up/seen", QoS::AtLeastOnce, 2), t0)
+            .unwrap();
+        r.on_device(publish("up/a", QoS::AtLeastOnce, 3), t0)
+            .unwrap();
+        let (_, up) = out(&mut r);
+        assert_eq!(published(&up), [(2, Q5::AtLeastOnce), (3, Q5::AtLeastOnce)]);
+        assert_eq!(metric(&ctx, "bypassed_total"), 2);
+        // Retained publishes are rumqttd's to keep, even without a reader.
+        r.on_broker(up_puback(2)).unwrap();
+        r.on_broker(up_puback(3)).unwrap();
+        let mut kept = v4::Publish::new("up/a", QoS::AtLeastOnce, "v");
+        (kept.pkid, kept.retain) = (5, true);
+        r.on_device(P4::Publish(kept), t0).unwrap();
+        assert_eq!(published(&out(&mut r).1), [(5, Q5::AtLeastOnce)]);
+    }
+
+    #[test]
+    fn a_qos2_retry_is_answered_with_pubrec_and_not_forwarded_again() {
+        let q = Queue::new();
+        q.reader("#");
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(publish("local/x", QoS::ExactlyOnce, 5), t0)
+            .unwrap();
+        assert_eq!(published(&out(&mut r).1), [(5, Q5::ExactlyOnce)]);
+        r.on_broker(up_pubrec(5)).unwrap();
+        assert_eq!(out(&mut r).0, [pubrec(5)]);
+        // The device did not get (or lost) the PUBREC and sends the PUBLISH again.
+        let P4::Publish(mut again) = publish("local/x", QoS::ExactlyOnce, 5) else {
+            unreachable!()
+        };
+        again.dup = true;
+        r.on_device(P4::Publish(again), t0).unwrap();
+        let (dev, up) = out(&mut r);
+        assert_eq!(dev, [pubrec(5)]);
+        assert!(up.is_empty(), "forwarded twice: {up:?}");
+        assert_eq!(metric(&ctx, "qos2_duplicates_total"), 1);
+        // A retry of a cloud-bound one whose first PUBREC is still held goes behind it.
+        r.on_device(publish("up/y", QoS::ExactlyOnce, 6), t0)
+            .unwrap();
+        r.on_broker(up_pubrec(6)).unwrap();
+        r.on_device(publish("up/y", QoS::ExactlyOnce, 6), t0)
+            .unwrap();
+        let (dev, up) = out(&mut r);
+        assert!(dev.is_empty());
+        assert_eq!(published(&up), [(6, Q5::ExactlyOnce)]);
+        r.durable(1);
+        assert_eq!(out(&mut r).0, [pubrec(6), pubrec(6)]);
+        // The PUBREL releases the message upstream once.
+        r.on_device(P4::PubRel(v4::PubRel::new(5)), t0).unwrap();
+        assert_eq!(out(&mut r).1, [P5::PubRel(v5::PubRel::new(5, None))]);
+    }
+
+    #[test]
+    fn a_publish_the_acl_denies_is_still_acknowledged_and_counted() {
+        let q = Queue::new();
+        q.reader("#");
+        let ctx = context(&q, acl(&["field/%u/#"], &["#"]), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(publish("field/dev2/t", QoS::AtMostOnce, 0), t0)
+            .unwrap();
+        r.on_device(publish("field/dev2/t", QoS::AtLeastOnce, 1), t0)
+            .unwrap();
+        r.on_device(publish("field/dev2/t", QoS::ExactlyOnce, 2), t0)
+            .unwrap();
+        r.on_device(P4::PubRel(v4::PubRel::new(2)), t0).unwrap();
+        let (dev, up) = out(&mut r);
+        assert_eq!(
+            dev,
+            [puback(1), pubrec(2), P4::PubComp(v4::PubComp::new(2))]
+        );
+        assert!(up.is_empty(), "a denied publish went to rumqttd: {up:?}");
+        assert_eq!(metric(&ctx, r#"denied_total{action="publish"}"#), 3);
+        // Its own subtree is allowed.
+        r.on_device(publish("field/dev1/t", QoS::AtLeastOnce, 3), t0)
+            .unwrap();
+        assert_eq!(published(&out(&mut r).1), [(3, Q5::AtLeastOnce)]);
+    }
+
+    #[test]
+    fn subscribe_sends_rumqttd_only_allowed_filters_and_merges_its_suback_in_the_devices_order() {
+        let q = Queue::new();
+        let ctx = context(&q, acl(&["#"], &["allowed/#"]), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        let s = v4::Subscribe {
+            pkid: 7,
+            filters: vec![
+                v4::SubscribeFilter::new("allowed/a".into(), QoS::AtLeastOnce),
+                v4::SubscribeFilter::new("secret/#".into(), QoS::AtLeastOnce),
+                v4::SubscribeFilter::new("allowed/b".into(), QoS::ExactlyOnce),
+            ],
+        };
+        r.on_device(P4::Subscribe(s), t0).unwrap();
+        let (dev, up) = out(&mut r);
+        assert!(dev.is_empty());
+        let [P5::Subscribe(s)] = &up[..] else {
+            panic!("{up:?}")
+        };
+        let asked: Vec<(&str, Q5)> = s.filters.iter().map(|f| (&f.path[..], f.qos)).collect();
+        assert_eq!(
+            (s.pkid, asked),
+            (
+                7,
+                vec![
+                    ("allowed/a", Q5::AtLeastOnce),
+                    ("allowed/b", Q5::ExactlyOnce)
+                ]
+            )
+        );
+        assert_eq!(metric(&ctx, r#"denied_total{action="subscribe"}"#), 1);
+        // rumqttd grants what was asked; the device hears about all three, in its order.
+        r.on_broker(P5::SubAck(v5::SubAck {
+            pkid: 7,
+            return_codes: vec![
+                v5::SubscribeReasonCode::Success(Q5::AtLeastOnce),
+                v5::SubscribeReasonCode::Success(Q5::ExactlyOnce),
+            ],
+            properties: None,
+        }))
+        .unwrap();
+        use v4::SubscribeReasonCode as C;
+        assert_eq!(
+            out(&mut r).0,
+            [P4::SubAck(v4::SubAck::new(
+                7,
+                vec![
+                    C::Success(QoS::AtLeastOnce),
+                    C::Failure,
+                    C::Success(QoS::ExactlyOnce)
+                ]
+            ))]
+        );
+        // Registered in the audience before rumqttd had it; the refused one is not.
+        assert!(q.ingest.audience().has("dev1", "allowed/b"));
+        assert!(!q.ingest.audience().has("dev1", "secret/#"));
+    }
+
+    #[test]
+    fn a_delivery_is_lowered_to_the_granted_qos_and_upstream_answers_leave_in_rumqttds_order() {
+        let q = Queue::new();
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        // Subscribed at QoS 2, then again at QoS 1: rumqttd keeps delivering at 2.
+        for (pkid, qos) in [(1, QoS::ExactlyOnce), (2, QoS::AtLeastOnce)] {
+            let s = v4::Subscribe::new("t/#", qos);
+            r.on_device(P4::Subscribe(v4::Subscribe { pkid, ..s }), t0)
+                .unwrap();
+            r.on_broker(P5::SubAck(v5::SubAck {
+                pkid,
+                return_codes: vec![v5::SubscribeReasonCode::Success(upstream::q5(qos))],
+                properties: None,
+            }))
+            .unwrap();
+        }
+        out(&mut r);
+        // A QoS 2 message delivered at QoS 2 goes to the device at the granted QoS 1; a QoS
+        // 0 one delivered at 2 goes at QoS 0 and the front end answers it upstream itself.
+        r.on_broker(delivery("t/a", QoS::ExactlyOnce, Q5::ExactlyOnce, 1))
+            .unwrap();
+        r.on_broker(delivery("t/b", QoS::AtMostOnce, Q5::ExactlyOnce, 2))
+            .unwrap();
+        let (dev, up) = out(&mut r);
+        let sent: Vec<(u16, QoS)> = dev
+            .iter()
+            .map(|p| match p {
+                P4::Publish(p) => (p.pkid, p.qos),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sent, [(1, QoS::AtLeastOnce), (0, QoS::AtMostOnce)]);
+        // The answer to 2 is ready, but rumqttd sent 1 first: it waits.
+        assert!(up.is_empty(), "answered out of rumqttd's order: {up:?}");
+        assert_eq!(metric(&ctx, "downgraded_total"), 2);
+        // The device's PUBACK for 1 becomes PUBREC upstream, and 2's follows it.
+        r.on_device(puback(1), t0).unwrap();
+        assert_eq!(out(&mut r).1, [up_pubrec(1), up_pubrec(2)]);
+        // rumqttd's PUBRELs are the front end's to complete, again in order.
+        r.on_broker(P5::PubRel(v5::PubRel::new(2, None))).unwrap();
+        assert!(out(&mut r).1.is_empty());
+        r.on_broker(P5::PubRel(v5::PubRel::new(1, None))).unwrap();
+        let (dev, up) = out(&mut r);
+        assert!(
+            dev.is_empty(),
+            "the device's QoS 1 flow has no PUBREL: {dev:?}"
+        );
+        assert_eq!(
+            up,
+            [
+                P5::PubComp(v5::PubComp::new(1, None)),
+                P5::PubComp(v5::PubComp::new(2, None))
+            ]
+        );
+    }
+
+    #[test]
+    fn unsubscribe_is_answered_here_and_rumqttds_own_unsuback_is_dropped() {
+        let q = Queue::new();
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(
+            P4::Subscribe(v4::Subscribe::new("t/#", QoS::AtLeastOnce)),
+            t0,
+        )
+        .unwrap();
+        out(&mut r);
+        let u = v4::Unsubscribe {
+            pkid: 9,
+            topics: vec!["t/#".into()],
+        };
+        r.on_device(P4::Unsubscribe(u), t0).unwrap();
+        let (dev, up) = out(&mut r);
+        assert_eq!(dev, [P4::UnsubAck(v4::UnsubAck::new(9))]);
+        assert!(matches!(&up[..], [P5::Unsubscribe(u)] if u.pkid == 9 && u.filters == ["t/#"]));
+        assert!(!q.ingest.audience().has("dev1", "t/#"));
+        r.on_broker(P5::UnsubAck(v5::UnsubAck {
+            pkid: 9,
+            reasons: vec![v5::UnsubAckReason::Success],
+            properties: None,
+        }))
+        .unwrap();
+        assert!(out(&mut r).0.is_empty(), "UNSUBACK sent twice");
+        // rumqttd may go on delivering on the filter: answered upstream, not passed on.
+        r.on_broker(delivery("t/a", QoS::AtLeastOnce, Q5::AtLeastOnce, 3))
+            .unwrap();
+        let (dev, up) = out(&mut r);
+        assert!(dev.is_empty(), "{dev:?}");
+        assert_eq!(up, [up_puback(3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_closes_after_one_and_a_half_keepalives_of_silence() {
+        let q = Queue::new();
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 10, t0);
+        // Driven as the session drives it: sleep until the deadline, then tick.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        r.on_device(P4::PingReq, Instant::now()).unwrap();
+        assert_eq!(out(&mut r).0, [P4::PingResp]);
+        tokio::time::sleep_until(r.deadline()).await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(9 + 15));
+        assert_eq!(r.tick(Instant::now()), Err(End::KeepaliveTimeout));
+        // Just before it, nothing happens.
+        let mut r = relay(&ctx, 10, t0);
+        r.on_device(P4::PingReq, t0).unwrap();
+        assert_eq!(r.tick(t0 + Duration::from_millis(14_999)), Ok(()));
+        assert!(out(&mut r).1.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_zero_never_closes_and_rumqttd_is_pinged_every_30_s() {
+        let q = Queue::new();
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        let mut pings = 0;
+        for _ in 0..4 {
+            tokio::time::sleep_until(r.deadline()).await;
+            assert_eq!(r.tick(Instant::now()), Ok(()));
+            let (_, up) = out(&mut r);
+            assert_eq!(up, [P5::PingReq(v5::PingReq)]);
+            pings += 1;
+        }
+        assert_eq!((pings, Instant::now() - t0), (4, Duration::from_secs(120)));
+        // An hour of silence later, still open.
+        assert_eq!(r.tick(t0 + Duration::from_secs(3600)), Ok(()));
+    }
+
+    #[test]
+    fn over_the_rate_a_publish_is_dropped_or_closes_or_slows_the_device_down() {
+        let q = Queue::new();
+        q.reader("#");
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(500);
+        let one_per_s = |p| Some((1, 1, p));
+        // drop: answered as if taken, never forwarded, counted.
+        let ctx = context(&q, AclConfig::default(), one_per_s(RateLimitPolicy::Drop));
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(publish("local/a", QoS::AtLeastOnce, 1), t0)
+            .unwrap();
+        r.on_device(publish("local/a", QoS::AtLeastOnce, 2), t1)
+            .unwrap();
+        let (dev, up) = out(&mut r);
+        assert_eq!(published(&up), [(1, Q5::AtLeastOnce)]);
+        assert_eq!(dev, [puback(2)]);
+        assert_eq!(metric(&ctx, r#"rate_limited_total{policy="drop"}"#), 1);
+        // A second later the bucket has a token again.
+        r.on_device(
+            publish("local/a", QoS::AtLeastOnce, 3),
+            t0 + Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(published(&out(&mut r).1), [(3, Q5::AtLeastOnce)]);
+        // disconnect: the session ends.
+        let ctx = context(
+            &q,
+            AclConfig::default(),
+            one_per_s(RateLimitPolicy::Disconnect),
+        );
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(publish("local/a", QoS::AtMostOnce, 0), t0)
+            .unwrap();
+        assert_eq!(
+            r.on_device(publish("local/a", QoS::AtMostOnce, 0), t1),
+            Err(End::RateLimited)
+        );
+        // slow_down: forwarded, then the device is not read until it is under the rate.
+        let ctx = context(
+            &q,
+            AclConfig::default(),
+            one_per_s(RateLimitPolicy::SlowDown),
+        );
+        let mut r = relay(&ctx, 0, t0);
+        r.on_device(publish("local/a", QoS::AtMostOnce, 0), t0)
+            .unwrap();
+        assert!(r.reads_device());
+        r.on_device(publish("local/a", QoS::AtMostOnce, 0), t1)
+            .unwrap();
+        assert_eq!(published(&out(&mut r).1).len(), 2);
+        assert!(!r.reads_device());
+        let Next::Throttle(wait) = r.next_action() else {
+            panic!("no throttle")
+        };
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(matches!(r.next_action(), Next::Read));
+        assert!(r.reads_device());
+        assert_eq!(metric(&ctx, r#"rate_limited_total{policy="slow_down"}"#), 1);
+        // The throttle is not silence: keepalive counts from its end.
+        let mut r = relay(&ctx, 1, t0);
+        r.throttle_over(t0 + Duration::from_secs(10));
+        assert_eq!(r.deadline(), t0 + Duration::from_millis(11_500));
+    }
+
+    #[test]
+    fn a_second_connect_or_a_packet_only_a_server_sends_is_a_protocol_violation() {
+        let q = Queue::new();
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        let bad = [
+            P4::Connect(v4::Connect::new("dev1")),
+            P4::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::Success, false)),
+            P4::SubAck(v4::SubAck::new(1, vec![])),
+            P4::UnsubAck(v4::UnsubAck::new(1)),
+            P4::PingResp,
+            publish("a/+/b", QoS::AtMostOnce, 0),
+            publish("", QoS::AtMostOnce, 0),
+        ];
+        for p in bad {
+            let what = format!("{p:?}");
+            assert_eq!(r.on_device(p, t0), Err(End::ProtocolViolation), "{what}");
+        }
+        // Nothing goes upstream, so rumqttd publishes the will.
+        assert!(out(&mut r).1.is_empty());
+        // DISCONNECT ends the session too, and goes upstream (rumqttd drops the will).
+        assert_eq!(r.on_device(P4::Disconnect, t0), Err(End::Disconnect));
+        assert!(matches!(&out(&mut r).1[..], [P5::Disconnect(_)]));
+        // rumqttd closing its side ends it as well.
+        let d = P5::Disconnect(v5::Disconnect::new(
+            v5::DisconnectReasonCode::NormalDisconnection,
+        ));
+        assert_eq!(r.on_broker(d), Err(End::BrokerGone));
+    }
+
+    #[test]
+    fn a_full_journal_stops_the_device_until_the_entry_is_appended_then_its_ticket_counts() {
+        let q = Queue::full();
+        q.reader("#");
+        let ctx = context(&q, AclConfig::default(), None);
+        let t0 = Instant::now();
+        let mut r = relay(&ctx, 0, t0);
+        assert!(r.reads_device());
+        r.on_device(publish("up/a", QoS::AtLeastOnce, 1), t0)
+            .unwrap();
+        // Still forwarded (rumqttd's answer is held anyway), but nothing more is read.
+        assert_eq!(published(&out(&mut r).1), [(1, Q5::AtLeastOnce)]);
+        assert!(!r.reads_device());
+        let Next::Append(entry) = r.next_action() else {
+            panic!("no entry to append")
+        };
+        assert_eq!((entry.topic.as_str(), entry.queue), ("up/a", true));
+        // While the driver waits for room, still nothing is read.
+        assert!(matches!(r.next_action(), Next::Read));
+        assert!(!r.reads_device());
+        r.appended(7);
+        assert!(r.reads_device());
+        // rumqttd's PUBACK waits for that ticket.
+        r.on_broker(up_puback(1)).unwrap();
+        r.durable(6);
+        assert!(out(&mut r).0.is_empty());
+        r.durable(7);
+        assert_eq!(out(&mut r).0, [puback(1)]);
+    }
+}
