@@ -21,9 +21,10 @@
 //! waits on both sockets, the journal's durable ticket, the relay's deadline and the stop,
 //! feeds the relay, and writes what it decided, rumqttd's side first.
 //!
-//! Driver invariants: at most [`BATCH`] packets are handled between two writes; both sides
-//! are written before anything more is read; a throttled session, or one whose PUBLISH waits
-//! for room in the journal, parses nothing more from the device until that is over.
+//! Driver invariants: between two writes, the packet waited for and at most [`BATCH`]
+//! rounds of packets already buffered (one from each side) are handled; both sides are
+//! written before anything more is read; a throttled session, or one whose PUBLISH waits for
+//! room in the journal, parses nothing more from the device until that is over.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
