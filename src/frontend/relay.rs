@@ -1,4 +1,4 @@
-//! The relay's decisions, without I/O (issue 14, item 5): what one device session does with
+//! The relay's decisions, without I/O: what one device session does with
 //! every packet from the device and from rumqttd once both are connected, when the device's
 //! acknowledgements may leave, the keepalive, the upstream ping and the publish rate limit.
 //! [`super::session`] is the driver: it reads both sockets ([`super::framed`]), feeds each
