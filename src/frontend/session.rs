@@ -194,64 +194,10 @@ where
             return End::Refused;
         }
     };
-    // rumqttd's router drops a connection whose client id holds one of these without an
-    // answer, and the second such CONNECT with the same id poisons the broker's listener
-    // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5);
-    // a NUL is not allowed in any MQTT string (MQTT-1.5.3-2).
-    if connect.client_id.contains(['/', '+', '#', '$', '\0']) {
-        ctx.metrics.refuse("client_id");
-        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
-        return End::Refused;
-    }
-    if connect.client_id.is_empty() && !connect.clean_session {
-        ctx.metrics.refuse("client_id");
-        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
-        return End::Refused;
-    }
-    if let Some(w) = &connect.last_will {
-        if topic::validate_topic(&w.topic).is_err() {
-            return End::ProtocolViolation;
-        }
-    }
-    let name = match authenticate(&ctx, &connect, cert_cn, peer).await {
-        Ok(name) => name,
-        Err((code, reason)) => {
-            ctx.metrics.refuse(reason);
-            let _ = dev.send(refuse(code)).await;
-            info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, reason, "connection refused");
-            return End::Refused;
-        }
+    let (connect, id) = match admit(&ctx, &mut dev, connect, cert_cn, peer).await {
+        Ok(admitted) => admitted,
+        Err(end) => return end,
     };
-    // The client id must fit the identity, and must not be another identity's session.
-    if let Some(pattern) = &ctx.client_id_pattern {
-        if !super::auth::client_id_fits(pattern, name.as_deref(), &connect.client_id) {
-            ctx.metrics.refuse("client_id_pattern");
-            let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
-            info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: client id does not fit broker.client_id_pattern");
-            return End::Refused;
-        }
-    }
-    if !connect.client_id.is_empty() && !ctx.sessions.bind(&connect.client_id, name.as_deref()) {
-        ctx.metrics.refuse("client_id_owned");
-        let _ = dev.send(refuse(v4::ConnectReturnCode::BadClientId)).await;
-        info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: the client id's session belongs to another identity");
-        return End::Refused;
-    }
-    let id = Identity {
-        name,
-        client_id: connect.client_id.clone(),
-    };
-    let mut connect = connect;
-    if let Some(w) = &connect.last_will {
-        if !ctx
-            .acl
-            .allows(id.name.as_deref(), &id.client_id, Action::Publish, &w.topic)
-        {
-            // A will outside the ACL would be a publish the device may not make: drop it.
-            ctx.metrics.deny(Action::Publish);
-            connect.last_will = None;
-        }
-    }
     // One live upstream connection per client id (see `sessions`); rumqttd names an empty
     // one itself, uniquely.
     let claim = if connect.client_id.is_empty() {
@@ -318,6 +264,91 @@ where
     }
     drop(claim);
     end
+}
+
+/// Decides whether a CONNECT is let in: the client id rumqttd can route, the will's topic, the
+/// identity (see [`authenticate`]), the client id against `broker.client_id_pattern` and the
+/// session's owner (see `sessions`), and the will against the ACL (a will outside it is
+/// dropped). Err: how the session ends, the refusing CONNACK already sent.
+async fn admit<S: AsyncRead + AsyncWrite>(
+    ctx: &Context,
+    dev: &mut DeviceIo<S>,
+    mut connect: v4::Connect,
+    cert_cn: Option<String>,
+    peer: SocketAddr,
+) -> Result<(v4::Connect, Identity), End> {
+    // rumqttd's router drops a connection whose client id holds one of these without an
+    // answer, and the second such CONNECT with the same id poisons the broker's listener
+    // (every later connection panics). Refuse them here, as 3.1.1 allows (MQTT-3.1.3-5);
+    // a NUL is not allowed in any MQTT string (MQTT-1.5.3-2).
+    if connect.client_id.contains(['/', '+', '#', '$', '\0']) {
+        return refused(ctx, dev, "client_id", v4::ConnectReturnCode::BadClientId).await;
+    }
+    if connect.client_id.is_empty() && !connect.clean_session {
+        return refused(ctx, dev, "client_id", v4::ConnectReturnCode::BadClientId).await;
+    }
+    if let Some(w) = &connect.last_will {
+        if topic::validate_topic(&w.topic).is_err() {
+            return Err(End::ProtocolViolation);
+        }
+    }
+    let name = match authenticate(ctx, &connect, cert_cn, peer).await {
+        Ok(name) => name,
+        Err((code, reason)) => {
+            info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, reason, "connection refused");
+            return refused(ctx, dev, reason, code).await;
+        }
+    };
+    // The client id must fit the identity, and must not be another identity's session.
+    if let Some(pattern) = &ctx.client_id_pattern {
+        if !super::auth::client_id_fits(pattern, name.as_deref(), &connect.client_id) {
+            info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: client id does not fit broker.client_id_pattern");
+            return refused(
+                ctx,
+                dev,
+                "client_id_pattern",
+                v4::ConnectReturnCode::BadClientId,
+            )
+            .await;
+        }
+    }
+    if !connect.client_id.is_empty() && !ctx.sessions.bind(&connect.client_id, name.as_deref()) {
+        info!(listener = %ctx.listener, %peer, client_id = %connect.client_id, identity = ?name, "connection refused: the client id's session belongs to another identity");
+        return refused(
+            ctx,
+            dev,
+            "client_id_owned",
+            v4::ConnectReturnCode::BadClientId,
+        )
+        .await;
+    }
+    let id = Identity {
+        name,
+        client_id: connect.client_id.clone(),
+    };
+    if let Some(w) = &connect.last_will {
+        if !ctx
+            .acl
+            .allows(id.name.as_deref(), &id.client_id, Action::Publish, &w.topic)
+        {
+            // A will outside the ACL would be a publish the device may not make: drop it.
+            ctx.metrics.deny(Action::Publish);
+            connect.last_will = None;
+        }
+    }
+    Ok((connect, id))
+}
+
+/// Refuses a CONNECT: counts `reason`, sends CONNACK `code` (best effort) and ends the session.
+async fn refused<S: AsyncRead + AsyncWrite, T>(
+    ctx: &Context,
+    dev: &mut DeviceIo<S>,
+    reason: &'static str,
+    code: v4::ConnectReturnCode,
+) -> Result<T, End> {
+    ctx.metrics.refuse(reason);
+    let _ = dev.send(P4::ConnAck(v4::ConnAck::new(code, false))).await;
+    Err(End::Refused)
 }
 
 /// From rumqttd's CONNACK to the end of the session.
