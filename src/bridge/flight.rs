@@ -1,4 +1,4 @@
-//! The pump's decisions, without I/O (issue 14, item 5): which queued record goes out next
+//! The pump's decisions, without I/O: which queued record goes out next
 //! (the live lane first, then the paced replay lane, see [`super::lanes`]), the in-flight
 //! window, what a PUBACK does, and what a session leaves behind. The pump in
 //! [`super::Bridge`] is the driver: it calls [`Schedule::fill`], reads from the store what

@@ -17,7 +17,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod framed;
 pub mod metrics;
+pub mod relay;
 pub mod retained_out;
 pub mod session;
 pub mod sessions;

@@ -1,4 +1,4 @@
-//! The decisions of one bus, without I/O (issue 14, item 5): the poll schedule, device state
+//! The decisions of one bus, without I/O: the poll schedule, device state
 //! and backoff, what the outcome of a read publishes, the retained status, and the steps of a
 //! write. [`super::Bus::run`] is its driver: it asks [`Engine::next_action`] what to do,
 //! sends the requests the engine plans on its lanes with tokio-modbus, feeds every outcome
