@@ -17,8 +17,8 @@
 //!    of one stage (the sources) are cancelled together; whoever overruns is named in the
 //!    log, and the walk goes on.
 //!
-//! A leaf: it imports nothing from the crate but the [`crate::metrics`] registry and
-//! [`crate::topic`].
+//! A leaf: it imports nothing from the crate but the [`crate::metrics`] registry, the
+//! device [`crate::board`] and [`crate::topic`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +39,8 @@ pub struct Ctx {
     pub gateway_id: String,
     /// Where a component adds its metric families.
     pub registry: Arc<Registry>,
+    /// Where the sources show their devices to the operator page.
+    pub board: Arc<crate::board::Board>,
 }
 
 impl Ctx {

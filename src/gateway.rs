@@ -136,6 +136,7 @@ pub async fn run(
     let ctx = Ctx {
         gateway_id: settings.gateway.id.clone(),
         registry: Registry::new(),
+        board: crate::board::Board::new(),
     };
     let m = Families {
         broker: Arc::new(BrokerMetrics::default()),

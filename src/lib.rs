@@ -7,6 +7,7 @@
 //! wires them together; `main` only parses the command line, loads the [`config`] and maps
 //! errors to exit codes.
 
+pub mod board;
 pub mod bridge;
 pub mod broker;
 pub mod clock;

@@ -453,6 +453,11 @@ impl Bus {
         }
     }
 
+    /// Shows the bus's devices on the operator page's `board` (see [`Engine::show_on`]).
+    pub fn show_on(&mut self, board: &crate::board::Board) {
+        self.engine.show_on(board);
+    }
+
     /// Bus name (`<device>` for TCP, `rtu:<port>` for a serial line).
     pub fn name(&self) -> &str {
         &self.name

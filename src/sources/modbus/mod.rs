@@ -98,7 +98,8 @@ impl Modbus {
         ctx.registry.add(&*metrics);
         let mut out = Vec::new();
         for (i, (name, devs)) in buses(devices).into_iter().enumerate() {
-            let bus = Bus::new(name.clone(), &devs, &ctx.gateway_id, metrics.clone());
+            let mut bus = Bus::new(name.clone(), &devs, &ctx.gateway_id, metrics.clone());
+            bus.show_on(&ctx.board);
             let mut client = broker
                 .client(&format!("fieldgate-modbus-{i}"))
                 .map_err(|e| ModbusError::from((name.clone(), e)))?;

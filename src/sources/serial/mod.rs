@@ -44,6 +44,7 @@ pub mod framing;
 pub mod metrics;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::clock::now_ms;
@@ -56,9 +57,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use self::config::{FlowControl, Parity, SerialDeviceConfig};
-use self::decode::{DecodeError, Decoder};
+use self::decode::{DecodeError, Decoded, Decoder};
 use self::framing::{Frame, Framer};
 use self::metrics::{DeviceMetrics, FrameDrop, SerialMetrics, WriteDrop};
+use crate::board::Slot;
 use crate::broker::Broker;
 use crate::component::{Ctx, Running};
 use crate::local::{LocalClient, LocalRx, LocalTx};
@@ -157,7 +159,9 @@ impl Serial {
                         device: cfg.name.clone(),
                         message: e.to_string(),
                     })?;
+                let slot = ctx.board.add("serial", &cfg.name, &[]);
                 SerialDevice::build(cfg, &ctx.gateway_id, link, metrics.device(&cfg.name))
+                    .map(|d| d.show_on(slot))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Serial { devices })
@@ -220,6 +224,8 @@ pub struct SerialDevice {
     last_error: Option<String>,
     was_online: bool,
     last_warn: Option<Instant>,
+    /// The device's entry on the operator page's board.
+    slot: Option<Arc<Slot>>,
 }
 
 impl SerialDevice {
@@ -292,7 +298,15 @@ impl SerialDevice {
             last_error: None,
             was_online: false,
             last_warn: None,
+            slot: None,
         })
+    }
+
+    /// Shows the device on the operator page's board: its status, and per frame its decoded
+    /// fields (regex captures) or the frame itself (shortened), as tags.
+    pub fn show_on(mut self, slot: Arc<Slot>) -> SerialDevice {
+        self.slot = Some(slot);
+        self
     }
 
     /// Runs the port task until `stop` fires, then publishes `offline` and returns.
@@ -451,6 +465,9 @@ impl SerialDevice {
         };
         match self.decoder.decode(&frame) {
             Ok(d) => {
+                if let Some(slot) = &self.slot {
+                    show_frame(slot, &d, now_ms());
+                }
                 let payload = decode::render(d, self.envelope.then(now_ms));
                 self.tx.publish(&self.data_topic, payload, false).await
             }
@@ -519,8 +536,34 @@ impl SerialDevice {
         self.tx
             .publish(&self.status_topic, body.to_string(), true)
             .await?;
+        if let Some(slot) = &self.slot {
+            let state = match status {
+                Status::Online => "online",
+                Status::Offline => "offline",
+            };
+            slot.status(state, self.last_error.as_deref());
+        }
         self.published = Some(now);
         Ok(())
+    }
+}
+
+/// The longest text of a frame the board keeps, in characters.
+const SHOWN_TEXT: usize = 200;
+
+/// A decoded frame on the board: each regex capture as a tag, else the frame as tag `frame`.
+fn show_frame(slot: &Slot, d: &Decoded, at_ms: u64) {
+    match d {
+        Decoded::Object(o) => {
+            for (k, v) in o {
+                slot.named_tag(k, v.clone(), "good", at_ms);
+            }
+        }
+        Decoded::Json(_, v) => slot.named_tag("frame", v.clone(), "good", at_ms),
+        Decoded::Text(t) => {
+            let short: String = t.chars().take(SHOWN_TEXT).collect();
+            slot.named_tag("frame", short.into(), "good", at_ms);
+        }
     }
 }
 

@@ -46,6 +46,7 @@ use tokio_modbus::{Request, Response};
 use tracing::{debug, info, warn};
 
 use super::{exception_text, labels, Answer, RequestError, Unit};
+use crate::board::{Board, Slot};
 use crate::sources::modbus::codec::{self, Encoded, Format, Value};
 use crate::sources::modbus::config::{ModbusDeviceConfig, PublishMode, TagConfig, Transport};
 use crate::sources::modbus::metrics::ModbusMetrics;
@@ -229,6 +230,10 @@ pub struct Engine {
     write: Option<Write>,
     overruns_unlogged: u64,
     last_overrun_log: Option<Instant>,
+    /// Overruns since start (what the device board shows for every device of the bus).
+    overruns_total: u64,
+    /// Each device's slot on the operator page's board (empty until [`Engine::show_on`]).
+    slots: Vec<Arc<Slot>>,
 }
 
 impl Engine {
@@ -364,10 +369,29 @@ impl Engine {
             write: None,
             overruns_unlogged: 0,
             last_overrun_log: None,
+            overruns_total: 0,
+            slots: Vec::new(),
         }
     }
 
-    /// Number of devices.
+    /// Puts every device of the bus on the operator page's `board`: from now on their status
+    /// changes, tag readings (at poll rate) and the bus's overruns are shown there.
+    pub fn show_on(&mut self, board: &Board) {
+        self.slots = self
+            .devices
+            .iter()
+            .map(|d| {
+                let tags: Vec<(&str, &str)> = d
+                    .tags
+                    .iter()
+                    .map(|t| (t.cfg.name.as_str(), t.cfg.unit.as_str()))
+                    .collect();
+                board.add("modbus", &d.cfg.name, &tags)
+            })
+            .collect();
+    }
+
+    /// Number of devices on the bus.
     pub fn devices(&self) -> usize {
         self.devices.len()
     }
@@ -576,6 +600,10 @@ impl Engine {
         let mut logged = false;
         if overran {
             self.metrics.overruns.get_or_create(&bus).inc();
+            self.overruns_total += 1;
+            for s in &self.slots {
+                s.overruns(self.overruns_total);
+            }
             self.overruns_unlogged += 1;
             logged = self
                 .last_overrun_log
@@ -700,6 +728,19 @@ impl Engine {
         }
         let payload = publish::status(&status, ts);
         d.published = Some(key);
+        if let Some(slot) = self.slots.get(di) {
+            match &status {
+                Status::Online => slot.status("online", None),
+                Status::Degraded(f) => {
+                    let why: Vec<String> = f
+                        .iter()
+                        .map(|f| format!("{}: {}", f.tag, f.error))
+                        .collect();
+                    slot.status("degraded", Some(&why.join("; ")));
+                }
+                Status::Offline(_, e) => slot.status("offline", Some(e)),
+            }
+        }
         out.push(Out {
             to: To::Status(di),
             payload,
@@ -728,6 +769,10 @@ impl Engine {
         ts: u64,
         out: &mut Vec<Out>,
     ) {
+        if let Some(slot) = self.slots.get(di) {
+            let v = value.as_ref().map(Value::to_json).unwrap_or_default();
+            slot.tag(ti, v, quality.as_str(), ts);
+        }
         let d = &mut self.devices[di];
         let (format, retain, repeat) = (d.cfg.payload, d.cfg.retain, d.cfg.bad_repeat);
         // Only answers count: when the request failed the device is offline, and its status
