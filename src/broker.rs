@@ -94,6 +94,8 @@ pub struct Broker {
     devices: Option<tokio::runtime::Runtime>,
     /// Handed to the gateway's own clients ([`Broker::client`]).
     ingest: crate::ingest::Ingest,
+    /// Connected devices, for the operator page.
+    clients: Arc<frontend::clients::Clients>,
 }
 
 impl Broker {
@@ -125,7 +127,14 @@ impl Broker {
             username: INTERNAL_USER.into(),
             password: password.clone(),
         };
-        let prepared = frontend::prepare(cfg, upstream.clone(), metrics, ingest.clone())?;
+        let clients = frontend::clients::Clients::new();
+        let prepared = frontend::prepare(
+            cfg,
+            upstream.clone(),
+            metrics,
+            ingest.clone(),
+            clients.clone(),
+        )?;
         let mut bound = Vec::new();
         for (p, l) in prepared {
             let sock = std::net::TcpListener::bind(l.listen)
@@ -192,7 +201,13 @@ impl Broker {
             listeners: Vec::new(),
             devices: None,
             ingest,
+            clients,
         })
+    }
+
+    /// The table of connected devices the operator page lists.
+    pub fn clients(&self) -> Arc<frontend::clients::Clients> {
+        self.clients.clone()
     }
 
     /// Starts rumqttd's internal listener and every device listener, once rumqttd answers MQTT

@@ -16,6 +16,7 @@
 //!   device connection and its upstream connection.
 
 pub mod auth;
+pub mod clients;
 pub mod config;
 pub mod framed;
 pub mod metrics;
@@ -91,6 +92,8 @@ pub struct Context {
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
     /// Where cloud-bound publishes enter the queue.
     pub ingest: Ingest,
+    /// Connected clients, for the operator page (all listeners).
+    pub clients: Arc<clients::Clients>,
 }
 
 /// Connection counts, total and per source IP. A plain mutex: the critical sections are a
@@ -166,6 +169,7 @@ pub fn prepare(
     upstream: Upstream,
     metrics: Arc<BrokerMetrics>,
     ingest: Ingest,
+    clients: Arc<clients::Clients>,
 ) -> Result<Vec<(Prepared, ListenerConfig)>, FrontendError> {
     let users = Arc::new(Users::new(&cfg.users));
     for name in users.plain_text() {
@@ -205,6 +209,7 @@ pub fn prepare(
             connect_timeout: cfg.connect_timeout,
             verify_slots: verify_slots.clone(),
             sessions: live_sessions.clone(),
+            clients: clients.clone(),
             client_id_pattern: (!cfg.client_id_pattern.is_empty())
                 .then(|| cfg.client_id_pattern.clone()),
             logins: logins.clone(),

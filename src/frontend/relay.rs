@@ -258,6 +258,11 @@ impl Relay {
         }
     }
 
+    /// How many filters the session holds now (the operator page's subscription count).
+    pub fn subscriptions(&self) -> usize {
+        self.filters.len()
+    }
+
     /// The session's filters, for its next connection.
     pub fn into_filters(self) -> Filters {
         self.filters
@@ -965,6 +970,7 @@ mod tests {
             max_inflight: 100,
             rate,
             ingest: q.ingest.clone(),
+            clients: Arc::default(),
         })
     }
 

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
+use super::clients::Client;
 use super::config::ClientCertMode;
 use super::framed::{BrokerCodec, DeviceCodec, Framed, READ_RESERVE};
 use super::relay::{Identity, Next, Relay, BATCH, UPSTREAM_KEEPALIVE};
@@ -395,6 +396,10 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
         return (End::DeviceGone, filters);
     }
     debug!(listener = %ctx.listener, %peer, client_id = %id.client_id, identity = ?id.name, "device connected");
+    // Listed on the operator page until the session ends (the guard drops the row).
+    let row = ctx
+        .clients
+        .register(&id.client_id, id.name.as_deref(), &ctx.listener, peer);
     let durable = ctx.ingest.journal().map(|j| j.durable());
     let mut relay = Relay::new(
         ctx.clone(),
@@ -407,7 +412,7 @@ async fn relay_session<S: AsyncRead + AsyncWrite>(
     );
     // On DISCONNECT the queued upstream DISCONNECT (so rumqttd drops the will) is sent by
     // `close_upstream`.
-    let end = drive(ctx, &mut relay, dev, up, durable, stop).await;
+    let end = drive(ctx, &mut relay, dev, up, durable, stop, &row.client).await;
     (end, relay.into_filters())
 }
 
@@ -421,6 +426,7 @@ async fn drive<S: AsyncRead + AsyncWrite>(
     up: &mut BrokerIo,
     mut durable: Option<watch::Receiver<u64>>,
     stop: CancellationToken,
+    row: &Client,
 ) -> End {
     loop {
         loop {
@@ -455,7 +461,10 @@ async fn drive<S: AsyncRead + AsyncWrite>(
         let retained = relay.retained_ready();
         let step = tokio::select! {
             _ = std::future::ready(()), if retained => Ok(()),
-            p = dev.next() => p.and_then(|p| relay.on_device(p, Instant::now())),
+            p = dev.next() => p.and_then(|p| {
+                count_in(row, &p);
+                relay.on_device(p, Instant::now())
+            }),
             _ = changed(&mut durable), if waiting => {
                 relay.durable(durable_now(&durable));
                 Ok(())
@@ -464,19 +473,20 @@ async fn drive<S: AsyncRead + AsyncWrite>(
             _ = tokio::time::sleep_until(deadline) => relay.tick(Instant::now()),
             _ = stop.cancelled() => Err(relay.stopped()),
         };
-        if let Err(end) = pass(step, relay, dev, up) {
+        if let Err(end) = pass(step, relay, dev, up, row) {
             return end;
         }
-        if let Err(end) = drain(relay, dev, up) {
+        if let Err(end) = drain(relay, dev, up, row) {
             return end;
         }
         if relay.awaits_durable() {
             relay.durable(durable_now(&durable));
         }
         relay.send_retained();
-        if let Err(end) = pass(Ok(()), relay, dev, up) {
+        if let Err(end) = pass(Ok(()), relay, dev, up, row) {
             return end;
         }
+        row.subscriptions(relay.subscriptions());
         if let Err(end) = up.flush().await {
             return end;
         }
@@ -491,6 +501,7 @@ fn drain<S: AsyncRead + AsyncWrite>(
     relay: &mut Relay,
     dev: &mut DeviceIo<S>,
     up: &mut BrokerIo,
+    row: &Client,
 ) -> Result<(), End> {
     for _ in 0..BATCH {
         let mut more = false;
@@ -498,14 +509,15 @@ fn drain<S: AsyncRead + AsyncWrite>(
         // the next round.
         if relay.reads_device() {
             if let Some(p) = dev.parse()? {
+                count_in(row, &p);
                 let r = relay.on_device(p, Instant::now());
-                pass(r, relay, dev, up)?;
+                pass(r, relay, dev, up, row)?;
                 more = true;
             }
         }
         if let Some(p) = up.parse()? {
             let r = relay.on_broker(p);
-            pass(r, relay, dev, up)?;
+            pass(r, relay, dev, up, row)?;
             more = true;
         }
         if !more {
@@ -523,10 +535,23 @@ fn pass<S: AsyncRead + AsyncWrite>(
     relay: &mut Relay,
     dev: &mut DeviceIo<S>,
     up: &mut BrokerIo,
+    row: &Client,
 ) -> Result<(), End> {
     relay.out.broker.drain(..).try_for_each(|p| up.queue(p))?;
     r?;
-    relay.out.device.drain(..).try_for_each(|p| dev.queue(p))
+    relay.out.device.drain(..).try_for_each(|p| {
+        if matches!(p, P4::Publish(_)) {
+            row.message_out();
+        }
+        dev.queue(p)
+    })
+}
+
+/// Counts a PUBLISH from the device on its client row (one relaxed atomic add).
+fn count_in(row: &Client, p: &P4) {
+    if matches!(p, P4::Publish(_)) {
+        row.message_in();
+    }
 }
 
 /// The journal's durable ticket now (u64::MAX without a journal: nothing to wait for).
