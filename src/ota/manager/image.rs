@@ -159,6 +159,7 @@ impl Manager {
     pub(super) fn fetch_failed(&mut self, key: &str, why: String) {
         self.metrics.fetch("failed");
         self.fetching.remove(key);
+        self.received.remove(key);
         let (name, version) = match self.state.images.get_mut(key) {
             Some(i) => {
                 i.state = ImageState::Failed;
@@ -196,6 +197,7 @@ impl Manager {
                 let Some(i) = self.state.images.get(&key) else {
                     return;
                 };
+                self.received.insert(key.clone(), received);
                 let v = json!({"image": key, "name": i.name, "version": i.version,
                                "attempt": attempt, "received": received, "total": i.size,
                                "bytes_per_sec": bytes_per_sec});
@@ -226,6 +228,7 @@ impl Manager {
             } => {
                 self.fetching.remove(&key);
                 self.pushed.remove(&key);
+                self.received.remove(&key);
                 let (name, version) = match self.state.images.get_mut(&key) {
                     Some(i) => {
                         i.fetches += 1;

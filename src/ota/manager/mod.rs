@@ -257,6 +257,9 @@ pub struct Manager {
     /// MQTT-pushed chunks received so far, per image key (not persisted: after a restart the
     /// cloud pushes again).
     pushed: HashMap<String, BTreeSet<u64>>,
+    /// Bytes downloaded so far, per image key with an HTTPS fetch under way (for the status;
+    /// not persisted).
+    received: HashMap<String, u64>,
     state: State,
     /// Changes to the state so far, and the last generation saved.
     changes: u64,
@@ -289,6 +292,7 @@ impl Manager {
             catalog: Catalog::default(),
             fetching: HashSet::new(),
             pushed: HashMap::new(),
+            received: HashMap::new(),
             state: State::default(),
             changes: 0,
             saved: 0,
@@ -424,10 +428,47 @@ impl Manager {
     /// The answer to a status question from the HTTP API.
     pub fn answer(&self, q: &Query) -> Option<serde_json::Value> {
         match q {
-            Query::All => Some(self.state.all_json()),
+            Query::All => {
+                let mut all = self.state.all_json();
+                all["images"] = self.images_json();
+                Some(all)
+            }
             Query::Device(d) => self.state.device_json(d),
             Query::Rollout(r) => self.state.rollout_json(r),
         }
+    }
+
+    /// Every image the state knows, with what has been fetched of it so far.
+    fn images_json(&self) -> serde_json::Value {
+        let images: Vec<serde_json::Value> = self
+            .state
+            .images
+            .iter()
+            .map(|(key, i)| {
+                let fetched = match i.state {
+                    ImageState::Ready => i.size,
+                    _ => match (self.received.get(key), self.pushed.get(key)) {
+                        (Some(n), _) => *n,
+                        (None, Some(chunks)) => (chunks.len() as u64)
+                            .saturating_mul(i.push_chunk_size.unwrap_or(0))
+                            .min(i.size),
+                        (None, None) => 0,
+                    },
+                };
+                serde_json::json!({
+                    "image": key,
+                    "name": i.name,
+                    "version": i.version,
+                    "size": i.size,
+                    "sha256": i.ready_sha256.as_ref().or(i.sha256.as_ref()),
+                    "state": i.state,
+                    "fetched": fetched,
+                    "last_served_ms": (i.last_used_ms > 0).then_some(i.last_used_ms),
+                    "error": i.last_error,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(images)
     }
 
     fn message(&mut self, topic: &str, payload: &[u8]) {
