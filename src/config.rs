@@ -126,6 +126,9 @@ impl Default for LogConfig {
     }
 }
 
+/// What a secret reads as in [`Settings::redacted`].
+pub const REDACTED: &str = "<redacted>";
+
 const SECTIONS: &[&str] = &[
     "gateway", "broker", "store", "uplink", "downlink", "cloud", "http", "metrics", "log",
     "modbus", "serial", "ota",
@@ -394,6 +397,24 @@ impl Settings {
     /// The effective configuration as TOML (defaults filled in).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// A copy with every secret that is set replaced by [`REDACTED`], for the operator page:
+    /// the broker users' `password` and `password_hash`, and `cloud.password`. Paths of key
+    /// files stay (the files' contents are never in the configuration).
+    pub fn redacted(&self) -> Settings {
+        let mut s = self.clone();
+        let hide = |v: &mut String| {
+            if !v.is_empty() {
+                *v = REDACTED.into();
+            }
+        };
+        for u in &mut s.broker.users {
+            hide(&mut u.password);
+            hide(&mut u.password_hash);
+        }
+        hide(&mut s.cloud.password);
+        s
     }
 }
 
@@ -739,6 +760,36 @@ mod tests {
         // A wrong key is named under the section it was written in.
         let err = load("[metrics]\nlisten = 5\n", &[]).unwrap_err();
         assert_eq!(err.problems[0].key, "metrics", "{err}");
+    }
+
+    #[test]
+    fn redacted_config_hides_every_password_and_hash() {
+        let s = load(
+            r#"
+            [[broker.users]]
+            username = "dev1"
+            password = "plain-secret-1"
+            [[broker.users]]
+            username = "dev2"
+            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g"
+            [cloud]
+            host = "c"
+            username = "gw"
+            password = "cloud-secret-2"
+            client_key_file = "/etc/fieldgate/key.pem"
+            "#,
+            &[],
+        )
+        .unwrap();
+        let text = s.redacted().to_toml();
+        for secret in ["plain-secret-1", "$argon2id", "cloud-secret-2"] {
+            assert!(!text.contains(secret), "{secret} in:\n{text}");
+        }
+        assert_eq!(text.matches(REDACTED).count(), 3, "{text}");
+        assert!(text.contains("/etc/fieldgate/key.pem"), "paths stay");
+        assert!(text.contains("username = \"gw\""), "{text}");
+        // Nothing set, nothing to redact.
+        assert!(!Settings::default().redacted().to_toml().contains(REDACTED));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::component::{stop_all, Ctx, Running};
 use crate::config::Settings;
 use crate::frontend::metrics::BrokerMetrics;
-use crate::http::{HealthSource, Http};
+use crate::http::{HealthSource, Http, PageInfo, PageSource};
 use crate::ingest::{Ingest, Routing};
 use crate::metrics::Registry;
 use crate::ota::Ota;
@@ -174,6 +174,7 @@ pub async fn run(
         sources.push(o.start(CancellationToken::new()).at_most(SOURCE_STOP));
         handle
     });
+    let clients = broker.clients();
     // Devices may connect now that the pipeline behind the broker runs.
     let broker = broker
         .start()
@@ -186,6 +187,12 @@ pub async fn run(
         cloud_enabled: settings.cloud.enabled,
         gateway_id: settings.gateway.id.clone(),
         ota: ota_handle,
+        page: settings.http.page.then(|| PageSource {
+            info: Arc::new(page_info(&settings)),
+            history: crate::http::history::History::new(),
+            board: ctx.board.clone(),
+            clients,
+        }),
     };
     let http = start_http(&settings, health).await?;
     let watchdog = ready(&settings, &store, beats);
@@ -339,6 +346,22 @@ async fn start_http(
             source,
         })?;
     Ok(Some(http.start(CancellationToken::new())))
+}
+
+/// What the operator page shows of the configuration, computed once: the cloud's address,
+/// the queue's bounds, the effective configuration with its secrets redacted, and what
+/// `check-config` reports for it.
+fn page_info(settings: &Settings) -> PageInfo {
+    PageInfo {
+        cloud_address: settings
+            .cloud
+            .enabled
+            .then(|| format!("{}:{}", settings.cloud.host, settings.cloud.port)),
+        max_bytes: settings.store.max_bytes,
+        max_age: settings.store.max_age,
+        config_toml: settings.redacted().to_toml(),
+        problems: settings.validate(),
+    }
 }
 
 /// Says "ready" (log, systemd `READY=1`) and starts the watchdog over `beats`.

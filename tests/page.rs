@@ -1,0 +1,501 @@
+//! The operator page and its JSON API against the real gateway binary: a Modbus TCP device
+//! (an in-process tokio-modbus server), a local MQTT client, a TLS cloud broker and an OTA
+//! rollout with an HTTPS firmware store. Every check is on values those peers put there; the
+//! deadlines only bound the waiting. The browser test (Debian's `chromium`, headless) runs
+//! when `FIELDGATE_TEST_BROWSER=1`; then a missing chromium is a failure, not a skip.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::modbus_sim::{serve_tcp, Served, Sim};
+use common::ota_sim::*;
+use common::*;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{json, Value as Json};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// One history interval (10 s) and slack for a loaded machine.
+const HISTORY_WAIT: Duration = Duration::from_secs(40);
+
+/// `GET path` on the gateway's HTTP endpoint, parsed (Null when it is not JSON).
+fn api(g: &Gateway, path: &str) -> Json {
+    g.get(path)
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .unwrap_or(Json::Null)
+}
+
+/// Polls `path` until `pred` holds; returns the document, or fails with it and the log.
+async fn wait_api(g: &Gateway, path: &str, within: Duration, pred: impl Fn(&Json) -> bool) -> Json {
+    let mut last = Json::Null;
+    let ok = eventually(within, || {
+        last = api(g, path);
+        pred(&last)
+    })
+    .await;
+    assert!(
+        ok,
+        "{path} never matched; last: {last:#}\n--- log ---\n{}",
+        g.log_text()
+    );
+    last
+}
+
+/// A raw HTTP exchange: the whole answer (head and body).
+fn raw(port: u16, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A Modbus TCP server whose holding register 0 reads 215 (21.5 °C at scale 0.1).
+async fn boiler() -> (Sim, Served) {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[215]);
+    let served = serve_tcp(sim.clone()).await;
+    (sim, served)
+}
+
+fn boiler_device(port: u16) -> ModbusDevice {
+    ModbusDevice::tcp("boiler", port)
+        .with(toml::toml! { poll_interval = "200ms" timeout = "5s" })
+        .tag_with(
+            "temp",
+            0,
+            toml::toml! { type = "u16" scale = 0.1 unit = "degC" },
+        )
+}
+
+/// A plain local MQTT client with client id `id`, subscribed to two filters.
+struct Client {
+    client: AsyncClient,
+    stop: CancellationToken,
+}
+
+impl Client {
+    async fn connect(port: u16, id: &str) -> Client {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    ev = el.poll() => if ev.is_err() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    },
+                }
+            }
+        });
+        for f in ["cmd/page/a", "cmd/page/b"] {
+            client.subscribe(f, QoS::AtLeastOnce).await.unwrap();
+        }
+        Client { client, stop }
+    }
+
+    async fn publish(&self, n: usize) {
+        for i in 0..n {
+            self.client
+                .publish("sensors/page/1", QoS::AtLeastOnce, false, format!("{i}"))
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.stop.cancel();
+    }
+}
+
+/// Everything the page shows, against a gateway with every kind of peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let (_sim, server) = boiler().await;
+    let img = image(64 * 1024, 15);
+    let fw = FirmwareServer::start(&pki, img.clone()).await;
+    let cfg = GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port)
+        .modbus(boiler_device(server.port))
+        .with(
+            "ota",
+            toml::toml! { chunk_size = 4096 fetch_timeout = "5s" },
+        )
+        .push(
+            "broker.users",
+            toml::toml! { username = "svc" password = "s3cret-page-pw" },
+        );
+    let g = Gateway::start(&cfg.to_toml(), &ports).await;
+    let c = Collector::start(&pki, cloud.port, "fieldgate/gw1/#").await;
+
+    // The cloud link: connected, since a real time, to the address configured.
+    let st = wait_api(&g, "/api/v1/status", WAIT, |s| {
+        s["cloud"]["state"] == "connected"
+    })
+    .await;
+    assert_eq!(st["gateway_id"], "gw1");
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(st["status"], "ok", "{st:#}");
+    assert_eq!(st["cloud"]["address"], format!("127.0.0.1:{}", cloud.port));
+    assert!(
+        st["cloud"]["connected_since_ms"].as_u64().unwrap_or(0) > 1_600_000_000_000,
+        "{st:#}"
+    );
+    assert!(st["cloud"]["reconnects"].is_u64(), "{st:#}");
+    assert_eq!(st["queue"]["state"], "ok");
+    assert_eq!(
+        st["queue"]["max_bytes"], 1_073_741_824u64,
+        "the default store.max_bytes"
+    );
+    let losses = st["losses"].as_array().expect("losses");
+    assert!(
+        losses
+            .iter()
+            .any(|l| l["what"] == "dropped" && l["reason"] == "queue_full"),
+        "{losses:?}"
+    );
+    assert!(losses
+        .iter()
+        .any(|l| l["what"] == "refused" && l["reason"] == "disk_full"));
+    assert!(losses.iter().all(|l| l["count"].is_u64()));
+
+    // The Modbus device with the value its server holds.
+    let d = wait_api(&g, "/api/v1/devices", WAIT, |d| {
+        d["devices"][0]["tags"][0]["quality"] == "good"
+    })
+    .await;
+    let boiler = &d["devices"][0];
+    assert_eq!(boiler["name"], "boiler");
+    assert_eq!(boiler["kind"], "modbus");
+    assert_eq!(boiler["status"], "online", "{d:#}");
+    assert_eq!(boiler["last_error"], Json::Null);
+    let temp = &boiler["tags"][0];
+    assert_eq!(temp["name"], "temp");
+    assert_eq!(temp["unit"], "degC");
+    assert!(
+        (temp["value"].as_f64().unwrap_or(0.0) - 21.5).abs() < 1e-9,
+        "{temp}"
+    );
+    assert!(
+        temp["age_seconds"]
+            .as_f64()
+            .is_some_and(|a| (0.0..30.0).contains(&a)),
+        "{temp}"
+    );
+
+    // A local client: listed with its id, address, subscriptions and what it sent; gone
+    // when it disconnects.
+    let client = Client::connect(g.mqtt, "page-client-7").await;
+    client.publish(3).await;
+    let cl = wait_api(&g, "/api/v1/clients", WAIT, |c| {
+        c["clients"].as_array().is_some_and(|l| {
+            l.iter().any(|x| {
+                x["client_id"] == "page-client-7"
+                    && x["subscriptions"] == 2
+                    && x["messages_in"].as_u64() >= Some(3)
+            })
+        })
+    })
+    .await;
+    let me = cl["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["client_id"] == "page-client-7")
+        .unwrap();
+    assert_eq!(me["identity"], Json::Null, "anonymous");
+    assert_eq!(me["listener"], "default");
+    assert!(
+        me["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{me}"
+    );
+    assert!(me["connected_since_ms"].as_u64().unwrap_or(0) > 1_600_000_000_000);
+    client.close().await;
+    wait_api(&g, "/api/v1/clients", WAIT, |c| {
+        c["clients"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|x| x["client_id"] != "page-client-7"))
+    })
+    .await;
+
+    // What the client published went into the queue (and out to the cloud).
+    let st = wait_api(&g, "/api/v1/status", WAIT, |s| {
+        s["messages"]["in"].as_u64() >= Some(3) && s["messages"]["out"].as_u64() >= Some(3)
+    })
+    .await;
+    assert!(st["queue"]["bytes_on_disk"].is_u64(), "{st:#}");
+
+    // A rollout: the cloud assigns an image to d1, the gateway fetches it, d1 downloads it.
+    let up = json!({"command": "ota_upgrade", "name": "pagefw", "version": "3.1",
+                    "size": img.len(), "sha256": sha256_hex(&img), "url": fw.url(),
+                    "devices": ["d1"], "rollout": "r-page"});
+    wait_online(&c).await;
+    c.client
+        .publish(
+            "fieldgate/gw1/cmd/ota/upgrade",
+            QoS::AtLeastOnce,
+            false,
+            up.to_string(),
+        )
+        .await
+        .unwrap();
+    let o = wait_api(&g, "/api/v1/ota", WAIT, |o| {
+        o["images"][0]["state"] == "ready"
+    })
+    .await;
+    assert_eq!(o["enabled"], true);
+    let i = &o["images"][0];
+    assert_eq!(
+        (i["name"].as_str(), i["version"].as_str()),
+        (Some("pagefw"), Some("3.1"))
+    );
+    assert_eq!(i["size"], img.len());
+    assert_eq!(i["fetched"], img.len(), "{o:#}");
+    assert_eq!(i["sha256"], sha256_hex(&img));
+    let r = run_device(DeviceOpts::new("d1", g.mqtt, Via::Http))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.log_text()));
+    assert_eq!(r.sha256, sha256_hex(&img));
+    let o = wait_api(&g, "/api/v1/ota", WAIT, |o| {
+        o["rollouts"][0]["devices"][0]["state"] == "done"
+    })
+    .await;
+    let ro = &o["rollouts"][0];
+    assert_eq!(ro["id"], "r-page");
+    assert_eq!(ro["image"], "pagefw 3.1");
+    assert_eq!(ro["devices"][0]["device"], "d1");
+    assert_eq!(ro["devices"][0]["progress"], 1.0, "{o:#}");
+
+    // The configuration: effective, secrets redacted, no problems.
+    let conf = api(&g, "/api/v1/config");
+    let text = conf["toml"].as_str().expect("toml text");
+    assert!(
+        text.contains("[gateway]") && text.contains("id = \"gw1\""),
+        "{text}"
+    );
+    assert!(text.contains("[http]"), "{text}");
+    assert!(
+        !text.contains("s3cret-page-pw"),
+        "a password leaked:\n{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+    assert_eq!(conf["problems"], json!([]));
+
+    // The history gains a point every 10 s, with the queue's values.
+    let st = wait_api(&g, "/api/v1/status", HISTORY_WAIT, |s| {
+        s["history"]["points"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    })
+    .await;
+    let h = &st["history"];
+    assert_eq!(h["interval_seconds"], 10);
+    assert_eq!(h["window_seconds"], 3600);
+    let p = &h["points"][0];
+    assert!(p["t"].as_u64().unwrap_or(0) > 1_600_000_000_000, "{p}");
+    for k in [
+        "records",
+        "oldest_age_seconds",
+        "in_per_second",
+        "out_per_second",
+    ] {
+        assert!(p[k].is_number(), "{k} in {p}");
+    }
+    drop(fw);
+}
+
+async fn wait_online(c: &Collector) {
+    let online = eventually(WAIT, || {
+        c.on_topic("fieldgate/gw1/status")
+            .last()
+            .is_some_and(|p| p == b"online")
+    })
+    .await;
+    assert!(online, "the gateway never said online to the cloud");
+}
+
+/// The endpoint answers bad requests with a clear status, serves the page's files with their
+/// types and the content security policy, and `http.page = false` turns page and API off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_statuses_and_page_false_turns_the_page_off() {
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = GatewayConfig::local(&ports, data.path()).set("ota.enabled", false);
+    let g = Gateway::start(&cfg.to_toml(), &ports).await;
+    let index = raw(ports.http, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(index.starts_with("HTTP/1.1 200 OK\r\n"), "{index}");
+    assert!(index.contains("Content-Type: text/html; charset=utf-8\r\n"));
+    assert!(index.contains("Content-Security-Policy: default-src 'self'\r\n"));
+    assert!(index.contains("Cache-Control: no-cache\r\n"));
+    assert!(index.contains("<script src=\"/ui/app.js\"></script>"));
+    let js = raw(ports.http, "GET /ui/app.js HTTP/1.1\r\n\r\n");
+    assert!(
+        js.contains("Content-Type: text/javascript; charset=utf-8\r\n"),
+        "{js}"
+    );
+    let css = raw(ports.http, "GET /ui/style.css HTTP/1.1\r\n\r\n");
+    assert!(
+        css.contains("Content-Type: text/css; charset=utf-8\r\n"),
+        "{css}"
+    );
+    let status = raw(ports.http, "GET /api/v1/status HTTP/1.1\r\n\r\n");
+    assert!(status.contains("Content-Type: application/json\r\n"));
+    assert!(status.contains("Cache-Control: no-store\r\n"));
+    assert_eq!(api(&g, "/api/v1/status")["cloud"]["state"], "disabled");
+    assert_eq!(
+        api(&g, "/api/v1/ota"),
+        json!({"enabled": false, "images": [], "rollouts": []})
+    );
+    assert_eq!(api(&g, "/api/v1/devices"), json!({"devices": []}));
+
+    let post = raw(
+        ports.http,
+        "POST /api/v1/status HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+    assert!(post.contains("Allow: GET\r\n"), "{post}");
+    let unknown = raw(ports.http, "GET /api/v1/nothing HTTP/1.1\r\n\r\n");
+    assert!(unknown.starts_with("HTTP/1.1 404 "), "{unknown}");
+    assert!(unknown.contains("docs/api.md"), "{unknown}");
+    let dots = raw(ports.http, "GET /ui/../../Cargo.toml HTTP/1.1\r\n\r\n");
+    assert!(dots.starts_with("HTTP/1.1 404 "), "{dots}");
+    let garbage = raw(ports.http, "hello\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+    // An endless head is cut at its bound, and the endpoint keeps serving.
+    let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(20_000));
+    assert!(!raw(ports.http, &long).contains("200 OK"));
+    assert!(g.get("/health").is_some());
+    let (status, _) = g.terminate();
+    assert!(status.success());
+
+    // http.page = false: /metrics and /health stay, the page and the API are gone.
+    let data = tempfile::tempdir().unwrap();
+    let cfg = GatewayConfig::local(&ports, data.path()).set("http.page", false);
+    let g = Gateway::start(&cfg.to_toml(), &ports).await;
+    assert!(raw(ports.http, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    assert!(raw(ports.http, "GET /api/v1/status HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    assert!(g
+        .get("/metrics")
+        .is_some_and(|m| m.contains("fieldgate_messages_in_total")));
+}
+
+/// The old `[metrics]` section still runs the endpoint, and says its new name once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_metrics_section_still_serves_and_warns() {
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let text = GatewayConfig::local(&ports, data.path())
+        .to_toml()
+        .replace("[http]", "[metrics]");
+    assert!(text.contains("[metrics]"), "{text}");
+    let g = Gateway::start(&text, &ports).await;
+    assert_eq!(api(&g, "/api/v1/status")["gateway_id"], "gw1");
+    let (_, log) = g.terminate();
+    assert_eq!(
+        log.matches("[metrics] is now called [http]").count(),
+        1,
+        "{log}"
+    );
+}
+
+/// Where the browser test writes its screenshot.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+fn chromium(args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("FIELDGATE_TEST_BROWSER=1 but chromium cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a person sees: the page, loaded by headless chromium from the running gateway, shows
+/// the link state, the chart with its points, and the device row with its tag value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_shows_the_link_state_the_chart_and_the_device_row() {
+    if std::env::var("FIELDGATE_TEST_BROWSER").as_deref() != Ok("1") {
+        eprintln!("skipped: set FIELDGATE_TEST_BROWSER=1 (needs Debian's chromium)");
+        return;
+    }
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let (_sim, server) = boiler().await;
+    let cfg = GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port)
+        .modbus(boiler_device(server.port));
+    let g = Gateway::start(&cfg.to_toml(), &ports).await;
+    wait_api(&g, "/api/v1/status", HISTORY_WAIT, |s| {
+        s["cloud"]["state"] == "connected"
+            && s["history"]["points"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+    })
+    .await;
+    wait_api(&g, "/api/v1/devices", WAIT, |d| {
+        d["devices"][0]["tags"][0]["quality"] == "good"
+    })
+    .await;
+
+    let url = format!("http://127.0.0.1:{}/", ports.http);
+    let overview = chromium(&["--dump-dom", &url]);
+    assert!(
+        overview.contains("data-loaded=\"true\""),
+        "the script ran:\n{overview}"
+    );
+    assert!(overview.contains("cloud: connected"), "{overview}");
+    assert!(
+        overview.contains("<path class=\"depth\" d=\"M"),
+        "a chart line:\n{overview}"
+    );
+    assert!(
+        overview.contains("<circle class=\"point\""),
+        "chart points:\n{overview}"
+    );
+    assert!(overview.contains(">gw1<"), "{overview}");
+    let devices = chromium(&["--dump-dom", &format!("{url}#devices")]);
+    assert!(devices.contains("<td>boiler</td>"), "{devices}");
+    assert!(devices.contains("temp = 21.5 degC"), "{devices}");
+    assert!(devices.contains("data-state=\"online\""), "{devices}");
+
+    let shot = target_dir().join("operator-page.png");
+    chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1280,900",
+        &url,
+    ]);
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "{} is a PNG", shot.display());
+}
