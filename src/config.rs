@@ -764,20 +764,23 @@ mod tests {
 
     #[test]
     fn redacted_config_hides_every_password_and_hash() {
+        let hash = crate::frontend::auth::hash_password("pw2").unwrap();
         let s = load(
-            r#"
-            [[broker.users]]
-            username = "dev1"
-            password = "plain-secret-1"
-            [[broker.users]]
-            username = "dev2"
-            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g"
-            [cloud]
-            host = "c"
-            username = "gw"
-            password = "cloud-secret-2"
-            client_key_file = "/etc/fieldgate/key.pem"
-            "#,
+            &format!(
+                r#"
+                [[broker.users]]
+                username = "dev1"
+                password = "plain-secret-1"
+                [[broker.users]]
+                username = "dev2"
+                password_hash = "{hash}"
+                [cloud]
+                host = "c"
+                username = "gw"
+                password = "cloud-secret-2"
+                client_key_file = "/etc/fieldgate/key.pem"
+                "#
+            ),
             &[],
         )
         .unwrap();
