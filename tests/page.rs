@@ -2,7 +2,8 @@
 //! (an in-process tokio-modbus server), a local MQTT client, a TLS cloud broker and an OTA
 //! rollout with an HTTPS firmware store. Every check is on values those peers put there; the
 //! deadlines only bound the waiting. The browser test (Debian's `chromium`, headless) runs
-//! when `FIELDGATE_TEST_BROWSER=1`; then a missing chromium is a failure, not a skip.
+//! when `FIELDGATE_TEST_BROWSER=1`; then a missing chromium is a failure, not a skip. The
+//! documents are also checked against the examples in docs/api.md, key by key.
 
 mod common;
 
@@ -170,12 +171,14 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
         .iter()
         .any(|l| l["what"] == "refused" && l["reason"] == "disk_full"));
     assert!(losses.iter().all(|l| l["count"].is_u64()));
+    assert_documented("/api/v1/status", &st);
 
     // The Modbus device with the value its server holds.
     let d = wait_api(&g, "/api/v1/devices", WAIT, |d| {
         d["devices"][0]["tags"][0]["quality"] == "good"
     })
     .await;
+    assert_documented("/api/v1/devices", &d);
     let boiler = &d["devices"][0];
     assert_eq!(boiler["name"], "boiler");
     assert_eq!(boiler["kind"], "modbus");
@@ -209,6 +212,7 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
         })
     })
     .await;
+    assert_documented("/api/v1/clients", &cl);
     let me = cl["clients"]
         .as_array()
         .unwrap()
@@ -274,6 +278,7 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
         o["rollouts"][0]["devices"][0]["state"] == "done"
     })
     .await;
+    assert_documented("/api/v1/ota", &o);
     let ro = &o["rollouts"][0];
     assert_eq!(ro["id"], "r-page");
     assert_eq!(ro["image"], "pagefw 3.1");
@@ -294,6 +299,7 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
     );
     assert!(text.contains("<redacted>"), "{text}");
     assert_eq!(conf["problems"], json!([]));
+    assert_documented("/api/v1/config", &conf);
 
     // The history gains a point every 10 s, with the queue's values.
     let st = wait_api(&g, "/api/v1/status", HISTORY_WAIT, |s| {
@@ -315,6 +321,8 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
     ] {
         assert!(p[k].is_number(), "{k} in {p}");
     }
+    // With a history point, the whole status document has the documented shape.
+    assert_documented("/api/v1/status", &st);
     drop(fw);
 }
 
@@ -498,4 +506,61 @@ async fn a_browser_shows_the_link_state_the_chart_and_the_device_row() {
     ]);
     let png = std::fs::read(&shot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG"), "{} is a PNG", shot.display());
+}
+
+/// The JSON example under the `GET <path>` heading of docs/api.md.
+fn documented(path: &str) -> Json {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md"))
+        .expect("docs/api.md");
+    let heading = format!("## `GET {path}`");
+    let after = doc
+        .split_once(&heading)
+        .map(|(_, a)| a)
+        .expect("a heading per path");
+    let block = after
+        .split_once("```json\n")
+        .and_then(|(_, b)| b.split_once("```"))
+        .map(|(b, _)| b)
+        .expect("a JSON example");
+    serde_json::from_str(block).unwrap_or_else(|e| panic!("{path}'s example: {e}\n{block}"))
+}
+
+/// Where two documents differ in shape: keys of objects (recursively; arrays by their first
+/// elements). `null` and empty arrays on either side match anything: the example shows one
+/// possible value.
+fn shape_differences(doc: &Json, live: &Json, at: &str, out: &mut Vec<String>) {
+    match (doc, live) {
+        (Json::Null, _) | (_, Json::Null) => {}
+        (Json::Object(d), Json::Object(l)) => {
+            for k in d.keys().filter(|k| !l.contains_key(*k)) {
+                out.push(format!("{at}.{k} documented, not served"));
+            }
+            for k in l.keys().filter(|k| !d.contains_key(*k)) {
+                out.push(format!("{at}.{k} served, not documented"));
+            }
+            for (k, dv) in d {
+                if let Some(lv) = l.get(k) {
+                    shape_differences(dv, lv, &format!("{at}.{k}"), out);
+                }
+            }
+        }
+        (Json::Array(d), Json::Array(l)) => {
+            if let (Some(d0), Some(l0)) = (d.first(), l.first()) {
+                shape_differences(d0, l0, &format!("{at}[0]"), out);
+            }
+        }
+        (d, l) if std::mem::discriminant(d) == std::mem::discriminant(l) => {}
+        (d, l) => out.push(format!("{at}: documented {d}, served {l}")),
+    }
+}
+
+/// docs/api.md's example of `path` has the shape of the live document.
+fn assert_documented(path: &str, live: &Json) {
+    let mut diff = Vec::new();
+    shape_differences(&documented(path), live, path, &mut diff);
+    assert!(
+        diff.is_empty(),
+        "docs/api.md and the gateway disagree:\n{}\nlive: {live:#}",
+        diff.join("\n")
+    );
 }
