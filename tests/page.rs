@@ -506,6 +506,15 @@ async fn a_browser_shows_the_link_state_the_chart_and_the_device_row() {
     ]);
     let png = std::fs::read(&shot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG"), "{} is a PNG", shot.display());
+    // The devices tab on a phone-sized window.
+    let phone = target_dir().join("operator-page-devices.png");
+    chromium(&[
+        &format!("--screenshot={}", phone.display()),
+        "--window-size=412,900",
+        &format!("{url}#devices"),
+    ]);
+    let png = std::fs::read(&phone).expect("the phone screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "{} is a PNG", phone.display());
 }
 
 /// The JSON example under the `GET <path>` heading of docs/api.md.
@@ -562,5 +571,70 @@ fn assert_documented(path: &str, live: &Json) {
         diff.is_empty(),
         "docs/api.md and the gateway disagree:\n{}\nlive: {live:#}",
         diff.join("\n")
+    );
+}
+
+/// A serial device on the board: offline with the port's error while it is absent, online
+/// once plugged in, its decoded fields as tags, offline again when unplugged. This is the
+/// sequence tests/serial.rs uses; when this test was written, a port opened at start and
+/// then unplugged was not seen offline within 60 s (not covered by tests/serial.rs either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_device_shows_its_fields_and_goes_offline_when_unplugged() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut pty = common::pty::PtyPair::start(dir.path(), "scale");
+    pty.unplug();
+    let ports = GatewayPorts::new();
+    let cfg = GatewayConfig::local(&ports, dir.path()).push(
+        "serial",
+        toml::toml! {
+            name = "scale"
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+            [decode]
+            mode = "regex"
+            pattern = "^(?P<weight>\\S+) kg$"
+        },
+    );
+    let g = Gateway::start(&cfg.to_toml(), &ports).await;
+    let d = wait_api(&g, "/api/v1/devices", WAIT, |d| {
+        d["devices"][0]["status"] == "offline"
+    })
+    .await;
+    assert!(
+        d["devices"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("scale-gw")),
+        "{d:#}"
+    );
+    pty.plug_in();
+    let mut dev = pty.device();
+    let d = wait_api(&g, "/api/v1/devices", WAIT, |d| {
+        d["devices"][0]["status"] == "online"
+    })
+    .await;
+    assert_eq!(d["devices"][0]["kind"], "serial");
+    assert_eq!(d["devices"][0]["name"], "scale");
+    AsyncWriteExt::write_all(&mut dev, b"12.5 kg\n")
+        .await
+        .unwrap();
+    let d = wait_api(&g, "/api/v1/devices", WAIT, |d| {
+        d["devices"][0]["tags"][0]["name"] == "weight"
+    })
+    .await;
+    let tag = &d["devices"][0]["tags"][0];
+    assert_eq!(tag["value"], 12.5, "the decoder reads a number: {d:#}");
+    assert_eq!(tag["quality"], "good");
+    drop(dev);
+    pty.unplug();
+    let d = wait_api(&g, "/api/v1/devices", WAIT, |d| {
+        d["devices"][0]["status"] == "offline"
+    })
+    .await;
+    assert!(d["devices"][0]["last_error"].is_string(), "{d:#}");
+    assert_eq!(
+        d["devices"][0]["tags"][0]["value"], 12.5,
+        "the last reading stays"
     );
 }

@@ -87,7 +87,9 @@ async function get(path) {
 
 function drawChart(box, history) {
   const pts = history.points || [];
-  const W = 600, H = 180, L = 48, R = 48, T = 10, B = 22;
+  // The drawing is as wide as its box, so the labels are not stretched (the box is 180 px
+  // high, as the viewBox).
+  const W = Math.max(320, Math.round(box.clientWidth || 600)), H = 180, L = 48, R = 48, T = 10, B = 22;
   const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
     "aria-label": "queue depth and oldest unsent age over the last hour" });
   const span = (history.window_seconds || 3600) * 1000;
