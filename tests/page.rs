@@ -1,8 +1,9 @@
 //! The operator page and its JSON API against the real gateway binary: a Modbus TCP device
 //! (an in-process tokio-modbus server), a local MQTT client, a TLS cloud broker and an OTA
 //! rollout with an HTTPS firmware store. Every check is on values those peers put there; the
-//! deadlines only bound the waiting. The browser test (Debian's `chromium`, headless) runs
-//! when `FIELDGATE_TEST_BROWSER=1`; then a missing chromium is a failure, not a skip. The
+//! deadlines only bound the waiting. The browser test (Debian's `chromium`, headless) is
+//! `#[ignore]`d in a bare `cargo test` and run by `.ci/run` with `-- --ignored`, where a
+//! missing chromium is a failure. The
 //! documents are also checked against the examples in docs/api.md, key by key.
 
 mod common;
@@ -440,7 +441,7 @@ fn chromium(args: &[&str]) -> String {
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("FIELDGATE_TEST_BROWSER=1 but chromium cannot run: {e}"));
+        .unwrap_or_else(|e| panic!("chromium cannot run (apt-get install chromium): {e}"));
     assert!(
         out.status.success(),
         "chromium failed: {}",
@@ -452,11 +453,8 @@ fn chromium(args: &[&str]) -> String {
 /// What a person sees: the page, loaded by headless chromium from the running gateway, shows
 /// the link state, the chart with its points, and the device row with its tag value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium: cargo test --test page -- --ignored (.ci/run does)"]
 async fn a_browser_shows_the_link_state_the_chart_and_the_device_row() {
-    if std::env::var("FIELDGATE_TEST_BROWSER").as_deref() != Ok("1") {
-        eprintln!("skipped: set FIELDGATE_TEST_BROWSER=1 (needs Debian's chromium)");
-        return;
-    }
     let pki = Pki::new();
     let cloud = Cloud::start(&pki, &pki.server);
     let ports = GatewayPorts::new();

@@ -64,6 +64,7 @@ const LOSSES: [(&str, &str); 6] = [
 pub fn losses(rendered: &str) -> Vec<Value> {
     let mut out = Vec::new();
     for (family, what) in LOSSES {
+        let first = out.len();
         for line in rendered.lines() {
             let Some(rest) = line.strip_prefix(family).and_then(|r| r.strip_prefix('{')) else {
                 continue;
@@ -78,6 +79,8 @@ pub fn losses(rendered: &str) -> Vec<Value> {
             let count = count.trim().parse::<f64>().unwrap_or(0.0) as u64;
             out.push(json!({ "what": what, "reason": reason, "count": count }));
         }
+        // A family's labels render in hash order: sort them so rows keep their place.
+        out[first..].sort_by(|a, b| a["reason"].as_str().cmp(&b["reason"].as_str()));
     }
     out
 }
@@ -268,8 +271,13 @@ mod tests {
                     fieldgate_messages_in_total 100\n";
         let l = losses(text);
         assert_eq!(l.len(), 4);
+        // Sorted by reason within a family, whatever order the registry rendered.
         assert_eq!(
             l[0],
+            json!({"what": "dropped", "reason": "expired", "count": 0})
+        );
+        assert_eq!(
+            l[1],
             json!({"what": "dropped", "reason": "queue_full", "count": 4})
         );
         assert_eq!(
