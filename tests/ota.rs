@@ -54,13 +54,7 @@ impl Setup {
     /// The cloud side, once the gateway says `online` (it subscribes to its commands first).
     async fn collector(&self) -> Collector {
         let c = Collector::start(&self.pki, self.cloud.port, "fieldgate/gw1/#").await;
-        let online = eventually(WAIT, || {
-            c.on_topic("fieldgate/gw1/status")
-                .last()
-                .is_some_and(|p| p == b"online")
-        })
-        .await;
-        assert!(online, "the gateway never said online to the cloud");
+        c.wait_online(WAIT).await;
         c
     }
 }

@@ -248,7 +248,7 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
     let up = json!({"command": "ota_upgrade", "name": "pagefw", "version": "3.1",
                     "size": img.len(), "sha256": sha256_hex(&img), "url": fw.url(),
                     "devices": ["d1"], "rollout": "r-page"});
-    wait_online(&c).await;
+    c.wait_online(WAIT).await;
     c.client
         .publish(
             "fieldgate/gw1/cmd/ota/upgrade",
@@ -325,16 +325,6 @@ async fn the_api_shows_devices_clients_the_cloud_link_history_ota_and_config() {
     // With a history point, the whole status document has the documented shape.
     assert_documented("/api/v1/status", &st);
     drop(fw);
-}
-
-async fn wait_online(c: &Collector) {
-    let online = eventually(WAIT, || {
-        c.on_topic("fieldgate/gw1/status")
-            .last()
-            .is_some_and(|p| p == b"online")
-    })
-    .await;
-    assert!(online, "the gateway never said online to the cloud");
 }
 
 /// The endpoint answers bad requests with a clear status, serves the page's files with their

@@ -89,21 +89,14 @@ pub fn losses(rendered: &str) -> Vec<Value> {
 pub fn status(h: &HealthSource, p: &PageSource) -> Value {
     let m = h.store.metrics();
     let link: LinkInfo = h.cloud.link.get();
-    let cloud_state = if !h.cloud_enabled {
-        "disabled"
-    } else if h.cloud.cloud_connected.get() == 1 {
-        "connected"
-    } else {
-        "disconnected"
-    };
+    let cloud_state = h.cloud_state();
     let refusing = m.store_refusing_cause();
-    let degraded = cloud_state == "disconnected" || refusing.is_some();
     let last = p.history.last();
     json!({
         "gateway_id": h.gateway_id,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": h.registry.uptime_secs(),
-        "status": if degraded { "degraded" } else { "ok" },
+        "status": h.overall(),
         "cloud": {
             "state": cloud_state,
             "address": p.info.cloud_address,

@@ -52,20 +52,34 @@ pub struct HealthSource {
 }
 
 impl HealthSource {
-    /// The `/health` document.
-    pub fn json(&self) -> serde_json::Value {
-        let m = self.store.metrics();
-        let cloud = if !self.cloud_enabled {
+    /// The cloud link: `connected`, `disconnected` or `disabled` (no `[cloud]`).
+    pub fn cloud_state(&self) -> &'static str {
+        if !self.cloud_enabled {
             "disabled"
         } else if self.cloud.cloud_connected.get() == 1 {
             "connected"
         } else {
             "disconnected"
-        };
+        }
+    }
+
+    /// `degraded` while the cloud is disconnected or the queue refuses writes, else `ok`.
+    pub fn overall(&self) -> &'static str {
+        let refusing = self.store.metrics().store_refusing_cause().is_some();
+        if refusing || self.cloud_state() == "disconnected" {
+            "degraded"
+        } else {
+            "ok"
+        }
+    }
+
+    /// The `/health` document.
+    pub fn json(&self) -> serde_json::Value {
+        let m = self.store.metrics();
+        let cloud = self.cloud_state();
         let refusing = m.store_refusing_cause();
-        let degraded = cloud == "disconnected" || refusing.is_some();
         serde_json::json!({
-            "status": if degraded { "degraded" } else { "ok" },
+            "status": self.overall(),
             "gateway_id": self.gateway_id,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.registry.uptime_secs(),

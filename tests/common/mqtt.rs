@@ -200,6 +200,18 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// Waits (at most `within`) until the gateway has said `online` on `fieldgate/gw1/status`;
+    /// panics otherwise.
+    pub async fn wait_online(&self, within: Duration) {
+        let online = super::util::eventually(within, || {
+            self.on_topic("fieldgate/gw1/status")
+                .last()
+                .is_some_and(|p| p == b"online")
+        })
+        .await;
+        assert!(online, "the gateway never said online to the cloud");
+    }
+
     pub async fn start(pki: &Pki, cloud_port: u16, filter: &str) -> Collector {
         let mut o = MqttOptions::new(
             format!("collector-{}", free_port()),
