@@ -152,7 +152,7 @@ fn gateway(dir: &std::path::Path, port: u16, http: u16, secure: bool) -> Child {
 }
 
 fn hash(p: &str) -> String {
-    fieldgate::frontend::auth::hash_password(p).unwrap()
+    fieldgate::password::hash_password(p).unwrap()
 }
 
 fn plain_rumqttd(port: u16) {

@@ -266,6 +266,7 @@ impl Settings {
             &self.gateway.id,
         ));
         p.extend(self.ota.validate());
+        p.extend(self.http.validate());
         p
     }
 
@@ -334,7 +335,7 @@ impl Settings {
     /// What the OTA manager needs from other sections, computed once: the cache directory
     /// (`ota.cache_dir`, else `<data_dir>/ota`), the CA for downloads (`ota.fetch_ca_file`,
     /// else `cloud.ca_file`) and the base of the metadata `url` (`ota.http_base_url`, else
-    /// the HTTP endpoint's address, `http.listen`).
+    /// the HTTP endpoint's address, `http.listen`, as `https://` with `[http.tls]`).
     pub fn ota_paths(&self) -> OtaPaths {
         let cache_dir = if self.ota.cache_dir.as_os_str().is_empty() {
             self.gateway.data_dir.join("ota")
@@ -358,7 +359,8 @@ impl Settings {
                     ip => ip.to_string(),
                 }
             };
-            format!("http://{host}:{}", a.port())
+            let scheme = if self.http.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{host}:{}", a.port())
         };
         OtaPaths {
             cache_dir,
@@ -450,7 +452,10 @@ fn http_section(
         (None, None) => return,
     };
     match value.try_deserialize::<HttpConfig>() {
-        Ok(h) => s.http = h,
+        Ok(h) => {
+            s.notices.extend(h.page_off_notice());
+            s.http = h;
+        }
         Err(e) => problems.push(problem(
             name,
             format!("{e}; see configs/fieldgate.toml for the keys and types"),
@@ -728,12 +733,12 @@ mod tests {
     fn the_old_metrics_section_still_loads_and_says_its_new_name() {
         let new = load("[http]\nlisten = \"127.0.0.1:9999\"\npage = false\n", &[]).unwrap();
         assert_eq!(new.http.listen, "127.0.0.1:9999".parse().unwrap());
-        assert!(!new.http.page);
+        assert!(!new.http.serves_page());
         assert!(new.notices.is_empty());
         let old = load("[metrics]\nlisten = \"127.0.0.1:9999\"\n", &[]).unwrap();
         assert_eq!(old.http.listen, new.http.listen);
         assert!(
-            old.http.page,
+            old.http.serves_page(),
             "keys [metrics] does not set keep their defaults"
         );
         assert_eq!(old.notices.len(), 1);
@@ -764,7 +769,7 @@ mod tests {
 
     #[test]
     fn redacted_config_hides_every_password_and_hash() {
-        let hash = crate::frontend::auth::hash_password("pw2").unwrap();
+        let hash = crate::password::hash_password("pw2").unwrap();
         let s = load(
             &format!(
                 r#"

@@ -187,7 +187,7 @@ pub async fn run(
         cloud_enabled: settings.cloud.enabled,
         gateway_id: settings.gateway.id.clone(),
         ota: ota_handle,
-        page: settings.http.page.then(|| PageSource {
+        page: settings.http.serves_page().then(|| PageSource {
             info: Arc::new(page_info(&settings)),
             history: crate::http::history::History::new(),
             board: ctx.board.clone(),

@@ -118,7 +118,7 @@ fn passwd() -> ExitCode {
         eprintln!("fieldgate passwd: empty password; type one line on stdin");
         return ExitCode::from(EX_USAGE);
     }
-    match fieldgate::frontend::auth::hash_password(password) {
+    match fieldgate::password::hash_password(password) {
         Ok(phc) => {
             println!("{phc}");
             ExitCode::SUCCESS

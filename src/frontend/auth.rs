@@ -1,7 +1,8 @@
 //! Who a device is, and what it may do: password checks and topic ACLs.
 //!
 //! Owns the account table (argon2id PHC hashes, or plain passwords kept for compatibility)
-//! and the ACL rules. Invariants:
+//! and the ACL rules; hashing, the hash check and the delay after a failed login are the
+//! [`crate::password`] leaf's, shared with the operator page's login. Invariants:
 //! - a password is checked with a constant-time comparison (argon2's verifier, or a hash of
 //!   both sides for the plain-text compatibility mode), never by `==` on the secret;
 //! - `%u` / `%c` are substituted only with values that are one whole topic level: an identity
@@ -11,49 +12,9 @@
 //!   topic it could ever match is matched by one allowed pattern.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 
 use super::config::{AclConfig, AclRules, UserConfig};
-use crate::topic;
-
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    /// A `password_hash` is not an argon2 PHC string; the config is refused (exit 64).
-    #[error("not an argon2 PHC string ({0})")]
-    BadHash(String),
-    /// Hashing failed (out of memory); `fieldgate passwd` exits non-zero, try again.
-    #[error("cannot hash the password: {0}")]
-    Hash(String),
-}
-
-/// Checks that `phc` is an argon2 PHC string (used by config validation).
-pub fn check_hash(phc: &str) -> Result<(), AuthError> {
-    let h = PasswordHash::new(phc).map_err(|e| AuthError::BadHash(e.to_string()))?;
-    if !h.algorithm.as_str().starts_with("argon2") {
-        return Err(AuthError::BadHash(format!(
-            "algorithm {} instead of argon2id",
-            h.algorithm
-        )));
-    }
-    Ok(())
-}
-
-/// Hashes `password` as an argon2id PHC string with a random salt (`fieldgate passwd`).
-pub fn hash_password(password: &str) -> Result<String, AuthError> {
-    let mut salt = [0u8; 16];
-    rand::Rng::fill(&mut rand::rng(), &mut salt[..]);
-    let salt = SaltString::encode_b64(&salt).map_err(|e| AuthError::Hash(e.to_string()))?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| AuthError::Hash(e.to_string()))
-}
+use crate::{password, topic};
 
 #[derive(Debug, Clone)]
 enum Secret {
@@ -112,12 +73,10 @@ impl Users {
     pub fn verify(&self, username: &str, password: &[u8]) -> Verdict {
         match self.by_name.get(username) {
             None => Verdict::UnknownUser,
-            Some(Secret::Hash(phc)) => match PasswordHash::new(phc) {
-                Ok(h) if Argon2::default().verify_password(password, &h).is_ok() => Verdict::Ok,
-                _ => Verdict::WrongPassword,
-            },
+            Some(Secret::Hash(phc)) if password::verify(phc, password) => Verdict::Ok,
+            Some(Secret::Hash(_)) => Verdict::WrongPassword,
             Some(Secret::Plain(p)) => {
-                if constant_time_eq(p.as_bytes(), password) {
+                if password::constant_time_eq(p.as_bytes(), password) {
                     Verdict::Ok
                 } else {
                     Verdict::WrongPassword
@@ -125,16 +84,6 @@ impl Users {
             }
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
 }
 
 /// The ACL, shared read-only by every connection.
@@ -296,68 +245,6 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-/// Most addresses [`LoginGuard`] remembers; past it, forgotten failures go first, then any.
-const GUARD_ADDRESSES: usize = 4096;
-/// Failures older than this are forgotten.
-const GUARD_FORGET: Duration = Duration::from_secs(600);
-
-/// Slows password guessing down per source address: after a failed login, the next attempt
-/// from that address waits `base`, doubled per further failure up to 32 x `base`. Memory is
-/// bounded by [`GUARD_ADDRESSES`]; connection limits per address bound the parallel tries.
-#[derive(Debug)]
-pub struct LoginGuard {
-    base: Duration,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-}
-
-impl LoginGuard {
-    /// `base`: `broker.failed_login_delay` (zero: never delay).
-    pub fn new(base: Duration) -> LoginGuard {
-        LoginGuard {
-            base,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// How long a login attempt from `ip` waits before its password is checked.
-    pub fn delay(&self, ip: IpAddr) -> Duration {
-        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match f.get(&ip) {
-            Some((n, at)) if *n > 0 && at.elapsed() < GUARD_FORGET => {
-                self.base * (1u32 << (n - 1).min(5))
-            }
-            _ => Duration::ZERO,
-        }
-    }
-
-    /// A login from `ip` failed.
-    pub fn failed(&self, ip: IpAddr) {
-        if self.base.is_zero() {
-            return;
-        }
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if f.len() >= GUARD_ADDRESSES && !f.contains_key(&ip) {
-            f.retain(|_, (_, at)| at.elapsed() < GUARD_FORGET);
-            if f.len() >= GUARD_ADDRESSES {
-                if let Some(k) = f.keys().next().copied() {
-                    f.remove(&k);
-                }
-            }
-        }
-        let e = f.entry(ip).or_insert((0, Instant::now()));
-        if e.1.elapsed() >= GUARD_FORGET {
-            e.0 = 0;
-        }
-        *e = (e.0.saturating_add(1), Instant::now());
-    }
-
-    /// A login from `ip` succeeded: its failures are forgotten.
-    pub fn succeeded(&self, ip: IpAddr) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        f.remove(&ip);
-    }
-}
-
 /// `pattern` with `%u` and `%c` replaced; None when a needed value is missing or is not a
 /// single safe topic level.
 fn substitute(pattern: &str, identity: Option<&str>, client_id: &str) -> Option<String> {
@@ -418,26 +305,6 @@ mod tests {
             users,
             internal: Default::default(),
         })
-    }
-
-    #[test]
-    fn failed_logins_delay_their_address_only_and_success_forgets() {
-        let g = LoginGuard::new(Duration::from_millis(100));
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        assert_eq!(g.delay(a), Duration::ZERO);
-        let waits: Vec<u128> = (0..8)
-            .map(|_| {
-                g.failed(a);
-                g.delay(a).as_millis()
-            })
-            .collect();
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 3200, 3200]);
-        assert_eq!(g.delay(b), Duration::ZERO);
-        g.succeeded(a);
-        assert_eq!(g.delay(a), Duration::ZERO);
-        let off = LoginGuard::new(Duration::ZERO);
-        off.failed(a);
-        assert_eq!(off.delay(a), Duration::ZERO);
     }
 
     #[test]
@@ -525,6 +392,7 @@ mod tests {
 
     #[test]
     fn passwords() {
+        use crate::password::{check_hash, hash_password};
         let phc = hash_password("s3cret").unwrap();
         check_hash(&phc).unwrap();
         assert!(check_hash("s3cret").is_err());

@@ -7,13 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::problem::{problem, Problem};
-use crate::tls::check_pem;
+use crate::tls::{ClientCertMode, ServerTlsConfig};
 use crate::topic;
 
 /// `[broker]`
@@ -120,23 +119,7 @@ pub struct ListenerConfig {
     pub allow_anonymous: bool,
     /// TLS on this listener. Absent: plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<ListenerTlsConfig>,
-}
-
-/// `[broker.listeners.NAME.tls]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerTlsConfig {
-    /// PEM server certificate chain.
-    pub cert_file: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`.
-    pub key_file: PathBuf,
-    /// PEM CA certificate(s) that sign device client certificates (mutual TLS).
-    #[serde(default)]
-    pub client_ca_file: PathBuf,
-    /// `none`, `optional` (a certificate, when sent, identifies the client) or `required`.
-    #[serde(default)]
-    pub client_cert: ClientCertMode,
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// `broker.rate_limit_policy`: what the front end does with a device that publishes faster
@@ -179,26 +162,6 @@ named_enum!(RateLimitPolicy, "a rate limit policy", {
     "drop" => Drop,
     "disconnect" => Disconnect,
 });
-
-named_enum!(ClientCertMode, "a client certificate mode", {
-    "none" => None,
-    "optional" => Optional,
-    "required" => Required,
-});
-
-/// Whether a TLS listener asks devices for a client certificate.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientCertMode {
-    /// Never asked; clients authenticate with a password (or are anonymous).
-    #[default]
-    None,
-    /// Asked; a verified certificate's CN is the identity, without one a password is needed.
-    Optional,
-    /// Every client must present a certificate signed by `client_ca_file`; its CN is the
-    /// identity. Without one the CONNECT is refused (CONNACK 5).
-    Required,
-}
 
 /// `[[broker.users]]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -408,7 +371,7 @@ fn validate_auth(b: &BrokerConfig) -> Vec<Problem> {
                 "both password and password_hash are set; keep only password_hash",
             )),
             (false, true) => {
-                if let Err(e) = crate::frontend::auth::check_hash(&u.password_hash) {
+                if let Err(e) = crate::password::check_hash(&u.password_hash) {
                     p.push(problem(
                         format!("{key}.password_hash"),
                         format!("{e}; paste the whole line `fieldgate passwd` printed"),
@@ -434,49 +397,7 @@ fn validate_auth(b: &BrokerConfig) -> Vec<Problem> {
             ));
         }
         if let Some(t) = &l.tls {
-            let before = p.len();
-            check_pem(
-                &mut p,
-                &format!("{key}.tls.cert_file"),
-                &t.cert_file,
-                "CERTIFICATE",
-            );
-            check_pem(
-                &mut p,
-                &format!("{key}.tls.key_file"),
-                &t.key_file,
-                "PRIVATE KEY",
-            );
-            if p.len() == before {
-                // Both files read: the key must be the certificate's (run would fail on it).
-                let only_pair = ListenerTlsConfig {
-                    client_cert: ClientCertMode::None,
-                    ..t.clone()
-                };
-                if let Err(crate::tls::TlsError::Invalid { why, .. }) =
-                    crate::frontend::tls::server_config(name, &only_pair)
-                {
-                    p.push(problem(
-                        format!("{key}.tls.key_file"),
-                        format!("is not the key of cert_file (rustls: {why}); use the key the certificate was issued for"),
-                    ));
-                }
-            }
-            let ca = !t.client_ca_file.as_os_str().is_empty();
-            if t.client_cert != ClientCertMode::None && !ca {
-                p.push(problem(
-                    format!("{key}.tls.client_ca_file"),
-                    "client certificates are asked for but no CA is given; set client_ca_file to the devices' CA PEM",
-                ));
-            }
-            if ca {
-                check_pem(
-                    &mut p,
-                    &format!("{key}.tls.client_ca_file"),
-                    &t.client_ca_file,
-                    "CERTIFICATE",
-                );
-            }
+            crate::tls::check_server(&mut p, &format!("{key}.tls"), t);
         }
     }
     let rules = std::iter::once(("broker.acl.default".to_string(), &b.acl.default)).chain(

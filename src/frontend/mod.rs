@@ -24,7 +24,6 @@ pub mod relay;
 pub mod retained_out;
 pub mod session;
 pub mod sessions;
-pub mod tls;
 pub mod upacks;
 pub mod upstream;
 
@@ -40,7 +39,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use self::config::{BrokerConfig, ClientCertMode, ListenerConfig, RateLimitPolicy};
+use self::config::{BrokerConfig, ListenerConfig, RateLimitPolicy};
+use crate::tls::{self, ClientCertMode};
 use crate::ingest::Ingest;
 use auth::{Acl, Users};
 use metrics::BrokerMetrics;
@@ -83,7 +83,7 @@ pub struct Context {
     /// `broker.client_id_pattern`; None: any client id.
     pub client_id_pattern: Option<String>,
     /// Failed logins per source address (all listeners).
-    pub logins: Arc<auth::LoginGuard>,
+    pub logins: Arc<crate::password::LoginGuard>,
     /// `broker.max_subscriptions_per_client`.
     pub max_subscriptions: usize,
     /// `broker.max_inflight`: also the window of the retained messages the front end sends.
@@ -187,11 +187,11 @@ pub fn prepare(
     });
     let verify_slots = Arc::new(Semaphore::new(2));
     let live_sessions = Arc::new(sessions::Sessions::default());
-    let logins = Arc::new(auth::LoginGuard::new(cfg.failed_login_delay));
+    let logins = Arc::new(crate::password::LoginGuard::new(cfg.failed_login_delay));
     let mut out = Vec::new();
     for (name, l) in &cfg.listeners {
         let acceptor = match &l.tls {
-            Some(t) => Some(TlsAcceptor::from(tls::server_config(name, t)?)),
+            Some(t) => Some(TlsAcceptor::from(tls::server_config(&format!("broker.listeners.{name}.tls"), t)?)),
             None => None,
         };
         let ctx = Arc::new(Context {

@@ -862,8 +862,10 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::frontend::auth::{Acl, LoginGuard, Users};
-    use crate::frontend::config::{AclConfig, AclRules, ClientCertMode};
+    use crate::frontend::auth::{Acl, Users};
+    use crate::password::LoginGuard;
+    use crate::frontend::config::{AclConfig, AclRules};
+    use crate::tls::ClientCertMode;
     use crate::frontend::metrics::BrokerMetrics;
     use crate::frontend::Upstream;
     use crate::ingest::{Ingest, Routing};

@@ -44,7 +44,7 @@ use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
 use super::clients::Client;
-use super::config::ClientCertMode;
+use crate::tls::ClientCertMode;
 use super::framed::{BrokerCodec, DeviceCodec, Framed, READ_RESERVE};
 use super::relay::{Identity, Next, Relay, BATCH, UPSTREAM_KEEPALIVE};
 use super::sessions::Filters;

@@ -22,8 +22,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::serve::{parse_range, Busy, Via};
@@ -61,12 +60,12 @@ pub async fn status(ota: &OtaHandle, rest: &str) -> Option<serde_json::Value> {
     }
 }
 
-async fn small(sock: &mut TcpStream, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
+async fn small<S: AsyncWrite + Unpin>(sock: &mut S, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
     small_typed(sock, status, "text/plain", extra, body).await
 }
 
-async fn small_typed(
-    sock: &mut TcpStream,
+async fn small_typed<S: AsyncWrite + Unpin>(
+    sock: &mut S,
     status: &str,
     ctype: &str,
     extra: &str,
@@ -81,8 +80,8 @@ async fn small_typed(
 }
 
 /// Streams (a range of) a verified image.
-pub async fn image(
-    sock: &mut TcpStream,
+pub async fn image<S: AsyncWrite + Unpin>(
+    sock: &mut S,
     ota: &OtaHandle,
     req: ImageRequest<'_>,
 ) -> std::io::Result<()> {
@@ -94,7 +93,7 @@ pub async fn image(
         peer,
     } = req;
     let (what, query) = what.split_once('?').unwrap_or((what, ""));
-    let device = super::protocol::query_value(query, "device");
+    let device = crate::form::query_value(query, "device");
     let img = ota.catalog.borrow().find(what);
     let Some(img) = img else {
         metrics.error("http_not_found");

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tracing::debug;
 
-use super::super::protocol::{self, ChunkGet, Metadata, Progress, Request, Verify};
+use super::super::protocol::{ChunkGet, Metadata, Progress, Request, Verify};
 use super::super::serve::{self, ChunkJob, ReadyImage, Served, Via};
 use super::super::state::ImageState;
 use super::{chunks_of, Manager, Out};
@@ -127,7 +127,7 @@ impl Manager {
             url: format!(
                 "{}/ota/image/{sha}?device={}",
                 self.base_url,
-                protocol::encode_query_value(dev)
+                crate::form::encode_query_value(dev)
             ),
             rollout: r.id.clone(),
         };
