@@ -359,7 +359,11 @@ impl Settings {
                     ip => ip.to_string(),
                 }
             };
-            let scheme = if self.http.tls.is_some() { "https" } else { "http" };
+            let scheme = if self.http.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             format!("{scheme}://{host}:{}", a.port())
         };
         OtaPaths {
@@ -402,8 +406,8 @@ impl Settings {
     }
 
     /// A copy with every secret that is set replaced by [`REDACTED`], for the operator page:
-    /// the broker users' `password` and `password_hash`, and `cloud.password`. Paths of key
-    /// files stay (the files' contents are never in the configuration).
+    /// the broker users' `password` and `password_hash`, `cloud.password`, the page
+    /// accounts' `password_hash` and `http.metrics_token`. Paths of key files stay (the files' contents are never in the configuration).
     pub fn redacted(&self) -> Settings {
         let mut s = self.clone();
         let hide = |v: &mut String| {
@@ -411,6 +415,10 @@ impl Settings {
                 *v = REDACTED.into();
             }
         };
+        for u in &mut s.http.admin.users {
+            hide(&mut u.password_hash);
+        }
+        hide(&mut s.http.metrics_token);
         for u in &mut s.broker.users {
             hide(&mut u.password);
             hide(&mut u.password_hash);
@@ -768,6 +776,71 @@ mod tests {
     }
 
     #[test]
+    fn the_page_is_never_open_beyond_loopback_without_a_login() {
+        let open = "[http]\nlisten = \"0.0.0.0:9183\"\n";
+        let s = load(open, &[]).unwrap();
+        assert!(!s.http.serves_page(), "unset page beyond loopback: off");
+        assert_eq!(s.notices.len(), 1, "{:?}", s.notices);
+        assert!(
+            s.notices[0].contains("[[http.admin.users]]"),
+            "{:?}",
+            s.notices
+        );
+        let err = load(&format!("{open}page = true\n"), &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "http.page", "{err}");
+        assert!(
+            err.problems[0].message.contains("fieldgate passwd"),
+            "{err}"
+        );
+        let hash = crate::password::hash_password("pw").unwrap();
+        let with_login = format!(
+            "{open}page = true\n[[http.admin.users]]\nusername = \"op\"\npassword_hash = \"{hash}\"\n"
+        );
+        let s = load(&with_login, &[]).unwrap();
+        assert!(s.http.serves_page() && s.http.login_required());
+        assert!(s.notices.is_empty(), "{:?}", s.notices);
+        // Loopback, no accounts: open, as before.
+        assert!(Settings::default().http.serves_page());
+        assert!(!Settings::default().http.login_required());
+    }
+
+    #[test]
+    fn bad_http_access_keys_are_named() {
+        let text = r#"
+            [http]
+            metrics_token = "short"
+            [http.admin]
+            session_ttl = "5s"
+            [[http.admin.users]]
+            username = "op"
+            password_hash = "hunter2"
+            [http.tls]
+            cert_file = "/nonexistent/cert.pem"
+            key_file = "/nonexistent/key.pem"
+            client_cert = "required"
+        "#;
+        let err = load(text, &[]).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "http.metrics_token",
+            "http.admin.session_ttl",
+            "http.admin.users[0].password_hash",
+            "http.tls.cert_file",
+            "http.tls.key_file",
+            "http.tls.client_ca_file",
+        ] {
+            assert!(keys.contains(&k), "{k} not in {keys:?}");
+        }
+        let err = load(
+            "[http.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_cert = \"maybe\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("none, optional, required"), "{err}");
+    }
+
+    #[test]
     fn redacted_config_hides_every_password_and_hash() {
         let hash = crate::password::hash_password("pw2").unwrap();
         let s = load(
@@ -784,16 +857,26 @@ mod tests {
                 username = "gw"
                 password = "cloud-secret-2"
                 client_key_file = "/etc/fieldgate/key.pem"
+                [http]
+                metrics_token = "metrics-secret-3-long"
+                [[http.admin.users]]
+                username = "op"
+                password_hash = "{hash}"
                 "#
             ),
             &[],
         )
         .unwrap();
         let text = s.redacted().to_toml();
-        for secret in ["plain-secret-1", "$argon2id", "cloud-secret-2"] {
+        for secret in [
+            "plain-secret-1",
+            "$argon2id",
+            "cloud-secret-2",
+            "metrics-secret-3",
+        ] {
             assert!(!text.contains(secret), "{secret} in:\n{text}");
         }
-        assert_eq!(text.matches(REDACTED).count(), 3, "{text}");
+        assert_eq!(text.matches(REDACTED).count(), 5, "{text}");
         assert!(text.contains("/etc/fieldgate/key.pem"), "paths stay");
         assert!(text.contains("username = \"gw\""), "{text}");
         // Nothing set, nothing to redact.

@@ -38,7 +38,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::component::{stop_all, Ctx, Running};
 use crate::config::Settings;
 use crate::frontend::metrics::BrokerMetrics;
-use crate::http::{HealthSource, Http, PageInfo, PageSource};
+use crate::http::{HealthSource, Http, HttpError, PageInfo, PageSource};
 use crate::ingest::{Ingest, Routing};
 use crate::metrics::Registry;
 use crate::ota::Ota;
@@ -341,9 +341,12 @@ async fn start_http(
     }
     let http = Http::build(&settings.http, health)
         .await
-        .map_err(|source| GatewayError::Io {
-            what: format!("http.listen {}", settings.http.listen),
-            source,
+        .map_err(|e| match e {
+            HttpError::Bind { addr, source } => GatewayError::Io {
+                what: format!("http.listen {addr}"),
+                source,
+            },
+            HttpError::Tls(e) => GatewayError::from(e),
         })?;
     Ok(Some(http.start(CancellationToken::new())))
 }

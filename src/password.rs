@@ -52,8 +52,7 @@ pub fn hash_password(password: &str) -> Result<String, PasswordError> {
 /// Whether `password` is the one `phc` was made from. Slow on purpose (argon2, about 19 MiB
 /// of memory for the check): call it off the async workers, and bound how many run at once.
 pub fn verify(phc: &str, password: &[u8]) -> bool {
-    PasswordHash::new(phc)
-        .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
+    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
 }
 
 /// `a == b` in a time that depends on the lengths only, not on where they differ.

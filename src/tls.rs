@@ -204,7 +204,12 @@ pub fn server_config(prefix: &str, t: &ServerTlsConfig) -> Result<Arc<ServerConf
 /// the certificate's, a CA when client certificates are asked for.
 pub fn check_server(p: &mut Vec<Problem>, prefix: &str, t: &ServerTlsConfig) {
     let before = p.len();
-    check_pem(p, &format!("{prefix}.cert_file"), &t.cert_file, "CERTIFICATE");
+    check_pem(
+        p,
+        &format!("{prefix}.cert_file"),
+        &t.cert_file,
+        "CERTIFICATE",
+    );
     check_pem(p, &format!("{prefix}.key_file"), &t.key_file, "PRIVATE KEY");
     if p.len() == before {
         // Both files read: the key must be the certificate's (run would fail on it).

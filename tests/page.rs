@@ -626,3 +626,171 @@ async fn a_serial_device_shows_its_fields_and_goes_offline_when_unplugged() {
         "the last reading stays"
     );
 }
+
+/// The value of header `name` in a raw HTTP answer.
+fn answer_header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    let head = answer.split("\r\n\r\n").next()?;
+    head.split("\r\n").skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// `POST /login` with a form body.
+fn sign_in_request(user: &str, password: &str, next: &str) -> String {
+    let body = format!("user={user}&password={password}&next={next}");
+    format!(
+        "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// `GET path` with a `Cookie` (and no other credentials).
+fn get_with_cookie(port: u16, path: &str, cookie: &str) -> String {
+    raw(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n"),
+    )
+}
+
+fn body_json(answer: &str) -> Json {
+    answer
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Json::Null)
+}
+
+/// With `[http.admin]` accounts the page and the API need a sign-in, as a person in a browser
+/// or a script with a cookie jar does it; a wrong password is refused after the configured
+/// delay, counted, and logged once per interval; a forged or signed-out session is refused;
+/// `/metrics` needs its bearer token; `/health` and the page's files stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_accounts_the_page_and_the_api_need_a_sign_in() {
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let hash = fieldgate::password::hash_password("s3cret pass").unwrap();
+    let token = "0123456789abcdef-metrics";
+    let cfg = GatewayConfig::local(&ports, data.path())
+        .set("ota.enabled", false)
+        .set("http.metrics_token", token)
+        .set("http.admin.failed_login_delay", "400ms")
+        .push(
+            "http.admin.users",
+            toml::toml! { username = "op" password_hash = (hash) },
+        );
+    let g = Gateway::start(&cfg.to_toml(), &ports).await;
+    let port = ports.http;
+
+    // Not signed in: the API says how, the page goes to the sign-in form, files stay open.
+    let status = raw(port, "GET /api/v1/status HTTP/1.1\r\n\r\n");
+    assert!(status.starts_with("HTTP/1.1 401 "), "{status}");
+    assert!(body_json(&status)["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("POST /login")));
+    let page = raw(port, "GET /#devices HTTP/1.1\r\n\r\n");
+    assert!(page.starts_with("HTTP/1.1 303 "), "{page}");
+    let to = answer_header(&page, "location").unwrap();
+    assert!(to.starts_with("/login?next=%2F"), "{to}");
+    let form = raw(port, &format!("GET {to} HTTP/1.1\r\n\r\n"));
+    assert!(form.starts_with("HTTP/1.1 200 "), "{form}");
+    assert!(
+        form.contains("name=\"password\" type=\"password\""),
+        "{form}"
+    );
+    assert!(form.contains("value=\"/#devices\""), "next is kept: {form}");
+    assert!(raw(port, "GET /ui/style.css HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 "));
+    assert!(g.get("/health").is_some_and(|h| h.contains("\"gw1\"")));
+
+    // A wrong password and an unknown user: refused, no cookie, answered after the delay.
+    for (user, pass) in [("op", "wrong"), ("nobody", "s3cret+pass")] {
+        let t = std::time::Instant::now();
+        let a = raw(port, &sign_in_request(user, pass, "%2F"));
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{user}: not delayed"
+        );
+        assert!(a.starts_with("HTTP/1.1 401 "), "{a}");
+        assert!(a.contains("Wrong user or password."), "{a}");
+        assert!(answer_header(&a, "set-cookie").is_none(), "{a}");
+    }
+
+    // The right one: a session cookie scripts cannot read and other sites cannot send.
+    let ok = raw(
+        port,
+        &sign_in_request("op", "s3cret+pass", "%2Fapi%2Fv1%2Fstatus"),
+    );
+    assert!(ok.starts_with("HTTP/1.1 303 "), "{ok}");
+    assert_eq!(answer_header(&ok, "location"), Some("/api/v1/status"));
+    let set = answer_header(&ok, "set-cookie")
+        .expect("a cookie")
+        .to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP: {set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let status = get_with_cookie(port, "/api/v1/status", &cookie);
+    assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
+    assert_eq!(body_json(&status)["gateway_id"], "gw1");
+    let session = body_json(&get_with_cookie(port, "/api/v1/session", &cookie));
+    assert_eq!(session["user"], "op");
+    assert_eq!(session["login_required"], true);
+    assert!(session["expires_in_seconds"]
+        .as_u64()
+        .is_some_and(|s| s > 0));
+    assert_documented("/api/v1/session", &session);
+    let index = get_with_cookie(port, "/", &cookie);
+    assert!(
+        index.contains("<script src=\"/ui/app.js\"></script>"),
+        "{index}"
+    );
+    let forged = get_with_cookie(port, "/api/v1/status", "fieldgate_session=00ff");
+    assert!(forged.starts_with("HTTP/1.1 401 "), "{forged}");
+    // A redirect to another site is not followed.
+    let away = raw(
+        port,
+        &sign_in_request("op", "s3cret+pass", "%2F%2Fevil.example%2F"),
+    );
+    assert_eq!(answer_header(&away, "location"), Some("/"), "{away}");
+
+    // Signing out ends the session.
+    let out = raw(
+        port,
+        &format!("POST /logout HTTP/1.1\r\nCookie: {cookie}\r\nContent-Length: 0\r\n\r\n"),
+    );
+    assert!(out.starts_with("HTTP/1.1 303 "), "{out}");
+    assert!(answer_header(&out, "set-cookie").is_some_and(|c| c.contains("Max-Age=0")));
+    let after = get_with_cookie(port, "/api/v1/status", &cookie);
+    assert!(after.starts_with("HTTP/1.1 401 "), "{after}");
+
+    // /metrics: its token, nothing else.
+    let none = raw(port, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(none.starts_with("HTTP/1.1 401 "), "{none}");
+    assert!(answer_header(&none, "www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+    let wrong = raw(
+        port,
+        "GET /metrics HTTP/1.1\r\nAuthorization: Bearer 0123456789abcdef-wrong!!\r\n\r\n",
+    );
+    assert!(wrong.starts_with("HTTP/1.1 401 "), "{wrong}");
+    let session_only = get_with_cookie(port, "/metrics", &cookie);
+    assert!(session_only.starts_with("HTTP/1.1 401 "), "{session_only}");
+    let metrics = raw(
+        port,
+        &format!("GET /metrics HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n"),
+    );
+    assert!(metrics.starts_with("HTTP/1.1 200 "), "{metrics}");
+    for sample in [
+        "fieldgate_http_logins_total{result=\"refused\"} 2",
+        "fieldgate_http_logins_total{result=\"ok\"} 2",
+        "fieldgate_http_refused_total{reason=\"metrics_token\"} 3",
+    ] {
+        assert!(metrics.contains(sample), "{sample}:\n{metrics}");
+    }
+    let (_, log) = g.terminate();
+    assert_eq!(
+        log.matches("wrong user or password for the operator page")
+            .count(),
+        1,
+        "two refusals within the log interval are one line:\n{log}"
+    );
+}

@@ -40,8 +40,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use self::config::{BrokerConfig, ListenerConfig, RateLimitPolicy};
-use crate::tls::{self, ClientCertMode};
 use crate::ingest::Ingest;
+use crate::tls::{self, ClientCertMode};
 use auth::{Acl, Users};
 use metrics::BrokerMetrics;
 
@@ -191,7 +191,10 @@ pub fn prepare(
     let mut out = Vec::new();
     for (name, l) in &cfg.listeners {
         let acceptor = match &l.tls {
-            Some(t) => Some(TlsAcceptor::from(tls::server_config(&format!("broker.listeners.{name}.tls"), t)?)),
+            Some(t) => Some(TlsAcceptor::from(tls::server_config(
+                &format!("broker.listeners.{name}.tls"),
+                t,
+            )?)),
             None => None,
         };
         let ctx = Arc::new(Context {

@@ -863,16 +863,16 @@ mod tests {
 
     use super::*;
     use crate::frontend::auth::{Acl, Users};
-    use crate::password::LoginGuard;
     use crate::frontend::config::{AclConfig, AclRules};
-    use crate::tls::ClientCertMode;
     use crate::frontend::metrics::BrokerMetrics;
     use crate::frontend::Upstream;
     use crate::ingest::{Ingest, Routing};
     use crate::metrics::Registry;
+    use crate::password::LoginGuard;
     use crate::store::config::StoreConfig;
     use crate::store::metrics::StoreMetrics;
     use crate::store::{journal, Store};
+    use crate::tls::ClientCertMode;
     use crate::topic::FilterSet;
     use crate::watchdog::Heartbeat;
 

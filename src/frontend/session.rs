@@ -44,11 +44,11 @@ use tracing::{debug, info};
 
 use super::auth::{Action, Verdict};
 use super::clients::Client;
-use crate::tls::ClientCertMode;
 use super::framed::{BrokerCodec, DeviceCodec, Framed, READ_RESERVE};
 use super::relay::{Identity, Next, Relay, BATCH, UPSTREAM_KEEPALIVE};
 use super::sessions::Filters;
 use super::{upstream, Context};
+use crate::tls::ClientCertMode;
 use crate::topic;
 
 /// Why a session ended; the label of `fieldgate_broker_closed_total`.

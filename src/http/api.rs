@@ -179,6 +179,16 @@ pub fn config(p: &PageSource) -> Value {
     json!({ "toml": p.info.config_toml, "problems": problems })
 }
 
+/// `/api/v1/session`: whether a sign-in is needed, and who is signed in (a session's user
+/// with the seconds it has left, or a TLS client certificate's CN, which has no end).
+pub fn session(login_required: bool, user: Option<(String, Option<std::time::Duration>)>) -> Value {
+    let (user, left) = match user {
+        Some((u, left)) => (Some(u), left.map(|d| d.as_secs())),
+        None => (None, None),
+    };
+    json!({ "login_required": login_required, "user": user, "expires_in_seconds": left })
+}
+
 /// `/api/v1/ota`: the manager's full answer mapped onto the page's shape; `enabled: false`
 /// without `[ota]`, and empty lists when the manager does not answer in time.
 pub async fn ota(h: &HealthSource) -> Value {

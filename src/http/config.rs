@@ -124,8 +124,7 @@ impl HttpConfig {
         if !self.enabled {
             return p;
         }
-        if self.page == Some(true) && !self.listen.ip().is_loopback() && !self.login_required()
-        {
+        if self.page == Some(true) && !self.listen.ip().is_loopback() && !self.login_required() {
             p.push(problem(
                 "http.page",
                 format!(
@@ -140,10 +139,7 @@ impl HttpConfig {
         for (i, u) in self.admin.users.iter().enumerate() {
             let key = format!("http.admin.users[{i}]");
             if u.username.is_empty() || u.username.len() > 64 {
-                p.push(problem(
-                    format!("{key}.username"),
-                    "use 1-64 characters",
-                ));
+                p.push(problem(format!("{key}.username"), "use 1-64 characters"));
             } else if !seen.insert(u.username.as_str()) {
                 p.push(problem(
                     format!("{key}.username"),
@@ -158,7 +154,8 @@ impl HttpConfig {
             }
         }
         let a = &self.admin;
-        if a.session_ttl < Duration::from_secs(60) || a.session_ttl > Duration::from_secs(30 * 86400)
+        if a.session_ttl < Duration::from_secs(60)
+            || a.session_ttl > Duration::from_secs(30 * 86400)
         {
             p.push(problem(
                 "http.admin.session_ttl",

@@ -3,6 +3,22 @@
 //! (`/ui/app.js`), never inline, so the endpoint's `Content-Security-Policy: default-src
 //! 'self'` holds for the page.
 
+/// The sign-in page with `message` (empty: none) and the path to go to after it, both
+/// HTML-escaped.
+pub fn login_page(message: &str, next: &str) -> String {
+    include_str!("../ui/login.html")
+        .replace("<!--message-->", &escape(message))
+        .replace("<!--next-->", &escape(next))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
 /// One embedded file.
 pub struct File {
     /// `Content-Type` to answer with.
@@ -44,8 +60,12 @@ mod tests {
         assert!(!index.contains(" onclick="), "inline handler");
         assert!(
             file("/ui/login.html").is_none(),
-            "the login page is not served yet"
+            "the sign-in page is rendered by login_page, not served as a file"
         );
+        let p = login_page("Wrong <b>", "/x\"><script>");
+        assert!(p.contains("Wrong &lt;b&gt;"), "{p}");
+        assert!(p.contains("value=\"/x&quot;&gt;&lt;script&gt;\""), "{p}");
+        assert!(!p.contains("<script"), "{p}");
         assert!(file("/ui/../Cargo.toml").is_none());
     }
 }

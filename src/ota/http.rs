@@ -60,7 +60,12 @@ pub async fn status(ota: &OtaHandle, rest: &str) -> Option<serde_json::Value> {
     }
 }
 
-async fn small<S: AsyncWrite + Unpin>(sock: &mut S, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
+async fn small<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    status: &str,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<()> {
     small_typed(sock, status, "text/plain", extra, body).await
 }
 

@@ -367,6 +367,17 @@ impl Gateway {
 
     /// As [`Gateway::start`], with extra environment variables.
     pub async fn start_env(config: &str, ports: &GatewayPorts, env: &[(&str, &str)]) -> Gateway {
+        Self::start_until(config, ports, env, |g| g.get("/health").is_some()).await
+    }
+
+    /// Starts the gateway and waits until `ready` holds (for an endpoint a plain `GET
+    /// /health` cannot reach, e.g. over TLS).
+    pub async fn start_until(
+        config: &str,
+        ports: &GatewayPorts,
+        env: &[(&str, &str)],
+        ready: impl Fn(&Gateway) -> bool,
+    ) -> Gateway {
         let conf_dir = tempfile::tempdir().unwrap();
         let conf = conf_dir.path().join("fieldgate.toml");
         std::fs::write(&conf, config).unwrap();
@@ -389,7 +400,7 @@ impl Gateway {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if g.get("/health").is_some() {
+            if ready(&g) {
                 break;
             }
             if let Ok(Some(status)) = g.child.try_wait() {
