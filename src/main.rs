@@ -31,7 +31,8 @@ enum Command {
     /// Run the gateway (built-in defaults when no file is given). The HTTP endpoint
     /// (`[http]`, 127.0.0.1:9183 by default) serves the operator page at /, its JSON API under
     /// /api/v1 (docs/api.md), /metrics, /health, and OTA status and images under /ota/
-    /// (docs/ota.md).
+    /// (docs/ota.md). Beyond loopback the page and the API need `[http.admin]` accounts
+    /// and a sign-in at /login.
     Run {
         /// TOML configuration file. Environment variables FIELDGATE__SECTION__KEY override it.
         #[arg(short, long, value_name = "FILE")]
@@ -44,7 +45,8 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Read a password from stdin (one line) and print its argon2id hash for
-    /// `[[broker.users]] password_hash`.
+    /// `password_hash` of `[[broker.users]]` (devices) and `[[http.admin.users]]` (the
+    /// operator page).
     Passwd,
     /// Print the effective configuration (defaults + file + environment) as TOML.
     PrintConfig {

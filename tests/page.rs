@@ -794,3 +794,139 @@ async fn with_accounts_the_page_and_the_api_need_a_sign_in() {
         "two refusals within the log interval are one line:\n{log}"
     );
 }
+
+/// One HTTPS exchange with the gateway (trusting the test CA, with `client` as the client
+/// certificate if given): the whole answer, or `None` when the handshake fails.
+fn https(port: u16, pki: &Pki, client: Option<&CertFiles>, request: &str) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match client {
+        None => b.with_no_client_auth(),
+        Some(c) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&c.cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(&c.key).unwrap(),
+            )
+            .unwrap(),
+    };
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(cfg),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(request.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `[http.tls]` with the broker listeners' keys: the endpoint speaks only HTTPS, the session
+/// cookie is `Secure`, and a verified client certificate signs its connection in as its CN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_a_client_certificate_signs_in_and_the_cookie_is_secure() {
+    let pki = Pki::new();
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let hash = fieldgate::password::hash_password("pw-of-op").unwrap();
+    let cfg = GatewayConfig::local(&ports, data.path())
+        .set("ota.enabled", false)
+        .set("http.admin.failed_login_delay", "0s")
+        .push(
+            "http.admin.users",
+            toml::toml! { username = "op" password_hash = (hash) },
+        )
+        .set(
+            "http.tls",
+            toml::toml! {
+                cert_file = (path(&pki.server.cert))
+                key_file = (path(&pki.server.key))
+                client_ca_file = (path(&pki.ca))
+                client_cert = "optional"
+            },
+        );
+    let port = ports.http;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let g = Gateway::start_until(&cfg.to_toml(), &ports, &[], |_| {
+        https(port, &pki, None, &get("/health")).is_some_and(|a| a.starts_with("HTTP/1.1 200 "))
+    })
+    .await;
+
+    // Plain HTTP on the HTTPS port gets no HTTP answer.
+    assert!(!raw(port, &get("/health")).starts_with("HTTP/"));
+    // Without a certificate or a session: refused.
+    let anon = https(port, &pki, None, &get("/api/v1/status")).unwrap();
+    assert!(anon.starts_with("HTTP/1.1 401 "), "{anon}");
+    // The test CA's client certificate (CN "client") is a sign-in of its own.
+    let cert = https(port, &pki, Some(&pki.client), &get("/api/v1/session")).unwrap();
+    assert!(cert.starts_with("HTTP/1.1 200 "), "{cert}");
+    let s = body_json(&cert);
+    assert_eq!(s["user"], "client", "{s}");
+    assert_eq!(s["expires_in_seconds"], Json::Null);
+    let status = https(port, &pki, Some(&pki.client), &get("/api/v1/status")).unwrap();
+    assert_eq!(body_json(&status)["gateway_id"], "gw1");
+    // A password sign-in over HTTPS: the cookie is Secure, and works on a new connection.
+    let ok = https(port, &pki, None, &sign_in_request("op", "pw-of-op", "%2F")).unwrap();
+    assert!(ok.starts_with("HTTP/1.1 303 "), "{ok}");
+    let set = answer_header(&ok, "set-cookie").unwrap();
+    assert!(set.contains("; Secure"), "{set}");
+    let cookie = set.split(';').next().unwrap();
+    let with = https(
+        port,
+        &pki,
+        None,
+        &format!("GET /api/v1/status HTTP/1.1\r\nCookie: {cookie}\r\n\r\n"),
+    )
+    .unwrap();
+    assert!(with.starts_with("HTTP/1.1 200 "), "{with}");
+    let (status, _) = g.terminate();
+    assert!(status.success());
+}
+
+/// A browser without a session is sent from the page to the sign-in form, which renders with
+/// its styles (what a person sees first on a gateway with `[http.admin]` accounts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium: cargo test --test page -- --ignored (.ci/run does)"]
+async fn a_browser_without_a_session_gets_the_sign_in_form() {
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let hash = fieldgate::password::hash_password("pw").unwrap();
+    let cfg = GatewayConfig::local(&ports, data.path())
+        .set("ota.enabled", false)
+        .push(
+            "http.admin.users",
+            toml::toml! { username = "op" password_hash = (hash) },
+        );
+    let _g = Gateway::start(&cfg.to_toml(), &ports).await;
+    let url = format!("http://127.0.0.1:{}/#devices", ports.http);
+    let dom = chromium(&["--dump-dom", &url]);
+    assert!(dom.contains("<form class=\"login\""), "{dom}");
+    // The fragment never reaches the server: `next` is the path.
+    assert!(dom.contains("name=\"next\" value=\"/\""), "{dom}");
+    assert!(
+        !dom.contains("data-loaded"),
+        "no data without a session: {dom}"
+    );
+    let shot = target_dir().join("operator-page-login.png");
+    chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=412,700",
+        &url,
+    ]);
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "{} is a PNG", shot.display());
+}

@@ -74,7 +74,7 @@ function badge(state) {
 
 async function get(path) {
   const r = await fetch(path, { credentials: "same-origin", cache: "no-store" });
-  // No login exists yet (docs/api.md, Access); once [http.admin] does, the API answers 401.
+  // With [http.admin] accounts a request without a session (or after it expired) is 401.
   if (r.status === 401) {
     location.href = "/login?next=" + encodeURIComponent(location.pathname + location.hash);
     throw new Error("login needed");
@@ -267,6 +267,15 @@ async function refresh() {
 
 window.addEventListener("hashchange", () => { showTab(); refresh(); });
 document.getElementById("filter").addEventListener("input", applyFilter);
+// Who is signed in (with [http.admin]): shown beside a sign-out button.
+async function showSession() {
+  const s = await get("/api/v1/session");
+  if (!s.user) return;
+  document.getElementById("user").textContent = `signed in as ${s.user}`;
+  document.getElementById("signed-in").hidden = false;
+}
+
 showTab();
+showSession().catch(() => {});
 refresh();
 setInterval(refresh, REFRESH_MS);
