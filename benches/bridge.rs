@@ -32,6 +32,10 @@
 //!   the restore to the first message is mostly the wait for the next connection attempt:
 //!   fieldgate tries at most `BENCH_RECONNECT_MAX_MS` (200) apart, jittered to 50-100% of
 //!   it, mosquitto every `restart_timeout` (1 s, its least).
+//! - `BENCH_PAGE=1`: while fieldgate runs, an open operator page is simulated: every 2 s the
+//!   requests `src/ui/app.js` makes with the Devices tab open (`/api/v1/status`,
+//!   `/api/v1/devices`, `/api/v1/clients`), from a thread of its own, so a run with and one
+//!   without show what the page costs the data path (and the idle RSS with the page open).
 //! - RSS: VmRSS after start (idle), while holding the outage, after the drain, and VmHWM;
 //!   CPU (utime + stime) of the system, of the cloud broker and of this process per scenario.
 //!
@@ -110,6 +114,8 @@ struct Params {
     verbose: bool,
     /// fieldgate's `cloud.reconnect_max` in this run, ms.
     reconnect_max_ms: u64,
+    /// Poll fieldgate's operator API as an open page does.
+    page: bool,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -151,6 +157,7 @@ impl Params {
             ceiling: env_or("BENCH_CEILING", 1u8) != 0,
             verbose: env_or("BENCH_VERBOSE", 0u8) != 0,
             reconnect_max_ms: env_or("BENCH_RECONNECT_MAX_MS", 200u64).max(50),
+            page: env_or("BENCH_PAGE", 0u8) != 0,
             h: Harness {
                 sink_qos: if env_or("BENCH_SINK_QOS", 1u8) == 0 {
                     QoS::AtMostOnce
@@ -186,6 +193,8 @@ Environment knobs (defaults in brackets; they win over --quick):
   BENCH_SINK_TLS      1: the subscriber uses the cloud's TLS listener, 0: a plain one [0]
   BENCH_CLOUD_NODELAY 1: set_tcp_nodelay true on the cloud broker [0]
   BENCH_VERBOSE       1: print each system's log tail (unix time of the restore shown) [0]
+  BENCH_PAGE          1: an open operator page polls fieldgate's API every 2 s, as app.js
+                      does with the Devices tab open (run with 0 and 1 to compare) [0]
   BENCH_RECONNECT_MAX_MS fieldgate's cloud.reconnect_max: the longest wait between connection
                       attempts while the cloud is away, so the most the restore can wait for
                       one (mosquitto: restart_timeout 1, its least) [200]";
@@ -1353,6 +1362,58 @@ async fn start_sut(kind: &str, pki: &Pki, proxy_port: u16, p: &Params) -> Result
     }
 }
 
+/// An open operator page: every 2 s the requests `src/ui/app.js` makes with the Devices tab
+/// open, on a thread of its own, until dropped. Counts the answers that were JSON.
+struct PagePoller {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl PagePoller {
+    fn start(port: u16) -> PagePoller {
+        use std::io::{Read, Write};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut ok = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                for path in ["/api/v1/status", "/api/v1/devices", "/api/v1/clients"] {
+                    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+                    let mut out = String::new();
+                    let _ = s.read_to_string(&mut out);
+                    ok += u64::from(out.contains("application/json"));
+                }
+                for _ in 0..20 {
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            ok
+        });
+        println!("  operator page open: polling the API every 2 s");
+        PagePoller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PagePoller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let n = t.join().unwrap_or(0);
+            println!("  operator page: {n} API answers");
+        }
+    }
+}
+
 /// Publishes probes until one shows up at the cloud: the whole path is up.
 async fn probe(port: u16, sink: &Sink, within: Duration) -> bool {
     let deadline = Instant::now() + within;
@@ -1628,6 +1689,10 @@ async fn run_system(kind: &str, pki: &Pki, p: &Params) -> Result<SysResult, Stri
     let proxy = start_proxy(cloud.port).await;
     let sink = Sink::start(pki, &cloud, "fieldgate/#", &p.h)?;
     let sut = start_sut(kind, pki, proxy.port, p).await?;
+    let page = match &sut {
+        Sut::Fieldgate { gw, .. } if p.page => Some(PagePoller::start(gw.http)),
+        _ => None,
+    };
     let (pid, cpid) = (sut.pid(), cloud.pid());
     let local = Target::plain(sut.mqtt_port(), p);
 
@@ -1882,6 +1947,7 @@ async fn run_system(kind: &str, pki: &Pki, p: &Params) -> Result<SysResult, Stri
     {
         r.notes.push(format!("log tail:\n{}", sut.log_tail()));
     }
+    drop(page);
     drop(sut);
     drop(sink);
     drop(proxy);
