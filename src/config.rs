@@ -735,6 +735,14 @@ mod tests {
             .contains(&"fw/+/chunk/get".to_string()));
         assert!(s.effective_cloud().max_packet_size >= 1048576 + OTA_PACKET_OVERHEAD);
         assert_eq!(s.ota_paths().http_base_url, "http://127.0.0.1:9183");
+        let mut tls = s.clone();
+        tls.http.tls = Some(crate::tls::ServerTlsConfig {
+            cert_file: "c.pem".into(),
+            key_file: "k.pem".into(),
+            client_ca_file: Default::default(),
+            client_cert: Default::default(),
+        });
+        assert_eq!(tls.ota_paths().http_base_url, "https://127.0.0.1:9183");
     }
 
     #[test]
