@@ -427,3 +427,52 @@ async fn a_device_present_at_start_goes_offline_when_unplugged_and_comes_back() 
     let (exit, log) = g.terminate();
     assert!(exit.success(), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_whose_path_vanishes_goes_offline_though_its_line_is_not_hung_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pty = PtyPair::start(dir.path(), "gps");
+    let ports = GatewayPorts::new();
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "gps"
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+        },
+    );
+    let g = Gateway::start(&config.to_toml(), &ports).await;
+    let sub = Sub::start(ports.mqtt, "field/#").await;
+    sub.wait_status("field/gps/status", "online").await;
+    let mut dev = pty.device();
+    write(&mut dev, b"$GPGGA,1\n").await;
+    sub.wait_n("field/gps/data", 1).await;
+
+    // The path goes while the line stays up, so the open port reads neither data nor an
+    // error: a pty whose master another process still holds, or a by-id link removed under
+    // an open port. The device end is held, so the pty is not hung up.
+    let slave = std::fs::read_link(&pty.gw).unwrap();
+    std::fs::remove_file(&pty.gw).unwrap();
+    metric_is(&g, "fieldgate_serial_online{device=\"gps\"}", 0.0).await;
+    sub.wait_status("field/gps/status", "offline").await;
+    let first_offline = sub.first_status("field/gps/status", "offline");
+    let err = first_offline["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("gps-gw") && err.contains("vanished"),
+        "{first_offline}"
+    );
+
+    // The path back (the same pty): reopened, and the line is read again.
+    std::os::unix::fs::symlink(&slave, &pty.gw).unwrap();
+    sub.wait_status("field/gps/status", "online").await;
+    metric_is(&g, "fieldgate_serial_reconnects_total{device=\"gps\"}", 1.0).await;
+    write(&mut dev, b"$GPGGA,2\n").await;
+    assert_eq!(
+        sub.wait_n("field/gps/data", 2).await,
+        vec![b"$GPGGA,1".to_vec(), b"$GPGGA,2".to_vec()]
+    );
+
+    let (exit, log) = g.terminate();
+    assert!(exit.success(), "{log}");
+}
