@@ -65,6 +65,16 @@ impl Sub {
         assert_eq!(v["state"], state, "{topic}: last status {v}");
         v
     }
+
+    /// The first status on `topic` with `state` (later ones may carry a newer error, such as
+    /// a failed reopen's).
+    fn first_status(&self, topic: &str, state: &str) -> Value {
+        self.on(topic)
+            .iter()
+            .map(|p| json_of(p))
+            .find(|v| v["state"] == state)
+            .unwrap_or_else(|| panic!("{topic}: no {state} status"))
+    }
 }
 
 fn json_of(p: &[u8]) -> Value {
@@ -353,6 +363,115 @@ async fn an_unplugged_device_goes_offline_and_comes_back_by_itself() {
     let mut buf = [0u8; 64];
     let stale = tokio::time::timeout(Duration::from_millis(300), dev.read(&mut buf)).await;
     assert!(stale.is_err(), "unexpected bytes on the port: {stale:?}");
+
+    let (exit, log) = g.terminate();
+    assert!(exit.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_present_at_start_goes_offline_when_unplugged_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // The device is there when the gateway starts (the other unplug test starts without it).
+    let mut pty = PtyPair::start(dir.path(), "scale");
+    let ports = GatewayPorts::new();
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "scale"
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+        },
+    );
+    let g = Gateway::start(&config.to_toml(), &ports).await;
+    let sub = Sub::start(ports.mqtt, "field/#").await;
+    sub.wait_status("field/scale/status", "online").await;
+    let mut dev = pty.device();
+    write(&mut dev, b"12.50 kg\n").await;
+    assert_eq!(
+        sub.wait_n("field/scale/data", 1).await,
+        vec![b"12.50 kg".to_vec()]
+    );
+    assert_eq!(g.metric("fieldgate_serial_online{device=\"scale\"}"), 1.0);
+
+    // Unplugged while its first port is open.
+    drop(dev);
+    pty.unplug();
+    metric_is(&g, "fieldgate_serial_online{device=\"scale\"}", 0.0).await;
+    sub.wait_status("field/scale/status", "offline").await;
+    // Seen through the hung-up line (EOF or EIO on read), as a real unplug is.
+    let status = sub.first_status("field/scale/status", "offline");
+    let err = status["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("end of file") || err.contains("read failed"),
+        "{status}"
+    );
+    assert!(g.metric("fieldgate_serial_port_errors_total{device=\"scale\"}") >= 1.0);
+
+    // Plugged back in: reopened by itself, lines flow again.
+    pty.plug_in();
+    sub.wait_status("field/scale/status", "online").await;
+    metric_is(
+        &g,
+        "fieldgate_serial_reconnects_total{device=\"scale\"}",
+        1.0,
+    )
+    .await;
+    let mut dev = pty.device();
+    write(&mut dev, b"13.00 kg\n").await;
+    assert_eq!(
+        sub.wait_n("field/scale/data", 2).await,
+        vec![b"12.50 kg".to_vec(), b"13.00 kg".to_vec()]
+    );
+
+    let (exit, log) = g.terminate();
+    assert!(exit.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_whose_path_vanishes_goes_offline_though_its_line_is_not_hung_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pty = PtyPair::start(dir.path(), "gps");
+    let ports = GatewayPorts::new();
+    let config = config(dir.path(), &ports).push(
+        "serial",
+        toml! {
+            name = "gps"
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+        },
+    );
+    let g = Gateway::start(&config.to_toml(), &ports).await;
+    let sub = Sub::start(ports.mqtt, "field/#").await;
+    sub.wait_status("field/gps/status", "online").await;
+    let mut dev = pty.device();
+    write(&mut dev, b"$GPGGA,1\n").await;
+    sub.wait_n("field/gps/data", 1).await;
+
+    // The path goes while the line stays up, so the open port reads neither data nor an
+    // error: a pty whose master another process still holds, or a by-id link removed under
+    // an open port. The device end is held, so the pty is not hung up.
+    let slave = std::fs::read_link(&pty.gw).unwrap();
+    std::fs::remove_file(&pty.gw).unwrap();
+    metric_is(&g, "fieldgate_serial_online{device=\"gps\"}", 0.0).await;
+    sub.wait_status("field/gps/status", "offline").await;
+    let first_offline = sub.first_status("field/gps/status", "offline");
+    let err = first_offline["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("gps-gw") && err.contains("vanished"),
+        "{first_offline}"
+    );
+
+    // The path back (the same pty): reopened, and the line is read again.
+    std::os::unix::fs::symlink(&slave, &pty.gw).unwrap();
+    sub.wait_status("field/gps/status", "online").await;
+    metric_is(&g, "fieldgate_serial_reconnects_total{device=\"gps\"}", 1.0).await;
+    write(&mut dev, b"$GPGGA,2\n").await;
+    assert_eq!(
+        sub.wait_n("field/gps/data", 2).await,
+        vec![b"$GPGGA,1".to_vec(), b"$GPGGA,2".to_vec()]
+    );
 
     let (exit, log) = g.terminate();
     assert!(exit.success(), "{log}");

@@ -1,10 +1,12 @@
 //! Pseudo-terminal pairs that stand in for serial ports, made in-process: nothing to install.
 //!
-//! A [`PtyPair`] is one openpty(3) pair, made by `tokio_serial::SerialStream::pair()`
-//! (`posix_openpt` + `grantpt` + `unlockpt`, then `cfmakeraw` on the slave: raw, no echo).
-//! The gateway opens [`PtyPair::gw`], a stable symlink in the test's temp dir to the slave's
-//! `/dev/pts/N`; the test plays the device on the master ([`PtyPair::device`]). Baud rate,
-//! parity and data bits the gateway sets are accepted by a pty and ignored.
+//! A [`PtyPair`] is one pseudo-terminal pair: the master opened from `/dev/ptmx` as a
+//! `tokio_serial::SerialStream` (which puts the line in raw mode, no echo: termios calls on a
+//! Linux pty master set the slave's), then `grantpt` + `unlockpt` + `ptsname_r`, then the
+//! slave opened by its path. The gateway opens [`PtyPair::gw`], a stable symlink in the
+//! test's temp dir to the slave's `/dev/pts/N`; the test plays the device on the master
+//! ([`PtyPair::device`]). Baud rate, parity and data bits the gateway sets are accepted by a
+//! pty and ignored.
 //!
 //! Unplugging closes the master: every open slave fd (the gateway's) is hung up, so its
 //! reads end (EOF/EIO) and its writes fail, and the `/dev/pts/N` node disappears; the
@@ -13,13 +15,26 @@
 //! what killing and restarting `socat pty,raw,echo=0,link=A pty,raw,echo=0,link=B` did to
 //! the gateway's end: socat's exit closed its masters and removed its links.
 //!
-//! Invariant: while plugged in, the pair keeps one slave fd of its own open (never read).
-//! A pty master reads EIO whenever no slave fd is open, so without it the device side would
-//! see a spurious "unplug" each time the gateway closes its port to reopen it.
+//! Invariants:
+//! - every fd of a pair is close-on-exec from the moment it is opened. The gateway under test
+//!   is a child process, and a child inherits every fd without it: a gateway started while a
+//!   pair exists (this test's, or a parallel test's in the same binary) would hold that pair's
+//!   master, so closing the test's copy would not hang the line up and the gateway's port
+//!   would stay open and silent. That is why the pair is not `SerialStream::pair()`:
+//!   serialport's `TTYPort::pair` opens both ends without `O_CLOEXEC`, and setting it
+//!   afterwards leaves a window in which another test thread may spawn a gateway;
+//! - while plugged in, the pair keeps one slave fd of its own open (never read). A pty master
+//!   reads EIO whenever no slave fd is open, so without it the device side would see a
+//!   spurious "unplug" each time the gateway closes its port to reopen it.
 
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use tokio_serial::{SerialPort, SerialStream};
+use tokio_serial::SerialStream;
 
 /// A pty pair: the gateway opens `gw`; the test is the device on the master.
 pub struct PtyPair {
@@ -34,7 +49,7 @@ struct Line {
     /// The device's end, until [`PtyPair::device`] hands it out.
     master: Option<SerialStream>,
     /// Keeps the master readable while the gateway has the port closed (see the header).
-    _slave: SerialStream,
+    _slave: File,
 }
 
 impl PtyPair {
@@ -67,8 +82,8 @@ impl PtyPair {
     /// Makes a new pair and points `gw` at its slave.
     pub fn plug_in(&mut self) {
         assert!(self.line.is_none(), "already plugged in");
-        let (master, slave) = SerialStream::pair().expect("openpty: a new pseudo-terminal pair");
-        let slave_path = slave.name().expect("the slave's /dev/pts path");
+        let (master, slave, slave_path) =
+            open_pair().unwrap_or_else(|e| panic!("a new pseudo-terminal pair: {e}"));
         let _ = std::fs::remove_file(&self.gw);
         std::os::unix::fs::symlink(&slave_path, &self.gw)
             .unwrap_or_else(|e| panic!("symlink {} -> {slave_path}: {e}", self.gw.display()));
@@ -98,6 +113,42 @@ impl PtyPair {
             .take()
             .expect("the device end is handed out once per plug-in")
     }
+}
+
+/// A new pty pair, every fd close-on-exec (see the header): the master, the slave, and the
+/// slave's path.
+fn open_pair() -> io::Result<(SerialStream, File, String)> {
+    // serialport opens with O_CLOEXEC. Not exclusive: that would flock /dev/ptmx itself (every
+    // master shares its inode), so a second pair could not be made while the first exists.
+    let builder = tokio_serial::new("/dev/ptmx", 115_200).exclusive(false);
+    let master = SerialStream::open(&builder).map_err(io::Error::other)?;
+    let fd = master.as_raw_fd();
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `fd` is the open master for the whole block; `name` is a writable buffer of
+    // the length passed, which ptsname_r NUL-terminates on success.
+    let slave_path = unsafe {
+        check(libc::grantpt(fd))?;
+        check(libc::unlockpt(fd))?;
+        // ptsname_r returns the error number itself rather than setting errno.
+        match libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) {
+            0 => CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned(),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    };
+    // std opens every file with O_CLOEXEC.
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&slave_path)?;
+    Ok((master, slave, slave_path))
 }
 
 impl Drop for PtyPair {

@@ -84,7 +84,7 @@ pub struct DeviceMetrics {
     pub writes: Counter,
     write_offline: Counter,
     write_failed: Counter,
-    /// Failed opens and read/write errors that closed the port.
+    /// Failed opens, and read/write errors or lost paths (vanished, replaced) that closed the port.
     pub port_errors: Counter,
     /// Times the port was opened again after it had been lost.
     pub reconnects: Counter,
@@ -142,7 +142,7 @@ impl Register for SerialMetrics {
         );
         r.register(
             "serial_port_errors",
-            "Failed opens and read/write errors that closed a serial port",
+            "Failed opens, and read/write errors or lost paths that closed a serial port",
             self.port_errors.clone(),
         );
         r.register(

@@ -9,7 +9,8 @@
 //! State machine of the port task (each state an `async fn` returning the next):
 //!
 //! ```text
-//!            open ok                      read error / EOF / write error
+//!            open ok                      read error / EOF / write error /
+//!                                         path vanished or replaced
 //! Opening ─────────────▶ Online ──────────────────────────────────────┐
 //!    ▲  │ open failed                                                 │
 //!    │  ▼                                                             ▼
@@ -22,6 +23,11 @@
 //! - the status topic (retained) says `online` exactly while the port is open, with the last
 //!   port error; it is republished only when the state or the error changes, so a port that
 //!   stays unplugged does not flood the broker;
+//! - an open port is given up within [`PRESENCE_CHECK`] once its path no longer names the
+//!   device that was opened (gone, or another device). A USB-serial unplug hangs the tty up
+//!   and the next read ends at once; but a line that is never hung up (a pty whose master
+//!   another process still holds, e.g. one that inherited it) reads neither data nor an
+//!   error, and without the check would stay `online` forever;
 //! - a partial frame is never carried across a reconnect (the framer is reset);
 //! - writes while the port is closed are dropped and counted (`offline`), never queued for
 //!   later: a command meant for a device that was unplugged must not fire minutes later;
@@ -43,7 +49,8 @@ pub mod decode;
 pub mod framing;
 pub mod metrics;
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +81,9 @@ const READ_CHUNK: usize = 4096;
 const STOP_PUBLISH: Duration = Duration::from_secs(1);
 /// At most one decode warning per device in this interval (the counters count them all).
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often an open port's path is checked to still name the device that was opened (see
+/// the module header). One `stat` per device per interval, on the blocking pool.
+pub const PRESENCE_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a serial device could not be set up. The gateway does not start.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +141,59 @@ pub enum PortError {
     /// A write failed: the port is closed and reopened.
     #[error("write failed: {0}")]
     Write(std::io::Error),
+    /// The port's path no longer exists while the port was open and its line was not hung up:
+    /// the port is closed and reopened once the path is back.
+    #[error("{path} vanished while open")]
+    Vanished {
+        /// Port path.
+        path: String,
+    },
+    /// The port's path now names another device than the one open (a link re-pointed, a node
+    /// made anew): the port is closed and the path reopened.
+    #[error("{path} now names another device")]
+    Replaced {
+        /// Port path.
+        path: String,
+    },
+}
+
+/// Which file a path named when its port was opened: device number of the filesystem,
+/// inode, and the device node's own number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NodeId {
+    dev: u64,
+    ino: u64,
+    rdev: u64,
+}
+
+impl NodeId {
+    fn of(m: &std::fs::Metadata) -> NodeId {
+        NodeId {
+            dev: m.dev(),
+            ino: m.ino(),
+            rdev: m.rdev(),
+        }
+    }
+}
+
+/// `Err` when `path` no longer names the file it named at open (`opened`; `None`: unknown,
+/// then only its existence is checked). Any other answer from `stat` (no permission on a
+/// directory on the way, ...) says nothing about the device, and the port stays open.
+async fn still_there(path: &Path, opened: Option<NodeId>) -> Result<(), PortError> {
+    let shown = || path.display().to_string();
+    match tokio::fs::metadata(path).await {
+        Ok(m) if opened.is_some_and(|o| o != NodeId::of(&m)) => {
+            Err(PortError::Replaced { path: shown() })
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(PortError::Vanished { path: shown() })
+        }
+        Err(e) => {
+            debug!(error = %e, "cannot check the serial port's path; keeping the port open");
+            Ok(())
+        }
+    }
 }
 
 /// Every serial device, built and linked, not yet running.
@@ -185,8 +248,11 @@ impl Serial {
 enum State {
     /// Try to open the port.
     Opening,
-    /// The port is open.
-    Online(SerialStream),
+    /// The port is open; `node` is what its path named then (`None`: could not be told).
+    Online {
+        port: SerialStream,
+        node: Option<NodeId>,
+    },
     /// Closed; try again after `delay` (from the backoff, already jittered).
     Waiting { delay: Duration },
     /// The stop token fired or the broker is gone.
@@ -321,7 +387,7 @@ impl SerialDevice {
         loop {
             state = match state {
                 State::Opening => self.opening().await,
-                State::Online(port) => self.online(port, &mut writes, &stop).await,
+                State::Online { port, node } => self.online(port, node, &mut writes, &stop).await,
                 State::Waiting { delay } => self.waiting(delay, &mut writes, &stop).await,
                 State::Stopped => break,
             };
@@ -339,10 +405,12 @@ impl SerialDevice {
     }
 
     async fn opening(&mut self) -> State {
-        // Opening a tty is a non-blocking open(2) plus a few ioctls: cheap enough to do on
-        // the runtime thread.
+        // Opening a tty is a non-blocking open(2) plus a few ioctls, and the stat that tells
+        // which node was opened finds the path just resolved: cheap enough to do on the
+        // runtime thread.
         match SerialStream::open(&self.builder) {
             Ok(port) => {
+                let node = std::fs::metadata(&self.path).ok().map(|m| NodeId::of(&m));
                 if self.was_online {
                     self.metrics.reconnects.inc();
                     info!(port = %self.path.display(), "serial port back");
@@ -356,7 +424,7 @@ impl SerialDevice {
                 if self.set_status(Status::Online).await.is_err() {
                     return State::Stopped;
                 }
-                State::Online(port)
+                State::Online { port, node }
             }
             Err(source) => {
                 let e = PortError::Open {
@@ -412,13 +480,20 @@ impl SerialDevice {
     async fn online(
         &mut self,
         mut port: SerialStream,
+        node: Option<NodeId>,
         writes: &mut mpsc::Receiver<Bytes>,
         stop: &CancellationToken,
     ) -> State {
         let mut buf = vec![0u8; READ_CHUNK];
+        let mut presence =
+            tokio::time::interval_at(tokio::time::Instant::now() + PRESENCE_CHECK, PRESENCE_CHECK);
+        presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lost = loop {
             tokio::select! {
                 _ = stop.cancelled() => return State::Stopped,
+                _ = presence.tick() => if let Err(e) = still_there(&self.path, node).await {
+                    break e;
+                },
                 r = port.read(&mut buf) => match r {
                     Ok(0) => break PortError::Closed,
                     Ok(n) => {
@@ -582,5 +657,56 @@ async fn inbox(mut rx: LocalRx, out: mpsc::Sender<Bytes>, stop: CancellationToke
             _ = stop.cancelled() => return,
             r = out.send(msg.payload) => if r.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(p: &Path) -> Option<NodeId> {
+        Some(NodeId::of(&std::fs::metadata(p).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn an_open_ports_path_is_there_until_it_vanishes_or_names_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, link) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("l"),
+        );
+        std::fs::write(&a, "").unwrap();
+        std::fs::write(&b, "").unwrap();
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let opened = node(&link);
+        assert!(still_there(&link, opened).await.is_ok());
+        assert!(still_there(&link, None).await.is_ok());
+
+        // The link re-pointed: another file, though the path exists.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&b, &link).unwrap();
+        let e = still_there(&link, opened).await.unwrap_err();
+        assert!(matches!(e, PortError::Replaced { .. }), "{e}");
+        assert!(
+            still_there(&link, None).await.is_ok(),
+            "unknown: existence only"
+        );
+
+        // Gone: named in the error, whatever was known at open.
+        std::fs::remove_file(&link).unwrap();
+        for known in [opened, None] {
+            let e = still_there(&link, known).await.unwrap_err();
+            assert!(matches!(e, PortError::Vanished { .. }), "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!("{} vanished while open", link.display())
+            );
+        }
+        // A dangling link is gone too.
+        std::fs::remove_file(&b).unwrap();
+        std::os::unix::fs::symlink(&b, &link).unwrap();
+        let e = still_there(&link, opened).await.unwrap_err();
+        assert!(matches!(e, PortError::Vanished { .. }), "{e}");
     }
 }
