@@ -89,6 +89,24 @@ async fn write(dev: &mut tokio_serial::SerialStream, bytes: &[u8]) {
 }
 
 /// Waits until the gateway's metric `sample` equals `want`; asserts it.
+/// The gateway with serial device `name` on `pty` (reconnecting within 50-200 ms, so an
+/// unplug test is quick), and a subscriber to `field/#`.
+async fn start_unpluggable(dir: &Path, pty: &PtyPair, name: &str) -> (Gateway, Sub) {
+    let ports = GatewayPorts::new();
+    let config = config(dir, &ports).push(
+        "serial",
+        toml! {
+            name = name
+            port = (path(&pty.gw))
+            reconnect_min = "50ms"
+            reconnect_max = "200ms"
+        },
+    );
+    let g = Gateway::start(&config.to_toml(), &ports).await;
+    let sub = Sub::start(ports.mqtt, "field/#").await;
+    (g, sub)
+}
+
 async fn metric_is(g: &Gateway, sample: &str, want: f64) {
     eventually(WITHIN, || g.metric(sample) == want).await;
     assert_eq!(g.metric(sample), want, "{sample}");
@@ -286,18 +304,7 @@ async fn an_unplugged_device_goes_offline_and_comes_back_by_itself() {
     // The device is absent when the gateway starts.
     let mut pty = PtyPair::start(dir.path(), "gps");
     pty.unplug();
-    let ports = GatewayPorts::new();
-    let config = config(dir.path(), &ports).push(
-        "serial",
-        toml! {
-            name = "gps"
-            port = (path(&pty.gw))
-            reconnect_min = "50ms"
-            reconnect_max = "200ms"
-        },
-    );
-    let g = Gateway::start(&config.to_toml(), &ports).await;
-    let sub = Sub::start(ports.mqtt, "field/#").await;
+    let (g, sub) = start_unpluggable(dir.path(), &pty, "gps").await;
     let status = sub.wait_status("field/gps/status", "offline").await;
     let err = status["error"].as_str().unwrap_or_default().to_string();
     assert!(
@@ -321,7 +328,7 @@ async fn an_unplugged_device_goes_offline_and_comes_back_by_itself() {
         0.0
     );
     // A late subscriber gets the retained status.
-    let late = Sub::start(ports.mqtt, "field/gps/status").await;
+    let late = Sub::start(g.mqtt, "field/gps/status").await;
     eventually(WITHIN, || !late.on("field/gps/status").is_empty()).await;
     let retained = late.0.received.lock().unwrap()[0].clone();
     assert!(retained.retain, "status not retained");
@@ -373,18 +380,7 @@ async fn a_device_present_at_start_goes_offline_when_unplugged_and_comes_back() 
     let dir = tempfile::tempdir().unwrap();
     // The device is there when the gateway starts (the other unplug test starts without it).
     let mut pty = PtyPair::start(dir.path(), "scale");
-    let ports = GatewayPorts::new();
-    let config = config(dir.path(), &ports).push(
-        "serial",
-        toml! {
-            name = "scale"
-            port = (path(&pty.gw))
-            reconnect_min = "50ms"
-            reconnect_max = "200ms"
-        },
-    );
-    let g = Gateway::start(&config.to_toml(), &ports).await;
-    let sub = Sub::start(ports.mqtt, "field/#").await;
+    let (g, sub) = start_unpluggable(dir.path(), &pty, "scale").await;
     sub.wait_status("field/scale/status", "online").await;
     let mut dev = pty.device();
     write(&mut dev, b"12.50 kg\n").await;
@@ -432,18 +428,7 @@ async fn a_device_present_at_start_goes_offline_when_unplugged_and_comes_back() 
 async fn a_port_whose_path_vanishes_goes_offline_though_its_line_is_not_hung_up() {
     let dir = tempfile::tempdir().unwrap();
     let mut pty = PtyPair::start(dir.path(), "gps");
-    let ports = GatewayPorts::new();
-    let config = config(dir.path(), &ports).push(
-        "serial",
-        toml! {
-            name = "gps"
-            port = (path(&pty.gw))
-            reconnect_min = "50ms"
-            reconnect_max = "200ms"
-        },
-    );
-    let g = Gateway::start(&config.to_toml(), &ports).await;
-    let sub = Sub::start(ports.mqtt, "field/#").await;
+    let (g, sub) = start_unpluggable(dir.path(), &pty, "gps").await;
     sub.wait_status("field/gps/status", "online").await;
     let mut dev = pty.device();
     write(&mut dev, b"$GPGGA,1\n").await;
