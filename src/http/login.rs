@@ -92,8 +92,10 @@ impl Login {
     /// Checks `user`/`pass` from `ip`; on success starts a session.
     pub async fn sign_in(&self, ip: IpAddr, user: &str, pass: &str) -> SignIn {
         tokio::time::sleep(self.guard.delay(ip)).await;
-        let phc = self.users.get(user).unwrap_or(&self.decoy).clone();
-        let known = self.users.contains_key(user);
+        let (phc, known) = match self.users.get(user) {
+            Some(phc) => (phc.clone(), true),
+            None => (self.decoy.clone(), false),
+        };
         let ok = {
             let Ok(_one) = self.checks.acquire().await else {
                 return SignIn::Refused;

@@ -355,6 +355,17 @@ impl Answer {
         }
     }
 
+    /// One of the page's embedded files.
+    fn file(f: ui::File) -> Answer {
+        Answer {
+            status: "200 OK",
+            ctype: f.content_type,
+            body: f.body.into(),
+            cache: "no-cache",
+            extra: String::new(),
+        }
+    }
+
     /// `303 See Other` to `location` (a path on this endpoint).
     fn see_other(location: &str) -> Answer {
         let mut a = Answer::text("303 See Other", "");
@@ -486,13 +497,7 @@ async fn route(shared: &Shared, req: &Request<'_>) -> Answer {
     };
     if path.starts_with("/ui/") {
         return match ui::file(path) {
-            Some(f) => Answer {
-                status: "200 OK",
-                ctype: f.content_type,
-                body: f.body.into(),
-                cache: "no-cache",
-                extra: String::new(),
-            },
+            Some(f) => Answer::file(f),
             None => Answer::text("404 Not Found", "no such file\n"),
         };
     }
@@ -513,13 +518,7 @@ async fn route(shared: &Shared, req: &Request<'_>) -> Answer {
         Err(refused) => return refused,
     };
     if let Some(f) = ui::file(path) {
-        return Answer {
-            status: "200 OK",
-            ctype: f.content_type,
-            body: f.body.into(),
-            cache: "no-cache",
-            extra: String::new(),
-        };
+        return Answer::file(f);
     }
     match path {
         "/api/v1/status" => Answer::json("200 OK", api::status(h, page)),
@@ -538,7 +537,6 @@ async fn route(shared: &Shared, req: &Request<'_>) -> Answer {
 
 /// The signed-in user (`None` when no login is configured, and how long their session has
 /// left), or the refusal: the page is sent to `/login`, the API gets `401`.
-#[allow(clippy::result_large_err)]
 fn who(access: &Access, req: &Request<'_>) -> Result<Option<(String, Option<Duration>)>, Answer> {
     let Some(l) = &access.login else {
         return Ok(None);
