@@ -27,6 +27,7 @@ pub mod password;
 pub mod problem;
 pub mod retained;
 pub mod sources;
+pub mod sparkplug;
 pub mod store;
 
 pub mod tls;

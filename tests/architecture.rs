@@ -21,6 +21,7 @@ const LEAVES: &[&str] = &[
     "pacing",
     "password",
     "problem",
+    "sparkplug",
     "tls",
     "topic",
     "watchdog",

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod plan;
 pub mod probe;
 pub mod publish;
+pub mod sparkplug;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
