@@ -73,6 +73,8 @@ pub struct Settings {
     pub serial: Vec<SerialDeviceConfig>,
     /// Firmware updates: fetch once from the cloud, serve to local devices (see docs/ota.md).
     pub ota: OtaConfig,
+    /// The uplink as a Sparkplug B edge node (see docs/sparkplug.md). Off by default.
+    pub sparkplug: crate::sparkplug::SparkplugConfig,
     /// What loading found that still works but should change (an old section name); the
     /// gateway logs each once as a warning when it starts. Not part of the configuration.
     #[serde(skip)]
@@ -130,8 +132,19 @@ impl Default for LogConfig {
 pub const REDACTED: &str = "<redacted>";
 
 const SECTIONS: &[&str] = &[
-    "gateway", "broker", "store", "uplink", "downlink", "cloud", "http", "metrics", "log",
-    "modbus", "serial", "ota",
+    "gateway",
+    "broker",
+    "store",
+    "uplink",
+    "downlink",
+    "cloud",
+    "http",
+    "metrics",
+    "log",
+    "modbus",
+    "serial",
+    "ota",
+    "sparkplug",
 ];
 
 impl Settings {
@@ -226,6 +239,7 @@ impl Settings {
         section(&mut table, "modbus", &mut s.modbus, &mut problems);
         serial_section(&mut table, &mut s.serial, &mut problems);
         section(&mut table, "ota", &mut s.ota, &mut problems);
+        section(&mut table, "sparkplug", &mut s.sparkplug, &mut problems);
         problems.extend(s.validate());
         if problems.is_empty() {
             Ok(s)
@@ -267,6 +281,7 @@ impl Settings {
         ));
         p.extend(self.ota.validate());
         p.extend(self.http.validate());
+        p.extend(self.sparkplug.validate(self.cloud.enabled));
         p
     }
 

@@ -319,6 +319,14 @@ fn start_cloud(
         heartbeat,
         cloud_prefix: ctx.expand(&settings.uplink.cloud_prefix),
         shutdown_grace: settings.gateway.shutdown_grace,
+        sparkplug: settings.sparkplug.enabled.then(|| {
+            crate::bridge::sparkplug::Uplink::new(
+                &settings.sparkplug,
+                &settings.gateway.id,
+                crate::sources::modbus::sparkplug::devices(&settings.modbus, &settings.gateway.id),
+                &settings.gateway.data_dir,
+            )
+        }),
     };
     // OTA raises the cloud's max packet size so a pushed image chunk fits.
     let bridge = Bridge::build(&settings.effective_cloud(), &settings.downlink, ctx, deps)?;

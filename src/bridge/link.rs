@@ -79,12 +79,23 @@ pub struct LinkOptions {
     pub keepalive: Duration,
     /// Username and password, if any.
     pub login: Option<(String, String)>,
-    /// Last will: topic and payload, QoS 1, retained.
-    pub will: Option<(String, String)>,
+    /// Last will, QoS 1.
+    pub will: Option<Will>,
     /// Largest packet read or written.
     pub max_packet_size: usize,
     /// Bound on dial + TLS + CONNACK, and on each flush.
     pub timeout: Duration,
+}
+
+/// The last will of a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Will {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Whether the broker keeps it as the topic's retained message.
+    pub retain: bool,
 }
 
 /// What the broker sent that the pump acts on.
@@ -160,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         c.last_will = opts
             .will
             .as_ref()
-            .map(|(t, m)| LastWill::new(t, m.as_bytes().to_vec(), QoS::AtLeastOnce, true));
+            .map(|w| LastWill::new(&w.topic, w.payload.clone(), QoS::AtLeastOnce, w.retain));
         Packet::Connect(c).write(&mut self.wbuf, self.max_packet)?;
         self.flush().await?;
         match self.read_packet().await? {
@@ -200,6 +211,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         self.wbuf.put_u16(pkid);
         self.wbuf.put_slice(payload);
         Some(pkid)
+    }
+
+    /// Queues a QoS 0 PUBLISH (no packet id, nothing to acknowledge); false when it would
+    /// exceed `max_packet_size`.
+    pub fn publish_qos0(&mut self, topic: &str, payload: &[u8], retain: bool) -> bool {
+        let remaining = 2 + topic.len() + payload.len();
+        if topic.len() > u16::MAX as usize
+            || 1 + varint_len(remaining) + remaining > self.max_packet
+        {
+            return false;
+        }
+        self.wbuf.reserve(5 + remaining);
+        self.wbuf.put_u8(0x30 | retain as u8);
+        put_varint(&mut self.wbuf, remaining);
+        self.wbuf.put_u16(topic.len() as u16);
+        self.wbuf.put_slice(topic.as_bytes());
+        self.wbuf.put_slice(payload);
+        true
     }
 
     /// Queues a SUBSCRIBE of `filters` at QoS 1.
@@ -400,7 +429,11 @@ mod tests {
             client_id: "gw-1".into(),
             keepalive: Duration::from_secs(30),
             login: Some(("user".into(), "pw".into())),
-            will: Some(("gw/status".into(), "offline".into())),
+            will: Some(Will {
+                topic: "gw/status".into(),
+                payload: b"offline".to_vec(),
+                retain: true,
+            }),
             max_packet_size: 1024 * 1024,
             timeout: Duration::from_secs(5),
         }

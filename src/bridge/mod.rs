@@ -35,6 +35,7 @@ pub mod flight;
 pub mod lanes;
 pub mod link;
 pub mod metrics;
+pub mod sparkplug;
 pub mod tls;
 
 use std::collections::VecDeque;
@@ -53,8 +54,9 @@ use crate::store::{Record, Store};
 use crate::watchdog::Heartbeat;
 use flight::{Flight, Lane, Need, Schedule, Sink};
 use lanes::Lanes;
-use link::{Incoming, Link, LinkError, LinkOptions};
+use link::{Incoming, Link, LinkError, LinkOptions, Will};
 use metrics::CloudMetrics;
+use sparkplug::{Encoded, Heard, Uplink};
 
 /// How many records one store read brings in per lane.
 const READ_AHEAD: usize = 1024;
@@ -71,6 +73,10 @@ pub enum BridgeError {
     /// A blocking store task panicked or was cancelled.
     #[error("queue task: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The Sparkplug primary host said it is offline: the session ends (NDEATH sent) and
+    /// the next one waits for it to come back.
+    #[error("Sparkplug primary host went offline")]
+    HostOffline,
 }
 
 /// What the bridge takes besides `[cloud]`, `[downlink]` and the context: the queue it
@@ -88,6 +94,8 @@ pub struct BridgeDeps {
     pub cloud_prefix: String,
     /// `gateway.shutdown_grace`: how long in-flight records may take at shutdown.
     pub shutdown_grace: Duration,
+    /// The Sparkplug edge node, when `[sparkplug]` is enabled.
+    pub sparkplug: Option<Uplink>,
 }
 
 /// Everything the bridge needs, built once: every session borrows it (nothing of `[cloud]`
@@ -107,6 +115,8 @@ pub struct Bridge {
     status_topic: String,
     downlink_filters: Vec<String>,
     strip_prefix: String,
+    /// Taken by each session for its duration.
+    sparkplug: Option<Uplink>,
 }
 
 impl Bridge {
@@ -133,7 +143,11 @@ impl Bridge {
                 keepalive: cloud.keepalive,
                 login: (!cloud.username.is_empty())
                     .then(|| (cloud.username.clone(), cloud.password.clone())),
-                will: Some((status_topic.clone(), "offline".into())),
+                will: Some(Will {
+                    topic: status_topic.clone(),
+                    payload: b"offline".to_vec(),
+                    retain: true,
+                }),
                 max_packet_size: cloud.max_packet_size,
                 timeout: cloud.connect_timeout.max(Duration::from_secs(1)),
             },
@@ -148,6 +162,7 @@ impl Bridge {
             status_topic,
             downlink_filters: downlink.subscribe.iter().map(|f| ctx.expand(f)).collect(),
             strip_prefix: ctx.expand(&downlink.strip_prefix),
+            sparkplug: deps.sparkplug,
             cloud: cloud.clone(),
         })
     }
@@ -206,6 +221,15 @@ impl Bridge {
         backoff: &mut Backoff,
         stop: &CancellationToken,
     ) -> Result<(), BridgeError> {
+        // A Sparkplug edge node's will is this connection's NDEATH.
+        if let Some(up) = self.sparkplug.as_mut() {
+            let ndeath = up.connecting(crate::clock::now_ms());
+            self.link_options.will = Some(Will {
+                topic: ndeath.topic,
+                payload: ndeath.payload,
+                retain: false,
+            });
+        }
         // Dial, handshake TLS, CONNECT and wait for CONNACK.
         let opts = &self.link_options;
         let mut link = tokio::select! {
@@ -216,7 +240,9 @@ impl Bridge {
         self.metrics.cloud_connected.set(1);
         self.metrics.link.connected(crate::clock::now_ms());
         info!(host = %opts.host, port = opts.port, "cloud connected");
-        let result = self.online(&mut link, stop).await;
+        let mut sp = self.sparkplug.take();
+        let result = self.online(&mut link, sp.as_mut(), stop).await;
+        self.sparkplug = sp;
         self.metrics.cloud_connected.set(0);
         result
     }
@@ -224,13 +250,14 @@ impl Bridge {
     async fn online<S>(
         &mut self,
         link: &mut Link<S>,
+        sp: Option<&mut Uplink>,
         stop: &CancellationToken,
     ) -> Result<(), BridgeError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut flight = Flight::default();
-        let result = self.pump(link, &mut flight, stop).await;
+        let result = self.pump(link, &mut flight, sp, stop).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
         if let Err(e) = self.remove(flight.acked()).await {
             warn!(error = %e, "removing acknowledged records failed; they will be sent again");
@@ -245,20 +272,34 @@ impl Bridge {
         &mut self,
         link: &mut Link<S>,
         flight: &mut Flight,
+        mut sp: Option<&mut Uplink>,
         stop: &CancellationToken,
     ) -> Result<(), BridgeError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let c = &self.cloud;
-        // SUBSCRIBE before the retained `online`: a cloud application that waits for `online`
-        // knows the gateway takes its commands (a broker handles one connection's packets in
-        // order).
-        if !self.downlink_filters.is_empty() {
-            link.subscribe(&self.downlink_filters)?;
+        let mut filters = self.downlink_filters.clone();
+        if let Some(up) = sp.as_deref() {
+            filters.extend(up.filters());
         }
-        if let Some(pkid) = link.publish("", &self.status_topic, b"online", true) {
-            flight.sent_other(pkid);
+        // SUBSCRIBE before the retained `online` (or the births): a cloud application that
+        // waits for them knows the gateway takes its commands (a broker handles one
+        // connection's packets in order).
+        if !filters.is_empty() {
+            link.subscribe(&filters)?;
+        }
+        match sp.as_deref_mut() {
+            Some(up) => {
+                for m in up.connected(crate::clock::now_ms()) {
+                    self.birth(link, &m);
+                }
+            }
+            None => {
+                if let Some(pkid) = link.publish("", &self.status_topic, b"online", true) {
+                    flight.sent_other(pkid);
+                }
+            }
         }
         link.flush().await?;
 
@@ -291,13 +332,15 @@ impl Bridge {
 
         loop {
             // Hand the link as much as the window and the pacing allow.
-            if stopping.is_none() {
+            let holding = sp.as_deref().is_some_and(Uplink::holding);
+            if stopping.is_none() && !holding {
                 loop {
                     let mut wire = Wire {
                         link: &mut *link,
                         bridge: &*self,
                         live: &live,
                         replayed: &mut rate_window.1,
+                        sparkplug: sp.as_deref_mut(),
                     };
                     let store = &self.store;
                     match schedule.fill(flight, Instant::now, || store.next_seq(), &mut wire) {
@@ -327,7 +370,7 @@ impl Bridge {
                     let mut inc = Some(inc?);
                     // Take every packet already read before filling the window again.
                     while let Some(i) = inc {
-                        self.incoming(i, flight).await?;
+                        self.incoming(i, flight, &filters, link, sp.as_deref_mut()).await?;
                         inc = link.try_next()?;
                     }
                 }
@@ -359,8 +402,17 @@ impl Bridge {
             }
         }
         self.remove(flight.acked()).await?;
-        // Orderly goodbye: the retained status says offline (the will only fires on abrupt loss).
-        link.publish("", &self.status_topic, b"offline", true);
+        // Orderly goodbye: the retained status says offline, or the NDEATH is sent by hand
+        // (the will only fires on abrupt loss).
+        match sp.as_deref() {
+            Some(up) => {
+                let ndeath = up.goodbye(crate::clock::now_ms());
+                link.publish("", &ndeath.topic, &ndeath.payload, false);
+            }
+            None => {
+                link.publish("", &self.status_topic, b"offline", true);
+            }
+        }
         link.disconnect();
         if link.flush().await.is_ok() {
             link.close().await;
@@ -368,23 +420,67 @@ impl Bridge {
         Ok(())
     }
 
-    /// Acts on one packet from the broker.
-    async fn incoming(&mut self, i: Incoming, flight: &mut Flight) -> Result<(), BridgeError> {
+    /// Acts on one packet from the broker (`filters`: what the session subscribed to).
+    async fn incoming<S>(
+        &mut self,
+        i: Incoming,
+        flight: &mut Flight,
+        filters: &[String],
+        link: &mut Link<S>,
+        sp: Option<&mut Uplink>,
+    ) -> Result<(), BridgeError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         match i {
             Incoming::PubAck(pkid) => {
                 if flight.puback(pkid) {
                     self.remove(flight.acked()).await?;
                 }
             }
-            Incoming::Publish(p) => self.downlink(p),
+            Incoming::Publish(p) => match sp {
+                None => self.downlink(p),
+                Some(up) => match up.heard(&p.topic, &p.payload, crate::clock::now_ms()) {
+                    Heard::NotOurs => self.downlink(p),
+                    Heard::Nothing => {}
+                    Heard::Births(births) => {
+                        for m in &births {
+                            self.birth(link, m);
+                        }
+                    }
+                    Heard::Local(writes) => {
+                        for (topic, payload) in writes {
+                            self.publish_local(topic, payload);
+                        }
+                    }
+                    Heard::HostOffline => {
+                        let ndeath = up.goodbye(crate::clock::now_ms());
+                        link.publish("", &ndeath.topic, &ndeath.payload, false);
+                        link.disconnect();
+                        let _ = link.flush().await;
+                        return Err(BridgeError::HostOffline);
+                    }
+                },
+            },
             Incoming::SubAck(ok) => {
-                for (f, _) in self.downlink_filters.iter().zip(ok).filter(|(_, ok)| !ok) {
-                    warn!(filter = %f, "cloud broker refused the downlink subscription");
+                for (f, _) in filters.iter().zip(ok).filter(|(_, ok)| !ok) {
+                    warn!(filter = %f, "cloud broker refused the subscription");
                 }
             }
             Incoming::Other => {}
         }
         Ok(())
+    }
+
+    /// Queues a birth the session adds of its own, at QoS 0 (it carries no record).
+    fn birth<S>(&self, link: &mut Link<S>, m: &crate::sparkplug::Message)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        if !link.publish_qos0(&m.topic, &m.payload, false) {
+            error!(topic = %m.topic, bytes = m.payload.len(), max = self.cloud.max_packet_size,
+                "Sparkplug birth larger than cloud.max_packet_size not sent; raise it");
+        }
     }
 
     /// Queues one record on the link: its packet id, or `None` (and the record dropped,
@@ -397,14 +493,19 @@ impl Bridge {
         match link.publish(&self.cloud_prefix, &rec.topic, &rec.payload, rec.retain) {
             Some(pkid) => Some(pkid),
             None => {
-                self.store.metrics().count_drop(DropReason::TooLarge, 1);
-                self.store.ack(&[seq]);
-                error!(seq, topic = %rec.topic, bytes = rec.payload.len(),
-                    max = self.cloud.max_packet_size,
-                    "record larger than cloud.max_packet_size dropped");
+                self.too_large(seq, rec, rec.payload.len());
                 None
             }
         }
+    }
+
+    /// Record `seq` cannot be sent: `bytes` on the wire exceed `cloud.max_packet_size`.
+    /// It is dropped, counted and logged.
+    fn too_large(&self, seq: u64, rec: &Record, bytes: usize) {
+        self.store.metrics().count_drop(DropReason::TooLarge, 1);
+        self.store.ack(&[seq]);
+        error!(seq, topic = %rec.topic, bytes, max = self.cloud.max_packet_size,
+            "record larger than cloud.max_packet_size dropped");
     }
 
     /// Reads up to `READ_AHEAD` records in `[from, to)`: recent ones from the store's memory
@@ -443,10 +544,15 @@ impl Bridge {
         }
         let rest = topic.strip_prefix(&self.strip_prefix).unwrap_or(topic);
         let local = format!("{}{}", self.local_prefix, rest);
-        match self.downlink.try_publish(local.clone(), p.payload.to_vec()) {
+        self.publish_local(local, p.payload.to_vec());
+    }
+
+    /// Publishes a cloud message (or a Sparkplug write) on the local broker.
+    fn publish_local(&mut self, local: String, payload: Vec<u8>) {
+        match self.downlink.try_publish(local.clone(), payload) {
             Ok(_) => {
                 self.metrics.downlink_messages.inc();
-                debug!(cloud = topic, local, "downlink");
+                debug!(local, "downlink");
             }
             Err(e) => warn!(error = %e, local, "downlink message could not be published locally"),
         }
@@ -460,6 +566,8 @@ struct Wire<'a, S> {
     live: &'a LiveLane,
     /// Replay records sent in the current rate window.
     replayed: &'a mut u64,
+    /// The Sparkplug edge node, if the uplink is one.
+    sparkplug: Option<&'a mut Uplink>,
 }
 
 impl<S> Sink for Wire<'_, S>
@@ -467,7 +575,33 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn send(&mut self, lane: Lane, seq: u64, rec: &Record) -> Option<u16> {
-        let pkid = self.bridge.send(self.link, seq, rec)?;
+        let encoded = match self.sparkplug.as_deref_mut() {
+            Some(up) => up.encode(rec, lane == Lane::Replay, crate::clock::now_ms()),
+            None => Encoded::Plain,
+        };
+        let pkid = match encoded {
+            Encoded::Plain => self.bridge.send(self.link, seq, rec)?,
+            Encoded::Sparkplug(births, carrier) => {
+                for m in &births {
+                    self.bridge.birth(self.link, m);
+                }
+                let Some(m) = carrier else {
+                    // Nothing to say for it (a status the births told already).
+                    self.bridge.store.ack(&[seq]);
+                    return None;
+                };
+                match self.link.publish("", &m.topic, &m.payload, false) {
+                    Some(pkid) => pkid,
+                    None => {
+                        if let Some(up) = self.sparkplug.as_deref_mut() {
+                            up.not_sent();
+                        }
+                        self.bridge.too_large(seq, rec, m.payload.len());
+                        return None;
+                    }
+                }
+            }
+        };
         match lane {
             Lane::Live => {
                 self.bridge.metrics.sent_live.inc();

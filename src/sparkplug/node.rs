@@ -135,6 +135,9 @@ struct Device {
     alias_base: u64,
     last: Vec<Option<(Value, u64)>>,
     born: bool,
+    /// Last known to answer (its status said so, or it sent a value); births leave out a
+    /// device known to be offline.
+    online: bool,
 }
 
 /// An edge node and its devices.
@@ -179,6 +182,7 @@ impl EdgeNode {
                     spec,
                     alias_base,
                     born: false,
+                    online: true,
                 }
             })
             .collect();
@@ -277,7 +281,11 @@ impl EdgeNode {
             payload: nbirth.to_bytes(),
         }];
         for d in 0..self.devices.len() {
-            out.push(self.device_birth(d, now));
+            if self.devices[d].online {
+                out.push(self.device_birth(d, now));
+            } else {
+                self.devices[d].born = false;
+            }
         }
         out
     }
@@ -386,8 +394,16 @@ impl EdgeNode {
         out
     }
 
-    /// The DDEATH of device `d`, or `None` if it is not born (nothing to retract).
+    /// Device `d` answers again: its DBIRTH, or `None` if it is born already.
+    pub fn device_online(&mut self, d: usize, now: u64) -> Option<Message> {
+        self.devices[d].online = true;
+        (!self.devices[d].born).then(|| self.device_birth(d, now))
+    }
+
+    /// Device `d` went offline: its DDEATH, or `None` if it is not born (nothing to
+    /// retract). It is left out of births until it answers again.
     pub fn device_death(&mut self, d: usize, now: u64) -> Option<Message> {
+        self.devices[d].online = false;
         if !self.devices[d].born {
             return None;
         }
@@ -592,6 +608,31 @@ mod tests {
         assert_eq!(birth.seq, Some(3));
         assert_eq!(birth.metrics[0].value, Some(MetricValue::FloatValue(1.0)));
         assert_eq!(decode(&again[1]).metrics[0].is_historical, Some(true));
+    }
+
+    #[test]
+    fn an_offline_device_stays_out_of_births_until_it_answers() {
+        let mut n = node();
+        n.will(1, 0);
+        n.births(0);
+        assert!(n.device_death(0, 1).is_some());
+        assert_eq!(n.births(2).len(), 1, "NBIRTH only");
+        let null = Update {
+            metric: 0,
+            value: None,
+            ts: 3,
+        };
+        assert!(n.data(0, &[null], false, 3).is_empty());
+        assert!(n.device_online(0, 4).is_some());
+        assert!(n.device_online(0, 5).is_none(), "born already");
+        n.device_death(0, 6);
+        let v = Update {
+            metric: 0,
+            value: Some(Value::Float(1.0)),
+            ts: 7,
+        };
+        let m = n.data(0, &[v], false, 7);
+        assert_eq!(m.len(), 2, "a value is an answer: DBIRTH, DDATA");
     }
 
     #[test]

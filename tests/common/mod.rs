@@ -15,7 +15,8 @@
 //! - [`devices`]: simulated MQTT devices for the durability tests;
 //! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps;
 //! - [`ota_sim`]: a firmware server and simulated devices for OTA;
-//! - [`pty`]: in-process pseudo-terminal pairs that stand in for serial ports.
+//! - [`pty`]: in-process pseudo-terminal pairs that stand in for serial ports;
+//! - [`tahu`]: Eclipse Tahu's Sparkplug B codec (npm, run by node), to decode what the cloud got.
 //!
 //! Everything public in the first eight is re-exported here, so a test says `use common::*;`.
 #![allow(dead_code)]
@@ -31,6 +32,7 @@ pub mod pki;
 pub mod proxy;
 pub mod pty;
 pub mod report;
+pub mod tahu;
 pub mod util;
 
 // Every test binary (and bench) compiles this harness and uses a different part of it.

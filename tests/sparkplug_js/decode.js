@@ -1,6 +1,8 @@
 // Decodes Sparkplug B payloads with Eclipse Tahu's sparkplug-payload, for tests/sparkplug.rs.
-// stdin: one JSON object per line, {"topic": "...", "hex": "<payload as hex>"}.
-// stdout: one JSON object per line, {"topic": "...", "payload": <decoded>} or {"topic", "error"}.
+// stdin: one JSON object per line, {"topic": "...", "hex": "<payload as hex>"} to decode, or
+// {"topic": "...", "encode": <payload as Tahu takes it>} to encode (a host's NCMD or DCMD).
+// stdout: one JSON object per line, {"topic": "...", "payload": <decoded>}, {"topic", "hex"},
+// or {"topic", "error"}.
 // 64-bit values (Long) come out as decimal strings when they exceed 2^53, else as numbers.
 "use strict";
 const sparkplug = require("sparkplug-payload").get("spBv1.0");
@@ -25,10 +27,14 @@ function plain(v) {
 const rl = readline.createInterface({ input: process.stdin });
 rl.on("line", (line) => {
   if (!line.trim()) return;
-  const { topic, hex } = JSON.parse(line);
+  const { topic, hex, encode } = JSON.parse(line);
   let out;
   try {
-    out = { topic, payload: plain(sparkplug.decodePayload(Buffer.from(hex, "hex"))) };
+    if (encode !== undefined) {
+      out = { topic, hex: Buffer.from(sparkplug.encodePayload(encode)).toString("hex") };
+    } else {
+      out = { topic, payload: plain(sparkplug.decodePayload(Buffer.from(hex, "hex"))) };
+    }
   } catch (e) {
     out = { topic, error: String(e) };
   }

@@ -1,0 +1,373 @@
+//! Sparkplug B end to end: the real gateway polls a tokio-modbus server and speaks Sparkplug
+//! to a real TLS cloud broker (rumqttd in-process, or mosquitto with
+//! `FIELDGATE_TEST_CLOUD=mosquitto`); a cloud-side client plays the host application, and
+//! everything it receives is decoded by Eclipse Tahu's JavaScript codec
+//! ([`common::tahu`]), never by the code under test. Commands are encoded by Tahu too.
+//!
+//! What is checked, per the Sparkplug 3.0 rules: NBIRTH first with `seq` 0 and the
+//! connection's `bdSeq`, `seq` continuous modulo 256 within a session, no DDATA before its
+//! device's DBIRTH, the NDEATH will on kill -9 with the same `bdSeq`, the next connection's
+//! `bdSeq` one higher, a rebirth on NCMD, a DCMD write reaching the Modbus server and its
+//! result in the next DDATA, and the primary host's STATE holding the edge node back.
+//! Deadlines only bound the waiting.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::modbus_sim::{layout, serve_tcp, Sim};
+use common::*;
+use rumqttc::QoS;
+use serde_json::{json, Value as Json};
+use toml::toml;
+
+const WAIT: Duration = Duration::from_secs(40);
+const COUNT_REG: u16 = 20;
+
+/// The device's registers: every metric has a known value.
+fn meter_sim() -> Sim {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &layout(&21.5f32.to_be_bytes(), "ABCD"));
+    sim.set_holding(1, 2, &[(-3i16) as u16]);
+    sim.set_holding(1, 4, &layout(&4_000_000_000u32.to_be_bytes(), "ABCD"));
+    sim.set_holding(1, 6, &[123]);
+    sim.set_holding(1, 10, &[u16::from_be_bytes(*b"OK"), 0]);
+    sim.set_holding(1, COUNT_REG, &[0]);
+    sim.with(1, |u| {
+        u.coils.insert(0, true);
+    });
+    sim
+}
+
+fn meter(port: u16) -> ModbusDevice {
+    ModbusDevice::tcp("meter", port)
+        .with(toml! { poll_interval = "100ms" })
+        .tag_with("power", 0, toml! { type = "f32" unit = "W" })
+        .tag_with("setpoint", 2, toml! { type = "i16" writable = true })
+        .tag_with("total", 4, toml! { type = "u32" })
+        .tag_with("scaled", 6, toml! { scale = 0.1 })
+        .tag_with("label", 10, toml! { type = "string" length = 4 })
+        .tag("count", COUNT_REG as u32)
+        .tag_with("run", 0, toml! { kind = "coil" writable = true })
+}
+
+/// The Sparkplug type Tahu must report for each metric.
+const TYPES: [(&str, &str); 7] = [
+    ("power", "Float"),
+    ("setpoint", "Int16"),
+    ("total", "UInt32"),
+    ("scaled", "Double"),
+    ("label", "String"),
+    ("count", "UInt16"),
+    ("run", "Boolean"),
+];
+
+fn config(
+    pki: &Pki,
+    ports: &GatewayPorts,
+    data: &std::path::Path,
+    cloud_port: u16,
+    modbus_port: u16,
+    sparkplug: toml::Table,
+) -> String {
+    let mut sp = toml! { enabled = true group_id = "plant" };
+    sp.extend(sparkplug);
+    GatewayConfig::bridged(pki, ports, data, cloud_port)
+        .with("sparkplug", sp)
+        .modbus(meter(modbus_port))
+        .to_toml()
+}
+
+/// A cloud-side Sparkplug host application: every message under `spBv1.0/`, decoded by
+/// Tahu in arrival order (STATE messages, which are JSON, are kept out).
+struct Host {
+    collector: Collector,
+    decoded: Mutex<Vec<Json>>,
+}
+
+impl Host {
+    async fn start(pki: &Pki, cloud_port: u16) -> Host {
+        Host {
+            collector: Collector::start(pki, cloud_port, "spBv1.0/plant/#").await,
+            decoded: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Everything received so far, decoded.
+    fn messages(&self) -> Vec<Json> {
+        let raw = self.collector.received.lock().unwrap().clone();
+        let mut done = self.decoded.lock().unwrap();
+        if raw.len() > done.len() {
+            let fresh = tahu::decode(&raw[done.len()..]);
+            for d in &fresh {
+                assert!(d.get("error").is_none(), "Tahu could not decode {d}");
+            }
+            done.extend(fresh);
+        }
+        done.clone()
+    }
+
+    /// Waits until `pred` holds on the decoded messages; returns them.
+    async fn wait(&self, g: &Gateway, what: &str, pred: impl Fn(&[Json]) -> bool) -> Vec<Json> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = self.messages();
+            if pred(&m) {
+                return m;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what}: not seen; got {} messages: {:#?}\n--- gateway log ---\n{}",
+                    m.len(),
+                    m.iter().map(|x| kind(x)).collect::<Vec<_>>(),
+                    g.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        self.collector
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+    }
+}
+
+/// `NBIRTH`, `DDATA`, ... of a decoded message.
+fn kind(m: &Json) -> String {
+    m["topic"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(2)
+        .unwrap_or("")
+        .to_string()
+}
+
+fn seq(m: &Json) -> Option<u64> {
+    m["payload"]["seq"].as_u64()
+}
+
+fn metric<'a>(m: &'a Json, name: &str) -> Option<&'a Json> {
+    m["payload"]["metrics"]
+        .as_array()?
+        .iter()
+        .find(|x| x["name"] == name)
+}
+
+fn bd_seq(m: &Json) -> u64 {
+    metric(m, "bdSeq").expect("bdSeq metric")["value"]
+        .as_u64()
+        .expect("bdSeq value")
+}
+
+/// The messages split into sessions: each starts at an NBIRTH (NDEATHs end up in the
+/// session they close).
+fn sessions(msgs: &[Json]) -> Vec<Vec<Json>> {
+    let mut out: Vec<Vec<Json>> = Vec::new();
+    for m in msgs {
+        if kind(m) == "NBIRTH" || out.is_empty() {
+            out.push(Vec::new());
+        }
+        out.last_mut().unwrap().push(m.clone());
+    }
+    out
+}
+
+/// The Sparkplug session rules hold over `msgs`: each session opens with NBIRTH `seq` 0,
+/// `seq` goes up by one (mod 256) on every message but NDEATH, and no DDATA comes before
+/// its device's DBIRTH or after its DDEATH without a new DBIRTH.
+fn check_rules(msgs: &[Json]) {
+    assert_eq!(kind(&msgs[0]), "NBIRTH", "the first message is an NBIRTH");
+    for s in sessions(msgs) {
+        assert_eq!(seq(&s[0]), Some(0), "NBIRTH has seq 0: {}", s[0]);
+        let mut last = 0;
+        let mut born = BTreeSet::new();
+        for m in &s[1..] {
+            let k = kind(m);
+            let device = m["topic"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .nth(4)
+                .map(String::from);
+            match k.as_str() {
+                "NDEATH" => {
+                    assert_eq!(seq(m), None, "NDEATH has no seq");
+                    continue;
+                }
+                "DBIRTH" => {
+                    born.insert(device.clone().unwrap());
+                }
+                "DDEATH" => {
+                    born.remove(device.as_deref().unwrap());
+                }
+                "DDATA" => assert!(
+                    born.contains(device.as_deref().unwrap()),
+                    "DDATA before its DBIRTH: {m}"
+                ),
+                _ => {}
+            }
+            let s = seq(m).unwrap_or_else(|| panic!("no seq: {m}"));
+            assert_eq!(s, (last + 1) % 256, "seq continuity at {m}");
+            last = s;
+        }
+    }
+}
+
+/// Alias -> metric name, from every DBIRTH seen.
+fn aliases(msgs: &[Json]) -> HashMap<u64, String> {
+    let mut a = HashMap::new();
+    for m in msgs.iter().filter(|m| kind(m) == "DBIRTH") {
+        for x in m["payload"]["metrics"].as_array().unwrap() {
+            a.insert(
+                x["alias"].as_u64().unwrap(),
+                x["name"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    a
+}
+
+/// Every (name, metric) of every DDATA, names resolved through the births' aliases.
+fn data_points(msgs: &[Json]) -> Vec<(String, Json)> {
+    let a = aliases(msgs);
+    msgs.iter()
+        .filter(|m| kind(m) == "DDATA")
+        .flat_map(|m| m["payload"]["metrics"].as_array().unwrap().clone())
+        .map(|x| {
+            let name = match x["name"].as_str() {
+                Some(n) => n.to_string(),
+                None => a
+                    .get(&x["alias"].as_u64().unwrap())
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            (name, x)
+        })
+        .collect()
+}
+
+/// SIGKILL, keeping the handle (and its log) for the messages that follow.
+fn kill9(g: &Gateway) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &g.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn has_value(msgs: &[Json], name: &str, value: &Json) -> bool {
+    data_points(msgs)
+        .iter()
+        .any(|(n, x)| n == name && &x["value"] == value)
+}
+
+#[tokio::test]
+async fn births_data_and_the_will_decode_with_tahu() {
+    let sim = meter_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let host = Host::start(&pki, cloud.port).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &pki,
+        &ports,
+        data.path(),
+        cloud.port,
+        srv.port,
+        toml::Table::new(),
+    );
+    let g = Gateway::start(&cfg, &ports).await;
+
+    let msgs = host
+        .wait(&g, "a DDATA of every metric", |m| {
+            let names: BTreeSet<String> = data_points(m).into_iter().map(|(n, _)| n).collect();
+            TYPES.iter().all(|(n, _)| names.contains(*n))
+        })
+        .await;
+    check_rules(&msgs);
+
+    let nbirth = &msgs[0];
+    assert_eq!(nbirth["topic"], "spBv1.0/plant/NBIRTH/gw1");
+    let b = bd_seq(nbirth);
+    assert_eq!(metric(nbirth, "bdSeq").unwrap()["type"], "Int64");
+    let rebirth = metric(nbirth, "Node Control/Rebirth").expect("rebirth metric");
+    assert_eq!(
+        (&rebirth["type"], &rebirth["value"]),
+        (&json!("Boolean"), &json!(false))
+    );
+
+    let dbirth = msgs.iter().find(|m| kind(m) == "DBIRTH").expect("DBIRTH");
+    assert_eq!(dbirth["topic"], "spBv1.0/plant/DBIRTH/gw1/meter");
+    for (name, ty) in TYPES {
+        let m = metric(dbirth, name).unwrap_or_else(|| panic!("{name} in the DBIRTH"));
+        assert_eq!(m["type"], ty, "{name}");
+        assert!(m["alias"].is_u64(), "{name} has an alias");
+    }
+    let power = metric(dbirth, "power").unwrap();
+    assert_eq!(power["properties"]["engUnit"]["value"], "W");
+    assert_eq!(power["properties"]["writable"]["value"], false);
+    assert_eq!(
+        metric(dbirth, "setpoint").unwrap()["properties"]["writable"]["value"],
+        true
+    );
+
+    // The values, as Tahu reads them.
+    for (name, want) in [
+        ("power", json!(21.5)),
+        ("setpoint", json!(-3)),
+        ("total", json!(4_000_000_000u64)),
+        ("label", json!("OK")),
+        ("count", json!(0)),
+        ("run", json!(true)),
+    ] {
+        assert!(has_value(&msgs, name, &want), "{name} = {want} in a DDATA");
+    }
+    let scaled = data_points(&msgs)
+        .into_iter()
+        .find(|(n, _)| n == "scaled")
+        .unwrap()
+        .1;
+    assert!(
+        (scaled["value"].as_f64().unwrap() - 12.3).abs() < 1e-9,
+        "{scaled}"
+    );
+    let ts = scaled["timestamp"].as_u64().unwrap();
+    assert!(
+        ts > 1_600_000_000_000,
+        "metric timestamps are ms since the epoch: {ts}"
+    );
+
+    // kill -9: the broker publishes the will, the NDEATH of this connection.
+    kill9(&g);
+    let msgs = host
+        .wait(&g, "the NDEATH will", |m| {
+            m.iter().any(|x| kind(x) == "NDEATH")
+        })
+        .await;
+    let ndeath = msgs.iter().find(|m| kind(m) == "NDEATH").unwrap();
+    assert_eq!(ndeath["topic"], "spBv1.0/plant/NDEATH/gw1");
+    assert_eq!(bd_seq(ndeath), b, "the will carries the NBIRTH's bdSeq");
+    assert_eq!(seq(ndeath), None);
+
+    // The next run's connection counts on from the one that died.
+    drop(g);
+    let g = Gateway::start(&cfg, &ports).await;
+    let msgs = host
+        .wait(&g, "a second NBIRTH", |m| {
+            m.iter().filter(|x| kind(x) == "NBIRTH").count() >= 2
+        })
+        .await;
+    let second = msgs.iter().filter(|x| kind(x) == "NBIRTH").nth(1).unwrap();
+    assert_eq!(bd_seq(second), (b + 1) % 256);
+    check_rules(&msgs);
+    g.terminate();
+}
