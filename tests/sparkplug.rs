@@ -190,6 +190,9 @@ fn check_rules(msgs: &[Json]) {
         let mut born = BTreeSet::new();
         for m in &s[1..] {
             let k = kind(m);
+            if k == "NCMD" || k == "DCMD" {
+                continue; // the host's
+            }
             let device = m["topic"]
                 .as_str()
                 .unwrap()
@@ -368,6 +371,284 @@ async fn births_data_and_the_will_decode_with_tahu() {
         .await;
     let second = msgs.iter().filter(|x| kind(x) == "NBIRTH").nth(1).unwrap();
     assert_eq!(bd_seq(second), (b + 1) % 256);
+    check_rules(&msgs);
+    g.terminate();
+}
+
+/// The `count` values a local subscriber saw the Modbus source publish (each was queued
+/// before the broker delivered it).
+fn local_counts(sub: &LocalSub) -> BTreeSet<u64> {
+    sub.on("field/meter/count")
+        .iter()
+        .filter_map(|p| serde_json::from_slice::<Json>(p).ok())
+        .filter_map(|v| v["value"].as_u64())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cloud_outage_loses_no_reading_and_the_next_session_is_born_again() {
+    let sim = meter_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let proxy = Proxy::start(cloud.port).await;
+    let host = Host::start(&pki, cloud.port).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &pki,
+        &ports,
+        data.path(),
+        proxy.port,
+        srv.port,
+        toml::Table::new(),
+    );
+    let g = Gateway::start(&cfg, &ports).await;
+    let local = LocalSub::start(g.mqtt, "field/meter/count", QoS::AtMostOnce).await;
+    host.wait(&g, "a first DDATA", |m| {
+        m.iter().any(|x| kind(x) == "DDATA")
+    })
+    .await;
+
+    // The counter moves on while the uplink is cut; every value read is queued.
+    for v in 1..=30u16 {
+        if v == 8 {
+            proxy.cut();
+        }
+        if v == 24 {
+            proxy.restore();
+        }
+        sim.set_holding(1, COUNT_REG, &[v]);
+        let seen = eventually(WAIT, || local_counts(&local).contains(&u64::from(v))).await;
+        assert!(seen, "the gateway read count = {v}\n{}", g.log_text());
+    }
+    assert!(
+        g.metric("fieldgate_cloud_reconnects_total") >= 1.0,
+        "the cut was noticed"
+    );
+    let msgs = host
+        .wait(&g, "count = 30 in a DDATA", |m| {
+            has_value(m, "count", &json!(30))
+        })
+        .await;
+    check_rules(&msgs);
+
+    let cloud_counts: BTreeSet<u64> = data_points(&msgs)
+        .into_iter()
+        .filter(|(n, _)| n == "count")
+        .filter_map(|(_, x)| x["value"].as_u64())
+        .collect();
+    let missing: Vec<u64> = local_counts(&local)
+        .difference(&cloud_counts)
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "read but never reached the cloud: {missing:?}"
+    );
+
+    // The cut connection's will, then a new session with the next bdSeq, born again, whose
+    // replayed backlog is marked historical.
+    let s = sessions(&msgs);
+    assert!(s.len() >= 2, "a second session");
+    let b0 = bd_seq(&s[0][0]);
+    let ndeath = s[0].iter().find(|m| kind(m) == "NDEATH").expect("the will");
+    assert_eq!(bd_seq(ndeath), b0);
+    assert_eq!(bd_seq(&s[1][0]), (b0 + 1) % 256);
+    assert_eq!(
+        kind(&s[1][1]),
+        "DBIRTH",
+        "the devices are born right after the NBIRTH"
+    );
+    let historical = s[1..]
+        .iter()
+        .flatten()
+        .filter(|m| kind(m) == "DDATA")
+        .flat_map(|m| m["payload"]["metrics"].as_array().unwrap().clone())
+        .any(|x| x["isHistorical"] == true);
+    assert!(historical, "the replayed backlog is flagged isHistorical");
+    g.terminate();
+}
+
+#[tokio::test]
+async fn ncmd_rebirth_and_a_dcmd_write_reaching_the_modbus_server() {
+    let sim = meter_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let host = Host::start(&pki, cloud.port).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &pki,
+        &ports,
+        data.path(),
+        cloud.port,
+        srv.port,
+        toml::Table::new(),
+    );
+    let g = Gateway::start(&cfg, &ports).await;
+    let msgs = host
+        .wait(&g, "a first DDATA", |m| {
+            m.iter().any(|x| kind(x) == "DDATA")
+        })
+        .await;
+    let b = bd_seq(&msgs[0]);
+
+    // Rebirth: the gateway subscribes after CONNACK, so ask until a second NBIRTH comes.
+    let ncmd = tahu::encode(json!({
+        "timestamp": 1,
+        "metrics": [{"name": "Node Control/Rebirth", "type": "Boolean", "value": true}]
+    }));
+    let deadline = Instant::now() + WAIT;
+    while host
+        .messages()
+        .iter()
+        .filter(|m| kind(m) == "NBIRTH")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no rebirth\n{}", g.log_text());
+        host.publish("spBv1.0/plant/NCMD/gw1", ncmd.clone(), false)
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let msgs = host
+        .wait(&g, "the DBIRTH after the rebirth", |m| {
+            sessions(m)
+                .get(1)
+                .is_some_and(|s| s.iter().any(|x| kind(x) == "DBIRTH"))
+        })
+        .await;
+    let second = &sessions(&msgs)[1];
+    assert_eq!(
+        bd_seq(&second[0]),
+        b,
+        "a rebirth keeps the connection's bdSeq"
+    );
+    check_rules(&msgs);
+
+    // A DCMD to a read-only metric is refused: nothing is written.
+    let writes_before = sim.writes.lock().unwrap().len();
+    let dcmd = |name: &str, ty: &str, value: Json| {
+        tahu::encode(json!({
+            "timestamp": 2,
+            "metrics": [{"name": name, "type": ty, "value": value}]
+        }))
+    };
+    host.publish(
+        "spBv1.0/plant/DCMD/gw1/meter",
+        dcmd("power", "Float", json!(1.0)),
+        false,
+    )
+    .await;
+    // A DCMD to a writable one goes through the `/set` path to the device ...
+    host.publish(
+        "spBv1.0/plant/DCMD/gw1/meter",
+        dcmd("setpoint", "Int16", json!(-42)),
+        false,
+    )
+    .await;
+    let written = eventually(WAIT, || sim.holding(1, 2, 1) == [Some((-42i16) as u16)]).await;
+    assert!(
+        written,
+        "the DCMD reached the Modbus server\n{}",
+        g.log_text()
+    );
+    assert_eq!(
+        sim.writes.lock().unwrap().len(),
+        writes_before + 1,
+        "only the writable metric was written"
+    );
+    assert!(
+        g.log_text().contains("not writable"),
+        "the refused DCMD is logged"
+    );
+    // ... and the next DDATA shows the result.
+    host.wait(&g, "setpoint = -42 in a DDATA", |m| {
+        has_value(m, "setpoint", &json!(-42))
+    })
+    .await;
+    g.terminate();
+}
+
+#[tokio::test]
+async fn with_a_primary_host_the_node_waits_for_its_state_and_leaves_when_it_goes() {
+    let sim = meter_sim();
+    let srv = serve_tcp(sim.clone()).await;
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let host = Host::start(&pki, cloud.port).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &pki,
+        &ports,
+        data.path(),
+        cloud.port,
+        srv.port,
+        toml! { primary_host_id = "scada" },
+    );
+    let g = Gateway::start(&cfg, &ports).await;
+    let local = LocalSub::start(g.mqtt, "field/meter/count", QoS::AtMostOnce).await;
+    // Connected, readings queued, and nothing sent: the host has not said it is online.
+    let up = eventually(WAIT, || g.metric("fieldgate_cloud_connected") == 1.0).await;
+    assert!(up, "connected\n{}", g.log_text());
+    assert!(eventually(WAIT, || local.on("field/meter/count").len() >= 5).await);
+    assert!(
+        g.metric("fieldgate_queue_records") >= 5.0,
+        "readings wait in the queue"
+    );
+    assert!(
+        host.messages().is_empty(),
+        "nothing before the host's STATE: {:?}",
+        host.messages()
+    );
+
+    let state = |online: bool| {
+        json!({"online": online, "timestamp": 1})
+            .to_string()
+            .into_bytes()
+    };
+    host.publish("spBv1.0/STATE/scada", state(true), true).await;
+    let msgs = host
+        .wait(&g, "births and the backlog", |m| {
+            m.iter().any(|x| kind(x) == "DDATA")
+        })
+        .await;
+    check_rules(&msgs);
+    let b = bd_seq(&msgs[0]);
+    let historical = data_points(&msgs)
+        .iter()
+        .any(|(_, x)| x["isHistorical"] == true);
+    assert!(historical, "what waited is sent as history");
+
+    // The host goes away: the node says NDEATH and waits for it again.
+    let reconnects = g.metric("fieldgate_cloud_reconnects_total");
+    host.publish("spBv1.0/STATE/scada", state(false), true)
+        .await;
+    let msgs = host
+        .wait(&g, "the NDEATH", |m| m.iter().any(|x| kind(x) == "NDEATH"))
+        .await;
+    let ndeath = msgs.iter().find(|x| kind(x) == "NDEATH").unwrap();
+    assert_eq!(bd_seq(ndeath), b);
+    assert!(
+        eventually(WAIT, || g.metric("fieldgate_cloud_reconnects_total")
+            > reconnects)
+        .await
+    );
+    assert!(eventually(WAIT, || g.metric("fieldgate_cloud_connected") == 1.0).await);
+    let births = |m: &[Json]| m.iter().filter(|x| kind(x) == "NBIRTH").count();
+    assert_eq!(
+        births(&host.messages()),
+        1,
+        "no birth while the host is offline"
+    );
+
+    host.publish("spBv1.0/STATE/scada", state(true), true).await;
+    let msgs = host.wait(&g, "a new NBIRTH", |m| births(m) == 2).await;
+    let second = msgs.iter().filter(|x| kind(x) == "NBIRTH").nth(1).unwrap();
+    assert!(bd_seq(second) != b, "a new connection, a new bdSeq");
     check_rules(&msgs);
     g.terminate();
 }

@@ -332,8 +332,13 @@ impl Bridge {
 
         loop {
             // Hand the link as much as the window and the pacing allow.
+            // A Sparkplug node waiting for its primary host sends nothing (the queue keeps it).
             let holding = sp.as_deref().is_some_and(Uplink::holding);
-            if stopping.is_none() && !holding {
+            if stopping.is_some() {
+                if flight.is_empty() {
+                    break;
+                }
+            } else if !holding {
                 loop {
                     let mut wire = Wire {
                         link: &mut *link,
@@ -357,8 +362,6 @@ impl Bridge {
                         Need::Wait => break,
                     }
                 }
-            } else if flight.is_empty() {
-                break;
             }
 
             // Everything encoded above (and any acks owed to the broker) goes out in one write.

@@ -9,9 +9,9 @@
 //!   to the store at once: a status the births already told, a dead device's failed reading).
 //!   Births the session adds of its own (after CONNACK, before a device's first DDATA, on a
 //!   rebirth request) go at QoS 0, as the specification asks, and carry no record.
-//! - Every connection has a new `bdSeq` (kept in `<data_dir>/sparkplug-bdseq`, so a restart
-//!   continues the count): its NDEATH is the connection's will, its NBIRTH says the same
-//!   value.
+//! - Every accepted connection has a new `bdSeq` (kept in `<data_dir>/sparkplug-bdseq`, so
+//!   a restart continues the count): its NDEATH is the connection's will, its NBIRTH says
+//!   the same value. Attempts that got no CONNACK do not count.
 //! - With a primary host, nothing but the births waits for its STATE to say online: until
 //!   then the pump sends nothing and the queue keeps everything; STATE offline ends the
 //!   session (NDEATH first), and the next one waits again.
@@ -96,10 +96,16 @@ impl Uplink {
         }
     }
 
-    /// A new connection: its `bdSeq` (saved for the next one) and its will, the NDEATH.
+    /// A new connection attempt: its will, the NDEATH with the next `bdSeq`. The count
+    /// moves on only once a broker accepted the connection ([`Uplink::connected`]): an
+    /// attempt that never got a CONNACK registered no will, and no host saw its `bdSeq`.
     pub fn connecting(&mut self, now: u64) -> Message {
-        let bd_seq = self.next_bd_seq;
-        self.next_bd_seq = (bd_seq + 1) % 256;
+        self.holding = self.state_topic.is_some();
+        self.node.will(self.next_bd_seq, now)
+    }
+
+    fn count_connection(&mut self) {
+        self.next_bd_seq = (self.node.bd_seq() + 1) % 256;
         let tmp = self.bd_seq_file.with_extension("tmp");
         let saved = std::fs::write(&tmp, format!("{}\n", self.next_bd_seq))
             .and_then(|_| std::fs::rename(&tmp, &self.bd_seq_file));
@@ -107,8 +113,6 @@ impl Uplink {
             warn!(error = %e, file = %self.bd_seq_file.display(),
                 "could not save the Sparkplug bdSeq; after a restart the count starts again");
         }
-        self.holding = self.state_topic.is_some();
-        self.node.will(bd_seq, now)
     }
 
     /// The filters the session subscribes to besides the downlink's.
@@ -119,8 +123,10 @@ impl Uplink {
         f
     }
 
-    /// The births to send right after CONNACK, or none while the primary host is awaited.
+    /// The connection is accepted (CONNACK): the `bdSeq` is used, and the births to send
+    /// now (none while the primary host is awaited).
     pub fn connected(&mut self, now: u64) -> Vec<Message> {
+        self.count_connection();
         if self.holding {
             return Vec::new();
         }
