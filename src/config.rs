@@ -377,9 +377,10 @@ impl Settings {
     /// every `[[modbus]]` and `[[serial]]` device. `modbus_keys[i]` / `serial_keys[i]` are the
     /// keys device `i` sets: a topic key it sets keeps its template (levels filled in); one
     /// it does not set becomes `<root>/<default tail>`. Returns the placeholders that cannot
-    /// be filled (unknown, or a level not set), each under the key that uses it. Does
-    /// nothing while a level or the root is misspelt: [`Settings::validate`] reports those,
-    /// and filling them in would only repeat the problem in every topic.
+    /// be filled (unknown, or a level not set), each under the key that uses it. While a
+    /// level or the root is misspelt it only checks and leaves the templates as they are:
+    /// [`Settings::validate`] reports those, and filling them in would only repeat the
+    /// problem in every topic.
     fn fill_namespace(
         &mut self,
         modbus_keys: &[BTreeSet<String>],
@@ -395,9 +396,7 @@ impl Settings {
             .flatten()
             .flatten()
             .all(|v| topic::validate_level(v).is_ok());
-        if !cfg.validate().is_empty() || !devices_ok {
-            return p;
-        }
+        let write = cfg.validate().is_empty() && devices_ok;
         let ns = cfg.levels();
         let root = cfg.topic_root.as_deref();
         // The root's own problems (an unknown placeholder, a gateway-wide level not set) are
@@ -420,6 +419,7 @@ impl Settings {
                 key: format!("modbus[{i}]"),
                 levels: ns.for_device(d.area.as_deref(), d.line.as_deref()),
                 sets: modbus_keys.get(i).unwrap_or(&empty),
+                write,
             };
             device.fill(root, root_ok, d.templates(), &mut p, &mut stay_under_field);
         }
@@ -428,6 +428,7 @@ impl Settings {
                 key: format!("serial[{i}]"),
                 levels: ns.for_device(d.area.as_deref(), d.line.as_deref()),
                 sets: serial_keys.get(i).unwrap_or(&empty),
+                write,
             };
             device.fill(root, root_ok, d.templates(), &mut p, &mut stay_under_field);
         }
@@ -606,11 +607,13 @@ impl Settings {
 const ROOT_KEEP: &[&str] = &["gateway_id"];
 
 /// One source device in the namespace step: its key (`modbus[2]`), its levels (the gateway's
-/// with its own `area` and `line`), and the keys it sets itself.
+/// with its own `area` and `line`), the keys it sets itself, and whether its templates are
+/// rewritten (false: only checked).
 struct Device<'a> {
     key: String,
     levels: Namespace,
     sets: &'a BTreeSet<String>,
+    write: bool,
 }
 
 impl Device<'_> {
@@ -629,7 +632,8 @@ impl Device<'_> {
             let key = format!("{}.{}", self.key, t.key);
             if self.sets.contains(t.key) {
                 match self.levels.fill(t.template, t.keep) {
-                    Ok(filled) => *t.template = filled,
+                    Ok(filled) if self.write => *t.template = filled,
+                    Ok(_) => {}
                     Err(e) => p.push(problem(&key, self.fix(&e, &key, t.keep))),
                 }
                 continue;
@@ -637,7 +641,7 @@ impl Device<'_> {
             // The default: `<root>/<tail>`, the root worked out once per device.
             let filled =
                 root_filled.get_or_insert_with(|| self.root(root, root_ok, p, stay_under_field));
-            if let Some(r) = filled {
+            if let (Some(r), true) = (filled, self.write) {
                 *t.template = format!("{r}/{}", t.default_tail);
             }
         }
@@ -1441,6 +1445,17 @@ mod tests {
                 "modbus[0].area",
                 "serial[0].line"
             ],
+            "{err}"
+        );
+        // A misspelt level hides no placeholder problem.
+        let err = load(
+            "[gateway.namespace]\narea = \"a/b\"\ntopic_root = \"{site}\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            ["gateway.namespace.topic_root", "gateway.namespace.area"],
             "{err}"
         );
         let err = load("[gateway.namespace]\ncell = \"c1\"\n", &[]).unwrap_err();
