@@ -9,8 +9,14 @@
 //!   the semantic checks ([`Settings::validate`]) run over all sections and list all failures,
 //!   each as `key.path: problem; fix`.
 //! - `check-config` and `run` go through the same [`Settings::load`].
+//! - once loaded, the sources' topic templates carry no namespace placeholder: loading fills
+//!   `[gateway.namespace]` (`{enterprise}`, `{site}`, `{area}`, `{line}`, the default topic
+//!   root) into every `[[modbus]]` and `[[serial]]` device's templates (the namespace step,
+//!   before [`Settings::validate`]), so components only fill `{gateway_id}`, `{device}`,
+//!   `{tag}`. A device that does not set a topic key gets `<root>/<its default tail>`; which
+//!   keys a device sets is read from the file's table, not from the typed value.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +33,7 @@ use crate::problem::{problem, Problem};
 use crate::sources::modbus::config::ModbusDeviceConfig;
 use crate::sources::serial::config::SerialDeviceConfig;
 use crate::store::config::StoreConfig;
+use crate::topic::{self, DeviceTemplate, FillError, Namespace};
 
 /// Every problem found while loading a configuration. The caller prints them all and exits 64.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +99,97 @@ pub struct GatewayConfig {
     /// How long an orderly shutdown may take to finish in-flight cloud deliveries.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `[gateway.namespace]`: the plant's ISA-95 levels and the root of the sources' default
+    /// topics. Nothing set: the default topics are `field/{device}/...`, as always.
+    #[serde(skip_serializing_if = "NamespaceConfig::is_unset")]
+    pub namespace: NamespaceConfig,
+}
+
+/// `[gateway.namespace]`: where this gateway sits in the plant (ISA-95 levels, each one topic
+/// level) and the root of every source device's default topics. The levels are the
+/// placeholders `{enterprise}`, `{site}`, `{area}`, `{line}` of every `[[modbus]]` and
+/// `[[serial]]` topic key and of `topic_root`; a device may set its own `area` and `line`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    /// ISA-95 enterprise, e.g. `"acme"`. No `/`, `+`, `#`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enterprise: Option<String>,
+    /// ISA-95 site, e.g. `"plant1"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// ISA-95 area, e.g. `"packaging"`; a device's `area` overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub area: Option<String>,
+    /// ISA-95 line (work center), e.g. `"line3"`; a device's `line` overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// Root of the sources' default topics (`<root>/{device}/{tag}`, `<root>/{device}/status`,
+    /// ...): the levels and `{gateway_id}` may be used. Default (absent):
+    /// `{enterprise}/{site}/{area}/{line}` for a device whose four levels are all set, else
+    /// `field`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_root: Option<String>,
+}
+
+impl NamespaceConfig {
+    /// The levels, as the topic templates are filled with them.
+    pub fn levels(&self) -> Namespace {
+        Namespace {
+            enterprise: self.enterprise.clone(),
+            site: self.site.clone(),
+            area: self.area.clone(),
+            line: self.line.clone(),
+        }
+    }
+
+    /// Nothing set (the printed configuration leaves the table out).
+    pub fn is_unset(&self) -> bool {
+        *self == NamespaceConfig::default()
+    }
+
+    /// Every problem of the keys on their own: the levels and the root's spelling.
+    fn validate(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let levels = [
+            ("enterprise", &self.enterprise),
+            ("site", &self.site),
+            ("area", &self.area),
+            ("line", &self.line),
+        ];
+        for (name, value) in levels {
+            let Some(v) = value else { continue };
+            if let Err(e) = topic::validate_level(v) {
+                p.push(problem(
+                    format!("gateway.namespace.{name}"),
+                    format!("{v:?}: {e}"),
+                ));
+            }
+        }
+        if let Some(root) = &self.topic_root {
+            if let Err(e) = root_spelling(root) {
+                p.push(problem(
+                    "gateway.namespace.topic_root",
+                    format!("{root:?}: {e}"),
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// A topic root is the first levels of a topic name: no wildcards, no empty level at either
+/// end (the default topics append `/{device}/...`).
+fn root_spelling(root: &str) -> Result<(), &'static str> {
+    if root.is_empty() {
+        return Err(
+            "empty; e.g. \"field\" or \"{enterprise}/{site}/{area}/{line}\", or remove the key",
+        );
+    }
+    if root.starts_with('/') || root.ends_with('/') {
+        return Err("must not start or end with '/'; the default topics add \"/{device}/...\"");
+    }
+    topic::validate_topic(root)
 }
 
 impl Default for GatewayConfig {
@@ -108,6 +206,7 @@ impl Default for GatewayConfig {
             id: "fieldgate".into(),
             data_dir,
             shutdown_grace: Duration::from_secs(5),
+            namespace: NamespaceConfig::default(),
         }
     }
 }
@@ -211,6 +310,9 @@ impl Settings {
                 ));
             }
         }
+        // Which topic keys each device sets itself, before the devices are typed values.
+        let modbus_keys = device_keys(&table, "modbus");
+        let serial_keys = device_keys(&table, "serial");
         let mut s = Settings::default();
         fn section<T: serde::de::DeserializeOwned>(
             table: &mut BTreeMap<String, config::Value>,
@@ -240,6 +342,7 @@ impl Settings {
         serial_section(&mut table, &mut s.serial, &mut problems);
         section(&mut table, "ota", &mut s.ota, &mut problems);
         section(&mut table, "sparkplug", &mut s.sparkplug, &mut problems);
+        problems.extend(s.fill_namespace(&modbus_keys, &serial_keys));
         problems.extend(s.validate());
         if problems.is_empty() {
             Ok(s)
@@ -285,9 +388,80 @@ impl Settings {
         p
     }
 
+    /// The namespace step of loading: fills `[gateway.namespace]` into the topic templates of
+    /// every `[[modbus]]` and `[[serial]]` device. `modbus_keys[i]` / `serial_keys[i]` are the
+    /// keys device `i` sets: a topic key it sets keeps its template (levels filled in); one
+    /// it does not set becomes `<root>/<default tail>`. Returns the placeholders that cannot
+    /// be filled (unknown, or a level not set), each under the key that uses it. While a
+    /// level or the root is misspelt it only checks and leaves the templates as they are:
+    /// [`Settings::validate`] reports those, and filling them in would only repeat the
+    /// problem in every topic.
+    fn fill_namespace(
+        &mut self,
+        modbus_keys: &[BTreeSet<String>],
+        serial_keys: &[BTreeSet<String>],
+    ) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let cfg = self.gateway.namespace.clone();
+        let devices_ok = self
+            .modbus
+            .iter()
+            .map(|d| [&d.area, &d.line])
+            .chain(self.serial.iter().map(|d| [&d.area, &d.line]))
+            .flatten()
+            .flatten()
+            .all(|v| topic::validate_level(v).is_ok());
+        let write = cfg.validate().is_empty() && devices_ok;
+        let ns = cfg.levels();
+        let root = cfg.topic_root.as_deref();
+        // The root's own problems (an unknown placeholder, a gateway-wide level not set) are
+        // named once, under its key; area and line may still come from each device.
+        let mut root_ok = true;
+        if let Some(r) = root {
+            let any_device = ns.for_device(Some("area"), Some("line"));
+            if let Err(e) = any_device.fill(r, ROOT_KEEP) {
+                root_ok = false;
+                p.push(problem(
+                    "gateway.namespace.topic_root",
+                    fill_fix(&e, "gateway.namespace.topic_root", ROOT_KEEP),
+                ));
+            }
+        }
+        let mut stay_under_field = Vec::new();
+        let empty = BTreeSet::new();
+        for (i, d) in self.modbus.iter_mut().enumerate() {
+            let device = Device {
+                key: format!("modbus[{i}]"),
+                levels: ns.for_device(d.area.as_deref(), d.line.as_deref()),
+                sets: modbus_keys.get(i).unwrap_or(&empty),
+                write,
+            };
+            device.fill(root, root_ok, d.templates(), &mut p, &mut stay_under_field);
+        }
+        for (i, d) in self.serial.iter_mut().enumerate() {
+            let device = Device {
+                key: format!("serial[{i}]"),
+                levels: ns.for_device(d.area.as_deref(), d.line.as_deref()),
+                sets: serial_keys.get(i).unwrap_or(&empty),
+                write,
+            };
+            device.fill(root, root_ok, d.templates(), &mut p, &mut stay_under_field);
+        }
+        if !stay_under_field.is_empty() {
+            self.notices.push(format!(
+                "[gateway.namespace] sets ISA-95 levels, but not all four for {}, so their \
+                 default topics stay under {}/; set the missing enterprise, site, area or line \
+                 (area and line may be set per device), or set gateway.namespace.topic_root",
+                stay_under_field.join(", "),
+                topic::DEFAULT_ROOT
+            ));
+        }
+        p
+    }
+
     /// `[gateway]`.
     fn validate_gateway(&self) -> Vec<Problem> {
-        let mut p = Vec::new();
+        let mut p = self.gateway.namespace.validate();
         let id = &self.gateway.id;
         if id.is_empty() || id.contains(['/', '+', '#']) || id.len() > 64 {
             p.push(problem(
@@ -441,6 +615,140 @@ impl Settings {
         hide(&mut s.cloud.password);
         s
     }
+}
+
+/// What `gateway.namespace.topic_root` may name besides the levels: the default topics'
+/// root is filled later with the rest of the template.
+const ROOT_KEEP: &[&str] = &["gateway_id"];
+
+/// One source device in the namespace step: its key (`modbus[2]`), its levels (the gateway's
+/// with its own `area` and `line`), the keys it sets itself, and whether its templates are
+/// rewritten (false: only checked).
+struct Device<'a> {
+    key: String,
+    levels: Namespace,
+    sets: &'a BTreeSet<String>,
+    write: bool,
+}
+
+impl Device<'_> {
+    /// Rewrites `templates` (see [`Settings::fill_namespace`]). A device whose defaults stay
+    /// under `field` although some level is set is added to `stay_under_field`.
+    fn fill(
+        &self,
+        root: Option<&str>,
+        root_ok: bool,
+        templates: [DeviceTemplate<'_>; 3],
+        p: &mut Vec<Problem>,
+        stay_under_field: &mut Vec<String>,
+    ) {
+        let mut root_filled: Option<Option<String>> = None;
+        for t in templates {
+            let key = format!("{}.{}", self.key, t.key);
+            if self.sets.contains(t.key) {
+                match self.levels.fill(t.template, t.keep) {
+                    Ok(filled) if self.write => *t.template = filled,
+                    Ok(_) => {}
+                    Err(e) => p.push(problem(&key, self.fix(&e, &key, t.keep))),
+                }
+                continue;
+            }
+            // The default: `<root>/<tail>`, the root worked out once per device.
+            let filled =
+                root_filled.get_or_insert_with(|| self.root(root, root_ok, p, stay_under_field));
+            if let (Some(r), true) = (filled, self.write) {
+                *t.template = format!("{r}/{}", t.default_tail);
+            }
+        }
+    }
+
+    /// This device's default topic root, or `None` when it cannot be filled (the problem is
+    /// pushed here for a missing area or line, under `gateway.namespace.topic_root` else).
+    fn root(
+        &self,
+        root: Option<&str>,
+        root_ok: bool,
+        p: &mut Vec<Problem>,
+        stay_under_field: &mut Vec<String>,
+    ) -> Option<String> {
+        let template = match root {
+            Some(_) if !root_ok => return None,
+            Some(r) => r,
+            None if self.levels.is_complete() => topic::ISA95_ROOT,
+            None => {
+                if !self.levels.is_empty() {
+                    stay_under_field.push(self.key.clone());
+                }
+                topic::DEFAULT_ROOT
+            }
+        };
+        match self.levels.fill(template, ROOT_KEEP) {
+            Ok(r) => Some(r),
+            Err(FillError::Unset(level)) => {
+                p.push(problem(
+                    format!("{}.{level}", self.key),
+                    format!(
+                        "gateway.namespace.topic_root uses {{{level}}} for this device's default \
+                         topics, but neither gateway.namespace.{level} nor this device sets \
+                         {level}; set {level} here or in [gateway.namespace]"
+                    ),
+                ));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn fix(&self, e: &FillError, key: &str, keep: &[&str]) -> String {
+        match e {
+            FillError::Unset(level @ ("area" | "line")) => format!(
+                "uses {{{level}}}, but neither gateway.namespace.{level} nor {}.{level} is set; \
+                 set one of them or remove {{{level}}}",
+                self.key
+            ),
+            _ => fill_fix(e, key, keep),
+        }
+    }
+}
+
+/// The message of a template's fill error, with the fix.
+fn fill_fix(e: &FillError, key: &str, keep: &[&str]) -> String {
+    match e {
+        FillError::Unknown(name) => {
+            let known: Vec<String> = keep
+                .iter()
+                .chain(topic::LEVELS.iter())
+                .map(|n| format!("{{{n}}}"))
+                .collect();
+            format!(
+                "{{{name}}} is not a placeholder of {key}; use {} or remove it",
+                known.join(", ")
+            )
+        }
+        FillError::Unset(level) => format!(
+            "uses {{{level}}}, but gateway.namespace.{level} is not set; set it or remove \
+             {{{level}}}"
+        ),
+        FillError::Unclosed => "has a '{' without its '}'; close the placeholder".to_string(),
+    }
+}
+
+/// The keys each device of the array of tables `section` (`[[modbus]]`, `[[serial]]`) sets,
+/// in order: what the namespace step needs to tell a topic key that was written from one
+/// left at its default. Whatever is not an array of tables is left to the section's own
+/// deserialization to report.
+fn device_keys(table: &BTreeMap<String, config::Value>, section: &str) -> Vec<BTreeSet<String>> {
+    let Some(Ok(items)) = table.get(section).map(|v| v.clone().into_array()) else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            item.into_table()
+                .map(|t| t.keys().cloned().collect())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// `[http]`, or its old name `[metrics]` (same keys) with a notice naming the new one. Both
@@ -904,6 +1212,269 @@ mod tests {
         assert!(text.contains("username = \"gw\""), "{text}");
         // Nothing set, nothing to redact.
         assert!(!Settings::default().redacted().to_toml().contains(REDACTED));
+    }
+
+    const PLANT: &str = r#"
+        [gateway]
+        id = "gw"
+        [gateway.namespace]
+        enterprise = "acme"
+        site = "plant1"
+        area = "packaging"
+        line = "line3"
+    "#;
+
+    /// A `[[modbus]]` device `meter` with a tag `power` and the keys `extra`.
+    fn meter(extra: &str) -> String {
+        format!(
+            "[[modbus]]\nname = \"meter\"\nhost = \"127.0.0.1:502\"\n{extra}\n\
+             [[modbus.tags]]\nname = \"power\"\n"
+        )
+    }
+
+    const SCALE: &str = r#"
+        [[serial]]
+        name = "scale"
+        port = "/dev/ttyUSB0"
+    "#;
+
+    fn keys(err: &ConfigError) -> Vec<&str> {
+        err.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn without_a_namespace_the_default_topics_are_unchanged() {
+        let s = load(&format!("{}{SCALE}", meter("")), &[]).unwrap();
+        let (m, d) = (&s.modbus[0], &s.serial[0]);
+        assert_eq!(m.tag_topic("fieldgate", "power"), "field/meter/power");
+        assert_eq!(m.status_topic("fieldgate"), "field/meter/status");
+        assert_eq!(m.batch_topic("fieldgate"), "field/meter/batch");
+        assert_eq!(d.expand(&d.topic, "fieldgate"), "field/scale/data");
+        assert_eq!(d.expand(&d.write_topic, "fieldgate"), "field/scale/write");
+        assert_eq!(d.expand(&d.status_topic, "fieldgate"), "field/scale/status");
+        assert_eq!(m.topic, ModbusDeviceConfig::default().topic);
+        assert!(s.notices.is_empty(), "{:?}", s.notices);
+        assert!(!s.to_toml().contains("namespace"), "{}", s.to_toml());
+    }
+
+    #[test]
+    fn all_four_levels_make_the_default_topics_isa95() {
+        let s = load(&format!("{PLANT}{}{SCALE}", meter("")), &[]).unwrap();
+        let (m, d) = (&s.modbus[0], &s.serial[0]);
+        let root = "acme/plant1/packaging/line3";
+        assert_eq!(m.tag_topic("gw", "power"), format!("{root}/meter/power"));
+        assert_eq!(m.status_topic("gw"), format!("{root}/meter/status"));
+        assert_eq!(m.batch_topic("gw"), format!("{root}/meter/batch"));
+        assert_eq!(d.expand(&d.topic, "gw"), format!("{root}/scale/data"));
+        assert_eq!(
+            d.expand(&d.write_topic, "gw"),
+            format!("{root}/scale/write")
+        );
+        assert_eq!(
+            d.expand(&d.status_topic, "gw"),
+            format!("{root}/scale/status")
+        );
+        // What is stored carries only the placeholders the sources fill.
+        assert_eq!(m.topic, format!("{root}/{{device}}/{{tag}}"));
+        // The printed configuration loads back to the same thing.
+        assert_eq!(load(&s.to_toml(), &[]).unwrap(), s);
+        // Levels come from the environment too.
+        let env = load(
+            &format!("{PLANT}{}", meter("")),
+            &[("FIELDGATE__GATEWAY__NAMESPACE__SITE", "plant2")],
+        )
+        .unwrap();
+        assert_eq!(
+            env.modbus[0].tag_topic("gw", "power"),
+            "acme/plant2/packaging/line3/meter/power"
+        );
+    }
+
+    #[test]
+    fn a_device_overrides_area_and_line_and_keeps_the_topics_it_sets() {
+        let text = r#"
+            [gateway.namespace]
+            enterprise = "acme"
+            site = "plant1"
+            area = "packaging"
+            [[modbus]]
+            name = "filler"
+            host = "127.0.0.1:502"
+            line = "line3"
+            [[modbus.tags]]
+            name = "speed"
+            [[modbus]]
+            name = "capper"
+            host = "127.0.0.1:503"
+            area = "bottling"
+            line = "line7"
+            topic = "{site}/{area}/{line}/custom/{device}/{tag}"
+            [[modbus.tags]]
+            name = "torque"
+            [[modbus]]
+            name = "old"
+            host = "127.0.0.1:504"
+            topic = "field/{device}/{tag}"
+            [[modbus.tags]]
+            name = "t"
+            [[serial]]
+            name = "scale"
+            port = "/dev/ttyUSB0"
+            line = "line3"
+            write_topic = ""
+            "#;
+        let s = load(text, &[]).unwrap();
+        let m = &s.modbus;
+        assert_eq!(
+            m[0].tag_topic("gw", "speed"),
+            "acme/plant1/packaging/line3/filler/speed"
+        );
+        assert_eq!(
+            m[1].tag_topic("gw", "torque"),
+            "plant1/bottling/line7/custom/capper/torque"
+        );
+        assert_eq!(
+            m[1].status_topic("gw"),
+            "acme/plant1/bottling/line7/capper/status",
+            "keys it does not set take the default with its own area and line"
+        );
+        assert_eq!(m[2].tag_topic("gw", "t"), "field/old/t", "set: kept");
+        // `old` has no line, so its defaults stay under field/ (with a warning).
+        assert_eq!(m[2].status_topic("gw"), "field/old/status");
+        assert_eq!(s.notices.len(), 1, "{:?}", s.notices);
+        assert!(s.notices[0].contains("modbus[2]"), "{:?}", s.notices);
+        let d = &s.serial[0];
+        assert_eq!(
+            d.expand(&d.topic, "gw"),
+            "acme/plant1/packaging/line3/scale/data"
+        );
+        assert_eq!(d.write_topic, "", "read-only stays read-only");
+    }
+
+    #[test]
+    fn a_topic_root_may_name_levels_and_the_gateway_id() {
+        let text = format!(
+            "{PLANT}topic_root = \"{{enterprise}}/{{site}}/{{gateway_id}}\"\n{}{SCALE}",
+            meter("")
+        );
+        let s = load(&text, &[]).unwrap();
+        assert_eq!(
+            s.modbus[0].tag_topic("gw", "power"),
+            "acme/plant1/gw/meter/power"
+        );
+        let d = &s.serial[0];
+        assert_eq!(
+            d.expand(&d.status_topic, "gw"),
+            "acme/plant1/gw/scale/status"
+        );
+        // A root without levels works with no level set.
+        let s = load(
+            &format!("[gateway.namespace]\ntopic_root = \"plant\"\n{}", meter("")),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.modbus[0].tag_topic("gw", "power"), "plant/meter/power");
+    }
+
+    #[test]
+    fn namespace_problems_name_the_key_and_the_fix() {
+        // A level used but not set, in a device's own topic and in the root.
+        let err = load(
+            &format!(
+                "[gateway.namespace]\ntopic_root = \"{{enterprise}}/{{area}}\"\n\
+                 {}{SCALE}write_topic = \"{{line}}/w\"\n",
+                meter("topic = \"{site}/{device}/{tag}\"")
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            [
+                "gateway.namespace.topic_root",
+                "modbus[0].topic",
+                "serial[0].write_topic"
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("gateway.namespace.enterprise is not set"),
+            "{text}"
+        );
+        assert!(text.contains("gateway.namespace.site is not set"), "{text}");
+        assert!(
+            text.contains("neither gateway.namespace.line nor serial[0].line"),
+            "{text}"
+        );
+        // The root names {area}: a device without an area (here or in the gateway) is told.
+        let err = load(
+            &format!(
+                "[gateway.namespace]\nenterprise = \"acme\"\ntopic_root = \"{{enterprise}}/{{area}}\"\n\
+                 {}{SCALE}area = \"hall\"\n",
+                meter("")
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(keys(&err), ["modbus[0].area"], "{err}");
+        // Unknown placeholders, with the ones that exist.
+        let err = load(
+            &format!(
+                "{PLANT}topic_root = \"{{plant}}\"\n{}",
+                meter("status_topic = \"{tag}/s\"")
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            ["gateway.namespace.topic_root", "modbus[0].status_topic"],
+            "{err}"
+        );
+        assert!(
+            err.problems[1]
+                .message
+                .contains("{gateway_id}, {device}, {enterprise}"),
+            "{err}"
+        );
+        // Levels that are not one topic level, at the gateway and per device.
+        let err = load(
+            &format!(
+                "[gateway.namespace]\nsite = \"a/b\"\nline = \"\"\nenterprise = \"#\"\n\
+                 topic_root = \"x/+\"\n{}{SCALE}line = \"l/2\"\n",
+                meter("area = \"x+y\"")
+            ),
+            &[],
+        )
+        .unwrap_err();
+        let mut got = keys(&err);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "gateway.namespace.enterprise",
+                "gateway.namespace.line",
+                "gateway.namespace.site",
+                "gateway.namespace.topic_root",
+                "modbus[0].area",
+                "serial[0].line"
+            ],
+            "{err}"
+        );
+        // A misspelt level hides no placeholder problem.
+        let err = load(
+            "[gateway.namespace]\narea = \"a/b\"\ntopic_root = \"{site}\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            ["gateway.namespace.topic_root", "gateway.namespace.area"],
+            "{err}"
+        );
+        let err = load("[gateway.namespace]\ncell = \"c1\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("cell"), "{err}");
     }
 
     #[test]

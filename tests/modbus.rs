@@ -1509,3 +1509,58 @@ async fn imported_tags_read_the_device_as_the_vendor_list_says() {
     let p = sub.wait_last(&g, "field/imp/pump", good).await;
     assert_eq!(p["value"], true, "{p}");
 }
+
+/// `[gateway.namespace]` with the four ISA-95 levels: readings and status arrive under
+/// `<enterprise>/<site>/<area>/<line>/<device>/...`, a device's own `line` moves its topics,
+/// and nothing is published under the old `field/` root.
+#[tokio::test]
+async fn an_isa95_namespace_puts_the_default_topics_under_the_plant_levels() {
+    let (sim_a, sim_b) = (Sim::new(), Sim::new());
+    sim_a.set_holding(1, 0, &[42]);
+    sim_b.set_holding(1, 0, &[7]);
+    let (srv_a, srv_b) = (
+        serve_tcp(sim_a.clone()).await,
+        serve_tcp(sim_b.clone()).await,
+    );
+    let filler = ModbusDevice::tcp("filler", srv_a.port)
+        .with(toml! { poll_interval = "100ms" timeout = "5s" })
+        .tag("speed", 0);
+    let capper = ModbusDevice::tcp("capper", srv_b.port)
+        .with(toml! { poll_interval = "100ms" timeout = "5s" line = "line4" })
+        .tag("torque", 0);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = local(&ports, data.path())
+        .with(
+            "gateway.namespace",
+            toml! {
+                enterprise = "acme"
+                site = "plant1"
+                area = "packaging"
+                line = "line3"
+            },
+        )
+        .modbus(filler)
+        .modbus(capper)
+        .to_toml();
+    let g = Gateway::start(&cfg, &ports).await;
+    let sub = Sub::start(g.mqtt, "#").await;
+    let m = sub
+        .wait_last(&g, "acme/plant1/packaging/line3/filler/speed", good)
+        .await;
+    assert_eq!(m["value"], 42, "{m}");
+    let m = sub
+        .wait_last(&g, "acme/plant1/packaging/line4/capper/torque", good)
+        .await;
+    assert_eq!(m["value"], 7, "{m}");
+    sub.wait_last(&g, "acme/plant1/packaging/line3/filler/status", |v| {
+        v["state"] == "online"
+    })
+    .await;
+    let old: Vec<String> = sub
+        .topics()
+        .into_iter()
+        .filter(|t| t.starts_with("field/"))
+        .collect();
+    assert!(old.is_empty(), "published under field/: {old:?}");
+}

@@ -121,7 +121,7 @@ impl Host {
                 panic!(
                     "{what}: not seen; got {} messages: {:#?}\n--- gateway log ---\n{}",
                     m.len(),
-                    m.iter().map(|x| kind(x)).collect::<Vec<_>>(),
+                    m.iter().map(kind).collect::<Vec<_>>(),
                     g.log_text()
                 );
             }

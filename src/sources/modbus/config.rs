@@ -10,6 +10,10 @@
 //!   unit ids, so they can share one bus task; RTU-over-TCP devices naming the same `host`
 //!   (one converter, one serial line) use distinct unit ids and one request at a time;
 //! - topics (tag, status and batch topics) expand to valid, distinct MQTT topic names;
+//! - `area` and `line` (the device's own ISA-95 levels) are single topic levels. The
+//!   namespace placeholders (`{enterprise}` ...) are filled into the topic templates when the
+//!   configuration is loaded ([`crate::config`], with [`ModbusDeviceConfig::templates`]), so
+//!   the templates here carry only `{gateway_id}`, `{device}` and `{tag}`;
 //! - with `publish = "batch"`: the payload is `json`, no tag has `on_change` or `deadband`
 //!   (every batch holds every tag), the batch topic has no `{tag}`; `publish_interval` is
 //!   only set in batch mode.
@@ -175,9 +179,18 @@ pub struct ModbusDeviceConfig {
     /// Default poll interval of this device's tags.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// Tag topic template: `{device}`, `{tag}` and `{gateway_id}` are replaced.
+    /// ISA-95 area of this device, in place of `gateway.namespace.area` in its topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub area: Option<String>,
+    /// ISA-95 line of this device, in place of `gateway.namespace.line` in its topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// Tag topic template: `{device}`, `{tag}` and `{gateway_id}` are replaced, and the
+    /// namespace's `{enterprise}`, `{site}`, `{area}`, `{line}`. Default:
+    /// `<root>/{device}/{tag}`, the root from `[gateway.namespace]` (`field` unless set).
     pub topic: String,
-    /// Retained device status topic (`{"state":"online"|"offline",...}`).
+    /// Retained device status topic (`{"state":"online"|"offline",...}`). Default:
+    /// `<root>/{device}/status`.
     pub status_topic: String,
     /// Writes are accepted on `<tag topic>/set` and on `<command_prefix><tag topic>/set`
     /// (where the cloud downlink puts `fieldgate/<id>/cmd/...` by default). Empty: local
@@ -188,7 +201,8 @@ pub struct ModbusDeviceConfig {
     /// `per_tag`: one message per tag reading on its tag topic. `batch`: one message per
     /// `publish_interval` on `batch_topic` with the latest value and quality of every tag.
     pub publish: PublishMode,
-    /// `publish = "batch"`: the batch topic; `{device}` and `{gateway_id}` are replaced.
+    /// `publish = "batch"`: the batch topic; `{device}` and `{gateway_id}` are replaced (and
+    /// the namespace levels). Default: `<root>/{device}/batch`.
     pub batch_topic: String,
     /// `publish = "batch"`: how often the batch is published. Default (absent): the
     /// device's `poll_interval`.
@@ -238,12 +252,14 @@ impl Default for ModbusDeviceConfig {
             max_read_coils: 2000,
             address_base: 0,
             poll_interval: Duration::from_secs(1),
-            topic: "field/{device}/{tag}".into(),
-            status_topic: "field/{device}/status".into(),
+            area: None,
+            line: None,
+            topic: format!("{}/{TAG_TAIL}", topic::DEFAULT_ROOT),
+            status_topic: format!("{}/{STATUS_TAIL}", topic::DEFAULT_ROOT),
             command_prefix: "cmd/".into(),
             payload: PayloadFormat::Json,
             publish: PublishMode::PerTag,
-            batch_topic: "field/{device}/batch".into(),
+            batch_topic: format!("{}/{BATCH_TAIL}", topic::DEFAULT_ROOT),
             publish_interval: None,
             retain: false,
             bad_repeat: Duration::from_secs(10),
@@ -253,6 +269,13 @@ impl Default for ModbusDeviceConfig {
         }
     }
 }
+
+/// The default tag topic after its root.
+const TAG_TAIL: &str = "{device}/{tag}";
+/// The default status topic after its root.
+const STATUS_TAIL: &str = "{device}/status";
+/// The default batch topic after its root.
+const BATCH_TAIL: &str = "{device}/batch";
 
 /// `[[modbus.tags]]`: one value of a device.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -364,6 +387,31 @@ impl TagConfig {
 }
 
 impl ModbusDeviceConfig {
+    /// The topic templates the namespace is filled into when the configuration is loaded.
+    pub fn templates(&mut self) -> [topic::DeviceTemplate<'_>; 3] {
+        const DEVICE: &[&str] = &["gateway_id", "device"];
+        [
+            topic::DeviceTemplate {
+                key: "topic",
+                template: &mut self.topic,
+                default_tail: TAG_TAIL,
+                keep: &["gateway_id", "device", "tag"],
+            },
+            topic::DeviceTemplate {
+                key: "status_topic",
+                template: &mut self.status_topic,
+                default_tail: STATUS_TAIL,
+                keep: DEVICE,
+            },
+            topic::DeviceTemplate {
+                key: "batch_topic",
+                template: &mut self.batch_topic,
+                default_tail: BATCH_TAIL,
+                keep: DEVICE,
+            },
+        ]
+    }
+
     /// Expands a topic template for `tag`.
     pub fn tag_topic(&self, gateway_id: &str, tag: &str) -> String {
         crate::topic::with_gateway_id(&self.topic, gateway_id)
@@ -591,6 +639,12 @@ pub fn validate(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<Problem
                 format!("{k}.topic"),
                 "must contain {tag}, or every tag would publish on one topic; e.g. \"field/{device}/{tag}\"",
             ));
+        }
+        for (level, value) in [("area", &d.area), ("line", &d.line)] {
+            let Some(v) = value else { continue };
+            if let Err(e) = topic::validate_level(v) {
+                p.push(problem(format!("{k}.{level}"), format!("{v:?}: {e}")));
+            }
         }
         if d.command_prefix.contains(['+', '#']) {
             p.push(problem(
@@ -1134,6 +1188,33 @@ mod tests {
             assert!(keys.contains(&want), "{want} missing from {p:#?}");
         }
         assert_eq!(p.len(), 6, "{p:#?}");
+    }
+
+    #[test]
+    fn area_and_line_are_single_topic_levels_and_the_templates_are_listed() {
+        let mut d = dev(r#"
+            [[modbus]]
+            name = "m"
+            host = "127.0.0.1:502"
+            area = "hall/2"
+            line = "l+"
+            [[modbus.tags]]
+            name = "t"
+        "#);
+        let keys: Vec<String> = validate(&d, "gw").into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["modbus[0].area", "modbus[0].line"]);
+        let t = d[0].templates();
+        let listed: Vec<(&str, &str)> = t.iter().map(|t| (t.key, t.default_tail)).collect();
+        assert_eq!(
+            listed,
+            [
+                ("topic", "{device}/{tag}"),
+                ("status_topic", "{device}/status"),
+                ("batch_topic", "{device}/batch")
+            ]
+        );
+        // Without [gateway.namespace] the defaults are today's.
+        assert_eq!(*t[0].template, format!("field/{}", t[0].default_tail));
     }
 
     #[test]

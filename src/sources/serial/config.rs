@@ -6,7 +6,11 @@
 //! - the delimiter and the write line ending parse ([`unescape`]), the frame limits are in
 //!   `1..=MAX_FRAME`, and a `regex` pattern compiles and has at least one named capture;
 //! - the expanded data, write and status topics are valid MQTT topic names and distinct, so a
-//!   device can never read its own writes back as data.
+//!   device can never read its own writes back as data;
+//! - `area` and `line` (the device's own ISA-95 levels) are single topic levels. The
+//!   namespace placeholders (`{enterprise}` ...) are filled into the topic templates when the
+//!   configuration is loaded ([`crate::config`], with [`SerialDeviceConfig::templates`]), so
+//!   the templates here carry only `{gateway_id}` and `{device}`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,12 +46,21 @@ pub struct SerialDeviceConfig {
     pub framing: FramingConfig,
     /// How a frame becomes a payload.
     pub decode: DecodeConfig,
-    /// Topic each decoded frame is published to. `{device}` and `{gateway_id}` are replaced.
+    /// ISA-95 area of this device, in place of `gateway.namespace.area` in its topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub area: Option<String>,
+    /// ISA-95 line of this device, in place of `gateway.namespace.line` in its topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// Topic each decoded frame is published to. `{device}` and `{gateway_id}` are replaced,
+    /// and the namespace's `{enterprise}`, `{site}`, `{area}`, `{line}`. Default:
+    /// `<root>/{device}/data`, the root from `[gateway.namespace]` (`field` unless set).
     pub topic: String,
     /// Wrap each payload as `{"ts": <ms since epoch>, "value": <decoded>}`.
     pub envelope: bool,
     /// Payloads published here are written to the port as they are. `{device}` and
-    /// `{gateway_id}` are replaced. Empty: the device is read-only.
+    /// `{gateway_id}` are replaced (and the namespace levels). Empty: the device is
+    /// read-only. Default: `<root>/{device}/write`.
     pub write_topic: String,
     /// Appended to every write, e.g. `"\r\n"`. Escapes as in `framing.delimiter`. Empty: none.
     pub write_line_ending: String,
@@ -55,6 +68,7 @@ pub struct SerialDeviceConfig {
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Retained `{"state": "online"|"offline", "error": ..., "ts": ...}` for this device.
+    /// Default: `<root>/{device}/status`.
     pub status_topic: String,
     /// First delay before reopening a port that failed; doubles per failure.
     #[serde(with = "humantime_serde")]
@@ -76,17 +90,26 @@ impl Default for SerialDeviceConfig {
             flow_control: FlowControl::None,
             framing: FramingConfig::default(),
             decode: DecodeConfig::default(),
-            topic: "field/{device}/data".into(),
+            area: None,
+            line: None,
+            topic: format!("{}/{DATA_TAIL}", topic::DEFAULT_ROOT),
             envelope: false,
-            write_topic: "field/{device}/write".into(),
+            write_topic: format!("{}/{WRITE_TAIL}", topic::DEFAULT_ROOT),
             write_line_ending: String::new(),
             write_timeout: Duration::from_secs(2),
-            status_topic: "field/{device}/status".into(),
+            status_topic: format!("{}/{STATUS_TAIL}", topic::DEFAULT_ROOT),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
         }
     }
 }
+
+/// The default data topic after its root.
+const DATA_TAIL: &str = "{device}/data";
+/// The default write topic after its root.
+const WRITE_TAIL: &str = "{device}/write";
+/// The default status topic after its root.
+const STATUS_TAIL: &str = "{device}/status";
 
 /// Parity bit.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -187,6 +210,31 @@ pub enum DecodeMode {
 }
 
 impl SerialDeviceConfig {
+    /// The topic templates the namespace is filled into when the configuration is loaded.
+    pub fn templates(&mut self) -> [topic::DeviceTemplate<'_>; 3] {
+        const KEEP: &[&str] = &["gateway_id", "device"];
+        [
+            topic::DeviceTemplate {
+                key: "topic",
+                template: &mut self.topic,
+                default_tail: DATA_TAIL,
+                keep: KEEP,
+            },
+            topic::DeviceTemplate {
+                key: "write_topic",
+                template: &mut self.write_topic,
+                default_tail: WRITE_TAIL,
+                keep: KEEP,
+            },
+            topic::DeviceTemplate {
+                key: "status_topic",
+                template: &mut self.status_topic,
+                default_tail: STATUS_TAIL,
+                keep: KEEP,
+            },
+        ]
+    }
+
     /// Replaces `{device}` and `{gateway_id}` in a topic template.
     pub fn expand(&self, template: &str, gateway_id: &str) -> String {
         crate::topic::with_gateway_id(template, gateway_id).replace("{device}", &self.name)
@@ -253,6 +301,12 @@ pub fn validate(devices: &[SerialDeviceConfig], gateway_id: &str) -> Vec<Problem
                     d.name
                 ),
             ));
+        }
+        for (level, value) in [("area", &d.area), ("line", &d.line)] {
+            let Some(v) = value else { continue };
+            if let Err(e) = topic::validate_level(v) {
+                p.push(problem(key(level), format!("{v:?}: {e}")));
+            }
         }
         if d.port.as_os_str().is_empty() {
             p.push(problem(
@@ -409,6 +463,29 @@ mod tests {
     #[test]
     fn a_plain_device_is_valid() {
         assert_eq!(validate(&[dev("scale", "/dev/ttyUSB0")], "gw"), vec![]);
+    }
+
+    #[test]
+    fn area_and_line_are_single_topic_levels_and_the_templates_are_listed() {
+        let mut d = dev("scale", "/dev/ttyUSB0");
+        d.area = Some(String::new());
+        d.line = Some("#".into());
+        let keys: Vec<String> = validate(&[d.clone()], "gw")
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["serial[0].area", "serial[0].line"]);
+        let t = d.templates();
+        let listed: Vec<(&str, &str)> = t.iter().map(|t| (t.key, t.default_tail)).collect();
+        assert_eq!(
+            listed,
+            [
+                ("topic", "{device}/data"),
+                ("write_topic", "{device}/write"),
+                ("status_topic", "{device}/status")
+            ]
+        );
+        assert_eq!(*t[2].template, "field/{device}/status");
     }
 
     #[test]
