@@ -325,6 +325,7 @@ fn start_cloud(
                 &settings.gateway.id,
                 crate::sources::modbus::sparkplug::devices(&settings.modbus, &settings.gateway.id),
                 &settings.gateway.data_dir,
+                m.cloud.clone(),
             )
         }),
     };

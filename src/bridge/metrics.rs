@@ -1,7 +1,8 @@
 //! The cloud link's metric families: the session state, reconnects, what each lane sent,
 //! what was sent again after a session ended, the replay rate and the downlink
 //! (`fieldgate_cloud_*`, `fieldgate_sent_*`, `fieldgate_resent_total`, `fieldgate_replay_rate`,
-//! `fieldgate_downlink_messages_total`).
+//! `fieldgate_downlink_messages_total`), and the Sparkplug edge node's
+//! (`fieldgate_sparkplug_*`, zero without `[sparkplug]`).
 //!
 //! Owned here and added to the gateway's registry when the bridge is built. What the cloud
 //! acknowledged (`fieldgate_messages_out_total`) and the records the bridge gives up on are
@@ -15,10 +16,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::Register;
+use crate::metrics::{label, Labels, Register};
 
 /// The cloud link's metrics.
 #[derive(Default)]
@@ -40,7 +42,18 @@ pub struct CloudMetrics {
     pub replay_rate: Gauge<f64, AtomicU64>,
     /// Since when the link is up and why it last went down (for the operator page).
     pub link: LinkState,
+    /// Sparkplug messages made, by type (`NBIRTH`, `DBIRTH`, `DDATA`, `DDEATH`, `NDEATH`).
+    pub sparkplug_messages: Family<Labels, Counter>,
+    /// Sparkplug commands from the host, by result (`rebirth`, `write`, `refused`).
+    pub sparkplug_commands: Family<Labels, Counter>,
+    /// 1 while a Sparkplug session waits for its primary host's STATE (sending nothing).
+    pub sparkplug_waiting_for_host: Gauge,
 }
+
+/// The Sparkplug message types a [`CloudMetrics::sparkplug_messages`] label takes.
+pub const SPARKPLUG_KINDS: [&str; 5] = ["NBIRTH", "DBIRTH", "DDATA", "DDEATH", "NDEATH"];
+/// The results a [`CloudMetrics::sparkplug_commands`] label takes.
+pub const SPARKPLUG_RESULTS: [&str; 3] = ["rebirth", "write", "refused"];
 
 /// What the operator page shows of the cloud link.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -125,6 +138,27 @@ impl Register for CloudMetrics {
             "replay_rate",
             "Replay lane msgs/s over the last second",
             m.replay_rate.clone(),
+        );
+        for k in SPARKPLUG_KINDS {
+            let _ = m.sparkplug_messages.get_or_create(&label("type", k));
+        }
+        for k in SPARKPLUG_RESULTS {
+            let _ = m.sparkplug_commands.get_or_create(&label("result", k));
+        }
+        r.register(
+            "sparkplug_messages",
+            "Sparkplug B messages made, by type",
+            m.sparkplug_messages.clone(),
+        );
+        r.register(
+            "sparkplug_commands",
+            "Sparkplug B commands from the host, by result",
+            m.sparkplug_commands.clone(),
+        );
+        r.register(
+            "sparkplug_waiting_for_host",
+            "1 while the Sparkplug session waits for the primary host's STATE",
+            m.sparkplug_waiting_for_host.clone(),
         );
     }
 }

@@ -242,6 +242,9 @@ impl Bridge {
         info!(host = %opts.host, port = opts.port, "cloud connected");
         let mut sp = self.sparkplug.take();
         let result = self.online(&mut link, sp.as_mut(), stop).await;
+        if let Some(up) = sp.as_mut() {
+            up.disconnected();
+        }
         self.sparkplug = sp;
         self.metrics.cloud_connected.set(0);
         result

@@ -20,11 +20,15 @@
 //!   fitting the model.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value as Json;
 use tracing::warn;
 
+use super::metrics::CloudMetrics;
+use crate::metrics::label;
 use crate::sparkplug::payload::Value;
 use crate::sparkplug::{
     reading, topic, Command, EdgeNode, Message, Route, SparkplugConfig, Update,
@@ -64,7 +68,13 @@ pub struct Uplink {
     next_bd_seq: u64,
     /// The session waits for the primary host's STATE online.
     holding: bool,
+    metrics: Arc<CloudMetrics>,
+    /// Refused commands not logged yet, and when the last line was.
+    refused: (u64, Option<Instant>),
 }
+
+/// Shortest time between two log lines about refused commands.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Uplink {
     /// The edge node of `[sparkplug]` over these devices; the `bdSeq` count lives in
@@ -74,6 +84,7 @@ impl Uplink {
         gateway_id: &str,
         devices: Vec<crate::sparkplug::DeviceSpec>,
         data_dir: &std::path::Path,
+        metrics: Arc<CloudMetrics>,
     ) -> Uplink {
         let bd_seq_file = data_dir.join("sparkplug-bdseq");
         let next_bd_seq = std::fs::read_to_string(&bd_seq_file)
@@ -93,14 +104,41 @@ impl Uplink {
             bd_seq_file,
             next_bd_seq,
             holding: false,
+            metrics,
+            refused: (0, None),
         }
+    }
+
+    /// Counts messages made, by the type their topic names.
+    fn count(&self, msgs: &[Message]) {
+        for m in msgs {
+            if let Some(kind) = m.topic.split('/').nth(2) {
+                self.metrics
+                    .sparkplug_messages
+                    .get_or_create(&label("type", kind))
+                    .inc();
+            }
+        }
+    }
+
+    fn set_holding(&mut self, holding: bool) {
+        self.holding = holding;
+        self.metrics
+            .sparkplug_waiting_for_host
+            .set(i64::from(holding));
+    }
+
+    fn births(&mut self, now: u64) -> Vec<Message> {
+        let b = self.node.births(now);
+        self.count(&b);
+        b
     }
 
     /// A new connection attempt: its will, the NDEATH with the next `bdSeq`. The count
     /// moves on only once a broker accepted the connection ([`Uplink::connected`]): an
     /// attempt that never got a CONNACK registered no will, and no host saw its `bdSeq`.
     pub fn connecting(&mut self, now: u64) -> Message {
-        self.holding = self.state_topic.is_some();
+        self.set_holding(self.state_topic.is_some());
         self.node.will(self.next_bd_seq, now)
     }
 
@@ -130,7 +168,7 @@ impl Uplink {
         if self.holding {
             return Vec::new();
         }
-        self.node.births(now)
+        self.births(now)
     }
 
     /// The session may not send records (the primary host is not online).
@@ -140,7 +178,14 @@ impl Uplink {
 
     /// The NDEATH of the current connection, for an orderly goodbye.
     pub fn goodbye(&self, now: u64) -> Message {
-        self.node.death_certificate(now)
+        let m = self.node.death_certificate(now);
+        self.count(std::slice::from_ref(&m));
+        m
+    }
+
+    /// The session ended: nothing waits for the host any more.
+    pub fn disconnected(&mut self) {
+        self.set_holding(false);
     }
 
     /// The message that was made last could not be sent: its `seq` is given back.
@@ -150,6 +195,15 @@ impl Uplink {
 
     /// What record `rec` becomes (`historical`: replayed backlog).
     pub fn encode(&mut self, rec: &Record, historical: bool, now: u64) -> Encoded {
+        let e = self.make(rec, historical, now);
+        if let Encoded::Sparkplug(births, carrier) = &e {
+            self.count(births);
+            self.count(carrier.as_slice());
+        }
+        e
+    }
+
+    fn make(&mut self, rec: &Record, historical: bool, now: u64) -> Encoded {
         let Some(route) = self.node.route(&rec.topic) else {
             return Encoded::Plain;
         };
@@ -203,10 +257,10 @@ impl Uplink {
         if self.state_topic.as_deref() == Some(topic) {
             return self.host_state(payload, now);
         }
-        match self.node.command(topic, payload) {
-            None => Heard::NotOurs,
+        let heard = match self.node.command(topic, payload) {
+            None => return Heard::NotOurs,
             Some(Ok(Command::Rebirth)) if self.holding => Heard::Nothing,
-            Some(Ok(Command::Rebirth)) => Heard::Births(self.node.births(now)),
+            Some(Ok(Command::Rebirth)) => Heard::Births(self.births(now)),
             Some(Ok(Command::Write(writes))) => Heard::Local(
                 writes
                     .into_iter()
@@ -214,9 +268,33 @@ impl Uplink {
                     .collect(),
             ),
             Some(Err(e)) => {
-                warn!(topic, error = %e, "Sparkplug command refused");
-                Heard::Nothing
+                self.refuse(topic, &e);
+                return Heard::Nothing;
             }
+        };
+        let result = if matches!(heard, Heard::Local(_)) {
+            "write"
+        } else {
+            "rebirth"
+        };
+        self.metrics
+            .sparkplug_commands
+            .get_or_create(&label("result", result))
+            .inc();
+        heard
+    }
+
+    /// Counts a refused command (or an unreadable STATE), and logs it at most once per [`LOG_EVERY`] (with how many
+    /// were refused since the last line): a host sending garbage cannot flood the journal.
+    fn refuse(&mut self, topic: &str, e: &dyn std::fmt::Display) {
+        self.metrics
+            .sparkplug_commands
+            .get_or_create(&label("result", "refused"))
+            .inc();
+        self.refused.0 += 1;
+        if self.refused.1.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            warn!(topic, error = %e, refused = self.refused.0, "Sparkplug command refused");
+            self.refused = (0, Some(Instant::now()));
         }
     }
 
@@ -226,12 +304,16 @@ impl Uplink {
             .and_then(|j| j.get("online").and_then(Json::as_bool));
         match (online, self.holding) {
             (Some(true), true) => {
-                self.holding = false;
-                Heard::Births(self.node.births(now))
+                self.set_holding(false);
+                Heard::Births(self.births(now))
             }
             (Some(false), false) => Heard::HostOffline,
             (None, _) => {
-                warn!(topic = ?self.state_topic, "primary host STATE is not {{\"online\":..}}; ignored");
+                let topic = self.state_topic.clone().unwrap_or_default();
+                self.refuse(
+                    &topic,
+                    &"a STATE payload that is not {\"online\":true|false,..}",
+                );
                 Heard::Nothing
             }
             _ => Heard::Nothing,
@@ -251,5 +333,196 @@ fn json_of(v: &Value) -> Json {
             .unwrap_or(Json::Null),
         Value::Bool(b) => Json::Bool(*b),
         Value::Text(s) => Json::String(s.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sparkplug::payload::{DataType, Metric, MetricValue, Payload};
+    use crate::sparkplug::{DeviceSpec, MetricSpec};
+
+    fn uplink(dir: &std::path::Path, host: &str) -> Uplink {
+        let metric = |name: &str| MetricSpec {
+            name: name.into(),
+            datatype: DataType::Double,
+            unit: String::new(),
+            topic: Some(format!("field/m/{name}")),
+            write_topic: Some(format!("field/m/{name}/set")),
+            properties: vec![],
+        };
+        let cfg = SparkplugConfig {
+            enabled: true,
+            group_id: "g".into(),
+            primary_host_id: host.into(),
+            ..Default::default()
+        };
+        let devices = vec![DeviceSpec {
+            id: "m".into(),
+            status_topic: Some("field/m/status".into()),
+            batch_topic: Some("field/m/batch".into()),
+            metrics: vec![metric("a"), metric("b")],
+        }];
+        Uplink::new(&cfg, "gw", devices, dir, CloudMetrics::new())
+    }
+
+    fn rec(topic: &str, payload: &str) -> Record {
+        Record {
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_string()),
+            retain: false,
+            ts_ms: 5,
+        }
+    }
+
+    fn payload(m: &Message) -> Payload {
+        Payload::from_bytes(&m.payload).unwrap()
+    }
+
+    #[test]
+    fn what_is_no_devices_or_cannot_be_read_goes_up_plain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), "");
+        u.connecting(0);
+        u.connected(0);
+        assert_eq!(u.encode(&rec("other/topic", "1"), false, 0), Encoded::Plain);
+        assert_eq!(
+            u.encode(&rec("field/m/a", "not a number"), false, 0),
+            Encoded::Plain
+        );
+        assert_eq!(
+            u.encode(&rec("field/m/status", "{}"), false, 0),
+            Encoded::Plain
+        );
+    }
+
+    #[test]
+    fn statuses_and_batches_become_deaths_births_and_one_ddata() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), "");
+        u.connecting(0);
+        assert_eq!(u.connected(0).len(), 2, "NBIRTH and DBIRTH");
+        // Born by the births: an online status has nothing to say, and is done.
+        let online = rec("field/m/status", r#"{"state":"online","ts":1}"#);
+        assert_eq!(
+            u.encode(&online, false, 1),
+            Encoded::Sparkplug(vec![], None)
+        );
+        let offline = rec("field/m/status", r#"{"state":"offline","ts":2}"#);
+        let Encoded::Sparkplug(pre, Some(death)) = u.encode(&offline, false, 2) else {
+            panic!("a DDEATH");
+        };
+        assert!(pre.is_empty());
+        assert_eq!(death.topic, "spBv1.0/g/DDEATH/gw/m");
+        // A batch with values: the device answers again, born first.
+        let batch = rec(
+            "field/m/batch",
+            r#"{"ts":3,"values":{"a":1.5,"b":null,"zz":1}}"#,
+        );
+        let Encoded::Sparkplug(pre, Some(data)) = u.encode(&batch, true, 3) else {
+            panic!("a DDATA");
+        };
+        assert_eq!(pre.len(), 1, "the DBIRTH first");
+        let p = payload(&data);
+        assert_eq!(p.metrics.len(), 2, "unknown names are left out");
+        assert!(p.metrics.iter().all(|m| m.is_historical == Some(true)));
+        assert_eq!(
+            u.metrics
+                .sparkplug_messages
+                .get_or_create(&label("type", "DDATA"))
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_bd_seq_counts_accepted_connections_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), "");
+        let bd = |m: &Message| payload(m).metrics[0].value.clone();
+        assert_eq!(bd(&u.connecting(0)), Some(MetricValue::LongValue(0)));
+        // No CONNACK: the next attempt has the same bdSeq.
+        assert_eq!(bd(&u.connecting(0)), Some(MetricValue::LongValue(0)));
+        u.connected(0);
+        assert_eq!(bd(&u.connecting(0)), Some(MetricValue::LongValue(1)));
+        u.connected(0);
+        let mut again = uplink(dir.path(), "");
+        assert_eq!(bd(&again.connecting(0)), Some(MetricValue::LongValue(2)));
+    }
+
+    #[test]
+    fn a_primary_host_holds_the_session_until_its_state_is_online() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), "scada");
+        u.connecting(0);
+        assert!(u.filters().contains(&"spBv1.0/STATE/scada".to_string()));
+        assert!(u.connected(0).is_empty());
+        assert!(u.holding());
+        let rebirth = Payload {
+            metrics: vec![Metric {
+                name: Some(crate::sparkplug::node::REBIRTH.into()),
+                datatype: Some(11),
+                value: Some(MetricValue::BooleanValue(true)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let ncmd = Bytes::from(rebirth.to_bytes());
+        assert_eq!(u.heard("spBv1.0/g/NCMD/gw", &ncmd, 0), Heard::Nothing);
+        let state = |s: &str| Bytes::from(s.to_string());
+        assert_eq!(
+            u.heard("spBv1.0/STATE/scada", &state("garbage"), 0),
+            Heard::Nothing
+        );
+        let Heard::Births(b) = u.heard("spBv1.0/STATE/scada", &state(r#"{"online":true}"#), 0)
+        else {
+            panic!("births once the host is online");
+        };
+        assert_eq!(b.len(), 2);
+        assert!(!u.holding());
+        assert!(matches!(
+            u.heard("spBv1.0/g/NCMD/gw", &ncmd, 0),
+            Heard::Births(_)
+        ));
+        assert_eq!(
+            u.heard("spBv1.0/STATE/scada", &state(r#"{"online":false}"#), 0),
+            Heard::HostOffline
+        );
+    }
+
+    #[test]
+    fn writes_go_to_the_set_topic_as_json_and_refusals_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = uplink(dir.path(), "");
+        let dcmd = |name: &str| {
+            Bytes::from(
+                Payload {
+                    metrics: vec![Metric {
+                        name: Some(name.into()),
+                        datatype: Some(DataType::Double.code()),
+                        value: Some(MetricValue::DoubleValue(2.5)),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+                .to_bytes(),
+            )
+        };
+        assert_eq!(
+            u.heard("spBv1.0/g/DCMD/gw/m", &dcmd("a"), 0),
+            Heard::Local(vec![("field/m/a/set".into(), b"2.5".to_vec())])
+        );
+        assert_eq!(
+            u.heard("spBv1.0/g/DCMD/gw/m", &dcmd("nope"), 0),
+            Heard::Nothing
+        );
+        assert_eq!(u.heard("fieldgate/gw/cmd/x", &dcmd("a"), 0), Heard::NotOurs);
+        let count = |r: &str| {
+            u.metrics
+                .sparkplug_commands
+                .get_or_create(&label("result", r))
+                .get()
+        };
+        assert_eq!((count("write"), count("refused")), (1, 1));
     }
 }

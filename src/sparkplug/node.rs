@@ -340,7 +340,8 @@ impl EdgeNode {
 
     /// A DDATA of device `d` with `updates` (`historical`: from a replayed backlog). Its
     /// DBIRTH comes first in the returned list when the device is not born. Values that do
-    /// not fit their metric's type go as null.
+    /// not fit their metric's type go as null. Nothing at all when the device is offline
+    /// and no update has a value: its DDEATH already told the host.
     pub fn data(
         &mut self,
         d: usize,
@@ -349,6 +350,12 @@ impl EdgeNode {
         now: u64,
     ) -> Vec<Message> {
         let mut out = Vec::with_capacity(2);
+        if !self.devices[d].online {
+            if updates.iter().all(|u| u.value.is_none()) {
+                return out;
+            }
+            self.devices[d].online = true;
+        }
         if !self.devices[d].born {
             out.push(self.device_birth(d, now));
         }
