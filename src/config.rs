@@ -385,7 +385,28 @@ impl Settings {
         p.extend(self.ota.validate());
         p.extend(self.http.validate());
         p.extend(self.sparkplug.validate(self.cloud.enabled));
+        if self.sparkplug.enabled {
+            for (i, s) in self.serial.iter().enumerate() {
+                if self.modbus.iter().any(|m| m.name == s.name) {
+                    p.push(problem(
+                        format!("serial[{i}].name"),
+                        format!(
+                            "{:?} is also a [[modbus]] device; Sparkplug device ids must differ, rename one",
+                            s.name
+                        ),
+                    ));
+                }
+            }
+        }
         p
+    }
+
+    /// The Sparkplug devices of `[sparkplug]`: every Modbus device, then every serial one.
+    pub fn sparkplug_devices(&self) -> Vec<crate::sparkplug::DeviceSpec> {
+        let id = &self.gateway.id;
+        let mut d = crate::sources::modbus::sparkplug::devices(&self.modbus, id);
+        d.extend(crate::sources::serial::sparkplug::devices(&self.serial, id));
+        d
     }
 
     /// The namespace step of loading: fills `[gateway.namespace]` into the topic templates of

@@ -323,7 +323,7 @@ fn start_cloud(
             crate::bridge::sparkplug::Uplink::new(
                 &settings.sparkplug,
                 &settings.gateway.id,
-                crate::sources::modbus::sparkplug::devices(&settings.modbus, &settings.gateway.id),
+                settings.sparkplug_devices(),
                 &settings.gateway.data_dir,
                 m.cloud.clone(),
             )

@@ -225,10 +225,11 @@ impl Uplink {
                 };
                 self.data(d, &[update], historical, now)
             }
-            Route::Batch(d) => {
-                let Some((ts, values)) = reading::batch(&rec.payload) else {
+            Route::Batch(d, shape) => {
+                let Some((ts, values)) = reading::batch(&rec.payload, shape) else {
                     return Encoded::Plain;
                 };
+                let ts = ts.unwrap_or(rec.ts_ms);
                 let spec = self.node.device(d);
                 let updates: Vec<Update> = values
                     .iter()
@@ -264,7 +265,13 @@ impl Uplink {
             Some(Ok(Command::Write(writes))) => Heard::Local(
                 writes
                     .into_iter()
-                    .map(|(t, v)| (t, json_of(&v).to_string().into_bytes()))
+                    .map(|w| {
+                        let payload = match (w.raw, w.value) {
+                            (true, Value::Text(s)) => s.into_bytes(),
+                            (_, v) => json_of(&v).to_string().into_bytes(),
+                        };
+                        (w.topic, payload)
+                    })
                     .collect(),
             ),
             Some(Err(e)) => {
@@ -349,6 +356,7 @@ mod tests {
             unit: String::new(),
             topic: Some(format!("field/m/{name}")),
             write_topic: Some(format!("field/m/{name}/set")),
+            write_raw: false,
             properties: vec![],
         };
         let cfg = SparkplugConfig {
@@ -360,7 +368,10 @@ mod tests {
         let devices = vec![DeviceSpec {
             id: "m".into(),
             status_topic: Some("field/m/status".into()),
-            batch_topic: Some("field/m/batch".into()),
+            batch: Some(crate::sparkplug::Batch {
+                topic: "field/m/batch".into(),
+                shape: crate::sparkplug::BatchShape::Values,
+            }),
             metrics: vec![metric("a"), metric("b")],
         }];
         Uplink::new(&cfg, "gw", devices, dir, CloudMetrics::new())

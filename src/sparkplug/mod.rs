@@ -17,4 +17,7 @@ pub mod reading;
 pub mod topic;
 
 pub use config::SparkplugConfig;
-pub use node::{Command, CommandError, DeviceSpec, EdgeNode, Message, MetricSpec, Route, Update};
+pub use node::{
+    Batch, BatchShape, Command, CommandError, DeviceSpec, EdgeNode, Message, MetricSpec, Route,
+    Update, Write,
+};

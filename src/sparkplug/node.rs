@@ -39,6 +39,8 @@ pub struct MetricSpec {
     pub topic: Option<String>,
     /// Local topic a write goes to (`<tag topic>/set`), if the metric is writable.
     pub write_topic: Option<String>,
+    /// A write is published as the text itself (a serial line), not as a JSON value.
+    pub write_raw: bool,
     /// Further properties for the birth (name, value).
     pub properties: Vec<(String, PropertyValue)>,
 }
@@ -50,10 +52,30 @@ pub struct DeviceSpec {
     pub id: String,
     /// Local topic of its retained status (`{"state":"online"|"offline"..}`), if any.
     pub status_topic: Option<String>,
-    /// Local topic of its batch readings, if any.
-    pub batch_topic: Option<String>,
+    /// Local topic of its batch readings (several metrics in one message), if any.
+    pub batch: Option<Batch>,
     /// Its metrics.
     pub metrics: Vec<MetricSpec>,
+}
+
+/// Where a device publishes several metrics in one message, and in which shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// The local topic.
+    pub topic: String,
+    /// The payload's shape.
+    pub shape: BatchShape,
+}
+
+/// The JSON shape of a batch (see [`super::reading`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchShape {
+    /// `{"ts":..,"values":{name: value, ..}}` (a Modbus batch).
+    Values,
+    /// `{name: value, ..}` (a serial regex device's captures).
+    Object,
+    /// `{"ts":..,"value":{name: value, ..}}` (the same in the serial envelope).
+    Envelope,
 }
 
 /// What a local topic carries for the node.
@@ -61,8 +83,8 @@ pub struct DeviceSpec {
 pub enum Route {
     /// One metric's reading.
     Metric(usize, usize),
-    /// A batch of the device's metrics.
-    Batch(usize),
+    /// A batch of the device's metrics, in this shape.
+    Batch(usize, BatchShape),
     /// The device's status.
     Status(usize),
 }
@@ -92,8 +114,19 @@ pub struct Update {
 pub enum Command {
     /// NCMD `Node Control/Rebirth` = true: publish every birth again.
     Rebirth,
-    /// DCMD: write these values (local write topic, value).
-    Write(Vec<(String, Value)>),
+    /// DCMD: write these values.
+    Write(Vec<Write>),
+}
+
+/// One write a DCMD asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// The local topic it goes to.
+    pub topic: String,
+    /// The value.
+    pub value: Value,
+    /// Publish the text itself, not a JSON value ([`MetricSpec::write_raw`]).
+    pub raw: bool,
 }
 
 /// Why a command was not taken.
@@ -167,8 +200,8 @@ impl EdgeNode {
                 if let Some(t) = &spec.status_topic {
                     routes.insert(t.clone(), Route::Status(d));
                 }
-                if let Some(t) = &spec.batch_topic {
-                    routes.insert(t.clone(), Route::Batch(d));
+                if let Some(b) = &spec.batch {
+                    routes.insert(b.topic.clone(), Route::Batch(d, b.shape));
                 }
                 for (m, metric) in spec.metrics.iter().enumerate() {
                     if let Some(t) = &metric.topic {
@@ -499,7 +532,11 @@ impl EdgeNode {
             value
                 .encode(spec.datatype)
                 .map_err(|e| bad(&e.to_string()))?;
-            writes.push((topic, value));
+            writes.push(Write {
+                topic,
+                value,
+                raw: spec.write_raw,
+            });
         }
         if writes.is_empty() {
             return Err(CommandError::BadValue {
@@ -543,6 +580,7 @@ mod tests {
             },
             topic: Some(format!("field/meter/{name}")),
             write_topic: writable.then(|| format!("cmd/field/meter/{name}/set")),
+            write_raw: false,
             properties: vec![],
         };
         EdgeNode::new(
@@ -551,7 +589,7 @@ mod tests {
             vec![DeviceSpec {
                 id: "meter".into(),
                 status_topic: Some("field/meter/status".into()),
-                batch_topic: None,
+                batch: None,
                 metrics: vec![
                     metric("power", DataType::Float, false),
                     metric("setpoint", DataType::Int16, true),
@@ -702,10 +740,11 @@ mod tests {
                 t,
                 &dcmd("setpoint", MetricValue::IntValue((-3i32) as u32)).to_bytes()
             ),
-            Some(Ok(Command::Write(vec![(
-                "cmd/field/meter/setpoint/set".into(),
-                Value::Int(-3)
-            )])))
+            Some(Ok(Command::Write(vec![Write {
+                topic: "cmd/field/meter/setpoint/set".into(),
+                value: Value::Int(-3),
+                raw: false,
+            }])))
         );
         assert!(matches!(
             n.command(t, &dcmd("power", MetricValue::IntValue(1)).to_bytes()),

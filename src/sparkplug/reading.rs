@@ -7,6 +7,7 @@
 
 use serde_json::Value as Json;
 
+use super::node::BatchShape;
 use super::payload::{DataType, Value};
 
 /// One reading: its value (`None` when the reading failed) and when it was made.
@@ -67,16 +68,22 @@ fn raw_text(payload: &[u8]) -> Option<Reading> {
     })
 }
 
-/// A batch: `(ts, [(tag name, value)])`.
-pub fn batch(payload: &[u8]) -> Option<(u64, Vec<(String, Json)>)> {
+/// A batch of `shape`: `(ts, [(metric name, value)])`; `ts` is `None` when the shape
+/// carries none (a bare object).
+pub fn batch(payload: &[u8], shape: BatchShape) -> Option<(Option<u64>, Vec<(String, Json)>)> {
     let Json::Object(mut m) = serde_json::from_slice::<Json>(payload).ok()? else {
         return None;
     };
+    let key = match shape {
+        BatchShape::Object => return Some((None, m.into_iter().collect())),
+        BatchShape::Values => "values",
+        BatchShape::Envelope => "value",
+    };
     let ts = m.get("ts").and_then(Json::as_u64)?;
-    let Some(Json::Object(values)) = m.remove("values") else {
+    let Some(Json::Object(values)) = m.remove(key) else {
         return None;
     };
-    Some((ts, values.into_iter().collect()))
+    Some((Some(ts), values.into_iter().collect()))
 }
 
 /// A device status: `Some(true)` online (or degraded: it answers), `Some(false)` offline.
@@ -152,9 +159,18 @@ mod tests {
 
     #[test]
     fn batches_and_statuses_are_read() {
-        let (ts, v) = batch(br#"{"ts":9,"values":{"a":1,"b":null},"quality":{}}"#).unwrap();
-        assert_eq!(ts, 9);
+        let (ts, v) = batch(
+            br#"{"ts":9,"values":{"a":1,"b":null},"quality":{}}"#,
+            BatchShape::Values,
+        )
+        .unwrap();
+        assert_eq!(ts, Some(9));
         assert_eq!(v.len(), 2);
+        let (ts, v) = batch(br#"{"weight":1.5,"unit":"kg"}"#, BatchShape::Object).unwrap();
+        assert_eq!((ts, v.len()), (None, 2));
+        let (ts, v) = batch(br#"{"ts":4,"value":{"weight":1.5}}"#, BatchShape::Envelope).unwrap();
+        assert_eq!((ts, v.len()), (Some(4), 1));
+        assert!(batch(br#"{"weight":1.5}"#, BatchShape::Envelope).is_none());
         assert_eq!(
             status(br#"{"state":"offline","ts":4,"error":"x"}"#),
             Some((false, Some(4)))

@@ -16,7 +16,7 @@
 use super::codec::DataType as TagType;
 use super::config::{ModbusDeviceConfig, TagConfig};
 use crate::sparkplug::payload::{DataType, PropertyValue};
-use crate::sparkplug::{DeviceSpec, MetricSpec};
+use crate::sparkplug::{Batch, BatchShape, DeviceSpec, MetricSpec};
 
 /// The Sparkplug datatype of a tag's published value.
 pub fn datatype(tag: &TagConfig) -> DataType {
@@ -48,7 +48,10 @@ pub fn devices(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<DeviceSp
             DeviceSpec {
                 id: d.name.clone(),
                 status_topic: Some(d.status_topic(gateway_id)),
-                batch_topic: batch.then(|| d.batch_topic(gateway_id)),
+                batch: batch.then(|| Batch {
+                    topic: d.batch_topic(gateway_id),
+                    shape: BatchShape::Values,
+                }),
                 metrics: d
                     .tags
                     .iter()
@@ -70,6 +73,7 @@ pub fn devices(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<DeviceSp
                             unit: t.unit.clone(),
                             write_topic: (t.writable && t.kind.is_writable())
                                 .then(|| format!("{topic}/set")),
+                            write_raw: false,
                             topic: (!batch).then_some(topic),
                             properties,
                         }

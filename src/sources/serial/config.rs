@@ -12,6 +12,7 @@
 //!   configuration is loaded ([`crate::config`], with [`SerialDeviceConfig::templates`]), so
 //!   the templates here carry only `{gateway_id}` and `{device}`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -184,6 +185,25 @@ pub struct DecodeConfig {
     /// `'^(?P<weight>-?\d+\.\d+) (?P<unit>\w+)$'`. Each capture becomes a key of a JSON object;
     /// a capture that is a JSON number becomes a number.
     pub pattern: String,
+    /// Regex mode with `[sparkplug]`: the Sparkplug type of a capture's metric (`double`,
+    /// `int64`, `boolean` or `string`), e.g. `{ weight = "double" }`. A capture not named
+    /// here is a String metric.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metric_types: BTreeMap<String, MetricType>,
+}
+
+/// The Sparkplug type of a regex capture (`decode.metric_types`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricType {
+    /// Double.
+    Double,
+    /// Int64.
+    Int64,
+    /// Boolean.
+    Boolean,
+    /// String.
+    String,
 }
 
 impl Default for DecodeConfig {
@@ -191,6 +211,7 @@ impl Default for DecodeConfig {
         DecodeConfig {
             mode: DecodeMode::Raw,
             pattern: String::new(),
+            metric_types: BTreeMap::new(),
         }
     }
 }
@@ -384,13 +405,29 @@ pub fn validate(devices: &[SerialDeviceConfig], gateway_id: &str) -> Vec<Problem
                     key("decode.pattern"),
                     "has no named capture; name the parts to publish, e.g. (?P<temp>\\d+)",
                 )),
-                Ok(_) => {}
+                Ok(re) => {
+                    let names: Vec<&str> = re.capture_names().flatten().collect();
+                    for k in d.decode.metric_types.keys() {
+                        if !names.contains(&k.as_str()) {
+                            p.push(problem(
+                                key(&format!("decode.metric_types.{k}")),
+                                format!("the pattern has no capture {k:?}; name one of {names:?}"),
+                            ));
+                        }
+                    }
+                }
             },
             _ if !d.decode.pattern.is_empty() => p.push(problem(
                 key("decode.pattern"),
                 "only used with mode = \"regex\"; remove it or set decode.mode = \"regex\"",
             )),
             _ => {}
+        }
+        if d.decode.mode != DecodeMode::Regex && !d.decode.metric_types.is_empty() {
+            p.push(problem(
+                key("decode.metric_types"),
+                "only used with mode = \"regex\" (it types the captures); remove it",
+            ));
         }
 
         let data = d.expand(&d.topic, gateway_id);

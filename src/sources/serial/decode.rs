@@ -136,6 +136,7 @@ mod tests {
         Decoder::new(&DecodeConfig {
             mode,
             pattern: pattern.into(),
+            ..Default::default()
         })
         .unwrap()
     }

@@ -48,6 +48,7 @@ pub mod config;
 pub mod decode;
 pub mod framing;
 pub mod metrics;
+pub mod sparkplug;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
