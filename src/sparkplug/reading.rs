@@ -68,9 +68,12 @@ fn raw_text(payload: &[u8]) -> Option<Reading> {
     })
 }
 
-/// A batch of `shape`: `(ts, [(metric name, value)])`; `ts` is `None` when the shape
-/// carries none (a bare object).
-pub fn batch(payload: &[u8], shape: BatchShape) -> Option<(Option<u64>, Vec<(String, Json)>)> {
+/// A batch read back: its time (`None` when the shape carries none, a bare object) and
+/// `(metric name, value)` pairs.
+pub type BatchReading = (Option<u64>, Vec<(String, Json)>);
+
+/// A batch of `shape`.
+pub fn batch(payload: &[u8], shape: BatchShape) -> Option<BatchReading> {
     let Json::Object(mut m) = serde_json::from_slice::<Json>(payload).ok()? else {
         return None;
     };
