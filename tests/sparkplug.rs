@@ -652,3 +652,78 @@ async fn with_a_primary_host_the_node_waits_for_its_state_and_leaves_when_it_goe
     check_rules(&msgs);
     g.terminate();
 }
+
+#[tokio::test]
+async fn a_serial_scale_is_a_sparkplug_device_and_a_dcmd_writes_its_line() {
+    use common::pty::PtyPair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = Pki::new();
+    let cloud = Cloud::start(&pki, &pki.server);
+    let host = Host::start(&pki, cloud.port).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut pty = PtyPair::start(data.path(), "scale");
+    let cfg = GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port)
+        .with("sparkplug", toml! { enabled = true group_id = "plant" })
+        .push(
+            "serial",
+            toml! {
+                name = "scale"
+                port = (path(&pty.gw))
+                envelope = true
+                write_line_ending = "\r\n"
+                [framing]
+                delimiter = "\r\n"
+                [decode]
+                mode = "regex"
+                pattern = (r"^(?P<net>-?\d+\.\d+)\s*(?P<unit>kg|lb)$")
+                metric_types = { net = "double" }
+            },
+        )
+        .to_toml();
+    let g = Gateway::start(&cfg, &ports).await;
+    let mut device = pty.device();
+    let msgs = host
+        .wait(&g, "the scale's DBIRTH", |m| {
+            m.iter().any(|x| kind(x) == "DBIRTH")
+        })
+        .await;
+    let dbirth = msgs.iter().find(|m| kind(m) == "DBIRTH").unwrap();
+    assert_eq!(dbirth["topic"], "spBv1.0/plant/DBIRTH/gw1/scale");
+    for (name, ty) in [("net", "Double"), ("unit", "String"), ("write", "String")] {
+        assert_eq!(metric(dbirth, name).unwrap()["type"], ty, "{name}");
+    }
+
+    // One frame is one DDATA with every capture, typed.
+    device.write_all(b"12.50 kg\r\n").await.unwrap();
+    let msgs = host
+        .wait(&g, "net = 12.5", |m| has_value(m, "net", &json!(12.5)))
+        .await;
+    assert!(has_value(&msgs, "unit", &json!("kg")));
+    check_rules(&msgs);
+
+    // A DCMD's text is written to the line as it is, with the line ending.
+    let dcmd = tahu::encode(json!({
+        "timestamp": 3,
+        "metrics": [{"name": "write", "type": "String", "value": "TARE"}]
+    }));
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !got.ends_with(b"TARE\r\n") {
+        assert!(
+            Instant::now() < deadline,
+            "no TARE on the line: {got:?}\n{}",
+            g.log_text()
+        );
+        host.publish("spBv1.0/plant/DCMD/gw1/scale", dcmd.clone(), false)
+            .await;
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), device.read(&mut buf)).await
+        {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    g.terminate();
+}
