@@ -29,6 +29,11 @@
 //!   broker on a link of their own, which does not pass [`crate::ingest`]; ingest also
 //!   refuses to queue anything whose cloud topic those filters match, so nothing bounces
 //!   between the brokers.
+//! - Sparkplug B (`[sparkplug] enabled`, [`sparkplug`]): the same queue, pump and window.
+//!   A record becomes Sparkplug only as it is sent, still one QoS 1 PUBLISH per record (or
+//!   none, acknowledged at once); a session's own births go first, at QoS 0, and carry no
+//!   record; the will is the connection's NDEATH instead of the retained `offline` status;
+//!   while a primary host is awaited the pump sends nothing.
 
 pub mod config;
 pub mod flight;
