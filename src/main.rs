@@ -32,7 +32,8 @@ enum Command {
     /// (`[http]`, 127.0.0.1:9183 by default) serves the operator page at /, its JSON API under
     /// /api/v1 (docs/api.md), /metrics, /health, and OTA status and images under /ota/
     /// (docs/ota.md). Beyond loopback the page and the API need `[http.admin]` accounts
-    /// and a sign-in at /login.
+    /// and a sign-in at /login. With `[sparkplug] enabled = true` the cloud uplink is a
+    /// Sparkplug B edge node (docs/sparkplug.md).
     Run {
         /// TOML configuration file. Environment variables FIELDGATE__SECTION__KEY override it.
         #[arg(short, long, value_name = "FILE")]
