@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::modbus_sim::{layout, serve_tcp, Sim};
+use common::modbus_sim::{layout, serve_tcp, Served, Sim};
 use common::*;
 use rumqttc::QoS;
 use serde_json::{json, Value as Json};
@@ -64,20 +64,58 @@ const TYPES: [(&str, &str); 7] = [
     ("run", "Boolean"),
 ];
 
-fn config(
-    pki: &Pki,
-    ports: &GatewayPorts,
-    data: &std::path::Path,
-    cloud_port: u16,
-    modbus_port: u16,
-    sparkplug: toml::Table,
-) -> String {
-    let mut sp = toml! { enabled = true group_id = "plant" };
-    sp.extend(sparkplug);
-    GatewayConfig::bridged(pki, ports, data, cloud_port)
-        .with("sparkplug", sp)
-        .modbus(meter(modbus_port))
-        .to_toml()
+/// The parts of one test: the Modbus server, the cloud (behind a proxy the test can cut,
+/// if asked), the host application, and the gateway's config with `[sparkplug]` plus
+/// `sparkplug` keys.
+struct Rig {
+    sim: Sim,
+    _srv: Served,
+    _pki: Pki,
+    _cloud: Cloud,
+    proxy: Option<Proxy>,
+    host: Host,
+    ports: GatewayPorts,
+    _data: tempfile::TempDir,
+    cfg: String,
+}
+
+impl Rig {
+    async fn start(sparkplug: toml::Table, through_proxy: bool) -> Rig {
+        let sim = meter_sim();
+        let srv = serve_tcp(sim.clone()).await;
+        let pki = Pki::new();
+        let cloud = Cloud::start(&pki, &pki.server);
+        let proxy = match through_proxy {
+            true => Some(Proxy::start(cloud.port).await),
+            false => None,
+        };
+        let host = Host::start(&pki, cloud.port).await;
+        let ports = GatewayPorts::new();
+        let data = tempfile::tempdir().unwrap();
+        let mut sp = toml! { enabled = true group_id = "plant" };
+        sp.extend(sparkplug);
+        let gateway_to = proxy.as_ref().map_or(cloud.port, |p| p.port);
+        let cfg = GatewayConfig::bridged(&pki, &ports, data.path(), gateway_to)
+            .with("sparkplug", sp)
+            .modbus(meter(srv.port))
+            .to_toml();
+        Rig {
+            sim,
+            _srv: srv,
+            _pki: pki,
+            _cloud: cloud,
+            proxy,
+            host,
+            ports,
+            _data: data,
+            cfg,
+        }
+    }
+
+    /// Starts (or restarts) the gateway on the rig's config and data dir.
+    async fn gateway(&self) -> Gateway {
+        Gateway::start(&self.cfg, &self.ports).await
+    }
 }
 
 /// A cloud-side Sparkplug host application: every message under `spBv1.0/`, decoded by
@@ -273,22 +311,9 @@ fn has_value(msgs: &[Json], name: &str, value: &Json) -> bool {
 
 #[tokio::test]
 async fn births_data_and_the_will_decode_with_tahu() {
-    let sim = meter_sim();
-    let srv = serve_tcp(sim.clone()).await;
-    let pki = Pki::new();
-    let cloud = Cloud::start(&pki, &pki.server);
-    let host = Host::start(&pki, cloud.port).await;
-    let ports = GatewayPorts::new();
-    let data = tempfile::tempdir().unwrap();
-    let cfg = config(
-        &pki,
-        &ports,
-        data.path(),
-        cloud.port,
-        srv.port,
-        toml::Table::new(),
-    );
-    let g = Gateway::start(&cfg, &ports).await;
+    let rig = Rig::start(toml::Table::new(), false).await;
+    let host = &rig.host;
+    let g = rig.gateway().await;
 
     let msgs = host
         .wait(&g, "a DDATA of every metric", |m| {
@@ -363,7 +388,7 @@ async fn births_data_and_the_will_decode_with_tahu() {
 
     // The next run's connection counts on from the one that died.
     drop(g);
-    let g = Gateway::start(&cfg, &ports).await;
+    let g = rig.gateway().await;
     let msgs = host
         .wait(&g, "a second NBIRTH", |m| {
             m.iter().filter(|x| kind(x) == "NBIRTH").count() >= 2
@@ -387,23 +412,10 @@ fn local_counts(sub: &LocalSub) -> BTreeSet<u64> {
 
 #[tokio::test]
 async fn a_cloud_outage_loses_no_reading_and_the_next_session_is_born_again() {
-    let sim = meter_sim();
-    let srv = serve_tcp(sim.clone()).await;
-    let pki = Pki::new();
-    let cloud = Cloud::start(&pki, &pki.server);
-    let proxy = Proxy::start(cloud.port).await;
-    let host = Host::start(&pki, cloud.port).await;
-    let ports = GatewayPorts::new();
-    let data = tempfile::tempdir().unwrap();
-    let cfg = config(
-        &pki,
-        &ports,
-        data.path(),
-        proxy.port,
-        srv.port,
-        toml::Table::new(),
-    );
-    let g = Gateway::start(&cfg, &ports).await;
+    let rig = Rig::start(toml::Table::new(), true).await;
+    let (sim, host) = (&rig.sim, &rig.host);
+    let proxy = rig.proxy.as_ref().unwrap();
+    let g = rig.gateway().await;
     let local = LocalSub::start(g.mqtt, "field/meter/count", QoS::AtMostOnce).await;
     host.wait(&g, "a first DDATA", |m| {
         m.iter().any(|x| kind(x) == "DDATA")
@@ -472,22 +484,9 @@ async fn a_cloud_outage_loses_no_reading_and_the_next_session_is_born_again() {
 
 #[tokio::test]
 async fn ncmd_rebirth_and_a_dcmd_write_reaching_the_modbus_server() {
-    let sim = meter_sim();
-    let srv = serve_tcp(sim.clone()).await;
-    let pki = Pki::new();
-    let cloud = Cloud::start(&pki, &pki.server);
-    let host = Host::start(&pki, cloud.port).await;
-    let ports = GatewayPorts::new();
-    let data = tempfile::tempdir().unwrap();
-    let cfg = config(
-        &pki,
-        &ports,
-        data.path(),
-        cloud.port,
-        srv.port,
-        toml::Table::new(),
-    );
-    let g = Gateway::start(&cfg, &ports).await;
+    let rig = Rig::start(toml::Table::new(), false).await;
+    let (sim, host) = (&rig.sim, &rig.host);
+    let g = rig.gateway().await;
     let msgs = host
         .wait(&g, "a first DDATA", |m| {
             m.iter().any(|x| kind(x) == "DDATA")
@@ -574,22 +573,9 @@ async fn ncmd_rebirth_and_a_dcmd_write_reaching_the_modbus_server() {
 
 #[tokio::test]
 async fn with_a_primary_host_the_node_waits_for_its_state_and_leaves_when_it_goes() {
-    let sim = meter_sim();
-    let srv = serve_tcp(sim.clone()).await;
-    let pki = Pki::new();
-    let cloud = Cloud::start(&pki, &pki.server);
-    let host = Host::start(&pki, cloud.port).await;
-    let ports = GatewayPorts::new();
-    let data = tempfile::tempdir().unwrap();
-    let cfg = config(
-        &pki,
-        &ports,
-        data.path(),
-        cloud.port,
-        srv.port,
-        toml! { primary_host_id = "scada" },
-    );
-    let g = Gateway::start(&cfg, &ports).await;
+    let rig = Rig::start(toml! { primary_host_id = "scada" }, false).await;
+    let host = &rig.host;
+    let g = rig.gateway().await;
     let local = LocalSub::start(g.mqtt, "field/meter/count", QoS::AtMostOnce).await;
     // Connected, readings queued, and nothing sent: the host has not said it is online.
     let up = eventually(WAIT, || g.metric("fieldgate_cloud_connected") == 1.0).await;

@@ -303,12 +303,8 @@ impl EdgeNode {
             ..Default::default()
         };
         rebirth.timestamp = Some(now);
-        let nbirth = Payload {
-            timestamp: Some(now),
-            seq: Some(self.take_seq()),
-            metrics: vec![self.bd_seq_metric(), rebirth],
-            ..Default::default()
-        };
+        let seq = self.take_seq();
+        let nbirth = sequenced(now, seq, vec![self.bd_seq_metric(), rebirth]);
         let mut out = vec![Message {
             topic: self.topics.nbirth(),
             payload: nbirth.to_bytes(),
@@ -354,12 +350,7 @@ impl EdgeNode {
                 metric
             })
             .collect();
-        let payload = Payload {
-            timestamp: Some(now),
-            seq: Some(seq),
-            metrics,
-            ..Default::default()
-        };
+        let payload = sequenced(now, seq, metrics);
         Message {
             topic: self.topics.dbirth(&dev.spec.id),
             payload: payload.to_bytes(),
@@ -421,12 +412,7 @@ impl EdgeNode {
                 metric
             })
             .collect();
-        let payload = Payload {
-            timestamp: Some(now),
-            seq: Some(seq),
-            metrics,
-            ..Default::default()
-        };
+        let payload = sequenced(now, seq, metrics);
         out.push(Message {
             topic: self.topics.ddata(&dev.spec.id),
             payload: payload.to_bytes(),
@@ -448,11 +434,7 @@ impl EdgeNode {
             return None;
         }
         self.devices[d].born = false;
-        let payload = Payload {
-            timestamp: Some(now),
-            seq: Some(self.take_seq()),
-            ..Default::default()
-        };
+        let payload = sequenced(now, self.take_seq(), Vec::new());
         Some(Message {
             topic: self.topics.ddeath(&self.devices[d].spec.id),
             payload: payload.to_bytes(),
@@ -545,6 +527,16 @@ impl EdgeNode {
             });
         }
         Ok(Command::Write(writes))
+    }
+}
+
+/// A payload of the session's sequence: made `now`, numbered `seq`.
+fn sequenced(now: u64, seq: u64, metrics: Vec<Metric>) -> Payload {
+    Payload {
+        timestamp: Some(now),
+        seq: Some(seq),
+        metrics,
+        ..Default::default()
     }
 }
 

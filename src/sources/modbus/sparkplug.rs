@@ -88,6 +88,7 @@ pub fn devices(devices: &[ModbusDeviceConfig], gateway_id: &str) -> Vec<DeviceSp
 mod tests {
     use super::*;
     use crate::sources::modbus::codec::Value as TagValue;
+    use crate::sources::modbus::config::PayloadFormat;
     use crate::sources::modbus::publish::{self, Quality};
     use crate::sparkplug::payload::Value;
     use crate::sparkplug::reading;
@@ -165,33 +166,15 @@ mod tests {
                 Value::Text("[true,false]".into()),
             ),
         ];
+        let published = |format, v: &TagValue| {
+            publish::reading(format, Some(v), Quality::Good, None, "", 42).unwrap()
+        };
         for (v, ty, want) in cases {
-            let json = publish::reading(
-                crate::sources::modbus::config::PayloadFormat::Json,
-                Some(&v),
-                Quality::Good,
-                None,
-                "",
-                42,
-            )
-            .unwrap();
-            let r = reading::tag(&json, ty).unwrap();
+            let r = reading::tag(&published(PayloadFormat::Json, &v), ty).unwrap();
             assert_eq!(r.value, Some(want.clone()), "{v:?}");
             assert_eq!(r.ts, Some(42));
-            let raw = publish::reading(
-                crate::sources::modbus::config::PayloadFormat::Raw,
-                Some(&v),
-                Quality::Good,
-                None,
-                "",
-                42,
-            )
-            .unwrap();
-            assert_eq!(
-                reading::tag(&raw, ty).unwrap().value,
-                Some(want),
-                "raw {v:?}"
-            );
+            let raw = reading::tag(&published(PayloadFormat::Raw, &v), ty).unwrap();
+            assert_eq!(raw.value, Some(want), "raw {v:?}");
         }
     }
 }
