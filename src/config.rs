@@ -869,6 +869,36 @@ mod tests {
     }
 
     #[test]
+    fn sparkplug_needs_a_group_the_cloud_and_distinct_device_ids() {
+        let text = r#"
+            [sparkplug]
+            enabled = true
+            [[modbus]]
+            name = "meter"
+            host = "127.0.0.1:502"
+            [[modbus.tags]]
+            name = "t"
+            address = 1
+            [[serial]]
+            name = "meter"
+            port = "/dev/ttyUSB0"
+        "#;
+        let keys: Vec<String> = load(text, &[])
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        for k in ["sparkplug.group_id", "sparkplug.enabled", "serial[0].name"] {
+            assert!(keys.contains(&k.to_string()), "{k} in {keys:?}");
+        }
+        let env = [("FIELDGATE__SPARKPLUG__GROUP_ID", "plant")];
+        let s = load("[sparkplug]\nenabled = false\n", &env).unwrap();
+        assert_eq!(s.sparkplug.group_id, "plant");
+        assert_eq!(s.sparkplug.edge_node(&s.gateway.id), "fieldgate");
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         let s = load("", &[]).unwrap();
         assert_eq!(s, Settings::default());
