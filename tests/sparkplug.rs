@@ -591,8 +591,13 @@ async fn with_a_primary_host_the_node_waits_for_its_state_and_leaves_when_it_goe
         host.messages()
     );
 
+    // Sparkplug 3.0 STATE: JSON, retained, stamped (a node ignores one older than the last).
     let state = |online: bool| {
-        json!({"online": online, "timestamp": 1})
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        json!({"online": online, "timestamp": now})
             .to_string()
             .into_bytes()
     };

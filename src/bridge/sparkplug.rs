@@ -69,6 +69,8 @@ pub struct Uplink {
     /// The session waits for the primary host's STATE online.
     holding: bool,
     metrics: Arc<CloudMetrics>,
+    /// The newest primary host STATE timestamp seen.
+    host_ts: u64,
     /// Refused commands not logged yet, and when the last line was.
     refused: (u64, Option<Instant>),
 }
@@ -105,6 +107,7 @@ impl Uplink {
             next_bd_seq,
             holding: false,
             metrics,
+            host_ts: 0,
             refused: (0, None),
         }
     }
@@ -306,9 +309,20 @@ impl Uplink {
     }
 
     fn host_state(&mut self, payload: &[u8], now: u64) -> Heard {
-        let online = serde_json::from_slice::<Json>(payload)
-            .ok()
+        let state = serde_json::from_slice::<Json>(payload).ok();
+        let online = state
+            .as_ref()
             .and_then(|j| j.get("online").and_then(Json::as_bool));
+        // A STATE older than one already seen (a stale retained copy) says nothing now.
+        let ts = state
+            .as_ref()
+            .and_then(|j| j.get("timestamp").and_then(Json::as_u64));
+        if let Some(ts) = ts {
+            if ts < self.host_ts {
+                return Heard::Nothing;
+            }
+            self.host_ts = ts;
+        }
         match (online, self.holding) {
             (Some(true), true) => {
                 self.set_holding(false);
@@ -496,9 +510,19 @@ mod tests {
             Heard::Births(_)
         ));
         assert_eq!(
-            u.heard("spBv1.0/STATE/scada", &state(r#"{"online":false}"#), 0),
+            u.heard(
+                "spBv1.0/STATE/scada",
+                &state(r#"{"online":false,"timestamp":9}"#),
+                0
+            ),
             Heard::HostOffline
         );
+        // A STATE older than the last one seen is stale, whatever it says.
+        u.connecting(0);
+        u.connected(0);
+        let stale = state(r#"{"online":true,"timestamp":5}"#);
+        assert_eq!(u.heard("spBv1.0/STATE/scada", &stale, 0), Heard::Nothing);
+        assert!(u.holding());
     }
 
     #[test]
