@@ -22,21 +22,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::modbus_sim::{serve_tcp, Served, Sim};
-use common::{cpu_secs, proc_kib, Gateway, GatewayPorts};
+use common::{cpu_secs, env_or, proc_kib, Gateway, GatewayPorts};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Sum of every sample of a metric family, e.g. `fieldgate_modbus_reads_total`.
 fn metric_sum(text: &str, name: &str) -> f64 {

@@ -19,7 +19,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -27,13 +26,6 @@ use common::ota_sim::*;
 use common::*;
 use rumqttc::QoS;
 use serde_json::json;
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn metric(text: &str, sample: &str) -> f64 {
     text.lines()

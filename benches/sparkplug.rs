@@ -39,14 +39,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::modbus_sim::{layout, serve_tcp, Sim};
-use common::{cpu_secs, Cloud, Gateway, GatewayConfig, GatewayPorts, ModbusDevice, Pki};
+use common::{cpu_secs, env_or, Cloud, Gateway, GatewayConfig, GatewayPorts, ModbusDevice, Pki};
 use fieldgate::sparkplug::payload::Payload;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::Value as Json;
@@ -54,13 +53,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use toml::toml;
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const GROUP: &str = "plant";
 const DEVICE: &str = "meter";
@@ -459,23 +451,21 @@ async fn run(s: &Setup, mode: Mode, n: usize) -> Run {
     let g = Gateway::start_env(&cfg.to_toml(), &ports, &[("RUST_LOG", "warn")]).await;
     tokio::time::sleep(s.warmup).await;
 
-    let (t0, up0, down0, cpu0, me0, req0) = (
-        Instant::now(),
-        proxy.up.load(Ordering::Relaxed),
-        proxy.down.load(Ordering::Relaxed),
-        cpu_secs(g.pid()).unwrap_or(f64::NAN),
-        cpu_secs(std::process::id()).unwrap_or(f64::NAN),
-        sim.requests.load(Ordering::Relaxed),
-    );
+    // What the window's figures are differences of: time, bytes each way, CPU of the gateway
+    // and of the harness, Modbus requests.
+    let snapshot = || {
+        (
+            Instant::now(),
+            proxy.up.load(Ordering::Relaxed),
+            proxy.down.load(Ordering::Relaxed),
+            cpu_secs(g.pid()).unwrap_or(f64::NAN),
+            cpu_secs(std::process::id()).unwrap_or(f64::NAN),
+            sim.requests.load(Ordering::Relaxed),
+        )
+    };
+    let (t0, up0, down0, cpu0, me0, req0) = snapshot();
     tokio::time::sleep(s.window).await;
-    let (t1, up1, down1, cpu1, me1, req1) = (
-        Instant::now(),
-        proxy.up.load(Ordering::Relaxed),
-        proxy.down.load(Ordering::Relaxed),
-        cpu_secs(g.pid()).unwrap_or(f64::NAN),
-        cpu_secs(std::process::id()).unwrap_or(f64::NAN),
-        sim.requests.load(Ordering::Relaxed),
-    );
+    let (t1, up1, down1, cpu1, me1, req1) = snapshot();
 
     let (status, log) = g.terminate();
     if !status.success() {

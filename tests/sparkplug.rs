@@ -294,15 +294,6 @@ fn data_points(msgs: &[Json]) -> Vec<(String, Json)> {
         .collect()
 }
 
-/// SIGKILL, keeping the handle (and its log) for the messages that follow.
-fn kill9(g: &Gateway) {
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &g.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 fn has_value(msgs: &[Json], name: &str, value: &Json) -> bool {
     data_points(msgs)
         .iter()
@@ -375,7 +366,7 @@ async fn births_data_and_the_will_decode_with_tahu() {
     );
 
     // kill -9: the broker publishes the will, the NDEATH of this connection.
-    kill9(&g);
+    g.kill9_in_place();
     let msgs = host
         .wait(&g, "the NDEATH will", |m| {
             m.iter().any(|x| kind(x) == "NDEATH")

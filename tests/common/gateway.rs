@@ -448,6 +448,15 @@ impl Gateway {
             .unwrap_or(f64::NAN)
     }
 
+    /// SIGKILL, keeping the handle (its log, for what follows the death).
+    pub fn kill9_in_place(&self) {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -KILL {}", self.child.id());
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
