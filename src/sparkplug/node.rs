@@ -346,7 +346,7 @@ impl EdgeNode {
                         metric.timestamp = Some(now);
                     }
                 }
-                metric.properties = properties(spec);
+                metric.properties = Some(properties(spec));
                 metric
             })
             .collect();
@@ -355,11 +355,6 @@ impl EdgeNode {
             topic: self.topics.dbirth(&dev.spec.id),
             payload: payload.to_bytes(),
         }
-    }
-
-    /// Whether device `d` is born in this session.
-    pub fn is_born(&self, d: usize) -> bool {
-        self.devices[d].born
     }
 
     /// A DDATA of device `d` with `updates` (`historical`: from a replayed backlog). Its
@@ -540,7 +535,7 @@ fn sequenced(now: u64, seq: u64, metrics: Vec<Metric>) -> Payload {
     }
 }
 
-fn properties(spec: &MetricSpec) -> Option<PropertySet> {
+fn properties(spec: &MetricSpec) -> PropertySet {
     let mut set = PropertySet::default();
     if !spec.unit.is_empty() {
         set.keys.push("engUnit".into());
@@ -553,7 +548,7 @@ fn properties(spec: &MetricSpec) -> Option<PropertySet> {
         set.keys.push(k.clone());
         set.values.push(v.clone());
     }
-    Some(set)
+    set
 }
 
 #[cfg(test)]

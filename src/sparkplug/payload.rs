@@ -385,15 +385,6 @@ impl PropertyValue {
         }
     }
 
-    /// An Int32 property.
-    pub fn int32(v: i32) -> PropertyValue {
-        PropertyValue {
-            r#type: Some(DataType::Int32.code()),
-            is_null: None,
-            value: Some(PropertyValueKind::IntValue(v as u32)),
-        }
-    }
-
     /// A Double property.
     pub fn double(v: f64) -> PropertyValue {
         PropertyValue {

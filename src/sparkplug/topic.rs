@@ -47,11 +47,6 @@ impl Topics {
         self.node_topic("NDEATH")
     }
 
-    /// NDATA.
-    pub fn ndata(&self) -> String {
-        self.node_topic("NDATA")
-    }
-
     /// NCMD.
     pub fn ncmd(&self) -> String {
         self.node_topic("NCMD")
