@@ -87,6 +87,11 @@ impl RetainedOut {
         }
     }
 
+    /// Own QoS 1/2 deliveries sent and not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
     /// Whether [`RetainedOut::take`] would return something now.
     pub fn ready(&self) -> bool {
         match self.waiting.front() {
