@@ -21,7 +21,7 @@
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::Packet as P4;
-use rumqttc::v5::mqttbytes::v5::Packet as P5;
+use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::session::End;
@@ -79,6 +79,14 @@ impl Codec for DeviceCodec {
 
     fn decode(&self, buf: &mut BytesMut) -> Result<Decoded<P5>, End> {
         if self.v5 {
+            // rumqttc 0.25 refuses a DISCONNECT without a reason code (remaining length 0,
+            // normal disconnection: MQTT-3.14.2.1), the form most clients send.
+            if buf.starts_with(&[0xE0, 0x00]) {
+                let _ = buf.split_to(2);
+                return Ok(Decoded::Packet(P5::Disconnect(v5::Disconnect::new(
+                    v5::DisconnectReasonCode::NormalDisconnection,
+                ))));
+            }
             let max = u32::try_from(self.max).unwrap_or(u32::MAX);
             return match P5::read(buf, Some(max)) {
                 Ok(p) => Ok(Decoded::Packet(p)),

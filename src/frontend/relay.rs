@@ -66,8 +66,9 @@
 //!   Deliveries beyond the device's own receive maximum wait here, in order, until it
 //!   answers; one larger than its maximum packet size is not sent (counted, answered
 //!   upstream as if delivered, as MQTT-3.1.2-25 asks);
-//! - MQTT 5 message expiry: a delivery whose expiry passed while it waited is dropped
-//!   (counted); the others carry what is left of it (the accept time travels as a mark);
+//! - MQTT 5 message expiry: rumqttd drops what expired while it held it and sends the rest
+//!   with what is left; the retained messages the front end sends itself are checked here
+//!   (an expired one is not sent, counted);
 //! - MQTT 5 subscription options: no local (the session's own publishes, marked with its
 //!   client id while it holds such a filter, are not delivered on it), retain as published
 //!   (the retain mark restores the flag), retain handling (retained messages on every
@@ -106,8 +107,8 @@ use super::session::End;
 use super::sessions::{any_lowered, Filters, Granted};
 use super::upacks::{Ack, UpAcks};
 use super::upstream::{q4, q5};
-use super::{upstream, v311, Context};
-use crate::ingest::Offer;
+use super::{upstream, Context};
+use crate::ingest::{KeptProps, Offer};
 use crate::pacing::TokenBucket;
 use crate::store::journal::Entry;
 use crate::topic;
@@ -446,8 +447,9 @@ impl Relay {
     /// [`BATCH`]).
     pub fn send_retained(&mut self) {
         let max = self.room().min(BATCH);
-        for p in self.retained_out.take(max) {
-            let p = v311::publish_v5(p);
+        let (msgs, expired) = self.retained_out.take(max);
+        self.ctx.metrics.expired.inc_by(expired as u64);
+        for p in msgs {
             if self.fits(&p) {
                 self.out.device.push(P5::Publish(p));
             } else {
@@ -655,7 +657,10 @@ impl Relay {
             return Ok(());
         }
         let q = qos as u8;
-        p.retain = ctx.ingest.admit_retain(&topic, &p.payload, q, p.retain);
+        let kept = p.retain.then(|| self.kept_props(&p)).flatten();
+        p.retain = ctx
+            .ingest
+            .admit_retain_with(&topic, &p.payload, q, p.retain, kept);
         // No local reader and nothing for rumqttd to keep: the queue is the whole path, and
         // the front end answers itself. Only while nothing waits for rumqttd's answer, so
         // that acknowledgements keep the order of the PUBLISHes.
@@ -696,6 +701,18 @@ impl Relay {
         let origin = own.then_some(self.id.client_id.as_str());
         self.out.broker.push(upstream::publish(p, origin));
         Ok(())
+    }
+
+    /// What an MQTT 5 retained publish keeps with it for later subscribers: its properties
+    /// (topic alias already resolved) and the accept time.
+    fn kept_props(&self, p: &v5::Publish) -> Option<KeptProps> {
+        let mut properties = p.properties.clone()?;
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Some(KeptProps {
+            properties,
+            at_ms: upstream::now_ms(),
+        })
     }
 
     /// Sends an acknowledgement to the device once the durable ticket reaches `ticket` (0: at
@@ -938,7 +955,11 @@ impl Relay {
             if let v5::SubscribeReasonCode::Success(q) = code {
                 let q = q4(q);
                 if asked.retained {
-                    retained.push((q, self.ctx.ingest.retained_matching(&asked.filter)));
+                    let kept = self
+                        .ctx
+                        .ingest
+                        .retained_matching(&asked.filter, upstream::now_ms());
+                    retained.push((q, kept));
                 }
                 let g = Granted {
                     upstream: asked.kept.unwrap_or(q),
@@ -967,7 +988,7 @@ impl Relay {
         // front end (rumqttd's own retained deliveries are not passed on).
         let mut msgs = retained_out::merge(retained);
         if self.ctx.acl.filters_deliveries() {
-            msgs.retain(|(t, _, _)| self.may_receive(t));
+            msgs.retain(|(_, k)| self.may_receive(&k.topic));
         }
         self.retained_out.queue(msgs);
     }
@@ -1075,18 +1096,6 @@ impl Relay {
                 .ingest
                 .audience()
                 .client_reaches(&self.audience_key, &topic);
-        // Message expiry: what is left of it, or gone.
-        let mut expired = false;
-        if let (Some(at), Some(props)) = (marks.at, p.properties.as_mut()) {
-            if let Some(e) = props.message_expiry_interval {
-                let waited = (upstream::now_ms().saturating_sub(at) / 1000) as u32;
-                expired = waited >= e;
-                props.message_expiry_interval = Some(e.saturating_sub(waited).max(1));
-            }
-        }
-        if expired {
-            self.ctx.metrics.expired.inc();
-        }
         // No local: the session's own publish, and every filter of it that matches says so.
         let matching = |f: &(&String, &Granted)| topic::matches(topic::inner_filter(f.0), &topic);
         let not_local = self.options
@@ -1100,10 +1109,10 @@ impl Relay {
         if too_large {
             self.ctx.metrics.too_large_for_device.inc();
         }
-        if retained || denied || unsubscribed || expired || not_local || too_large {
+        if retained || denied || unsubscribed || not_local || too_large {
             // One of rumqttd's retained deliveries, a topic this device may not receive
             // (`deny_subscribe`) that a wider filter matched, one it no longer subscribes
-            // to, one that expired, its own on a no-local filter, or one it cannot take:
+            // to, its own on a no-local filter, or one it cannot take:
             // answered upstream here, never sent to the device.
             match delivered {
                 QoS::AtMostOnce => {}
@@ -1217,7 +1226,7 @@ mod tests {
     use crate::frontend::auth::{Acl, Users};
     use crate::frontend::config::{AclConfig, AclRules};
     use crate::frontend::metrics::BrokerMetrics;
-    use crate::frontend::Upstream;
+    use crate::frontend::{v311, Upstream};
     use crate::ingest::{Ingest, Routing};
     use crate::metrics::Registry;
     use crate::password::LoginGuard;

@@ -428,7 +428,7 @@ where
     if hello.v5() {
         if let Some(code) = disconnect_reason(end) {
             // Best effort: tell an MQTT 5 device why the server closes.
-            let bye = P5::Disconnect(v5::Disconnect::new(code));
+            let bye = P5::Disconnect(farewell(code, end));
             let _ = tokio::time::timeout(Duration::from_secs(1), dev.send(bye)).await;
         }
     }
@@ -442,6 +442,21 @@ where
     }
     drop(claim);
     end
+}
+
+/// The DISCONNECT for `end`, with a reason string. (rumqttc 0.25 writes a DISCONNECT with a
+/// reason code but no properties one byte longer than its remaining length says; one with
+/// properties is written right.)
+fn farewell(code: v5::DisconnectReasonCode, end: End) -> v5::Disconnect {
+    v5::Disconnect {
+        reason_code: code,
+        properties: Some(v5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(end.as_str().replace('_', " ")),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    }
 }
 
 /// The reason an MQTT 5 device is told when the server ends its session (None: the device

@@ -7,9 +7,11 @@
 //! [`QOS_PROPERTY`]; rumqttd keeps publish properties in its commit log (retained messages
 //! included) and hands them back on delivery, where the front end reads and strips the tag.
 //! Messages without the tag come from the gateway's in-process links. Retained publishes
-//! carry a second mark (`crate::retained`); a publish with a message expiry carries the time
-//! it was accepted ([`AT_PROPERTY`]), one published by a session with a no-local
-//! subscription its client id ([`ORIGIN_PROPERTY`]).
+//! carry a second mark (`crate::retained`); one published by a session with a no-local
+//! subscription carries its client id ([`ORIGIN_PROPERTY`]).
+//!
+//! Message expiry is rumqttd's for what it holds: it drops a message whose expiry passed
+//! while it waited and hands the others on with what is left of it.
 //!
 //! An MQTT 5 device's own properties (user properties, content type, payload format,
 //! response topic, correlation data, message expiry) pass through rumqttd untouched; the
@@ -24,10 +26,6 @@ use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 
 use crate::marks::{QOS_PROPERTY, RETAIN_PROPERTY};
-
-/// User property: when the front end accepted a publish that has a message expiry (ms since
-/// the Unix epoch), so a delivery can tell how long it waited.
-pub const AT_PROPERTY: &str = "fieldgate-at";
 
 /// User property: the client id of a publisher that holds a no-local subscription.
 pub const ORIGIN_PROPERTY: &str = "fieldgate-origin";
@@ -106,19 +104,14 @@ pub fn connect(
     )
 }
 
-/// A device's PUBLISH (its topic alias already resolved), tagged with its QoS, with the
-/// accept time when it has a message expiry and with `origin` when given.
+/// A device's PUBLISH (its topic alias already resolved), tagged with its QoS, and with
+/// `origin` when given.
 pub fn publish(mut p: v5::Publish, origin: Option<&str>) -> v5::Packet {
     let marks = tag(q4(p.qos), p.retain);
     let props = p.properties.get_or_insert_with(Default::default);
     props.topic_alias = None;
     props.subscription_identifiers.clear();
     props.user_properties.extend(marks);
-    if props.message_expiry_interval.is_some() {
-        props
-            .user_properties
-            .push((AT_PROPERTY.to_string(), now_ms().to_string()));
-    }
     if let Some(o) = origin {
         props
             .user_properties
@@ -134,8 +127,6 @@ pub struct Marks {
     pub origin_qos: Option<Q4>,
     /// Published retained.
     pub retained: bool,
-    /// When the front end accepted it (ms since the epoch), if it has a message expiry.
-    pub at: Option<u64>,
     /// The publisher's client id, if it holds a no-local subscription.
     pub origin: Option<String>,
 }
@@ -156,7 +147,6 @@ pub fn delivery(mut p: v5::Publish) -> (v5::Publish, Marks) {
                     }
                 }
                 RETAIN_PROPERTY => m.retained = v == "1",
-                AT_PROPERTY => m.at = v.parse().ok(),
                 ORIGIN_PROPERTY => m.origin = Some(v.clone()),
                 _ => return true,
             }
