@@ -628,7 +628,8 @@ async fn session_and_message_expiry_are_honoured() {
 /// from it (another device's still arrive); retain as published keeps the flag on a live
 /// delivery of a retained publish (without it the flag is cleared); retain handling 2 sends
 /// no retained message, 1 sends them only to a new subscription; `$share/<group>/<filter>`
-/// splits the messages between the group's members, each once.
+/// splits the messages between the group's members, each once; a delivery carries the
+/// subscription identifiers of the filters it matched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_options_and_shared_subscriptions_work() {
     let (gw, _d) = gateway(Table::new()).await;
@@ -661,6 +662,38 @@ async fn subscription_options_and_shared_subscriptions_work() {
             ("opt/plain/x", false)
         ]
     );
+
+    // Subscription identifiers: the matching filter's. (rumqttd sends overlapping
+    // subscriptions one copy each; docs/broker.md says what they carry.)
+    for (filter, id) in [("opt/id/#", 7), ("opt/other/+", 9)] {
+        let pkid = me.pkid();
+        me.send(Packet::Subscribe(v5::Subscribe {
+            pkid,
+            filters: vec![Filter::new(filter, QoS::AtLeastOnce)],
+            properties: Some(v5::SubscribeProperties {
+                id: Some(id),
+                user_properties: Vec::new(),
+            }),
+        }))
+        .await;
+    }
+    assert_eq!(me.messages(Duration::from_millis(500)).await.len(), 0);
+    other.publish1("opt/id/x", "ids").await;
+    other.publish1("opt/other/y", "ids").await;
+    let got = me.messages(Duration::from_millis(700)).await;
+    let ids: Vec<(&str, Vec<usize>)> = got
+        .iter()
+        .map(|p| {
+            let ids = p
+                .properties
+                .as_ref()
+                .unwrap()
+                .subscription_identifiers
+                .clone();
+            (topic(p), ids)
+        })
+        .collect();
+    assert_eq!(ids, [("opt/id/x", vec![7]), ("opt/other/y", vec![9])]);
 
     // Retain handling.
     let mut never = Filter::new("opt/plain/#", QoS::AtLeastOnce);
@@ -786,4 +819,56 @@ impl Sub311 {
             .await
             .unwrap();
     }
+}
+
+/// Will delay: the will of a connection that ended without DISCONNECT waits out its delay
+/// (not there before it, there after it), and a reconnection of the client id within the
+/// delay cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_waits_and_a_reconnection_cancels_it() {
+    let (gw, _d) = gateway(Table::new()).await;
+    let mut watch = C5::clean(gw.mqtt, "delay-watch").await;
+    watch.sub("delayed/#", QoS::AtLeastOnce).await;
+    let hello = |id: &str, clean: bool| {
+        let mut p = props();
+        p.session_expiry_interval = Some(30);
+        let will_props = v5::LastWillProperties {
+            delay_interval: Some(3),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        let will = v5::LastWill::new(
+            format!("delayed/{id}"),
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+            Some(will_props),
+        );
+        Hello {
+            clean,
+            props: Some(p),
+            will: Some(will),
+            ..Hello::default()
+        }
+    };
+    let (gone, _) = C5::connect(gw.mqtt, "d-gone", hello("d-gone", true)).await;
+    let (back, _) = C5::connect(gw.mqtt, "d-back", hello("d-back", true)).await;
+    drop(gone);
+    drop(back);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_back, a) = C5::connect(gw.mqtt, "d-back", hello("d-back", false)).await;
+    assert!(a.session_present);
+    assert!(
+        watch.messages(Duration::from_millis(1500)).await.is_empty(),
+        "a will came before its delay"
+    );
+    let got = watch.messages(Duration::from_secs(6)).await;
+    assert_eq!(
+        got.iter().map(topic).collect::<Vec<_>>(),
+        ["delayed/d-gone"]
+    );
 }

@@ -72,7 +72,8 @@
 //! - MQTT 5 subscription options: no local (the session's own publishes, marked with its
 //!   client id while it holds such a filter, are not delivered on it), retain as published
 //!   (the retain mark restores the flag), retain handling (retained messages on every
-//!   subscribe, only on a new one, or never). `$share/<group>/<filter>` is handed to
+//!   subscribe, only on a new one, or never), subscription identifiers (each delivery
+//!   carries those of the filters it matches). `$share/<group>/<filter>` is handed to
 //!   rumqttd, which shares it; the ACL and the audience see the inner filter, and a shared
 //!   subscription gets no retained messages (MQTT-4.8.2-6);
 //! - publish rate (`broker.max_publish_rate`): above it a PUBLISH is dropped and answered as
@@ -165,6 +166,7 @@ struct Asked {
     kept: Option<QoS>,
     no_local: bool,
     retain_as_published: bool,
+    id: Option<u32>,
     retained: bool,
 }
 
@@ -449,7 +451,10 @@ impl Relay {
         let max = self.room().min(BATCH);
         let (msgs, expired) = self.retained_out.take(max);
         self.ctx.metrics.expired.inc_by(expired as u64);
-        for p in msgs {
+        for mut p in msgs {
+            if self.options {
+                self.identify(&mut p);
+            }
             if self.fits(&p) {
                 self.out.device.push(P5::Publish(p));
             } else {
@@ -768,6 +773,11 @@ impl Relay {
     }
 
     fn subscribe(&mut self, s: v5::Subscribe) {
+        let id = s
+            .properties
+            .as_ref()
+            .and_then(|p| p.id)
+            .and_then(|i| u32::try_from(i).ok());
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut forward = Vec::new();
         for f in s.filters {
@@ -836,6 +846,7 @@ impl Relay {
                 kept,
                 no_local: f.nolocal,
                 retain_as_published: f.preserve_retain,
+                id,
                 retained,
             });
         }
@@ -966,6 +977,7 @@ impl Relay {
                     device: q,
                     no_local: asked.no_local,
                     retain_as_published: asked.retain_as_published,
+                    id: asked.id,
                 };
                 self.filters.insert(asked.filter, g);
             }
@@ -1033,6 +1045,25 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Puts the subscription identifiers of the session's filters that match `p`'s topic on
+    /// it (MQTT-3.3.4-3), when the device gave any.
+    fn identify(&self, p: &mut v5::Publish) {
+        let topic = String::from_utf8_lossy(&p.topic);
+        let mut ids: Vec<usize> = self
+            .filters
+            .iter()
+            .filter(|(f, _)| topic::matches(topic::inner_filter(f), &topic))
+            .filter_map(|(_, g)| g.id.map(|i| i as usize))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort_unstable();
+        p.properties
+            .get_or_insert_with(Default::default)
+            .subscription_identifiers = ids;
     }
 
     /// Whether `p` fits in the device's maximum packet size.
@@ -1134,6 +1165,9 @@ impl Relay {
                 .filter(matching)
                 .any(|(_, g)| g.retain_as_published);
         }
+        if self.options {
+            self.identify(&mut p);
+        }
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
         let mut want = match marks.origin_qos {
             Some(o) if o < delivered => o,
@@ -1183,7 +1217,7 @@ impl Relay {
 fn any_options(filters: &Filters) -> bool {
     filters
         .values()
-        .any(|g| g.no_local || g.retain_as_published)
+        .any(|g| g.no_local || g.retain_as_published || g.id.is_some())
 }
 
 /// Whether an MQTT 5 PUBREC refuses the message (its flow ends there).

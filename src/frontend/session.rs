@@ -188,6 +188,17 @@ impl Hello {
         }
     }
 
+    /// MQTT 5: seconds the will waits after the connection ended, at most the session's
+    /// `expiry` (MQTT-3.1.3-9: it goes when the session ends, if that is sooner).
+    fn will_delay(&self, expiry: u32) -> u32 {
+        self.will
+            .as_ref()
+            .and_then(|w| w.properties.as_ref())
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0)
+            .min(expiry)
+    }
+
     /// The will's topic (checked to be UTF-8 by [`read_connect`]).
     fn will_topic(&self) -> Option<&str> {
         self.will
@@ -418,11 +429,29 @@ where
     }
     if end != End::Disconnect {
         if let (Some(w), Some(topic)) = (&hello.will, hello.will_topic()) {
-            // rumqttd publishes it locally once the upstream socket closes; the cloud's copy
-            // is queued here (nobody waits for it).
-            let q = w.qos as u8;
-            let retain = ctx.ingest.admit_retain(topic, &w.message, q, w.retain);
-            ctx.ingest.offer_or_count(topic, &w.message, q, retain);
+            // rumqttd publishes it locally once the upstream socket closes (after the will
+            // delay, unless the client id connects again); the cloud's copy is queued here
+            // (nobody waits for it), after the same delay and unless the same happens.
+            let (topic, message) = (topic.to_string(), w.message.clone());
+            let (q, retain) = (w.qos as u8, w.retain);
+            let delay = hello.will_delay(expiry);
+            let ingest = ctx.ingest.clone();
+            let queue = move || {
+                let retain = ingest.admit_retain(&topic, &message, q, retain);
+                ingest.offer_or_count(&topic, &message, q, retain);
+            };
+            if delay == 0 || client_id.is_empty() {
+                queue();
+            } else {
+                let token = ctx.sessions.defer_will(&client_id);
+                let (sessions, id) = (ctx.sessions.clone(), client_id.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                    if sessions.take_will(&id, token) {
+                        queue();
+                    }
+                });
+            }
         }
     }
     if hello.v5() {
@@ -586,7 +615,7 @@ fn connack_properties(ctx: &Context, assigned: Option<String>) -> v5::ConnAckPro
         reason_string: None,
         user_properties: Vec::new(),
         wildcard_subscription_available: Some(1),
-        subscription_identifiers_available: Some(0),
+        subscription_identifiers_available: Some(1),
         shared_subscription_available: Some(1),
         server_keep_alive: None,
         response_information: None,

@@ -72,6 +72,9 @@ pub struct Sessions {
     owners: Mutex<HashMap<String, Owner>>,
     /// Client ids whose session ended while rumqttd still holds one for them.
     stale: Mutex<HashSet<String>>,
+    /// Client ids whose will waits out its delay (for the cloud's copy), and the token of
+    /// that wait.
+    wills: Mutex<HashMap<String, u64>>,
 }
 
 /// One filter of a session.
@@ -86,6 +89,8 @@ pub struct Granted {
     pub no_local: bool,
     /// MQTT 5 retain as published: deliveries keep the retain flag they were published with.
     pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier: deliveries on this filter carry it.
+    pub id: Option<u32>,
 }
 
 impl Granted {
@@ -96,6 +101,7 @@ impl Granted {
             device,
             no_local: false,
             retain_as_published: false,
+            id: None,
         }
     }
 }
@@ -235,8 +241,33 @@ impl Sessions {
             .unwrap_or_default()
     }
 
-    /// Takes `client_id`, first stopping and awaiting the session that holds it.
+    /// A will of `client_id` waits out its delay: the token to take it with, once the delay
+    /// is over ([`Sessions::take_will`]). A new connection of the client id cancels it.
+    pub fn defer_will(&self, client_id: &str) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        wills.insert(client_id.to_string(), token);
+        token
+    }
+
+    /// Whether the deferred will `token` of `client_id` is still due (no new connection of
+    /// the client id came meanwhile); it is taken.
+    pub fn take_will(&self, client_id: &str, token: u64) -> bool {
+        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        if wills.get(client_id) == Some(&token) {
+            wills.remove(client_id);
+            return true;
+        }
+        false
+    }
+
+    /// Takes `client_id`, first stopping and awaiting the session that holds it (a deferred
+    /// will of the client id is cancelled).
     pub async fn claim(self: &Arc<Self>, client_id: &str) -> Claim {
+        self.wills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id);
         loop {
             let previous = {
                 let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());

@@ -63,8 +63,9 @@ fn tag(q: Q4, retain: bool) -> Vec<(String, String)> {
 
 /// The upstream CONNECT for a device's CONNECT, logged in with the internal account.
 /// `clean_start`: whether rumqttd drops what it holds for the client id (the front end
-/// decides, see `sessions`). The device's own CONNECT properties are not passed on: the front
-/// end enforces them itself.
+/// decides, see `sessions`). The device's own CONNECT properties are not passed on (the
+/// front end enforces them itself), but for the session expiry when its will has a delay:
+/// rumqttd delays the will by the smaller of the two.
 pub fn connect(
     c: &v5::Connect,
     will: Option<&v5::LastWill>,
@@ -73,6 +74,17 @@ pub fn connect(
     user: &str,
     pass: &str,
 ) -> v5::Packet {
+    let delayed = will
+        .and_then(|w| w.properties.as_ref())
+        .is_some_and(|p| p.delay_interval.is_some_and(|d| d > 0));
+    let properties = c
+        .properties
+        .as_ref()
+        .filter(|_| delayed)
+        .map(|p| v5::ConnectProperties {
+            session_expiry_interval: p.session_expiry_interval,
+            ..v5::ConnectProperties::new()
+        });
     let will = will.map(|w| {
         let mut props = w.properties.clone().unwrap_or(v5::LastWillProperties {
             delay_interval: None,
@@ -97,7 +109,7 @@ pub fn connect(
             keep_alive,
             client_id: c.client_id.clone(),
             clean_start,
-            properties: None,
+            properties,
         },
         will,
         Some(v5::Login::new(user, pass)),
