@@ -75,6 +75,13 @@ impl Flight {
         false
     }
 
+    /// The cloud refused `pkid` (an MQTT 5 PUBACK error reason): it leaves the window, and
+    /// its record (if it carried one and was still in flight) is the caller's to dispose of;
+    /// it is not acknowledged.
+    pub fn refused(&mut self, pkid: u16) -> Option<u64> {
+        self.inflight.remove(&pkid).flatten()
+    }
+
     /// Records the cloud acknowledged, not yet removed from the store (the driver removes
     /// them and clears the list).
     pub fn acked(&mut self) -> &mut Vec<u64> {
