@@ -1,12 +1,13 @@
-//! The operator page's JSON API, `GET /api/v1/{status,devices,clients,ota,config}`
-//! (docs/api.md is its contract; the two must agree).
+//! The operator page's JSON API, `GET /api/v1/{status,devices,clients,ota,config}` and
+//! `GET /api/v1/dead-letters` (docs/api.md is its contract; the two must agree).
 //!
 //! Every document is built per request from state other parts already keep: the queue's
 //! gauges and counters, the cloud link's [`LinkInfo`], the [`History`] the sampler fills,
 //! the device [`Board`], the front end's client table, the OTA manager's answer, and the
 //! configuration text computed once at start. Nothing here is on the data path, and the
 //! documents are bounded by what they describe (devices, tags and clients are bounded by the
-//! configuration and `broker.max_connections`; the history by its ring).
+//! configuration and `broker.max_connections`; the history by its ring; the dead letters
+//! are read a page at a time, at most [`DEAD_LETTER_PAGE_MAX`] per request).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,6 +127,82 @@ pub fn status(h: &HealthSource, p: &PageSource) -> Value {
             "points": p.history.points(),
         },
     })
+}
+
+/// Dead letters listed per request when `limit` is not given.
+pub const DEAD_LETTER_PAGE: usize = 100;
+/// Most dead letters listed per request.
+pub const DEAD_LETTER_PAGE_MAX: usize = 1000;
+
+/// `/api/v1/dead-letters?after=SEQ&limit=N`: the records the cloud refused for good, oldest
+/// first, `limit` (default [`DEAD_LETTER_PAGE`], at most [`DEAD_LETTER_PAGE_MAX`]) of those
+/// with a sequence number above `after` (default 0); `next_after` continues the listing.
+/// `Err`: the status and body of a bad request or a store that cannot be read.
+pub async fn dead_letters(
+    store: &Arc<crate::store::Store>,
+    query: &str,
+) -> Result<Value, (&'static str, Value)> {
+    let mut after = 0u64;
+    let mut limit = DEAD_LETTER_PAGE;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = |fix: &str| {
+            (
+                "400 Bad Request",
+                json!({ "error": format!("{k}={v:?}: {fix}") }),
+            )
+        };
+        match k {
+            "after" => {
+                after = v
+                    .parse()
+                    .map_err(|_| bad("a sequence number, e.g. after=0"))?
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=DEAD_LETTER_PAGE_MAX).contains(n))
+                    .ok_or_else(|| bad("a number from 1 to 1000, e.g. limit=100"))?
+            }
+            _ => return Err(bad("unknown parameter; use after and limit")),
+        }
+    }
+    let s = store.clone();
+    let page = tokio::task::spawn_blocking(move || s.dead_letters(after, limit))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let page = page.map_err(|e| ("503 Service Unavailable", json!({ "error": e })))?;
+    let rfc3339 = |ms: u64| {
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string()
+    };
+    let next_after = (page.len() == limit)
+        .then(|| page.last().map(|d| d.seq))
+        .flatten();
+    let items: Vec<Value> = page
+        .iter()
+        .map(|d| {
+            json!({
+                "seq": d.seq,
+                "topic": d.topic,
+                "size": d.size,
+                "retain": d.retain,
+                "accepted_ms": d.accepted_ms,
+                "accepted_at": rfc3339(d.accepted_ms),
+                "refused_ms": d.refused_ms,
+                "refused_at": rfc3339(d.refused_ms),
+                "reason_code": d.reason,
+                "reason": crate::store::dead::reason_name(d.reason),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "kept": store.dead_letter_count(),
+        "dead_letters": items,
+        "next_after": next_after,
+    }))
 }
 
 /// `/api/v1/devices`.

@@ -93,8 +93,33 @@ impl Cloud {
         }
     }
 
-    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+    /// A mosquitto cloud (whatever `FIELDGATE_TEST_CLOUD` says: MQTT 5 tests need it)
+    /// whose anonymous clients get the ACL `acl` (mosquitto's `acl_file` syntax), e.g.
+    /// `topic readwrite #` and `topic deny some/topic/#`.
+    pub fn mosquitto_with_acl(pki: &Pki, server: &CertFiles, acl: &str) -> Cloud {
+        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
+        let acl_file = dir.path().join("acl");
+        std::fs::write(&acl_file, acl).unwrap();
+        let extra = format!("acl_file {}\n", acl_file.display());
+        let cloud = Self::mosquitto_in(dir, pki, server, port, &extra);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cloud
+    }
+
+    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+        Self::mosquitto_in(tempfile::tempdir().unwrap(), pki, server, port, "")
+    }
+
+    /// mosquitto with its config in `dir`, `extra` appended to it.
+    fn mosquitto_in(dir: TempDir, pki: &Pki, server: &CertFiles, port: u16, extra: &str) -> Cloud {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -103,7 +128,7 @@ impl Cloud {
                  cafile {}\ncertfile {}\nkeyfile {}\n\
                  require_certificate true\nallow_anonymous true\n\
                  persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\n",
+                 log_dest stderr\nlog_type error\nlog_type warning\n{extra}",
                 pki.ca.display(),
                 server.cert.display(),
                 server.key.display()

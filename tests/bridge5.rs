@@ -1,0 +1,287 @@
+//! The bridge speaking MQTT 5 to the cloud (`cloud.protocol = "5"`), end to end: the real
+//! gateway binary, devices publishing sequence numbers to its broker, and over mutual TLS a
+//! real MQTT 5 cloud: Debian's mosquitto (through a cuttable proxy where a test cuts the
+//! link), or a scripted MQTT 5 broker over TLS for the refusal mosquitto does not make on
+//! demand (quota exceeded). Cloud subscribers are MQTT 5 clients and read the properties.
+//! Nothing here asserts a timing: deadlines only bound the waiting.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::cloud5::{Collector5, ScriptedCloud};
+use common::*;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+
+const WAIT: Duration = Duration::from_secs(90);
+/// `store.max_age` at its default (7 days), in seconds.
+const MAX_AGE: u32 = 7 * 24 * 3600;
+
+/// mosquitto playing the cloud with `acl`, a proxy in front of it, a data dir and ports.
+struct Setup {
+    pki: Pki,
+    cloud: Cloud,
+    proxy: Proxy,
+    ports: GatewayPorts,
+    data: tempfile::TempDir,
+}
+
+async fn setup(acl: &str) -> Setup {
+    let pki = Pki::new();
+    let cloud = Cloud::mosquitto_with_acl(&pki, &pki.server, acl);
+    let proxy = Proxy::start(cloud.port).await;
+    Setup {
+        pki,
+        cloud,
+        proxy,
+        ports: GatewayPorts::new(),
+        data: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    /// Bridged to the proxy over MQTT 5, every other key at its default.
+    fn config(&self) -> GatewayConfig {
+        GatewayConfig::bridged(&self.pki, &self.ports, self.data.path(), self.proxy.port)
+            .set("cloud.protocol", "5")
+    }
+    async fn gateway(&self) -> Gateway {
+        let gw = Gateway::start(&self.config().to_toml(), &self.ports).await;
+        assert!(
+            eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 1.0).await,
+            "{}",
+            gw.log_text()
+        );
+        gw
+    }
+    async fn collector(&self) -> Collector5 {
+        Collector5::start(&self.pki, self.cloud.port, "fieldgate/gw1/#").await
+    }
+}
+
+/// Telemetry arrives over MQTT 5 with its message expiry and user properties; commands come
+/// down, including one sent while the link was cut (the broker kept the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_telemetry_carries_expiry_and_user_properties_and_commands_come_down() {
+    let s = setup("topic readwrite #\n").await;
+    let col = s.collector().await;
+    let gw = s.gateway().await;
+    let n = 200;
+    tokio::join!(
+        publish_seq(s.ports.mqtt, "a", 0..n, 32),
+        publish_seq(s.ports.mqtt, "b", 0..n, 32)
+    );
+    let r = col
+        .wait_for(WAIT, |r| r.total_unique() == 2 * n as usize)
+        .await;
+    for src in ["a", "b"] {
+        let missing = r.missing(src, 0..n);
+        assert!(
+            missing.is_empty(),
+            "{src}: missing {missing:?}\n{}",
+            gw.log_text()
+        );
+    }
+    assert_eq!(r.reordered(), 0, "{r:?}");
+    let msgs = col.on_topic("fieldgate/gw1/dev/a/data");
+    assert_eq!(msgs.len(), n as usize);
+    for m in &msgs {
+        assert_eq!(m.user("gateway"), Some("gw1"), "{m:?}");
+        let at = m.user("accepted_at").expect("accepted_at user property");
+        let accepted = humantime::parse_rfc3339(at).expect("accepted_at is RFC 3339");
+        let age = std::time::SystemTime::now()
+            .duration_since(accepted)
+            .unwrap_or_default();
+        assert!(
+            age < Duration::from_secs(600),
+            "accepted_at {at} is not recent"
+        );
+        let expiry = m.expiry.expect("message_expiry_interval");
+        // What is left of store.max_age: at most all of it, and only what the test took off.
+        assert!(
+            expiry <= MAX_AGE && expiry > MAX_AGE - 600,
+            "expiry {expiry}"
+        );
+    }
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 0.0).await);
+    assert_eq!(gw.metric("fieldgate_messages_out_total"), (2 * n) as f64);
+
+    // Downlink: a command over MQTT 5.
+    let local = LocalSub::start(s.ports.mqtt, "cmd/#", rumqttc::QoS::AtLeastOnce).await;
+    col.client
+        .publish("fieldgate/gw1/cmd/first", QoS5::AtLeastOnce, false, "go")
+        .await
+        .unwrap();
+    assert!(
+        eventually(WAIT, || local.on("cmd/first") == [b"go".to_vec()]).await,
+        "{}",
+        gw.log_text()
+    );
+    // Cut the link; a command sent meanwhile waits in the broker's session for the gateway.
+    s.proxy.cut();
+    assert!(eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 0.0).await);
+    col.client
+        .publish(
+            "fieldgate/gw1/cmd/while-down",
+            QoS5::AtLeastOnce,
+            false,
+            "later",
+        )
+        .await
+        .unwrap();
+    // The broker has it (the collector, subscribed to fieldgate/gw1/#, got it back) before
+    // the gateway can reconnect.
+    assert!(
+        eventually(WAIT, || col.on_topic("fieldgate/gw1/cmd/while-down").len()
+            == 1)
+        .await
+    );
+    s.proxy.restore();
+    assert!(
+        eventually(WAIT, || local.on("cmd/while-down") == [b"later".to_vec()]).await,
+        "the command sent during the outage never came down\n{}",
+        gw.log_text()
+    );
+    assert_eq!(gw.metric("fieldgate_bridge_dead_letters_kept"), 0.0);
+}
+
+/// A topic the cloud denies (mosquitto's ACL: PUBACK 0x87 to an MQTT 5 client) ends in dead
+/// letters, listed and counted; the records of other topics around them arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_topic_ends_in_dead_letters_and_the_rest_flows_in_order() {
+    let s = setup("topic readwrite #\ntopic deny fieldgate/gw1/dev/denied/#\n").await;
+    let col = s.collector().await;
+    let gw = s.gateway().await;
+    let (n, d) = (300, 10);
+    tokio::join!(
+        publish_seq(s.ports.mqtt, "ok", 0..n, 32),
+        publish_seq(s.ports.mqtt, "denied", 0..d, 32),
+        publish_seq(s.ports.mqtt, "ok2", 0..n, 32),
+    );
+    let r = col
+        .wait_for(WAIT, |r| r.total_unique() == 2 * n as usize)
+        .await;
+    for src in ["ok", "ok2"] {
+        let missing = r.missing(src, 0..n);
+        assert!(
+            missing.is_empty(),
+            "{src}: missing {missing:?}\n{}",
+            gw.log_text()
+        );
+    }
+    assert_eq!(r.reordered(), 0, "{r:?}");
+    assert_eq!(r.unique("denied"), 0);
+    let dead = r#"fieldgate_bridge_dead_letters_total{reason="not_authorized"}"#;
+    assert!(
+        eventually(WAIT, || gw.metric(dead) == d as f64).await,
+        "dead letters {}\n{}",
+        gw.metric(dead),
+        gw.log_text()
+    );
+    assert_eq!(gw.metric("fieldgate_bridge_dead_letters_kept"), d as f64);
+    // Off the queue, not counted as delivered.
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 0.0).await);
+    assert_eq!(gw.metric("fieldgate_messages_out_total"), (2 * n) as f64);
+
+    // Listed, a page at a time, oldest first.
+    let page: serde_json::Value =
+        serde_json::from_str(&gw.get("/api/v1/dead-letters?limit=4").unwrap()).unwrap();
+    assert_eq!(page["kept"], d);
+    let items = page["dead_letters"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    for it in items {
+        assert_eq!(it["topic"], "dev/denied/data");
+        assert_eq!(it["reason"], "not_authorized");
+        assert_eq!(it["reason_code"], 0x87);
+        assert_eq!(it["size"], 32);
+        assert!(it["accepted_at"].as_str().unwrap().ends_with('Z'));
+        assert!(it["refused_ms"].as_u64().unwrap() >= it["accepted_ms"].as_u64().unwrap());
+    }
+    let next = page["next_after"].as_u64().unwrap();
+    let rest: serde_json::Value = serde_json::from_str(
+        &gw.get(&format!("/api/v1/dead-letters?after={next}&limit=1000"))
+            .unwrap(),
+    )
+    .unwrap();
+    let rest = rest["dead_letters"].as_array().unwrap().clone();
+    assert_eq!(rest.len(), d as usize - 4);
+    let seqs: Vec<u64> = items
+        .iter()
+        .chain(&rest)
+        .map(|i| i["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // A bad page request names the parameter and the fix.
+    let bad = gw.get("/api/v1/dead-letters?limit=0").unwrap();
+    assert!(bad.contains("limit") && bad.contains("1 to 1000"), "{bad}");
+}
+
+/// The cloud answers PUBACK 0x97 (quota exceeded) to the first records: the gateway backs
+/// off, sends them again, and they arrive; the last copy of every record is in queue order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_is_retried_and_arrives() {
+    let pki = Pki::new();
+    let cloud = ScriptedCloud::start(&pki, "/dev/", 0x97, 3).await;
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let config =
+        GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port).set("cloud.protocol", "5");
+    let gw = Gateway::start(&config.to_toml(), &ports).await;
+    let n = 50;
+    publish_seq(ports.mqtt, "q", 0..n, 32).await;
+    assert!(
+        eventually(WAIT, || cloud.report().unique("q") == n as usize).await,
+        "{:?}\n{}",
+        cloud.report(),
+        gw.log_text()
+    );
+    assert!(cloud.report().missing("q", 0..n).is_empty());
+    assert_eq!(cloud.refused.load(Ordering::SeqCst), 3);
+    // A refusal ends the session (several in flight may be refused in one): the gateway
+    // came back and sent them again.
+    assert!(cloud.connects.load(Ordering::SeqCst) >= 2);
+    // Records the cloud took beside a refused one are sent again after it: the last copy
+    // of each record arrived in queue order.
+    let accepted = cloud.accepted.lock().unwrap().clone();
+    let mut last: Vec<(usize, u64)> = Vec::new();
+    for (i, (_, p)) in accepted
+        .iter()
+        .filter(|(t, _)| t.contains("/dev/"))
+        .enumerate()
+    {
+        let seq: u64 = String::from_utf8_lossy(p)
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        last.retain(|(_, s)| *s != seq);
+        last.push((i, seq));
+    }
+    let order: Vec<u64> = last.iter().map(|(_, s)| *s).collect();
+    assert_eq!(order, (0..n).collect::<Vec<_>>(), "{accepted:?}");
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 0.0).await);
+    assert_eq!(gw.metric("fieldgate_bridge_dead_letters_kept"), 0.0);
+    assert!(gw.log_text().contains("0x97"), "the refusal is logged");
+}
+
+/// kill -9 with a queue under MQTT 5: everything acknowledged to the device still arrives
+/// after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_loses_nothing_under_v5() {
+    let s = setup("topic readwrite #\n").await;
+    let col = s.collector().await;
+    let gw = s.gateway().await;
+    s.proxy.cut();
+    assert!(eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 0.0).await);
+    let n = 300;
+    publish_seq(s.ports.mqtt, "k", 0..n, 64).await;
+    gw.kill9();
+    s.proxy.restore();
+    let gw = s.gateway().await;
+    let r = col.wait_for(WAIT, |r| r.unique("k") == n as usize).await;
+    let missing = r.missing("k", 0..n);
+    assert!(missing.is_empty(), "missing {missing:?}\n{}", gw.log_text());
+    assert_eq!(r.reordered(), 0, "{r:?}");
+}
