@@ -261,3 +261,50 @@ impl DownlinkConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_protocol_names_the_key_and_the_allowed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let base = CloudConfig {
+            enabled: true,
+            host: "cloud.example.com".into(),
+            ca_file: ca,
+            ..CloudConfig::default()
+        };
+        let expand = |s: &str| s.replace("{gateway_id}", "gw1");
+        let keys = |c: &CloudConfig| -> Vec<String> {
+            c.validate(&expand).iter().map(|p| p.key.clone()).collect()
+        };
+        for ok in ["3.1.1", "5"] {
+            let c = CloudConfig {
+                protocol: ok.into(),
+                ..base.clone()
+            };
+            assert!(!keys(&c).contains(&"cloud.protocol".to_string()), "{ok}");
+        }
+        let bad = CloudConfig {
+            protocol: "5.0".into(),
+            ..base.clone()
+        };
+        let p = bad.validate(&expand);
+        let p = p
+            .iter()
+            .find(|p| p.key == "cloud.protocol")
+            .expect("a cloud.protocol problem");
+        assert!(
+            p.message.contains("\"5.0\"") && p.message.contains("\"3.1.1\", \"5\""),
+            "{}",
+            p.message
+        );
+    }
+}

@@ -1,4 +1,5 @@
-//! The bridge to the cloud broker: queued records up (QoS 1 over TLS), commands down.
+//! The bridge to the cloud broker: queued records up (QoS 1 over TLS, MQTT 3.1.1 or 5),
+//! commands down.
 //!
 //! # States
 //! ```text
@@ -16,11 +17,20 @@
 //!   each PUBLISH its packet id and maps the PUBACK back to the record.
 //! - One pass of the pump encodes everything the window and the pacing allow, then writes it
 //!   in one flush.
-//! - Every session starts from the queue head on a fresh connection (clean session): nothing
-//!   stale from the previous session is sent ahead of the replay, so the first delivery of
-//!   each record is in per-topic order. Records in flight when a link drops are sent again:
-//!   delivery is at least once.
-//! - At most `cloud.max_inflight` publishes are unacknowledged at a time.
+//! - Every session starts from the queue head on a fresh connection: nothing stale from the
+//!   previous session is sent ahead of the replay, so the first delivery of each record is in
+//!   per-topic order. Records in flight when a link drops are sent again: delivery is at
+//!   least once. MQTT 3.1.1 sessions are clean; MQTT 5 ones (`cloud.protocol = "5"`) are
+//!   clean on the first connection of the process and resumed after (`cloud.session_expiry`),
+//!   for the downlink's subscriptions only: the broker's session never holds the uplink.
+//! - At most `cloud.max_inflight` publishes are unacknowledged at a time (MQTT 5: nor more
+//!   than the broker's `receive_maximum`).
+//! - MQTT 5 PUBACK error reasons ([`Refusal`]): a permanent one makes the record a dead letter
+//!   ([`crate::store::dead`], durable before the record leaves the queue) and the records
+//!   behind it go on; a transient one (0x97 quota exceeded, ...) ends the session with the
+//!   record still queued, and the next session, after a backoff, sends it first again. A
+//!   record too large for the link is dropped (`too_large`) under MQTT 3.1.1 and a dead
+//!   letter (0x95) under MQTT 5. Dead letters are logged at most every 10 s.
 //! - Replay is paced by token buckets; live records of topics with no backlog are not held
 //!   behind it (see [`lanes`]).
 //! - The pump's decisions (which record next, the window, what a PUBACK does) are made
@@ -163,7 +173,12 @@ pub struct Bridge {
     /// The last session ended with a transient refusal: the backoff is reset only once a
     /// record is acknowledged again, so a broker over its quota is retried ever more slowly.
     refused: bool,
+    /// When a dead letter was last logged, and how many were made since without a line.
+    dead_log: (Option<Instant>, u64),
 }
+
+/// Dead letters are logged at most once per this (with the count since the last line).
+const DEAD_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Bridge {
     /// Builds the bridge from `[cloud]` and `[downlink]`; fails if the TLS material is
@@ -188,6 +203,7 @@ impl Bridge {
             gateway_id: ctx.gateway_id.clone(),
             resumable: false,
             refused: false,
+            dead_log: (None, 0),
             link_options: LinkOptions {
                 host: cloud.host.clone(),
                 port: cloud.port,
@@ -645,13 +661,22 @@ impl Bridge {
 
     /// Record `seq` will never be accepted (`code`): it moves to the store's dead letters,
     /// off the queue, and the records behind it go on.
-    async fn dead_letter(&self, seq: u64, code: u8) -> Result<(), BridgeError> {
+    /// Logged at most once per [`DEAD_LOG_EVERY`], with how many were made since.
+    async fn dead_letter(&mut self, seq: u64, code: u8) -> Result<(), BridgeError> {
         let store = self.store.clone();
         let kept = tokio::task::spawn_blocking(move || store.dead_letter(seq, code)).await??;
-        if let Some(d) = kept {
-            // Rare and each one a message an operator must look at; bounded by the queue.
+        let Some(d) = kept else {
+            return Ok(());
+        };
+        let (last, since) = &mut self.dead_log;
+        *since += 1;
+        if last.is_none_or(|t| t.elapsed() >= DEAD_LOG_EVERY) {
+            // An operator must look at them: ERROR, but a refused topic cannot flood the log.
             error!(seq, topic = %d.topic, bytes = d.size, reason = format_args!("0x{code:02x}"),
-                "cloud refused a record for good; kept as a dead letter (GET /api/v1/dead-letters)");
+                dead_letters = *since,
+                "cloud refused records for good; kept as dead letters (GET /api/v1/dead-letters)");
+            *last = Some(Instant::now());
+            *since = 0;
         }
         Ok(())
     }
