@@ -175,6 +175,9 @@ pub struct Bridge {
     refused: bool,
     /// When a dead letter was last logged, and how many were made since without a line.
     dead_log: (Option<Instant>, u64),
+    /// Records refused for good in the packets just read, made dead letters together (one
+    /// fsync) before the pump goes on.
+    dead_pending: Vec<(u64, u8)>,
 }
 
 /// Dead letters are logged at most once per this (with the count since the last line).
@@ -204,6 +207,7 @@ impl Bridge {
             resumable: false,
             refused: false,
             dead_log: (None, 0),
+            dead_pending: Vec::new(),
             link_options: LinkOptions {
                 host: cloud.host.clone(),
                 port: cloud.port,
@@ -341,6 +345,8 @@ impl Bridge {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut flight = Flight::default();
+        // Refusals read in an earlier session: those records are still queued and sent again.
+        self.dead_pending.clear();
         let result = self.pump(link, &mut flight, sp, stop).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
         if let Err(e) = self.remove(flight.acked()).await {
@@ -447,9 +453,9 @@ impl Bridge {
                     };
                     let store = &self.store;
                     let need = schedule.fill(flight, Instant::now, || store.next_seq(), &mut wire);
-                    for seq in too_large.drain(..) {
-                        self.dead_letter(seq, PACKET_TOO_LARGE).await?;
-                    }
+                    self.dead_pending
+                        .extend(too_large.drain(..).map(|seq| (seq, PACKET_TOO_LARGE)));
+                    self.dead_letters().await?;
                     match need {
                         Need::Live(from) => schedule.live_read(self.read(from, u64::MAX).await?),
                         Need::Replay(from, to) => {
@@ -478,6 +484,7 @@ impl Bridge {
                         self.incoming(i, flight, &filters, link, sp.as_deref_mut()).await?;
                         inc = link.try_next()?;
                     }
+                    self.dead_letters().await?;
                 }
                 _ = keepalive.tick() => link.ping()?,
                 _ = appended.changed(), if stopping.is_none() => {}
@@ -545,7 +552,7 @@ impl Bridge {
                 }
             }
             Incoming::PubAck(pkid, code) => match (flight.refused(pkid), Refusal::of(code)) {
-                (Some(seq), Refusal::Permanent) => self.dead_letter(seq, code).await?,
+                (Some(seq), Refusal::Permanent) => self.dead_pending.push((seq, code)),
                 (Some(seq), Refusal::Transient) => {
                     self.refused = true;
                     warn!(
@@ -561,7 +568,7 @@ impl Bridge {
                 (None, _) => {
                     warn!(
                         reason = format_args!("0x{code:02x}"),
-                        "cloud refused the status message"
+                        "cloud refused a PUBLISH that carried no record (the status message)"
                     );
                 }
             },
@@ -659,21 +666,25 @@ impl Bridge {
         }
     }
 
-    /// Record `seq` will never be accepted (`code`): it moves to the store's dead letters,
-    /// off the queue, and the records behind it go on.
-    /// Logged at most once per [`DEAD_LOG_EVERY`], with how many were made since.
-    async fn dead_letter(&mut self, seq: u64, code: u8) -> Result<(), BridgeError> {
+    /// The records in `dead_pending` will never be accepted: they move to the store's dead
+    /// letters (one fsync for all), off the queue, and the records behind them go on. Logged
+    /// at most once per [`DEAD_LOG_EVERY`], with how many were made since.
+    async fn dead_letters(&mut self) -> Result<(), BridgeError> {
+        if self.dead_pending.is_empty() {
+            return Ok(());
+        }
+        let refused = std::mem::take(&mut self.dead_pending);
         let store = self.store.clone();
-        let kept = tokio::task::spawn_blocking(move || store.dead_letter(seq, code)).await??;
-        let Some(d) = kept else {
+        let kept = tokio::task::spawn_blocking(move || store.dead_letter_all(&refused)).await??;
+        let Some(d) = kept.last() else {
             return Ok(());
         };
         let (last, since) = &mut self.dead_log;
-        *since += 1;
+        *since += kept.len() as u64;
         if last.is_none_or(|t| t.elapsed() >= DEAD_LOG_EVERY) {
             // An operator must look at them: ERROR, but a refused topic cannot flood the log.
-            error!(seq, topic = %d.topic, bytes = d.size, reason = format_args!("0x{code:02x}"),
-                dead_letters = *since,
+            error!(seq = d.seq, topic = %d.topic, bytes = d.size,
+                reason = format_args!("0x{:02x}", d.reason), dead_letters = *since,
                 "cloud refused records for good; kept as dead letters (GET /api/v1/dead-letters)");
             *last = Some(Instant::now());
             *since = 0;

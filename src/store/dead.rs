@@ -117,29 +117,48 @@ impl Store {
     /// kept (durably) and then acknowledged in the queue. `None` when the record is no longer
     /// queued (acknowledged or dropped meanwhile). Blocking: call it off the runtime threads.
     pub fn dead_letter(&self, seq: u64, code: u8) -> Result<Option<DeadLetter>, StoreError> {
-        let Some((_, rec)) = self.read_from(seq, 1)?.into_iter().find(|(s, _)| *s == seq) else {
-            return Ok(None);
-        };
+        Ok(self.dead_letter_all(&[(seq, code)])?.pop())
+    }
+
+    /// [`Store::dead_letter`] for each `(seq, code)`, with one flush and fsync for all of
+    /// them: the dead letters made (records no longer queued make none), in order.
+    pub fn dead_letter_all(&self, refused: &[(u64, u8)]) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut found = Vec::with_capacity(refused.len());
+        for &(seq, code) in refused {
+            if let Some((_, rec)) = self.read_from(seq, 1)?.into_iter().find(|(s, _)| *s == seq) {
+                found.push((seq, code, rec));
+            }
+        }
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
         let max = self.cfg.max_dead_letters;
-        let kept = if max == 0 {
-            self.metrics.count_drop(DropReason::DeadLettersFull, 1);
+        let mut kept = Vec::with_capacity(found.len());
+        if max == 0 {
+            self.metrics
+                .count_drop(DropReason::DeadLettersFull, found.len() as u64);
             warn!(
-                seq,
-                "store.max_dead_letters = 0: the refused record is dropped"
+                count = found.len(),
+                "store.max_dead_letters = 0: records the cloud refused for good are dropped"
             );
-            None
         } else {
-            let value = encode(&rec, code, now_ms());
+            let now = now_ms();
+            let values: Vec<(u64, Vec<u8>)> = found
+                .iter()
+                .map(|(seq, code, rec)| (*seq, encode(rec, *code, now)))
+                .collect();
             self.with_trees(|t| {
                 let mut evicted = 0;
-                let again = t.dead.contains_key(seq.to_be_bytes())?;
-                while !again && t.dead.len() as u64 >= max {
-                    match t.dead.pop_min()? {
-                        Some(_) => evicted += 1,
-                        None => break,
+                for (seq, value) in &values {
+                    let again = t.dead.contains_key(seq.to_be_bytes())?;
+                    while !again && t.dead.len() as u64 >= max {
+                        match t.dead.pop_min()? {
+                            Some(_) => evicted += 1,
+                            None => break,
+                        }
                     }
+                    t.dead.insert(seq.to_be_bytes(), value.as_slice())?;
                 }
-                t.dead.insert(seq.to_be_bytes(), value.as_slice())?;
                 t.db.flush()?;
                 if evicted > 0 {
                     self.metrics
@@ -153,11 +172,18 @@ impl Store {
             })
             .and_then(|()| self.sync_files())
             .map_err(StoreError::classify)?;
-            decode(seq, &value).map(|(d, _)| d)
-        };
+            kept.extend(
+                values
+                    .iter()
+                    .filter_map(|(seq, v)| decode(*seq, v).map(|(d, _)| d)),
+            );
+        }
         // Off the queue, yet not delivered: `messages_out` is for the cloud's PUBACKs only.
-        self.ack_inner(&[seq], false);
-        self.metrics.count_dead_letter(code);
+        let seqs: Vec<u64> = found.iter().map(|(s, _, _)| *s).collect();
+        self.ack_inner(&seqs, false);
+        for (_, code, _) in &found {
+            self.metrics.count_dead_letter(*code);
+        }
         self.refresh_dead_count();
         Ok(kept)
     }
