@@ -217,6 +217,55 @@ async fn a_denied_topic_ends_in_dead_letters_and_the_rest_flows_in_order() {
     assert!(bad.contains("limit") && bad.contains("1 to 1000"), "{bad}");
 }
 
+/// A record larger than the broker's maximum packet size (its CONNACK says it) is never
+/// sent: it becomes a dead letter (0x95), and the records around it arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_above_the_brokers_maximum_packet_size_is_a_dead_letter() {
+    let pki = Pki::new();
+    let cloud = Cloud::mosquitto_with(
+        &pki,
+        &pki.server,
+        "topic readwrite #\n",
+        "max_packet_size 1024\n",
+    );
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let config =
+        GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port).set("cloud.protocol", "5");
+    let col = Collector5::start(&pki, cloud.port, "fieldgate/gw1/#").await;
+    let gw = Gateway::start(&config.to_toml(), &ports).await;
+    let n = 100;
+    tokio::join!(
+        publish_seq(ports.mqtt, "small", 0..n, 64),
+        publish_seq(ports.mqtt, "big", 0..3, 1500),
+    );
+    let r = col
+        .wait_for(WAIT, |r| r.unique("small") == n as usize)
+        .await;
+    assert!(
+        r.missing("small", 0..n).is_empty(),
+        "{r:?}\n{}",
+        gw.log_text()
+    );
+    assert_eq!(r.reordered(), 0, "{r:?}");
+    let dead = r#"fieldgate_bridge_dead_letters_total{reason="packet_too_large"}"#;
+    assert!(
+        eventually(WAIT, || gw.metric(dead) == 3.0).await,
+        "{}\n{}",
+        gw.metric(dead),
+        gw.log_text()
+    );
+    assert_eq!(r.unique("big"), 0);
+    let page: serde_json::Value =
+        serde_json::from_str(&gw.get("/api/v1/dead-letters").unwrap()).unwrap();
+    let items = page["dead_letters"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(items
+        .iter()
+        .all(|i| i["reason_code"] == 0x95 && i["size"] == 1500));
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 0.0).await);
+}
+
 /// The cloud answers PUBACK 0x97 (quota exceeded) to the first records: the gateway backs
 /// off, sends them again, and they arrive; the last copy of every record is in queue order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

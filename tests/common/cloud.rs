@@ -97,11 +97,17 @@ impl Cloud {
     /// whose anonymous clients get the ACL `acl` (mosquitto's `acl_file` syntax), e.g.
     /// `topic readwrite #` and `topic deny some/topic/#`.
     pub fn mosquitto_with_acl(pki: &Pki, server: &CertFiles, acl: &str) -> Cloud {
+        Self::mosquitto_with(pki, server, acl, "")
+    }
+
+    /// [`Cloud::mosquitto_with_acl`] with `conf` (mosquitto.conf lines, e.g.
+    /// `max_packet_size 2048\n`) added to its configuration.
+    pub fn mosquitto_with(pki: &Pki, server: &CertFiles, acl: &str, conf: &str) -> Cloud {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let acl_file = dir.path().join("acl");
         std::fs::write(&acl_file, acl).unwrap();
-        let extra = format!("acl_file {}\n", acl_file.display());
+        let extra = format!("acl_file {}\n{conf}", acl_file.display());
         let cloud = Self::mosquitto_in(dir, pki, server, port, &extra);
         let deadline = Instant::now() + Duration::from_secs(10);
         while StdStream::connect(("127.0.0.1", port)).is_err() {
