@@ -146,6 +146,44 @@ async fn v5_telemetry_carries_expiry_and_user_properties_and_commands_come_down(
     assert_eq!(gw.metric("fieldgate_bridge_dead_letters_kept"), 0.0);
 }
 
+/// The same over rumqttd's MQTT 5 listener (in process): everything arrives, in order, with
+/// the gateway's user properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_telemetry_arrives_through_rumqttd() {
+    let pki = Pki::new();
+    let cloud = Cloud::rumqttd_v5(&pki, &pki.server);
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let config =
+        GatewayConfig::bridged(&pki, &ports, data.path(), cloud.port).set("cloud.protocol", "5");
+    let col = Collector5::start(&pki, cloud.port, "fieldgate/gw1/#").await;
+    let gw = Gateway::start(&config.to_toml(), &ports).await;
+    let n = 300;
+    tokio::join!(
+        publish_seq(ports.mqtt, "a", 0..n, 32),
+        publish_seq(ports.mqtt, "b", 0..n, 32)
+    );
+    let r = col
+        .wait_for(WAIT, |r| r.total_unique() == 2 * n as usize)
+        .await;
+    for src in ["a", "b"] {
+        let missing = r.missing(src, 0..n);
+        assert!(
+            missing.is_empty(),
+            "{src}: missing {missing:?}\n{}",
+            gw.log_text()
+        );
+    }
+    assert_eq!(r.reordered(), 0, "{r:?}");
+    let msgs = col.on_topic("fieldgate/gw1/dev/a/data");
+    assert!(
+        msgs.iter().all(|m| m.user("gateway") == Some("gw1")),
+        "{:?}",
+        msgs.first()
+    );
+    assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 0.0).await);
+}
+
 /// A topic the cloud denies (mosquitto's ACL: PUBACK 0x87 to an MQTT 5 client) ends in dead
 /// letters, listed and counted; the records of other topics around them arrive, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

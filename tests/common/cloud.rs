@@ -44,7 +44,25 @@ impl Cloud {
         cloud
     }
 
+    /// An in-process rumqttd whose TLS listener speaks MQTT 5 (whatever
+    /// `FIELDGATE_TEST_CLOUD` says).
+    pub fn rumqttd_v5(pki: &Pki, server: &CertFiles) -> Cloud {
+        let port = free_port();
+        let cloud = Self::rumqttd_with(pki, server, port, true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "rumqttd did not start on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cloud
+    }
+
     fn rumqttd(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+        Self::rumqttd_with(pki, server, port, false)
+    }
+
+    /// rumqttd with one TLS listener on `port`, MQTT 5 if `v5`, else MQTT 3.1.1.
+    fn rumqttd_with(pki: &Pki, server: &CertFiles, port: u16, v5: bool) -> Cloud {
         use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
         let mut v4 = std::collections::HashMap::new();
         v4.insert(
@@ -79,8 +97,18 @@ impl Cloud {
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
-            v4: Some(v4),
             ..Default::default()
+        };
+        let config = if v5 {
+            Config {
+                v5: Some(v4),
+                ..config
+            }
+        } else {
+            Config {
+                v4: Some(v4),
+                ..config
+            }
         };
         std::thread::spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
