@@ -351,6 +351,7 @@ async fn quota_exceeded_is_retried_and_arrives() {
     assert!(eventually(WAIT, || gw.metric("fieldgate_queue_records") == 0.0).await);
     assert_eq!(gw.metric("fieldgate_bridge_dead_letters_kept"), 0.0);
     assert!(gw.log_text().contains("0x97"), "the refusal is logged");
+    assert!(gw.metric(r#"fieldgate_bridge_refused_for_now_total{reason="quota_exceeded"}"#) >= 1.0);
 }
 
 /// kill -9 with a queue under MQTT 5: everything acknowledged to the device still arrives

@@ -555,6 +555,13 @@ impl Bridge {
                 (Some(seq), Refusal::Permanent) => self.dead_pending.push((seq, code)),
                 (Some(seq), Refusal::Transient) => {
                     self.refused = true;
+                    self.metrics
+                        .refused_for_now
+                        .get_or_create(&crate::metrics::label(
+                            "reason",
+                            crate::store::dead::reason_name(code),
+                        ))
+                        .inc();
                     warn!(
                         seq,
                         reason = format_args!("0x{code:02x}"),
