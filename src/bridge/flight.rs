@@ -520,6 +520,21 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_publish_leaves_the_window_unacknowledged() {
+        let mut f = Flight::default();
+        f.sent_other(1);
+        f.sent(2, 10);
+        f.sent(3, 11);
+        assert_eq!(f.refused(2), Some(10));
+        assert_eq!(f.refused(2), None, "once");
+        assert_eq!(f.refused(1), None, "the status message carries no record");
+        assert!(f.acked().is_empty(), "a refusal is no acknowledgement");
+        assert_eq!((f.len(), f.unacked()), (1, 1));
+        f.puback(3);
+        assert_eq!(f.acked(), &vec![11]);
+    }
+
+    #[test]
     fn a_full_ack_batch_is_reported_when_it_fills() {
         let mut f = Flight::default();
         for i in 0..ACK_BATCH as u64 {
