@@ -253,6 +253,38 @@ async fn a_denied_topic_ends_in_dead_letters_and_the_rest_flows_in_order() {
     // A bad page request names the parameter and the fix.
     let bad = gw.get("/api/v1/dead-letters?limit=0").unwrap();
     assert!(bad.contains("limit") && bad.contains("1 to 1000"), "{bad}");
+
+    // The operator drops one: it is gone from the list and the gauge.
+    let body = format!("{{\"seq\": {}}}", seqs[0]);
+    let (status, answer) = gw
+        .post("/api/v1/dead-letters/drop", "application/json", &body)
+        .unwrap();
+    assert!(status.contains("200"), "{status} {answer}");
+    assert_eq!(
+        gw.metric("fieldgate_bridge_dead_letters_kept"),
+        (d - 1) as f64
+    );
+    let (status, _) = gw
+        .post("/api/v1/dead-letters/drop", "application/json", &body)
+        .unwrap();
+    assert!(status.contains("404"), "dropped once: {status}");
+    // Only JSON: a form of another origin cannot drop anything.
+    let (status, _) = gw
+        .post(
+            "/api/v1/dead-letters/drop",
+            "application/x-www-form-urlencoded",
+            "seq=1",
+        )
+        .unwrap();
+    assert!(status.contains("415"), "{status}");
+    let left: serde_json::Value =
+        serde_json::from_str(&gw.get("/api/v1/dead-letters").unwrap()).unwrap();
+    assert_eq!(left["kept"], d - 1);
+    assert!(left["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["seq"] != seqs[0]));
 }
 
 /// A record larger than the broker's maximum packet size (its CONNACK says it) is never

@@ -1,5 +1,6 @@
-//! The operator page's JSON API, `GET /api/v1/{status,devices,clients,ota,config}` and
-//! `GET /api/v1/dead-letters` (docs/api.md is its contract; the two must agree).
+//! The operator page's JSON API, `GET /api/v1/{status,devices,clients,ota,config}`,
+//! `GET /api/v1/dead-letters` and its one write, `POST /api/v1/dead-letters/drop`
+//! (docs/api.md is its contract; the two must agree).
 //!
 //! Every document is built per request from state other parts already keep: the queue's
 //! gauges and counters, the cloud link's [`LinkInfo`], the [`History`] the sampler fills,
@@ -203,6 +204,49 @@ pub async fn dead_letters(
         "dead_letters": items,
         "next_after": next_after,
     }))
+}
+
+/// `POST /api/v1/dead-letters/drop` with the JSON body `{"seq": N}`: deletes dead letter `N`
+/// (the one write of the API; an operator has read it and given it up). Only a request with
+/// `Content-Type: application/json` is taken, which a page of another origin cannot send
+/// without the browser asking first. `Err`: the status and body of a refusal.
+pub async fn drop_dead_letter(
+    store: &Arc<crate::store::Store>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Value, (&'static str, Value)> {
+    let json_body = content_type.is_some_and(|c| {
+        c.split(';')
+            .next()
+            .is_some_and(|t| t.trim() == "application/json")
+    });
+    if !json_body {
+        return Err((
+            "415 Unsupported Media Type",
+            json!({ "error": "send Content-Type: application/json with {\"seq\": N}" }),
+        ));
+    }
+    let seq = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(Value::as_u64))
+        .ok_or((
+            "400 Bad Request",
+            json!({ "error": "the body must be {\"seq\": N}, N a dead letter's seq" }),
+        ))?;
+    let s = store.clone();
+    let dropped = tokio::task::spawn_blocking(move || s.drop_dead_letter(seq))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| ("503 Service Unavailable", json!({ "error": e })))?;
+    if !dropped {
+        return Err((
+            "404 Not Found",
+            json!({ "error": format!("no dead letter {seq}") }),
+        ));
+    }
+    tracing::info!(seq, "dead letter dropped by the operator");
+    Ok(json!({ "dropped": seq, "kept": store.dead_letter_count() }))
 }
 
 /// `/api/v1/devices`.
