@@ -567,6 +567,8 @@ impl Bridge {
                         reason = format_args!("0x{code:02x}"),
                         "cloud refused a record for now; it stays queued"
                     );
+                    // Refusals for good read before it are kept first.
+                    self.dead_letters().await?;
                     // The broker publishes the will: the gateway is away for a backoff.
                     link.disconnect(0x04);
                     let _ = link.flush().await;
@@ -624,15 +626,15 @@ impl Bridge {
         }
     }
 
-    /// Queues one record on the link: its packet id, or `None` (and the record dropped,
+    /// Queues one record on the link: its packet id, or `Err(None)` (and the record dropped,
     /// counted and logged) when it is larger than `cloud.max_packet_size`, which the cloud
     /// would refuse on every resend.
     ///
     /// MQTT 5: the PUBLISH carries `message_expiry_interval` (what is left of `store.max_age`
     /// for the record) and the user properties `gateway` (the gateway id) and `accepted_at`
     /// (the record's accept time, RFC 3339 UTC with milliseconds). A record above the
-    /// server's maximum packet size is not dropped but left to the caller (`Err`) to become
-    /// a dead letter.
+    /// server's maximum packet size is not dropped but left to the caller (`Err(Some(seq))`)
+    /// to become a dead letter.
     fn send<S>(&self, link: &mut Link<S>, seq: u64, rec: &Record) -> Result<u16, Option<u64>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
