@@ -12,7 +12,9 @@
 //! # Invariants
 //! - A record becomes a dead letter before it is acknowledged in the queue: the entry is
 //!   flushed and fsynced first, so a crash between the two sends the record again (and it is
-//!   refused and kept again under the same key), never loses it.
+//!   refused and kept again under the same key), never loses it. The same holds after any
+//!   restart for a dead letter above the persisted cursor (an earlier record was still
+//!   unacknowledged): it is sent again, and one dropped meanwhile is kept again.
 //! - At most `store.max_dead_letters` are kept: a new one pushes out the oldest, counted as
 //!   `dropped{reason="dead_letters_full"}`. They are outside the queue's counters and byte
 //!   budget; the bound is theirs.
