@@ -2,8 +2,9 @@
 //! stream, owned by the bridge's pump.
 //!
 //! Control packets are encoded and decoded with rumqttc's codecs (`rumqttc::mqttbytes::v4`,
-//! `rumqttc::v5::mqttbytes::v5`); the hot packets (PUBLISH, PUBACK, the acks owed to the
-//! broker) are encoded by hand, and the connection itself is ours. rumqttc's `EventLoop`
+//! `rumqttc::v5::mqttbytes::v5`); the hot packets (PUBLISH, the acks owed to the broker)
+//! are encoded by hand, MQTT 5 PUBACK and DISCONNECT decoded by hand (the codec refuses
+//! reason codes it does not know), and the connection itself is ours. rumqttc's `EventLoop`
 //! writes and flushes every request on its own, so each publish cost one TLS record and one
 //! `writev`, and every publish and PUBACK crossed two channels and a second task: at
 //! saturation that was about half the gateway's CPU. Here the pump encodes everything its
