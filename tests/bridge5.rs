@@ -405,3 +405,35 @@ async fn kill9_loses_nothing_under_v5() {
     assert!(missing.is_empty(), "missing {missing:?}\n{}", gw.log_text());
     assert_eq!(r.reordered(), 0, "{r:?}");
 }
+
+/// `check-config` (the same validation as `run`) refuses an unknown `cloud.protocol`, naming
+/// the key and the values it takes, and takes "5" with a session expiry.
+#[test]
+fn check_config_names_cloud_protocol_and_its_values() {
+    let pki = Pki::new();
+    let ports = GatewayPorts::new();
+    let data = tempfile::tempdir().unwrap();
+    let check = |protocol: &str| {
+        let config = GatewayConfig::bridged(&pki, &ports, data.path(), 8883)
+            .set("cloud.protocol", protocol)
+            .set("cloud.session_expiry", "10m");
+        let path = data.path().join("check.toml");
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let out = fieldgate_command()
+            .args(["check-config", "-c", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check("4");
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains(r#"cloud.protocol: "4" is not supported; use one of "3.1.1", "5""#),
+        "{err}"
+    );
+    let (code, err) = check("5");
+    assert_eq!(code, Some(0), "{err}");
+}
