@@ -51,8 +51,10 @@ pub struct PageSource {
 }
 
 /// The metric families whose labelled series are losses: (family as rendered, `what`).
-const LOSSES: [(&str, &str); 6] = [
+const LOSSES: [(&str, &str); 7] = [
     ("fieldgate_dropped_total", "dropped"),
+    // Kept on disk, but not delivered: the cloud refused them for good.
+    ("fieldgate_bridge_dead_letters_total", "dead_letter"),
     ("fieldgate_store_refusals_total", "refused"),
     ("fieldgate_broker_refused_total", "connection_refused"),
     ("fieldgate_broker_denied_total", "denied"),
