@@ -44,7 +44,25 @@ impl Cloud {
         cloud
     }
 
+    /// An in-process rumqttd whose TLS listener speaks MQTT 5 (whatever
+    /// `FIELDGATE_TEST_CLOUD` says).
+    pub fn rumqttd_v5(pki: &Pki, server: &CertFiles) -> Cloud {
+        let port = free_port();
+        let cloud = Self::rumqttd_with(pki, server, port, true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "rumqttd did not start on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cloud
+    }
+
     fn rumqttd(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+        Self::rumqttd_with(pki, server, port, false)
+    }
+
+    /// rumqttd with one TLS listener on `port`, MQTT 5 if `v5`, else MQTT 3.1.1.
+    fn rumqttd_with(pki: &Pki, server: &CertFiles, port: u16, v5: bool) -> Cloud {
         use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
         let mut v4 = std::collections::HashMap::new();
         v4.insert(
@@ -79,8 +97,18 @@ impl Cloud {
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
-            v4: Some(v4),
             ..Default::default()
+        };
+        let config = if v5 {
+            Config {
+                v5: Some(v4),
+                ..config
+            }
+        } else {
+            Config {
+                v4: Some(v4),
+                ..config
+            }
         };
         std::thread::spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
@@ -93,8 +121,39 @@ impl Cloud {
         }
     }
 
-    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+    /// A mosquitto cloud (whatever `FIELDGATE_TEST_CLOUD` says: MQTT 5 tests need it)
+    /// whose anonymous clients get the ACL `acl` (mosquitto's `acl_file` syntax), e.g.
+    /// `topic readwrite #` and `topic deny some/topic/#`.
+    pub fn mosquitto_with_acl(pki: &Pki, server: &CertFiles, acl: &str) -> Cloud {
+        Self::mosquitto_with(pki, server, acl, "")
+    }
+
+    /// [`Cloud::mosquitto_with_acl`] with `conf` (mosquitto.conf lines, e.g.
+    /// `max_packet_size 2048\n`) added to its configuration.
+    pub fn mosquitto_with(pki: &Pki, server: &CertFiles, acl: &str, conf: &str) -> Cloud {
+        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
+        let acl_file = dir.path().join("acl");
+        std::fs::write(&acl_file, acl).unwrap();
+        let extra = format!("acl_file {}\n{conf}", acl_file.display());
+        let cloud = Self::mosquitto_in(dir, pki, server, port, &extra);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cloud
+    }
+
+    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+        Self::mosquitto_in(tempfile::tempdir().unwrap(), pki, server, port, "")
+    }
+
+    /// mosquitto with its config in `dir`, `extra` appended to it.
+    fn mosquitto_in(dir: TempDir, pki: &Pki, server: &CertFiles, port: u16, extra: &str) -> Cloud {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -103,7 +162,7 @@ impl Cloud {
                  cafile {}\ncertfile {}\nkeyfile {}\n\
                  require_certificate true\nallow_anonymous true\n\
                  persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\n",
+                 log_dest stderr\nlog_type error\nlog_type warning\n{extra}",
                 pki.ca.display(),
                 server.cert.display(),
                 server.key.display()
