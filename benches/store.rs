@@ -156,6 +156,7 @@ async fn append_durable(
         keep: None,
         queue: true,
         ts_ms: 0,
+        extra: Default::default(),
     };
     let t = j.append(e).await.unwrap();
     while *durable.borrow_and_update() < t {

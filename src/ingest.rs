@@ -42,6 +42,7 @@ use prometheus_client::metrics::counter::Counter;
 use crate::problem::{problem, Problem};
 use crate::store::journal::{Entry, Journal};
 use crate::store::metrics::{DropReason, StoreMetrics};
+use crate::store::Extra;
 use crate::topic::{self, FilterSet};
 
 /// Which local messages go up, and the loop guard.
@@ -517,6 +518,18 @@ impl Ingest {
 
     /// Offers one publish: decides, and appends without waiting.
     pub fn offer(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> Offer {
+        self.offer_with(topic, payload, qos, retain, Extra::default())
+    }
+
+    /// [`Ingest::offer`] for an MQTT 5 publish: `extra` goes to the cloud with its record.
+    pub fn offer_with(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+        retain: bool,
+        extra: Extra,
+    ) -> Offer {
         let Some(journal) = &self.journal else {
             return Offer::Local;
         };
@@ -539,6 +552,7 @@ impl Ingest {
             keep,
             queue,
             ts_ms: 0,
+            extra,
         };
         match journal.try_append(entry) {
             Ok(t) => Offer::Queued(t),
@@ -549,7 +563,13 @@ impl Ingest {
     /// Offers a publish that no one waits for (QoS 0, a source's reading, a will): a full
     /// journal costs the message, counted as `refused`. Returns whether it was taken.
     pub fn offer_or_count(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
-        match self.offer(topic, payload, qos, retain) {
+        self.taken(self.offer(topic, payload, qos, retain))
+    }
+
+    /// What an offer no one waits for came to: whether it was taken (a full journal costs
+    /// the message, counted as `refused`).
+    pub fn taken(&self, offer: Offer) -> bool {
+        match offer {
             Offer::Full(e) => {
                 if e.queue {
                     self.metrics.count_drop(DropReason::Refused, 1);

@@ -436,3 +436,78 @@ fn check_config_names_cloud_protocol_and_its_values() {
     let (code, err) = check("5");
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// An MQTT 5 device's properties go up with its record: its content type and user
+/// properties next to the gateway's, and its message expiry (what is left of it). A message
+/// whose expiry passed while the cloud was away is not sent, and counted; the one after it
+/// is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_properties_go_up_and_its_expired_messages_do_not() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let s = setup("topic readwrite #\n").await;
+    let col = s.collector().await;
+    let gw = s.gateway().await;
+    let mut o = rumqttc::v5::MqttOptions::new("dev5", "127.0.0.1", s.ports.mqtt);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (dev, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a2 = acked.clone();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(_)) = ev {
+                a2.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let props = |expiry: Option<u32>| PublishProperties {
+        message_expiry_interval: expiry,
+        content_type: Some("application/json".into()),
+        user_properties: vec![("line".into(), "3".into())],
+        ..Default::default()
+    };
+    let up = |t: &str| format!("fieldgate/gw1/{t}");
+    dev.publish_with_properties(
+        "dev/p5/kept",
+        QoS5::AtLeastOnce,
+        false,
+        "{}",
+        props(Some(3600)),
+    )
+    .await
+    .unwrap();
+    assert!(eventually(WAIT, || col.on_topic(&up("dev/p5/kept")).len() == 1).await);
+    let m = &col.on_topic(&up("dev/p5/kept"))[0];
+    assert_eq!(m.content_type.as_deref(), Some("application/json"), "{m:?}");
+    assert_eq!(m.user("line"), Some("3"), "{m:?}");
+    assert_eq!(m.user("gateway"), Some("gw1"), "{m:?}");
+    assert!(m.expiry.is_some_and(|e| e <= 3600 && e > 3500), "{m:?}");
+
+    s.proxy.cut();
+    assert!(eventually(WAIT, || gw.metric("fieldgate_cloud_connected") == 0.0).await);
+    dev.publish_with_properties(
+        "dev/p5/short",
+        QoS5::AtLeastOnce,
+        false,
+        "{}",
+        props(Some(1)),
+    )
+    .await
+    .unwrap();
+    dev.publish_with_properties("dev/p5/after", QoS5::AtLeastOnce, false, "{}", props(None))
+        .await
+        .unwrap();
+    // Both acknowledged to the device, then let the short one's expiry pass.
+    assert!(eventually(WAIT, || acked.load(Ordering::SeqCst) == 3).await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.proxy.restore();
+    assert!(
+        eventually(WAIT, || col.on_topic(&up("dev/p5/after")).len() == 1).await,
+        "{}",
+        gw.log_text()
+    );
+    assert!(col.on_topic(&up("dev/p5/short")).is_empty());
+    assert_eq!(
+        gw.metric("fieldgate_dropped_total{reason=\"message_expired\"}"),
+        1.0
+    );
+}

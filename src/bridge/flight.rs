@@ -262,6 +262,7 @@ mod tests {
                 payload: Bytes::from(vec![0u8; 10]),
                 retain: false,
                 ts_ms: 0,
+                extra: Default::default(),
             };
             self.0.insert(self.1, rec);
             self.1

@@ -176,6 +176,9 @@ pub struct Props<'a> {
     pub expiry: Option<u32>,
     /// User properties, in order.
     pub user: &'a [(&'a str, &'a str)],
+    /// More properties, already encoded (a property list without its length): the local
+    /// publisher's own, which go after ours.
+    pub raw: &'a [u8],
 }
 
 impl Props<'_> {
@@ -187,6 +190,7 @@ impl Props<'_> {
                 .iter()
                 .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
                 .sum::<usize>()
+            + self.raw.len()
     }
 
     fn put(&self, buf: &mut BytesMut) {
@@ -202,6 +206,7 @@ impl Props<'_> {
             buf.put_u16(v.len() as u16);
             buf.put_slice(v.as_bytes());
         }
+        buf.put_slice(self.raw);
     }
 
     fn fits(&self) -> bool {
@@ -1171,9 +1176,12 @@ mod tests {
             ("gateway", "gw-1"),
             ("accepted_at", "2026-12-03T10:00:00.000Z"),
         ];
+        // A content type the local publisher sent, already encoded.
+        let raw = [0x03, 0, 4, b't', b'e', b'x', b't'];
         let props = Props {
             expiry: Some(3600),
             user: &user,
+            raw: &raw,
         };
         for len in [0, 100, 3000] {
             let payload = vec![7u8; len];
@@ -1196,7 +1204,7 @@ mod tests {
                     response_topic: None,
                     correlation_data: None,
                     subscription_identifiers: Vec::new(),
-                    content_type: None,
+                    content_type: Some("text".into()),
                 }),
             );
             p.pkid = pkid;

@@ -639,6 +639,21 @@ impl Bridge {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let now = crate::clock::now_ms();
+        // The local publisher's message expiry (MQTT 5) passed while it was queued: it is
+        // not sent, whatever the cloud's protocol.
+        let left = rec.extra.expiry.map(|e| {
+            let waited = now.saturating_sub(rec.ts_ms) / 1000;
+            (e as u64).saturating_sub(waited) as u32
+        });
+        if left == Some(0) {
+            self.store
+                .metrics()
+                .count_drop(DropReason::MessageExpired, 1);
+            self.store.ack(&[seq]);
+            debug!(seq, topic = %rec.topic, "record past its publisher's message expiry dropped");
+            return Err(None);
+        }
         let sent = match self.protocol {
             Protocol::V311 => {
                 link.publish(&self.cloud_prefix, &rec.topic, &rec.payload, rec.retain)
@@ -652,9 +667,14 @@ impl Bridge {
                     ("gateway", self.gateway_id.as_str()),
                     ("accepted_at", accepted.as_str()),
                 ];
+                let expiry = match (message_expiry(self.store.max_age(), rec.ts_ms, now), left) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let props = Props {
-                    expiry: message_expiry(self.store.max_age(), rec.ts_ms, crate::clock::now_ms()),
+                    expiry,
                     user: &user,
+                    raw: &rec.extra.props,
                 };
                 link.publish_with(
                     &self.cloud_prefix,

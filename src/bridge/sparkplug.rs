@@ -406,6 +406,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             retain: false,
             ts_ms: 5,
+            extra: Default::default(),
         }
     }
 

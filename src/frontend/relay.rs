@@ -95,7 +95,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
 use tokio::time::Instant;
@@ -112,6 +112,7 @@ use super::{upstream, Context};
 use crate::ingest::{KeptProps, Offer};
 use crate::pacing::TokenBucket;
 use crate::store::journal::Entry;
+use crate::store::Extra;
 use crate::topic;
 
 /// Keepalive the front end announces to rumqttd (it pings every half of it).
@@ -672,15 +673,23 @@ impl Relay {
         let bypass = self.awaiting.is_empty()
             && qos != QoS::ExactlyOnce
             && !ctx.ingest.needs_broker(&topic, p.retain);
+        // What an MQTT 5 publisher sent with it goes to the cloud with its record.
+        let extra = || p.properties.as_ref().map(cloud_extra).unwrap_or_default();
         if qos == QoS::AtMostOnce {
             // Appended, never waited for.
-            let taken = ctx.ingest.offer_or_count(&topic, &p.payload, q, p.retain);
+            let offer = ctx
+                .ingest
+                .offer_with(&topic, &p.payload, q, p.retain, extra());
+            let taken = ctx.ingest.taken(offer);
             if bypass && taken {
                 m.bypassed.inc();
                 return Ok(());
             }
         } else {
-            match ctx.ingest.offer(&topic, &p.payload, q, p.retain) {
+            match ctx
+                .ingest
+                .offer_with(&topic, &p.payload, q, p.retain, extra())
+            {
                 Offer::Local => {}
                 Offer::Queued(t) if bypass => {
                     m.bypassed.inc();
@@ -1210,6 +1219,35 @@ impl Relay {
             }
         }
         self.send(p);
+    }
+}
+
+/// What of an MQTT 5 PUBLISH's properties its record keeps for the cloud: the message expiry,
+/// and the rest as a property list (topic alias and subscription identifiers are the
+/// connection's, not the message's).
+fn cloud_extra(props: &v5::PublishProperties) -> Extra {
+    let mut rest = props.clone();
+    rest.topic_alias = None;
+    rest.subscription_identifiers.clear();
+    let expiry = rest.message_expiry_interval.take();
+    if rest == v5::PublishProperties::default() {
+        return Extra {
+            expiry,
+            props: Bytes::new(),
+        };
+    }
+    let mut b = BytesMut::new();
+    if rest.write(&mut b).is_err() {
+        return Extra {
+            expiry,
+            props: Bytes::new(),
+        };
+    }
+    // `write` puts the list's length (a variable byte integer) first.
+    let head = (b.iter().take_while(|x| **x & 0x80 != 0).count() + 1).min(b.len());
+    Extra {
+        expiry,
+        props: b.freeze().slice(head..),
     }
 }
 

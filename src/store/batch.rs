@@ -13,8 +13,12 @@
 //! record area: `count` times
 //!   rlen   u32 BE            bytes of the record body
 //!   rcrc   u32 BE            CRC-32 of the body
-//!   body:  [flags u8 (bit 0 = retain)][ts_ms u64 BE][topic_len u16 BE][topic][payload]
+//!   body:  [flags u8][ts_ms u64 BE][topic_len u16 BE][topic][extra][payload]
+//!   flags: bit 0 retain, bit 1 an expiry follows the topic, bit 2 properties follow it
+//!   extra: [expiry u32 BE] if bit 1, then [props_len u32 BE][props] if bit 2
 //! ```
+//! Version 2 records without an MQTT 5 publisher's properties have neither bit, so the
+//! records written before the bits existed read the same.
 //! Records of one batch carry consecutive sequence numbers `first .. first + count`.
 //!
 //! # Invariants
@@ -27,7 +31,7 @@
 
 use bytes::Bytes;
 
-use super::Record;
+use super::{Extra, Record};
 
 /// First bytes of every batch value.
 pub const MAGIC: &[u8; 4] = b"FGQ2";
@@ -78,7 +82,7 @@ impl Header {
 
 /// Bytes one record takes inside a batch.
 pub fn record_size(r: &Record) -> usize {
-    FRAME + BODY_FIXED + r.topic.len() + r.payload.len()
+    FRAME + BODY_FIXED + r.topic.len() + r.extra.size() + r.payload.len()
 }
 
 /// Encodes `records` (non-empty) as one batch whose first sequence number is `first`.
@@ -95,15 +99,25 @@ pub fn encode(first: u64, records: &[Record]) -> Vec<u8> {
     v.extend_from_slice(&crc.to_be_bytes());
     for r in records {
         let topic = r.topic.as_bytes();
-        let body_len = BODY_FIXED + topic.len() + r.payload.len();
+        let body_len = BODY_FIXED + topic.len() + r.extra.size() + r.payload.len();
         v.extend_from_slice(&(body_len as u32).to_be_bytes());
         let crc_at = v.len();
         v.extend_from_slice(&[0; 4]);
         let body_at = v.len();
-        v.push(u8::from(r.retain));
+        let has_props = !r.extra.props.is_empty();
+        v.push(
+            u8::from(r.retain) | u8::from(r.extra.expiry.is_some()) << 1 | u8::from(has_props) << 2,
+        );
         v.extend_from_slice(&r.ts_ms.to_be_bytes());
         v.extend_from_slice(&(topic.len() as u16).to_be_bytes());
         v.extend_from_slice(topic);
+        if let Some(e) = r.extra.expiry {
+            v.extend_from_slice(&e.to_be_bytes());
+        }
+        if has_props {
+            v.extend_from_slice(&(r.extra.props.len() as u32).to_be_bytes());
+            v.extend_from_slice(&r.extra.props);
+        }
         v.extend_from_slice(&r.payload);
         let crc = crc32fast::hash(&v[body_at..]);
         v[crc_at..crc_at + 4].copy_from_slice(&crc.to_be_bytes());
@@ -165,11 +179,24 @@ fn decode_body(b: &[u8]) -> Option<Record> {
     let ts_ms = u64::from_be_bytes(b[1..9].try_into().ok()?);
     let tlen = u16::from_be_bytes(b[9..11].try_into().ok()?) as usize;
     let topic = std::str::from_utf8(b.get(BODY_FIXED..BODY_FIXED + tlen)?).ok()?;
+    let mut at = BODY_FIXED + tlen;
+    let mut extra = Extra::default();
+    if b[0] & 2 != 0 {
+        extra.expiry = Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?));
+        at += 4;
+    }
+    if b[0] & 4 != 0 {
+        let len = u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
+        let props = b.get(at + 4..(at + 4).checked_add(len)?)?;
+        extra.props = Bytes::copy_from_slice(props);
+        at += 4 + len;
+    }
     Some(Record {
         topic: topic.to_string(),
-        payload: Bytes::copy_from_slice(&b[BODY_FIXED + tlen..]),
+        payload: Bytes::copy_from_slice(b.get(at..)?),
         retain,
         ts_ms,
+        extra,
     })
 }
 
@@ -236,6 +263,7 @@ mod tests {
             payload: Bytes::from(format!("payload-{i}")),
             retain: i.is_multiple_of(3),
             ts_ms: 1000 + i,
+            extra: Default::default(),
         }
     }
 
@@ -258,6 +286,36 @@ mod tests {
         let mut ts = Vec::new();
         topics(&v, 11, 13, |t| ts.push(t.to_string()));
         assert_eq!(ts, ["dev/1/t", "dev/2/t"]);
+    }
+
+    #[test]
+    fn an_mqtt5_publishers_expiry_and_properties_travel_with_the_record() {
+        let mut with = rec(1);
+        with.extra = Extra {
+            expiry: Some(30),
+            props: Bytes::from_static(&[0x03, 0, 4, b't', b'e', b'x', b't']),
+        };
+        let mut only_expiry = rec(2);
+        only_expiry.extra.expiry = Some(7);
+        let recs = vec![rec(0), with.clone(), only_expiry.clone(), rec(3)];
+        let v = encode(1, &recs);
+        assert_eq!(
+            v.len(),
+            HEADER + recs.iter().map(record_size).sum::<usize>()
+        );
+        let d = decode(&v, 0).unwrap();
+        assert_eq!(d.damaged, 0);
+        let got: Vec<Record> = d.records.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(got, recs);
+        let mut ts = Vec::new();
+        topics(&v, 0, 10, |t| ts.push(t.to_string()));
+        assert_eq!(ts, ["dev/0/t", "dev/1/t", "dev/2/t", "dev/3/t"]);
+        // A record without them is written as before the bits existed: flags, time, topic,
+        // payload.
+        let plain = encode(1, &[rec(4)]);
+        let body = &plain[HEADER + FRAME..];
+        assert_eq!(body[0], 0);
+        assert_eq!(&body[BODY_FIXED + "dev/4/t".len()..], b"payload-4");
     }
 
     #[test]

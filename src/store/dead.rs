@@ -252,6 +252,7 @@ mod tests {
             payload: Bytes::from_static(b"21.5"),
             retain: true,
             ts_ms: 1_700_000_000_123,
+            extra: Default::default(),
         };
         let v = encode(&rec, 0x87, 1_700_000_009_000);
         let (d, payload) = decode(42, &v).unwrap();

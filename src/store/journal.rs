@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::metrics::StoreMetrics;
-use super::{Record, Store, StoreError};
+use super::{Extra, Record, Store, StoreError};
 use crate::clock::now_ms;
 use crate::watchdog::Heartbeat;
 
@@ -80,11 +80,13 @@ pub struct Entry {
     pub queue: bool,
     /// Accept time; 0: when the journal takes it.
     pub ts_ms: u64,
+    /// What an MQTT 5 publisher sent with it, for the cloud.
+    pub extra: Extra,
 }
 
 impl Entry {
     fn size(&self) -> u64 {
-        (self.topic.len() + self.payload.len() + 16) as u64
+        (self.topic.len() + self.payload.len() + self.extra.size() + 16) as u64
     }
 
     /// The record this entry queues, if it is queued (`ts_ms` when it has no time yet).
@@ -94,6 +96,7 @@ impl Entry {
             payload: self.payload.clone(),
             retain: self.retain,
             ts_ms: if self.ts_ms == 0 { ts_ms } else { self.ts_ms },
+            extra: self.extra.clone(),
         })
     }
 }
@@ -508,6 +511,7 @@ mod tests {
             keep: None,
             queue: true,
             ts_ms: 0,
+            extra: Default::default(),
         }
     }
 

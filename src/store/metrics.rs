@@ -28,6 +28,8 @@ pub enum DropReason {
     Refused,
     /// Older than `store.max_age`.
     Expired,
+    /// Its MQTT 5 publisher's message expiry passed while it was queued.
+    MessageExpired,
     /// Its cloud topic matches a downlink subscription: forwarding it would loop.
     Loop,
     /// It could not be decoded from disk.
@@ -46,6 +48,7 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::Refused => "refused",
             DropReason::Expired => "expired",
+            DropReason::MessageExpired => "message_expired",
             DropReason::Loop => "loop",
             DropReason::Corrupt => "corrupt",
             DropReason::TooLarge => "too_large",

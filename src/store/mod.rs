@@ -145,6 +145,35 @@ pub struct Record {
     pub retain: bool,
     /// Accept time, ms since the Unix epoch.
     pub ts_ms: u64,
+    /// What an MQTT 5 publisher sent with it (empty for everything else).
+    pub extra: Extra,
+}
+
+/// What an MQTT 5 publisher sent with a record, for the cloud. The store keeps it opaque.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// Its message expiry interval, in seconds from the accept time.
+    pub expiry: Option<u32>,
+    /// Its other properties (user properties, content type, payload format, response topic,
+    /// correlation data) as an MQTT 5 property list without its length.
+    pub props: Bytes,
+}
+
+impl Extra {
+    /// Nothing: not from an MQTT 5 publisher, or one that sent no properties.
+    pub fn is_empty(&self) -> bool {
+        self.expiry.is_none() && self.props.is_empty()
+    }
+
+    /// Bytes it takes in a record body.
+    pub fn size(&self) -> usize {
+        self.expiry.map_or(0, |_| 4)
+            + if self.props.is_empty() {
+                0
+            } else {
+                4 + self.props.len()
+            }
+    }
 }
 
 impl Record {

@@ -16,6 +16,7 @@ fn rec(topic: &str, n: u32) -> Record {
         payload: Bytes::from(n.to_string()),
         retain: false,
         ts_ms: now_ms(),
+        extra: Default::default(),
     }
 }
 

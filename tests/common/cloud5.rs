@@ -30,6 +30,7 @@ pub struct Msg5 {
     /// `message_expiry_interval` as delivered (the broker counts down what it held).
     pub expiry: Option<u32>,
     pub user: Vec<(String, String)>,
+    pub content_type: Option<String>,
 }
 
 impl Msg5 {
@@ -83,6 +84,7 @@ impl Collector5 {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             payload: p.payload.to_vec(),
                             expiry: props.as_ref().and_then(|p| p.message_expiry_interval),
+                            content_type: props.as_ref().and_then(|p| p.content_type.clone()),
                             user: props.map(|p| p.user_properties).unwrap_or_default(),
                         });
                     }
