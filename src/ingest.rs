@@ -511,6 +511,16 @@ impl Ingest {
         retain || self.journal.is_none() || self.audience.reaches(topic)
     }
 
+    /// Whether a publish on `topic` would wait on a store that refuses writes now (disk
+    /// full, I/O error): it would be queued for the cloud or kept as retained.
+    pub fn refuses(&self, topic: &str, retain: bool, payload: &Bytes) -> bool {
+        let Some(journal) = &self.journal else {
+            return false;
+        };
+        journal.refusing()
+            && (retain || payload.is_empty() || self.routing.verdict(topic) == Verdict::Forward)
+    }
+
     /// The journal, when there is one.
     pub fn journal(&self) -> Option<&Journal> {
         self.journal.as_ref()

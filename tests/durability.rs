@@ -1188,3 +1188,110 @@ async fn damaged_store_files_are_survived() {
         problems.join("\n- ")
     );
 }
+
+/// On a full disk an MQTT 5 device is told so: once the store refuses writes, a QoS 1
+/// publish gets PUBACK 0x97 (quota exceeded) and is not taken, and the answers already held
+/// go as 0x97 too, where a 3.1.1 device's are held. When space comes back, PUBACKs say
+/// success again, and every message acknowledged with success reaches the cloud. Of those
+/// answered 0x97 only the ones the journal held when the refusal began may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_tells_an_mqtt5_device_quota_exceeded() {
+    use common::client5::C5;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let s = setup().await;
+    s.proxy.cut();
+    let disk = Disk::new("mqtt5 disk full");
+    let data_dir = disk.data_dir(s.data.path());
+    let col = s.collector().await;
+    let gw = s.gateway_on(&s.ports, &data_dir, toml::Table::new()).await;
+    let mut dev = C5::clean(s.ports.mqtt, "dev-v5").await;
+    disk.fill(&s, 0);
+    // Publish one every 20 ms, reading what comes back, until some were refused and the
+    // store said why; then give the space back and keep going a little.
+    let mut sent: Vec<(u16, u64)> = Vec::new();
+    let mut answers: std::collections::HashMap<u16, PubAckReason> = Default::default();
+    let mut freed_at = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for seq in 0u64.. {
+        assert!(
+            Instant::now() < deadline,
+            "no 0x97 within 2 minutes: {} answered of {}, store {:?}, commit errors {}, \
+             refused by queue {}\n{}",
+            answers.len(),
+            sent.len(),
+            store_state(&gw),
+            gw.metric("fieldgate_store_commit_errors_total"),
+            gw.metric("fieldgate_broker_refused_by_queue_total"),
+            gw.log_text()
+        );
+        let mut p = Publish::new("dev/v5/data", Q5::AtLeastOnce, seq.to_string(), None);
+        p.pkid = (seq % 60_000 + 1) as u16;
+        sent.push((p.pkid, seq));
+        dev.send(Packet::Publish(p)).await;
+        while let Some(Packet::PubAck(a)) = dev.recv_within(Duration::from_millis(20)).await {
+            answers.insert(a.pkid, a.reason);
+        }
+        let refused = answers
+            .values()
+            .filter(|r| **r == PubAckReason::QuotaExceeded)
+            .count();
+        if freed_at.is_none() && refused >= 5 && refusing(&gw, "disk_full") {
+            disk.free(&s);
+            freed_at = Some(seq);
+        }
+        if freed_at.is_some_and(|f| seq >= f + 50) {
+            break;
+        }
+    }
+    // Every publish gets its answer (the held ones once the store took them).
+    let end = Instant::now() + WAIT;
+    while answers.len() < sent.len() && Instant::now() < end {
+        if let Some(Packet::PubAck(a)) = dev.recv_within(Duration::from_millis(500)).await {
+            answers.insert(a.pkid, a.reason);
+        }
+    }
+    assert_eq!(answers.len(), sent.len(), "publishes answered");
+    let ok: Vec<u64> = sent
+        .iter()
+        .filter(|(p, _)| answers[p] == PubAckReason::Success)
+        .map(|(_, s)| *s)
+        .collect();
+    let refused: Vec<u64> = sent
+        .iter()
+        .filter(|(p, _)| answers[p] == PubAckReason::QuotaExceeded)
+        .map(|(_, s)| *s)
+        .collect();
+    assert!(
+        !refused.is_empty() && !ok.is_empty(),
+        "ok {ok:?} refused {refused:?}"
+    );
+    assert!(gw.metric("fieldgate_broker_refused_by_queue_total") >= refused.len() as f64);
+    s.proxy.restore();
+    let topic = "fieldgate/gw1/dev/v5/data";
+    assert!(
+        eventually(WAIT, || col.on_topic(topic).len() >= ok.len()).await,
+        "{} of {} acknowledged messages reached the cloud\n{}",
+        col.on_topic(topic).len(),
+        ok.len(),
+        gw.log_text()
+    );
+    let got: std::collections::BTreeSet<u64> = col
+        .on_topic(topic)
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).parse().unwrap())
+        .collect();
+    let lost: Vec<u64> = ok.iter().filter(|s| !got.contains(s)).copied().collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    let taken: Vec<u64> = refused
+        .iter()
+        .filter(|s| got.contains(s))
+        .copied()
+        .collect();
+    // The journal held only the first few when the refusal began; the rest were never taken.
+    let first_refused = refused.first().copied().unwrap_or(0);
+    assert!(
+        taken.iter().all(|s| *s < first_refused + 10),
+        "answered 0x97 but sent anyway: {taken:?} (first 0x97: {first_refused})"
+    );
+}

@@ -33,6 +33,8 @@ pub struct BrokerMetrics {
     pub downgraded: Counter,
     /// MQTT 5 deliveries whose message expiry passed before they could go.
     pub expired: Counter,
+    /// MQTT 5 QoS 1/2 publishes answered 0x97 because the queue refused writes.
+    pub refused_by_queue: Counter,
     /// MQTT 5 deliveries larger than the device's maximum packet size, not sent.
     pub too_large_for_device: Counter,
     /// PUBLISHes over `broker.max_publish_rate`, by the policy applied.
@@ -85,6 +87,11 @@ impl Register for BrokerMetrics {
             "expired",
             "MQTT 5 deliveries dropped because their message expiry passed",
             self.expired.clone(),
+        );
+        r.register(
+            "refused_by_queue",
+            "MQTT 5 publishes answered quota exceeded while the queue refused writes",
+            self.refused_by_queue.clone(),
         );
         r.register(
             "too_large_for_device",

@@ -58,8 +58,10 @@
 //! - PUBLISH outside the ACL is dropped and counted; QoS 1 still gets PUBACK and QoS 2 the
 //!   PUBREC/PUBCOMP handshake (3.1.1 has no negative acknowledgement, and an unanswered
 //!   publish would block the device's in-flight window). An MQTT 5 device is told: PUBACK or
-//!   PUBREC 0x87 (not authorized), 0x97 (quota exceeded) over the `drop` rate, 0x99 for a
-//!   payload that its payload format indicator calls UTF-8 and is not;
+//!   PUBREC 0x87 (not authorized), 0x97 (quota exceeded) over the `drop` rate or while the
+//!   queue refuses writes (disk full, I/O error: the message is not taken, and the PUBACKs
+//!   already held for the durable ticket go as 0x97 too, where a 3.1.1 device's answers stay
+//!   held), 0x99 for a payload that its payload format indicator calls UTF-8 and is not;
 //! - MQTT 5 limits, both ways: more unanswered QoS 1/2 PUBLISHes than the receive maximum
 //!   announced (`broker.max_inflight`) ends the session (0x93); a topic alias of 0, above
 //!   [`TOPIC_ALIAS_MAX`] or unknown ends it (0x94). Aliases are resolved here, before the ACL.
@@ -126,6 +128,9 @@ pub const BATCH: usize = 64;
 
 /// Ticket placeholder of a PUBLISH whose entry waits for room in the journal.
 const UNTICKETED: u64 = u64::MAX;
+
+/// How often an MQTT 5 session with held answers looks whether the queue refuses writes.
+const REFUSAL_CHECK: Duration = Duration::from_millis(500);
 
 /// Most topic aliases an MQTT 5 device may set (announced in its CONNACK).
 pub const TOPIC_ALIAS_MAX: u16 = 64;
@@ -278,6 +283,8 @@ pub struct Relay {
     options: bool,
     /// What the device's DISCONNECT asked.
     goodbye: Goodbye,
+    /// When the front end last looked whether the queue refuses writes (MQTT 5).
+    last_check: Instant,
     /// What is to be sent; the driver drains it.
     pub out: Out,
 }
@@ -336,6 +343,7 @@ impl Relay {
             silence: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
             last_in: now,
             next_ping: now + PING_EVERY,
+            last_check: now,
             out: Out::default(),
             ctx,
         }
@@ -415,10 +423,15 @@ impl Relay {
     /// When [`Relay::tick`] has something to do: the next upstream ping, or the device's
     /// keepalive expiring, whichever is first.
     pub fn deadline(&self) -> Instant {
-        match self.silence {
+        let d = match self.silence {
             Some(s) => self.next_ping.min(self.last_in + s),
             None => self.next_ping,
+        };
+        if self.peer.v5 && !self.held.is_empty() {
+            // An MQTT 5 device's held answers: is the queue refusing writes?
+            return d.min(self.last_check + REFUSAL_CHECK);
         }
+        d
     }
 
     /// Time passed to `now`: the device's keepalive may have expired (1.5 x its keepalive
@@ -427,6 +440,12 @@ impl Relay {
     pub fn tick(&mut self, now: Instant) -> Result<(), End> {
         if self.silence.is_some_and(|s| now >= self.last_in + s) {
             return Err(End::KeepaliveTimeout);
+        }
+        if self.peer.v5 && now >= self.last_check + REFUSAL_CHECK {
+            self.last_check = now;
+            if self.ctx.ingest.journal().is_some_and(|j| j.refusing()) {
+                self.refuse_held();
+            }
         }
         if now >= self.next_ping {
             self.next_ping += PING_EVERY;
@@ -612,12 +631,22 @@ impl Relay {
             m.deny(Action::Publish);
             debug!(client_id = %self.id.client_id, topic = %topic, "publish denied");
         }
+        // The queue cannot take it now (disk full, I/O error): a 3.1.1 device waits for its
+        // answer; an MQTT 5 one is told quota exceeded, and the message is not taken.
+        let quota = self.peer.v5
+            && qos != QoS::AtMostOnce
+            && !denied
+            && ctx.ingest.refuses(&topic, p.retain, &p.payload);
+        if quota {
+            m.refused_by_queue.inc();
+            self.refuse_held();
+        }
         let bad_format = self.peer.v5
             && p.properties
                 .as_ref()
                 .is_some_and(|pr| pr.payload_format_indicator == Some(1))
             && std::str::from_utf8(&p.payload).is_err();
-        if denied || over_rate || bad_format {
+        if denied || over_rate || quota || bad_format {
             if self.peer.v5 {
                 // Told, and the flow ends with this answer (no PUBREL follows a refusing
                 // PUBREC).
@@ -626,7 +655,7 @@ impl Relay {
                         v5::PubAckReason::NotAuthorized,
                         v5::PubRecReason::NotAuthorized,
                     )
-                } else if over_rate {
+                } else if over_rate || quota {
                     (
                         v5::PubAckReason::QuotaExceeded,
                         v5::PubRecReason::QuotaExceeded,
@@ -715,6 +744,32 @@ impl Relay {
         let origin = own.then_some(self.id.client_id.as_str());
         self.out.broker.push(upstream::publish(p, origin));
         Ok(())
+    }
+
+    /// The queue refuses writes (MQTT 5): the held PUBACKs still waiting for the durable
+    /// ticket go now as quota exceeded, in order, so the device learns at once instead of
+    /// when the disk has room again. Their messages may still reach the cloud once the queue
+    /// takes writes again: a negative answer promises nothing, and breaks no promise. A held
+    /// PUBREC (QoS 2, whose flow rumqttd is in) and everything behind it stay held.
+    fn refuse_held(&mut self) {
+        let mut kept = VecDeque::new();
+        while let Some((t, p)) = self.held.pop_front() {
+            if !kept.is_empty() {
+                kept.push_back((t, p));
+                continue;
+            }
+            match p {
+                P5::PubAck(a) if t > self.durable && a.reason == v5::PubAckReason::Success => {
+                    self.ctx.metrics.refused_by_queue.inc();
+                    self.out
+                        .device
+                        .push(puback_with(a.pkid, v5::PubAckReason::QuotaExceeded));
+                }
+                p if t <= self.durable => self.out.device.push(p),
+                p => kept.push_back((t, p)),
+            }
+        }
+        self.held = kept;
     }
 
     /// What an MQTT 5 retained publish keeps with it for later subscribers: its properties

@@ -115,6 +115,8 @@ struct Shared {
     pending_bytes: AtomicU64,
     space: Notify,
     durable: watch::Receiver<u64>,
+    /// The store refuses writes now (disk full, I/O error): what is appended waits.
+    refusing: std::sync::atomic::AtomicBool,
 }
 
 /// Handle for appending; cheap to clone.
@@ -124,6 +126,12 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// Whether the store refuses writes now (disk full, I/O error): an entry appended now
+    /// waits until it takes them again (an MQTT 5 publisher can be told so instead).
+    pub fn refusing(&self) -> bool {
+        self.shared.refusing.load(Ordering::Acquire)
+    }
+
     /// Appends without waiting: the ticket, or the entry back when the channel is full.
     pub fn try_append(&self, e: Entry) -> Result<u64, Entry> {
         let size = e.size();
@@ -225,6 +233,7 @@ pub fn spawn(
         pending_bytes: AtomicU64::new(0),
         space: Notify::new(),
         durable,
+        refusing: std::sync::atomic::AtomicBool::new(false),
     });
     let journal = Journal {
         shared: shared.clone(),
@@ -476,6 +485,7 @@ impl Writer {
             }
             self.metrics.set_store_refusing(cause, true);
             self.refusing = Some(cause);
+            self.shared.refusing.store(true, Ordering::Release);
             self.last_log = None;
         }
         if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
@@ -492,6 +502,7 @@ impl Writer {
 
     fn recovered(&mut self) {
         if let Some(cause) = self.refusing.take() {
+            self.shared.refusing.store(false, Ordering::Release);
             self.metrics.set_store_refusing(cause, false);
             info!(cause, "the queue takes messages again");
         }

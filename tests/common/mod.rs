@@ -2,6 +2,7 @@
 //!
 //! - [`pki`]: a test CA and certificates made with rcgen (server, client, expired, wrong name,
 //!   a second unrelated CA);
+//! - [`client5`]: a raw MQTT 5 device client (every packet and reason code visible);
 //! - [`cloud`]: a real cloud MQTT broker with TLS and client certificates required, either an
 //!   in-process rumqttd (default) or Debian's mosquitto when `FIELDGATE_TEST_CLOUD=mosquitto`;
 //! - [`cloud5`]: MQTT 5 peers of the cloud side: a subscriber that reads the properties and a
@@ -23,6 +24,7 @@
 //! Everything public in the first eight is re-exported here, so a test says `use common::*;`.
 #![allow(dead_code)]
 
+pub mod client5;
 pub mod cloud;
 pub mod cloud5;
 pub mod devices;
