@@ -1,6 +1,10 @@
 //! The cloud: a real MQTT broker with a TLS listener that requires client certificates,
 //! either an in-process rumqttd on a thread of its own (default) or Debian's mosquitto as a
 //! child process when `FIELDGATE_TEST_CLOUD=mosquitto`. Only that setting needs mosquitto.
+//!
+//! [`Cloud::start_with`] picks the kind explicitly and takes a fleet's settings
+//! ([`CloudOpts`]): more connections, and for mosquitto an ACL file with the certificate's CN
+//! as the user name (`use_identity_as_username`), the per-gateway ACL of docs/fleet.md.
 
 use std::net::{SocketAddr, TcpStream as StdStream};
 use std::path::Path;
@@ -17,6 +21,19 @@ pub fn cloud_kind() -> String {
     std::env::var("FIELDGATE_TEST_CLOUD").unwrap_or_else(|_| "rumqttd".into())
 }
 
+/// What [`Cloud::start_with`] starts.
+#[derive(Clone, Debug)]
+pub struct CloudOpts {
+    /// `rumqttd` (in-process), `rumqttd-process` (this binary re-executed, see
+    /// [`serve_if_cloud_child`]) or `mosquitto` (child process).
+    pub kind: String,
+    /// Most client connections at once (rumqttd's `max_connections`; mosquitto: unlimited).
+    pub max_connections: usize,
+    /// mosquitto only: the text of an ACL file (`acl_file`), with `use_identity_as_username`
+    /// so `%u` is the client certificate's CN. rumqttd has no ACLs.
+    pub acl: Option<String>,
+}
+
 /// A cloud MQTT broker with a TLS listener that requires client certificates.
 pub struct Cloud {
     pub port: u16,
@@ -29,10 +46,33 @@ impl Cloud {
     pub fn start(pki: &Pki, server: &CertFiles) -> Cloud {
         let port = free_port();
         let cloud = if cloud_kind() == "mosquitto" {
-            Self::mosquitto(pki, server, port)
+            Self::mosquitto(pki, server, port, None)
         } else {
-            Self::rumqttd(pki, server, port)
+            Self::rumqttd(pki, server, port, 100)
         };
+        Self::wait_listening(port);
+        cloud
+    }
+
+    /// Starts the broker `opts.kind` presenting `server` and trusting `pki.ca`.
+    pub fn start_with(pki: &Pki, server: &CertFiles, opts: &CloudOpts) -> Cloud {
+        let port = free_port();
+        let cloud = match opts.kind.as_str() {
+            "mosquitto" => Self::mosquitto(pki, server, port, opts.acl.as_deref()),
+            "rumqttd" => Self::rumqttd(pki, server, port, opts.max_connections),
+            "rumqttd-process" => Self::rumqttd_process(pki, server, port, opts.max_connections),
+            other => panic!("cloud kind {other:?}: use rumqttd or mosquitto"),
+        };
+        Self::wait_listening(port);
+        cloud
+    }
+
+    /// Process id of the broker when it is a child process (mosquitto); None in-process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn wait_listening(port: u16) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while StdStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -41,47 +81,10 @@ impl Cloud {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        cloud
     }
 
-    fn rumqttd(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
-        use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
-        let mut v4 = std::collections::HashMap::new();
-        v4.insert(
-            "tls".to_string(),
-            ServerSettings {
-                name: "cloud-tls".into(),
-                listen: SocketAddr::from(([127, 0, 0, 1], port)),
-                tls: Some(TlsConfig::Rustls {
-                    capath: Some(pki.ca.display().to_string()),
-                    certpath: server.cert.display().to_string(),
-                    keypath: server.key.display().to_string(),
-                }),
-                next_connection_delay_ms: 0,
-                connections: ConnectionSettings {
-                    connection_timeout_ms: 10_000,
-                    max_payload_size: 1024 * 1024,
-                    max_inflight_count: 1000,
-                    auth: None,
-                    external_auth: None,
-                    dynamic_filters: true,
-                },
-            },
-        );
-        let config = Config {
-            id: 0,
-            router: RouterConfig {
-                max_connections: 100,
-                max_outgoing_packet_count: 1000,
-                max_segment_size: 100 * 1024 * 1024,
-                max_segment_count: 10,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-            v4: Some(v4),
-            ..Default::default()
-        };
+    fn rumqttd(pki: &Pki, server: &CertFiles, port: u16, max_connections: usize) -> Cloud {
+        let config = rumqttd_config(&pki.ca, server, port, max_connections);
         std::thread::spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
             let _ = broker.start();
@@ -93,9 +96,120 @@ impl Cloud {
         }
     }
 
-    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16) -> Cloud {
+    /// rumqttd in a child process: this executable again, with [`CLOUD_CHILD_ENV`] set, so
+    /// its CPU and memory can be read from `/proc` apart from the harness's. Only for
+    /// binaries whose `main` calls [`serve_if_cloud_child`] first (the fleet bench).
+    fn rumqttd_process(pki: &Pki, server: &CertFiles, port: u16, max_connections: usize) -> Cloud {
+        let spec = format!(
+            "{port}|{}|{}|{}|{max_connections}",
+            pki.ca.display(),
+            server.cert.display(),
+            server.key.display()
+        );
+        let child = Command::new(std::env::current_exe().unwrap())
+            .env(CLOUD_CHILD_ENV, spec)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot re-execute this binary as the rumqttd cloud");
+        Cloud {
+            port,
+            child: Some(child),
+            _dir: None,
+        }
+    }
+}
+
+/// What a re-executed binary serves as the cloud: `<port>|<ca>|<cert>|<key>|<max_connections>`.
+pub const CLOUD_CHILD_ENV: &str = "FIELDGATE_CLOUD_CHILD";
+
+/// In a process started for the cloud kind `rumqttd-process`: serves rumqttd until killed and
+/// never returns. Anywhere else it returns at once. A bench's `main` calls it first.
+pub fn serve_if_cloud_child() {
+    let Ok(spec) = std::env::var(CLOUD_CHILD_ENV) else {
+        return;
+    };
+    let f: Vec<&str> = spec.split('|').collect();
+    assert_eq!(
+        f.len(),
+        5,
+        "{CLOUD_CHILD_ENV}={spec}: want port|ca|cert|key|max"
+    );
+    let server = CertFiles {
+        cert: f[2].into(),
+        key: f[3].into(),
+    };
+    let port = f[0].parse().expect("port");
+    let max = f[4].parse().expect("max_connections");
+    let config = rumqttd_config(Path::new(f[1]), &server, port, max);
+    let _ = rumqttd::Broker::new(config).start();
+    std::process::exit(0);
+}
+
+/// The rumqttd cloud's settings: one TLS listener on 127.0.0.1:`port` requiring client
+/// certificates from `ca`.
+fn rumqttd_config(
+    ca: &Path,
+    server: &CertFiles,
+    port: u16,
+    max_connections: usize,
+) -> rumqttd::Config {
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+    let mut v4 = std::collections::HashMap::new();
+    v4.insert(
+        "tls".to_string(),
+        ServerSettings {
+            name: "cloud-tls".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls: Some(TlsConfig::Rustls {
+                capath: Some(ca.display().to_string()),
+                certpath: server.cert.display().to_string(),
+                keypath: server.key.display().to_string(),
+            }),
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: 10_000,
+                max_payload_size: 1024 * 1024,
+                max_inflight_count: 1000,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        },
+    );
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections,
+            max_outgoing_packet_count: 1000,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        ..Default::default()
+    }
+}
+
+impl Cloud {
+    fn mosquitto(pki: &Pki, server: &CertFiles, port: u16, acl: Option<&str>) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
+        // After the `listener` line: `use_identity_as_username` is a listener setting.
+        let acl_lines = match acl {
+            Some(text) => {
+                let file = dir.path().join("acl");
+                std::fs::write(&file, text).unwrap();
+                format!(
+                    "use_identity_as_username true\nacl_file {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &conf,
             format!(
@@ -107,7 +221,7 @@ impl Cloud {
                 pki.ca.display(),
                 server.cert.display(),
                 server.key.display()
-            ),
+            ) + &acl_lines,
         )
         .unwrap();
         let child = Command::new(mosquitto_bin())
