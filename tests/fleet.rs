@@ -3,9 +3,12 @@
 //! certificate, data dir and prefix, two numbered QoS 1 devices each, behind one relay to the
 //! cloud (see tests/common/fleet.rs for what the harness owns).
 //!
-//! Per broker, one fleet runs three scenarios in turn:
+//! Per broker, one fleet runs these scenarios in turn:
 //! - a command on one gateway's prefix reaches that gateway's local broker only (a marker on
 //!   every prefix proves the other paths work; then a bounded grace);
+//! - mosquitto only (rumqttd has no ACLs): a client with gateway 0's certificate can neither
+//!   read gateway 1's commands nor publish on gateway 1's prefix, while its own prefix works
+//!   both ways (`MOSQUITTO_ACL`, the example of docs/fleet.md);
 //! - a rollout addressed to a tag reaches exactly the devices with the tag;
 //! - the relay is cut for `FIELDGATE_FLEET_OUTAGE_S` (5) seconds while the devices publish:
 //!   every gateway reconnects, nothing a gateway acknowledged is lost, first arrivals are in
@@ -25,6 +28,7 @@ use common::fleet::*;
 use common::*;
 
 async fn fleet_behaves(cloud: &str) {
+    let enforces_acl = cloud == "mosquitto";
     let mut opts = FleetOpts::new(env_or("FIELDGATE_FLEET_N", 5usize), cloud);
     opts.protocol = env_or("FIELDGATE_FLEET_PROTOCOL", "3.1.1".to_string());
     let outage = Duration::from_secs(env_or("FIELDGATE_FLEET_OUTAGE_S", 5u64));
@@ -42,6 +46,15 @@ async fn fleet_behaves(cloud: &str) {
             want.insert(0, ("cmd/fleet/only".into(), format!("only {id}")));
         }
         assert_eq!(got, &want, "what came down to {id}'s devices");
+    }
+
+    // The cloud's per-gateway ACL (mosquitto; rumqttd has none): gateway 0's certificate
+    // gets nothing from gateway 1's prefix and cannot publish on it.
+    if enforces_acl {
+        let acl = fleet.acl_check(Duration::from_secs(1)).await;
+        assert!(acl.own_paths_work, "{acl:?}");
+        assert!(acl.foreign_received.is_empty(), "{acl:?}");
+        assert!(!acl.forged_arrived, "{acl:?}");
     }
 
     // A rollout by tag: exactly the tagged devices are assigned it.

@@ -24,7 +24,9 @@
 //! Invariants the scenarios check (they return figures; the test asserts, the bench prints):
 //! every seq a device was PUBACKed reaches the tap at least once, first arrivals in seq order
 //! ([`Outage`]); a tag rollout assigns exactly the devices with the tag ([`RolloutSeen`]); a
-//! command on one gateway's prefix reaches only that gateway's local broker ([`Isolation`]).
+//! command on one gateway's prefix reaches only that gateway's local broker ([`Isolation`]);
+//! a client with one gateway's certificate gets nothing of another's prefix ([`AclCheck`],
+//! mosquitto's ACL).
 //! Nothing here asserts a timing: every wait is a bounded loop with a deadline.
 //!
 //! The bridge's MQTT protocol is a parameter ([`FleetOpts::protocol`], `cloud.protocol`):
@@ -488,6 +490,122 @@ impl Fleet {
             target: target_id,
             markers_arrived: markers,
             got,
+        }
+    }
+}
+
+/// What a client holding gateway 0's certificate could do on gateway 1's prefix.
+#[derive(Clone, Debug)]
+pub struct AclCheck {
+    /// The intruder's own prefix worked both ways (its publish reached the tap, the tap's
+    /// command reached it): the checks below are not vacuous.
+    pub own_paths_work: bool,
+    /// SUBACK return codes for [own filter, foreign filter].
+    pub suback: Vec<String>,
+    /// Topics the intruder received from the foreign prefix.
+    pub foreign_received: Vec<String>,
+    /// The tap received the intruder's publish on the foreign prefix.
+    pub forged_arrived: bool,
+    /// CONNACKs the intruder got: 2 when the broker closed its connection for the forged
+    /// publish (mosquitto 2.0 does) and the client reconnected.
+    pub connections: usize,
+}
+
+impl Fleet {
+    /// The cloud's per-gateway ACL ([`MOSQUITTO_ACL`]), from the side of a thief: a client
+    /// with gateway 0's certificate subscribes to its own and to gateway 1's commands and
+    /// publishes on both prefixes; the tap publishes a command on both. Waits until both own
+    /// paths worked, then `grace` more. Needs two gateways.
+    pub async fn acl_check(&self, grace: Duration) -> AclCheck {
+        let (own, other) = (&self.members[0], &self.members[1]);
+        let tls = rumqttc::TlsConfiguration::Simple {
+            ca: std::fs::read(&self.pki.ca).unwrap(),
+            alpn: None,
+            client_auth: Some((
+                std::fs::read(&own.cert.cert).unwrap(),
+                std::fs::read(&own.cert.key).unwrap(),
+            )),
+        };
+        let mut o = MqttOptions::new(format!("{}-intruder", own.id), "127.0.0.1", self.cloud.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_transport(Transport::tls_with_config(tls));
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let got: Arc<Mutex<Vec<String>>> = Arc::default();
+        let subacks: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (g2, s2) = (got.clone(), subacks.clone());
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    ev = el.poll() => ev,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => g2.lock().unwrap().push(p.topic),
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        g2.lock().unwrap().push("connack".into())
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => s2
+                        .lock()
+                        .unwrap()
+                        .extend(a.return_codes.iter().map(|c| format!("{c:?}"))),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        let own_cmd = format!("fieldgate/{}/cmd/acl/probe", own.id);
+        let foreign_cmd = format!("fieldgate/{}/cmd/acl/probe", other.id);
+        for filter in [
+            format!("fieldgate/{}/cmd/acl/#", own.id),
+            format!("fieldgate/{}/cmd/#", other.id),
+        ] {
+            client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        }
+        let subscribed = eventually(FLEET_WAIT, || subacks.lock().unwrap().len() == 2).await;
+        let own_pub = format!("fieldgate/{}/acl/own", own.id);
+        let forged = format!("fieldgate/{}/acl/forged", other.id);
+        client
+            .publish(own_pub.as_str(), QoS::AtLeastOnce, false, b"own".to_vec())
+            .await
+            .unwrap();
+        self.tap.publish(&foreign_cmd, b"probe".to_vec()).await;
+        self.tap.publish(&own_cmd, b"probe".to_vec()).await;
+        let works = subscribed
+            && eventually(Duration::from_secs(30), || {
+                !self.tap.json_on(&own_pub).is_empty() && got.lock().unwrap().contains(&own_cmd)
+            })
+            .await;
+        // The forged publish last: a broker may close the connection of a client that
+        // publishes where it must not.
+        client
+            .publish(forged.as_str(), QoS::AtLeastOnce, false, b"forged".to_vec())
+            .await
+            .unwrap();
+        tokio::time::sleep(grace).await;
+        stop.cancel();
+        let foreign_prefix = format!("fieldgate/{}/", other.id);
+        let foreign_received = got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.starts_with(&foreign_prefix))
+            .cloned()
+            .collect();
+        let connections = got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| *t == "connack")
+            .count();
+        let suback = subacks.lock().unwrap().clone();
+        AclCheck {
+            own_paths_work: works,
+            suback,
+            foreign_received,
+            forged_arrived: !self.tap.json_on(&forged).is_empty(),
+            connections,
         }
     }
 }
