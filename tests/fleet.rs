@@ -81,6 +81,12 @@ async fn fleet_behaves(cloud: &str) {
     assert!(o.all_in, "not every acknowledged message arrived\n{table}");
     assert_eq!(o.lost(), 0, "{table}");
     assert_eq!(o.reordered(), 0, "{table}");
+    let left: f64 = o.queue_records.iter().map(|q| q.1).sum();
+    assert_eq!(
+        left, 0.0,
+        "records left in the queues: {:?}",
+        o.queue_records
+    );
     assert!(
         o.per_device.iter().all(|d| d.acked > 0 && d.backlog > 0),
         "{table}"

@@ -296,11 +296,20 @@ impl Fleet {
         })
         .await;
         let usage_after = self.usage();
-        let mut queue_records = Vec::new();
-        for m in &self.members {
-            let v = super::devices::metric(m.gateway.http, "fieldgate_queue_records").await;
-            queue_records.push((m.id.clone(), v));
-        }
+        // The cloud has everything; the gateways delete a record once its PUBACK is in, a
+        // moment later: wait (bounded) for every queue to be empty.
+        let queue_deadline = Instant::now() + Duration::from_secs(30);
+        let queue_records = loop {
+            let mut q = Vec::new();
+            for m in &self.members {
+                let v = super::devices::metric(m.gateway.http, "fieldgate_queue_records").await;
+                q.push((m.id.clone(), v));
+            }
+            if q.iter().all(|(_, v)| *v == 0.0) || Instant::now() > queue_deadline {
+                break q;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
 
         let reconnect: Vec<(String, Option<Duration>)> = ids
             .iter()
@@ -707,7 +716,7 @@ pub struct Outage {
     /// The cloud got every acknowledged seq of every device.
     pub all_in: bool,
     pub per_device: Vec<DeviceOutcome>,
-    /// `fieldgate_queue_records` of each gateway at the end.
+    /// `fieldgate_queue_records` of each gateway at the end (once all are 0, or 30 s on).
     pub queue_records: Vec<(String, f64)>,
     /// CPU over the scenario and peak RSS.
     pub usage: Usage,
@@ -833,7 +842,9 @@ impl Outage {
             self.all_in
         );
         let left: f64 = self.queue_records.iter().map(|(_, v)| *v).sum();
-        o += &format!("queue records left in the gateways at the end: {left}\n");
+        o += &format!(
+            "queue records left in the gateways at the end (waited up to 30 s for 0): {left}\n"
+        );
         let g = &self.usage.gateways;
         if !g.is_empty() {
             let cpu: f64 = g.iter().map(|x| x.0).sum();
@@ -841,7 +852,7 @@ impl Outage {
             let rss: u64 = g.iter().map(|x| x.1).sum();
             let rss_max = g.iter().map(|x| x.1).max().unwrap_or(0);
             o += &format!(
-                "gateways: CPU {cpu:.1} s total, {cpu_max:.2} s max; peak RSS {:.1} MiB total, \
+                "gateways: CPU {cpu:.2} s total, {cpu_max:.2} s max; peak RSS {:.1} MiB total, \
                  {:.1} MiB max\n",
                 rss as f64 / 1024.0,
                 rss_max as f64 / 1024.0
@@ -850,7 +861,7 @@ impl Outage {
         match self.usage.broker {
             Some((cpu, rss)) => {
                 o += &format!(
-                    "broker ({}): CPU {cpu:.1} s, peak RSS {:.1} MiB\n",
+                    "broker ({}): CPU {cpu:.2} s, peak RSS {:.1} MiB\n",
                     self.cloud,
                     rss as f64 / 1024.0
                 )
