@@ -76,6 +76,7 @@ async fn fleet_behaves(cloud: &str) {
     let o = fleet.outage(outage, Duration::from_secs(1)).await;
     let table = o.table();
     println!("{table}");
+    assert!(o.exited.is_empty(), "{table}");
     assert!(o.not_reconnected().is_empty(), "{table}");
     assert!(o.drain_time.is_some(), "the backlog never arrived\n{table}");
     assert!(o.all_in, "not every acknowledged message arrived\n{table}");

@@ -351,7 +351,14 @@ impl Fleet {
                 }
             })
             .collect();
+        let exited = self
+            .members
+            .iter()
+            .filter(|m| !running(m.gateway.pid()))
+            .map(|m| m.id.clone())
+            .collect();
         Outage {
+            exited,
             cloud: self.opts.cloud.clone(),
             gateways: self.members.len(),
             down,
@@ -652,6 +659,17 @@ async fn start_member(opts: &FleetOpts, pki: &Pki, relay_port: u16, i: usize) ->
     }
 }
 
+/// Whether process `pid` still runs (not gone, not a zombie), from `/proc/<pid>/stat`.
+pub fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
 /// CPU seconds and peak RSS (kB) per gateway, and of the broker when it is a process.
 #[derive(Clone, Debug, Default)]
 pub struct Usage {
@@ -720,6 +738,8 @@ pub struct Outage {
     pub queue_records: Vec<(String, f64)>,
     /// CPU over the scenario and peak RSS.
     pub usage: Usage,
+    /// Gateways whose process was no longer running at the end (their logs say why).
+    pub exited: Vec<String>,
 }
 
 impl Outage {
@@ -819,9 +839,10 @@ impl Outage {
             );
         }
         o += &format!(
-            "all reconnected: {}; not back: {:?}\n",
+            "all reconnected: {}; not back: {:?}; gateway processes gone: {:?}\n",
             self.all_reconnected().map_or("never".into(), secs),
-            self.not_reconnected()
+            self.not_reconnected(),
+            self.exited
         );
         o += &format!(
             "backlog drained (everything acked before the restore at the cloud): {}\n",
