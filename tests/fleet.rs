@@ -18,7 +18,8 @@
 //! benches/fleet.rs runs the same with 50 gateways and a 60 s outage.
 //!
 //! Knobs: `FIELDGATE_FLEET_N` (5), `FIELDGATE_FLEET_OUTAGE_S` (5), `FIELDGATE_FLEET_PROTOCOL`
-//! (`3.1.1`; `5` once the bridge speaks MQTT 5). Run: `cargo test --test fleet`.
+//! (`3.1.1`; `5` once the bridge speaks MQTT 5). Run: `cargo test --test fleet` (about 10 s;
+//! needs Debian's mosquitto, which `.ci/run` installs first).
 
 mod common;
 
@@ -78,6 +79,7 @@ async fn fleet_behaves(cloud: &str) {
     println!("{table}");
     assert!(o.exited.is_empty(), "{table}");
     assert!(o.not_reconnected().is_empty(), "{table}");
+    assert!(o.online_at_cloud.iter().all(|g| g.1.is_some()), "{table}");
     assert!(o.drain_time.is_some(), "the backlog never arrived\n{table}");
     assert!(o.all_in, "not every acknowledged message arrived\n{table}");
     assert_eq!(o.lost(), 0, "{table}");

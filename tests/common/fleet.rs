@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::{json, Value as Json};
@@ -266,20 +266,26 @@ impl Fleet {
             .map(|d| (d.src.clone(), d.acked()))
             .collect();
         let restore_at = Instant::now();
+        let restore_wall = SystemTime::now();
         self.relay.restore();
 
         let ids: Vec<String> = self.members.iter().map(|m| m.id.clone()).collect();
         let tap = &self.tap;
-        let back = eventually(FLEET_WAIT, || {
-            ids.iter()
-                .all(|id| tap.status_since(id, Some(restore_at)).is_some())
+        // Back: every gateway logged `cloud connected` after the restore (its own view; the
+        // tap's view of its `online` can lag behind the drain the broker delivers first).
+        let deadline = Instant::now() + FLEET_WAIT;
+        while Instant::now() < deadline
+            && !self
+                .members
+                .iter()
+                .all(|m| connected_after(&m.gateway.log_text(), restore_wall).is_some())
+        {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eventually(FLEET_WAIT, || {
+            backlog.iter().all(|(src, want)| tap.has_all(src, want))
         })
         .await;
-        let drained = back
-            && eventually(FLEET_WAIT, || {
-                backlog.iter().all(|(src, want)| tap.has_all(src, want))
-            })
-            .await;
         tokio::time::sleep(after).await;
 
         let devices: Vec<Device> = self
@@ -311,20 +317,32 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
 
-        let reconnect: Vec<(String, Option<Duration>)> = ids
+        let reconnect = self
+            .members
+            .iter()
+            .map(|m| {
+                let at = connected_after(&m.gateway.log_text(), restore_wall);
+                let after = at.and_then(|t| t.duration_since(restore_wall).ok());
+                (m.id.clone(), after)
+            })
+            .collect();
+        let online_at_cloud = ids
             .iter()
             .map(|id| {
                 let at = tap.status_since(id, Some(restore_at));
                 (id.clone(), at.map(|t| t - restore_at))
             })
             .collect();
-        let drain_time = drained.then(|| {
-            backlog
-                .iter()
-                .filter_map(|(src, want)| tap.last_first_arrival(src, want))
-                .max()
-                .map_or(Duration::ZERO, |t| t.saturating_duration_since(restore_at))
-        });
+        // Whenever it got there (the waits above are bounded, the arrival times are kept).
+        let drain_time = backlog
+            .iter()
+            .map(|(src, want)| tap.last_first_arrival(src, want))
+            .collect::<Option<Vec<_>>>()
+            .map(|ts| {
+                ts.into_iter()
+                    .max()
+                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(restore_at))
+            });
         let gw_of: HashMap<&str, &str> =
             srcs.iter().map(|(g, s)| (s.as_str(), g.as_str())).collect();
         let per_device = reports
@@ -371,6 +389,7 @@ impl Fleet {
                 .collect(),
             restore_after_cut: restore_at - cut_at,
             reconnect,
+            online_at_cloud,
             drain_time,
             all_in,
             per_device,
@@ -659,6 +678,16 @@ async fn start_member(opts: &FleetOpts, pki: &Pki, relay_port: u16, i: usize) ->
     }
 }
 
+/// The time of the first `cloud connected` line of a gateway log at or after `since` (the
+/// log's lines start with tracing's RFC 3339 UTC timestamp; the harness's logs have no
+/// colour codes).
+pub fn connected_after(log: &str, since: SystemTime) -> Option<SystemTime> {
+    log.lines()
+        .filter(|l| l.contains("cloud connected"))
+        .filter_map(|l| humantime::parse_rfc3339(l.split_whitespace().next()?).ok())
+        .find(|t| *t >= since)
+}
+
 /// Whether process `pid` still runs (not gone, not a zombie), from `/proc/<pid>/stat`.
 pub fn running(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -727,8 +756,11 @@ pub struct Outage {
     /// through).
     pub attempts: Vec<(Duration, bool)>,
     pub restore_after_cut: Duration,
-    /// Per gateway: its first `online` at the cloud after the restore, from the restore.
+    /// Per gateway: its first `cloud connected` (its log) after the restore, from the restore.
     pub reconnect: Vec<(String, Option<Duration>)>,
+    /// Per gateway: its first `online` at the tap after the restore, from the restore: the
+    /// reconnect plus the broker's delivery to a consumer of the whole fleet.
+    pub online_at_cloud: Vec<(String, Option<Duration>)>,
     /// From the restore until the cloud had everything acknowledged before it (None: never).
     pub drain_time: Option<Duration>,
     /// The cloud got every acknowledged seq of every device.
@@ -823,19 +855,31 @@ impl Outage {
             o += &format!("  {}\n", cells.join(" "));
         }
         o += "  (* = the second the relay was restored)\n";
-        let mut back: Vec<Duration> = self.reconnect.iter().filter_map(|(_, t)| *t).collect();
-        back.sort();
-        if !back.is_empty() {
+        for (what, list) in [
+            (
+                "first reconnect after the restore (gateway logs)",
+                &self.reconnect,
+            ),
+            (
+                "first `online` at the cloud application",
+                &self.online_at_cloud,
+            ),
+        ] {
+            let mut back: Vec<Duration> = list.iter().filter_map(|(_, t)| *t).collect();
+            back.sort();
+            if back.is_empty() {
+                continue;
+            }
             let pct = |p: f64| back[((back.len() - 1) as f64 * p).round() as usize];
             o += &format!(
-                "first reconnect after the restore: min {} p50 {} p90 {} p99 {} max {} ({} of {})\n",
+                "{what}: min {} p50 {} p90 {} p99 {} max {} ({} of {})\n",
                 secs(back[0]),
                 secs(pct(0.5)),
                 secs(pct(0.9)),
                 secs(pct(0.99)),
                 secs(back[back.len() - 1]),
                 back.len(),
-                self.reconnect.len()
+                list.len()
             );
         }
         o += &format!(
