@@ -326,6 +326,13 @@ impl Fleet {
                 (m.id.clone(), after)
             })
             .collect();
+        // Links lost again after the restore, by reason (from the gateways' logs).
+        let mut relinks: BTreeMap<String, usize> = BTreeMap::new();
+        for m in &self.members {
+            for reason in link_losses_after(&m.gateway.log_text(), restore_wall) {
+                *relinks.entry(reason).or_default() += 1;
+            }
+        }
         let online_at_cloud = ids
             .iter()
             .map(|id| {
@@ -390,6 +397,7 @@ impl Fleet {
             restore_after_cut: restore_at - cut_at,
             reconnect,
             online_at_cloud,
+            relinks,
             drain_time,
             all_in,
             per_device,
@@ -688,6 +696,31 @@ pub fn connected_after(log: &str, since: SystemTime) -> Option<SystemTime> {
         .find(|t| *t >= since)
 }
 
+/// The reasons of the `cloud link down` lines of a gateway log that follow its first `cloud
+/// connected` at or after `since` (the error text up to its first number-bearing field).
+pub fn link_losses_after(log: &str, since: SystemTime) -> Vec<String> {
+    let stamp = |l: &str| humantime::parse_rfc3339(l.split_whitespace().next()?).ok();
+    let mut connected = false;
+    let mut out = Vec::new();
+    for l in log.lines() {
+        if stamp(l).is_none_or(|t| t < since) {
+            continue;
+        }
+        if l.contains("cloud connected") {
+            connected = true;
+        } else if connected && l.contains("cloud link down") {
+            let reason = l.split_once("error=").map_or("?", |(_, e)| e);
+            let reason: String = reason
+                .split_whitespace()
+                .take_while(|w| !w.contains('='))
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push(reason.chars().filter(|c| !c.is_ascii_digit()).collect());
+        }
+    }
+    out
+}
+
 /// Whether process `pid` still runs (not gone, not a zombie), from `/proc/<pid>/stat`.
 pub fn running(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -761,6 +794,9 @@ pub struct Outage {
     /// Per gateway: its first `online` at the tap after the restore, from the restore: the
     /// reconnect plus the broker's delivery to a consumer of the whole fleet.
     pub online_at_cloud: Vec<(String, Option<Duration>)>,
+    /// Links that went down after a gateway's first reconnect following the restore, by
+    /// reason (the error of `cloud link down`, numbers dropped), summed over the fleet.
+    pub relinks: BTreeMap<String, usize>,
     /// From the restore until the cloud had everything acknowledged before it (None: never).
     pub drain_time: Option<Duration>,
     /// The cloud got every acknowledged seq of every device.
@@ -887,6 +923,10 @@ impl Outage {
             self.all_reconnected().map_or("never".into(), secs),
             self.not_reconnected(),
             self.exited
+        );
+        o += &format!(
+            "links lost again after reconnecting (gateway logs, by reason): {:?}\n",
+            self.relinks
         );
         o += &format!(
             "backlog drained (everything acked before the restore at the cloud): {}\n",
