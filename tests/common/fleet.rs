@@ -29,6 +29,13 @@
 //! mosquitto's ACL).
 //! Nothing here asserts a timing: every wait is a bounded loop with a deadline.
 //!
+//! Where figures come from: connection attempts from the relay's log; a gateway's reconnect
+//! from its own log (its first `cloud connected` after the restore, RFC 3339 timestamps), and
+//! separately the arrival of its `online` at the tap (later when the broker is slow to hand a
+//! drain to a consumer); links lost again after reconnecting from `cloud link down` lines;
+//! delivery, duplicates and order from the tap; queue depth from `/metrics`; CPU and peak RSS
+//! from `/proc` ([`Usage`]).
+//!
 //! The bridge's MQTT protocol is a parameter ([`FleetOpts::protocol`], `cloud.protocol`):
 //! `3.1.1` today, `5` once the bridge speaks it.
 
