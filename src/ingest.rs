@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde::{Deserialize, Serialize};
 
 use prometheus_client::metrics::counter::Counter;
@@ -198,11 +199,64 @@ fn forget(filters: &mut HashMap<String, usize>, filter: &str) {
     }
 }
 
-/// The kept retained messages by topic (QoS, payload), against the limits; their size is
-/// topic + payload bytes.
+/// A kept retained message, as [`Ingest::retained_matching`] gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kept {
+    /// Its topic.
+    pub topic: String,
+    /// The publisher's QoS.
+    pub qos: u8,
+    /// Its payload.
+    pub payload: Bytes,
+    /// What an MQTT 5 publisher sent with it (in memory only: a restart keeps the message,
+    /// not its properties).
+    pub props: Option<Arc<KeptProps>>,
+}
+
+/// The MQTT 5 properties of a kept retained message, and when it was accepted (ms since the
+/// Unix epoch; its message expiry counts from there).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptProps {
+    /// The publisher's properties (topic alias and subscription ids removed).
+    pub properties: PublishProperties,
+    /// When it was accepted.
+    pub at_ms: u64,
+}
+
+impl KeptProps {
+    /// Seconds of message expiry left at `now_ms`: None without an expiry, Some(0) once it
+    /// passed.
+    pub fn expiry_left(&self, now_ms: u64) -> Option<u32> {
+        self.properties.message_expiry_interval.map(|e| {
+            let waited = (now_ms.saturating_sub(self.at_ms) / 1000).min(u32::MAX as u64) as u32;
+            e.saturating_sub(waited)
+        })
+    }
+
+    /// Bytes the properties add to the retained budget.
+    fn size(&self) -> u64 {
+        let p = &self.properties;
+        let user: usize = p
+            .user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        (user
+            + p.content_type.as_ref().map_or(0, String::len)
+            + p.response_topic.as_ref().map_or(0, String::len)
+            + p.correlation_data.as_ref().map_or(0, Bytes::len)) as u64
+    }
+}
+
+/// One kept retained message in the set: QoS, payload, properties, and its size in the
+/// budget.
+type KeptEntry = (u8, Bytes, Option<Arc<KeptProps>>, u64);
+
+/// The kept retained messages by topic, against the limits; their size is topic + payload +
+/// properties bytes.
 #[derive(Debug)]
 struct RetainedSet {
-    kept: HashMap<String, (u8, Bytes)>,
+    kept: HashMap<String, KeptEntry>,
     bytes: u64,
     max_messages: usize,
     max_bytes: u64,
@@ -226,21 +280,24 @@ impl RetainedSet {
     }
 
     fn remove(&mut self, topic: &str) {
-        if let Some((_, p)) = self.kept.remove(topic) {
-            self.bytes -= Self::size(topic, &p);
+        if let Some((_, _, _, size)) = self.kept.remove(topic) {
+            self.bytes -= size;
         }
     }
 
     /// Keeps `payload` as `topic`'s retained message if it fits; false: it does not.
-    fn keep(&mut self, topic: &str, qos: u8, payload: &Bytes) -> bool {
-        let old = self.kept.get(topic).map(|(_, p)| Self::size(topic, p));
-        let bytes = self.bytes - old.unwrap_or(0) + Self::size(topic, payload);
+    fn keep(&mut self, topic: &str, qos: u8, payload: &Bytes, props: Option<KeptProps>) -> bool {
+        let old = self.kept.get(topic).map(|k| k.3);
+        let size = Self::size(topic, payload) + props.as_ref().map_or(0, KeptProps::size);
+        let bytes = self.bytes - old.unwrap_or(0) + size;
         if bytes > self.max_bytes || (old.is_none() && self.kept.len() >= self.max_messages) {
             return false;
         }
         // A copy: the payload may be a slice of a connection's read buffer.
         let payload = Bytes::copy_from_slice(payload);
-        self.kept.insert(topic.to_string(), (qos.min(2), payload));
+        let props = props.map(Arc::new);
+        self.kept
+            .insert(topic.to_string(), (qos.min(2), payload, props, size));
         self.bytes = bytes;
         true
     }
@@ -341,8 +398,10 @@ impl Ingest {
         b.kept.clear();
         b.bytes = 0;
         for (topic, qos, payload) in kept {
-            b.bytes += RetainedSet::size(topic, payload);
-            b.kept.insert(topic.clone(), (*qos, payload.clone()));
+            let size = RetainedSet::size(topic, payload);
+            b.bytes += size;
+            b.kept
+                .insert(topic.clone(), (*qos, payload.clone(), None, size));
         }
     }
 
@@ -355,6 +414,18 @@ impl Ingest {
     /// plain publish). An empty payload always passes: it deletes the kept message. A kept
     /// message is remembered here too, for [`Ingest::retained_matching`].
     pub fn admit_retain(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
+        self.admit_retain_with(topic, payload, qos, retain, None)
+    }
+
+    /// [`Ingest::admit_retain`] for a publish with MQTT 5 properties, kept with it.
+    pub fn admit_retain_with(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+        retain: bool,
+        props: Option<KeptProps>,
+    ) -> bool {
         if !retain && !payload.is_empty() {
             // The ordinary publish: nothing to keep or delete, no lock.
             return false;
@@ -364,7 +435,7 @@ impl Ingest {
             b.remove(topic);
             return retain;
         }
-        if b.keep(topic, qos, payload) {
+        if b.keep(topic, qos, payload, props) {
             return true;
         }
         self.retained_refused.inc();
@@ -383,19 +454,30 @@ impl Ingest {
         false
     }
 
-    /// The kept retained messages whose topic `filter` matches: (topic, QoS, payload), in
-    /// topic order. What the front end sends a subscription (rumqttd 0.20 sends at most its
-    /// in-flight limit of them, and none on a repeated SUBSCRIBE).
-    pub fn retained_matching(&self, filter: &str) -> Vec<(String, u8, Bytes)> {
+    /// The kept retained messages whose topic `filter` matches, in topic order, but those
+    /// whose message expiry passed at `now_ms`. What the front end sends a subscription
+    /// (rumqttd 0.20 sends at most its in-flight limit of them, and none on a repeated
+    /// SUBSCRIBE).
+    pub fn retained_matching(&self, filter: &str, now_ms: u64) -> Vec<Kept> {
         let b = self.retained_set();
-        let mut v: Vec<(String, u8, Bytes)> = b
+        let mut v: Vec<Kept> = b
             .kept
             .iter()
             .filter(|(t, _)| crate::topic::matches(filter, t))
-            .map(|(t, (q, p))| (t.clone(), *q, p.clone()))
+            .filter(|(_, k)| {
+                k.2.as_ref()
+                    .and_then(|p| p.expiry_left(now_ms))
+                    .is_none_or(|left| left > 0)
+            })
+            .map(|(t, (q, p, props, _))| Kept {
+                topic: t.clone(),
+                qos: *q,
+                payload: p.clone(),
+                props: props.clone(),
+            })
             .collect();
         drop(b);
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by(|a, b| a.topic.cmp(&b.topic));
         v
     }
 

@@ -162,6 +162,27 @@ pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// How a shared subscription's filter starts: `$share/<group>/<filter>`.
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// The filter a subscription matches topics with: `<filter>` of `$share/<group>/<filter>`
+/// (a group without wildcards, not empty), else the filter itself. A malformed shared
+/// filter comes back whole (and so fails [`validate_filter`] or matches nothing a device can
+/// publish: no topic starts with `$`).
+pub fn inner_filter(filter: &str) -> &str {
+    let Some(rest) = filter.strip_prefix(SHARE_PREFIX) else {
+        return filter;
+    };
+    match rest.split_once('/') {
+        Some((group, inner))
+            if !group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty() =>
+        {
+            inner
+        }
+        _ => filter,
+    }
+}
+
 /// Checks a topic filter: `#` only as the whole last level, `+` only as a whole level.
 pub fn validate_filter(filter: &str) -> Result<(), &'static str> {
     if filter.is_empty() {

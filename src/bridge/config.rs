@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::link::Protocol;
 use crate::problem::{problem, Problem};
 use crate::tls::check_pem;
 use crate::topic;
@@ -58,8 +59,13 @@ pub struct CloudConfig {
     pub password: String,
     /// MQTT client id. Default: the gateway id.
     pub client_id: String,
-    /// MQTT protocol version: only `3.1.1` today.
+    /// MQTT protocol version: `"3.1.1"` (default) or `"5"`.
     pub protocol: String,
+    /// MQTT 5 only: how long the cloud broker keeps the gateway's session (its downlink
+    /// subscriptions and the commands sent to them) after a connection is lost. `"0s"`:
+    /// a new session every time. The queue, not the broker, still holds the uplink.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
     /// MQTT keepalive.
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
@@ -99,6 +105,7 @@ impl Default for CloudConfig {
             password: String::new(),
             client_id: String::new(),
             protocol: "3.1.1".into(),
+            session_expiry: Duration::from_secs(300),
             keepalive: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_inflight: 256,
@@ -131,10 +138,20 @@ impl CloudConfig {
                     "must not be 0; MQTT over TLS is usually 8883",
                 ));
             }
-            if c.protocol != "3.1.1" {
+            if Protocol::from_config(&c.protocol).is_none() {
                 p.push(problem(
                     "cloud.protocol",
-                    format!("{:?} is not supported; use \"3.1.1\"", c.protocol),
+                    format!(
+                        "{:?} is not supported; use one of {}",
+                        c.protocol,
+                        Protocol::NAMES.map(|n| format!("{n:?}")).join(", ")
+                    ),
+                ));
+            }
+            if c.session_expiry > Duration::from_secs(u32::MAX as u64) {
+                p.push(problem(
+                    "cloud.session_expiry",
+                    "must be below 136 years (MQTT 5 counts it in u32 seconds); e.g. \"5m\"",
                 ));
             }
             if c.ca_file.as_os_str().is_empty() {
@@ -242,5 +259,52 @@ impl DownlinkConfig {
             ));
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_protocol_names_the_key_and_the_allowed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let base = CloudConfig {
+            enabled: true,
+            host: "cloud.example.com".into(),
+            ca_file: ca,
+            ..CloudConfig::default()
+        };
+        let expand = |s: &str| s.replace("{gateway_id}", "gw1");
+        let keys = |c: &CloudConfig| -> Vec<String> {
+            c.validate(&expand).iter().map(|p| p.key.clone()).collect()
+        };
+        for ok in ["3.1.1", "5"] {
+            let c = CloudConfig {
+                protocol: ok.into(),
+                ..base.clone()
+            };
+            assert!(!keys(&c).contains(&"cloud.protocol".to_string()), "{ok}");
+        }
+        let bad = CloudConfig {
+            protocol: "5.0".into(),
+            ..base.clone()
+        };
+        let p = bad.validate(&expand);
+        let p = p
+            .iter()
+            .find(|p| p.key == "cloud.protocol")
+            .expect("a cloud.protocol problem");
+        assert!(
+            p.message.contains("\"5.0\"") && p.message.contains("\"3.1.1\", \"5\""),
+            "{}",
+            p.message
+        );
     }
 }

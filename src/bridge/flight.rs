@@ -75,6 +75,13 @@ impl Flight {
         false
     }
 
+    /// The cloud refused `pkid` (an MQTT 5 PUBACK error reason): it leaves the window, and
+    /// its record (if it carried one and was still in flight) is the caller's to dispose of;
+    /// it is not acknowledged.
+    pub fn refused(&mut self, pkid: u16) -> Option<u64> {
+        self.inflight.remove(&pkid).flatten()
+    }
+
     /// Records the cloud acknowledged, not yet removed from the store (the driver removes
     /// them and clears the list).
     pub fn acked(&mut self) -> &mut Vec<u64> {
@@ -510,6 +517,21 @@ mod tests {
         pass(&mut s, &mut f, &q, &mut w, Instant::now());
         assert_eq!(w.seqs(), [1, 3]);
         assert_eq!((f.len(), f.unacked()), (2, 2));
+    }
+
+    #[test]
+    fn a_refused_publish_leaves_the_window_unacknowledged() {
+        let mut f = Flight::default();
+        f.sent_other(1);
+        f.sent(2, 10);
+        f.sent(3, 11);
+        assert_eq!(f.refused(2), Some(10));
+        assert_eq!(f.refused(2), None, "once");
+        assert_eq!(f.refused(1), None, "the status message carries no record");
+        assert!(f.acked().is_empty(), "a refusal is no acknowledgement");
+        assert_eq!((f.len(), f.unacked()), (1, 1));
+        f.puback(3);
+        assert_eq!(f.acked(), &vec![11]);
     }
 
     #[test]

@@ -1,11 +1,28 @@
-//! The MQTT 3.1.1 connection to the cloud broker: one TLS stream, owned by the bridge's pump.
+//! The connection to the cloud broker, MQTT 3.1.1 or MQTT 5 (`cloud.protocol`): one TLS
+//! stream, owned by the bridge's pump.
 //!
-//! Packets are encoded and decoded with rumqttc's codec (`rumqttc::mqttbytes::v4`); the
-//! connection itself is ours. rumqttc's `EventLoop` writes and flushes every request on its
-//! own, so each publish cost one TLS record and one `writev`, and every publish and PUBACK
-//! crossed two channels and a second task: at saturation that was about half the gateway's
-//! CPU. Here the pump encodes everything its window allows into one buffer and writes it
-//! with a single [`Link::flush`].
+//! Control packets are encoded and decoded with rumqttc's codecs (`rumqttc::mqttbytes::v4`,
+//! `rumqttc::v5::mqttbytes::v5`); the hot packets (PUBLISH, the acks owed to the broker)
+//! are encoded by hand, MQTT 5 PUBACK and DISCONNECT decoded by hand (the codec refuses
+//! reason codes it does not know), and the connection itself is ours. rumqttc's `EventLoop`
+//! writes and flushes every request on its own, so each publish cost one TLS record and one
+//! `writev`, and every publish and PUBACK crossed two channels and a second task: at
+//! saturation that was about half the gateway's CPU. Here the pump encodes everything its
+//! window allows into one buffer and writes it with a single [`Link::flush`].
+//!
+//! The protocol is a switch at the codec seam, not a second link: [`Link::handshake`]
+//! decides it from [`LinkOptions::protocol`], and every method below encodes and decodes
+//! for it. What MQTT 5 adds:
+//! - CONNECT carries `session_expiry_interval` ([`LinkOptions::session_expiry`]),
+//!   `maximum_packet_size` (ours) and `clean_start` as the bridge asks
+//!   ([`LinkOptions::clean_start`]); the CONNACK's `receive_maximum`,
+//!   `maximum_packet_size`, `server_keep_alive` and `session_present` are kept
+//!   ([`Link::server`]); `topic_alias_maximum` is ignored (we never alias).
+//! - A PUBLISH may carry [`Props`] (message expiry, user properties); one larger than the
+//!   smaller of `cloud.max_packet_size` and the server's maximum is not queued.
+//! - A PUBACK carries its reason code ([`Incoming::PubAck`]); the bridge decides what an
+//!   error code means. A DISCONNECT from the broker carries one too
+//!   ([`LinkError::Disconnected`]); ours may ([`Link::disconnect`]).
 //!
 //! # Invariants
 //! - Nothing reaches the socket before [`Link::flush`]; PUBACKs and PUBCOMPs owed to the
@@ -16,23 +33,58 @@
 //!   there, so it can sit in a `select!` beside the pump's other branches.
 //! - Keepalive: [`Link::ping`] is called once per keepalive period; a PINGREQ still
 //!   unanswered at the next call ends the connection.
-//! - Every session is clean (`clean_session = 1`): the queue, not the broker, holds what was
-//!   not acknowledged.
+//! - MQTT 3.1.1 sessions are always clean (`clean_session = 1`). MQTT 5 sessions may be
+//!   resumed, but only for the downlink's subscriptions: the queue, not the broker, holds
+//!   what was not acknowledged, and every session sends it again from the queue head.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, LastWill, Login, Packet, PubAck, PubComp, PubRec, Publish,
-    Subscribe, SubscribeFilter,
+    ConnAck, Connect, ConnectReturnCode, LastWill, Login, Packet, Subscribe, SubscribeFilter,
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rumqttc::v5::mqttbytes::v5 as m5;
+use rumqttc::v5::mqttbytes::{Error as Codec5Error, QoS as QoS5};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+/// The MQTT version spoken to the cloud (`cloud.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// `"3.1.1"` (the default).
+    #[default]
+    V311,
+    /// `"5"`.
+    V5,
+}
+
+impl Protocol {
+    /// The values `cloud.protocol` takes.
+    pub const NAMES: [&'static str; 2] = ["3.1.1", "5"];
+
+    /// The protocol a `cloud.protocol` value names, if any.
+    pub fn from_config(s: &str) -> Option<Protocol> {
+        match s {
+            "3.1.1" => Some(Protocol::V311),
+            "5" => Some(Protocol::V5),
+            _ => None,
+        }
+    }
+}
+
+/// Why the broker refused the CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// An MQTT 3.1.1 CONNACK return code.
+    V311(ConnectReturnCode),
+    /// An MQTT 5 CONNACK reason code.
+    V5(m5::ConnectReturnCode),
+}
 
 /// Why the connection failed or ended. The bridge counts it, backs off and reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -45,16 +97,22 @@ pub enum LinkError {
     Timeout(&'static str),
     /// The broker refused the CONNECT.
     #[error("broker refused the connection: {0:?}")]
-    Refused(ConnectReturnCode),
+    Refused(Refusal),
     /// `cloud.host` cannot be a TLS server name.
     #[error("cloud.host {0:?} is not a valid DNS name or IP address")]
     ServerName(String),
-    /// The broker sent something that is not MQTT 3.1.1, or too large a packet.
+    /// The broker sent something that is not MQTT of the configured version, or too large a
+    /// packet.
     #[error("protocol: {0}")]
     Protocol(String),
-    /// The broker sent DISCONNECT or closed the connection.
+    /// The broker sent DISCONNECT (MQTT 3.1.1, or MQTT 5 with reason 0) or closed the
+    /// connection.
     #[error("broker closed the connection")]
     Closed,
+    /// The broker sent an MQTT 5 DISCONNECT with this error reason code (e.g. 0x95: a packet
+    /// of ours was too large for it).
+    #[error("broker disconnected with reason 0x{0:02x}")]
+    Disconnected(u8),
     /// No PINGRESP within a keepalive period.
     #[error("no PINGRESP within the keepalive")]
     PingTimeout,
@@ -66,6 +124,12 @@ impl From<CodecError> for LinkError {
     }
 }
 
+impl From<Codec5Error> for LinkError {
+    fn from(e: Codec5Error) -> Self {
+        LinkError::Protocol(e.to_string())
+    }
+}
+
 /// What the CONNECT says and how long each step may take.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
@@ -73,6 +137,8 @@ pub struct LinkOptions {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// MQTT version.
+    pub protocol: Protocol,
     /// MQTT client id.
     pub client_id: String,
     /// Keepalive announced in the CONNECT.
@@ -85,6 +151,11 @@ pub struct LinkOptions {
     pub max_packet_size: usize,
     /// Bound on dial + TLS + CONNACK, and on each flush.
     pub timeout: Duration,
+    /// MQTT 5: how long the broker keeps the session (the downlink's subscriptions) after
+    /// the connection ends. Zero: not at all.
+    pub session_expiry: Duration,
+    /// MQTT 5: start a new session rather than resume the broker's (MQTT 3.1.1 always does).
+    pub clean_start: bool,
 }
 
 /// The last will of a connection.
@@ -98,14 +169,79 @@ pub struct Will {
     pub retain: bool,
 }
 
+/// MQTT 5 properties of one PUBLISH (ignored under MQTT 3.1.1).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Props<'a> {
+    /// `message_expiry_interval`, seconds.
+    pub expiry: Option<u32>,
+    /// User properties, in order.
+    pub user: &'a [(&'a str, &'a str)],
+}
+
+impl Props<'_> {
+    /// Bytes of the property list (without its length).
+    fn len(&self) -> usize {
+        self.expiry.map_or(0, |_| 5)
+            + self
+                .user
+                .iter()
+                .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
+                .sum::<usize>()
+    }
+
+    fn put(&self, buf: &mut BytesMut) {
+        put_varint(buf, self.len());
+        if let Some(e) = self.expiry {
+            buf.put_u8(0x02);
+            buf.put_u32(e);
+        }
+        for (k, v) in self.user {
+            buf.put_u8(0x26);
+            buf.put_u16(k.len() as u16);
+            buf.put_slice(k.as_bytes());
+            buf.put_u16(v.len() as u16);
+            buf.put_slice(v.as_bytes());
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.user
+            .iter()
+            .all(|(k, v)| k.len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
+    }
+}
+
+/// What an MQTT 5 broker said of itself in its CONNACK (all `None` under MQTT 3.1.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Server {
+    /// `receive_maximum`: most QoS 1 publishes it takes unacknowledged.
+    pub receive_max: Option<u16>,
+    /// `maximum_packet_size`: the largest packet it accepts.
+    pub max_packet: Option<u32>,
+    /// `server_keep_alive`: the keepalive it wants instead of ours.
+    pub keepalive: Option<Duration>,
+    /// It resumed a session of ours (its subscriptions are still there).
+    pub session_present: bool,
+}
+
+/// A message from the broker on one of our subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
 /// What the broker sent that the pump acts on.
 #[derive(Debug)]
 pub enum Incoming {
-    /// A publish of ours was acknowledged.
-    PubAck(u16),
+    /// A publish of ours was acknowledged, with this reason code (MQTT 3.1.1: always 0;
+    /// MQTT 5: 0x80 and above is a refusal).
+    PubAck(u16, u8),
     /// A message on one of our subscriptions (its PUBACK or PUBREC is already queued).
-    Publish(Publish),
-    /// A SUBACK; the codes of refused filters (0x80) are in it.
+    Publish(Message),
+    /// A SUBACK; the codes of refused filters (0x80 and above) are in it.
     SubAck(Vec<bool>),
     /// Handled here (PINGRESP, PUBREL, ...).
     Other,
@@ -114,9 +250,14 @@ pub enum Incoming {
 /// One connected, CONNACKed session.
 pub struct Link<S> {
     io: S,
+    proto: Protocol,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Largest packet read (`cloud.max_packet_size`).
     max_packet: usize,
+    /// Largest packet written: `max_packet`, or the server's maximum if smaller.
+    send_max: usize,
+    server: Server,
     timeout: Duration,
     /// Packet ids in use, one bit each.
     in_use: Box<[u64; 1024]>,
@@ -147,13 +288,17 @@ pub async fn connect(
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
-    /// Wraps a connected stream; nothing is sent yet.
+    /// Wraps a connected stream; nothing is sent yet. It speaks MQTT 3.1.1 until
+    /// [`Link::handshake`] says otherwise.
     pub fn new(io: S, max_packet: usize, timeout: Duration) -> Self {
         Link {
             io,
+            proto: Protocol::V311,
             rbuf: BytesMut::with_capacity(16 * 1024),
             wbuf: BytesMut::with_capacity(64 * 1024),
             max_packet,
+            send_max: max_packet,
+            server: Server::default(),
             timeout,
             in_use: Box::new([0; 1024]),
             in_use_count: 0,
@@ -162,32 +307,120 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         }
     }
 
-    /// Sends CONNECT (clean session) and waits for an accepting CONNACK.
+    /// The protocol the session speaks.
+    pub fn protocol(&self) -> Protocol {
+        self.proto
+    }
+
+    /// What the broker's CONNACK said of itself.
+    pub fn server(&self) -> Server {
+        self.server
+    }
+
+    /// The largest packet [`Link::publish`] queues.
+    pub fn send_max(&self) -> usize {
+        self.send_max
+    }
+
+    /// Sends CONNECT in `opts.protocol` and waits for an accepting CONNACK.
     pub async fn handshake(&mut self, opts: &LinkOptions) -> Result<(), LinkError> {
-        let mut c = Connect::new(opts.client_id.clone());
-        c.keep_alive = opts.keepalive.as_secs().min(u16::MAX as u64) as u16;
-        c.clean_session = true;
-        c.login = opts.login.as_ref().map(|(u, p)| Login::new(u, p));
-        c.last_will = opts
-            .will
-            .as_ref()
-            .map(|w| LastWill::new(&w.topic, w.payload.clone(), QoS::AtLeastOnce, w.retain));
-        Packet::Connect(c).write(&mut self.wbuf, self.max_packet)?;
-        self.flush().await?;
-        match self.read_packet().await? {
-            Packet::ConnAck(ConnAck {
-                code: ConnectReturnCode::Success,
-                ..
-            }) => Ok(()),
-            Packet::ConnAck(ConnAck { code, .. }) => Err(LinkError::Refused(code)),
-            other => Err(LinkError::Protocol(format!(
-                "expected CONNACK, got {other:?}"
-            ))),
+        self.proto = opts.protocol;
+        let keep_alive = opts.keepalive.as_secs().min(u16::MAX as u64) as u16;
+        match self.proto {
+            Protocol::V311 => {
+                let mut c = Connect::new(opts.client_id.clone());
+                c.keep_alive = keep_alive;
+                c.clean_session = true;
+                c.login = opts.login.as_ref().map(|(u, p)| Login::new(u, p));
+                c.last_will = opts.will.as_ref().map(|w| {
+                    LastWill::new(&w.topic, w.payload.clone(), QoS::AtLeastOnce, w.retain)
+                });
+                Packet::Connect(c).write(&mut self.wbuf, self.max_packet)?;
+                self.flush().await?;
+                loop {
+                    if let Some(p) = self.parse_v4()? {
+                        return match p {
+                            Packet::ConnAck(ConnAck {
+                                code: ConnectReturnCode::Success,
+                                ..
+                            }) => Ok(()),
+                            Packet::ConnAck(ConnAck { code, .. }) => {
+                                Err(LinkError::Refused(Refusal::V311(code)))
+                            }
+                            other => Err(LinkError::Protocol(format!(
+                                "expected CONNACK, got {other:?}"
+                            ))),
+                        };
+                    }
+                    self.fill().await?;
+                }
+            }
+            Protocol::V5 => {
+                let expiry = opts.session_expiry.as_secs().min(u32::MAX as u64) as u32;
+                let mut props = m5::ConnectProperties::new();
+                props.session_expiry_interval = (expiry > 0).then_some(expiry);
+                props.max_packet_size = Some(self.max_packet.min(u32::MAX as usize) as u32);
+                let c = m5::Connect {
+                    keep_alive,
+                    client_id: opts.client_id.clone(),
+                    clean_start: opts.clean_start,
+                    properties: Some(props),
+                };
+                let will = opts.will.as_ref().map(|w| {
+                    m5::LastWill::new(
+                        &w.topic,
+                        w.payload.clone(),
+                        QoS5::AtLeastOnce,
+                        w.retain,
+                        None,
+                    )
+                });
+                let login = opts.login.as_ref().map(|(u, p)| m5::Login::new(u, p));
+                m5::Packet::Connect(c, will, login).write(&mut self.wbuf, None)?;
+                self.flush().await?;
+                loop {
+                    if let Some(p) = self.parse_v5()? {
+                        return match p {
+                            Raw5::Packet(p) => match *p {
+                                m5::Packet::ConnAck(a) => self.connack(a),
+                                other => Err(LinkError::Protocol(format!(
+                                    "expected CONNACK, got {other:?}"
+                                ))),
+                            },
+                            Raw5::Disconnect(r) => Err(LinkError::Disconnected(r)),
+                            other => Err(LinkError::Protocol(format!(
+                                "expected CONNACK, got {other:?}"
+                            ))),
+                        };
+                    }
+                    self.fill().await?;
+                }
+            }
         }
     }
 
-    /// Queues a QoS 1 PUBLISH of `prefix` + `topic`; returns its packet id, or `None` when
-    /// the packet would exceed `max_packet_size` (the caller decides what becomes of it).
+    fn connack(&mut self, a: m5::ConnAck) -> Result<(), LinkError> {
+        if a.code != m5::ConnectReturnCode::Success {
+            return Err(LinkError::Refused(Refusal::V5(a.code)));
+        }
+        let p = a.properties.as_ref();
+        self.server = Server {
+            receive_max: p.and_then(|p| p.receive_max),
+            max_packet: p.and_then(|p| p.max_packet_size),
+            keepalive: p
+                .and_then(|p| p.server_keep_alive)
+                .map(|s| Duration::from_secs(s as u64)),
+            session_present: a.session_present,
+        };
+        if let Some(m) = self.server.max_packet {
+            self.send_max = self.max_packet.min(m as usize);
+        }
+        Ok(())
+    }
+
+    /// Queues a QoS 1 PUBLISH of `prefix` + `topic` without properties; returns its packet
+    /// id, or `None` when the packet would exceed the largest the link sends (the caller
+    /// decides what becomes of it).
     pub fn publish(
         &mut self,
         prefix: &str,
@@ -195,9 +428,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         payload: &[u8],
         retain: bool,
     ) -> Option<u16> {
+        self.publish_with(prefix, topic, payload, retain, &Props::default())
+    }
+
+    /// As [`Link::publish`], with MQTT 5 properties (ignored under MQTT 3.1.1).
+    pub fn publish_with(
+        &mut self,
+        prefix: &str,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        props: &Props,
+    ) -> Option<u16> {
+        let v5 = self.proto == Protocol::V5;
         let topic_len = prefix.len() + topic.len();
-        let remaining = 2 + topic_len + 2 + payload.len();
-        if topic_len > u16::MAX as usize || 1 + varint_len(remaining) + remaining > self.max_packet
+        let props_len = if v5 { props.len() } else { 0 };
+        let props_block = if v5 {
+            varint_len(props_len) + props_len
+        } else {
+            0
+        };
+        let remaining = 2 + topic_len + 2 + props_block + payload.len();
+        if topic_len > u16::MAX as usize
+            || !props.fits()
+            || 1 + varint_len(remaining) + remaining > self.send_max
         {
             return None;
         }
@@ -209,16 +463,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         self.wbuf.put_slice(prefix.as_bytes());
         self.wbuf.put_slice(topic.as_bytes());
         self.wbuf.put_u16(pkid);
+        if v5 {
+            props.put(&mut self.wbuf);
+        }
         self.wbuf.put_slice(payload);
         Some(pkid)
     }
 
     /// Queues a QoS 0 PUBLISH (no packet id, nothing to acknowledge); false when it would
-    /// exceed `max_packet_size`.
+    /// exceed the largest the link sends.
     pub fn publish_qos0(&mut self, topic: &str, payload: &[u8], retain: bool) -> bool {
-        let remaining = 2 + topic.len() + payload.len();
-        if topic.len() > u16::MAX as usize
-            || 1 + varint_len(remaining) + remaining > self.max_packet
+        let v5 = self.proto == Protocol::V5;
+        let remaining = 2 + topic.len() + v5 as usize + payload.len();
+        if topic.len() > u16::MAX as usize || 1 + varint_len(remaining) + remaining > self.send_max
         {
             return false;
         }
@@ -227,20 +484,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         put_varint(&mut self.wbuf, remaining);
         self.wbuf.put_u16(topic.len() as u16);
         self.wbuf.put_slice(topic.as_bytes());
+        if v5 {
+            // No properties.
+            self.wbuf.put_u8(0);
+        }
         self.wbuf.put_slice(payload);
         true
     }
 
     /// Queues a SUBSCRIBE of `filters` at QoS 1.
     pub fn subscribe(&mut self, filters: &[String]) -> Result<(), LinkError> {
-        let mut s = Subscribe::new_many(
-            filters
-                .iter()
-                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-        );
-        s.pkid = self.take_pkid();
         // The SUBACK frees the id.
-        Packet::Subscribe(s).write(&mut self.wbuf, self.max_packet)?;
+        let pkid = self.take_pkid();
+        match self.proto {
+            Protocol::V311 => {
+                let mut s = Subscribe::new_many(
+                    filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                );
+                s.pkid = pkid;
+                Packet::Subscribe(s).write(&mut self.wbuf, self.send_max)?;
+            }
+            Protocol::V5 => {
+                let mut s = m5::Subscribe::new_many(
+                    filters
+                        .iter()
+                        .map(|f| m5::Filter::new(f.clone(), QoS5::AtLeastOnce)),
+                    None,
+                );
+                s.pkid = pkid;
+                m5::Packet::Subscribe(s).write(&mut self.wbuf, Some(self.send_max as u32))?;
+            }
+        }
         Ok(())
     }
 
@@ -250,13 +526,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
             return Err(LinkError::PingTimeout);
         }
         self.ping_outstanding = true;
-        Packet::PingReq.write(&mut self.wbuf, self.max_packet)?;
+        // The same two bytes in both versions.
+        self.wbuf.put_slice(&[0xC0, 0x00]);
         Ok(())
     }
 
-    /// Queues a DISCONNECT (the caller flushes and drops the link).
-    pub fn disconnect(&mut self) {
-        self.wbuf.put_slice(&[0xE0, 0x00]);
+    /// Queues a DISCONNECT (the caller flushes and drops the link). Under MQTT 5 it carries
+    /// `reason` (0: normal, no will; 0x04: the broker publishes the will); MQTT 3.1.1 has no
+    /// reason (a DISCONNECT always discards the will).
+    pub fn disconnect(&mut self, reason: u8) {
+        if self.proto == Protocol::V5 && reason != 0 {
+            self.wbuf.put_slice(&[0xE0, 0x01, reason]);
+        } else {
+            self.wbuf.put_slice(&[0xE0, 0x00]);
+        }
     }
 
     /// Writes everything queued, within the timeout.
@@ -292,34 +575,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
 
     /// The next packet already read, if a whole one is buffered.
     pub fn try_next(&mut self) -> Result<Option<Incoming>, LinkError> {
-        while let Some(p) = self.parse()? {
-            if let Some(i) = self.handle(p)? {
+        loop {
+            let handled = match self.proto {
+                Protocol::V311 => match self.parse_v4()? {
+                    Some(p) => self.handle_v4(p)?,
+                    None => return Ok(None),
+                },
+                Protocol::V5 => match self.parse_v5()? {
+                    Some(p) => self.handle_v5(p)?,
+                    None => return Ok(None),
+                },
+            };
+            if let Some(i) = handled {
                 return Ok(Some(i));
             }
         }
-        Ok(None)
     }
 
-    fn handle(&mut self, p: Packet) -> Result<Option<Incoming>, LinkError> {
+    /// A message from the broker at `qos` with `pkid`: its acknowledgement is queued (the
+    /// same bytes in both versions: success needs no reason code).
+    fn owe_ack(&mut self, qos: u8, pkid: u16) {
+        match qos {
+            1 => self.put_ack(0x40, pkid),
+            2 => self.put_ack(0x50, pkid),
+            _ => {}
+        }
+    }
+
+    fn put_ack(&mut self, first: u8, pkid: u16) {
+        self.wbuf.put_slice(&[first, 0x02]);
+        self.wbuf.put_u16(pkid);
+    }
+
+    fn handle_v4(&mut self, p: Packet) -> Result<Option<Incoming>, LinkError> {
         Ok(Some(match p {
             Packet::PubAck(a) => {
                 self.release(a.pkid);
-                Incoming::PubAck(a.pkid)
+                Incoming::PubAck(a.pkid, 0)
             }
             Packet::Publish(p) => {
-                match p.qos {
-                    QoS::AtMostOnce => {}
-                    QoS::AtLeastOnce => {
-                        Packet::PubAck(PubAck::new(p.pkid)).write(&mut self.wbuf, usize::MAX)?;
-                    }
-                    QoS::ExactlyOnce => {
-                        Packet::PubRec(PubRec::new(p.pkid)).write(&mut self.wbuf, usize::MAX)?;
-                    }
-                }
-                Incoming::Publish(p)
+                self.owe_ack(p.qos as u8, p.pkid);
+                Incoming::Publish(Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                })
             }
             Packet::PubRel(r) => {
-                Packet::PubComp(PubComp::new(r.pkid)).write(&mut self.wbuf, usize::MAX)?;
+                self.put_ack(0x70, r.pkid);
                 Incoming::Other
             }
             Packet::SubAck(s) => {
@@ -345,20 +647,89 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         }))
     }
 
-    async fn read_packet(&mut self) -> Result<Packet, LinkError> {
-        loop {
-            if let Some(p) = self.parse()? {
-                return Ok(p);
+    fn handle_v5(&mut self, p: Raw5) -> Result<Option<Incoming>, LinkError> {
+        let p = match p {
+            Raw5::PubAck(pkid, reason) => {
+                self.release(pkid);
+                return Ok(Some(Incoming::PubAck(pkid, reason)));
             }
-            self.fill().await?;
-        }
+            Raw5::Disconnect(0) => return Err(LinkError::Closed),
+            Raw5::Disconnect(r) => return Err(LinkError::Disconnected(r)),
+            Raw5::Packet(p) => *p,
+        };
+        Ok(Some(match p {
+            m5::Packet::Publish(p) => {
+                self.owe_ack(p.qos as u8, p.pkid);
+                let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
+                    return Err(LinkError::Protocol("PUBLISH topic is not UTF-8".into()));
+                };
+                Incoming::Publish(Message {
+                    topic,
+                    payload: p.payload,
+                })
+            }
+            m5::Packet::PubRel(r) => {
+                self.put_ack(0x70, r.pkid);
+                Incoming::Other
+            }
+            m5::Packet::SubAck(s) => {
+                self.release(s.pkid);
+                Incoming::SubAck(
+                    s.return_codes
+                        .iter()
+                        .map(|c| matches!(c, m5::SubscribeReasonCode::Success(_)))
+                        .collect(),
+                )
+            }
+            m5::Packet::PingResp(_) => {
+                self.ping_outstanding = false;
+                return Ok(None);
+            }
+            m5::Packet::PubRec(_) | m5::Packet::PubComp(_) | m5::Packet::UnsubAck(_) => {
+                Incoming::Other
+            }
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "a broker does not send {other:?}"
+                )))
+            }
+        }))
     }
 
-    fn parse(&mut self) -> Result<Option<Packet>, LinkError> {
+    fn parse_v4(&mut self) -> Result<Option<Packet>, LinkError> {
         match Packet::read(&mut self.rbuf, self.max_packet) {
             Ok(p) => Ok(Some(p)),
             Err(CodecError::InsufficientBytes(_)) => Ok(None),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// PUBACK and DISCONNECT are read here (rumqttc's codec refuses reason codes it does not
+    /// know, and a DISCONNECT without a body); everything else by the codec.
+    fn parse_v5(&mut self) -> Result<Option<Raw5>, LinkError> {
+        let Some((head, rem)) = frame(&self.rbuf, self.max_packet)? else {
+            return Ok(None);
+        };
+        match self.rbuf[0] {
+            0x40 => {
+                if rem < 2 {
+                    return Err(LinkError::Protocol("PUBACK without a packet id".into()));
+                }
+                let mut f = self.rbuf.split_to(head + rem);
+                f.advance(head);
+                let pkid = f.get_u16();
+                let reason = if rem >= 3 { f.get_u8() } else { 0 };
+                Ok(Some(Raw5::PubAck(pkid, reason)))
+            }
+            0xE0 => {
+                let f = self.rbuf.split_to(head + rem);
+                Ok(Some(Raw5::Disconnect(if rem >= 1 { f[head] } else { 0 })))
+            }
+            _ => match m5::Packet::read(&mut self.rbuf, Some(self.max_packet as u32)) {
+                Ok(p) => Ok(Some(Raw5::Packet(Box::new(p)))),
+                Err(Codec5Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 
@@ -393,6 +764,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     }
 }
 
+/// An MQTT 5 packet as [`Link::parse_v5`] reads it.
+#[derive(Debug)]
+enum Raw5 {
+    /// PUBACK: packet id, reason code.
+    PubAck(u16, u8),
+    /// DISCONNECT: reason code.
+    Disconnect(u8),
+    /// Anything else, decoded by rumqttc (boxed: CONNACK properties are large, PUBACKs are
+    /// the common case).
+    Packet(Box<m5::Packet>),
+}
+
+/// The fixed header of the packet at the front of `buf`: (its length, the remaining length),
+/// or `None` while it is incomplete or its body is not all there.
+fn frame(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, LinkError> {
+    let mut rem = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        rem |= ((b & 0x7F) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            let head = 2 + i;
+            if head + rem > max {
+                return Err(LinkError::Protocol(format!(
+                    "packet of {} bytes exceeds cloud.max_packet_size {max}",
+                    head + rem
+                )));
+            }
+            return Ok((buf.len() >= head + rem).then_some((head, rem)));
+        }
+    }
+    Err(LinkError::Protocol("malformed remaining length".into()))
+}
+
 fn varint_len(n: usize) -> usize {
     match n {
         0..=127 => 1,
@@ -419,7 +825,7 @@ fn put_varint(buf: &mut BytesMut, mut n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::mqttbytes::v4::{SubAck, SubscribeReasonCode};
+    use rumqttc::mqttbytes::v4::{PubAck, Publish, SubAck, SubscribeReasonCode};
     use tokio::io::DuplexStream;
 
     fn opts() -> LinkOptions {
@@ -436,6 +842,9 @@ mod tests {
             }),
             max_packet_size: 1024 * 1024,
             timeout: Duration::from_secs(5),
+            protocol: Protocol::V311,
+            session_expiry: Duration::ZERO,
+            clean_start: true,
         }
     }
 
@@ -518,7 +927,10 @@ mod tests {
         });
         let err = link.handshake(&opts()).await.unwrap_err();
         assert!(
-            matches!(err, LinkError::Refused(ConnectReturnCode::NotAuthorized)),
+            matches!(
+                err,
+                LinkError::Refused(Refusal::V311(ConnectReturnCode::NotAuthorized))
+            ),
             "{err}"
         );
     }
@@ -586,7 +998,7 @@ mod tests {
             );
         }
         peer.send(Packet::PubAck(PubAck::new(b))).await;
-        assert!(matches!(link.next().await.unwrap(), Incoming::PubAck(p) if p == b));
+        assert!(matches!(link.next().await.unwrap(), Incoming::PubAck(p, 0) if p == b));
         assert_eq!(link.in_use_count, 1);
     }
 
@@ -647,7 +1059,7 @@ mod tests {
         peer.send(Packet::PingResp).await;
         peer.send(Packet::PubAck(PubAck::new(1))).await;
         // The PINGRESP is handled inside; the PUBACK behind it comes out.
-        assert!(matches!(link.next().await.unwrap(), Incoming::PubAck(1)));
+        assert!(matches!(link.next().await.unwrap(), Incoming::PubAck(1, 0)));
         link.ping().unwrap();
         assert!(matches!(link.ping(), Err(LinkError::PingTimeout)));
     }
@@ -660,5 +1072,194 @@ mod tests {
         let (mut link, peer) = pair();
         drop(peer);
         assert!(matches!(link.next().await, Err(LinkError::Closed)));
+    }
+
+    /// A link that did an MQTT 5 handshake with a peer answering `connack`; the peer's end
+    /// and the CONNECT it read.
+    async fn v5_pair(connack: m5::ConnAck) -> (Link<DuplexStream>, DuplexStream, m5::Packet) {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut link = Link::new(a, 1024 * 1024, Duration::from_secs(5));
+        let broker = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let connect = loop {
+                match m5::Packet::read(&mut buf, None) {
+                    Ok(p) => break p,
+                    Err(Codec5Error::InsufficientBytes(_)) => {
+                        assert!(b.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                    }
+                    Err(e) => panic!("peer decode: {e}"),
+                }
+            };
+            let mut out = BytesMut::new();
+            m5::Packet::ConnAck(connack).write(&mut out, None).unwrap();
+            b.write_all(&out).await.unwrap();
+            (b, connect)
+        });
+        let mut o = opts();
+        o.protocol = Protocol::V5;
+        o.session_expiry = Duration::from_secs(300);
+        o.clean_start = false;
+        link.handshake(&o).await.unwrap();
+        let (b, connect) = broker.await.unwrap();
+        (link, b, connect)
+    }
+
+    fn connack5(receive_max: Option<u16>, max_packet: Option<u32>) -> m5::ConnAck {
+        let mut a = m5::ConnAck {
+            session_present: true,
+            code: m5::ConnectReturnCode::Success,
+            properties: None,
+        };
+        if receive_max.is_some() || max_packet.is_some() {
+            let mut b = BytesMut::new();
+            // Properties built through the codec's own reader: receive max (0x21), max packet
+            // size (0x27), server keep alive (0x13).
+            let mut props = Vec::new();
+            if let Some(r) = receive_max {
+                props.push(0x21);
+                props.extend_from_slice(&r.to_be_bytes());
+            }
+            if let Some(m) = max_packet {
+                props.push(0x27);
+                props.extend_from_slice(&m.to_be_bytes());
+            }
+            props.push(0x13);
+            props.extend_from_slice(&7u16.to_be_bytes());
+            b.put_u8(0x20);
+            put_varint(&mut b, 2 + 1 + props.len());
+            b.put_u8(1);
+            b.put_u8(0);
+            put_varint(&mut b, props.len());
+            b.put_slice(&props);
+            let m5::Packet::ConnAck(parsed) = m5::Packet::read(&mut b, None).unwrap() else {
+                panic!("not a CONNACK")
+            };
+            a = parsed;
+        }
+        a
+    }
+
+    #[tokio::test]
+    async fn a_v5_handshake_resumes_with_session_expiry_and_keeps_the_servers_limits() {
+        let (link, _peer, connect) = v5_pair(connack5(Some(10), Some(2000))).await;
+        let m5::Packet::Connect(c, will, login) = connect else {
+            panic!("not a CONNECT")
+        };
+        assert!(!c.clean_start);
+        let props = c.properties.unwrap();
+        assert_eq!(props.session_expiry_interval, Some(300));
+        assert_eq!(props.max_packet_size, Some(1024 * 1024));
+        assert_eq!(&will.unwrap().topic[..], b"gw/status");
+        assert_eq!(login.unwrap().username, "user");
+        assert_eq!(
+            link.server(),
+            Server {
+                receive_max: Some(10),
+                max_packet: Some(2000),
+                keepalive: Some(Duration::from_secs(7)),
+                session_present: true,
+            }
+        );
+        assert_eq!(link.send_max(), 2000);
+        assert_eq!(link.protocol(), Protocol::V5);
+    }
+
+    #[tokio::test]
+    async fn a_v5_publish_encodes_as_rumqttc_does_and_respects_the_servers_maximum() {
+        let (mut link, _peer, _) = v5_pair(connack5(None, Some(4000))).await;
+        let user = [
+            ("gateway", "gw-1"),
+            ("accepted_at", "2026-12-03T10:00:00.000Z"),
+        ];
+        let props = Props {
+            expiry: Some(3600),
+            user: &user,
+        };
+        for len in [0, 100, 3000] {
+            let payload = vec![7u8; len];
+            let pkid = link
+                .publish_with("cloud/", "a/b", &payload, true, &props)
+                .unwrap();
+            let mut want = BytesMut::new();
+            let mut p = m5::Publish::new(
+                "cloud/a/b",
+                QoS5::AtLeastOnce,
+                payload,
+                Some(m5::PublishProperties {
+                    message_expiry_interval: Some(3600),
+                    user_properties: user
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    payload_format_indicator: None,
+                    topic_alias: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    subscription_identifiers: Vec::new(),
+                    content_type: None,
+                }),
+            );
+            p.pkid = pkid;
+            p.retain = true;
+            m5::Packet::Publish(p).write(&mut want, None).unwrap();
+            assert_eq!(&link.wbuf[..], &want[..], "len {len}");
+            link.wbuf.clear();
+        }
+        // Without properties: an empty property list.
+        let pkid = link.publish("", "t", b"x", false).unwrap();
+        let mut want = BytesMut::new();
+        let mut p = m5::Publish::new("t", QoS5::AtLeastOnce, &b"x"[..], None);
+        p.pkid = pkid;
+        m5::Packet::Publish(p).write(&mut want, None).unwrap();
+        assert_eq!(&link.wbuf[..], &want[..]);
+        link.wbuf.clear();
+        assert!(link.publish("", "t", &[0; 4000], false).is_none());
+        assert!(!link.publish_qos0("t", &[0; 4000], false));
+        assert!(link.wbuf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn v5_pubacks_carry_their_reason_and_a_disconnect_its_code() {
+        let (mut link, mut peer, _) = v5_pair(connack5(None, None)).await;
+        let a = link.publish("", "t/1", b"one", false).unwrap();
+        let b = link.publish("", "t/2", b"two", false).unwrap();
+        let c = link.publish("", "t/3", b"three", false).unwrap();
+        // Short form (success), reason only, reason + empty properties.
+        let mut bytes = vec![0x40, 0x02];
+        bytes.extend_from_slice(&a.to_be_bytes());
+        bytes.extend_from_slice(&[0x40, 0x03]);
+        bytes.extend_from_slice(&b.to_be_bytes());
+        bytes.push(0x87);
+        bytes.extend_from_slice(&[0x40, 0x04]);
+        bytes.extend_from_slice(&c.to_be_bytes());
+        bytes.extend_from_slice(&[0x97, 0x00]);
+        bytes.extend_from_slice(&[0xE0, 0x01, 0x95]);
+        peer.write_all(&bytes).await.unwrap();
+        for (pkid, code) in [(a, 0), (b, 0x87), (c, 0x97)] {
+            match link.next().await.unwrap() {
+                Incoming::PubAck(p, r) => assert_eq!((p, r), (pkid, code)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(link.in_use_count, 0);
+        assert!(matches!(
+            link.next().await,
+            Err(LinkError::Disconnected(0x95))
+        ));
+        // A DISCONNECT without a body is a normal close.
+        let (mut link, mut peer, _) = v5_pair(connack5(None, None)).await;
+        peer.write_all(&[0xE0, 0x00]).await.unwrap();
+        assert!(matches!(link.next().await, Err(LinkError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_v5_disconnect_carries_its_reason() {
+        let (mut link, mut peer, _) = v5_pair(connack5(None, None)).await;
+        link.disconnect(0x04);
+        link.disconnect(0);
+        link.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [0xE0, 0x01, 0x04, 0xE0, 0x00]);
     }
 }

@@ -1,7 +1,8 @@
 //! The cloud link's metric families: the session state, reconnects, what each lane sent,
 //! what was sent again after a session ended, the replay rate and the downlink
 //! (`fieldgate_cloud_*`, `fieldgate_sent_*`, `fieldgate_resent_total`, `fieldgate_replay_rate`,
-//! `fieldgate_downlink_messages_total`), and the Sparkplug edge node's
+//! `fieldgate_downlink_messages_total`), the MQTT 5 refusals that are retried
+//! (`fieldgate_bridge_refused_for_now_total{reason}`), and the Sparkplug edge node's
 //! (`fieldgate_sparkplug_*`, zero without `[sparkplug]`).
 //!
 //! Owned here and added to the gateway's registry when the bridge is built. What the cloud
@@ -48,6 +49,9 @@ pub struct CloudMetrics {
     pub sparkplug_commands: Family<Labels, Counter>,
     /// 1 while a Sparkplug session waits for its primary host's STATE (sending nothing).
     pub sparkplug_waiting_for_host: Gauge,
+    /// MQTT 5 PUBACKs that refused a record for now (0x97 quota exceeded, ...), by reason:
+    /// each ended its session, and the record was sent again after a backoff.
+    pub refused_for_now: Family<Labels, Counter>,
 }
 
 /// The Sparkplug message types a [`CloudMetrics::sparkplug_messages`] label takes.
@@ -154,6 +158,16 @@ impl Register for CloudMetrics {
             "sparkplug_commands",
             "Sparkplug B commands from the host, by result",
             m.sparkplug_commands.clone(),
+        );
+        for code in [0x80u8, 0x91, 0x97] {
+            let _ = m
+                .refused_for_now
+                .get_or_create(&label("reason", crate::store::dead::reason_name(code)));
+        }
+        r.register(
+            "bridge_refused_for_now",
+            "MQTT 5 PUBACKs that refused a record for now, by reason (the record is sent again)",
+            m.refused_for_now.clone(),
         );
         r.register(
             "sparkplug_waiting_for_host",

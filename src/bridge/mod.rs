@@ -1,4 +1,5 @@
-//! The bridge to the cloud broker: queued records up (QoS 1 over TLS), commands down.
+//! The bridge to the cloud broker: queued records up (QoS 1 over TLS, MQTT 3.1.1 or 5),
+//! commands down.
 //!
 //! # States
 //! ```text
@@ -16,11 +17,20 @@
 //!   each PUBLISH its packet id and maps the PUBACK back to the record.
 //! - One pass of the pump encodes everything the window and the pacing allow, then writes it
 //!   in one flush.
-//! - Every session starts from the queue head on a fresh connection (clean session): nothing
-//!   stale from the previous session is sent ahead of the replay, so the first delivery of
-//!   each record is in per-topic order. Records in flight when a link drops are sent again:
-//!   delivery is at least once.
-//! - At most `cloud.max_inflight` publishes are unacknowledged at a time.
+//! - Every session starts from the queue head on a fresh connection: nothing stale from the
+//!   previous session is sent ahead of the replay, so the first delivery of each record is in
+//!   per-topic order. Records in flight when a link drops are sent again: delivery is at
+//!   least once. MQTT 3.1.1 sessions are clean; MQTT 5 ones (`cloud.protocol = "5"`) are
+//!   clean on the first connection of the process and resumed after (`cloud.session_expiry`),
+//!   for the downlink's subscriptions only: the broker's session never holds the uplink.
+//! - At most `cloud.max_inflight` publishes are unacknowledged at a time (MQTT 5: nor more
+//!   than the broker's `receive_maximum`).
+//! - MQTT 5 PUBACK error reasons ([`Refusal`]): a permanent one makes the record a dead letter
+//!   ([`crate::store::dead`], durable before the record leaves the queue) and the records
+//!   behind it go on; a transient one (0x97 quota exceeded, ...) ends the session with the
+//!   record still queued, and the next session, after a backoff, sends it first again. A
+//!   record too large for the link is dropped (`too_large`) under MQTT 3.1.1 and a dead
+//!   letter (0x95) under MQTT 5. Dead letters are logged at most every 10 s.
 //! - Replay is paced by token buckets; live records of topics with no backlog are not held
 //!   behind it (see [`lanes`]).
 //! - The pump's decisions (which record next, the window, what a PUBACK does) are made
@@ -59,7 +69,7 @@ use crate::store::{Record, Store};
 use crate::watchdog::Heartbeat;
 use flight::{Flight, Lane, Need, Schedule, Sink};
 use lanes::Lanes;
-use link::{Incoming, Link, LinkError, LinkOptions, Will};
+use link::{Incoming, Link, LinkError, LinkOptions, Message, Props, Protocol, Will};
 use metrics::CloudMetrics;
 use sparkplug::{Encoded, Heard, Uplink};
 
@@ -82,7 +92,39 @@ pub enum BridgeError {
     /// the next one waits for it to come back.
     #[error("Sparkplug primary host went offline")]
     HostOffline,
+    /// An MQTT 5 PUBACK refused a record for a reason that may pass (0x97 quota exceeded,
+    /// 0x80 unspecified, ...): the session ends, the record stays queued and the next session
+    /// sends it again first, after a backoff.
+    #[error("cloud refused a record for now (PUBACK reason 0x{0:02x}); retrying after a backoff")]
+    Refused(u8),
 }
+
+/// What an MQTT 5 PUBACK error reason code means for the record it refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The broker will never take this message: it becomes a dead letter.
+    Permanent,
+    /// It may take it later: the record is sent again after a backoff.
+    Transient,
+}
+
+impl Refusal {
+    /// How a PUBACK reason code `>= 0x80` is treated. Permanent: 0x83 implementation
+    /// specific (the broker will not accept this PUBLISH), 0x87 not authorized, 0x90 topic
+    /// name invalid, 0x99 payload format invalid, and 0x95 packet too large (set by the
+    /// bridge itself for a record above the server's `maximum_packet_size`). Everything
+    /// else (0x80 unspecified, 0x91 packet id in use, 0x97 quota exceeded, codes MQTT 5 does
+    /// not define) is transient.
+    pub fn of(code: u8) -> Refusal {
+        match code {
+            0x83 | 0x87 | 0x90 | 0x95 | 0x99 => Refusal::Permanent,
+            _ => Refusal::Transient,
+        }
+    }
+}
+
+/// The reason code a record too large for the link is dead-lettered with (MQTT 5).
+pub const PACKET_TOO_LARGE: u8 = 0x95;
 
 /// What the bridge takes besides `[cloud]`, `[downlink]` and the context: the queue it
 /// drains, its handles, and values of other sections computed once.
@@ -122,7 +164,24 @@ pub struct Bridge {
     strip_prefix: String,
     /// Taken by each session for its duration.
     sparkplug: Option<Uplink>,
+    /// `cloud.protocol`.
+    protocol: Protocol,
+    /// The gateway id, a user property of every MQTT 5 PUBLISH.
+    gateway_id: String,
+    /// A session connected since the process started: later ones resume the MQTT 5 session.
+    resumable: bool,
+    /// The last session ended with a transient refusal: the backoff is reset only once a
+    /// record is acknowledged again, so a broker over its quota is retried ever more slowly.
+    refused: bool,
+    /// When a dead letter was last logged, and how many were made since without a line.
+    dead_log: (Option<Instant>, u64),
+    /// Records refused for good in the packets just read, made dead letters together (one
+    /// fsync) before the pump goes on.
+    dead_pending: Vec<(u64, u8)>,
 }
+
+/// Dead letters are logged at most once per this (with the count since the last line).
+const DEAD_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Bridge {
     /// Builds the bridge from `[cloud]` and `[downlink]`; fails if the TLS material is
@@ -140,7 +199,15 @@ impl Bridge {
         } else {
             cloud.client_id.clone()
         };
+        // Validation refused any other value; 3.1.1 is the default.
+        let protocol = Protocol::from_config(&cloud.protocol).unwrap_or_default();
         Ok(Bridge {
+            protocol,
+            gateway_id: ctx.gateway_id.clone(),
+            resumable: false,
+            refused: false,
+            dead_log: (None, 0),
+            dead_pending: Vec::new(),
             link_options: LinkOptions {
                 host: cloud.host.clone(),
                 port: cloud.port,
@@ -155,6 +222,9 @@ impl Bridge {
                 }),
                 max_packet_size: cloud.max_packet_size,
                 timeout: cloud.connect_timeout.max(Duration::from_secs(1)),
+                protocol,
+                session_expiry: cloud.session_expiry,
+                clean_start: true,
             },
             shutdown_grace: deps.shutdown_grace,
             local_prefix: downlink.local_prefix.clone(),
@@ -235,16 +305,26 @@ impl Bridge {
                 retain: false,
             });
         }
+        // MQTT 5: a new session only for the first connection of the process (the broker may
+        // keep subscriptions of an older configuration); later ones resume it, so commands
+        // sent during a short outage are still delivered.
+        self.link_options.clean_start = !self.resumable || self.cloud.session_expiry.is_zero();
         // Dial, handshake TLS, CONNECT and wait for CONNACK.
         let opts = &self.link_options;
         let mut link = tokio::select! {
             r = link::connect(opts, self.tls.clone()) => r?,
             _ = stop.cancelled() => return Ok(()),
         };
-        backoff.reset();
+        self.resumable = true;
+        if !self.refused {
+            backoff.reset();
+        }
         self.metrics.cloud_connected.set(1);
         self.metrics.link.connected(crate::clock::now_ms());
-        info!(host = %opts.host, port = opts.port, "cloud connected");
+        let server = link.server();
+        info!(host = %opts.host, port = opts.port, protocol = ?opts.protocol,
+            session_present = server.session_present, receive_max = ?server.receive_max,
+            max_packet = ?server.max_packet, "cloud connected");
         let mut sp = self.sparkplug.take();
         let result = self.online(&mut link, sp.as_mut(), stop).await;
         if let Some(up) = sp.as_mut() {
@@ -265,6 +345,8 @@ impl Bridge {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut flight = Flight::default();
+        // Refusals read in an earlier session: those records are still queued and sent again.
+        self.dead_pending.clear();
         let result = self.pump(link, &mut flight, sp, stop).await;
         // Whatever ended the session: remove what was acknowledged, count what was not.
         if let Err(e) = self.remove(flight.acked()).await {
@@ -329,14 +411,27 @@ impl Bridge {
         let now = Instant::now();
         let msg_bucket = TokenBucket::new(c.replay_msgs_per_sec as u64, now);
         let byte_bucket = TokenBucket::new(c.replay_bytes_per_sec, now);
-        let mut schedule = Schedule::new(lanes, c.max_inflight as usize, msg_bucket, byte_bucket);
+        // MQTT 5: the broker's receive maximum caps the window too.
+        let window = link
+            .server()
+            .receive_max
+            .map_or(c.max_inflight, |r| r.min(c.max_inflight))
+            .max(1);
+        let mut schedule = Schedule::new(lanes, window as usize, msg_bucket, byte_bucket);
         let mut appended = self.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let period = c.keepalive.max(Duration::from_secs(1));
+        // MQTT 5: a server keep alive replaces ours.
+        let period = link
+            .server()
+            .keepalive
+            .unwrap_or(c.keepalive)
+            .max(Duration::from_secs(1));
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut rate_window = (Instant::now(), 0u64);
         let mut pace_until: Option<Instant> = None;
         let mut stopping: Option<Instant> = None;
+        // Records the link could not send (MQTT 5: above the server's maximum packet size).
+        let mut too_large: Vec<u64> = Vec::new();
 
         loop {
             // Hand the link as much as the window and the pacing allow.
@@ -354,9 +449,14 @@ impl Bridge {
                         live: &live,
                         replayed: &mut rate_window.1,
                         sparkplug: sp.as_deref_mut(),
+                        too_large: &mut too_large,
                     };
                     let store = &self.store;
-                    match schedule.fill(flight, Instant::now, || store.next_seq(), &mut wire) {
+                    let need = schedule.fill(flight, Instant::now, || store.next_seq(), &mut wire);
+                    self.dead_pending
+                        .extend(too_large.drain(..).map(|seq| (seq, PACKET_TOO_LARGE)));
+                    self.dead_letters().await?;
+                    match need {
                         Need::Live(from) => schedule.live_read(self.read(from, u64::MAX).await?),
                         Need::Replay(from, to) => {
                             if schedule.replay_read(to, self.read(from, to).await?) {
@@ -384,6 +484,7 @@ impl Bridge {
                         self.incoming(i, flight, &filters, link, sp.as_deref_mut()).await?;
                         inc = link.try_next()?;
                     }
+                    self.dead_letters().await?;
                 }
                 _ = keepalive.tick() => link.ping()?,
                 _ = appended.changed(), if stopping.is_none() => {}
@@ -424,7 +525,7 @@ impl Bridge {
                 link.publish("", &self.status_topic, b"offline", true);
             }
         }
-        link.disconnect();
+        link.disconnect(0);
         if link.flush().await.is_ok() {
             link.close().await;
         }
@@ -444,11 +545,42 @@ impl Bridge {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         match i {
-            Incoming::PubAck(pkid) => {
+            Incoming::PubAck(pkid, code) if code < 0x80 => {
+                self.refused = false;
                 if flight.puback(pkid) {
                     self.remove(flight.acked()).await?;
                 }
             }
+            Incoming::PubAck(pkid, code) => match (flight.refused(pkid), Refusal::of(code)) {
+                (Some(seq), Refusal::Permanent) => self.dead_pending.push((seq, code)),
+                (Some(seq), Refusal::Transient) => {
+                    self.refused = true;
+                    self.metrics
+                        .refused_for_now
+                        .get_or_create(&crate::metrics::label(
+                            "reason",
+                            crate::store::dead::reason_name(code),
+                        ))
+                        .inc();
+                    warn!(
+                        seq,
+                        reason = format_args!("0x{code:02x}"),
+                        "cloud refused a record for now; it stays queued"
+                    );
+                    // Refusals for good read before it are kept first.
+                    self.dead_letters().await?;
+                    // The broker publishes the will: the gateway is away for a backoff.
+                    link.disconnect(0x04);
+                    let _ = link.flush().await;
+                    return Err(BridgeError::Refused(code));
+                }
+                (None, _) => {
+                    warn!(
+                        reason = format_args!("0x{code:02x}"),
+                        "cloud refused a PUBLISH that carried no record (the status message)"
+                    );
+                }
+            },
             Incoming::Publish(p) => match sp {
                 None => self.downlink(p),
                 Some(up) => match up.heard(&p.topic, &p.payload, crate::clock::now_ms()) {
@@ -467,7 +599,7 @@ impl Bridge {
                     Heard::HostOffline => {
                         let ndeath = up.goodbye(crate::clock::now_ms());
                         link.publish("", &ndeath.topic, &ndeath.payload, false);
-                        link.disconnect();
+                        link.disconnect(0);
                         let _ = link.flush().await;
                         return Err(BridgeError::HostOffline);
                     }
@@ -494,20 +626,79 @@ impl Bridge {
         }
     }
 
-    /// Queues one record on the link: its packet id, or `None` (and the record dropped,
+    /// Queues one record on the link: its packet id, or `Err(None)` (and the record dropped,
     /// counted and logged) when it is larger than `cloud.max_packet_size`, which the cloud
     /// would refuse on every resend.
-    fn send<S>(&self, link: &mut Link<S>, seq: u64, rec: &Record) -> Option<u16>
+    ///
+    /// MQTT 5: the PUBLISH carries `message_expiry_interval` (what is left of `store.max_age`
+    /// for the record) and the user properties `gateway` (the gateway id) and `accepted_at`
+    /// (the record's accept time, RFC 3339 UTC with milliseconds). A record above the
+    /// server's maximum packet size is not dropped but left to the caller (`Err(Some(seq))`)
+    /// to become a dead letter.
+    fn send<S>(&self, link: &mut Link<S>, seq: u64, rec: &Record) -> Result<u16, Option<u64>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        match link.publish(&self.cloud_prefix, &rec.topic, &rec.payload, rec.retain) {
-            Some(pkid) => Some(pkid),
+        let sent = match self.protocol {
+            Protocol::V311 => {
+                link.publish(&self.cloud_prefix, &rec.topic, &rec.payload, rec.retain)
+            }
+            Protocol::V5 => {
+                let accepted = humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + Duration::from_millis(rec.ts_ms),
+                )
+                .to_string();
+                let user = [
+                    ("gateway", self.gateway_id.as_str()),
+                    ("accepted_at", accepted.as_str()),
+                ];
+                let props = Props {
+                    expiry: message_expiry(self.store.max_age(), rec.ts_ms, crate::clock::now_ms()),
+                    user: &user,
+                };
+                link.publish_with(
+                    &self.cloud_prefix,
+                    &rec.topic,
+                    &rec.payload,
+                    rec.retain,
+                    &props,
+                )
+            }
+        };
+        match sent {
+            Some(pkid) => Ok(pkid),
+            None if self.protocol == Protocol::V5 => Err(Some(seq)),
             None => {
                 self.too_large(seq, rec, rec.payload.len());
-                None
+                Err(None)
             }
         }
+    }
+
+    /// The records in `dead_pending` will never be accepted: they move to the store's dead
+    /// letters (one fsync for all), off the queue, and the records behind them go on. Logged
+    /// at most once per [`DEAD_LOG_EVERY`], with how many were made since.
+    async fn dead_letters(&mut self) -> Result<(), BridgeError> {
+        if self.dead_pending.is_empty() {
+            return Ok(());
+        }
+        let refused = std::mem::take(&mut self.dead_pending);
+        let store = self.store.clone();
+        let kept = tokio::task::spawn_blocking(move || store.dead_letter_all(&refused)).await??;
+        let Some(d) = kept.last() else {
+            return Ok(());
+        };
+        let (last, since) = &mut self.dead_log;
+        *since += kept.len() as u64;
+        if last.is_none_or(|t| t.elapsed() >= DEAD_LOG_EVERY) {
+            // An operator must look at them: ERROR, but a refused topic cannot flood the log.
+            error!(seq = d.seq, topic = %d.topic, bytes = d.size,
+                reason = format_args!("0x{:02x}", d.reason), dead_letters = *since,
+                "cloud refused records for good; kept as dead letters (GET /api/v1/dead-letters)");
+            *last = Some(Instant::now());
+            *since = 0;
+        }
+        Ok(())
     }
 
     /// Record `seq` cannot be sent: `bytes` on the wire exceed `cloud.max_packet_size`.
@@ -543,7 +734,7 @@ impl Bridge {
         Ok(())
     }
 
-    fn downlink(&mut self, p: rumqttc::Publish) {
+    fn downlink(&mut self, p: Message) {
         let topic = p.topic.as_str();
         if !self
             .downlink_filters
@@ -579,6 +770,8 @@ struct Wire<'a, S> {
     replayed: &'a mut u64,
     /// The Sparkplug edge node, if the uplink is one.
     sparkplug: Option<&'a mut Uplink>,
+    /// Records too large for the link, to become dead letters once the pass is over.
+    too_large: &'a mut Vec<u64>,
 }
 
 impl<S> Sink for Wire<'_, S>
@@ -591,7 +784,13 @@ where
             None => Encoded::Plain,
         };
         let pkid = match encoded {
-            Encoded::Plain => self.bridge.send(self.link, seq, rec)?,
+            Encoded::Plain => match self.bridge.send(self.link, seq, rec) {
+                Ok(pkid) => pkid,
+                Err(dead) => {
+                    self.too_large.extend(dead);
+                    return None;
+                }
+            },
             Encoded::Sparkplug(births, carrier) => {
                 for m in &births {
                     self.bridge.birth(self.link, m);
@@ -630,6 +829,17 @@ where
     }
 }
 
+/// What is left of `max_age` for a record accepted at `ts_ms`, at `now_ms`, in whole seconds
+/// rounded up and at least 1 (a record past it is dropped by the store, not here); `None`
+/// when `store.max_age` is 0 (records never expire).
+fn message_expiry(max_age: Duration, ts_ms: u64, now_ms: u64) -> Option<u32> {
+    if max_age.is_zero() {
+        return None;
+    }
+    let left = (max_age.as_millis() as u64).saturating_sub(now_ms.saturating_sub(ts_ms));
+    Some(left.div_ceil(1000).clamp(1, u32::MAX as u64) as u32)
+}
+
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
@@ -649,5 +859,32 @@ impl LiveLane {
 impl Drop for LiveLane {
     fn drop(&mut self) {
         self.0.set_live(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_expiry_is_what_is_left_of_max_age_rounded_up() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(message_expiry(Duration::ZERO, 0, 5_000), None);
+        assert_eq!(message_expiry(day, 10_000, 10_000), Some(86_400));
+        assert_eq!(message_expiry(day, 10_000, 11_500), Some(86_399));
+        // Past max_age (the store drops it soon): still a valid, minimal interval.
+        assert_eq!(message_expiry(day, 0, 200_000_000), Some(1));
+        // A clock that went back: no more than max_age.
+        assert_eq!(message_expiry(day, 20_000, 10_000), Some(86_400));
+    }
+
+    #[test]
+    fn refusals_that_will_never_pass_are_permanent_and_the_rest_are_retried() {
+        for code in [0x83, 0x87, 0x90, 0x95, 0x99] {
+            assert_eq!(Refusal::of(code), Refusal::Permanent, "0x{code:02x}");
+        }
+        for code in [0x80, 0x91, 0x97, 0xA0] {
+            assert_eq!(Refusal::of(code), Refusal::Transient, "0x{code:02x}");
+        }
     }
 }

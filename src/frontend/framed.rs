@@ -1,5 +1,6 @@
-//! One framed reader/writer for both sockets of a session: the device's (MQTT 3.1.1 packets,
-//! [`DeviceCodec`]) and the loopback one to rumqttd (MQTT 5 packets, [`BrokerCodec`]).
+//! One framed reader/writer for both sockets of a session: the device's ([`DeviceCodec`]:
+//! MQTT 5 packets, read and written as MQTT 3.1.1 for a 3.1.1 device, see [`super::v311`])
+//! and the loopback one to rumqttd (MQTT 5 packets, [`BrokerCodec`]).
 //!
 //! Owns a socket's two halves, the bytes read and not yet parsed, and the bytes encoded and
 //! not yet written. What a packet means is the relay's business ([`super::relay`]); this
@@ -20,10 +21,11 @@
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::Packet as P4;
-use rumqttc::v5::mqttbytes::v5::Packet as P5;
+use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::session::End;
+use super::v311;
 
 /// Most the read buffer grows by ahead of one read (a large packet is read in steps).
 pub const READ_RESERVE: usize = 64 * 1024;
@@ -44,34 +46,79 @@ pub trait Codec {
     /// Takes a whole packet off the front of `buf`, if one is there. Err: how the session ends.
     fn decode(&self, buf: &mut BytesMut) -> Result<Decoded<Self::Packet>, End>;
     /// Appends `p` to `out`. Err: how the session ends.
-    fn encode(&self, p: &Self::Packet, out: &mut BytesMut) -> Result<(), End>;
+    fn encode(&self, p: Self::Packet, out: &mut BytesMut) -> Result<(), End>;
     /// How the session ends when the socket closes or fails.
     fn gone(&self) -> End;
 }
 
-/// The device's side: MQTT 3.1.1 packets of at most `max` bytes of remaining length.
+/// The device's side: packets of at most `max` bytes of remaining length, as MQTT 5 packets
+/// whatever the device's protocol level.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceCodec {
     /// `broker.max_payload_size`.
     pub max: usize,
+    /// The device spoke MQTT 5 in its CONNECT; until then, and for 3.1 and 3.1.1, false.
+    pub v5: bool,
+    /// MQTT 5: the device's maximum packet size (the relay sends nothing larger).
+    pub out_max: Option<u32>,
+}
+
+impl DeviceCodec {
+    /// Before the CONNECT: 3.1.1 framing (the CONNECT itself is read by `session`).
+    pub fn new(max: usize) -> DeviceCodec {
+        DeviceCodec {
+            max,
+            v5: false,
+            out_max: None,
+        }
+    }
 }
 
 impl Codec for DeviceCodec {
-    type Packet = P4;
+    type Packet = P5;
 
-    fn decode(&self, buf: &mut BytesMut) -> Result<Decoded<P4>, End> {
+    fn decode(&self, buf: &mut BytesMut) -> Result<Decoded<P5>, End> {
+        if self.v5 {
+            // rumqttc 0.25 refuses a DISCONNECT without a reason code (remaining length 0,
+            // normal disconnection: MQTT-3.14.2.1), the form most clients send.
+            if buf.starts_with(&[0xE0, 0x00]) {
+                let _ = buf.split_to(2);
+                return Ok(Decoded::Packet(P5::Disconnect(v5::Disconnect::new(
+                    v5::DisconnectReasonCode::NormalDisconnection,
+                ))));
+            }
+            let max = u32::try_from(self.max).unwrap_or(u32::MAX);
+            return match P5::read(buf, Some(max)) {
+                Ok(p) => Ok(Decoded::Packet(p)),
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => Ok(Decoded::Short(n)),
+                Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. }) => {
+                    Err(End::TooLarge)
+                }
+                Err(_) => Err(End::ProtocolViolation),
+            };
+        }
         match P4::read(buf, self.max) {
-            Ok(p) => Ok(Decoded::Packet(p)),
+            Ok(p) => Ok(Decoded::Packet(v311::to_v5(p))),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => Ok(Decoded::Short(n)),
             Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => Err(End::TooLarge),
             Err(_) => Err(End::ProtocolViolation),
         }
     }
 
-    fn encode(&self, p: &P4, out: &mut BytesMut) -> Result<(), End> {
-        p.write(out, usize::MAX)
-            .map(|_| ())
-            .map_err(|_| End::ProtocolViolation)
+    fn encode(&self, p: P5, out: &mut BytesMut) -> Result<(), End> {
+        if self.v5 {
+            return p
+                .write(out, self.out_max)
+                .map(|_| ())
+                .map_err(|_| End::ProtocolViolation);
+        }
+        match v311::to_v4(p) {
+            Some(p) => p
+                .write(out, usize::MAX)
+                .map(|_| ())
+                .map_err(|_| End::ProtocolViolation),
+            None => Ok(()),
+        }
     }
 
     fn gone(&self) -> End {
@@ -94,7 +141,7 @@ impl Codec for BrokerCodec {
         }
     }
 
-    fn encode(&self, p: &P5, out: &mut BytesMut) -> Result<(), End> {
+    fn encode(&self, p: P5, out: &mut BytesMut) -> Result<(), End> {
         p.write(out, None).map(|_| ()).map_err(|_| End::BrokerGone)
     }
 
@@ -166,7 +213,7 @@ where
 
     /// Encodes a packet for the next [`Framed::flush`].
     pub fn queue(&mut self, p: C::Packet) -> Result<(), End> {
-        self.codec.encode(&p, &mut self.out)
+        self.codec.encode(p, &mut self.out)
     }
 
     /// Writes everything queued, in one write.
@@ -186,6 +233,11 @@ where
     pub async fn send(&mut self, p: C::Packet) -> Result<(), End> {
         self.queue(p)?;
         self.flush().await
+    }
+
+    /// The codec (the device's protocol level is set once its CONNECT is read).
+    pub fn codec_mut(&mut self) -> &mut C {
+        &mut self.codec
     }
 
     /// The socket's halves themselves (closing the upstream socket reads and shuts down

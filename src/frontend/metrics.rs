@@ -31,6 +31,10 @@ pub struct BrokerMetrics {
     pub bypassed: Counter,
     /// Deliveries lowered to the publisher's QoS.
     pub downgraded: Counter,
+    /// MQTT 5 deliveries whose message expiry passed before they could go.
+    pub expired: Counter,
+    /// MQTT 5 deliveries larger than the device's maximum packet size, not sent.
+    pub too_large_for_device: Counter,
     /// PUBLISHes over `broker.max_publish_rate`, by the policy applied.
     rate_limited: Family<Labels, Counter>,
     /// Login attempts held back after failed logins from the same address.
@@ -76,6 +80,16 @@ impl Register for BrokerMetrics {
             "downgraded",
             "Deliveries lowered to min(published, granted) QoS",
             self.downgraded.clone(),
+        );
+        r.register(
+            "expired",
+            "MQTT 5 deliveries dropped because their message expiry passed",
+            self.expired.clone(),
+        );
+        r.register(
+            "too_large_for_device",
+            "MQTT 5 deliveries over the device's maximum packet size, not sent",
+            self.too_large_for_device.clone(),
         );
         r.register(
             "rate_limited",

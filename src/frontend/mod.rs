@@ -26,6 +26,7 @@ pub mod session;
 pub mod sessions;
 pub mod upacks;
 pub mod upstream;
+pub mod v311;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -26,7 +26,9 @@
 //! (the upstream DISCONNECT of a device's DISCONNECT among it, see `session::close_upstream`),
 //! what [`Out::device`] holds is dropped.
 //!
-//! Rules enforced while relaying (MQTT 3.1.1):
+//! Every device's packets are MQTT 5 ones here: a 3.1.1 device's are converted by its codec
+//! (`v311`), and what 3.1.1 cannot say is decided by [`Peer::v5`]. Rules enforced while
+//! relaying:
 //! - a second CONNECT, a PUBLISH to an invalid topic name (empty, wildcards), a packet only a
 //!   server may send, or a malformed packet closes the connection at once (no DISCONNECT is
 //!   sent upstream, so rumqttd publishes the device's will, as the spec asks);
@@ -55,7 +57,25 @@
 //!   session's filters go when it ends (or when the next clean CONNECT of its id arrives);
 //! - PUBLISH outside the ACL is dropped and counted; QoS 1 still gets PUBACK and QoS 2 the
 //!   PUBREC/PUBCOMP handshake (3.1.1 has no negative acknowledgement, and an unanswered
-//!   publish would block the device's in-flight window);
+//!   publish would block the device's in-flight window). An MQTT 5 device is told: PUBACK or
+//!   PUBREC 0x87 (not authorized), 0x97 (quota exceeded) over the `drop` rate, 0x99 for a
+//!   payload that its payload format indicator calls UTF-8 and is not;
+//! - MQTT 5 limits, both ways: more unanswered QoS 1/2 PUBLISHes than the receive maximum
+//!   announced (`broker.max_inflight`) ends the session (0x93); a topic alias of 0, above
+//!   [`TOPIC_ALIAS_MAX`] or unknown ends it (0x94). Aliases are resolved here, before the ACL.
+//!   Deliveries beyond the device's own receive maximum wait here, in order, until it
+//!   answers; one larger than its maximum packet size is not sent (counted, answered
+//!   upstream as if delivered, as MQTT-3.1.2-25 asks);
+//! - MQTT 5 message expiry: rumqttd drops what expired while it held it and sends the rest
+//!   with what is left; the retained messages the front end sends itself are checked here
+//!   (an expired one is not sent, counted);
+//! - MQTT 5 subscription options: no local (the session's own publishes, marked with its
+//!   client id while it holds such a filter, are not delivered on it), retain as published
+//!   (the retain mark restores the flag), retain handling (retained messages on every
+//!   subscribe, only on a new one, or never), subscription identifiers (each delivery
+//!   carries those of the filters it matches). `$share/<group>/<filter>` is handed to
+//!   rumqttd, which shares it; the ACL and the audience see the inner filter, and a shared
+//!   subscription gets no retained messages (MQTT-4.8.2-6);
 //! - publish rate (`broker.max_publish_rate`): above it a PUBLISH is dropped and answered as
 //!   an ACL denial (`drop`), closes the connection (`disconnect`), or is let through and the
 //!   session reads nothing more from the device until it is back under the rate
@@ -75,7 +95,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::{self, Packet as P4};
+use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{self, Packet as P5};
 use tokio::time::Instant;
@@ -87,8 +107,9 @@ use super::retained_out::{self, Answer, RetainedOut};
 use super::session::End;
 use super::sessions::{any_lowered, Filters, Granted};
 use super::upacks::{Ack, UpAcks};
+use super::upstream::{q4, q5};
 use super::{upstream, Context};
-use crate::ingest::Offer;
+use crate::ingest::{KeptProps, Offer};
 use crate::pacing::TokenBucket;
 use crate::store::journal::Entry;
 use crate::topic;
@@ -105,6 +126,50 @@ pub const BATCH: usize = 64;
 /// Ticket placeholder of a PUBLISH whose entry waits for room in the journal.
 const UNTICKETED: u64 = u64::MAX;
 
+/// Most topic aliases an MQTT 5 device may set (announced in its CONNACK).
+pub const TOPIC_ALIAS_MAX: u16 = 64;
+
+/// What the device's CONNECT asked of the session (MQTT 5; a 3.1.1 device has no limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The device speaks MQTT 5: it is told reason codes.
+    pub v5: bool,
+    /// Most unanswered QoS 1/2 deliveries the device takes (its receive maximum).
+    pub receive_max: u16,
+    /// The largest packet the device takes (None: no limit).
+    pub max_packet: Option<u32>,
+}
+
+impl Peer {
+    /// A 3.1.1 device.
+    pub const V311: Peer = Peer {
+        v5: false,
+        receive_max: u16::MAX,
+        max_packet: None,
+    };
+}
+
+/// What an MQTT 5 device's DISCONNECT asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Goodbye {
+    /// A new session expiry interval.
+    pub session_expiry: Option<u32>,
+}
+
+/// A filter a SUBSCRIBE sent upstream: its QoS, the QoS rumqttd keeps delivering at when it
+/// already holds the filter at that QoS or higher, the subscription options, and whether its
+/// retained messages follow the SUBACK.
+#[derive(Debug)]
+struct Asked {
+    filter: String,
+    qos: QoS,
+    kept: Option<QoS>,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<u32>,
+    retained: bool,
+}
+
 /// Who the device turned out to be.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -115,19 +180,15 @@ pub struct Identity {
 }
 
 /// A SUBSCRIBE awaiting rumqttd's SUBACK: the return codes decided here (None: asked
-/// rumqttd) in the device's order, and the filters sent upstream with the QoS rumqttd
-/// keeps delivering at when it already holds the filter at that QoS or higher (its SUBACK
-/// then grants the new QoS, but its subscription stays as it was).
-type PendingSub = (
-    Vec<Option<v4::SubscribeReasonCode>>,
-    Vec<(String, QoS, Option<QoS>)>,
-);
+/// rumqttd) in the device's order, and the filters sent upstream (rumqttd's SUBACK grants a
+/// filter it held the new QoS, but its subscription stays as it was: `Asked::kept`).
+type PendingSub = (Vec<Option<v5::SubscribeReasonCode>>, Vec<Asked>);
 
 /// The packets the relay decided to send, in order, until the driver takes them.
 #[derive(Debug, Default)]
 pub struct Out {
     /// For the device.
-    pub device: Vec<P4>,
+    pub device: Vec<P5>,
     /// For rumqttd.
     pub broker: Vec<P5>,
 }
@@ -188,7 +249,7 @@ pub struct Relay {
     awaiting: HashMap<u16, u64>,
     /// Answers to the device waiting for the durable ticket (0: nothing to wait for, only
     /// order), in the order they must leave.
-    held: VecDeque<(u64, P4)>,
+    held: VecDeque<(u64, P5)>,
     /// The pkid of a cloud-bound PUBLISH the journal had no room for. Nothing more is read
     /// from the device until its entry is appended.
     blocked: Option<u16>,
@@ -202,27 +263,48 @@ pub struct Relay {
     last_in: Instant,
     /// When the front end pings rumqttd next.
     next_ping: Instant,
+    /// What the device's CONNECT asked.
+    peer: Peer,
+    /// MQTT 5 topic aliases the device set.
+    aliases: HashMap<u16, Bytes>,
+    /// The device's QoS 1/2 PUBLISHes not answered yet (MQTT 5 receive maximum).
+    inflight_in: usize,
+    /// rumqttd's QoS 1/2 deliveries sent to the device and not answered yet.
+    live_out: HashSet<u16>,
+    /// Deliveries waiting for room in the device's receive maximum, in order.
+    parked: VecDeque<v5::Publish>,
+    /// Some filter has a subscription option the deliveries must look at.
+    options: bool,
+    /// What the device's DISCONNECT asked.
+    goodbye: Goodbye,
     /// What is to be sent; the driver drains it.
     pub out: Out,
 }
 
 impl Relay {
     /// The relay of a session that rumqttd accepted at `now`. `resumed`: rumqttd resumed the
-    /// session, whose filters are these (as its last connection left them); `keep_alive`:
-    /// the device's CONNECT's; `durable`: the journal's durable ticket now (u64::MAX
-    /// without a journal).
+    /// session, whose filters are these (as its last connection left them); `keep_alive`
+    /// and `peer`: the device's CONNECT's; `durable`: the journal's durable ticket now
+    /// (u64::MAX without a journal).
     pub fn new(
         ctx: Arc<Context>,
         id: Identity,
         audience_key: String,
         resumed: Option<Filters>,
-        keep_alive: u16,
+        (keep_alive, peer): (u16, Peer),
         durable: u64,
         now: Instant,
     ) -> Relay {
         let check_filters = resumed.is_some();
         let filters = resumed.unwrap_or_default();
         Relay {
+            options: any_options(&filters),
+            peer,
+            aliases: HashMap::new(),
+            inflight_in: 0,
+            live_out: HashSet::new(),
+            parked: VecDeque::new(),
+            goodbye: Goodbye::default(),
             id,
             audience_key,
             lowered: any_lowered(&filters),
@@ -235,7 +317,7 @@ impl Relay {
             down21: HashSet::new(),
             answer_rel: HashSet::new(),
             up_acks: UpAcks::default(),
-            retained_out: RetainedOut::new(ctx.max_inflight),
+            retained_out: RetainedOut::new(ctx.max_inflight.min(peer.receive_max as usize)),
             unsubacked: HashSet::new(),
             check_filters,
             rate: ctx.rate.map(|(r, b, p)| {
@@ -266,6 +348,11 @@ impl Relay {
     /// The session's filters, for its next connection.
     pub fn into_filters(self) -> Filters {
         self.filters
+    }
+
+    /// What the device's DISCONNECT asked (MQTT 5).
+    pub fn goodbye(&self) -> Goodbye {
+        self.goodbye
     }
 
     /// What the driver does before it reads again: the throttle first, then the journal.
@@ -318,6 +405,12 @@ impl Relay {
         }
     }
 
+    /// Room for QoS 1/2 deliveries in the device's receive maximum.
+    fn room(&self) -> usize {
+        (self.peer.receive_max as usize)
+            .saturating_sub(self.live_out.len() + self.retained_out.outstanding())
+    }
+
     /// When [`Relay::tick`] has something to do: the next upstream ping, or the device's
     /// keepalive expiring, whichever is first.
     pub fn deadline(&self) -> Instant {
@@ -349,42 +442,66 @@ impl Relay {
 
     /// Whether [`Relay::send_retained`] has something to send now.
     pub fn retained_ready(&self) -> bool {
-        self.retained_out.ready()
+        self.retained_out.ready() && self.room() > 0
     }
 
     /// The retained messages the front end's window lets go to the device now (at most
     /// [`BATCH`]).
     pub fn send_retained(&mut self) {
-        for p in self.retained_out.take(BATCH) {
-            self.out.device.push(P4::Publish(p));
+        let max = self.room().min(BATCH);
+        let (msgs, expired) = self.retained_out.take(max);
+        self.ctx.metrics.expired.inc_by(expired as u64);
+        for mut p in msgs {
+            if self.options {
+                self.identify(&mut p);
+            }
+            if self.fits(&p) {
+                self.out.device.push(P5::Publish(p));
+            } else {
+                // Never sent: the front end's own delivery is over.
+                self.ctx.metrics.too_large_for_device.inc();
+                let pkid = p.pkid;
+                match q4(p.qos) {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        self.retained_out.answered(pkid, Answer::PubAck);
+                    }
+                    QoS::ExactlyOnce => {
+                        self.retained_out.answered(pkid, Answer::PubRec);
+                        self.retained_out.answered(pkid, Answer::PubComp);
+                    }
+                }
+            }
         }
     }
 
     /// A packet from the device, taken at `now`.
-    pub fn on_device(&mut self, p: P4, now: Instant) -> Result<(), End> {
+    pub fn on_device(&mut self, p: P5, now: Instant) -> Result<(), End> {
         self.last_in = now;
         // Answers to the front end's own retained deliveries end here.
         let own = match &p {
-            P4::PubAck(a) => Some((a.pkid, Answer::PubAck)),
-            P4::PubRec(a) => Some((a.pkid, Answer::PubRec)),
-            P4::PubComp(a) => Some((a.pkid, Answer::PubComp)),
+            P5::PubAck(a) => Some((a.pkid, Answer::PubAck)),
+            P5::PubRec(a) => Some((a.pkid, Answer::PubRec)),
+            P5::PubComp(a) => Some((a.pkid, Answer::PubComp)),
             _ => None,
         };
         if let Some(release) = own.and_then(|(pkid, a)| self.retained_out.answered(pkid, a)) {
             if let (true, Some((pkid, _))) = (release, own) {
-                self.out.device.push(P4::PubRel(v4::PubRel::new(pkid)));
+                self.out
+                    .device
+                    .push(P5::PubRel(v5::PubRel::new(pkid, None)));
             }
             return Ok(());
         }
         match p {
-            P4::Publish(p) => self.publish(p, now),
-            P4::PubRel(r) => {
+            P5::Publish(p) => self.publish(p, now),
+            P5::PubRel(r) => {
                 if self.qos2_denied.remove(&r.pkid) {
-                    self.answer(0, P4::PubComp(v4::PubComp::new(r.pkid)));
+                    self.answer(0, P5::PubComp(v5::PubComp::new(r.pkid, None)));
                 } else if !self.qos2_in.remove(&r.pkid) {
                     // Nothing awaits release under this id (a retried PUBREL): answer it,
                     // release nothing (MQTT-4.3.3, PUBREL is handled idempotently).
-                    self.answer(0, P4::PubComp(v4::PubComp::new(r.pkid)));
+                    self.answer(0, P5::PubComp(v5::PubComp::new(r.pkid, None)));
                 } else {
                     self.out
                         .broker
@@ -392,7 +509,8 @@ impl Relay {
                 }
                 Ok(())
             }
-            P4::PubAck(a) => {
+            P5::PubAck(a) => {
+                self.answered_out(a.pkid);
                 if self.down21.remove(&a.pkid) {
                     // Lowered from QoS 2: the device acknowledged, finish rumqttd's flow.
                     self.answer_rel.insert(a.pkid);
@@ -402,43 +520,85 @@ impl Relay {
                 }
                 Ok(())
             }
-            P4::PubRec(a) => {
+            P5::PubRec(a) => {
+                if pubrec_refuses(&a) {
+                    // An MQTT 5 device refused the message: its flow ends here.
+                    self.answered_out(a.pkid);
+                    self.answer_rel.insert(a.pkid);
+                }
                 self.ack_up(a.pkid, Ack::PubRec);
                 Ok(())
             }
-            P4::PubComp(a) => {
+            P5::PubComp(a) => {
+                self.answered_out(a.pkid);
                 self.comp_up(a.pkid);
                 Ok(())
             }
-            P4::Subscribe(s) => {
+            P5::Subscribe(s) => {
                 self.subscribe(s);
                 Ok(())
             }
-            P4::Unsubscribe(u) => {
+            P5::Unsubscribe(u) => {
                 self.unsubscribe(u);
                 Ok(())
             }
-            P4::PingReq => {
-                self.out.device.push(P4::PingResp);
+            P5::PingReq(_) => {
+                self.out.device.push(P5::PingResp(v5::PingResp));
                 Ok(())
             }
-            P4::Disconnect => {
+            P5::Disconnect(d) => {
+                self.goodbye.session_expiry = d
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval);
+                if d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage {
+                    // No DISCONNECT upstream: rumqttd publishes the will.
+                    return Err(End::DisconnectWithWill);
+                }
                 self.out.broker.push(P5::Disconnect(v5::Disconnect::new(
                     v5::DisconnectReasonCode::NormalDisconnection,
                 )));
                 Err(End::Disconnect)
             }
-            // A second CONNECT, or packets only a server sends.
-            P4::Connect(_) | P4::ConnAck(_) | P4::SubAck(_) | P4::UnsubAck(_) | P4::PingResp => {
-                Err(End::ProtocolViolation)
-            }
+            // A second CONNECT, packets only a server sends, or AUTH (no enhanced
+            // authentication was offered).
+            P5::Connect(..)
+            | P5::ConnAck(_)
+            | P5::SubAck(_)
+            | P5::UnsubAck(_)
+            | P5::PingResp(_)
+            | P5::Auth(_) => Err(End::ProtocolViolation),
         }
     }
 
     /// A PUBLISH from the device.
-    fn publish(&mut self, mut p: v4::Publish, now: Instant) -> Result<(), End> {
-        if topic::validate_topic(&p.topic).is_err() {
+    fn publish(&mut self, mut p: v5::Publish, now: Instant) -> Result<(), End> {
+        if let Some(alias) = p.properties.as_mut().and_then(|pr| pr.topic_alias.take()) {
+            if !self.peer.v5 || alias == 0 || alias > TOPIC_ALIAS_MAX {
+                return Err(End::TopicAlias);
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Err(End::TopicAlias),
+                }
+            } else {
+                self.aliases.insert(alias, p.topic.clone());
+            }
+        }
+        let Ok(topic) = std::str::from_utf8(&p.topic) else {
             return Err(End::ProtocolViolation);
+        };
+        let topic = topic.to_string();
+        if topic::validate_topic(&topic).is_err() {
+            return Err(End::ProtocolViolation);
+        }
+        let qos = q4(p.qos);
+        if qos != QoS::AtMostOnce && !(qos == QoS::ExactlyOnce && self.qos2_in.contains(&p.pkid)) {
+            if self.peer.v5 && self.inflight_in >= self.ctx.max_inflight {
+                return Err(End::ReceiveMaximum);
+            }
+            self.inflight_in += 1;
         }
         let over_rate = self.over_rate(now)?;
         let ctx = self.ctx.clone();
@@ -446,51 +606,85 @@ impl Relay {
         let name = self.id.name.as_deref();
         let denied = !ctx
             .acl
-            .allows(name, &self.id.client_id, Action::Publish, &p.topic);
+            .allows(name, &self.id.client_id, Action::Publish, &topic);
         if denied {
             m.deny(Action::Publish);
-            debug!(client_id = %self.id.client_id, topic = %p.topic, "publish denied");
+            debug!(client_id = %self.id.client_id, topic = %topic, "publish denied");
         }
-        if denied || over_rate {
-            match p.qos {
+        let bad_format = self.peer.v5
+            && p.properties
+                .as_ref()
+                .is_some_and(|pr| pr.payload_format_indicator == Some(1))
+            && std::str::from_utf8(&p.payload).is_err();
+        if denied || over_rate || bad_format {
+            if self.peer.v5 {
+                // Told, and the flow ends with this answer (no PUBREL follows a refusing
+                // PUBREC).
+                let (ack, rec) = if denied {
+                    (
+                        v5::PubAckReason::NotAuthorized,
+                        v5::PubRecReason::NotAuthorized,
+                    )
+                } else if over_rate {
+                    (
+                        v5::PubAckReason::QuotaExceeded,
+                        v5::PubRecReason::QuotaExceeded,
+                    )
+                } else {
+                    (
+                        v5::PubAckReason::PayloadFormatInvalid,
+                        v5::PubRecReason::PayloadFormatInvalid,
+                    )
+                };
+                match qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => self.answer(0, puback_with(p.pkid, ack)),
+                    QoS::ExactlyOnce => self.answer(0, pubrec_with(p.pkid, rec)),
+                }
+                return Ok(());
+            }
+            match qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.answer(0, P4::PubAck(v4::PubAck::new(p.pkid))),
+                QoS::AtLeastOnce => self.answer(0, P5::PubAck(v5::PubAck::new(p.pkid, None))),
                 QoS::ExactlyOnce => {
                     self.qos2_denied.insert(p.pkid);
-                    self.answer(0, P4::PubRec(v4::PubRec::new(p.pkid)));
+                    self.answer(0, P5::PubRec(v5::PubRec::new(p.pkid, None)));
                 }
             }
             return Ok(());
         }
-        if p.qos == QoS::ExactlyOnce && !self.qos2_in.insert(p.pkid) {
+        if qos == QoS::ExactlyOnce && !self.qos2_in.insert(p.pkid) {
             // A retry of a message rumqttd already has: do not deliver it twice. Its
             // first PUBREC may still be held: this one goes behind it.
             m.qos2_duplicates.inc();
             let t = self.awaiting.get(&p.pkid).copied().unwrap_or(0);
-            self.answer(t, P4::PubRec(v4::PubRec::new(p.pkid)));
+            self.answer(t, P5::PubRec(v5::PubRec::new(p.pkid, None)));
             return Ok(());
         }
-        let q = p.qos as u8;
-        p.retain = ctx.ingest.admit_retain(&p.topic, &p.payload, q, p.retain);
+        let q = qos as u8;
+        let kept = p.retain.then(|| self.kept_props(&p)).flatten();
+        p.retain = ctx
+            .ingest
+            .admit_retain_with(&topic, &p.payload, q, p.retain, kept);
         // No local reader and nothing for rumqttd to keep: the queue is the whole path, and
         // the front end answers itself. Only while nothing waits for rumqttd's answer, so
         // that acknowledgements keep the order of the PUBLISHes.
         let bypass = self.awaiting.is_empty()
-            && p.qos != QoS::ExactlyOnce
-            && !ctx.ingest.needs_broker(&p.topic, p.retain);
-        if p.qos == QoS::AtMostOnce {
+            && qos != QoS::ExactlyOnce
+            && !ctx.ingest.needs_broker(&topic, p.retain);
+        if qos == QoS::AtMostOnce {
             // Appended, never waited for.
-            let taken = ctx.ingest.offer_or_count(&p.topic, &p.payload, q, p.retain);
+            let taken = ctx.ingest.offer_or_count(&topic, &p.payload, q, p.retain);
             if bypass && taken {
                 m.bypassed.inc();
                 return Ok(());
             }
         } else {
-            match ctx.ingest.offer(&p.topic, &p.payload, q, p.retain) {
+            match ctx.ingest.offer(&topic, &p.payload, q, p.retain) {
                 Offer::Local => {}
                 Offer::Queued(t) if bypass => {
                     m.bypassed.inc();
-                    self.answer(t, P4::PubAck(v4::PubAck::new(p.pkid)));
+                    self.answer(t, P5::PubAck(v5::PubAck::new(p.pkid, None)));
                     return Ok(());
                 }
                 Offer::Queued(t) => {
@@ -503,13 +697,41 @@ impl Relay {
                 }
             }
         }
-        self.out.broker.push(upstream::publish(p));
+        // Marked with the client id while a no-local filter of this session matches it.
+        let own = self.options
+            && self
+                .filters
+                .iter()
+                .any(|(f, g)| g.no_local && topic::matches(topic::inner_filter(f), &topic));
+        let origin = own.then_some(self.id.client_id.as_str());
+        self.out.broker.push(upstream::publish(p, origin));
         Ok(())
     }
 
+    /// What an MQTT 5 retained publish keeps with it for later subscribers: its properties
+    /// (topic alias already resolved) and the accept time.
+    fn kept_props(&self, p: &v5::Publish) -> Option<KeptProps> {
+        let mut properties = p.properties.clone()?;
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Some(KeptProps {
+            properties,
+            at_ms: upstream::now_ms(),
+        })
+    }
+
     /// Sends an acknowledgement to the device once the durable ticket reaches `ticket` (0: at
-    /// once), never ahead of one held before it.
-    fn answer(&mut self, ticket: u64, p: P4) {
+    /// once), never ahead of one held before it. The last answer of a device's QoS 1/2 flow
+    /// frees its place in the receive maximum.
+    fn answer(&mut self, ticket: u64, p: P5) {
+        let last = match &p {
+            P5::PubAck(_) | P5::PubComp(_) => true,
+            P5::PubRec(r) => pubrec_refuses(r),
+            _ => false,
+        };
+        if last {
+            self.inflight_in = self.inflight_in.saturating_sub(1);
+        }
         if self.held.is_empty() && ticket <= self.durable {
             self.out.device.push(p);
         } else {
@@ -550,40 +772,57 @@ impl Relay {
         }
     }
 
-    fn subscribe(&mut self, s: v4::Subscribe) {
+    fn subscribe(&mut self, s: v5::Subscribe) {
+        let id = s
+            .properties
+            .as_ref()
+            .and_then(|p| p.id)
+            .and_then(|i| u32::try_from(i).ok());
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut forward = Vec::new();
         for f in s.filters {
-            let ok = topic::validate_filter(&f.path).is_ok();
+            let shared = f.path.starts_with(topic::SHARE_PREFIX);
+            let inner = topic::inner_filter(&f.path);
+            // A shared filter must name a group; no local on one is a protocol error
+            // (MQTT-3.8.3-4): refused like a malformed filter.
+            let ok = topic::validate_filter(inner).is_ok()
+                && (!shared || (inner.len() < f.path.len() && !f.nolocal));
             if !ok {
-                codes.push(Some(v4::SubscribeReasonCode::Failure));
+                codes.push(Some(v5::SubscribeReasonCode::TopicFilterInvalid));
                 continue;
             }
             let name = self.id.name.as_deref();
             if !self
                 .ctx
                 .acl
-                .allows(name, &self.id.client_id, Action::Subscribe, &f.path)
+                .allows(name, &self.id.client_id, Action::Subscribe, inner)
             {
                 self.ctx.metrics.deny(Action::Subscribe);
-                codes.push(Some(v4::SubscribeReasonCode::Failure));
+                codes.push(Some(v5::SubscribeReasonCode::NotAuthorized));
                 continue;
             }
             let audience = self.ctx.ingest.audience();
-            if !audience.has(&self.audience_key, &f.path)
+            if !audience.has(&self.audience_key, inner)
                 && audience.count(&self.audience_key) >= self.ctx.max_subscriptions
             {
                 self.ctx.metrics.limit("subscriptions");
                 debug!(client_id = %self.id.client_id, filter = %f.path, "subscription over broker.max_subscriptions_per_client refused");
-                codes.push(Some(v4::SubscribeReasonCode::Failure));
+                codes.push(Some(v5::SubscribeReasonCode::QuotaExceeded));
                 continue;
             }
             // Known before rumqttd has it: a publish racing the SUBSCRIBE goes to rumqttd.
-            audience.add(&self.audience_key, &f.path);
+            audience.add(&self.audience_key, inner);
             codes.push(None);
             let held = self.filters.get(&f.path).map(|g| g.upstream);
+            let retained = !shared
+                && match f.retain_forward_rule {
+                    v5::RetainForwardRule::OnEverySubscribe => true,
+                    v5::RetainForwardRule::OnNewSubscribe => held.is_none(),
+                    v5::RetainForwardRule::Never => false,
+                };
+            let qos = q4(f.qos);
             let kept = match held {
-                Some(q) if (q as u8) < (f.qos as u8) => {
+                Some(q) if (q as u8) < (qos as u8) => {
                     // A higher QoS than rumqttd's subscription: rumqttd 0.20 would keep the
                     // old one, so the front end drops it first. The SUBSCRIBE at the old QoS
                     // only re-registers the filter under this connection (a resumed
@@ -601,28 +840,47 @@ impl Relay {
                 }
                 held => held,
             };
-            forward.push((f.path, f.qos, kept));
+            forward.push(Asked {
+                filter: f.path,
+                qos,
+                kept,
+                no_local: f.nolocal,
+                retain_as_published: f.preserve_retain,
+                id,
+                retained,
+            });
         }
         if forward.is_empty() {
             let codes = codes.into_iter().flatten().collect();
-            self.out
-                .device
-                .push(P4::SubAck(v4::SubAck::new(s.pkid, codes)));
+            self.out.device.push(P5::SubAck(v5::SubAck {
+                pkid: s.pkid,
+                return_codes: codes,
+                properties: None,
+            }));
             return;
         }
-        let asked: Vec<(String, QoS)> = forward.iter().map(|(f, q, _)| (f.clone(), *q)).collect();
+        let asked: Vec<(String, QoS)> = forward.iter().map(|a| (a.filter.clone(), a.qos)).collect();
         let packet = upstream::subscribe(s.pkid, &asked);
         self.pending_sub.insert(s.pkid, (codes, forward));
         self.out.broker.push(packet);
     }
 
-    fn unsubscribe(&mut self, u: v4::Unsubscribe) {
-        for f in &u.topics {
-            self.filters.remove(f);
-        }
+    fn unsubscribe(&mut self, u: v5::Unsubscribe) {
+        let reasons = u
+            .filters
+            .iter()
+            .map(|f| match self.filters.remove(f) {
+                Some(_) => v5::UnsubAckReason::Success,
+                None => v5::UnsubAckReason::NoSubscriptionExisted,
+            })
+            .collect();
         self.lowered = any_lowered(&self.filters);
-        for f in &u.topics {
-            self.ctx.ingest.audience().remove(&self.audience_key, f);
+        self.options = any_options(&self.filters);
+        for f in &u.filters {
+            self.ctx
+                .ingest
+                .audience()
+                .remove(&self.audience_key, topic::inner_filter(f));
         }
         // rumqttd 0.20 answers no UNSUBACK for a filter it does not find under this
         // connection, which is every filter of a resumed persistent session, and goes on
@@ -630,12 +888,14 @@ impl Relay {
         // the session no longer subscribes to (see `deliver`).
         self.unsubacked.insert(u.pkid);
         self.check_filters = true;
-        self.out
-            .device
-            .push(P4::UnsubAck(v4::UnsubAck::new(u.pkid)));
+        self.out.device.push(P5::UnsubAck(v5::UnsubAck {
+            pkid: u.pkid,
+            reasons,
+            properties: None,
+        }));
         self.out.broker.push(P5::Unsubscribe(v5::Unsubscribe {
             pkid: u.pkid,
-            filters: u.topics,
+            filters: u.filters,
             properties: None,
         }));
     }
@@ -664,31 +924,28 @@ impl Relay {
             P5::Publish(p) => self.deliver(p),
             P5::PubAck(a) => {
                 let t = self.awaiting.remove(&a.pkid).unwrap_or(0);
-                self.answer(t, P4::PubAck(v4::PubAck::new(a.pkid)));
+                self.answer(t, P5::PubAck(v5::PubAck::new(a.pkid, None)));
             }
             P5::PubRec(a) => {
                 let t = self.awaiting.remove(&a.pkid).unwrap_or(0);
-                self.answer(t, P4::PubRec(v4::PubRec::new(a.pkid)));
+                self.answer(t, P5::PubRec(v5::PubRec::new(a.pkid, None)));
             }
-            P5::PubComp(a) => self.answer(0, P4::PubComp(v4::PubComp::new(a.pkid))),
+            P5::PubComp(a) => self.answer(0, P5::PubComp(v5::PubComp::new(a.pkid, None))),
             P5::PubRel(r) => {
                 if self.answer_rel.remove(&r.pkid) {
                     self.comp_up(r.pkid);
                 } else {
-                    self.out.device.push(P4::PubRel(v4::PubRel::new(r.pkid)));
+                    self.out
+                        .device
+                        .push(P5::PubRel(v5::PubRel::new(r.pkid, None)));
                 }
             }
             P5::SubAck(a) if self.internal.remove(&a.pkid) => {}
             P5::UnsubAck(a) if self.internal.remove(&a.pkid) => {}
             P5::SubAck(a) => self.suback(a),
+            // Every UNSUBSCRIBE was answered already (see `unsubscribe`).
             P5::UnsubAck(a) => {
-                if self.unsubacked.remove(&a.pkid) {
-                    // Answered already (see `unsubscribe`).
-                    return Ok(());
-                }
-                self.out
-                    .device
-                    .push(P4::UnsubAck(v4::UnsubAck::new(a.pkid)));
+                self.unsubacked.remove(&a.pkid);
             }
             P5::PingResp(_) => {}
             P5::Disconnect(_) => return Err(End::BrokerGone),
@@ -705,37 +962,45 @@ impl Relay {
         };
         let mut theirs = a.return_codes.into_iter();
         let mut retained = Vec::new();
-        for ((filter, _, kept), code) in forwarded.into_iter().zip(theirs.by_ref()) {
-            let c = match code {
-                v5::SubscribeReasonCode::Success(q) => {
-                    let q = upstream::q4(q);
-                    retained.push((q, self.ctx.ingest.retained_matching(&filter)));
-                    let g = Granted {
-                        upstream: kept.unwrap_or(q),
-                        device: q,
-                    };
-                    self.filters.insert(filter, g);
-                    v4::SubscribeReasonCode::Success(q)
+        for (asked, code) in forwarded.into_iter().zip(theirs.by_ref()) {
+            if let v5::SubscribeReasonCode::Success(q) = code {
+                let q = q4(q);
+                if asked.retained {
+                    let kept = self
+                        .ctx
+                        .ingest
+                        .retained_matching(&asked.filter, upstream::now_ms());
+                    retained.push((q, kept));
                 }
-                _ => v4::SubscribeReasonCode::Failure,
-            };
+                let g = Granted {
+                    upstream: asked.kept.unwrap_or(q),
+                    device: q,
+                    no_local: asked.no_local,
+                    retain_as_published: asked.retain_as_published,
+                    id: asked.id,
+                };
+                self.filters.insert(asked.filter, g);
+            }
             if let Some(slot) = codes.iter_mut().find(|c| c.is_none()) {
-                *slot = Some(c);
+                *slot = Some(code);
             }
         }
         self.lowered = any_lowered(&self.filters);
+        self.options = any_options(&self.filters);
         let codes = codes
             .into_iter()
-            .map(|c| c.unwrap_or(v4::SubscribeReasonCode::Failure))
+            .map(|c| c.unwrap_or(v5::SubscribeReasonCode::Unspecified))
             .collect();
-        self.out
-            .device
-            .push(P4::SubAck(v4::SubAck::new(a.pkid, codes)));
+        self.out.device.push(P5::SubAck(v5::SubAck {
+            pkid: a.pkid,
+            return_codes: codes,
+            properties: None,
+        }));
         // After the SUBACK: every retained message the granted filters match, sent by the
         // front end (rumqttd's own retained deliveries are not passed on).
         let mut msgs = retained_out::merge(retained);
         if self.ctx.acl.filters_deliveries() {
-            msgs.retain(|(t, _, _)| self.may_receive(t));
+            msgs.retain(|(_, k)| self.may_receive(&k.topic));
         }
         self.retained_out.queue(msgs);
     }
@@ -767,18 +1032,89 @@ impl Relay {
         }
     }
 
+    /// The device answered rumqttd's delivery `pkid` for good: its place in the device's
+    /// receive maximum is free, and a parked delivery may go.
+    fn answered_out(&mut self, pkid: u16) {
+        if self.live_out.remove(&pkid) {
+            while let Some(p) = self.parked.front() {
+                if p.qos != q5(QoS::AtMostOnce) && self.room() == 0 {
+                    break;
+                }
+                if let Some(p) = self.parked.pop_front() {
+                    self.emit(p);
+                }
+            }
+        }
+    }
+
+    /// Puts the subscription identifiers of the session's filters that match `p`'s topic on
+    /// it (MQTT-3.3.4-3), when the device gave any.
+    fn identify(&self, p: &mut v5::Publish) {
+        let topic = String::from_utf8_lossy(&p.topic);
+        let mut ids: Vec<usize> = self
+            .filters
+            .iter()
+            .filter(|(f, _)| topic::matches(topic::inner_filter(f), &topic))
+            .filter_map(|(_, g)| g.id.map(|i| i as usize))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort_unstable();
+        p.properties
+            .get_or_insert_with(Default::default)
+            .subscription_identifiers = ids;
+    }
+
+    /// Whether `p` fits in the device's maximum packet size.
+    fn fits(&self, p: &v5::Publish) -> bool {
+        match self.peer.max_packet {
+            None => true,
+            Some(max) => {
+                let len = p.size();
+                // The fixed header: the type byte and 1-4 bytes of remaining length.
+                let head = 1 + match len {
+                    0..=127 => 1,
+                    128..=16_383 => 2,
+                    16_384..=2_097_151 => 3,
+                    _ => 4,
+                };
+                len + head <= max as usize
+            }
+        }
+    }
+
+    /// A delivery to the device, or parked behind those already parked, or while the
+    /// device's receive maximum is full.
+    fn send(&mut self, p: v5::Publish) {
+        if !self.parked.is_empty() || (p.qos != q5(QoS::AtMostOnce) && self.room() == 0) {
+            self.parked.push_back(p);
+            return;
+        }
+        self.emit(p);
+    }
+
+    /// Sends a delivery now.
+    fn emit(&mut self, p: v5::Publish) {
+        if p.qos != q5(QoS::AtMostOnce) {
+            self.live_out.insert(p.pkid);
+        }
+        self.out.device.push(P5::Publish(p));
+    }
+
     /// Delivers a message from rumqttd at min(publisher's QoS, granted QoS).
     fn deliver(&mut self, p: v5::Publish) {
-        let (mut p, origin) = upstream::delivery(p);
-        let delivered = p.qos;
+        let (mut p, marks) = upstream::delivery(p);
+        let delivered = q4(p.qos);
         if delivered != QoS::AtMostOnce {
             self.up_acks.delivered(p.pkid);
         }
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
         // rumqttd sets the retain flag only on the retained messages it sends a new
         // subscription (live deliveries have it cleared): the front end sends those itself,
         // all of them (see `retained_out`).
         let retained = p.retain;
-        let denied = !retained && self.ctx.acl.filters_deliveries() && !self.may_receive(&p.topic);
+        let denied = !retained && self.ctx.acl.filters_deliveries() && !self.may_receive(&topic);
         if denied {
             self.ctx.metrics.deny(Action::Deliver);
         }
@@ -790,11 +1126,25 @@ impl Relay {
                 .ctx
                 .ingest
                 .audience()
-                .client_reaches(&self.audience_key, &p.topic);
-        if retained || denied || unsubscribed {
+                .client_reaches(&self.audience_key, &topic);
+        // No local: the session's own publish, and every filter of it that matches says so.
+        let matching = |f: &(&String, &Granted)| topic::matches(topic::inner_filter(f.0), &topic);
+        let not_local = self.options
+            && marks.origin.as_deref() == Some(self.id.client_id.as_str())
+            && self
+                .filters
+                .iter()
+                .filter(matching)
+                .all(|(_, g)| g.no_local);
+        let too_large = !self.fits(&p);
+        if too_large {
+            self.ctx.metrics.too_large_for_device.inc();
+        }
+        if retained || denied || unsubscribed || not_local || too_large {
             // One of rumqttd's retained deliveries, a topic this device may not receive
-            // (`deny_subscribe`) that a wider filter matched, or one it no longer subscribes
-            // to: answered upstream here, never sent to the device.
+            // (`deny_subscribe`) that a wider filter matched, one it no longer subscribes
+            // to, its own on a no-local filter, or one it cannot take:
+            // answered upstream here, never sent to the device.
             match delivered {
                 QoS::AtMostOnce => {}
                 QoS::AtLeastOnce => self.ack_up(p.pkid, Ack::PubAck),
@@ -806,9 +1156,20 @@ impl Relay {
             return;
         }
         // A live message is newer than a retained one of its topic still waiting to go.
-        self.retained_out.superseded(&p.topic);
+        self.retained_out.superseded(&topic);
+        if self.options && marks.retained {
+            // Retain as published, on a filter that asked for it.
+            p.retain = self
+                .filters
+                .iter()
+                .filter(matching)
+                .any(|(_, g)| g.retain_as_published);
+        }
+        if self.options {
+            self.identify(&mut p);
+        }
         // Untagged messages come from the gateway's own links: rumqttd's QoS stands.
-        let mut want = match origin {
+        let mut want = match marks.origin_qos {
             Some(o) if o < delivered => o,
             _ => delivered,
         };
@@ -818,7 +1179,7 @@ impl Relay {
             let granted = self
                 .filters
                 .iter()
-                .filter(|(f, _)| topic::matches(f, &p.topic))
+                .filter(matching)
                 .map(|(_, g)| g.device)
                 .reduce(|a, b| if b > a { b } else { a });
             if let Some(g) = granted.filter(|g| *g < want) {
@@ -831,25 +1192,58 @@ impl Relay {
             match (delivered, want) {
                 (QoS::AtLeastOnce, _) => {
                     self.ack_up(pkid, Ack::PubAck);
-                    p.qos = QoS::AtMostOnce;
+                    p.qos = q5(QoS::AtMostOnce);
                     p.pkid = 0;
                 }
                 (QoS::ExactlyOnce, QoS::AtMostOnce) => {
                     self.answer_rel.insert(pkid);
                     self.ack_up(pkid, Ack::PubRec);
-                    p.qos = QoS::AtMostOnce;
+                    p.qos = q5(QoS::AtMostOnce);
                     p.pkid = 0;
                 }
                 (QoS::ExactlyOnce, _) => {
                     // Keep rumqttd's packet id busy until the device acknowledged.
                     self.down21.insert(pkid);
-                    p.qos = QoS::AtLeastOnce;
+                    p.qos = q5(QoS::AtLeastOnce);
                 }
                 _ => {}
             }
         }
-        self.out.device.push(P4::Publish(p));
+        self.send(p);
     }
+}
+
+/// Whether some filter has a subscription option deliveries must look at.
+fn any_options(filters: &Filters) -> bool {
+    filters
+        .values()
+        .any(|g| g.no_local || g.retain_as_published || g.id.is_some())
+}
+
+/// Whether an MQTT 5 PUBREC refuses the message (its flow ends there).
+fn pubrec_refuses(r: &v5::PubRec) -> bool {
+    !matches!(
+        r.reason,
+        v5::PubRecReason::Success | v5::PubRecReason::NoMatchingSubscribers
+    )
+}
+
+/// A PUBACK with a reason code.
+fn puback_with(pkid: u16, reason: v5::PubAckReason) -> P5 {
+    P5::PubAck(v5::PubAck {
+        pkid,
+        reason,
+        properties: None,
+    })
+}
+
+/// A PUBREC with a reason code.
+fn pubrec_with(pkid: u16, reason: v5::PubRecReason) -> P5 {
+    P5::PubRec(v5::PubRec {
+        pkid,
+        reason,
+        properties: None,
+    })
 }
 
 #[cfg(test)]
@@ -857,6 +1251,7 @@ mod tests {
     use std::thread::JoinHandle;
 
     use prometheus_client::metrics::counter::Counter;
+    use rumqttc::mqttbytes::v4::{self, Packet as P4};
     use rumqttc::v5::mqttbytes::QoS as Q5;
     use tokio::sync::Semaphore;
     use tokio_util::sync::CancellationToken;
@@ -865,7 +1260,7 @@ mod tests {
     use crate::frontend::auth::{Acl, Users};
     use crate::frontend::config::{AclConfig, AclRules};
     use crate::frontend::metrics::BrokerMetrics;
-    use crate::frontend::Upstream;
+    use crate::frontend::{v311, Upstream};
     use crate::ingest::{Ingest, Routing};
     use crate::metrics::Registry;
     use crate::password::LoginGuard;
@@ -983,13 +1378,32 @@ mod tests {
             name: Some("dev1".into()),
             client_id: "dev1".into(),
         };
-        Relay::new(ctx.clone(), id, "dev1".into(), None, keep_alive, 0, now)
+        Relay::new(
+            ctx.clone(),
+            id,
+            "dev1".into(),
+            None,
+            (keep_alive, Peer::V311),
+            0,
+            now,
+        )
+    }
+
+    /// The relay fed a 3.1.1 device's packets (as its codec converts them).
+    trait Dev4 {
+        fn dev4(&mut self, p: P4, now: Instant) -> Result<(), End>;
+    }
+
+    impl Dev4 for Relay {
+        fn dev4(&mut self, p: P4, now: Instant) -> Result<(), End> {
+            self.on_device(v311::to_v5(p), now)
+        }
     }
 
     /// What the relay queued for the device and for rumqttd since the last call.
     fn out(r: &mut Relay) -> (Vec<P4>, Vec<P5>) {
         (
-            std::mem::take(&mut r.out.device),
+            r.out.device.drain(..).filter_map(v311::to_v4).collect(),
             std::mem::take(&mut r.out.broker),
         )
     }
@@ -1005,7 +1419,7 @@ mod tests {
     fn delivery(topic: &str, origin: QoS, qos: Q5, pkid: u16) -> P5 {
         let mut p = v4::Publish::new(topic, origin, "v");
         p.pkid = pkid;
-        let P5::Publish(mut p) = upstream::publish(p) else {
+        let P5::Publish(mut p) = upstream::publish(v311::publish_v5(p), None) else {
             unreachable!()
         };
         p.qos = qos;
@@ -1059,12 +1473,9 @@ mod tests {
         let t0 = Instant::now();
         let mut r = relay(&ctx, 0, t0);
         // Cloud-bound QoS 1 and 2 (journal tickets 1 and 2), then a local one (no ticket).
-        r.on_device(publish("up/a", QoS::AtLeastOnce, 1), t0)
-            .unwrap();
-        r.on_device(publish("up/b", QoS::ExactlyOnce, 2), t0)
-            .unwrap();
-        r.on_device(publish("local/c", QoS::AtLeastOnce, 3), t0)
-            .unwrap();
+        r.dev4(publish("up/a", QoS::AtLeastOnce, 1), t0).unwrap();
+        r.dev4(publish("up/b", QoS::ExactlyOnce, 2), t0).unwrap();
+        r.dev4(publish("local/c", QoS::AtLeastOnce, 3), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert!(dev.is_empty());
         assert_eq!(
@@ -1089,8 +1500,7 @@ mod tests {
         assert_eq!(out(&mut r).0, [pubrec(2), puback(3)]);
         assert!(!r.awaits_durable());
         // Nothing held: an answer whose ticket is durable leaves at once.
-        r.on_device(publish("up/d", QoS::AtLeastOnce, 4), t0)
-            .unwrap();
+        r.dev4(publish("up/d", QoS::AtLeastOnce, 4), t0).unwrap();
         r.durable(3);
         r.on_broker(up_puback(4)).unwrap();
         assert_eq!(out(&mut r).0, [puback(4)]);
@@ -1103,10 +1513,8 @@ mod tests {
         let ctx = context(&q, AclConfig::default(), None);
         let t0 = Instant::now();
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(publish("up/a", QoS::AtLeastOnce, 1), t0)
-            .unwrap();
-        r.on_device(publish("up/a", QoS::AtMostOnce, 0), t0)
-            .unwrap();
+        r.dev4(publish("up/a", QoS::AtLeastOnce, 1), t0).unwrap();
+        r.dev4(publish("up/a", QoS::AtMostOnce, 0), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert!(up.is_empty(), "{up:?}");
         // The PUBACK waits for ticket 1, as rumqttd's would have.
@@ -1116,10 +1524,8 @@ mod tests {
         assert_eq!(metric(&ctx, "bypassed_total"), 2);
         // While rumqttd's answer to an earlier PUBLISH is awaited, the front end may not
         // answer ahead of it: the next one without a reader goes through rumqttd too.
-        r.on_device(publish("up/seen", QoS::AtLeastOnce, 2), t0)
-            .unwrap();
-        r.on_device(publish("up/a", QoS::AtLeastOnce, 3), t0)
-            .unwrap();
+        r.dev4(publish("up/seen", QoS::AtLeastOnce, 2), t0).unwrap();
+        r.dev4(publish("up/a", QoS::AtLeastOnce, 3), t0).unwrap();
         let (_, up) = out(&mut r);
         assert_eq!(published(&up), [(2, Q5::AtLeastOnce), (3, Q5::AtLeastOnce)]);
         assert_eq!(metric(&ctx, "bypassed_total"), 2);
@@ -1128,7 +1534,7 @@ mod tests {
         r.on_broker(up_puback(3)).unwrap();
         let mut kept = v4::Publish::new("up/a", QoS::AtLeastOnce, "v");
         (kept.pkid, kept.retain) = (5, true);
-        r.on_device(P4::Publish(kept), t0).unwrap();
+        r.dev4(P4::Publish(kept), t0).unwrap();
         assert_eq!(published(&out(&mut r).1), [(5, Q5::AtLeastOnce)]);
     }
 
@@ -1139,8 +1545,7 @@ mod tests {
         let ctx = context(&q, AclConfig::default(), None);
         let t0 = Instant::now();
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(publish("local/x", QoS::ExactlyOnce, 5), t0)
-            .unwrap();
+        r.dev4(publish("local/x", QoS::ExactlyOnce, 5), t0).unwrap();
         assert_eq!(published(&out(&mut r).1), [(5, Q5::ExactlyOnce)]);
         r.on_broker(up_pubrec(5)).unwrap();
         assert_eq!(out(&mut r).0, [pubrec(5)]);
@@ -1149,24 +1554,22 @@ mod tests {
             unreachable!()
         };
         again.dup = true;
-        r.on_device(P4::Publish(again), t0).unwrap();
+        r.dev4(P4::Publish(again), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert_eq!(dev, [pubrec(5)]);
         assert!(up.is_empty(), "forwarded twice: {up:?}");
         assert_eq!(metric(&ctx, "qos2_duplicates_total"), 1);
         // A retry of a cloud-bound one whose first PUBREC is still held goes behind it.
-        r.on_device(publish("up/y", QoS::ExactlyOnce, 6), t0)
-            .unwrap();
+        r.dev4(publish("up/y", QoS::ExactlyOnce, 6), t0).unwrap();
         r.on_broker(up_pubrec(6)).unwrap();
-        r.on_device(publish("up/y", QoS::ExactlyOnce, 6), t0)
-            .unwrap();
+        r.dev4(publish("up/y", QoS::ExactlyOnce, 6), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert!(dev.is_empty());
         assert_eq!(published(&up), [(6, Q5::ExactlyOnce)]);
         r.durable(1);
         assert_eq!(out(&mut r).0, [pubrec(6), pubrec(6)]);
         // The PUBREL releases the message upstream once.
-        r.on_device(P4::PubRel(v4::PubRel::new(5)), t0).unwrap();
+        r.dev4(P4::PubRel(v4::PubRel::new(5)), t0).unwrap();
         assert_eq!(out(&mut r).1, [P5::PubRel(v5::PubRel::new(5, None))]);
     }
 
@@ -1177,13 +1580,13 @@ mod tests {
         let ctx = context(&q, acl(&["field/%u/#"], &["#"]), None);
         let t0 = Instant::now();
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(publish("field/dev2/t", QoS::AtMostOnce, 0), t0)
+        r.dev4(publish("field/dev2/t", QoS::AtMostOnce, 0), t0)
             .unwrap();
-        r.on_device(publish("field/dev2/t", QoS::AtLeastOnce, 1), t0)
+        r.dev4(publish("field/dev2/t", QoS::AtLeastOnce, 1), t0)
             .unwrap();
-        r.on_device(publish("field/dev2/t", QoS::ExactlyOnce, 2), t0)
+        r.dev4(publish("field/dev2/t", QoS::ExactlyOnce, 2), t0)
             .unwrap();
-        r.on_device(P4::PubRel(v4::PubRel::new(2)), t0).unwrap();
+        r.dev4(P4::PubRel(v4::PubRel::new(2)), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert_eq!(
             dev,
@@ -1192,7 +1595,7 @@ mod tests {
         assert!(up.is_empty(), "a denied publish went to rumqttd: {up:?}");
         assert_eq!(metric(&ctx, r#"denied_total{action="publish"}"#), 3);
         // Its own subtree is allowed.
-        r.on_device(publish("field/dev1/t", QoS::AtLeastOnce, 3), t0)
+        r.dev4(publish("field/dev1/t", QoS::AtLeastOnce, 3), t0)
             .unwrap();
         assert_eq!(published(&out(&mut r).1), [(3, Q5::AtLeastOnce)]);
     }
@@ -1211,7 +1614,7 @@ mod tests {
                 v4::SubscribeFilter::new("allowed/b".into(), QoS::ExactlyOnce),
             ],
         };
-        r.on_device(P4::Subscribe(s), t0).unwrap();
+        r.dev4(P4::Subscribe(s), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert!(dev.is_empty());
         let [P5::Subscribe(s)] = &up[..] else {
@@ -1265,7 +1668,7 @@ mod tests {
         // Subscribed at QoS 2, then again at QoS 1: rumqttd keeps delivering at 2.
         for (pkid, qos) in [(1, QoS::ExactlyOnce), (2, QoS::AtLeastOnce)] {
             let s = v4::Subscribe::new("t/#", qos);
-            r.on_device(P4::Subscribe(v4::Subscribe { pkid, ..s }), t0)
+            r.dev4(P4::Subscribe(v4::Subscribe { pkid, ..s }), t0)
                 .unwrap();
             r.on_broker(P5::SubAck(v5::SubAck {
                 pkid,
@@ -1294,7 +1697,7 @@ mod tests {
         assert!(up.is_empty(), "answered out of rumqttd's order: {up:?}");
         assert_eq!(metric(&ctx, "downgraded_total"), 2);
         // The device's PUBACK for 1 becomes PUBREC upstream, and 2's follows it.
-        r.on_device(puback(1), t0).unwrap();
+        r.dev4(puback(1), t0).unwrap();
         assert_eq!(out(&mut r).1, [up_pubrec(1), up_pubrec(2)]);
         // rumqttd's PUBRELs are the front end's to complete, again in order.
         r.on_broker(P5::PubRel(v5::PubRel::new(2, None))).unwrap();
@@ -1320,7 +1723,7 @@ mod tests {
         let ctx = context(&q, AclConfig::default(), None);
         let t0 = Instant::now();
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(
+        r.dev4(
             P4::Subscribe(v4::Subscribe::new("t/#", QoS::AtLeastOnce)),
             t0,
         )
@@ -1330,7 +1733,7 @@ mod tests {
             pkid: 9,
             topics: vec!["t/#".into()],
         };
-        r.on_device(P4::Unsubscribe(u), t0).unwrap();
+        r.dev4(P4::Unsubscribe(u), t0).unwrap();
         let (dev, up) = out(&mut r);
         assert_eq!(dev, [P4::UnsubAck(v4::UnsubAck::new(9))]);
         assert!(matches!(&up[..], [P5::Unsubscribe(u)] if u.pkid == 9 && u.filters == ["t/#"]));
@@ -1358,14 +1761,14 @@ mod tests {
         let mut r = relay(&ctx, 10, t0);
         // Driven as the session drives it: sleep until the deadline, then tick.
         tokio::time::sleep(Duration::from_secs(9)).await;
-        r.on_device(P4::PingReq, Instant::now()).unwrap();
+        r.dev4(P4::PingReq, Instant::now()).unwrap();
         assert_eq!(out(&mut r).0, [P4::PingResp]);
         tokio::time::sleep_until(r.deadline()).await;
         assert_eq!(Instant::now() - t0, Duration::from_secs(9 + 15));
         assert_eq!(r.tick(Instant::now()), Err(End::KeepaliveTimeout));
         // Just before it, nothing happens.
         let mut r = relay(&ctx, 10, t0);
-        r.on_device(P4::PingReq, t0).unwrap();
+        r.dev4(P4::PingReq, t0).unwrap();
         assert_eq!(r.tick(t0 + Duration::from_millis(14_999)), Ok(()));
         assert!(out(&mut r).1.is_empty());
     }
@@ -1399,16 +1802,14 @@ mod tests {
         // drop: answered as if taken, never forwarded, counted.
         let ctx = context(&q, AclConfig::default(), one_per_s(RateLimitPolicy::Drop));
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(publish("local/a", QoS::AtLeastOnce, 1), t0)
-            .unwrap();
-        r.on_device(publish("local/a", QoS::AtLeastOnce, 2), t1)
-            .unwrap();
+        r.dev4(publish("local/a", QoS::AtLeastOnce, 1), t0).unwrap();
+        r.dev4(publish("local/a", QoS::AtLeastOnce, 2), t1).unwrap();
         let (dev, up) = out(&mut r);
         assert_eq!(published(&up), [(1, Q5::AtLeastOnce)]);
         assert_eq!(dev, [puback(2)]);
         assert_eq!(metric(&ctx, r#"rate_limited_total{policy="drop"}"#), 1);
         // A second later the bucket has a token again.
-        r.on_device(
+        r.dev4(
             publish("local/a", QoS::AtLeastOnce, 3),
             t0 + Duration::from_secs(2),
         )
@@ -1421,10 +1822,9 @@ mod tests {
             one_per_s(RateLimitPolicy::Disconnect),
         );
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(publish("local/a", QoS::AtMostOnce, 0), t0)
-            .unwrap();
+        r.dev4(publish("local/a", QoS::AtMostOnce, 0), t0).unwrap();
         assert_eq!(
-            r.on_device(publish("local/a", QoS::AtMostOnce, 0), t1),
+            r.dev4(publish("local/a", QoS::AtMostOnce, 0), t1),
             Err(End::RateLimited)
         );
         // slow_down: forwarded, then the device is not read until it is under the rate.
@@ -1434,11 +1834,9 @@ mod tests {
             one_per_s(RateLimitPolicy::SlowDown),
         );
         let mut r = relay(&ctx, 0, t0);
-        r.on_device(publish("local/a", QoS::AtMostOnce, 0), t0)
-            .unwrap();
+        r.dev4(publish("local/a", QoS::AtMostOnce, 0), t0).unwrap();
         assert!(r.reads_device());
-        r.on_device(publish("local/a", QoS::AtMostOnce, 0), t1)
-            .unwrap();
+        r.dev4(publish("local/a", QoS::AtMostOnce, 0), t1).unwrap();
         assert_eq!(published(&out(&mut r).1).len(), 2);
         assert!(!r.reads_device());
         let Next::Throttle(wait) = r.next_action() else {
@@ -1471,12 +1869,12 @@ mod tests {
         ];
         for p in bad {
             let what = format!("{p:?}");
-            assert_eq!(r.on_device(p, t0), Err(End::ProtocolViolation), "{what}");
+            assert_eq!(r.dev4(p, t0), Err(End::ProtocolViolation), "{what}");
         }
         // Nothing goes upstream, so rumqttd publishes the will.
         assert!(out(&mut r).1.is_empty());
         // DISCONNECT ends the session too, and goes upstream (rumqttd drops the will).
-        assert_eq!(r.on_device(P4::Disconnect, t0), Err(End::Disconnect));
+        assert_eq!(r.dev4(P4::Disconnect, t0), Err(End::Disconnect));
         assert!(matches!(&out(&mut r).1[..], [P5::Disconnect(_)]));
         // rumqttd closing its side ends it as well.
         let d = P5::Disconnect(v5::Disconnect::new(
@@ -1493,8 +1891,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = relay(&ctx, 0, t0);
         assert!(r.reads_device());
-        r.on_device(publish("up/a", QoS::AtLeastOnce, 1), t0)
-            .unwrap();
+        r.dev4(publish("up/a", QoS::AtLeastOnce, 1), t0).unwrap();
         // Still forwarded (rumqttd's answer is held anyway), but nothing more is read.
         assert_eq!(published(&out(&mut r).1), [(1, Q5::AtLeastOnce)]);
         assert!(!r.reads_device());

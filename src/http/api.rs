@@ -1,4 +1,5 @@
-//! The operator page's JSON API, `GET /api/v1/{status,devices,clients,ota,config}`
+//! The operator page's JSON API, `GET /api/v1/{status,devices,clients,ota,config}`,
+//! `GET /api/v1/dead-letters` and its one write, `POST /api/v1/dead-letters/drop`
 //! (docs/api.md is its contract; the two must agree).
 //!
 //! Every document is built per request from state other parts already keep: the queue's
@@ -6,7 +7,8 @@
 //! the device [`Board`], the front end's client table, the OTA manager's answer, and the
 //! configuration text computed once at start. Nothing here is on the data path, and the
 //! documents are bounded by what they describe (devices, tags and clients are bounded by the
-//! configuration and `broker.max_connections`; the history by its ring).
+//! configuration and `broker.max_connections`; the history by its ring; the dead letters
+//! are read a page at a time, at most [`DEAD_LETTER_PAGE_MAX`] per request).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +51,10 @@ pub struct PageSource {
 }
 
 /// The metric families whose labelled series are losses: (family as rendered, `what`).
-const LOSSES: [(&str, &str); 6] = [
+const LOSSES: [(&str, &str); 7] = [
     ("fieldgate_dropped_total", "dropped"),
+    // Kept on disk, but not delivered: the cloud refused them for good.
+    ("fieldgate_bridge_dead_letters_total", "dead_letter"),
     ("fieldgate_store_refusals_total", "refused"),
     ("fieldgate_broker_refused_total", "connection_refused"),
     ("fieldgate_broker_denied_total", "denied"),
@@ -126,6 +130,125 @@ pub fn status(h: &HealthSource, p: &PageSource) -> Value {
             "points": p.history.points(),
         },
     })
+}
+
+/// Dead letters listed per request when `limit` is not given.
+pub const DEAD_LETTER_PAGE: usize = 100;
+/// Most dead letters listed per request.
+pub const DEAD_LETTER_PAGE_MAX: usize = 1000;
+
+/// `/api/v1/dead-letters?after=SEQ&limit=N`: the records the cloud refused for good, oldest
+/// first, `limit` (default [`DEAD_LETTER_PAGE`], at most [`DEAD_LETTER_PAGE_MAX`]) of those
+/// with a sequence number above `after` (default 0); `next_after` continues the listing.
+/// `Err`: the status and body of a bad request or a store that cannot be read.
+pub async fn dead_letters(
+    store: &Arc<crate::store::Store>,
+    query: &str,
+) -> Result<Value, (&'static str, Value)> {
+    let mut after = 0u64;
+    let mut limit = DEAD_LETTER_PAGE;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = |fix: &str| {
+            (
+                "400 Bad Request",
+                json!({ "error": format!("{k}={v:?}: {fix}") }),
+            )
+        };
+        match k {
+            "after" => {
+                after = v
+                    .parse()
+                    .map_err(|_| bad("a sequence number, e.g. after=0"))?
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=DEAD_LETTER_PAGE_MAX).contains(n))
+                    .ok_or_else(|| bad("a number from 1 to 1000, e.g. limit=100"))?
+            }
+            _ => return Err(bad("unknown parameter; use after and limit")),
+        }
+    }
+    let s = store.clone();
+    let page = tokio::task::spawn_blocking(move || s.dead_letters(after, limit))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let page = page.map_err(|e| ("503 Service Unavailable", json!({ "error": e })))?;
+    let rfc3339 = |ms: u64| {
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string()
+    };
+    let next_after = (page.len() == limit)
+        .then(|| page.last().map(|d| d.seq))
+        .flatten();
+    let items: Vec<Value> = page
+        .iter()
+        .map(|d| {
+            json!({
+                "seq": d.seq,
+                "topic": d.topic,
+                "size": d.size,
+                "retain": d.retain,
+                "accepted_ms": d.accepted_ms,
+                "accepted_at": rfc3339(d.accepted_ms),
+                "refused_ms": d.refused_ms,
+                "refused_at": rfc3339(d.refused_ms),
+                "reason_code": d.reason,
+                "reason": crate::store::dead::reason_name(d.reason),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "kept": store.dead_letter_count(),
+        "dead_letters": items,
+        "next_after": next_after,
+    }))
+}
+
+/// `POST /api/v1/dead-letters/drop` with the JSON body `{"seq": N}`: deletes dead letter `N`
+/// (the one write of the API; an operator has read it and given it up). Only a request with
+/// `Content-Type: application/json` is taken, which a page of another origin cannot send
+/// without the browser asking first. `Err`: the status and body of a refusal.
+pub async fn drop_dead_letter(
+    store: &Arc<crate::store::Store>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Value, (&'static str, Value)> {
+    let json_body = content_type.is_some_and(|c| {
+        c.split(';')
+            .next()
+            .is_some_and(|t| t.trim() == "application/json")
+    });
+    if !json_body {
+        return Err((
+            "415 Unsupported Media Type",
+            json!({ "error": "send Content-Type: application/json with {\"seq\": N}" }),
+        ));
+    }
+    let seq = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(Value::as_u64))
+        .ok_or((
+            "400 Bad Request",
+            json!({ "error": "the body must be {\"seq\": N}, N a dead letter's seq" }),
+        ))?;
+    let s = store.clone();
+    let dropped = tokio::task::spawn_blocking(move || s.drop_dead_letter(seq))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| ("503 Service Unavailable", json!({ "error": e })))?;
+    if !dropped {
+        return Err((
+            "404 Not Found",
+            json!({ "error": format!("no dead letter {seq}") }),
+        ));
+    }
+    tracing::info!(seq, "dead letter dropped by the operator");
+    Ok(json!({ "dropped": seq, "kept": store.dead_letter_count() }))
 }
 
 /// `/api/v1/devices`.

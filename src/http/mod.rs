@@ -462,7 +462,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 fn allowed(path: &str) -> &'static str {
     match path {
         "/login" => "GET, POST",
-        "/logout" => "POST",
+        "/logout" | "/api/v1/dead-letters/drop" => "POST",
         _ => "GET",
     }
 }
@@ -527,6 +527,20 @@ async fn route(shared: &Shared, req: &Request<'_>) -> Answer {
         "/api/v1/config" => Answer::json("200 OK", api::config(page)),
         "/api/v1/ota" => Answer::json("200 OK", api::ota(h).await),
         "/api/v1/session" => Answer::json("200 OK", api::session(access.login.is_some(), user)),
+        "/api/v1/dead-letters/drop" => {
+            let ctype = header(req.head, "content-type");
+            match api::drop_dead_letter(&h.store, ctype, &req.body).await {
+                Ok(v) => Answer::json("200 OK", v),
+                Err((status, v)) => Answer::json(status, v),
+            }
+        }
+        "/api/v1/dead-letters" => {
+            let query = req.target.split_once('?').map_or("", |(_, q)| q);
+            match api::dead_letters(&h.store, query).await {
+                Ok(v) => Answer::json("200 OK", v),
+                Err((status, v)) => Answer::json(status, v),
+            }
+        }
         p if p.starts_with("/api/") => Answer::json(
             "404 Not Found",
             serde_json::json!({"error": "unknown API path; see docs/api.md"}),

@@ -41,6 +41,10 @@ pub struct StoreConfig {
     ///
     /// [`LIVE_HOLD`]: crate::store::journal::LIVE_HOLD
     pub live_window: u64,
+    /// Most dead letters kept (records an MQTT 5 cloud refused for good, see
+    /// [`crate::store::dead`]); beyond it the oldest goes, counted as
+    /// `dropped{reason="dead_letters_full"}`. 0: a refused record is dropped at once.
+    pub max_dead_letters: u64,
 }
 
 impl Default for StoreConfig {
@@ -52,6 +56,7 @@ impl Default for StoreConfig {
             commit_interval: Duration::from_millis(100),
             cache_bytes: 32 * 1024 * 1024,
             live_window: 4096,
+            max_dead_letters: 10_000,
         }
     }
 }

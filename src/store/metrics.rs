@@ -34,6 +34,9 @@ pub enum DropReason {
     Corrupt,
     /// Its PUBLISH would exceed `cloud.max_packet_size`: resending it could never succeed.
     TooLarge,
+    /// A dead letter pushed out by a newer one (`store.max_dead_letters`), or refused with
+    /// `store.max_dead_letters = 0`.
+    DeadLettersFull,
 }
 
 impl DropReason {
@@ -46,6 +49,7 @@ impl DropReason {
             DropReason::Loop => "loop",
             DropReason::Corrupt => "corrupt",
             DropReason::TooLarge => "too_large",
+            DropReason::DeadLettersFull => "dead_letters_full",
         }
     }
 }
@@ -53,13 +57,14 @@ impl DropReason {
 /// The `cause` labels of the store's refusals (see [`super::StoreError::cause`]).
 pub const REFUSAL_CAUSES: [&str; 3] = ["disk_full", "io", "queue_full"];
 
-const DROP_REASONS: [DropReason; 6] = [
+const DROP_REASONS: [DropReason; 7] = [
     DropReason::QueueFull,
     DropReason::Refused,
     DropReason::Expired,
     DropReason::Loop,
     DropReason::Corrupt,
     DropReason::TooLarge,
+    DropReason::DeadLettersFull,
 ];
 
 /// The queue's metrics.
@@ -98,6 +103,10 @@ pub struct StoreMetrics {
     /// Retained messages kept in the store (`fieldgate_broker_retained`: the broker's name,
     /// the store's number).
     pub retained: Gauge,
+    /// Records the cloud refused for good, by reason (`fieldgate_bridge_dead_letters_total`).
+    dead_letters: Family<Labels, Counter>,
+    /// Dead letters kept on disk (`fieldgate_bridge_dead_letters_kept`).
+    pub dead_letters_kept: Gauge,
 }
 
 impl StoreMetrics {
@@ -106,6 +115,11 @@ impl StoreMetrics {
         let m = StoreMetrics::default();
         for reason in DROP_REASONS {
             m.count_drop(reason, 0);
+        }
+        for code in super::dead::PERMANENT_CODES {
+            m.dead_letters
+                .get_or_create(&label("reason", super::dead::reason_name(code)))
+                .inc_by(0);
         }
         for cause in REFUSAL_CAUSES {
             m.store_refusals(cause).inc_by(0);
@@ -119,6 +133,20 @@ impl StoreMetrics {
         self.dropped
             .get_or_create(&label("reason", reason.as_str()))
             .inc_by(n);
+    }
+
+    /// Counts one dead letter refused with PUBACK reason `code`.
+    pub fn count_dead_letter(&self, code: u8) {
+        self.dead_letters
+            .get_or_create(&label("reason", super::dead::reason_name(code)))
+            .inc();
+    }
+
+    /// Dead letters counted so far for reason `code`.
+    pub fn dead_letters(&self, code: u8) -> u64 {
+        self.dead_letters
+            .get_or_create(&label("reason", super::dead::reason_name(code)))
+            .get()
     }
 
     /// Records dropped so far for `reason`.
@@ -219,6 +247,16 @@ impl Register for StoreMetrics {
             "store_quarantined",
             "1 if a damaged store was moved aside at start",
             m.store_quarantined.clone(),
+        );
+        r.register(
+            "bridge_dead_letters",
+            "Records the cloud refused for good (MQTT 5 PUBACK reason), kept as dead letters",
+            m.dead_letters.clone(),
+        );
+        r.register(
+            "bridge_dead_letters_kept",
+            "Dead letters kept on disk",
+            m.dead_letters_kept.clone(),
         );
         r.register(
             "broker_retained",

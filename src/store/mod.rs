@@ -17,6 +17,8 @@
 //! - `meta`: `cursor` -> `u64` BE: every record below it has been acknowledged (or dropped).
 //! - `retained`: key = topic, value = `[qos u8][payload]`: the broker's retained messages
 //!   (see [`crate::retained`]), outside the queue's counters and byte budget.
+//! - `dead_letters`: records the cloud refused for good, key = their sequence number (format
+//!   and invariants in [`dead`]), outside the queue's counters and byte budget.
 //!
 //! # Durability
 //! A commit makes everything the journal inserted since the previous one durable with one
@@ -30,7 +32,8 @@
 //!
 //! # Invariants
 //! - Only the journal thread mutates the trees (append, commit, compact, evict, expire,
-//!   retain), so batches are written in sequence order. Reads and [`Store::ack`] may come from
+//!   retain), so batches are written in sequence order; the one exception is
+//!   `dead_letters`, which holds no batch (the bridge and the HTTP API write it). Reads and [`Store::ack`] may come from
 //!   any thread; acknowledgements only change memory, the journal persists the cursor.
 //! - A record is visible to readers ([`Store::next_seq`], [`Store::read_from`]) only once a
 //!   completed fsync covers it.
@@ -38,8 +41,10 @@
 //!   batch, `cursor` the first record not known to be acknowledged, `durable_end` the first
 //!   record not yet covered by an fsync, `end` the next sequence number to assign.
 //! - A record leaves the queue only when the cloud acknowledged it, by the full policy
-//!   (`drop_oldest`), by the age limit, or because it is damaged; each of the last three is
-//!   counted in `fieldgate_dropped_total{reason}` and logged.
+//!   (`drop_oldest`), by the age limit, because it is damaged, or as a dead letter (the
+//!   cloud refused it for good; kept in `dead_letters` first); the full policy, the age limit
+//!   and damage are counted in `fieldgate_dropped_total{reason}`, dead letters in
+//!   `fieldgate_bridge_dead_letters_total{reason}`, and each is logged.
 //! - `max_bytes` counts the stored batch values and their keys; `reject_new` holds new records
 //!   back (the journal waits, publishers get no acknowledgement) instead of dropping them.
 //! - A store that cannot be opened is salvaged (see [`Store::open`]): every intact batch in
@@ -49,6 +54,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod dead;
 pub mod journal;
 mod mark;
 pub mod metrics;
@@ -164,6 +170,7 @@ struct Trees {
     db: sled::Db,
     meta: sled::Tree,
     retained: sled::Tree,
+    dead: sled::Tree,
 }
 
 /// Queue positions and the in-memory parts; one mutex, never held across disk I/O that
@@ -230,6 +237,8 @@ impl State {
 pub struct Store {
     trees: RwLock<Option<Trees>>,
     retained_n: AtomicU64,
+    /// Dead letters kept (see [`dead`]).
+    dead_n: AtomicU64,
     dir: PathBuf,
     cfg: StoreConfig,
     metrics: Arc<StoreMetrics>,
@@ -277,6 +286,7 @@ impl Store {
         let (wal, frames) = wal::Wal::open(dir, floor).map_err(|e| StoreError::Io(e).classify())?;
         let store = Store {
             retained_n: AtomicU64::new(trees.retained.len() as u64),
+            dead_n: AtomicU64::new(0),
             trees: RwLock::new(Some(trees)),
             dir: dir.to_path_buf(),
             cfg: cfg.clone(),
@@ -296,6 +306,7 @@ impl Store {
             store.checkpoint()?;
         }
         store.metrics.retained.set(store.retained_count() as i64);
+        store.refresh_dead_count();
         Ok(store)
     }
 
@@ -856,6 +867,7 @@ impl Store {
         self.refresh_first(&mut st)?;
         st.advance_cursor();
         drop(st);
+        self.refresh_dead_count();
         self.checkpoint()
     }
 
@@ -940,6 +952,11 @@ impl Store {
     /// Marks records as delivered (the cloud PUBACKed them). Only memory changes here; the
     /// journal persists the cursor and removes whole batches.
     pub fn ack(&self, seqs: &[u64]) {
+        self.ack_inner(seqs, true);
+    }
+
+    /// [`Store::ack`]; `delivered`: count them in `messages_out` (false for dead letters).
+    fn ack_inner(&self, seqs: &[u64], delivered: bool) {
         let mut st = self.lock();
         let mut n = 0;
         for &s in seqs {
@@ -949,7 +966,9 @@ impl Store {
         }
         st.advance_cursor();
         drop(st);
-        self.metrics.messages_out.inc_by(n);
+        if delivered {
+            self.metrics.messages_out.inc_by(n);
+        }
         self.publish_gauges();
     }
 
@@ -1101,6 +1120,11 @@ impl Store {
             (st.durable_end, st.cursor_saved)
         };
         mark::Mark { end, cursor }.save(&self.dir);
+    }
+
+    /// `store.max_age`: records older than it are dropped (zero: never).
+    pub fn max_age(&self) -> Duration {
+        self.cfg.max_age
     }
 
     /// `store.live_window` (see [`journal`]).
@@ -1325,7 +1349,13 @@ fn open_trees(dir: &Path, cfg: &StoreConfig) -> Result<Trees, OpenError> {
         let db = config.open()?;
         let meta = db.open_tree("meta")?;
         let retained = db.open_tree("retained")?;
-        Ok::<_, sled::Error>(Trees { db, meta, retained })
+        let dead = db.open_tree("dead_letters")?;
+        Ok::<_, sled::Error>(Trees {
+            db,
+            meta,
+            retained,
+            dead,
+        })
     }));
     match opened {
         Ok(Ok(t)) => Ok(t),

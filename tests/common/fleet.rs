@@ -153,6 +153,13 @@ impl Fleet {
     /// Starts the cloud, the relay, the tap, then the gateways (in batches) and waits until
     /// every gateway said `online` to the cloud; then starts the devices.
     pub async fn start(opts: FleetOpts) -> Fleet {
+        // mosquitto speaks 3.1.1 and 5 on one listener; a rumqttd listener speaks one of them,
+        // and the tap is an MQTT 3.1.1 client.
+        assert!(
+            opts.protocol != "5" || opts.cloud == "mosquitto",
+            "cloud.protocol = \"5\" needs the mosquitto cloud here (the tap speaks 3.1.1 and a \
+             rumqttd listener only one protocol)"
+        );
         let pki = Pki::new();
         let cloud = Cloud::start_with(
             &pki,
@@ -160,6 +167,7 @@ impl Fleet {
             &CloudOpts {
                 kind: opts.cloud.clone(),
                 max_connections: 1024.max(opts.gateways * 2 + 16),
+                v5: false,
                 acl: Some(MOSQUITTO_ACL.to_string()),
             },
         );

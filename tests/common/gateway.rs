@@ -436,6 +436,23 @@ impl Gateway {
         Some(body.to_string())
     }
 
+    /// `POST path` on the HTTP endpoint with `body` as `content_type`: the status line and
+    /// the body, or None.
+    pub fn post(&self, path: &str, content_type: &str, body: &str) -> Option<(String, String)> {
+        let mut s = StdStream::connect(("127.0.0.1", self.http)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let (head, body) = out.split_once("\r\n\r\n")?;
+        Some((head.lines().next()?.to_string(), body.to_string()))
+    }
+
     /// The value of one Prometheus sample, e.g. `fieldgate_queue_records` or
     /// `fieldgate_dropped_total{reason="queue_full"}`.
     pub fn metric(&self, sample: &str) -> f64 {

@@ -4,6 +4,8 @@
 //!   a second unrelated CA);
 //! - [`cloud`]: a real cloud MQTT broker with TLS and client certificates required, either an
 //!   in-process rumqttd (default) or Debian's mosquitto when `FIELDGATE_TEST_CLOUD=mosquitto`;
+//! - [`cloud5`]: MQTT 5 peers of the cloud side: a subscriber that reads the properties and a
+//!   scripted MQTT 5 broker over TLS that refuses chosen PUBLISHes with a reason code;
 //! - [`proxy`]: a TCP proxy between the gateway and the cloud that a test can cut and restore;
 //! - [`gateway`]: the real `fieldgate` binary as a child process (SIGKILL, SIGTERM, restart)
 //!   and the configs it is given;
@@ -24,6 +26,7 @@
 #![allow(dead_code)]
 
 pub mod cloud;
+pub mod cloud5;
 pub mod devices;
 pub mod fleet;
 pub mod gateway;
