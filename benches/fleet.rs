@@ -4,7 +4,7 @@
 //! Run: `cargo bench --bench fleet` (minutes: it starts N release gateways per broker).
 //! Knobs (environment): `FIELDGATE_FLEET_N` (50 gateways), `FIELDGATE_FLEET_OUTAGE_S` (60),
 //! `FIELDGATE_FLEET_CLOUDS` (`mosquitto,rumqttd-process`: the brokers, one after the other),
-//! `FIELDGATE_FLEET_PROTOCOL` (`3.1.1`; `5` once the bridge speaks MQTT 5),
+//! `FIELDGATE_FLEET_PROTOCOL` (`3.1.1`; `5` with `FIELDGATE_FLEET_CLOUDS=mosquitto`),
 //! `FIELDGATE_FLEET_RECONNECT_MIN_MS` / `FIELDGATE_FLEET_RECONNECT_MAX_MS` (500 / 60000, the
 //! gateway's defaults), `FIELDGATE_FLEET_DEVICES` (2 per gateway), `FIELDGATE_FLEET_EVERY_MS`
 //! (100: each device publishes 10 messages/s), `FIELDGATE_FLEET_AFTER_S` (5 s of traffic

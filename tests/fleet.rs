@@ -18,7 +18,7 @@
 //! benches/fleet.rs runs the same with 50 gateways and a 60 s outage.
 //!
 //! Knobs: `FIELDGATE_FLEET_N` (5), `FIELDGATE_FLEET_OUTAGE_S` (5), `FIELDGATE_FLEET_PROTOCOL`
-//! (`3.1.1`; `5` once the bridge speaks MQTT 5). Run: `cargo test --test fleet` (about 10 s;
+//! (`3.1.1`; with `5` only `fleet_against_mosquitto` runs the fleet: the other one refuses). Run: `cargo test --test fleet` (about 10 s;
 //! needs Debian's mosquitto, which `.ci/run` installs first).
 
 mod common;

@@ -37,7 +37,8 @@
 //! from `/proc` ([`Usage`]).
 //!
 //! The bridge's MQTT protocol is a parameter ([`FleetOpts::protocol`], `cloud.protocol`):
-//! `3.1.1` today, `5` once the bridge speaks it.
+//! `3.1.1` by default, or `5` with the mosquitto cloud (mosquitto speaks both on one listener;
+//! a rumqttd listener speaks one, and the tap is an MQTT 3.1.1 client).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
