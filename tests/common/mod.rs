@@ -19,6 +19,8 @@
 //! - [`modbus_sim`]: Modbus TCP/RTU servers with known register maps;
 //! - [`ota_sim`]: a firmware server and simulated devices for OTA;
 //! - [`pty`]: in-process pseudo-terminal pairs that stand in for serial ports;
+//! - [`fleet`]: N gateways with their devices against one cloud broker behind one relay, and
+//!   the outage, tag-rollout and command-isolation scenarios (tests/fleet.rs, benches/fleet.rs);
 //! - [`tahu`]: Eclipse Tahu's Sparkplug B codec (npm, run by node), to decode what the cloud got.
 //!
 //! Everything public in the first eight is re-exported here, so a test says `use common::*;`.
@@ -28,6 +30,7 @@ pub mod client5;
 pub mod cloud;
 pub mod cloud5;
 pub mod devices;
+pub mod fleet;
 pub mod gateway;
 pub mod measure;
 pub mod modbus_sim;

@@ -1,6 +1,7 @@
 //! The test PKI: a CA and the certificates the tests need, made with rcgen and written as PEM
 //! files into a temp dir that lives as long as the [`Pki`]: server, client, expired, wrong
-//! name, and a server certificate from a second, unrelated CA.
+//! name, and a server certificate from a second, unrelated CA; more client certificates on
+//! demand ([`Pki::issue_client`], one per gateway of a fleet).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,8 @@ pub struct Pki {
     pub wrong_name_server: CertFiles,
     /// A server certificate signed by `other_ca`.
     pub foreign_server: CertFiles,
+    /// The CA's signing key, kept for [`Pki::issue_client`].
+    issuer: Issuer<'static, KeyPair>,
 }
 
 fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -99,8 +102,16 @@ impl Pki {
                 &issuer,
             ),
             foreign_server: leaf(d, "foreign", &sans, false, false, &other),
+            issuer,
             dir,
         }
+    }
+
+    /// A client certificate signed by the test CA with CN (and DNS name) `name`, written as
+    /// `<name>.pem` / `<name>.key` next to the others: one per gateway of a fleet, so the
+    /// cloud can tell them apart by certificate (mosquitto's `use_identity_as_username`).
+    pub fn issue_client(&self, name: &str) -> CertFiles {
+        leaf(self.dir.path(), name, &[name], true, false, &self.issuer)
     }
 
     /// rumqttc TLS settings for a test client of the cloud (with a client certificate).

@@ -1,9 +1,12 @@
 //! A TCP proxy on loopback between the gateway and the cloud, which a test cuts and restores
 //! to simulate a broken uplink (see [`Proxy`] for why the two sides are closed differently).
+//! It logs every connection attempt it accepts (when, and whether it was let through), for
+//! the fleet harness's attempts-per-second figures ([`Proxy::attempts`]); the log keeps the
+//! first [`ATTEMPTS_LOGGED`] attempts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +28,19 @@ pub struct Proxy {
     up: Arc<AtomicBool>,
     conns: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
 }
+
+/// One connection the proxy accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt {
+    pub at: Instant,
+    /// Relayed to the cloud (false: closed at once, the link was cut).
+    pub through: bool,
+}
+
+/// Most attempts [`Proxy::attempts`] keeps (later ones are not logged).
+pub const ATTEMPTS_LOGGED: usize = 200_000;
 
 impl Proxy {
     pub async fn start(target: u16) -> Proxy {
@@ -34,7 +49,9 @@ impl Proxy {
         let up = Arc::new(AtomicBool::new(true));
         let conns = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
+        let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
         let (up2, conns2, stop2) = (up.clone(), conns.clone(), stop.clone());
+        let attempts2 = attempts.clone();
         tokio::spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
@@ -45,7 +62,17 @@ impl Proxy {
                 // connection (checked the other way round it could take the new token and
                 // outlive the cut).
                 let token = conns2.lock().unwrap().clone();
-                if !up2.load(Ordering::SeqCst) {
+                let through = up2.load(Ordering::SeqCst);
+                {
+                    let mut log = attempts2.lock().unwrap();
+                    if log.len() < ATTEMPTS_LOGGED {
+                        log.push(Attempt {
+                            at: Instant::now(),
+                            through,
+                        });
+                    }
+                }
+                if !through {
                     drop(inbound);
                     continue;
                 }
@@ -73,7 +100,13 @@ impl Proxy {
             up,
             conns,
             stop,
+            attempts,
         }
+    }
+
+    /// Every connection accepted so far, in order (the first [`ATTEMPTS_LOGGED`]).
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts.lock().unwrap().clone()
     }
 
     /// Cuts the link: open connections are closed, new ones refused.
