@@ -87,7 +87,8 @@ pub struct Context {
     pub logins: Arc<crate::password::LoginGuard>,
     /// `broker.max_subscriptions_per_client`.
     pub max_subscriptions: usize,
-    /// `broker.max_inflight`: also the window of the retained messages the front end sends.
+    /// `broker.max_inflight`: also the window of the retained messages the front end sends,
+    /// and the receive maximum announced to MQTT 5 devices.
     pub max_inflight: usize,
     /// Per-connection publish rate (messages/s, burst) and what happens above it.
     pub rate: Option<(u32, u32, RateLimitPolicy)>,
