@@ -593,9 +593,13 @@ async fn with_a_primary_host_the_node_waits_for_its_state_and_leaves_when_it_goe
             .into_bytes()
     };
     host.publish("spBv1.0/STATE/scada", state(true), true).await;
+    // The live lane may send a fresh reading before the replay lane's first backlog record:
+    // wait for the backlog itself (flagged historical), not for any DDATA.
     let msgs = host
-        .wait(&g, "births and the backlog", |m| {
-            m.iter().any(|x| kind(x) == "DDATA")
+        .wait(&g, "births and the backlog, flagged historical", |m| {
+            data_points(m)
+                .iter()
+                .any(|(_, x)| x["isHistorical"] == true)
         })
         .await;
     check_rules(&msgs);
