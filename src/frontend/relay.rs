@@ -511,6 +511,10 @@ impl Relay {
                     .device
                     .push(P5::PubRel(v5::PubRel::new(pkid, None)));
             }
+            // An own delivery answered for good frees room for parked live ones too.
+            if !self.parked.is_empty() {
+                self.unpark();
+            }
             return Ok(());
         }
         match p {
@@ -1100,13 +1104,18 @@ impl Relay {
     /// receive maximum is free, and a parked delivery may go.
     fn answered_out(&mut self, pkid: u16) {
         if self.live_out.remove(&pkid) {
-            while let Some(p) = self.parked.front() {
-                if p.qos != q5(QoS::AtMostOnce) && self.room() == 0 {
-                    break;
-                }
-                if let Some(p) = self.parked.pop_front() {
-                    self.emit(p);
-                }
+            self.unpark();
+        }
+    }
+
+    /// Sends the parked deliveries the device's receive maximum has room for, in order.
+    fn unpark(&mut self) {
+        while let Some(p) = self.parked.front() {
+            if p.qos != q5(QoS::AtMostOnce) && self.room() == 0 {
+                break;
+            }
+            if let Some(p) = self.parked.pop_front() {
+                self.emit(p);
             }
         }
     }
@@ -1974,6 +1983,59 @@ mod tests {
             v5::DisconnectReasonCode::NormalDisconnection,
         ));
         assert_eq!(r.on_broker(d), Err(End::BrokerGone));
+    }
+
+    /// An MQTT 5 device with a receive maximum of 1: a live delivery waits while the front
+    /// end's own retained delivery is unanswered, and goes when the device answers it.
+    #[test]
+    fn a_parked_delivery_goes_when_the_retained_delivery_ahead_of_it_is_answered() {
+        let q = Queue::new();
+        let ctx = context(&q, acl(&["#"], &["#"]), None);
+        let t0 = Instant::now();
+        let id = Identity {
+            name: Some("dev1".into()),
+            client_id: "dev1".into(),
+        };
+        let peer = Peer {
+            v5: true,
+            receive_max: 1,
+            max_packet: None,
+        };
+        let mut r = Relay::new(ctx.clone(), id, "dev1".into(), None, (0, peer), 0, t0);
+        assert!(ctx
+            .ingest
+            .admit_retain("local/r", &bytes::Bytes::from_static(b"kept"), 1, true));
+        r.dev4(
+            P4::Subscribe(v4::Subscribe::new("local/#", QoS::AtLeastOnce)),
+            t0,
+        )
+        .unwrap();
+        let pkid = match &out(&mut r).1[..] {
+            [P5::Subscribe(s)] => s.pkid,
+            up => panic!("{up:?}"),
+        };
+        r.on_broker(P5::SubAck(v5::SubAck {
+            pkid,
+            return_codes: vec![v5::SubscribeReasonCode::Success(Q5::AtLeastOnce)],
+            properties: None,
+        }))
+        .unwrap();
+        r.send_retained();
+        let own = match &r.out.device[..] {
+            [P5::SubAck(_), P5::Publish(p)] => p.pkid,
+            dev => panic!("{dev:?}"),
+        };
+        r.out.device.clear();
+        // A live delivery: no room while the retained one is unanswered.
+        r.on_broker(delivery("local/live", QoS::AtLeastOnce, Q5::AtLeastOnce, 1))
+            .unwrap();
+        assert!(r.out.device.is_empty(), "{:?}", r.out.device);
+        r.on_device(P5::PubAck(v5::PubAck::new(own, None)), t0)
+            .unwrap();
+        match &r.out.device[..] {
+            [P5::Publish(p)] => assert_eq!((&p.topic[..], p.pkid), (&b"local/live"[..], 1)),
+            dev => panic!("the parked delivery did not go: {dev:?}"),
+        }
     }
 
     #[test]
