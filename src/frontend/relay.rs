@@ -610,11 +610,12 @@ impl Relay {
                 self.aliases.insert(alias, p.topic.clone());
             }
         }
-        let Ok(topic) = std::str::from_utf8(&p.topic) else {
+        // A handle on the topic's bytes (no copy): `p` moves on upstream.
+        let bytes = p.topic.clone();
+        let Ok(topic) = std::str::from_utf8(&bytes) else {
             return Err(End::ProtocolViolation);
         };
-        let topic = topic.to_string();
-        if topic::validate_topic(&topic).is_err() {
+        if topic::validate_topic(topic).is_err() {
             return Err(End::ProtocolViolation);
         }
         let qos = q4(p.qos);
@@ -630,7 +631,7 @@ impl Relay {
         let name = self.id.name.as_deref();
         let denied = !ctx
             .acl
-            .allows(name, &self.id.client_id, Action::Publish, &topic);
+            .allows(name, &self.id.client_id, Action::Publish, topic);
         if denied {
             m.deny(Action::Publish);
             debug!(client_id = %self.id.client_id, topic = %topic, "publish denied");
@@ -640,7 +641,7 @@ impl Relay {
         let quota = self.peer.v5
             && qos != QoS::AtMostOnce
             && !denied
-            && ctx.ingest.refuses(&topic, p.retain, &p.payload);
+            && ctx.ingest.refuses(topic, p.retain, &p.payload);
         if quota {
             m.refused_by_queue.inc();
             self.refuse_held();
@@ -699,20 +700,20 @@ impl Relay {
         let kept = p.retain.then(|| self.kept_props(&p)).flatten();
         p.retain = ctx
             .ingest
-            .admit_retain_with(&topic, &p.payload, q, p.retain, kept);
+            .admit_retain_with(topic, &p.payload, q, p.retain, kept);
         // No local reader and nothing for rumqttd to keep: the queue is the whole path, and
         // the front end answers itself. Only while nothing waits for rumqttd's answer, so
         // that acknowledgements keep the order of the PUBLISHes.
         let bypass = self.awaiting.is_empty()
             && qos != QoS::ExactlyOnce
-            && !ctx.ingest.needs_broker(&topic, p.retain);
+            && !ctx.ingest.needs_broker(topic, p.retain);
         // What an MQTT 5 publisher sent with it goes to the cloud with its record.
         let extra = || p.properties.as_ref().map(cloud_extra).unwrap_or_default();
         if qos == QoS::AtMostOnce {
             // Appended, never waited for.
             let offer = ctx
                 .ingest
-                .offer_with(&topic, &p.payload, q, p.retain, extra());
+                .offer_with(topic, &p.payload, q, p.retain, extra());
             let taken = ctx.ingest.taken(offer);
             if bypass && taken {
                 m.bypassed.inc();
@@ -721,7 +722,7 @@ impl Relay {
         } else {
             match ctx
                 .ingest
-                .offer_with(&topic, &p.payload, q, p.retain, extra())
+                .offer_with(topic, &p.payload, q, p.retain, extra())
             {
                 Offer::Local => {}
                 Offer::Queued(t) if bypass => {
@@ -744,7 +745,7 @@ impl Relay {
             && self
                 .filters
                 .iter()
-                .any(|(f, g)| g.no_local && topic::matches(topic::inner_filter(f), &topic));
+                .any(|(f, g)| g.no_local && topic::matches(topic::inner_filter(f), topic));
         let origin = own.then_some(self.id.client_id.as_str());
         self.out.broker.push(upstream::publish(p, origin));
         Ok(())
@@ -784,7 +785,7 @@ impl Relay {
         properties.subscription_identifiers.clear();
         Some(KeptProps {
             properties,
-            at_ms: upstream::now_ms(),
+            at_ms: crate::clock::now_ms(),
         })
     }
 
@@ -1037,7 +1038,7 @@ impl Relay {
                     let kept = self
                         .ctx
                         .ingest
-                        .retained_matching(&asked.filter, upstream::now_ms());
+                        .retained_matching(&asked.filter, crate::clock::now_ms());
                     retained.push((q, kept));
                 }
                 let g = Granted {

@@ -25,7 +25,8 @@ use std::collections::{HashMap, VecDeque};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5;
 
-use super::upstream::{now_ms, q5};
+use super::upstream::q5;
+use crate::clock::now_ms;
 use crate::ingest::Kept;
 
 /// The first packet id the front end uses for its own deliveries. rumqttd 0.20 numbers its

@@ -282,14 +282,14 @@ async fn read_connect<S: AsyncRead + AsyncWrite>(
             {
                 return Err(Some(End::ProtocolViolation));
             }
-            let props = connect.properties.as_ref();
-            dev.codec_mut().out_max = props.and_then(|p| p.max_packet_size).filter(|m| *m > 0);
-            Ok(Hello {
+            let hello = Hello {
                 level,
                 connect,
                 will,
                 login,
-            })
+            };
+            dev.codec_mut().out_max = hello.peer().max_packet;
+            Ok(hello)
         }
         Level::V311 => {
             let h = rumqttc::mqttbytes::FixedHeader::new(0x10, head - 1, frame.len() - head);

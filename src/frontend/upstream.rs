@@ -18,8 +18,6 @@
 //! marks are the only user properties added, and they never reach a device. Topic aliases
 //! are resolved before a PUBLISH goes upstream (rumqttd is never asked to use them).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS as Q4;
 use rumqttc::v5::mqttbytes::v5;
@@ -29,13 +27,6 @@ use crate::marks::{QOS_PROPERTY, RETAIN_PROPERTY};
 
 /// User property: the client id of a publisher that holds a no-local subscription.
 pub const ORIGIN_PROPERTY: &str = "fieldgate-origin";
-
-/// Milliseconds since the Unix epoch now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// v4 QoS to v5 QoS.
 pub fn q5(q: Q4) -> Q5 {
